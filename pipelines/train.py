@@ -1,0 +1,142 @@
+"""Training jobs for the retrievers: ``train_popularity`` and ``train_sasrec``.
+
+A run directory holds::
+
+    model/             the best checkpoint's model, in Hugging Face layout (config.json, model.safetensors)
+    checkpoints/       Lightning checkpoints: best.ckpt and last.ckpt (resume from it)
+    logs/version_N/    CSV logs of each invocation (train loss, val metrics per epoch)
+    train.json         the config, seconds, epochs and best validation metrics
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recsys.data import PreparedDataset
+from recsys.errors import RecsysError
+from recsys.models import Popularity, SASRecConfig
+
+
+@dataclass(frozen=True)
+class SASRecTrainConfig:
+    """Everything that defines a SASRec training run (model, optimisation, stopping)."""
+
+    max_len: int = 200
+    """Longest history (most recent items)."""
+    hidden_size: int = 64
+    """Embedding and block width."""
+    num_layers: int = 2
+    """Self-attention blocks."""
+    num_heads: int = 1
+    """Attention heads."""
+    dropout: float = 0.2
+    """Dropout rate."""
+    loss: str = "ce"
+    """``ce`` (full softmax) or ``sampled``."""
+    num_negatives: int = 256
+    """Negatives for the sampled softmax."""
+    batch_size: int = 128
+    """Users per batch."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_epochs: int = 200
+    """Upper bound on epochs."""
+    patience: int = 20
+    """Early stopping: validation checks without NDCG@10 improvement."""
+    val_every: int = 1
+    """Validate every this many epochs."""
+    max_minutes: float | None = None
+    """Stop training after this wall-clock time (the best checkpoint so far is kept)."""
+    seed: int = 0
+    """Seed of initialisation, dropout and batch order."""
+    precision: str = "bf16-mixed"
+    """Lightning precision: ``bf16-mixed`` (fast on AMX CPUs and GPUs) or ``32-true``."""
+    num_threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+
+    def model_config(self, n_items: int) -> SASRecConfig:
+        keys = ("max_len", "hidden_size", "num_layers", "num_heads", "dropout", "loss", "num_negatives")
+        return SASRecConfig(n_items=n_items, **{k: getattr(self, k) for k in keys})
+
+
+RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads")
+
+PRESETS = {
+    # The README's main job: minutes on a 2-core CPU, below the published numbers.
+    "short": {"max_epochs": 8, "patience": 8},
+    # The benchmark recipe (pipelines/configs/sasrec_ml1m.yaml gives the measured result).
+    "full": {},
+}
+
+
+def train_popularity(dataset: PreparedDataset, out: str | Path) -> Path:
+    """Count training interactions; save the model to ``out/model``."""
+    out = Path(out)
+    start = time.time()
+    Popularity.fit(dataset).save_pretrained(out / "model")
+    (out / "train.json").write_text(json.dumps({"model_type": "popularity", "seconds": time.time() - start,
+                                                "dataset": str(dataset.directory)}, indent=2))
+    return out / "model"
+
+
+def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainConfig = SASRecTrainConfig(), *,
+                 resume: bool = True, progress: bool = True) -> Path:
+    """Train SASRec with early stopping on validation NDCG@10; save the best model to ``out/model``.
+
+    With ``resume`` and an existing ``out/checkpoints/last.ckpt`` whose config matches, training
+    continues from it exactly.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pipelines.sasrec import SASRecModule, SequenceDataModule
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config_path = out / "train_config.json"
+    # What defines the run; stopping rules and threads may change on resume (e.g. train for longer).
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    record = {"config": defining, "dataset_fingerprint": dataset.fingerprint}
+    last = out / "checkpoints" / "last.ckpt"
+    if resume and last.exists():
+        previous = json.loads(config_path.read_text()) if config_path.exists() else None
+        if previous != record:
+            raise RecsysError(f"{out}: holds a run with a different config or dataset; "
+                              "use another --out or pass --no-resume to start over")
+    config_path.write_text(json.dumps(record, indent=2))
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    L.seed_everything(config.seed, verbose=False)
+    model_config = config.model_config(dataset.n_items)
+    module = SASRecModule(model_config, config.lr, config.weight_decay, dataset.fingerprint)
+    data = SequenceDataModule(dataset, config.max_len, config.batch_size, config.seed)
+    best = ModelCheckpoint(out / "checkpoints", filename="best", monitor="val/ndcg@10", mode="max",
+                           save_last=True, enable_version_counter=False)
+    callbacks = [best, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience)]
+    if config.max_minutes:
+        callbacks.append(Timer(duration={"minutes": config.max_minutes}))
+    trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
+                        callbacks=callbacks, logger=CSVLogger(out, name="logs"),  # logs/version_N per invocation
+                        check_val_every_n_epoch=config.val_every, num_sanity_val_steps=0,
+                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10)
+    start = time.time()
+    trainer.fit(module, data, ckpt_path=str(last) if resume and last.exists() else None)
+    seconds = time.time() - start
+    if not best.best_model_path:
+        raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or lower val_every")
+    best_module = SASRecModule.load_from_checkpoint(best.best_model_path, config=model_config, weights_only=False)
+    best_module.model.save_pretrained(out / "model")
+    summary = {"model_type": "sasrec", "seconds": seconds, "epochs": trainer.current_epoch,
+               "best_val_ndcg@10": float(best.best_model_score), "dataset": str(dataset.directory),
+               "dataset_fingerprint": dataset.fingerprint, "config": dataclasses.asdict(config)}
+    (out / "train.json").write_text(json.dumps(summary, indent=2))
+    return out / "model"

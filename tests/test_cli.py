@@ -1,0 +1,58 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.cli import main
+from tests.conftest import FIXTURES
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_prepare_train_evaluate(tmp_path, capsys):
+    data = tmp_path / "data"
+    code, out, _ = run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
+    assert code == 0 and json.loads(out)["users"] == 60
+    code, out, _ = run(capsys, "train", "retriever", "--data", data, "--model", "popularity", "--out", tmp_path / "pop")
+    assert code == 0 and "saved popularity" in out
+    code, out, _ = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--metrics", "hr@10,ndcg@10",
+                       "--out", tmp_path / "m.json")
+    assert code == 0 and "hr@10" in out and "60 users" in out
+    assert set(json.loads((tmp_path / "m.json").read_text())) >= {"hr@10", "ndcg@10", "num_queries"}
+    code, out, _ = run(capsys, "train", "retriever", "--data", data, "--out", tmp_path / "sas", "--max-epochs", "1",
+                       "--set", "hidden_size=16", "--set", "max_len=10", "--set", "precision=32-true")
+    assert code == 0 and (tmp_path / "sas" / "model" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "prepare", "/no/such/dir", "--out", "x"], "/no/such/dir: not a directory"),
+    (["evaluate", "--data", "/nowhere", "--model", "m"], "not a prepared dataset"),
+    (["evaluate-run", "run.txt", "qrels.txt"], "run.txt: file not found"),
+])
+def test_errors_are_one_line(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_unknown_user_and_bad_metric(tmp_path, capsys):
+    data = tmp_path / "data"
+    run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
+    run(capsys, "train", "retriever", "--data", data, "--model", "popularity", "--out", tmp_path / "pop")
+    code, _, err = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--users", "u1,ghost")
+    assert code == 1 and "unknown user id(s) ['ghost']" in err
+    with pytest.raises(SystemExit):                       # argparse rejects it before anything runs
+        main(["evaluate", "--data", str(data), "--model", "x", "--metrics", "ndcg"])
+    assert "needs a cut-off" in capsys.readouterr().err
+    code, _, err = run(capsys, "train", "retriever", "--data", data, "--out", tmp_path / "s", "--set", "layers=3")
+    assert code == 1 and "unknown option 'layers'" in err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "retriever", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "--preset" in out and "resumes" in out

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+
+from recsys.errors import RecsysError
+from recsys.models import Popularity, SASRec, SASRecConfig, load_model, recommend
+
+
+def tiny_model(**kw) -> SASRec:
+    torch.manual_seed(0)
+    return SASRec(SASRecConfig(n_items=30, max_len=8, hidden_size=16, num_layers=2, num_heads=2, **kw)).eval()
+
+
+def test_shapes_and_padding_column():
+    m = tiny_model()
+    ids = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4]])
+    assert m(ids).shape == (2, 4, 16)
+    scores = m.score([np.array([3, 4]), np.array([1, 2, 3, 4])])
+    assert scores.shape == (2, 31) and torch.isinf(scores[:, 0]).all()
+
+
+def test_scores_do_not_depend_on_batch_padding():
+    """The same history alone or next to a longer one (more left padding) scores the same."""
+    m = tiny_model()
+    alone = m.score([np.array([5, 6, 7])])
+    padded = m.score([np.array([5, 6, 7]), np.array([1, 2, 3, 4, 5, 6, 7, 8])])[:1]
+    torch.testing.assert_close(alone, padded, rtol=0, atol=1e-5)
+
+
+def test_causal_future_does_not_change_the_past():
+    m = tiny_model()
+    a = m(torch.tensor([[1, 2, 3, 4]]))
+    b = m(torch.tensor([[1, 2, 3, 9]]))
+    torch.testing.assert_close(a[:, :3], b[:, :3])
+    assert not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_long_history_keeps_the_most_recent_items():
+    m = tiny_model()
+    long = np.arange(1, 21)                                   # 20 items, max_len 8
+    torch.testing.assert_close(m.score([long]), m.score([long[-8:]]))
+    with pytest.raises(RecsysError, match="exceeds max_len"):
+        m(torch.ones(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss", ["ce", "sampled"])
+def test_loss_decreases_on_a_fixed_batch(loss):
+    m = tiny_model(loss=loss, num_negatives=8).train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    ids, labels = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]]), torch.tensor([[0, 2, 3, 4], [5, 6, 7, 8]])
+    first = m.loss(ids, labels).item()
+    for _ in range(30):
+        opt.zero_grad()
+        m.loss(ids, labels).backward()
+        opt.step()
+    assert m.loss(ids, labels).item() < 0.5 * first
+
+
+def test_padding_targets_give_no_gradient_to_unseen_items():
+    """Only real targets enter the loss: item 30, never a target or input, gets no gradient (CE aside)."""
+    m = tiny_model(loss="sampled", num_negatives=1, dropout=0.0).train()
+    torch.manual_seed(1)
+    m.loss(torch.tensor([[0, 0, 1, 2]]), torch.tensor([[0, 0, 2, 3]])).backward()
+    assert m.item_emb.weight.grad[0].abs().sum() == 0         # the padding row never learns
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = tiny_model()
+    m.dataset_fingerprint = "abc"
+    m.save_pretrained(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, SASRec) and loaded.dataset_fingerprint == "abc" and loaded.config == m.config
+    hist = [np.array([1, 2, 3])]
+    torch.testing.assert_close(loaded.score(hist), m.score(hist))
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(RecsysError, match="not a saved model"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "bert4rec"}')
+    with pytest.raises(RecsysError, match="unknown model_type 'bert4rec'; known: popularity, sasrec"):
+        load_model(tmp_path)
+
+
+def test_config_validation():
+    with pytest.raises(RecsysError, match="loss must be"):
+        SASRecConfig(n_items=3, loss="bpr")
+    with pytest.raises(RecsysError, match="not divisible"):
+        SASRecConfig(n_items=3, hidden_size=10, num_heads=3)
+
+
+def test_recommend_excludes_history_and_returns_ids(tmp_path):
+    pop = Popularity(np.array([0, 5, 9, 1, 7]))
+    ids = ["a", "b", "c", "d"]
+    out = recommend(pop, [2], k=10, item_ids=ids)
+    assert out.item_ids == ["d", "a", "c"]                    # b (idx 2) was seen; only 3 items remain
+    assert [i.score for i in out.items] == [7.0, 5.0, 1.0]
+    pop.save_pretrained(tmp_path / "p")
+    assert load_model(tmp_path / "p").counts.tolist() == [0, 5, 9, 1, 7]

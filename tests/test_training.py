@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+
+from pipelines.config import load_config
+from pipelines.jobs import evaluate_model
+from pipelines.train import SASRecTrainConfig, train_popularity, train_sasrec
+from recsys.errors import RecsysError
+from recsys.models import SASRec
+
+# A tiny-model recipe for the synthetic ring data (tests only).
+TINY = dict(max_len=20, hidden_size=32, num_layers=1, num_heads=1, dropout=0.1, batch_size=16, lr=5e-3,
+            precision="32-true", num_threads=1)
+
+
+def test_sasrec_learns_what_popularity_cannot(tiny_dataset, tmp_path):
+    """On the ring data the next item is usually the successor of the last one: a sequence model
+    finds it, popularity cannot (all items are about equally popular)."""
+    train_popularity(tiny_dataset, tmp_path / "pop")
+    train_sasrec(tiny_dataset, tmp_path / "sas", SASRecTrainConfig(**TINY, max_epochs=40, patience=40), progress=False)
+    pop = evaluate_model(tiny_dataset, tmp_path / "pop", "test", ["hr@5"], progress=False)
+    sas = evaluate_model(tiny_dataset, tmp_path / "sas", "test", ["hr@5"], progress=False)
+    assert pop["hr@5"] < 0.35 and sas["hr@5"] > 0.6, (pop, sas)
+    summary = json.loads((tmp_path / "sas" / "train.json").read_text())
+    assert summary["best_val_ndcg@10"] > 0.3 and (tmp_path / "sas" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_resume_is_exact(tiny_dataset, tmp_path):
+    """Training 3 epochs straight equals training 2, stopping, and resuming for the third."""
+    cfg = dict(TINY, patience=10)
+    train_sasrec(tiny_dataset, tmp_path / "straight", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
+    train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=2), progress=False)
+    train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_a_different_run(tiny_dataset, tmp_path):
+    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**TINY, max_epochs=1), progress=False)
+    with pytest.raises(RecsysError, match="different config or dataset"):
+        train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**{**TINY, "lr": 1e-4}, max_epochs=1),
+                     progress=False)
+
+
+def test_evaluate_refuses_a_model_of_other_data(tiny_dataset, tmp_path):
+    model = SASRec(SASRecConfig_tiny(tiny_dataset.n_items), dataset_fingerprint="0000")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(RecsysError, match="trained on dataset 0000"):
+        evaluate_model(tiny_dataset, tmp_path / "m")
+
+
+def SASRecConfig_tiny(n_items):
+    from recsys.models import SASRecConfig
+
+    return SASRecConfig(n_items=n_items, max_len=8, hidden_size=8)
+
+
+def test_recipes_load_into_the_config(tmp_path):
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
+    assert recipes, "no recipes shipped"
+    for recipe in recipes:
+        assert isinstance(load_config(SASRecTrainConfig, recipe), SASRecTrainConfig)
+    (tmp_path / "bad.yaml").write_text("lr: 0.001\nlearning_rate: 3\n")
+    with pytest.raises(RecsysError, match=r"unknown key\(s\) \['learning_rate'\]"):
+        load_config(SASRecTrainConfig, tmp_path / "bad.yaml")
+    with pytest.raises(RecsysError, match="'max_epochs' = 'many' is not a valid"):
+        load_config(SASRecTrainConfig, None, {"max_epochs": "many"})
+    assert load_config(SASRecTrainConfig, None, {"max_minutes": "2.5"}).max_minutes == 2.5
