@@ -14,6 +14,20 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "recsys-home"))
 
 
+@pytest.fixture(scope="session")
+def layouts(tmp_path_factory):
+    """The tiny data in all three layouts: tiny/ (committed) and GroupLens copies generated here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path_factory.mktemp("fixtures")
+    module.main(out, layouts=("grouplens-1m", "grouplens-100k"))
+    return {"recbole": FIXTURES / "tiny", "grouplens-1m": out / "tiny-grouplens-1m",
+            "grouplens-100k": out / "tiny-grouplens-100k"}
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path):
     """The synthetic ring dataset, prepared (leave-one-out)."""

@@ -13,8 +13,8 @@ from recsys.errors import AssetError, DataError
 from tests.conftest import FIXTURES
 
 
-def test_three_layouts_read_the_same_interactions():
-    frames = [read_dataset(FIXTURES / d) for d in ("tiny", "tiny-grouplens-1m", "tiny-grouplens-100k")]
+def test_three_layouts_read_the_same_interactions(layouts):
+    frames = [read_dataset(layouts[k]) for k in ("recbole", "grouplens-1m", "grouplens-100k")]
     # RecBole ids carry prefixes (u1, m26); GroupLens ids are plain numbers: compare after stripping.
     norm = [f.interactions.with_columns(pl.col("user_id").str.strip_chars_start("u"),
                                         pl.col("item_id").str.strip_chars_start("m")) for f in frames]
@@ -146,18 +146,18 @@ def _zip_of(directory, path):
     return path
 
 
-def test_fetch_from_archive_and_directory_is_idempotent(tmp_path):
-    archive = _zip_of(FIXTURES / "tiny-grouplens-1m", tmp_path / "ml-1m.zip")
+def test_fetch_from_archive_and_directory_is_idempotent(tmp_path, layouts):
+    archive = _zip_of(layouts["grouplens-1m"], tmp_path / "ml-1m.zip")
     out = fetch_dataset("ml-1m", archive, log=lambda *_: None)
     assert (out / "ratings.dat").exists() and assets.verify(out)
     raw = load_dataset("ml-1m", log=lambda *_: None)          # read from the cache, no network
-    assert raw.interactions.height == read_dataset(FIXTURES / "tiny-grouplens-1m").interactions.height
+    assert raw.interactions.height == read_dataset(layouts["grouplens-1m"]).interactions.height
     messages = []
     fetch_dataset("ml-1m", log=messages.append)                # verified copy present: nothing to do
     assert "already present" in messages[0]
     (out / "ratings.dat").write_text("tampered")
     assert not assets.verify(out)
-    fetch_dataset("ml-1m", FIXTURES / "tiny-grouplens-1m", log=lambda *_: None)
+    fetch_dataset("ml-1m", layouts["grouplens-1m"], log=lambda *_: None)
     assert assets.verify(out)
 
 

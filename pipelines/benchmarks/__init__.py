@@ -1,0 +1,1 @@
+"""Benchmarks: each script writes ``results/<name>.json`` (format in DESIGN.md); ``render`` updates BENCHMARKS.md."""
