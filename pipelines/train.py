@@ -41,15 +41,15 @@ class SASRecTrainConfig:
     """``ce`` (full softmax) or ``sampled``."""
     num_negatives: int = 256
     """Negatives for the sampled softmax."""
-    batch_size: int = 128
-    """Users per batch."""
+    batch_size: int = 32
+    """Users per batch (32 gives 4x the updates per epoch of 128 at the same cost, and converges faster)."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_epochs: int = 200
     """Upper bound on epochs."""
-    patience: int = 20
+    patience: int = 8
     """Early stopping: validation checks without NDCG@10 improvement."""
     val_every: int = 1
     """Validate every this many epochs."""
@@ -70,8 +70,8 @@ class SASRecTrainConfig:
 RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads")
 
 PRESETS = {
-    # The README's main job: minutes on a 2-core CPU, below the published numbers.
-    "short": {"max_epochs": 8, "patience": 8},
+    # The README's main job: under 10 minutes of training on a 2-core CPU, below the published numbers.
+    "short": {"max_epochs": 10, "max_minutes": 9.0},
     # The benchmark recipe (pipelines/configs/sasrec_ml1m.yaml gives the measured result).
     "full": {},
 }

@@ -10,6 +10,7 @@ with ``cores / workers`` torch threads; ``seconds`` is each run's own training w
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -68,7 +69,8 @@ def main() -> None:
 
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     overrides = {"max_epochs": a.max_epochs, "max_minutes": a.max_minutes}
-    with ProcessPoolExecutor(a.workers) as pool:
+    # spawn, not fork: forking after polars / torch started their thread pools deadlocks the children.
+    with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_train_and_evaluate, str(ds.directory), str(root / "runs" / f"sasrec-seed{s}"), a.recipe,
                             s, threads, overrides) for s in a.seeds]
         rows += [j.result() for j in jobs]
