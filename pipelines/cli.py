@@ -75,7 +75,7 @@ def cmd_train_retriever(a):
 
 
 def cmd_evaluate(a):
-    from pipelines.jobs import evaluate_model, format_table
+    from pipelines.jobs import evaluate_model, format_table, resolve_model_dir
     from recsys.data import PreparedDataset
 
     users = None
@@ -86,8 +86,10 @@ def cmd_evaluate(a):
     result = evaluate_model(ds, a.model, a.split, a.metrics, users)
     print(format_table([(str(a.model), result)], a.metrics))
     print(f"({result['num_queries']} users, split {a.split}, full ranking over {ds.n_items} items, history masked)")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"model": str(a.model), "split": a.split, **result}, indent=2))
+    out = Path(a.out) if a.out else resolve_model_dir(a.model).parent / f"metrics_{a.split}.json"
+    out.write_text(json.dumps({"model": str(a.model), "dataset": str(ds.directory), "split": a.split,
+                               "users": users, **result}, indent=2))
+    print(f"metrics written to {out}")
 
 
 def cmd_evaluate_run(a):
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--metrics", type=_metrics, default=DEFAULT_METRICS,
                     help=f"comma-separated (default {','.join(DEFAULT_METRICS)})")
     ev.add_argument("--users", help="evaluate only these user ids (comma-separated, or a file of ids)")
-    ev.add_argument("--out", help="write the metrics as JSON here")
+    ev.add_argument("--out", help="metrics JSON path (default: metrics_<split>.json beside the model)")
     ev.set_defaults(func=cmd_evaluate)
 
     er = sub.add_parser("evaluate-run", help="trec_eval-style evaluation of run + qrels files",

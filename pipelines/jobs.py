@@ -50,7 +50,7 @@ def format_table(rows: list[tuple[str, dict]], metrics: list[str]) -> str:
     return "\n".join(lines)
 
 
-def quickstart(out: str | Path = "artifacts", dataset: str = "ml-1m", preset: str = "short", seed: int = 0,
+def quickstart(out: str | Path = "artifacts", dataset: str | Path = "ml-1m", preset: str = "short", seed: int = 0,
                log=print) -> dict:
     """Fetch and prepare the dataset, train popularity and SASRec, evaluate both on test, print the table.
 
@@ -63,7 +63,7 @@ def quickstart(out: str | Path = "artifacts", dataset: str = "ml-1m", preset: st
     out = Path(out)
     timings: dict[str, float] = {}
     t = time.time()
-    data_dir = out / "data" / dataset
+    data_dir = out / "data" / Path(dataset).name       # a named dataset, or a directory of dataset files
     config = PrepareConfig()
     try:
         ds = PreparedDataset.load(data_dir)
@@ -94,7 +94,7 @@ def quickstart(out: str | Path = "artifacts", dataset: str = "ml-1m", preset: st
     t = time.time()
     results = {"popularity": evaluate_model(ds, pop_dir, "test"), f"sasrec-{preset}": evaluate_model(ds, sas_dir, "test")}
     timings["evaluate"] = time.time() - t
-    summary = {"dataset": dataset, "split": "test", "protocol": "leave-one-out, full ranking, history masked",
+    summary = {"dataset": str(dataset), "split": "test", "protocol": "leave-one-out, full ranking, history masked",
                "results": results, "seconds": timings}
     (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
     log("\n" + format_table(list(results.items()), ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr"]))

@@ -72,3 +72,20 @@ def test_recipes_load_into_the_config(tmp_path):
     with pytest.raises(RecsysError, match="'max_epochs' = 'many' is not a valid"):
         load_config(SASRecTrainConfig, None, {"max_epochs": "many"})
     assert load_config(SASRecTrainConfig, None, {"max_minutes": "2.5"}).max_minutes == 2.5
+
+
+def test_quickstart_end_to_end_on_the_fixture(tmp_path):
+    """The main job on the synthetic data: prepares, trains both models, evaluates, writes the summary;
+    a second run reuses every stage."""
+    from pipelines.jobs import quickstart
+    from tests.conftest import FIXTURES
+
+    lines = []
+    summary = quickstart(tmp_path / "art", FIXTURES / "tiny", "short", log=lines.append)
+    assert set(summary["results"]) == {"popularity", "sasrec-short"}
+    assert summary["results"]["sasrec-short"]["num_queries"] == 60
+    assert (tmp_path / "art" / "quickstart.json").exists() and any("ndcg@10" in line for line in lines)
+    lines.clear()
+    quickstart(tmp_path / "art", FIXTURES / "tiny", "short", log=lines.append)
+    assert any("is up to date" in line for line in lines if line.startswith("[data]"))
+    assert any("is up to date" in line for line in lines if line.startswith("[train]"))

@@ -39,7 +39,19 @@ def _train_and_evaluate(data_dir: str, out: str, recipe: str, seed: int, threads
     metrics = evaluate_model(ds, out, "test", METRICS, progress=False)
     return {"name": "sasrec", "seed": seed, "metrics": {m: metrics[m] for m in METRICS},
             "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"],
-            "best_val_ndcg@10": summary["best_val_ndcg@10"], "num_users": metrics["num_queries"]}
+            "best_val_ndcg@10": summary["best_val_ndcg@10"], "num_users": metrics["num_queries"],
+            "val_curve": validation_curve(out)}
+
+
+def validation_curve(run_dir: str | Path) -> list[list[float]]:
+    """[[epoch, val ndcg@10], ...] from the run's CSV logs (all invocations, in order)."""
+    import polars as pl
+
+    frames = [pl.read_csv(f) for f in sorted(Path(run_dir).glob("logs/version_*/metrics.csv"))]
+    if not frames:
+        return []
+    df = pl.concat(frames, how="diagonal_relaxed").filter(pl.col("val/ndcg@10").is_not_null())
+    return [[int(e) + 1, round(float(v), 5)] for e, v in df.select("epoch", "val/ndcg@10").iter_rows()]
 
 
 def main() -> None:

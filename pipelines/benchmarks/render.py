@@ -30,11 +30,39 @@ def render_baselines(result: dict) -> list[str]:
            f"- command: `{result['command']}`", f"- commit `{result['commit']}`, {result['date']}, {result['machine']}",
            f"- protocol: {result['protocol']}", ""]
     out += _table(result["rows"], metrics, ["seconds", "epochs"])
+    plot = plot_curves(result)
+    if plot:
+        out += ["", f"![validation NDCG@10 per epoch]({plot})"]
     mean = result["sasrec_mean"]
     out += ["", "SASRec mean over seeds: " + ", ".join(f"{m} {mean[m]:.4f}" for m in ("hr@10", "ndcg@10")) +
             ". Published (full ranking): SASRec HR@10 0.2853 / NDCG@10 0.1603; HSTU-large 0.3294 / 0.1893.",
             "`seconds` is training wall-clock time per run; seeds trained two at a time, one thread each.", ""]
     return out
+
+
+def plot_curves(result: dict) -> str | None:
+    """PNG of validation NDCG@10 per epoch for each SASRec seed; returns its path relative to the root."""
+    rows = [r for r in result["rows"] if r.get("val_curve")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r in rows:
+        epochs, values = zip(*r["val_curve"])
+        ax.plot(epochs, values, marker=".", label=f"{r['name']} seed {r['seed']}")
+    ax.axhline(0.1603, color="grey", ls="--", lw=1, label="published SASRec (test)")
+    ax.set(xlabel="epoch", ylabel="validation NDCG@10", title="SASRec on ML-1M (full ranking)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = RESULTS / f"{result['benchmark']}_curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path.relative_to(ROOT))
 
 
 RENDERERS = {"baselines_ml1m": render_baselines}

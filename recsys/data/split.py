@@ -61,7 +61,6 @@ def leave_one_out(df: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     n = pl.len().over("user_id")
     kept = df.filter(n >= 3)
     dropped = df["user_id"].n_unique() - kept["user_id"].n_unique()
-    n = pl.len().over("user_id")
     split = pl.when(pl.col("pos") == n - 1).then(pl.lit("test")) \
         .when(pl.col("pos") == n - 2).then(pl.lit("valid")).otherwise(pl.lit("train"))
     return kept.with_columns(split.alias("split")), dropped
