@@ -56,3 +56,12 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "retriever", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "--preset" in out and "resumes" in out
+
+
+def test_evaluate_writes_metrics_beside_the_model_by_default(tmp_path, capsys):
+    data = tmp_path / "data"
+    run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
+    run(capsys, "train", "retriever", "--data", data, "--model", "popularity", "--out", tmp_path / "pop")
+    code, out, _ = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--split", "valid")
+    written = json.loads((tmp_path / "pop" / "metrics_valid.json").read_text())
+    assert code == 0 and written["split"] == "valid" and written["num_queries"] == 60 and "ndcg@10" in written
