@@ -1,7 +1,8 @@
 """Frozen config dataclasses from YAML recipes plus command-line overrides.
 
-A recipe is a flat YAML mapping whose keys are the dataclass's fields. Unknown keys and wrong types
-are rejected with the offending key named.
+A recipe is a YAML mapping whose keys are the dataclass's fields; a field that is itself a dataclass
+(``model:``) is a nested mapping. Overrides use dotted keys (``model.hidden_size``). Unknown keys and
+wrong types are rejected with the offending key named.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import yaml
 from recsys.errors import RecsysError
 
 
-def _coerce(cls, name: str, value, source: str):
-    hint = typing.get_type_hints(cls)[name]
+def _coerce(hint, name: str, value, source: str):
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
         else (hint,)
     if value is None and type(None) in allowed:
@@ -36,30 +36,48 @@ def _coerce(cls, name: str, value, source: str):
                 return {"true": True, "false": False}[value.lower()] if t is bool else t(value)
             except (ValueError, KeyError):
                 continue
-    raise RecsysError(f"{source}: '{name}' = {value!r} is not a valid {hint}")
+    raise RecsysError(f"{source}: '{name}' = {value!r} is not a valid {getattr(hint, '__name__', hint)}")
+
+
+def build_config(cls, values: dict, source: str = "config"):
+    """Instantiate ``cls`` from a (nested) mapping, checking every key and type."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise RecsysError(f"{source}: unknown key(s) {unknown}; valid: {names}")
+    kwargs = {}
+    for key, value in values.items():
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise RecsysError(f"{source}: '{key}' must be a mapping of {hints[key].__name__} fields")
+            kwargs[key] = build_config(hints[key], value, f"{source}: {key}")
+        else:
+            kwargs[key] = _coerce(hints[key], key, value, source)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise RecsysError(f"{source}: {e}") from None
 
 
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
-    """Build ``cls`` from a YAML recipe (optional) updated by ``overrides`` (``None`` values ignored)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
+    """Build ``cls`` from a YAML recipe (optional) updated by ``overrides`` (dotted keys; ``None`` ignored)."""
     values: dict = {}
+    source = "command line"
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise RecsysError(f"{path}: recipe not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
             raise RecsysError(f"{path}: a recipe is a mapping of field: value")
-        unknown = sorted(set(loaded) - fields)
-        if unknown:
-            raise RecsysError(f"{path}: unknown key(s) {unknown}; valid: {sorted(fields)}")
-        values.update({k: _coerce(cls, k, v, str(path)) for k, v in loaded.items()})
-    for k, v in (overrides or {}).items():
-        if v is not None:
-            if k not in fields:
-                raise RecsysError(f"unknown option {k!r}; valid: {sorted(fields)}")
-            values[k] = _coerce(cls, k, v, "command line")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise RecsysError(f"{cls.__name__}: {e}") from None
+        source = f"{path}" + (" + command line" if overrides else "")
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return build_config(cls, values, source)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,20 +27,8 @@ from recsys.models import Popularity, SASRecConfig
 class SASRecTrainConfig:
     """Everything that defines a SASRec training run (model, optimisation, stopping)."""
 
-    max_len: int = 200
-    """Longest history (most recent items)."""
-    hidden_size: int = 64
-    """Embedding and block width."""
-    num_layers: int = 2
-    """Self-attention blocks."""
-    num_heads: int = 1
-    """Attention heads."""
-    dropout: float = 0.2
-    """Dropout rate."""
-    loss: str = "ce"
-    """``ce`` (full softmax) or ``sampled``."""
-    num_negatives: int = 256
-    """Negatives for the sampled softmax."""
+    model: SASRecConfig = field(default_factory=SASRecConfig)
+    """Architecture and loss (``n_items`` is filled in from the dataset)."""
     batch_size: int = 32
     """Users per batch (32 gives 4x the updates per epoch of 128 at the same cost, and converges faster)."""
     lr: float = 1e-3
@@ -63,8 +51,7 @@ class SASRecTrainConfig:
     """CPU threads for torch (default: torch's choice)."""
 
     def model_config(self, n_items: int) -> SASRecConfig:
-        keys = ("max_len", "hidden_size", "num_layers", "num_heads", "dropout", "loss", "num_negatives")
-        return SASRecConfig(n_items=n_items, **{k: getattr(self, k) for k in keys})
+        return dataclasses.replace(self.model, n_items=n_items)
 
 
 RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads")
@@ -118,7 +105,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     L.seed_everything(config.seed, verbose=False)
     model_config = config.model_config(dataset.n_items)
     module = SASRecModule(model_config, config.lr, config.weight_decay, dataset.fingerprint)
-    data = SequenceDataModule(dataset, config.max_len, config.batch_size, config.seed)
+    data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
     best = ModelCheckpoint(out / "checkpoints", filename="best", monitor="val/ndcg@10", mode="max",
                            save_last=True, enable_version_counter=False)
     callbacks = [best, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience)]

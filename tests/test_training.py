@@ -7,11 +7,11 @@ from pipelines.config import load_config
 from pipelines.jobs import evaluate_model
 from pipelines.train import SASRecTrainConfig, train_popularity, train_sasrec
 from recsys.errors import RecsysError
-from recsys.models import SASRec
+from recsys.models import SASRec, SASRecConfig
 
 # A tiny-model recipe for the synthetic ring data (tests only).
-TINY = dict(max_len=20, hidden_size=32, num_layers=1, num_heads=1, dropout=0.1, batch_size=16, lr=5e-3,
-            precision="32-true", num_threads=1)
+TINY = dict(model=SASRecConfig(max_len=20, hidden_size=32, num_layers=1, num_heads=1, dropout=0.1), batch_size=16,
+            lr=5e-3, precision="32-true", num_threads=1)
 
 
 def test_sasrec_learns_what_popularity_cannot(tiny_dataset, tmp_path):
@@ -47,16 +47,10 @@ def test_resume_refuses_a_different_run(tiny_dataset, tmp_path):
 
 
 def test_evaluate_refuses_a_model_of_other_data(tiny_dataset, tmp_path):
-    model = SASRec(SASRecConfig_tiny(tiny_dataset.n_items), dataset_fingerprint="0000")
+    model = SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=8, hidden_size=8), dataset_fingerprint="0000")
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(RecsysError, match="trained on dataset 0000"):
         evaluate_model(tiny_dataset, tmp_path / "m")
-
-
-def SASRecConfig_tiny(n_items):
-    from recsys.models import SASRecConfig
-
-    return SASRecConfig(n_items=n_items, max_len=8, hidden_size=8)
 
 
 def test_recipes_load_into_the_config(tmp_path):
@@ -67,11 +61,15 @@ def test_recipes_load_into_the_config(tmp_path):
     for recipe in recipes:
         assert isinstance(load_config(SASRecTrainConfig, recipe), SASRecTrainConfig)
     (tmp_path / "bad.yaml").write_text("lr: 0.001\nlearning_rate: 3\n")
-    with pytest.raises(RecsysError, match=r"unknown key\(s\) \['learning_rate'\]"):
+    with pytest.raises(RecsysError, match=r"bad.yaml: unknown key\(s\) \['learning_rate'\]"):
         load_config(SASRecTrainConfig, tmp_path / "bad.yaml")
-    with pytest.raises(RecsysError, match="'max_epochs' = 'many' is not a valid"):
+    (tmp_path / "bad.yaml").write_text("model:\n  hidden: 3\n")
+    with pytest.raises(RecsysError, match=r"bad.yaml: model: unknown key\(s\) \['hidden'\]"):
+        load_config(SASRecTrainConfig, tmp_path / "bad.yaml")
+    with pytest.raises(RecsysError, match="'max_epochs' = 'many' is not a valid int"):
         load_config(SASRecTrainConfig, None, {"max_epochs": "many"})
-    assert load_config(SASRecTrainConfig, None, {"max_minutes": "2.5"}).max_minutes == 2.5
+    cfg = load_config(SASRecTrainConfig, recipes[0], {"max_minutes": "2.5", "model.hidden_size": "32"})
+    assert cfg.max_minutes == 2.5 and cfg.model.hidden_size == 32 and cfg.model.num_layers == 2
 
 
 def test_quickstart_end_to_end_on_the_fixture(tmp_path):

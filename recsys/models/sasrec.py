@@ -39,8 +39,9 @@ from recsys.errors import RecsysError
 class SASRecConfig:
     """Architecture and loss of a SASRec model."""
 
-    n_items: int
-    """Number of real items; embedding rows = n_items + 1 (row 0 is padding)."""
+    n_items: int = 0
+    """Number of real items; embedding rows = n_items + 1 (row 0 is padding). Training fills it in
+    from the dataset."""
     max_len: int = 200
     """Longest history the model reads (the most recent items are kept)."""
     hidden_size: int = 64
@@ -88,6 +89,8 @@ class SASRec(nn.Module):
 
     def __init__(self, config: SASRecConfig, dataset_fingerprint: str | None = None):
         super().__init__()
+        if config.n_items < 1:
+            raise RecsysError(f"SASRec needs n_items >= 1, got {config.n_items}")
         self.config, self.dataset_fingerprint = config, dataset_fingerprint
         d = config.hidden_size
         self.item_emb = nn.Embedding(config.n_items + 1, d, padding_idx=0)
