@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pipelines.benchmarks.common import write_result
+from pipelines.benchmarks.common import Provenance, write_result
 
 METRICS = ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]
 PUBLISHED = {"sasrec (generative-recommenders README, sampled softmax)": {"hr@10": 0.2853, "ndcg@10": 0.1603,
@@ -63,6 +63,7 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="training budget per seed")
     a = p.parse_args()
+    provenance = Provenance("pipelines.benchmarks.baselines_ml1m")
 
     from pipelines.jobs import evaluate_model
     from pipelines.train import train_popularity
@@ -89,7 +90,7 @@ def main() -> None:
 
     sas = [r for r in rows if r["name"] == "sasrec"]
     mean = {m: sum(r["metrics"][m] for r in sas) / len(sas) for m in METRICS}
-    write_result("baselines_ml1m", {
+    write_result("baselines_ml1m", provenance, {
         "dataset": "ml-1m", "protocol": "leave-one-out by timestamp (file order among ties), full ranking over "
                                         f"{ds.n_items} items, history masked, ties broken by a fixed random item order",
         "recipe": Path(a.recipe).name, "prepare_seconds": round(prepare_seconds, 2), "rows": rows,

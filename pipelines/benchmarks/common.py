@@ -14,6 +14,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def git_commit() -> str:
+    """Short SHA of HEAD, with ``-dirty`` when tracked files differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
@@ -40,11 +41,18 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({cpu}), no GPU"
 
 
-def write_result(name: str, payload: dict) -> Path:
+class Provenance:
+    """Command, commit and date captured when a benchmark starts (not when it ends an hour later)."""
+
+    def __init__(self, module: str):
+        self.command = " ".join(["python -m", module, *sys.argv[1:]])
+        self.commit, self.date = git_commit(), dt.date.today().isoformat()
+
+
+def write_result(name: str, provenance: Provenance, payload: dict) -> Path:
     """Write ``results/<name>.json`` with the provenance fields first."""
-    result = {"benchmark": name, "command": " ".join([Path(sys.argv[0]).name if sys.argv[0].endswith(".py")
-                                                      else sys.argv[0], *sys.argv[1:]]),
-              "commit": git_commit(), "date": dt.date.today().isoformat(), "machine": machine(), **payload}
+    result = {"benchmark": name, "command": provenance.command, "commit": provenance.commit,
+              "date": provenance.date, "machine": machine(), **payload}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
