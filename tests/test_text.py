@@ -25,13 +25,13 @@ def tiny_encoder_dir(tmp_path_factory):
 
 
 def test_encode_is_normalised_and_ignores_padding(tiny_encoder_dir):
-    enc = TextEncoder(tiny_encoder_dir, bf16=False)
+    enc = TextEncoder(tiny_encoder_dir)
     short = "toy story"
     alone = enc.encode([short], progress=False)
     batched = enc.encode([short, "toy story (1995) | animation comedy drama heat"], progress=False)
     assert alone.shape == (1, 16) and np.allclose(np.linalg.norm(batched, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose(alone[0], batched[0], atol=1e-5)      # padding does not move the mean
-    fast = TextEncoder(tiny_encoder_dir).encode([short], progress=False)   # bf16 autocast: close to fp32
+    fast = TextEncoder(tiny_encoder_dir, bf16=True).encode([short], progress=False)   # close to fp32
     np.testing.assert_allclose(fast, alone, atol=0.05)
 
 
