@@ -1,0 +1,78 @@
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.models import SASRec, SASRecConfig
+from recsys.retrieval.candidates import (HybridRetriever, PopularityRetriever, SASRecRetriever, TextRetriever,
+                                         candidate_examples, generate_candidates, recall_at)
+
+
+def test_training_targets_see_only_their_past(tiny_dataset):
+    ex = candidate_examples(tiny_dataset, "train", train_targets_per_user=2)
+    seqs = tiny_dataset.train_sequences()
+    assert len(ex.users) == 2 * tiny_dataset.n_users
+    for u, h, t in zip(ex.users, ex.histories, ex.targets):
+        seq = seqs[u]
+        np.testing.assert_array_equal(h, seq[:len(h)])          # the history is a prefix...
+        assert t[0] == seq[len(h)]                                # ...and the target comes right after it
+
+
+def test_popularity_by_hand():
+    """Counts [_, 5, 9, 1, 7]; a user who saw item 2 gets [4, 1, 3]."""
+    s, idx = PopularityRetriever(np.array([0, 5, 9, 1, 7])).retrieve([np.array([2])], 3)
+    assert idx.tolist() == [[4, 1, 3]] and s.tolist() == [[7, 5, 1]]
+
+
+class Fixed:
+    def __init__(self, lists):
+        self.lists = np.array(lists)
+
+    def retrieve(self, histories, n):
+        return np.zeros((1, n)), self.lists[:, :n]
+
+
+def test_reciprocal_rank_fusion_by_hand():
+    """Lists [1, 2, 3] and [3, 1, 4], c = 60: item 1 gets 1/61 + 1/62, item 3 1/63 + 1/61,
+    item 2 1/62, item 4 1/63 -> order 1, 3, 2, 4."""
+    s, idx = HybridRetriever([Fixed([[1, 2, 3]]), Fixed([[3, 1, 4]])], depth=3).retrieve([np.array([])], 4)
+    assert idx.tolist() == [[1, 3, 2, 4]]
+    assert s[0, 0] == pytest.approx(1 / 61 + 1 / 62)
+
+
+def test_sasrec_retriever_matches_full_ranking(tiny_dataset):
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=20, hidden_size=16)).eval()
+    ex = tiny_dataset.eval_examples("test")
+    s, idx = SASRecRetriever(model).retrieve(ex.histories[:10], 5)
+    full = model.score(ex.histories[:10])
+    for row, h in enumerate(ex.histories[:10]):
+        full[row, torch.from_numpy(h)] = -torch.inf
+    ref = torch.topk(full, 5).values.numpy()
+    np.testing.assert_allclose(s, ref, atol=0.05)             # bf16 user vectors vs fp32 reference
+    assert not any(set(i) & set(h.tolist()) for i, h in zip(idx.tolist(), ex.histories))
+
+
+def test_text_retriever_uses_recent_history():
+    vectors = np.eye(4, dtype=np.float32)                     # idx 1..4 -> axis 0..3
+    s, idx = TextRetriever(vectors, "test", window=1).retrieve([np.array([1, 3])], 2)
+    assert idx[0, 0] not in (1, 3) and s.shape == (1, 2)      # history excluded even when most similar
+
+
+def test_generate_candidates_files(tiny_dataset, tmp_path):
+    counts = tiny_dataset.item_popularity("train")
+    summary = generate_candidates(tiny_dataset, PopularityRetriever(counts), "popularity", tmp_path / "c", n=20,
+                                  progress=False)
+    test = pl.read_parquet(tmp_path / "c" / "candidates_test.parquet")
+    assert test.height == 60 and test["candidates"].to_numpy().shape == (60, 20)
+    hits = test["hit_rank"].to_numpy()
+    assert summary["recall"]["test"]["recall@20"] == pytest.approx((hits >= 0).mean())
+    row = test.row(0, named=True)
+    assert row["hit_rank"] == -1 or list(row["candidates"])[row["hit_rank"]] == row["target"]
+    assert set(summary["recall"]) == {"train", "valid", "test"}
+
+
+def test_recall_at_by_hand():
+    """Hit ranks [0, 25, -1, 60]: recall@20 = 1/4, @50 = 2/4, @100 = 3/4."""
+    r = recall_at(np.array([0, 25, -1, 60]), (20, 50, 100))
+    assert r == {"recall@20": 0.25, "recall@50": 0.5, "recall@100": 0.75}
