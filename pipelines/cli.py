@@ -21,6 +21,9 @@ EXAMPLES = """examples:
   recsys train retriever --data artifacts/data/ml-1m --model sasrec --out artifacts/runs/sasrec
   recsys evaluate --data artifacts/data/ml-1m --model artifacts/runs/sasrec --split test
   recsys evaluate-run run.trec qrels.trec --metrics ndcg@10,recall@10,mrr
+  recsys index build --data artifacts/data/ml-1m --sasrec artifacts/runs/sasrec --factory HNSW32,Flat --out idx
+  recsys candidates --data artifacts/data/ml-1m --retriever hybrid --sasrec artifacts/runs/sasrec --out cands
+  recsys index semantic-ids --data artifacts/data/ml-1m --source text --out artifacts/semantic-ids
 """
 
 
@@ -96,6 +99,35 @@ def cmd_evaluate_run(a):
     from recsys.evaluation import evaluate_run
 
     print(json.dumps(evaluate_run(a.run, a.qrels, a.metrics, complete=a.complete), indent=2))
+
+
+def cmd_index_build(a):
+    from pipelines.retrieval import build_index
+    from recsys.data import PreparedDataset
+
+    index = build_index(PreparedDataset.load(a.data), a.source, a.out, a.factory, a.sasrec)
+    print(json.dumps({"out": str(a.out), **index.meta.__dict__}, indent=2))
+
+
+def cmd_semantic_ids(a):
+    from pipelines.retrieval import build_semantic_ids
+    from recsys.data import PreparedDataset
+    from recsys.retrieval.semantic_ids import SemanticIDConfig
+
+    config = SemanticIDConfig(levels=a.levels, codebook_size=a.codebook_size, balanced=a.balanced, seed=a.seed)
+    sid = build_semantic_ids(PreparedDataset.load(a.data), a.source, a.out, config, a.sasrec)
+    print(json.dumps({"out": str(a.out), **sid.stats}, indent=2))
+
+
+def cmd_candidates(a):
+    from pipelines.retrieval import candidates
+    from recsys.data import PreparedDataset
+
+    summary = candidates(PreparedDataset.load(a.data), a.retriever, a.out, a.n, a.sasrec, a.factory, a.index,
+                         tuple(a.splits.split(",")))
+    for split, recall in summary["recall"].items():
+        print(f"{split:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items()))
+    print(f"candidates written to {a.out}")
 
 
 def cmd_quickstart(a):
@@ -180,6 +212,44 @@ def build_parser() -> argparse.ArgumentParser:
     er.add_argument("--metrics", type=_metrics, default=["ndcg@10", "recall@10", "mrr"])
     er.add_argument("--complete", action="store_true", help="count qrels queries missing from the run as zero")
     er.set_defaults(func=cmd_evaluate_run)
+
+    index = sub.add_parser("index", help="FAISS item indexes and semantic IDs").add_subparsers(
+        dest="index_command", required=True, metavar="ACTION")
+    ib = index.add_parser("build", help="index item embeddings with FAISS",
+                          description="Build a FAISS index over SASRec item embeddings (inner product) or MiniLM "
+                                      "text embeddings (cosine) and save it with its metadata.")
+    ib.add_argument("--data", required=True, help="prepared dataset directory")
+    ib.add_argument("--source", choices=["sasrec", "text-minilm"], default="sasrec")
+    ib.add_argument("--sasrec", help="SASRec run directory (for --source sasrec)")
+    ib.add_argument("--factory", default="Flat", help="FAISS factory string: Flat, HNSW32,Flat, IVF256,Flat, ...")
+    ib.add_argument("--out", required=True)
+    ib.set_defaults(func=cmd_index_build)
+    si = index.add_parser("semantic-ids", help="residual k-means semantic IDs and their trie",
+                          description="Build L-level residual k-means codes (+ a de-duplication level) from text, "
+                                      "CF (SASRec) or concatenated embeddings; print their statistics.")
+    si.add_argument("--data", required=True)
+    si.add_argument("--source", choices=["text", "cf", "concat"], default="text")
+    si.add_argument("--sasrec", help="SASRec run directory (for cf and concat)")
+    si.add_argument("--levels", type=int, default=3)
+    si.add_argument("--codebook-size", type=int, default=32)
+    si.add_argument("--balanced", action="store_true", help="capacity-constrained code assignment")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--out", required=True)
+    si.set_defaults(func=cmd_semantic_ids)
+
+    ca = sub.add_parser("candidates", help="write per-user top-N candidates for train/valid/test targets",
+                        description="Retrieve each user's top-N items (history excluded) for the train, valid and "
+                                    "test targets; training targets use only the history before them. Prints "
+                                    "and stores the recall of the held-out item.")
+    ca.add_argument("--data", required=True)
+    ca.add_argument("--retriever", choices=["sasrec", "text-minilm", "hybrid", "popularity"], default="sasrec")
+    ca.add_argument("--sasrec", help="SASRec run directory (sasrec, hybrid)")
+    ca.add_argument("--index", help="a saved index (from `recsys index build`) for the SASRec retriever")
+    ca.add_argument("--factory", default="Flat", help="FAISS factory when no --index is given")
+    ca.add_argument("--n", type=int, default=200, help="candidates per target")
+    ca.add_argument("--splits", default="train,valid,test")
+    ca.add_argument("--out", required=True)
+    ca.set_defaults(func=cmd_candidates)
 
     q = sub.add_parser("quickstart", help="the main job: fetch, prepare, train, evaluate, print the table")
     q.add_argument("--out", default="artifacts", help="artifacts directory (default ./artifacts)")

@@ -61,12 +61,12 @@ def test_text_retriever_uses_recent_history():
 
 def test_generate_candidates_files(tiny_dataset, tmp_path):
     counts = tiny_dataset.item_popularity("train")
-    summary = generate_candidates(tiny_dataset, PopularityRetriever(counts), "popularity", tmp_path / "c", n=20,
+    summary = generate_candidates(tiny_dataset, PopularityRetriever(counts), "popularity", tmp_path / "c", n=15,
                                   progress=False)
     test = pl.read_parquet(tmp_path / "c" / "candidates_test.parquet")
-    assert test.height == 60 and test["candidates"].to_numpy().shape == (60, 20)
+    assert test.height == 60 and test["candidates"].to_numpy().shape == (60, 15)
     hits = test["hit_rank"].to_numpy()
-    assert summary["recall"]["test"]["recall@20"] == pytest.approx((hits >= 0).mean())
+    assert summary["recall"]["test"]["recall@15"] == pytest.approx((hits >= 0).mean())
     row = test.row(0, named=True)
     assert row["hit_rank"] == -1 or list(row["candidates"])[row["hit_rank"]] == row["target"]
     assert set(summary["recall"]) == {"train", "valid", "test"}

@@ -65,3 +65,23 @@ def test_evaluate_writes_metrics_beside_the_model_by_default(tmp_path, capsys):
     code, out, _ = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--split", "valid")
     written = json.loads((tmp_path / "pop" / "metrics_valid.json").read_text())
     assert code == 0 and written["split"] == "valid" and written["num_queries"] == 60 and "ndcg@10" in written
+
+
+def test_index_candidates_semantic_ids(tmp_path, capsys):
+    data, run_dir = tmp_path / "data", tmp_path / "sas"
+    run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
+    run(capsys, "train", "retriever", "--data", data, "--out", run_dir, "--max-epochs", "1",
+        "--set", "model.hidden_size=16", "--set", "model.max_len=10")
+    code, out, err = run(capsys, "index", "build", "--data", data, "--sasrec", run_dir, "--factory", "HNSW8,Flat",
+                         "--out", tmp_path / "idx")
+    assert code == 0 and json.loads(out)["count"] == 40, err
+    code, _, err = run(capsys, "candidates", "--data", data, "--sasrec", run_dir, "--n", "20", "--out", tmp_path / "c")
+    assert code == 1 and "n=20 candidates, but user" in err and "leaving 19; lower n" in err
+    code, out, err = run(capsys, "candidates", "--data", data, "--sasrec", run_dir, "--index", tmp_path / "idx",
+                         "--n", "10", "--out", tmp_path / "cands")
+    assert code == 0 and "recall@10" in out and (tmp_path / "cands" / "candidates_train.parquet").exists(), err
+    code, out, err = run(capsys, "index", "semantic-ids", "--data", data, "--source", "cf", "--sasrec", run_dir,
+                         "--levels", "2", "--codebook-size", "4", "--out", tmp_path / "sid")
+    assert code == 0 and json.loads(out)["items"] == 40, err
+    code, _, err = run(capsys, "candidates", "--data", data, "--retriever", "sasrec", "--out", tmp_path / "x")
+    assert code == 1 and "needs a trained SASRec" in err

@@ -144,9 +144,15 @@ def generate_candidates(dataset: PreparedDataset, retriever, name: str, out: str
     summary = {"retriever": name, "n": n, "dataset_fingerprint": dataset.fingerprint, "recall": {}}
     ids = dataset.catalog.sort("idx")["item_id"].to_numpy()
     users = dataset.users.sort("uidx")["user_id"].to_numpy()
+    examples = {split: candidate_examples(dataset, split, train_targets_per_user) for split in splits}
+    for split, ex in examples.items():
+        longest = int(np.argmax([len(h) for h in ex.histories]))
+        left = dataset.n_items - len(ex.histories[longest])
+        if n > left:
+            raise RecsysError(f"n={n} candidates, but user {users[ex.users[longest]]!r} ({split}) has seen "
+                              f"{len(ex.histories[longest])} of {dataset.n_items} items, leaving {left}; lower n")
     with atomic_directory(out) as tmp:
-        for split in splits:
-            ex = candidate_examples(dataset, split, train_targets_per_user)
+        for split, ex in examples.items():
             scores, idx = retrieve_examples(retriever, ex, n, progress=progress, desc=f"candidates {split}")
             hits = hit_ranks(idx, ex)
             summary["recall"][split] = recall_at(hits, tuple(k for k in (20, 50, 100, 200) if k <= n) or (n,))
