@@ -191,6 +191,12 @@ class ItemIndex:
         fetch = min(self.meta.count, k + max((len(e) for e in excl), default=0))
         dist, found = self._search_index.search(q, fetch)
         score = -dist if self.meta.metric == "l2" else dist
+        if fetch == k:  # nothing to exclude in this batch: keep FAISS's answer, fix only short rows
+            out_s, out_p = score.astype(np.float32), found.astype(np.int64)
+            for row in np.flatnonzero((found < 0).any(1)):
+                s, p = brute_force_topk(q[row:row + 1], self.vectors, k, self.meta.metric)
+                out_s[row], out_p[row] = s[0], p[0]
+            return out_s, out_p
         out_s, out_p = np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
         for row in range(len(q)):
             keep = (found[row] >= 0) & ~np.isin(found[row], excl[row])
