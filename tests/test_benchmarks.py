@@ -9,3 +9,26 @@ def test_validation_curve_joins_resumed_invocations(tmp_path):
         (d / "metrics.csv").write_text("epoch,step,train/loss,val/hr@10,val/ndcg@10\n" + rows)
     assert validation_curve(tmp_path) == [[1, 0.05], [2, 0.08], [3, 0.09]]
     assert validation_curve(tmp_path / "nothing") == []
+
+
+def test_renderers_on_minimal_results(tmp_path, monkeypatch):
+    from pipelines.benchmarks import render
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    m = {k: 0.1 for k in ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]}
+    base = {"benchmark": "baselines_ml1m", "command": "c", "commit": "x", "date": "d", "machine": "m",
+            "protocol": "p", "sasrec_mean": m,
+            "rows": [{"name": "popularity", "seed": None, "metrics": m, "seconds": 1},
+                     {"name": "sasrec", "seed": 0, "metrics": m, "seconds": 2, "epochs": 3, "val_curve": [[1, 0.1], [2, 0.2]]}]}
+    text = "\n".join(render.render_baselines(base))
+    assert "| sasrec | 0 | 0.1000" in text and (tmp_path / "baselines_ml1m_curves.png").exists()
+    retrieval = {"benchmark": "retrieval", "command": "c", "commit": "x", "date": "d", "machine": "m", "protocol": "p",
+                 "rows": [{"name": "Flat-ml1m", "metrics": {"recall@100": 1.0, "qps": 10.0}, "build_seconds": 0.1},
+                          {"name": "sasrec", "metrics": {f"recall@{k}": 0.5 for k in (20, 50, 100, 200)}}],
+                 "ratios": {"Flat-ml1m qps/Flat": 1.0},
+                 "semantic_ids": {"source": "text", "config": {"levels": 3, "codebook_size": 32},
+                                  "stats": {"collision_rate": 0.1, "max_collisions": 3, "code_usage": [1, 1, 1],
+                                            "perplexity": [30.0, 31.0, 29.0]}}}
+    text = "\n".join(render.render_retrieval(retrieval))
+    assert "| Flat-ml1m | 1.0000 | 10 | 1.0 | 0.1 |" in text and "| sasrec | 0.5000" in text

@@ -65,7 +65,32 @@ def plot_curves(result: dict) -> str | None:
     return str(path.relative_to(ROOT))
 
 
-RENDERERS = {"baselines_ml1m": render_baselines}
+def render_retrieval(result: dict) -> list[str]:
+    out = ["## Retrieval (`retrieval`)", "", f"- command: `{result['command']}`",
+           f"- commit `{result['commit']}`, {result['date']}, {result['machine']}", f"- protocol: {result['protocol']}",
+           "", "ANN vs exact (recall@100 against Flat; queries per second, batched):", "",
+           "| index | recall@100 | qps | qps / Flat | build s |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if "qps" in r["metrics"]:
+            ratio = result["ratios"][f"{r['name']} qps/Flat"]
+            out.append(f"| {r['name']} | {r['metrics']['recall@100']:.4f} | {r['metrics']['qps']:.0f} | "
+                       f"{ratio:.1f} | {r['build_seconds']} |")
+    cutoffs = ["recall@20", "recall@50", "recall@100", "recall@200"]
+    out += ["", "Candidate recall of the held-out item, ML-1M test (history excluded):", "",
+            "| retriever | " + " | ".join(cutoffs) + " |", "|---|" + "---:|" * len(cutoffs)]
+    out += [f"| {r['name']} | " + " | ".join(f"{r['metrics'][c]:.4f}" for c in cutoffs) + " |"
+            for r in result["rows"] if "recall@20" in r["metrics"]]
+    sid = result["semantic_ids"]
+    st = sid["stats"]
+    out += ["", f"Semantic IDs, default config ({sid['config']['levels']} levels x {sid['config']['codebook_size']} codes "
+            f"from {sid['source']}): collision rate before de-duplication {st['collision_rate']:.4f} "
+            f"(max {st['max_collisions']} items per code), code usage per level "
+            f"{', '.join(f'{u:.2f}' for u in st['code_usage'])}, perplexity per level "
+            f"{', '.join(f'{p:.1f}' for p in st['perplexity'])}.", ""]
+    return out
+
+
+RENDERERS = {"baselines_ml1m": render_baselines, "retrieval": render_retrieval}
 
 
 def main() -> None:
