@@ -1,0 +1,1 @@
+"""LLM rerankers: prompt formats, output parsing, FIRST single-token scoring, sliding windows."""
