@@ -1,0 +1,64 @@
+"""FIRST: single-token listwise reranking, and constrained decoding of listwise answers.
+
+Reddy et al., "FIRST: Faster Improved Listwise Reranking with Single Token Decoding", EMNLP 2024
+(arXiv 2406.15657); Chen, Pradeep, Lin, "An Early FIRST Reproduction...", arXiv 2411.05508.
+ALGORITHMS.md §5.
+
+- :func:`first_scores`: the logits of the candidates' identifier tokens at the first output position;
+  candidates are ranked by them (one forward pass instead of generating the whole list).
+- :func:`weighted_ranknet_loss`: ``sum_{r_i < r_j} 1/(r_i + r_j) * log(1 + exp(s_j - s_i))``, averaged over
+  pairs as the official code does (``BCEWithLogits(s_i - s_j, 1)`` weighted, mean reduction).
+- :func:`constrain_logits`: only identifiers not used yet, the separator after an identifier, and the
+  end token are allowed, so constrained generation always yields a valid list.
+
+Shapes: B batch, V vocabulary, n candidates in the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def first_scores(logits: torch.Tensor, identifier_ids: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) at the first answer position -> (B, n) scores of the n identifiers."""
+    return logits.index_select(-1, identifier_ids)
+
+
+def first_order(scores: torch.Tensor) -> torch.Tensor:
+    """(B, n) scores -> (B, n) candidate positions, best first; ties keep the original order."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def weighted_ranknet_loss(scores: torch.Tensor, ranks: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """FIRST's ranking loss on first-token logits.
+
+    scores (B, n); ranks (B, n) 1-based gold rank of each candidate; mask (B, n) True for real
+    candidates. Example (one list): s = [2, 0, 1], r = [1, 2, 3] ->
+    pairs (0,1): 1/3 * log(1 + e^-2) = 0.04231, (0,2): 1/4 * log(1 + e^-1) = 0.07832,
+    (1,2): 1/5 * log(1 + e^1) = 0.26265; mean = 0.12776.
+    """
+    if mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    r = ranks.float()
+    pair = (r.unsqueeze(-1) < r.unsqueeze(-2)) & mask.unsqueeze(-1) & mask.unsqueeze(-2)     # (B, n, n): i above j
+    weight = 1.0 / (r.unsqueeze(-1) + r.unsqueeze(-2))
+    loss = weight * F.softplus(scores.unsqueeze(-2) - scores.unsqueeze(-1))                  # s_j - s_i
+    n_pairs = pair.sum()
+    return (loss * pair).sum() / n_pairs.clamp(min=1)
+
+
+def constrain_logits(logits: torch.Tensor, used: torch.Tensor, after_identifier: torch.Tensor,
+                     identifier_ids: torch.Tensor, separator_id: int, end_id: int) -> torch.Tensor:
+    """Mask logits (B, V) so the next token keeps the answer valid.
+
+    used (B, n) bool: identifiers already written; after_identifier (B,) bool: the last token was an
+    identifier (so a separator or the end comes next). Otherwise an unused identifier or the end is
+    allowed; once every identifier is used only the end is.
+    """
+    allowed = torch.zeros_like(logits, dtype=torch.bool)
+    allowed[:, end_id] = True
+    ids_ok = ~used & ~after_identifier.unsqueeze(-1)                                          # (B, n)
+    allowed[:, identifier_ids] = ids_ok
+    allowed[:, separator_id] = after_identifier & ~used.all(-1)
+    return logits.masked_fill(~allowed, float("-inf"))

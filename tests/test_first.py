@@ -1,0 +1,59 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.rerank.first import constrain_logits, first_order, first_scores, weighted_ranknet_loss
+
+
+def test_first_scores_are_the_identifier_logits():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 3.0, 9.0]])       # identifier tokens are 1, 3, 2
+    s = first_scores(logits, torch.tensor([1, 3, 2]))
+    assert s.tolist() == [[5.0, 3.0, 1.0]] and first_order(s).tolist() == [[0, 1, 2]]
+    assert first_order(torch.tensor([[1.0, 2.0, 2.0]])).tolist() == [[1, 2, 0]]   # ties: original order
+
+
+def test_weighted_ranknet_by_hand():
+    """s = [2, 0, 1], r = [1, 2, 3]: (1/3 log(1+e^-2) + 1/4 log(1+e^-1) + 1/5 log(1+e)) / 3 = 0.12776."""
+    loss = weighted_ranknet_loss(torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[1, 2, 3]]))
+    expected = (math.log1p(math.exp(-2)) / 3 + math.log1p(math.exp(-1)) / 4 + math.log1p(math.e) / 5) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-6) and abs(expected - 0.12776) < 1e-5
+
+
+def test_ranknet_mask_and_gradient():
+    s = torch.tensor([[0.0, 0.0, 0.0]], requires_grad=True)
+    loss = weighted_ranknet_loss(s, torch.tensor([[1, 2, 3]]), torch.tensor([[True, True, False]]))
+    loss.backward()
+    assert s.grad[0, 2] == 0 and s.grad[0, 0] < 0 < s.grad[0, 1]    # push the best up, the worse down
+    zero = torch.zeros(1, 3, requires_grad=True)
+    weighted_ranknet_loss(zero, torch.tensor([[1, 2, 3]]), torch.zeros(1, 3, dtype=torch.bool)).backward()
+    assert zero.grad.abs().sum() == 0
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_constrained_greedy_decoding_always_yields_a_valid_list(n, seed):
+    """Random logits, greedy decoding under the constraint: identifiers never repeat, never leave the
+    window, separators alternate with identifiers, and decoding ends."""
+    g = torch.Generator().manual_seed(seed)
+    V, sep, end = 40, 30, 31
+    ids = torch.arange(n)                                     # identifier tokens 0..n-1; 32..39 are noise
+    used = torch.zeros(1, n, dtype=torch.bool)
+    after = torch.zeros(1, dtype=torch.bool)
+    out = []
+    for _ in range(3 * n + 2):
+        tok = int(constrain_logits(torch.randn(1, V, generator=g), used, after, ids, sep, end).argmax())
+        out.append(tok)
+        if tok == end:
+            break
+        if tok < n:
+            assert not used[0, tok]
+            used[0, tok], after[0] = True, True
+        else:
+            assert tok == sep and after[0]
+            after[0] = False
+    assert out[-1] == end
+    written = [t for t in out if t < n]
+    assert len(written) == len(set(written))
