@@ -96,7 +96,9 @@ def add_project_tokens(model, tokenizer) -> None:
     missing = [t for t in [END] + LETTERS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
-        model.resize_token_embeddings(len(tokenizer))
+        with torch.random.fork_rng():  # new rows are drawn around the mean embedding: make that reproducible
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer))
 
 
 def load_local(directory: str | Path, name: str | None = None) -> Backbone:
@@ -159,6 +161,7 @@ def smollm2_dir(log=print) -> Path:
         log("converting SmolLM2-135M-Instruct from GGUF (once, about 30 s) ...")
         model = AutoModelForCausalLM.from_pretrained(raw, gguf_file=name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(raw, gguf_file=name)
+        add_project_tokens(model, tokenizer)          # once, so every load sees the same <eor> row
         save_converted(model, tokenizer, staging)
     return target
 

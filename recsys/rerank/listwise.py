@@ -1,0 +1,105 @@
+"""The listwise reranker: FIRST single-token scoring and (constrained) generation over one backbone.
+
+    >>> rr = ListwiseReranker(load_backbone("tiny", n_items=3706))          # doctest: +SKIP
+    >>> order = rr.rerank(history, candidates)                               # FIRST, sliding window
+    >>> texts = rr.generate([history], [candidates[:20]], constrained=True)  # full generation
+
+Batches are left-padded; position ids follow the attention mask, so a padded prompt gives the same
+logits as the prompt alone (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recsys.llm.backbone import Backbone
+from recsys.rerank.first import constrain_logits, first_scores
+from recsys.rerank.parse import parse_ranking
+from recsys.rerank.prompts import listwise_prompt
+from recsys.rerank.window import sliding_window_rerank
+
+
+class ListwiseReranker:
+    """Ranks windows of up to ``window`` candidates with a causal LM."""
+
+    def __init__(self, backbone: Backbone, titles: dict[int, str] | None = None, window: int = 20, stride: int = 10,
+                 max_history: int = 20, bf16: bool = True):
+        self.bb, self.titles, self.window, self.stride, self.max_history = backbone, titles, window, stride, max_history
+        self.bf16 = bf16
+
+    def prompts(self, histories, candidate_lists) -> list[str]:
+        return [listwise_prompt(self.bb, list(h), list(c), self.titles, self.max_history)
+                for h, c in zip(histories, candidate_lists)]
+
+    def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.bb.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = enc["attention_mask"]
+        return {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+    def _forward(self, **batch):
+        device = next(self.bb.model.parameters()).device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.bb.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+
+    @torch.no_grad()
+    def first_scores(self, histories, candidate_lists) -> list[torch.Tensor]:
+        """One forward pass per prompt batch: (n_q,) identifier logits at the first answer position."""
+        self.bb.model.eval()
+        logits = self._forward(**self._batch(self.prompts(histories, candidate_lists))).logits[:, -1].float()
+        return [first_scores(logits[q:q + 1], self.bb.identifier_ids(len(c)).to(logits.device))[0].cpu()
+                for q, c in enumerate(candidate_lists)]
+
+    def rerank(self, history, candidates: list[int]) -> list[int]:
+        """FIRST reranking of any number of candidates (sliding window, back to front)."""
+        def rank_window(chunk):
+            s = self.first_scores([history], [chunk])[0]
+            return torch.sort(s, descending=True, stable=True).indices.tolist()
+
+        return sliding_window_rerank(candidates, rank_window, self.window, self.stride)
+
+    @torch.no_grad()
+    def generate(self, histories, candidate_lists, constrained: bool = True, temperature: float = 0.0,
+                 generator: torch.Generator | None = None, return_tokens: bool = False):
+        """Write each answer token by token (KV cache). ``temperature`` 0 = greedy. Returns the texts
+        (and, with ``return_tokens``, the (B, T) generated ids with ``-1`` after the end)."""
+        self.bb.model.eval()
+        batch = self._batch(self.prompts(histories, candidate_lists))
+        n = max(len(c) for c in candidate_lists)
+        ids = self.bb.identifier_ids(n)
+        sizes = torch.tensor([len(c) for c in candidate_lists])
+        used = torch.arange(n)[None, :] >= sizes[:, None]             # identifiers beyond a list count as used
+        after = torch.zeros(len(sizes), dtype=torch.bool)
+        done = torch.zeros(len(sizes), dtype=torch.bool)
+        out = self._forward(**batch, use_cache=True)
+        mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]
+        tokens = []
+        for _ in range(2 * n + 1):
+            logits = out.logits[:, -1].float().cpu()
+            if constrained:
+                logits = constrain_logits(logits, used, after, ids, self.bb.separator_id, self.bb.end_id)
+            if temperature > 0:
+                tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                tok = logits.argmax(-1)
+            tok = torch.where(done, torch.full_like(tok, -1), tok)
+            tokens.append(tok)
+            is_id = (tok[:, None] == ids[None, :])                     # (B, n)
+            used |= is_id
+            after = is_id.any(-1)
+            done |= tok == self.bb.end_id
+            if done.all():
+                break
+            mask = torch.cat([mask, torch.ones(len(tok), 1, dtype=mask.dtype)], 1)
+            pos = pos + 1
+            out = self._forward(input_ids=tok.clamp(min=0)[:, None], attention_mask=mask, position_ids=pos[:, None],
+                                past_key_values=out.past_key_values, use_cache=True)
+        generated = torch.stack(tokens, 1)
+        texts = [self.bb.tokenizer.decode([t for t in row.tolist() if t >= 0], skip_special_tokens=False)
+                 for row in generated]
+        return (texts, generated) if return_tokens else texts
+
+    def rerank_generate(self, history, candidates: list[int], constrained: bool = True):
+        """Full-generation reranking of one window; returns the order and the parse (validity flags)."""
+        text = self.generate([history], [candidates], constrained)[0]
+        parsed = parse_ranking(text, len(candidates), self.bb.tokenizer.decode([self.bb.end_id]))
+        return [candidates[i] for i in parsed.order], parsed
