@@ -4,13 +4,11 @@ The module is thin: the loss is :meth:`recsys.models.SASRec.loss`, validation is
 full-ranking protocol (:func:`recsys.evaluation.full_ranking_ranks`) on the validation split.
 
 Exact resume: batches are drawn by :class:`LengthBucketSampler` from a generator seeded by
-(seed, epoch), and the module stores the torch / numpy / python RNG states in every checkpoint, so a
-run resumed from an epoch-end checkpoint continues bit-for-bit like the uninterrupted run.
+(seed, epoch), and :class:`pipelines.callbacks.RNGState` stores the RNG states in every checkpoint,
+so a run resumed from an epoch-end checkpoint continues bit-for-bit like the uninterrupted run.
 """
 
 from __future__ import annotations
-
-import random
 
 import lightning as L
 import numpy as np
@@ -128,19 +126,3 @@ class SASRecModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)
-
-    def on_save_checkpoint(self, checkpoint):
-        # Plain lists and tensors only: checkpoints load with torch.load(weights_only=True).
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        version, state, gauss_next = random.getstate()
-        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
-                             "python": [version, list(state), gauss_next]}
-
-    def on_load_checkpoint(self, checkpoint):
-        if "rng" in checkpoint:
-            rng = checkpoint["rng"]
-            torch.set_rng_state(rng["torch"])
-            name, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-            version, state, gauss_next = rng["python"]
-            random.setstate((version, tuple(state), gauss_next))

@@ -85,6 +85,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
     from lightning.pytorch.loggers import CSVLogger
 
+    from pipelines.callbacks import RNGState
     from pipelines.sasrec import SASRecModule, SequenceDataModule
 
     out = Path(out)
@@ -108,7 +109,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
     best = ModelCheckpoint(out / "checkpoints", filename="best", monitor="val/ndcg@10", mode="max",
                            save_last=True, enable_version_counter=False)
-    callbacks = [best, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience)]
+    callbacks = [best, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]
     if config.max_minutes:
         callbacks.append(Timer(duration={"minutes": config.max_minutes}))
     trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,

@@ -1,0 +1,39 @@
+import torch
+
+from recsys.llm.backbone import build_tiny
+from recsys.rerank.parse import parse_ranking
+from recsys.rerank.sft import collate, encode_example, first_ranks, teacher_example
+
+
+def test_teacher_list_by_hand():
+    """Candidates [7, 3, 9, 5], target 9, no shuffle: teacher = [9, 7, 3, 5] -> positions [2, 0, 1, 3];
+    FIRST ranks of the presented items 7, 3, 9, 5 are 2, 3, 1, 4."""
+    ex = teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False)
+    assert ex.presented == [7, 3, 9, 5] and ex.teacher_order == [2, 0, 1, 3]
+    assert first_ranks(ex) == [2, 3, 1, 4]
+
+
+def test_missing_target_inserted_or_skipped_and_shuffle_is_seeded():
+    ex = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False)
+    assert ex.presented == [7, 3, 9] and ex.presented[ex.teacher_order[0]] == 9
+    assert teacher_example([1], [7, 3, 5], target=9, target_missing="skip") is None
+    a = teacher_example([1], list(range(10, 30)), target=15, seed=4)
+    b = teacher_example([1], list(range(10, 30)), target=15, seed=4)
+    assert a == b and a.presented != list(range(10, 30)) and a.presented[a.teacher_order[0]] == 15
+
+
+def test_labels_cover_exactly_the_answer():
+    bb = build_tiny(n_items=30)
+    ex = teacher_example([1, 2, 3], [7, 3, 9, 5], target=9, seed=1)
+    enc = encode_example(bb, ex)
+    answer = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100]
+    text = bb.tokenizer.decode(answer)
+    assert parse_ranking(text, 4).generated == ex.teacher_order
+    short = encode_example(bb, teacher_example([1], [4, 5], target=4))
+    batch = collate([enc, short], bb.tokenizer.pad_token_id)
+    row = batch["input_ids"][0]
+    assert batch["labels"][0, batch["first_pos"][0] + 1] == row[batch["first_pos"][0] + 1]     # first answer token
+    assert batch["labels"][0, batch["first_pos"][0]] == -100                                     # last prompt token
+    assert batch["ranks"][1].tolist() == [1, 2, 0, 0]                                           # padded ranks
+    pad = batch["input_ids"].shape[1] - len(short["input_ids"])
+    assert batch["attention_mask"][1, :pad].sum() == 0 and batch["attention_mask"][1, pad:].all()
