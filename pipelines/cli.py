@@ -67,11 +67,7 @@ def cmd_train_retriever(a):
         overrides = dict(PRESETS[a.preset])
         overrides.update({"seed": a.seed, "max_epochs": a.max_epochs, "lr": a.lr, "batch_size": a.batch_size,
                           "max_minutes": a.max_minutes, "num_threads": a.threads})
-        for item in a.set or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise RecsysError(f"--set {item!r}: expected key=value")
-            overrides[key.strip().replace("-", "_")] = value.strip()
+        overrides.update(_overrides(a.set))
         config = load_config(SASRecTrainConfig, a.config, overrides)
         path = train_sasrec(ds, a.out, config, resume=not a.no_resume)
     print(f"saved {a.model} to {path}")
@@ -128,6 +124,39 @@ def cmd_candidates(a):
     for split, recall in summary["recall"].items():
         print(f"{split:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items()))
     print(f"candidates written to {a.out}")
+
+
+def _overrides(pairs) -> dict:
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecsysError(f"--set {item!r}: expected key=value")
+        out[key.strip().replace("-", "_")] = value.strip()
+    return out
+
+
+def cmd_train_reranker(a):
+    from pipelines.config import load_config
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
+    from recsys.data import PreparedDataset
+
+    config = load_config(RerankerSFTConfig, a.config, {"backbone": a.backbone, "seed": a.seed,
+                                                       "max_epochs": a.max_epochs, **_overrides(a.set)})
+    path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config)
+    print(f"saved the {a.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
+
+
+def cmd_rerank(a):
+    from pipelines.jobs import format_table
+    from pipelines.reranker import rerank_candidates
+    from recsys.data import PreparedDataset
+
+    result = rerank_candidates(PreparedDataset.load(a.data), a.model, a.candidates, a.out, a.split, a.window,
+                               a.stride, a.limit)
+    cols = ["hr@10", "ndcg@10", "cand_ndcg@10", "target_in_candidates"]
+    print(format_table(list(result.items()), cols))
+    print("hr/ndcg: pipeline (full ranking; a target outside the candidates is a miss); cand_: candidate set only")
 
 
 def cmd_quickstart(a):
@@ -191,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     tr.set_defaults(func=cmd_train_retriever)
 
+    rk = train.add_parser("reranker", help="train an LLM reranker on a candidates directory",
+                          description="Supervised fine-tuning of a listwise LLM reranker on teacher lists (held-out "
+                                      "item first, then the retriever's order), with FIRST's optional ranking loss "
+                                      "(--set first_weight=10). Saves a Hugging Face checkpoint to OUT/model.")
+    rk.add_argument("--data", required=True, help="prepared dataset directory")
+    rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
+    rk.add_argument("--out", required=True, help="run directory")
+    rk.add_argument("--kind", choices=["listwise"], default="listwise")
+    rk.add_argument("--algo", choices=["sft"], default="sft")
+    rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")
+    rk.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/listwise_sft_tiny.yaml")
+    rk.add_argument("--seed", type=int)
+    rk.add_argument("--max-epochs", type=int)
+    rk.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    rk.set_defaults(func=cmd_train_reranker)
+
     ev = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model",
                         description="Score every item for each user of the split, mask the user's history, and "
                                     "report metrics of the held-out item's rank.")
@@ -250,6 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--splits", default="train,valid,test")
     ca.add_argument("--out", required=True)
     ca.set_defaults(func=cmd_candidates)
+
+    rr = sub.add_parser("rerank", help="rerank a candidates file with a trained reranker and score it",
+                        description="FIRST reranking (sliding window) of candidates_<split>.parquet; writes "
+                                    "reranked_<split>.parquet and metrics for the retriever order and the reranked "
+                                    "order (pipeline = full ranking, cand_ = candidate set).")
+    rr.add_argument("--data", required=True)
+    rr.add_argument("--model", required=True, help="reranker model directory (OUT/model of train reranker)")
+    rr.add_argument("--candidates", required=True)
+    rr.add_argument("--out", required=True)
+    rr.add_argument("--split", choices=["valid", "test"], default="test")
+    rr.add_argument("--window", type=int, default=20)
+    rr.add_argument("--stride", type=int, default=10)
+    rr.add_argument("--limit", type=int, help="only the first N examples (CPU budgets)")
+    rr.set_defaults(func=cmd_rerank)
 
     q = sub.add_parser("quickstart", help="the main job: fetch, prepare, train, evaluate, print the table")
     q.add_argument("--out", default="artifacts", help="artifacts directory (default ./artifacts)")

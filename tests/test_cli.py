@@ -85,3 +85,26 @@ def test_index_candidates_semantic_ids(tmp_path, capsys):
     assert code == 0 and json.loads(out)["items"] == 40, err
     code, _, err = run(capsys, "candidates", "--data", data, "--retriever", "sasrec", "--out", tmp_path / "x")
     assert code == 1 and "needs a trained SASRec" in err
+
+
+def test_train_reranker_and_rerank(tmp_path, capsys):
+    data = tmp_path / "data"
+    run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
+    run(capsys, "train", "retriever", "--data", data, "--model", "popularity", "--out", tmp_path / "pop")
+    from recsys.data import PreparedDataset
+    from recsys.retrieval.candidates import PopularityRetriever, generate_candidates
+
+    ds = PreparedDataset.load(data)
+    generate_candidates(ds, PopularityRetriever(ds.item_popularity("train")), "popularity", tmp_path / "c", n=12,
+                        progress=False)
+    code, out, err = run(capsys, "train", "reranker", "--data", data, "--candidates", tmp_path / "c", "--out",
+                         tmp_path / "rr", "--backbone", "tiny", "--max-epochs", "1", "--set", "window=12",
+                         "--set", "tiny_hidden_size=32", "--set", "precision=32-true")
+    assert code == 0 and "saved the listwise reranker" in out, err
+    code, out, err = run(capsys, "rerank", "--data", data, "--model", tmp_path / "rr" / "model", "--candidates",
+                         tmp_path / "c", "--out", tmp_path / "rr", "--window", "12", "--limit", "10")
+    assert code == 0 and "reranked" in out and "cand_ndcg@10" in out, err
+    metrics = json.loads((tmp_path / "rr" / "rerank_metrics_test.json").read_text())
+    assert metrics["retriever"]["num_queries"] == 10 and set(metrics) == {"retriever", "reranked"}
+    code, _, err = run(capsys, "train", "reranker", "--data", data, "--candidates", tmp_path / "none", "--out", tmp_path / "x")
+    assert code == 1 and "run `recsys candidates` first" in err
