@@ -1,0 +1,115 @@
+"""Groupwise reranking (GroupRank): score candidates in groups of c, merge the scores, optionally
+average over reshuffled groupings (test-time scaling).
+
+Sun et al., "GroupRank: A Groupwise Reranking Paradigm Driven by Reinforcement Learning",
+arXiv 2511.11653 (ALGORITHMS.md §4). Departures: the paper's answer is JSON with 0-10 integer scores
+after free-text reasoning; ours is one line per candidate, ``A: 7``, with single-digit scores 0..9
+(single tokens in both vocabularies), and the score of a candidate is the *expected* digit under the
+model, read right after its ``X:``, with the model's own greedy digits written for earlier lines
+(one cached forward step per candidate). Random grouping is the paper's best setting.
+
+Shapes: n candidates, c group size, R reshuffles.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recsys.llm.backbone import LETTERS, Backbone
+from recsys.rerank.prompts import templates
+
+
+def make_groups(n: int, c: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
+    """Split positions 0..n-1 into ceil(n / c) groups of at most c, in order or (with ``rng``) shuffled."""
+    if c < 1:
+        raise ValueError(f"group size must be >= 1, got {c}")
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    return [order[i:i + c] for i in range(0, n, c)]
+
+
+def expected_digit(digit_logits: torch.Tensor) -> torch.Tensor:
+    """(..., 10) logits of the tokens 0..9 -> (...) expected score ``sum_d p(d) * d``."""
+    return (torch.softmax(digit_logits.float(), -1) * torch.arange(10, dtype=torch.float32)).sum(-1)
+
+
+def merge_scores(n: int, groupings: list[list[np.ndarray]], group_scores: list[list[np.ndarray]]) -> np.ndarray:
+    """(n,) mean score of each candidate over the groupings it was scored in (each grouping covers all n)."""
+    total, count = np.zeros(n), np.zeros(n)
+    for groups, scores in zip(groupings, group_scores):
+        for g, s in zip(groups, scores):
+            total[g] += s
+            count[g] += 1
+    return total / np.maximum(count, 1)
+
+
+def groupwise_prompt(backbone: Backbone, history: list[int], group: list[int], titles=None, max_history: int = 20) -> str:
+    kind = "tiny" if backbone.name == "tiny" else "text"
+    t = templates()[f"groupwise_{kind}"]
+
+    def fields(idx: int) -> dict:
+        return {"token": f"<i{idx}>", "title": titles[idx] if titles else f"<i{idx}>"}
+
+    sep = " " if kind == "tiny" else "\n"
+    hist = sep.join(t["history_item"].format(**fields(i)) for i in history[-max_history:])
+    cands = sep.join(t["candidate"].format(id=LETTERS[j], **fields(i)) for j, i in enumerate(group))
+    user = t["user"].format(history=hist, candidates=cands)
+    if kind == "text" and getattr(backbone.tokenizer, "chat_template", None):
+        return backbone.tokenizer.apply_chat_template([{"role": "system", "content": t["system"]},
+                                                       {"role": "user", "content": user}],
+                                                      tokenize=False, add_generation_prompt=True)
+    return user + ("\n" if kind == "text" else " ")
+
+
+def answer_ids(backbone: Backbone, scores: list[int]) -> list[int]:
+    """Token ids of the answer for a group: ``A : 9 \\n B : 0 \\n ... <eor>``.
+
+    Built from ids, not text: for BPE vocabularies the text ``A : 9`` tokenizes into space-prefixed
+    variants, while scoring forces the bare identifier, ``:`` and digit tokens. Training targets must
+    use the same ids the scorer reads."""
+    ids = []
+    for j, s in enumerate(scores):
+        ids += [backbone.token_id(LETTERS[j]), backbone.token_id(":"), backbone.token_id(str(int(s))),
+                backbone.separator_id]
+    return ids + [backbone.end_id]
+
+
+class GroupwiseReranker:
+    """Scores every candidate of a group with one cached decoding step per candidate."""
+
+    def __init__(self, backbone: Backbone, titles=None, group_size: int = 20, reshuffles: int = 1, seed: int = 0,
+                 max_history: int = 20):
+        self.bb, self.titles, self.c, self.R, self.seed = backbone, titles, group_size, reshuffles, seed
+        self.max_history = max_history
+        self.digit_ids = torch.tensor([backbone.token_id(str(d)) for d in range(10)])
+        self.colon = backbone.token_id(":")
+
+    @torch.no_grad()
+    def score_group(self, history, group: list[int]) -> np.ndarray:
+        """(len(group),) expected scores."""
+        tok = self.bb.tokenizer
+        ids = tok(groupwise_prompt(self.bb, history, group, self.titles, self.max_history), return_tensors="pt",
+                  add_special_tokens=False)["input_ids"]
+        out = self.bb.model(input_ids=ids, use_cache=True)
+        scores = []
+        for j in range(len(group)):
+            forced = torch.tensor([[self.bb.token_id(LETTERS[j]), self.colon]])       # "X :"
+            out = self.bb.model(input_ids=forced, past_key_values=out.past_key_values, use_cache=True)
+            digit_logits = out.logits[0, -1, self.digit_ids]
+            scores.append(float(expected_digit(digit_logits)))
+            greedy = self.digit_ids[int(digit_logits.argmax())]
+            out = self.bb.model(input_ids=torch.tensor([[int(greedy), self.bb.separator_id]]),
+                                past_key_values=out.past_key_values, use_cache=True)
+        return np.array(scores)
+
+    def scores(self, history, candidates: list[int]) -> np.ndarray:
+        """(n,) merged scores; grouping 0 keeps the given order, the others are seeded reshuffles."""
+        self.bb.model.eval()
+        rng = np.random.default_rng(self.seed)
+        groupings = [make_groups(len(candidates), self.c, None if r == 0 else rng) for r in range(self.R)]
+        group_scores = [[self.score_group(history, [candidates[i] for i in g]) for g in groups] for groups in groupings]
+        return merge_scores(len(candidates), groupings, group_scores)
+
+    def rerank(self, history, candidates: list[int]) -> list[int]:
+        s = self.scores(history, candidates)
+        return [candidates[i] for i in np.argsort(-s, kind="stable")]
