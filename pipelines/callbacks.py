@@ -7,6 +7,24 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from torch.utils.data import Sampler
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation of 0..n-1 fixed by (seed, epoch): a resumed run replays the same epochs.
+    Lightning calls ``set_epoch`` at the start of every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class RNGState(L.Callback):
@@ -26,3 +44,18 @@ class RNGState(L.Callback):
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
         version, values, gauss_next = state["python"]
         random.setstate((version, tuple(values), gauss_next))
+
+
+def checkpoint_callbacks(directory, monitor: str, mode: str = "max"):
+    """``best.ckpt`` (best ``monitor``) and ``last.ckpt`` written after *every* epoch.
+
+    Lightning's ``save_last=True`` rewrites ``last.ckpt`` only when the monitored metric improves
+    (2.6), so after a non-improving epoch it would be stale and a resumed run would repeat epochs.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(directory, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                           enable_version_counter=False)
+    last = ModelCheckpoint(directory, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           enable_version_counter=False)
+    return best, last

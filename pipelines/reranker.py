@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from pipelines.callbacks import EpochShuffle, RNGState, checkpoint_callbacks
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
@@ -88,8 +89,7 @@ class RerankerDataModule(L.LightningDataModule):
         self.valid_histories = dataset.eval_examples("valid").histories
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(self.rows, batch_size=self.cfg.batch_size, shuffle=True, generator=g,
+        return DataLoader(self.rows, batch_size=self.cfg.batch_size, sampler=EpochShuffle(len(self.rows), self.cfg.seed),
                           collate_fn=lambda rows: collate(rows, self.bb.tokenizer.pad_token_id))
 
     def val_dataloader(self):
@@ -149,10 +149,8 @@ def item_titles(dataset: PreparedDataset) -> dict[int, str]:
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
                    progress: bool = True) -> Path:
     """SFT of a listwise reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+    from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.loggers import CSVLogger
-
-    from pipelines.callbacks import RNGState
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -162,9 +160,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     titles = None if backbone.name == "tiny" else item_titles(dataset)
     data = RerankerDataModule(dataset, candidates_dir, backbone, config, titles)
     module = ListwiseSFTModule(backbone, config, titles, data.valid_histories)
-    best = ModelCheckpoint(out / "checkpoints", filename="best", monitor="val/cand_ndcg@10", mode="max", save_last=True,
-                           enable_version_counter=False)
-    callbacks = [best, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
+    best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
+    callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
     trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
                         callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5)

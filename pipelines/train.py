@@ -82,10 +82,10 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     continues from it exactly.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
     from lightning.pytorch.loggers import CSVLogger
 
-    from pipelines.callbacks import RNGState
+    from pipelines.callbacks import RNGState, checkpoint_callbacks
     from pipelines.sasrec import SASRecModule, SequenceDataModule
 
     out = Path(out)
@@ -107,9 +107,8 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     model_config = config.model_config(dataset.n_items)
     module = SASRecModule(model_config, config.lr, config.weight_decay, dataset.fingerprint)
     data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
-    best = ModelCheckpoint(out / "checkpoints", filename="best", monitor="val/ndcg@10", mode="max",
-                           save_last=True, enable_version_counter=False)
-    callbacks = [best, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]
+    best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
+    callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]
     if config.max_minutes:
         callbacks.append(Timer(duration={"minutes": config.max_minutes}))
     trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,

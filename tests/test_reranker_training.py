@@ -26,3 +26,19 @@ def test_listwise_sft_learns_to_beat_its_retriever(tiny_dataset, tmp_path):
     assert (tmp_path / "rr" / "checkpoints" / "last.ckpt").exists()
     reloaded = load_backbone(model_dir)                       # a plain Hugging Face checkpoint
     assert reloaded.token_id("<eor>") == reloaded.tokenizer.convert_tokens_to_ids("<eor>")
+
+
+def test_listwise_sft_resume_is_exact(tiny_dataset, tmp_path):
+    """3 epochs straight == 2 epochs, stop, resume to 3 (same weights, bit for bit)."""
+    import torch
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=8, progress=False)
+    base = dict(window=8, batch_size=16, val_users=10, first_weight=1.0, tiny_hidden_size=32, precision="32-true")
+    train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "a", RerankerSFTConfig(**base, max_epochs=3), progress=False)
+    train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "b", RerankerSFTConfig(**base, max_epochs=2), progress=False)
+    train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "b", RerankerSFTConfig(**base, max_epochs=3), progress=False)
+    ca = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    cb = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ca["epoch"] == cb["epoch"] == 2                    # last.ckpt is the final epoch, not the best one
+    assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])

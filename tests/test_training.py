@@ -32,8 +32,10 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
     train_sasrec(tiny_dataset, tmp_path / "straight", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
     train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=2), progress=False)
     train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    ca = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
+    cb = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ca["epoch"] == cb["epoch"] == 2                    # last.ckpt is the final epoch, not the best one
+    a, b = ca["state_dict"], cb["state_dict"]
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
