@@ -35,3 +35,20 @@ def test_gguf_conversion_recipe_on_a_stand_in(tmp_path):
     x = torch.tensor([[bb.token_id("B")]])
     torch.testing.assert_close(loaded.model(x).logits, bb.model.eval()(x).logits)
     assert loaded.model.lm_head.weight.data_ptr() == loaded.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_lora_trains_only_adapters_and_merges_back():
+    from recsys.llm.backbone import apply_lora
+
+    bb = apply_lora(build_tiny(n_items=3, hidden_size=32, num_heads=2), r=4, alpha=8, dropout=0.0)
+    trainable = [n for n, p in bb.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x = torch.tensor([[bb.token_id("A"), bb.token_id("B")]])
+    before = bb.model(x).logits.detach()
+    for n, p in bb.model.named_parameters():                 # move the adapters
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    adapted = bb.model(x).logits.detach()
+    merged = bb.model.merge_and_unload()
+    assert not torch.allclose(before, adapted)
+    torch.testing.assert_close(merged(x).logits, adapted, atol=1e-4, rtol=1e-4)

@@ -1,5 +1,5 @@
 """LLM backbones: a Hugging Face causal LM, its tokenizer and the project's special tokens."""
 
-from recsys.llm.backbone import Backbone, build_tiny, load_backbone
+from recsys.llm.backbone import Backbone, apply_lora, build_tiny, load_backbone
 
-__all__ = ["Backbone", "build_tiny", "load_backbone"]
+__all__ = ["Backbone", "apply_lora", "build_tiny", "load_backbone"]

@@ -166,6 +166,18 @@ def smollm2_dir(log=print) -> Path:
     return target
 
 
+def apply_lora(backbone: Backbone, r: int = 16, alpha: int = 32, dropout: float = 0.05,
+               target_modules: str | list[str] = "all-linear") -> Backbone:
+    """Wrap the model with LoRA adapters (peft); only the adapters train. GroupRank uses r = alpha = 32
+    on all linear layers. ``merge_and_unload()`` on ``backbone.model`` folds them back in for export."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM")
+    backbone.model = get_peft_model(backbone.model, config)
+    return backbone
+
+
 def load_backbone(source: str | Path, n_items: int = 0, semantic_codes: list[int] | None = None, **tiny_kw) -> Backbone:
     """``"tiny"``, ``"smollm2-135m"`` or a local checkpoint directory -> :class:`Backbone`."""
     if source == "tiny":
