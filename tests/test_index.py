@@ -97,3 +97,29 @@ def test_bad_input_errors():
         ItemIndex.build(ids, x, "IVF4,PQ5")
     with pytest.raises(RecsysError, match="nprobe applies to IVF"):
         index.set_params(nprobe=3)
+
+
+def test_mips_to_l2_reduction_by_hand():
+    """Items (3, 4) and (1, 0), M = 5: augmented (3, 4, 0) and (1, 0, sqrt 24). Query (1, 0, 0):
+    squared L2 = |q|^2 + M^2 - 2 q.x = 26 - 6 = 20 and 26 - 2 = 24, so the nearest item (0) is the one
+    with the largest inner product (3 > 1)."""
+    from recsys.retrieval.index import _augment_items
+
+    xa = _augment_items(np.array([[3, 4], [1, 0]], np.float32), 5.0)
+    np.testing.assert_allclose(xa, [[3, 4, 0], [1, 0, np.sqrt(24)]], rtol=1e-6)
+    qa = np.array([1, 0, 0], np.float32)
+    np.testing.assert_allclose(((xa - qa) ** 2).sum(1), [20, 24], rtol=1e-6)
+
+
+def test_hnsw_inner_product_returns_exact_inner_products():
+    """Inner product on HNSW goes through the reduction; the scores it returns are the true inner
+    products of the returned items, and with a wide search it finds the exact top-k."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 32)).astype(np.float32) * rng.uniform(0.5, 3.5, (3000, 1)).astype(np.float32)
+    q = rng.standard_normal((100, 32)).astype(np.float32)
+    index = ItemIndex.build(np.arange(3000), x, "HNSW32,Flat", "ip").set_params(ef_search=1024)
+    assert index.meta.mips_norm == pytest.approx(np.linalg.norm(x, axis=1).max())
+    s, got = index.search(q, 50)
+    np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[got]), rtol=1e-3, atol=1e-3)
+    _, ref = brute_force_topk(q, x, 50, "ip")
+    assert np.mean([len(set(a) & set(b)) / 50 for a, b in zip(got.tolist(), ref.tolist())]) > 0.99

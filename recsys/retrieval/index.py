@@ -10,6 +10,11 @@
 - Exclusion of each query's seen items: over-fetch ``k + |excluded|`` and filter. An approximate index
   may still come back short (an IVF probe that holds too few items); those queries are answered by
   the exact scan, so ``k`` items always come back when ``k`` non-excluded items exist.
+- Inner product on a graph index (HNSW): the graph is built in L2 on vectors augmented with
+  ``sqrt(M^2 - |x|^2)`` (M = the largest item norm) and queries with 0, which turns maximum inner product
+  into nearest neighbour (Bachrach et al., RecSys 2014). HNSW straight on inner product navigates badly
+  when norms differ: on ML-1M SASRec item vectors (norms 0.5 to 3.6) recall@100 was 0.49 without it and
+  0.998 with it. Scores are mapped back to inner products.
 - GPU: with a CUDA build of FAISS and a visible GPU the index is copied to the GPU for search
   (``device="auto"``); results agree with the CPU index up to float error.
 """
@@ -47,6 +52,12 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
+def _augment_items(x: np.ndarray, max_norm: float) -> np.ndarray:
+    """(N, d) -> (N, d + 1): append sqrt(M^2 - |x|^2) so that L2 nearest = maximum inner product."""
+    extra = np.sqrt(np.maximum(max_norm ** 2 - (x * x).sum(1), 0.0))
+    return np.hstack([x, extra[:, None]]).astype(np.float32)
+
+
 def brute_force_topk(queries: np.ndarray, vectors: np.ndarray, k: int, metric: str = "ip",
                      exclude: Sequence[Sequence[int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by a full score matrix in torch: the reference for every FAISS index.
@@ -75,8 +86,10 @@ class IndexMeta:
     factory: str
     count: int
     embedding_model: str
-    """Name and version of what made the vectors, e.g. ``sasrec:<dataset fingerprint>``."""
+    """Name and version of what made the vectors, e.g. ``sasrec:<hash of the item embeddings>``."""
     vectors_sha256: str
+    mips_norm: float | None = None
+    """M of the MIPS-to-L2 reduction when it is used (inner product on a graph index), else None."""
 
 
 class ItemIndex:
@@ -105,9 +118,11 @@ class ItemIndex:
             raise RecsysError("item ids must be unique")
         if metric == "cosine":
             x = _normalise(x)
-        faiss_metric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        mips_norm = float(np.linalg.norm(x, axis=1).max()) if metric == "ip" and "HNSW" in factory else None
+        x_index = _augment_items(x, mips_norm) if mips_norm is not None else x
+        faiss_metric = faiss.METRIC_L2 if metric == "l2" or mips_norm is not None else faiss.METRIC_INNER_PRODUCT
         try:
-            index = faiss.index_factory(x.shape[1], factory, faiss_metric)
+            index = faiss.index_factory(x_index.shape[1], factory, faiss_metric)
         except RuntimeError as e:
             raise RecsysError(f"FAISS cannot build {factory!r} for dimension {x.shape[1]}: "
                               f"{str(e).strip().splitlines()[-1]}") from None
@@ -115,10 +130,10 @@ class ItemIndex:
             ivf = faiss.try_extract_index_ivf(index)
             if ivf is not None:
                 ivf.cp.seed = seed
-            index.train(x)
-        index.add(x)
+            index.train(x_index)
+        index.add(x_index)
         meta = IndexMeta(x.shape[1], metric, factory, len(ids), embedding_model,
-                         hashlib.sha256(x.tobytes()).hexdigest()[:16])
+                         hashlib.sha256(x.tobytes()).hexdigest()[:16], mips_norm)
         out = cls(index, ids, x, meta)
         out.to_device(device)
         return out
@@ -189,8 +204,13 @@ class ItemIndex:
 
     def _search_batch(self, q: np.ndarray, k: int, excl: list[np.ndarray]):
         fetch = min(self.meta.count, k + max((len(e) for e in excl), default=0))
-        dist, found = self._search_index.search(q, fetch)
-        score = -dist if self.meta.metric == "l2" else dist
+        M = self.meta.mips_norm
+        if M is not None:   # L2 on augmented vectors: |q|^2 + M^2 - 2 q.x = dist  ->  q.x
+            dist, found = self._search_index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), fetch)
+            score = ((q * q).sum(1, keepdims=True) + M * M - dist) / 2
+        else:
+            dist, found = self._search_index.search(q, fetch)
+            score = -dist if self.meta.metric == "l2" else dist
         if fetch == k:  # nothing to exclude in this batch: keep FAISS's answer, fix only short rows
             out_s, out_p = score.astype(np.float32), found.astype(np.int64)
             for row in np.flatnonzero((found < 0).any(1)):
@@ -236,7 +256,7 @@ class ItemIndex:
         index = faiss.read_index(str(directory / "index.faiss"))
         ids, vectors = np.load(directory / "ids.npy", allow_pickle=False), np.load(directory / "vectors.npy")
         problems = [f"{name} {got} != {want}" for name, got, want in [
-            ("dimension", index.d, meta.dim), ("index size", index.ntotal, meta.count), ("id count", len(ids), meta.count),
+            ("dimension", index.d, meta.dim + (meta.mips_norm is not None)), ("index size", index.ntotal, meta.count), ("id count", len(ids), meta.count),
             ("vectors hash", hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16], meta.vectors_sha256)]
             if got != want]
         if problems:
