@@ -118,7 +118,9 @@ def test_hnsw_inner_product_returns_exact_inner_products():
     x = rng.standard_normal((3000, 32)).astype(np.float32) * rng.uniform(0.5, 3.5, (3000, 1)).astype(np.float32)
     q = rng.standard_normal((100, 32)).astype(np.float32)
     index = ItemIndex.build(np.arange(3000), x, "HNSW32,Flat", "ip").set_params(ef_search=1024)
-    assert index.meta.mips_norm == pytest.approx(np.linalg.norm(x, axis=1).max())
+    assert index.meta.mips_norm == pytest.approx(np.linalg.norm(x, axis=1).max())          # norms differ 7x: on
+    even = ItemIndex.build(np.arange(3000), rng.standard_normal((3000, 32)).astype(np.float32), "HNSW32,Flat", "ip")
+    assert even.meta.mips_norm is None                                                      # even norms: off
     s, got = index.search(q, 50)
     np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[got]), rtol=1e-3, atol=1e-3)
     _, ref = brute_force_topk(q, x, 50, "ip")
