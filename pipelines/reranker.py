@@ -204,7 +204,8 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     rr = ListwiseReranker(bb, titles, window, stride, max_history=meta["max_history"])
     df = load_candidates(candidates_dir, split)
     df = df.head(limit) if limit else df
-    histories = {u: h for u, h in zip(dataset.eval_examples(split).users.tolist(), dataset.eval_examples(split).histories)}
+    examples = dataset.eval_examples(split)
+    histories = dict(zip(examples.users.tolist(), examples.histories))
     reranked, before, after = [], [], []
     for r in tqdm(df.iter_rows(named=True), total=df.height, desc=f"rerank {split}", disable=not progress):
         cands = list(r["candidates"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +85,6 @@ def build_semantic_ids(dataset: PreparedDataset, source: str, out: str | Path, c
 
 def candidates(dataset: PreparedDataset, retriever: str, out: str | Path, n: int = 200, sasrec=None,
                factory: str = "Flat", index=None, splits=("train", "valid", "test")) -> dict:
-    summary = generate_candidates(dataset, make_retriever(retriever, dataset, sasrec, factory, index), retriever, out,
-                                  n, splits)
-    return summary
+    """Write candidates for ``splits`` with the named retriever; returns the recall summary."""
+    return generate_candidates(dataset, make_retriever(retriever, dataset, sasrec, factory, index), retriever, out,
+                               n, splits)

@@ -1,4 +1,3 @@
-import torch
 
 from recsys.llm.backbone import build_tiny
 from recsys.rerank.parse import parse_ranking
