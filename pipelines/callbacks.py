@@ -59,3 +59,26 @@ def checkpoint_callbacks(directory, monitor: str, mode: str = "max"):
     last = ModelCheckpoint(directory, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     return best, last
+
+
+def resume_checkpoint(out, record: dict, resume: bool = True):
+    """Path of ``out/checkpoints/last.ckpt`` to resume from, or None to start fresh.
+
+    ``record`` (the run's defining config and dataset fingerprint) is written to ``out/run.json``; a
+    directory holding a different run is refused rather than silently continued.
+    """
+    import json
+    from pathlib import Path
+
+    from recsys.errors import RecsysError
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path, last = out / "run.json", out / "checkpoints" / "last.ckpt"
+    if resume and last.exists():
+        previous = json.loads(path.read_text()) if path.exists() else None
+        if previous != json.loads(json.dumps(record)):
+            raise RecsysError(f"{out}: holds a run with a different config or dataset; "
+                              "use another --out or pass --no-resume to start over")
+    path.write_text(json.dumps(record, indent=2))
+    return last if resume and last.exists() else None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipelines.callbacks import EpochShuffle, RNGState, checkpoint_callbacks
+from pipelines.callbacks import EpochShuffle, RNGState, checkpoint_callbacks, resume_checkpoint
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
@@ -147,13 +147,15 @@ def item_titles(dataset: PreparedDataset) -> dict[int, str]:
 
 
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
-                   progress: bool = True) -> Path:
+                   progress: bool = True, resume: bool = True) -> Path:
     """SFT of a listwise reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.loggers import CSVLogger
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
+                                   "candidates": str(Path(candidates_dir).resolve())}, resume)
     L.seed_everything(config.seed, verbose=False)
     tiny = dict(hidden_size=config.tiny_hidden_size, num_layers=config.tiny_layers)
     backbone = load_backbone(config.backbone, n_items=dataset.n_items, **(tiny if config.backbone == "tiny" else {}))
@@ -165,9 +167,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
                         callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5)
-    last = out / "checkpoints" / "last.ckpt"
     start = time.time()
-    trainer.fit(module, data, ckpt_path=str(last) if last.exists() else None)
+    trainer.fit(module, data, ckpt_path=str(last) if last else None)
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
     backbone.model.save_pretrained(out / "model")

@@ -5,6 +5,7 @@ A run directory holds::
     model/             the best checkpoint's model, in Hugging Face layout (config.json, model.safetensors)
     checkpoints/       Lightning checkpoints: best.ckpt and last.ckpt (resume from it)
     logs/version_N/    CSV logs of each invocation (train loss, val metrics per epoch)
+    run.json           what defines the run (config, dataset fingerprint): a resume must match it
     train.json         the config, seconds, epochs and best validation metrics
 """
 
@@ -85,22 +86,13 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     from lightning.pytorch.callbacks import EarlyStopping, Timer
     from lightning.pytorch.loggers import CSVLogger
 
-    from pipelines.callbacks import RNGState, checkpoint_callbacks
+    from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
     from pipelines.sasrec import SASRecModule, SequenceDataModule
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out / "train_config.json"
     # What defines the run; stopping rules and threads may change on resume (e.g. train for longer).
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
-    record = {"config": defining, "dataset_fingerprint": dataset.fingerprint}
-    last = out / "checkpoints" / "last.ckpt"
-    if resume and last.exists():
-        previous = json.loads(config_path.read_text()) if config_path.exists() else None
-        if previous != record:
-            raise RecsysError(f"{out}: holds a run with a different config or dataset; "
-                              "use another --out or pass --no-resume to start over")
-    config_path.write_text(json.dumps(record, indent=2))
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     L.seed_everything(config.seed, verbose=False)
@@ -116,7 +108,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
                         check_val_every_n_epoch=config.val_every, num_sanity_val_steps=0,
                         enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10)
     start = time.time()
-    trainer.fit(module, data, ckpt_path=str(last) if resume and last.exists() else None)
+    trainer.fit(module, data, ckpt_path=str(last) if last else None)
     seconds = time.time() - start
     if not best.best_model_path:
         raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or lower val_every")

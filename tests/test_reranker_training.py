@@ -42,3 +42,16 @@ def test_listwise_sft_resume_is_exact(tiny_dataset, tmp_path):
     cb = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ca["epoch"] == cb["epoch"] == 2                    # last.ckpt is the final epoch, not the best one
     assert all(torch.equal(ca["state_dict"][k], cb["state_dict"][k]) for k in ca["state_dict"])
+
+
+def test_reranker_resume_refuses_a_different_run(tiny_dataset, tmp_path):
+    import pytest
+
+    from recsys.errors import RecsysError
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=8, progress=False)
+    base = dict(window=8, batch_size=16, val_users=10, tiny_hidden_size=32, precision="32-true", max_epochs=1)
+    train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "r", RerankerSFTConfig(**base), progress=False)
+    with pytest.raises(RecsysError, match="different config or dataset"):
+        train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "r", RerankerSFTConfig(**base, lr=1e-4), progress=False)
