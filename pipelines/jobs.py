@@ -45,8 +45,10 @@ def evaluate_model(dataset: PreparedDataset, model_path: str | Path, split: str 
 def format_table(rows: list[tuple[str, dict]], metrics: list[str]) -> str:
     """A fixed-width text table: one row per model, one column per metric."""
     width = max(len(name) for name, _ in rows) + 2
-    lines = ["model".ljust(width) + "".join(m.rjust(10) for m in metrics)]
-    lines += [name.ljust(width) + "".join(f"{r.get(m, float('nan')):10.4f}" for m in metrics) for name, r in rows]
+    cols = [max(10, len(m) + 2) for m in metrics]
+    lines = ["model".ljust(width) + "".join(m.rjust(c) for m, c in zip(metrics, cols))]
+    lines += [name.ljust(width) + "".join(f"{r.get(m, float('nan')):{c}.4f}" for m, c in zip(metrics, cols))
+              for name, r in rows]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ The module adds nothing to the maths: the language-model loss is cross-entropy o
 (labels from :mod:`recsys.rerank.sft`), the optional ranking term is
 :func:`recsys.rerank.first.weighted_ranknet_loss` on the first-token logits (weight ``first_weight``,
 FIRST's lambda; 0 = off). Validation: FIRST reranking of each validation user's candidate window,
-scored by candidate-set NDCG@10 of the held-out item.
+scored by candidate-set NDCG@10 of the held-out item (over the windows that contain it).
 """
 
 from __future__ import annotations
@@ -131,9 +131,12 @@ class ListwiseSFTModule(L.LightningModule):
             self._ranks.append(float(ranked.index(r["target"])) if r["target"] in ranked else np.inf)
 
     def on_validation_epoch_end(self):
-        ranks = np.array(self._ranks)[:, None]
+        # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target.
+        ranks = np.array(self._ranks)
         self._ranks.clear()
-        m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10", "hr@1"])
+        ranks = ranks[np.isfinite(ranks)][:, None]
+        m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10", "hr@1"]) if len(ranks) else {"ndcg@10": 0.0,
+                                                                                                  "hr@1": 0.0}
         self.log("val/cand_ndcg@10", m["ndcg@10"], prog_bar=True)
         self.log("val/cand_hr@1", m["hr@1"])
 
