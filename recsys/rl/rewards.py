@@ -1,0 +1,106 @@
+"""Rewards for generated and scored lists: relevance rows, hit / recall / NDCG, the format gate, GroupRank.
+
+Relevance (ALGORITHMS.md section 1, the Rank-GRPO matching rules): position k of a generated list is
+relevant when it is a held-out item not matched before (each ground-truth item counts once, so a
+duplicate gets 0) and not in the user's history; positions keep their place (an invalid line is a
+0 at its slot, the list is not compacted).
+
+GroupRank (Sun et al., arXiv 2511.11653, eqs. 4-6; ALGORITHMS.md section 4)::
+
+    R_G = NDCG@10 + gamma * Recall@10 + epsilon * (1 - JS(P || Q)),   gamma = 0.2, epsilon = 0.1
+
+behind a format gate (R_G if the output is well formed, -0.1 if the tags parse but the content does
+not, -0.5 otherwise). P and Q are the predicted and target scores normalised to sum to 1 (UNVERIFIED
+in the paper; the natural choice), JS in bits so that it lies in [0, 1].
+
+Departures: NDCG uses binary gains and the ideal list of min(|relevant|, k) items, as in
+:mod:`recsys.metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def relevance(ranked: Sequence[int | None], relevant: Iterable[int], n: int, seen: Iterable[int] = ()) -> list[int]:
+    """0/1 per position (length n, zero-padded) of a generated list; ``None`` marks an invalid line.
+
+    Example: ranked [7, 7, 3, None], relevant {7, 3}, n 5 -> [1, 0, 1, 0, 0] (the duplicate 7 gets 0).
+    """
+    unused, seen = set(relevant), set(seen)
+    out = []
+    for item in list(ranked)[:n]:
+        hit = item is not None and item in unused and item not in seen
+        out.append(int(hit))
+        if hit:
+            unused.discard(item)
+    return out + [0] * (n - len(out))
+
+
+def hit_at_k(rel: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) 1 if any of the first k positions of rel (M, N) is relevant."""
+    return (rel[:, :k].sum(1) > 0).float()
+
+
+def recall_at_k(rel: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) relevant items in the first k positions / number of relevant items (0 when there are none)."""
+    return rel[:, :k].float().sum(1) / n_relevant.float().clamp(min=1)
+
+
+def ndcg_at_k(rel: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Tensor:
+    """(M,) binary NDCG@k of relevance rows (M, N) with ``n_relevant`` (M,) relevant items per row.
+
+    Example: rel [0, 1, 1], 2 relevant, k 3: DCG = 1/log2(3) + 1/log2(4) = 0.6309 + 0.5 = 1.1309;
+    IDCG = 1 + 0.6309 = 1.6309; NDCG = 0.6934.
+    """
+    k = min(k, rel.shape[1])
+    discounts = 1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float32, device=rel.device))
+    dcg = (rel[:, :k].float() * discounts).sum(1)
+    ideal_cum = torch.cat([torch.zeros(1, device=rel.device), discounts.cumsum(0)])
+    idcg = ideal_cum[n_relevant.long().clamp(0, k)]
+    return torch.where(idcg > 0, dcg / idcg.clamp(min=1e-12), torch.zeros_like(dcg))
+
+
+def format_gate(reward: torch.Tensor, tags_ok: torch.Tensor, content_ok: torch.Tensor, bad_content: float = -0.1,
+                bad_format: float = -0.5) -> torch.Tensor:
+    """GroupRank's gate (M,): the reward if the output is well formed, ``bad_content`` if only the tags parse."""
+    gated = torch.where(tags_ok.bool(), torch.full_like(reward, bad_content), torch.full_like(reward, bad_format))
+    return torch.where(tags_ok.bool() & content_ok.bool(), reward, gated)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Jensen-Shannon divergence in bits over the last axis of non-negative scores (normalised to sum 1).
+
+    Example: p = [1, 0], q = [0, 1] -> 1 bit; p = q -> 0; p = [1, 1], q = [1, 0]: M = [0.75, 0.25],
+    KL(P||M) = 0.5 log2(0.5/0.75) + 0.5 log2(0.5/0.25) = 0.2075, KL(Q||M) = log2(1/0.75) = 0.4150,
+    JS = 0.3113.
+    """
+    p = p.float().clamp(min=0)
+    q = q.float().clamp(min=0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=eps)
+    q = q / q.sum(-1, keepdim=True).clamp(min=eps)
+    m = (p + q) / 2
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log2(a.clamp(min=eps)) - torch.log2(b.clamp(min=eps))),
+                           torch.zeros_like(a)).sum(-1)
+
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def grouprank_reward(pred_scores: torch.Tensor, target_scores: torch.Tensor, relevant: torch.Tensor,
+                     gamma: float = 0.2, epsilon: float = 0.1, k: int = 10) -> torch.Tensor:
+    """R_G (M,) for groups of c candidates: predicted scores (M, c), target scores (M, c), relevant (M, c) bool.
+
+    The ranking is the candidates sorted by predicted score (stable: earlier candidate first on ties).
+    Example: pred [2, 9, 0], target [9, 0, 0], relevant [T, F, F], k 10: ranking [1, 0, 2], rel [0, 1, 0],
+    NDCG = 1/log2(3) = 0.6309, Recall = 1; P = [0.1818, 0.8182, 0], Q = [1, 0, 0], M = [0.5909, 0.4091, 0],
+    KL(P||M) = 0.5090, KL(Q||M) = 0.7590, JS = 0.6340 bits; R = 0.6309 + 0.2 + 0.1 * 0.3660 = 0.8675.
+    """
+    order = torch.sort(pred_scores.float(), dim=1, descending=True, stable=True).indices
+    rel = relevant.gather(1, order).float()
+    n_rel = relevant.float().sum(1)
+    return (ndcg_at_k(rel, n_rel, k) + gamma * recall_at_k(rel, n_rel, k)
+            + epsilon * (1 - js_divergence(pred_scores, target_scores)))
