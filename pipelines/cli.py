@@ -57,7 +57,12 @@ def cmd_prepare(a):
 
 def cmd_train_retriever(a):
     from pipelines.config import load_config
-    from pipelines.train import PRESETS, SASRecTrainConfig, train_popularity, train_sasrec
+    from pipelines.train import (
+        PRESETS,
+        SASRecTrainConfig,
+        train_popularity,
+        train_sasrec,
+    )
     from recsys.data import PreparedDataset
 
     ds = PreparedDataset.load(a.data)
@@ -141,10 +146,10 @@ def cmd_train_reranker(a):
     from pipelines.reranker import RerankerSFTConfig, train_reranker
     from recsys.data import PreparedDataset
 
-    config = load_config(RerankerSFTConfig, a.config, {"backbone": a.backbone, "seed": a.seed,
+    config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
                                                        "max_epochs": a.max_epochs, **_overrides(a.set)})
     path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config)
-    print(f"saved the {a.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
+    print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
 
 
 def cmd_rerank(a):
@@ -153,9 +158,11 @@ def cmd_rerank(a):
     from recsys.data import PreparedDataset
 
     result = rerank_candidates(PreparedDataset.load(a.data), a.model, a.candidates, a.out, a.split, a.window,
-                               a.stride, a.limit)
+                               a.stride, a.limit, mode=a.mode, depth=a.depth, reshuffles=a.reshuffles)
     cols = ["hr@10", "ndcg@10", "cand_ndcg@10", "target_in_candidates"]
-    print(format_table(list(result.items()), cols))
+    print(format_table([(k, result[k]) for k in ("retriever", "reranked")], cols))
+    print(f"reranked {result['retriever']['num_queries']} lists of {result['depth']} in {result['seconds']:.1f} s "
+          f"({result['mode']})")
     print("hr/ndcg: pipeline (full ranking; a target outside the candidates is a miss); cand_: candidate set only")
 
 
@@ -223,11 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     rk = train.add_parser("reranker", help="train an LLM reranker on a candidates directory",
                           description="Supervised fine-tuning of a listwise LLM reranker on teacher lists (held-out "
                                       "item first, then the retriever's order), with FIRST's optional ranking loss "
-                                      "(--set first_weight=10). Saves a Hugging Face checkpoint to OUT/model.")
+                                      "(--set first_weight=10), or of a groupwise (GroupRank) scorer on 0-9 scores "
+                                      "(--kind groupwise). Saves a Hugging Face checkpoint to OUT/model.")
     rk.add_argument("--data", required=True, help="prepared dataset directory")
     rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
     rk.add_argument("--out", required=True, help="run directory")
-    rk.add_argument("--kind", choices=["listwise"], default="listwise")
+    rk.add_argument("--kind", choices=["listwise", "groupwise"], help="default: the recipe's, else listwise")
     rk.add_argument("--algo", choices=["sft"], default="sft")
     rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")
     rk.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/listwise_sft_tiny.yaml")
@@ -308,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--window", type=int, default=20)
     rr.add_argument("--stride", type=int, default=10)
     rr.add_argument("--limit", type=int, help="only the first N examples (CPU budgets)")
+    rr.add_argument("--mode", choices=["first", "generate"], default="first",
+                    help="listwise: FIRST single-token scoring or constrained greedy generation")
+    rr.add_argument("--depth", type=int, help="rerank only the top DEPTH candidates (default: all)")
+    rr.add_argument("--reshuffles", type=int, default=1, help="groupwise: groupings averaged (test-time scaling)")
     rr.set_defaults(func=cmd_rerank)
 
     q = sub.add_parser("quickstart", help="the main job: fetch, prepare, train, evaluate, print the table")

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from recsys.data import PreparedDataset, PrepareConfig, load_dataset, prepare
+from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
 from recsys.errors import RecsysError
 from recsys.evaluation import DEFAULT_METRICS, evaluate_full_ranking
 from recsys.models import load_model
@@ -60,7 +60,12 @@ def quickstart(out: str | Path = "artifacts", dataset: str | Path = "ml-1m", pre
     model); an interrupted SASRec run resumes from its last checkpoint.
     """
     from pipelines.config import load_config
-    from pipelines.train import PRESETS, SASRecTrainConfig, train_popularity, train_sasrec
+    from pipelines.train import (
+        PRESETS,
+        SASRecTrainConfig,
+        train_popularity,
+        train_sasrec,
+    )
 
     out = Path(out)
     timings: dict[str, float] = {}

@@ -22,34 +22,58 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from pipelines.callbacks import EpochShuffle, RNGState, checkpoint_callbacks, resume_checkpoint
+from pipelines.callbacks import (
+    EpochShuffle,
+    RNGState,
+    checkpoint_callbacks,
+    resume_checkpoint,
+)
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
 from recsys.metrics import compute_metrics
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
+from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.sft import collate, encode_example, teacher_example
+from recsys.rerank.sft import (
+    collate,
+    encode_example,
+    encode_group_examples,
+    teacher_example,
+)
 
 
 @dataclass(frozen=True)
 class RerankerSFTConfig:
-    """A listwise reranker SFT run."""
+    """A reranker SFT run (listwise or groupwise)."""
 
+    kind: str = "listwise"
+    """``listwise`` (answer: identifiers best first) or ``groupwise`` (answer: a 0-9 score per candidate)."""
     backbone: str = "tiny"
     """``tiny``, ``smollm2-135m`` or a checkpoint directory."""
     window: int = 20
     """Candidates per prompt (identifiers A..)."""
+    group_size: int = 20
+    """``groupwise`` only: candidates scored per prompt (GroupRank's c)."""
     max_history: int = 20
     """Most recent history items in the prompt."""
     first_weight: float = 0.0
     """Weight of FIRST's weighted RankNet loss on first-token logits (paper: 10; 0 = off)."""
     shuffle_candidates: bool = True
-    """Present candidates in a seeded random order during training."""
+    """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
+    target_missing: str = "insert"
+    """When the retriever missed the held-out item: ``insert`` it (replacing the last candidate),
+    ``skip`` the example, or ``keep`` the list (the teacher is then the retriever's order)."""
+    train_split: str = "train"
+    """Whose candidates teach: ``train`` (each user's last training item, history before it),
+    ``valid`` (the validation item: targets the retriever never trained on) or ``train+valid``. The
+    last ``val_users`` validation users are held out for model selection either way."""
+    init_items_from: str | None = None
+    """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
     """Use only the first N training examples (CPU budgets); None = all."""
     val_users: int = 500
-    """Validation examples scored each epoch."""
+    """Validation examples scored each epoch (the last N users of the validation split)."""
     batch_size: int = 16
     lr: float = 1e-3
     """AdamW learning rate (1e-3 suits tiny; use ~5e-5 for pretrained backbones)."""
@@ -62,6 +86,13 @@ class RerankerSFTConfig:
     tiny_layers: int = 2
     """``tiny`` only: number of layers."""
 
+    def __post_init__(self):
+        for name, value, allowed in (("kind", self.kind, ("listwise", "groupwise")),
+                                     ("train_split", self.train_split, ("train", "valid", "train+valid")),
+                                     ("target_missing", self.target_missing, ("insert", "skip", "keep"))):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
 
 def load_candidates(directory: str | Path, split: str) -> pl.DataFrame:
     path = Path(directory) / f"candidates_{split}.parquet"
@@ -70,40 +101,84 @@ def load_candidates(directory: str | Path, split: str) -> pl.DataFrame:
     return pl.read_parquet(path)
 
 
+def user_sequences(dataset: PreparedDataset) -> dict[int, np.ndarray]:
+    """Each user's whole chronological sequence (train, valid, test); a candidate row's history is
+    its first ``history_length`` items, whatever the split."""
+    test = dataset.eval_examples("test")
+    return {int(u): np.concatenate([h, t]) for u, h, t in zip(test.users, test.histories, test.targets)}
+
+
+def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbone: Backbone,
+                   config: RerankerSFTConfig, titles, seed: int) -> list[dict]:
+    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows."""
+    out = []
+    for i, r in enumerate(rows.iter_rows(named=True)):
+        hist = sequences[r["uidx"]][:r["history_length"]]
+        ex = teacher_example(hist, r["candidates"], r["target"], config.window, config.shuffle_candidates,
+                             seed=seed * 1_000_003 + i, target_missing=config.target_missing)
+        if ex is None:
+            continue
+        if config.kind == "listwise":
+            out.append(encode_example(backbone, ex, titles, config.max_history))
+        else:
+            out += encode_group_examples(backbone, ex, config.group_size, titles, config.max_history)
+    return out
+
+
 class RerankerDataModule(L.LightningDataModule):
+    """Training windows from ``config.train_split``; validation = the last ``val_users`` validation rows."""
+
     def __init__(self, dataset: PreparedDataset, candidates_dir, backbone: Backbone, config: RerankerSFTConfig,
                  titles: dict[int, str] | None):
         super().__init__()
         self.bb, self.cfg, self.titles = backbone, config, titles
-        train = load_candidates(candidates_dir, "train")
+        valid = load_candidates(candidates_dir, "valid")
+        self.valid = valid.tail(config.val_users)
+        parts = []
+        if config.train_split in ("train", "train+valid"):
+            parts.append(load_candidates(candidates_dir, "train"))
+        if config.train_split in ("valid", "train+valid"):
+            parts.append(valid.head(max(valid.height - config.val_users, 0)))
+        train = pl.concat(parts)
         if config.train_users:
             train = train.head(config.train_users)
-        self.valid = load_candidates(candidates_dir, "valid").head(config.val_users)
-        histories = dataset.train_sequences()
-        self.rows = []
-        for i, r in enumerate(train.iter_rows(named=True)):
-            hist = histories[r["uidx"]][:r["history_length"]]
-            ex = teacher_example(hist, r["candidates"], r["target"], config.window, config.shuffle_candidates,
-                                 seed=config.seed * 1_000_003 + i)
-            self.rows.append(encode_example(backbone, ex, titles, config.max_history))
-        self.valid_histories = dataset.eval_examples("valid").histories
+        self.sequences = user_sequences(dataset)
+        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed)
+        if not self.rows:
+            raise RecsysError(f"{candidates_dir}: no training examples for split {config.train_split!r}")
+
+    def history(self, row: dict) -> np.ndarray:
+        return self.sequences[row["uidx"]][:row["history_length"]]
 
     def train_dataloader(self):
         return DataLoader(self.rows, batch_size=self.cfg.batch_size, sampler=EpochShuffle(len(self.rows), self.cfg.seed),
                           collate_fn=lambda rows: collate(rows, self.bb.tokenizer.pad_token_id))
 
     def val_dataloader(self):
-        return DataLoader(list(self.valid.iter_rows(named=True)), batch_size=self.cfg.batch_size,
-                          collate_fn=lambda rows: rows)
+        rows = [{**r, "history": self.history(r)} for r in self.valid.iter_rows(named=True)]
+        return DataLoader(rows, batch_size=self.cfg.batch_size, collate_fn=lambda rows: rows)
 
 
-class ListwiseSFTModule(L.LightningModule):
-    def __init__(self, backbone: Backbone, config: RerankerSFTConfig, titles=None, valid_histories=None):
+def make_scorer(backbone: Backbone, kind: str, titles, window: int = 20, stride: int | None = None,
+                group_size: int = 20, max_history: int = 20, bf16: bool = True):
+    """The inference-time reranker of a trained model: FIRST (listwise, sliding window with ``stride``,
+    default window / 2) or GroupRank scoring (groupwise)."""
+    if kind == "listwise":
+        stride = stride or max(1, window // 2)
+        return ListwiseReranker(backbone, titles, window, stride, max_history=max_history, bf16=bf16)
+    return GroupwiseReranker(backbone, titles, group_size, max_history=max_history)
+
+
+class RerankerSFTModule(L.LightningModule):
+    """Language-model loss on the answer (+ FIRST's ranking loss for listwise); validation reranks
+    each held-out user's window and reports candidate-set NDCG@10 of the held-out item."""
+
+    def __init__(self, backbone: Backbone, config: RerankerSFTConfig, titles=None):
         super().__init__()
         self.bb, self.cfg = backbone, config
         self.model = backbone.model
-        self.reranker = ListwiseReranker(backbone, titles, config.window, max_history=config.max_history, bf16=False)
-        self.valid_histories = valid_histories
+        self.scorer = make_scorer(backbone, config.kind, titles, config.window, group_size=config.group_size,
+                                  max_history=config.max_history, bf16=False)
         self._ranks: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -112,7 +187,7 @@ class ListwiseSFTModule(L.LightningModule):
         logits = out.logits[:, :-1].float()
         lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
         loss = lm
-        if self.cfg.first_weight > 0:
+        if self.cfg.kind == "listwise" and self.cfg.first_weight > 0:
             n = batch["ranks"].shape[1]
             at_first = out.logits[torch.arange(len(logits)), batch["first_pos"]].float()        # (B, V)
             scores = first_scores(at_first, self.bb.identifier_ids(n).to(at_first.device))   # (B, n)
@@ -123,18 +198,16 @@ class ListwiseSFTModule(L.LightningModule):
         return loss
 
     def validation_step(self, rows, batch_idx):
-        windows = [list(r["candidates"][:self.cfg.window]) for r in rows]
-        hists = [self.valid_histories[r["uidx"]] for r in rows]
-        for r, cands, s in zip(rows, windows, self.reranker.first_scores(hists, windows)):
-            order = torch.sort(s, descending=True, stable=True).indices.tolist()
-            ranked = [cands[i] for i in order]
-            self._ranks.append(float(ranked.index(r["target"])) if r["target"] in ranked else np.inf)
+        for r in rows:
+            cands = [int(c) for c in r["candidates"][:self.cfg.window]]
+            if r["target"] in cands:
+                ranked = self.scorer.rerank(r["history"], cands)
+                self._ranks.append(float(ranked.index(r["target"])))
 
     def on_validation_epoch_end(self):
         # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target.
-        ranks = np.array(self._ranks)
+        ranks = np.array(self._ranks)[:, None]
         self._ranks.clear()
-        ranks = ranks[np.isfinite(ranks)][:, None]
         m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10", "hr@1"]) if len(ranks) else {"ndcg@10": 0.0,
                                                                                                   "hr@1": 0.0}
         self.log("val/cand_ndcg@10", m["ndcg@10"], prog_bar=True)
@@ -149,9 +222,28 @@ def item_titles(dataset: PreparedDataset) -> dict[int, str]:
     return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
 
 
+def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:
+    """Warm-start the ``tiny`` item tokens from a SASRec model's item embeddings.
+
+    The (n_items, d) SASRec vectors fill the first d dimensions of the ``<i{idx}>`` rows (tied input and
+    output embeddings), rescaled to the embedding's init std; the other dimensions keep their init.
+    The reranker then starts knowing which items are alike, instead of learning it from a few
+    thousand lists."""
+    from recsys.models.sasrec import SASRec
+
+    items = SASRec.from_pretrained(sasrec_dir).item_emb.weight[1:].detach().float()          # (n_items, d)
+    emb = backbone.model.get_input_embeddings().weight
+    first = backbone.token_id("<i1>")
+    if backbone.token_id(f"<i{len(items)}>") != first + len(items) - 1:
+        raise RecsysError(f"{sasrec_dir}: {len(items)} items do not match the backbone's item tokens")
+    d = min(items.shape[1], emb.shape[1])
+    with torch.no_grad():
+        emb[first:first + len(items), :d] = items[:, :d] / items.std() * emb.std()
+
+
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
                    progress: bool = True, resume: bool = True) -> Path:
-    """SFT of a listwise reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
+    """SFT of a reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
     from lightning.pytorch.callbacks import Timer
     from lightning.pytorch.loggers import CSVLogger
 
@@ -160,11 +252,13 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
                                    "candidates": str(Path(candidates_dir).resolve())}, resume)
     L.seed_everything(config.seed, verbose=False)
-    tiny = dict(hidden_size=config.tiny_hidden_size, num_layers=config.tiny_layers)
+    tiny = {"hidden_size": config.tiny_hidden_size, "num_layers": config.tiny_layers}
     backbone = load_backbone(config.backbone, n_items=dataset.n_items, **(tiny if config.backbone == "tiny" else {}))
+    if config.init_items_from:
+        init_item_embeddings(backbone, config.init_items_from)
     titles = None if backbone.name == "tiny" else item_titles(dataset)
     data = RerankerDataModule(dataset, candidates_dir, backbone, config, titles)
-    module = ListwiseSFTModule(backbone, config, titles, data.valid_histories)
+    module = RerankerSFTModule(backbone, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
     callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
     trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
@@ -177,25 +271,18 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     backbone.model.save_pretrained(out / "model")
     backbone.tokenizer.save_pretrained(out / "model")
     (out / "model" / "reranker.json").write_text(json.dumps({
-        "kind": "listwise", "prompt": "tiny" if backbone.name == "tiny" else "text", "window": config.window,
-        "max_history": config.max_history, "dataset_fingerprint": dataset.fingerprint}, indent=2))
+        "kind": config.kind, "prompt": "tiny" if backbone.name == "tiny" else "text", "window": config.window,
+        "group_size": config.group_size, "max_history": config.max_history,
+        "dataset_fingerprint": dataset.fingerprint}, indent=2))
     (out / "train.json").write_text(json.dumps({
-        "kind": "listwise", "algo": "sft", "seconds": time.time() - start, "epochs": trainer.current_epoch,
+        "kind": config.kind, "algo": "sft", "seconds": time.time() - start, "epochs": trainer.current_epoch,
         "best_val_cand_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint, "train_examples": len(data.rows)}, indent=2))
     return out / "model"
 
 
-def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, split: str = "test",
-                      window: int = 20, stride: int = 10, limit: int | None = None, progress: bool = True) -> dict:
-    """Rerank ``candidates_<split>.parquet`` with a trained listwise reranker (FIRST, sliding window).
-
-    Writes ``reranked_<split>.parquet`` and ``rerank_metrics_<split>.json``. Two views, labelled:
-    ``pipeline`` metrics rank the held-out item over the whole catalog (a target the retriever missed
-    is a miss), ``cand_`` metrics only over the examples whose target is among the candidates.
-    """
-    from tqdm.auto import tqdm
-
+def load_reranker(model_dir, dataset: PreparedDataset, window: int = 20, stride: int = 10, reshuffles: int = 1):
+    """The scorer of a model directory written by :func:`train_reranker` (checked against ``dataset``)."""
     meta_path = Path(model_dir) / "reranker.json"
     if not meta_path.exists():
         raise RecsysError(f"{model_dir}: no reranker.json; pass the model/ directory written by `recsys train reranker`")
@@ -205,26 +292,57 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     bb = load_backbone(model_dir)
     bb.name = meta["prompt"] if meta["prompt"] == "tiny" else bb.name       # the prompt format it was trained on
     titles = item_titles(dataset) if meta["prompt"] == "text" else None
-    rr = ListwiseReranker(bb, titles, window, stride, max_history=meta["max_history"])
+    scorer = make_scorer(bb, meta.get("kind", "listwise"), titles, window, stride, meta.get("group_size", 20),
+                         meta["max_history"])
+    if isinstance(scorer, GroupwiseReranker):
+        scorer.R = reshuffles
+    return scorer
+
+
+def candidate_set_metrics(before: list[float], after: list[float],
+                          names=("hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr")) -> dict:
+    """Pipeline and candidate-set metrics of 0-based target ranks (inf = not among the candidates)."""
+    result = {}
+    for label, ranks in (("retriever", np.array(before, dtype=float)), ("reranked", np.array(after, dtype=float))):
+        full = compute_metrics(ranks[:, None], np.ones((len(ranks), 1)), list(names))
+        found = np.isfinite(ranks)
+        cand = compute_metrics(ranks[found][:, None], np.ones((int(found.sum()), 1)), list(names))
+        result[label] = {**{m: full[m] for m in names}, **{f"cand_{m}": cand[m] for m in names},
+                         "num_queries": full["num_queries"], "target_in_candidates": float(found.mean())}
+    return result
+
+
+def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, split: str = "test",
+                      window: int = 20, stride: int = 10, limit: int | None = None, progress: bool = True,
+                      mode: str = "first", depth: int | None = None, reshuffles: int = 1) -> dict:
+    """Rerank ``candidates_<split>.parquet`` with a trained reranker and score both orders.
+
+    ``mode``: ``first`` (listwise FIRST scoring, sliding window; groupwise models always score) or
+    ``generate`` (listwise, constrained greedy generation of each window). ``depth`` reranks only the
+    top ``depth`` candidates (default all). Writes ``reranked_<split>.parquet`` and
+    ``rerank_metrics_<split>.json``. Two views, labelled: ``pipeline`` metrics rank the held-out item
+    over the whole catalog (a target the retriever missed is a miss), ``cand_`` metrics only over
+    the examples whose target is among the candidates. ``seconds`` is the reranking time alone.
+    """
+    from tqdm.auto import tqdm
+
+    scorer = load_reranker(model_dir, dataset, window, stride, reshuffles)
+    if mode not in ("first", "generate") or (mode == "generate" and not isinstance(scorer, ListwiseReranker)):
+        raise RecsysError(f"mode {mode!r} is not available for this reranker (listwise: first|generate; groupwise: first)")
     df = load_candidates(candidates_dir, split)
     df = df.head(limit) if limit else df
-    examples = dataset.eval_examples(split)
-    histories = dict(zip(examples.users.tolist(), examples.histories))
-    reranked, before, after = [], [], []
+    sequences = user_sequences(dataset)
+    reranked, before, after, seconds = [], [], [], 0.0
     for r in tqdm(df.iter_rows(named=True), total=df.height, desc=f"rerank {split}", disable=not progress):
-        cands = list(r["candidates"])
-        new = rr.rerank(histories[r["uidx"]], cands)
+        cands = [int(c) for c in r["candidates"][:depth]]
+        history = sequences[r["uidx"]][:r["history_length"]]
+        t = time.perf_counter()
+        new = scorer.rerank(history, cands) if mode == "first" else scorer.rerank_generate_window(history, cands)
+        seconds += time.perf_counter() - t
         reranked.append(new)
         before.append(cands.index(r["target"]) if r["target"] in cands else np.inf)
         after.append(new.index(r["target"]) if r["target"] in new else np.inf)
-    names = ["hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr"]
-    result = {}
-    for label, ranks in (("retriever", np.array(before)), ("reranked", np.array(after))):
-        full = compute_metrics(ranks[:, None], np.ones((len(ranks), 1)), names)
-        found = np.isfinite(ranks)
-        cand = compute_metrics(ranks[found][:, None], np.ones((int(found.sum()), 1)), names)
-        result[label] = {**{m: full[m] for m in names}, **{f"cand_{m}": cand[m] for m in names},
-                         "num_queries": full["num_queries"], "target_in_candidates": float(found.mean())}
+    result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(cands)}
     Path(out).mkdir(parents=True, exist_ok=True)
     df.with_columns(pl.Series("reranked", reranked, dtype=pl.List(pl.Int32))).write_parquet(
         Path(out) / f"reranked_{split}.parquet")

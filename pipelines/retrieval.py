@@ -8,8 +8,13 @@ import numpy as np
 
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
-from recsys.retrieval.candidates import (HybridRetriever, PopularityRetriever, SASRecRetriever, TextRetriever,
-                                         generate_candidates)
+from recsys.retrieval.candidates import (
+    HybridRetriever,
+    PopularityRetriever,
+    SASRecRetriever,
+    TextRetriever,
+    generate_candidates,
+)
 from recsys.retrieval.index import ItemIndex
 from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs
 

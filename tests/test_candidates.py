@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from recsys.models import SASRec, SASRecConfig
-from recsys.retrieval.candidates import (HybridRetriever, PopularityRetriever, SASRecRetriever, TextRetriever,
-                                         candidate_examples, generate_candidates, recall_at)
+from recsys.retrieval.candidates import (
+    HybridRetriever,
+    PopularityRetriever,
+    SASRecRetriever,
+    TextRetriever,
+    candidate_examples,
+    generate_candidates,
+    recall_at,
+)
 
 
 def test_training_targets_see_only_their_past(tiny_dataset):

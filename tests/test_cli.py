@@ -35,7 +35,7 @@ def test_prepare_train_evaluate(tmp_path, capsys):
     (["evaluate-run", "run.txt", "qrels.txt"], "run.txt: file not found"),
 ])
 def test_errors_are_one_line(capsys, argv, message):
-    code, out, err = run(capsys, *argv)
+    code, _out, err = run(capsys, *argv)
     assert code == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
@@ -62,7 +62,7 @@ def test_evaluate_writes_metrics_beside_the_model_by_default(tmp_path, capsys):
     data = tmp_path / "data"
     run(capsys, "data", "prepare", FIXTURES / "tiny", "--out", data)
     run(capsys, "train", "retriever", "--data", data, "--model", "popularity", "--out", tmp_path / "pop")
-    code, out, _ = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--split", "valid")
+    code, _out, _ = run(capsys, "evaluate", "--data", data, "--model", tmp_path / "pop", "--split", "valid")
     written = json.loads((tmp_path / "pop" / "metrics_valid.json").read_text())
     assert code == 0 and written["split"] == "valid" and written["num_queries"] == 60 and "ndcg@10" in written
 
@@ -105,6 +105,6 @@ def test_train_reranker_and_rerank(tmp_path, capsys):
                          tmp_path / "c", "--out", tmp_path / "rr", "--window", "12", "--limit", "10")
     assert code == 0 and "reranked" in out and "cand_ndcg@10" in out, err
     metrics = json.loads((tmp_path / "rr" / "rerank_metrics_test.json").read_text())
-    assert metrics["retriever"]["num_queries"] == 10 and set(metrics) == {"retriever", "reranked"}
+    assert metrics["retriever"]["num_queries"] == 10 and {"retriever", "reranked", "seconds"} <= set(metrics)
     code, _, err = run(capsys, "train", "reranker", "--data", data, "--candidates", tmp_path / "none", "--out", tmp_path / "x")
     assert code == 1 and "run `recsys candidates` first" in err

@@ -5,8 +5,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys.data import PrepareConfig, fetch_dataset, load_dataset, prepare, read_dataset
-from recsys.data import assets
+from recsys.data import (
+    PrepareConfig,
+    assets,
+    fetch_dataset,
+    load_dataset,
+    prepare,
+    read_dataset,
+)
 from recsys.data.split import kcore, order_interactions, temporal_split
 from recsys.errors import AssetError, DataError
 from tests.conftest import FIXTURES

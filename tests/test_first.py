@@ -5,7 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys.rerank.first import constrain_logits, first_order, first_scores, weighted_ranknet_loss
+from recsys.rerank.first import (
+    constrain_logits,
+    first_order,
+    first_scores,
+    weighted_ranknet_loss,
+)
 
 
 def test_first_scores_are_the_identifier_logits():

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from recsys.llm.backbone import build_tiny
-from recsys.rerank.groupwise import GroupwiseReranker, answer_ids, expected_digit, make_groups, merge_scores
+from recsys.rerank.groupwise import (
+    GroupwiseReranker,
+    answer_ids,
+    expected_digit,
+    make_groups,
+    merge_scores,
+)
 
 
 def test_make_groups():

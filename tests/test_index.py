@@ -30,7 +30,7 @@ def test_search_equals_brute_force(factory, params, metric):
     ids, x, q = data()
     index = ItemIndex.build(ids, x, factory, metric).set_params(**params)
     s, got = index.search(q, 10)
-    ref_s, ref_p = brute_force_topk(q, x, 10, metric)
+    ref_s, _ref_p = brute_force_topk(q, x, 10, metric)
     np.testing.assert_allclose(s, ref_s, rtol=1e-4, atol=1e-4)
     for row in range(len(q)):
         s_row, p_row = brute_force_topk(q[row:row + 1], x, len(x), metric)

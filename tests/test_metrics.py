@@ -4,8 +4,20 @@ import numpy as np
 import pytest
 
 from recsys.errors import RecsysError
-from recsys.metrics import (average_precision, compute_metrics, hit_rate, intra_list_diversity, item_coverage,
-                            list_validity, mrr, ndcg, parse_metric, precision, recall, relevant_ranks)
+from recsys.metrics import (
+    average_precision,
+    compute_metrics,
+    hit_rate,
+    intra_list_diversity,
+    item_coverage,
+    list_validity,
+    mrr,
+    ndcg,
+    parse_metric,
+    precision,
+    recall,
+    relevant_ranks,
+)
 
 INF = np.inf
 

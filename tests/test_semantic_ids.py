@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 
 from recsys.errors import RecsysError
-from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs, _assign, perplexity
+from recsys.retrieval.semantic_ids import (
+    SemanticIDConfig,
+    SemanticIDs,
+    _assign,
+    perplexity,
+)
 
 
 def test_two_level_codes_by_hand():

@@ -1,7 +1,15 @@
 
 from recsys.llm.backbone import build_tiny
+from recsys.rerank.groupwise import answer_ids
 from recsys.rerank.parse import parse_ranking
-from recsys.rerank.sft import collate, encode_example, first_ranks, teacher_example
+from recsys.rerank.sft import (
+    collate,
+    encode_example,
+    encode_group_examples,
+    first_ranks,
+    teacher_example,
+    teacher_scores,
+)
 
 
 def test_teacher_list_by_hand():
@@ -14,7 +22,8 @@ def test_teacher_list_by_hand():
 
 def test_missing_target_inserted_or_skipped_and_shuffle_is_seeded():
     ex = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False)
-    assert ex.presented == [7, 3, 9] and ex.presented[ex.teacher_order[0]] == 9
+    assert sorted(ex.presented) == [3, 7, 9] and ex.presented[ex.teacher_order[0]] == 9   # at a seeded slot
+    assert [c for c in ex.presented if c != 9] == [7, 3] and ex.target == 9
     assert teacher_example([1], [7, 3, 5], target=9, target_missing="skip") is None
     a = teacher_example([1], list(range(10, 30)), target=15, seed=4)
     b = teacher_example([1], list(range(10, 30)), target=15, seed=4)
@@ -36,3 +45,27 @@ def test_labels_cover_exactly_the_answer():
     assert batch["ranks"][1].tolist() == [1, 2, 0, 0]                                           # padded ranks
     pad = batch["input_ids"].shape[1] - len(short["input_ids"])
     assert batch["attention_mask"][1, :pad].sum() == 0 and batch["attention_mask"][1, pad:].all()
+
+
+def test_missing_target_kept_teaches_the_retriever_order():
+    ex = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False, target_missing="keep")
+    assert ex.presented == [7, 3, 5] and ex.teacher_order == [0, 1, 2] and ex.target is None
+
+
+def test_groupwise_teacher_scores_by_hand():
+    """Retriever order [4, 6, 2], target 6, prior_max 5: prior int(5 (1 - r/3)) -> 4: 5, 2: 1; target 9.
+    Presented (seeded shuffle) in any order: each item keeps its score."""
+    ex = teacher_example([1], [4, 6, 2], target=6, window=3, shuffle=True, seed=3)
+    scores = dict(zip(ex.presented, teacher_scores(ex)))
+    assert scores == {4: 5, 6: 9, 2: 1}
+
+
+def test_group_examples_split_the_window_and_label_only_the_answer():
+    bb = build_tiny(n_items=30, hidden_size=16, num_layers=1)
+    ex = teacher_example([1, 2, 3], list(range(5, 15)), target=8, window=10, shuffle=False)
+    rows = encode_group_examples(bb, ex, group_size=4)
+    assert len(rows) == 3                                          # groups of 4, 4, 2
+    for row, group in zip(rows, (ex.presented[0:4], ex.presented[4:8], ex.presented[8:])):
+        answer = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        assert answer == answer_ids(bb, [dict(zip(ex.presented, teacher_scores(ex)))[c] for c in group])
+        assert row["labels"][:row["answer_start"]] == [-100] * row["answer_start"]

@@ -10,8 +10,8 @@ from recsys.errors import RecsysError
 from recsys.models import SASRec, SASRecConfig
 
 # A tiny-model recipe for the synthetic ring data (tests only).
-TINY = dict(model=SASRecConfig(max_len=20, hidden_size=32, num_layers=1, num_heads=1, dropout=0.1), batch_size=16,
-            lr=5e-3, precision="32-true", num_threads=1)
+TINY = {"model": SASRecConfig(max_len=20, hidden_size=32, num_layers=1, num_heads=1, dropout=0.1), "batch_size": 16,
+            "lr": 5e-3, "precision": "32-true", "num_threads": 1}
 
 
 def test_sasrec_learns_what_popularity_cannot(tiny_dataset, tmp_path):

@@ -75,11 +75,11 @@ def render_retrieval(result: dict) -> list[str]:
             ratio = result["ratios"][f"{r['name']} qps/Flat"]
             out.append(f"| {r['name']} | {r['metrics']['recall@100']:.4f} | {r['metrics']['qps']:.0f} | "
                        f"{ratio:.1f} | {r['build_seconds']} |")
-    out += ["", "Reading it: ML-1M has 3,706 items, so exact search is already fast and ANN buys nothing there. "
+    out += ["", ("Reading it: ML-1M has 3,706 items, so exact search is already fast and ANN buys nothing there. "
             "The synthetic set is a mixture of 1,000 well-separated Gaussians (64-d, sd 0.35 around N(0, I) centres): "
             "a query's top-100 lies in its own cluster, which IVF's partition matches exactly (hence recall 1.0); "
             "HNSW does not use that structure, so its row is the more telling one. PQ16 codes without re-ranking "
-            "lose recall, as expected."]
+            "lose recall, as expected.")]
     cutoffs = ["recall@20", "recall@50", "recall@100", "recall@200"]
     out += ["", "Candidate recall of the held-out item, ML-1M test (history excluded):", "",
             "| retriever | " + " | ".join(cutoffs) + " |", "|---|" + "---:|" * len(cutoffs)]
@@ -87,11 +87,11 @@ def render_retrieval(result: dict) -> list[str]:
             for r in result["rows"] if "recall@20" in r["metrics"]]
     sid = result["semantic_ids"]
     st = sid["stats"]
-    out += ["", f"Semantic IDs, default config ({sid['config']['levels']} levels x {sid['config']['codebook_size']} codes "
+    out += ["", (f"Semantic IDs, default config ({sid['config']['levels']} levels x {sid['config']['codebook_size']} codes "
             f"from {sid['source']}): collision rate before de-duplication {st['collision_rate']:.4f} "
             f"(max {st['max_collisions']} items per code), code usage per level "
             f"{', '.join(f'{u:.2f}' for u in st['code_usage'])}, perplexity per level "
-            f"{', '.join(f'{p:.1f}' for p in st['perplexity'])}.", ""]
+            f"{', '.join(f'{p:.1f}' for p in st['perplexity'])}."), ""]
     return out
 
 

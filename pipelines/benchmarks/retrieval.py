@@ -75,7 +75,12 @@ def main() -> None:
 
     from pipelines.retrieval import load_sasrec, make_retriever, text_vectors
     from recsys.data import PreparedDataset
-    from recsys.retrieval.candidates import SASRecRetriever, hit_ranks, recall_at, retrieve_examples
+    from recsys.retrieval.candidates import (
+        SASRecRetriever,
+        hit_ranks,
+        recall_at,
+        retrieve_examples,
+    )
     from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs
 
     ds = PreparedDataset.load(a.data)

@@ -85,7 +85,7 @@ class PreparedDataset:
         self._groups: dict[str, list[np.ndarray]] | None = None
 
     @classmethod
-    def load(cls, directory: str | Path) -> "PreparedDataset":
+    def load(cls, directory: str | Path) -> PreparedDataset:
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.exists():
@@ -215,7 +215,7 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
                        **{f"{s}_interactions": int(split_counts.get(s, 0)) for s in ("train", "valid", "test")}},
             "files": hashes,
             "fingerprint": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return PreparedDataset.load(out)

@@ -23,7 +23,7 @@ class Popularity:
         return len(self.counts) - 1
 
     @classmethod
-    def fit(cls, dataset) -> "Popularity":
+    def fit(cls, dataset) -> Popularity:
         """Count interactions in the training split of a :class:`~recsys.data.PreparedDataset`."""
         return cls(dataset.item_popularity("train"), dataset.fingerprint)
 
@@ -41,7 +41,7 @@ class Popularity:
         np.save(directory / "counts.npy", self.counts)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "Popularity":
+    def from_pretrained(cls, directory: str | Path) -> Popularity:
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         counts = np.load(directory / "counts.npy")

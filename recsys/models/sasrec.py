@@ -116,7 +116,7 @@ class SASRec(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: (B, T) left-padded with 0, T <= max_len -> hidden states (B, T, d)."""
-        B, T = input_ids.shape
+        _B, T = input_ids.shape
         if T > self.config.max_len:
             raise RecsysError(f"sequence length {T} exceeds max_len {self.config.max_len}")
         valid = input_ids != 0                                                     # (B, T)
@@ -183,7 +183,7 @@ class SASRec(nn.Module):
                   str(directory / "model.safetensors"))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "SASRec":
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> SASRec:
         directory = Path(directory)
         config = json.loads((directory / "config.json").read_text())
         if config.pop("model_type", None) != "sasrec":

@@ -103,3 +103,11 @@ class ListwiseReranker:
         text = self.generate([history], [candidates], constrained)[0]
         parsed = parse_ranking(text, len(candidates), self.bb.tokenizer.decode([self.bb.end_id]))
         return [candidates[i] for i in parsed.order], parsed
+
+    def rerank_generate_window(self, history, candidates: list[int], constrained: bool = True) -> list[int]:
+        """Full-generation reranking of any number of candidates (the same sliding window as FIRST)."""
+        def rank_window(chunk):
+            text = self.generate([history], [chunk], constrained)[0]
+            return parse_ranking(text, len(chunk), self.bb.tokenizer.decode([self.bb.end_id])).order
+
+        return sliding_window_rerank(candidates, rank_window, self.window, self.stride)

@@ -52,8 +52,7 @@ def parse_ranking(text: str, n: int, end_token: str = "<eor>") -> ParsedList:
     ids = {c: i for i, c in enumerate(identifiers(n))}
     all_letters = set(identifiers(26))
     text = text.split(end_token, 1)[0]
-    if text.endswith("\n"):  # the newline that closes the last line is not a blank line
-        text = text[:-1]
+    text = text.removesuffix("\n")
     generated, seen = [], set()
     malformed = duplicate = out_of_window = blank = 0
     for line in text.split("\n"):

