@@ -146,6 +146,15 @@ def cmd_train_reranker(a):
     from pipelines.reranker import RerankerSFTConfig, train_reranker
     from recsys.data import PreparedDataset
 
+    if a.algo != "sft":
+        from pipelines.rl import RLConfig, train_rl
+
+        config = load_config(RLConfig, a.config, {"algo": a.algo, "init": a.init, "seed": a.seed,
+                                                  "max_steps": a.max_steps, **_overrides(a.set)})
+        path = train_rl(PreparedDataset.load(a.data), a.candidates, a.out, config)
+        print(f"saved the {config.algo} reranker to {path}")
+        return
+
     config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
                                                        "max_epochs": a.max_epochs, **_overrides(a.set)})
     path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config)
@@ -236,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
     rk.add_argument("--out", required=True, help="run directory")
     rk.add_argument("--kind", choices=["listwise", "groupwise"], help="default: the recipe's, else listwise")
-    rk.add_argument("--algo", choices=["sft"], default="sft")
+    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "grouprank"], default="sft",
+                    help="sft, or RL from --init: grpo / rank-grpo (listwise), grouprank (groupwise)")
+    rk.add_argument("--init", help="RL only: the SFT run's model/ directory to start from")
+    rk.add_argument("--max-steps", type=int, help="RL only: batches of rollouts")
     rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")
     rk.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/listwise_sft_tiny.yaml")
     rk.add_argument("--seed", type=int)

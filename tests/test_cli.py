@@ -106,5 +106,16 @@ def test_train_reranker_and_rerank(tmp_path, capsys):
     assert code == 0 and "reranked" in out and "cand_ndcg@10" in out, err
     metrics = json.loads((tmp_path / "rr" / "rerank_metrics_test.json").read_text())
     assert metrics["retriever"]["num_queries"] == 10 and {"retriever", "reranked", "seconds"} <= set(metrics)
+    code, out, err = run(capsys, "train", "reranker", "--algo", "rank-grpo", "--init", tmp_path / "rr" / "model",
+                         "--data", data, "--candidates", tmp_path / "c", "--out", tmp_path / "rl", "--max-steps", "2",
+                         "--set", "window=12", "--set", "val_every=1", "--set", "group_size=2",
+                         "--set", "prompts_per_step=2", "--set", "val_users=8", "--set", "precision=32-true")
+    assert code == 0 and "saved the rank-grpo reranker" in out, err
+    code, out, err = run(capsys, "rerank", "--data", data, "--model", tmp_path / "rl" / "model", "--candidates",
+                         tmp_path / "c", "--out", tmp_path / "rl", "--window", "12", "--limit", "4", "--mode", "generate")
+    assert code == 0 and "(generate)" in out, err
     code, _, err = run(capsys, "train", "reranker", "--data", data, "--candidates", tmp_path / "none", "--out", tmp_path / "x")
     assert code == 1 and "run `recsys candidates` first" in err
+    code, _, err = run(capsys, "train", "reranker", "--algo", "grpo", "--data", data, "--candidates", tmp_path / "c",
+                       "--out", tmp_path / "y")
+    assert code == 1 and "needs a starting model" in err

@@ -62,3 +62,16 @@ def test_constrained_greedy_decoding_always_yields_a_valid_list(n, seed):
     assert out[-1] == end
     written = [t for t in out if t < n]
     assert len(written) == len(set(written))
+
+
+def test_constrained_log_probs_by_hand():
+    """V = 5, identifiers 0 and 1, separator 2, end 3, all logits 0; answer ``0 \\n 1 <eor>``:
+    step 1 allows {0, 1, end} -> log 1/3; step 2 (after an identifier) {sep, end} -> log 1/2;
+    step 3 {1, end} -> log 1/2; step 4 (all used, after an identifier) only end -> 0. Padding -> 0."""
+    from recsys.rerank.first import constrained_log_probs
+
+    tokens = torch.tensor([[0, 2, 1, 3, -1]])
+    lp, ent = constrained_log_probs(torch.zeros(1, 5, 5), tokens, torch.tensor([0, 1]), 2, 3)
+    expected = [math.log(1 / 3), math.log(1 / 2), math.log(1 / 2), 0.0, 0.0]
+    assert torch.allclose(lp[0], torch.tensor(expected))
+    assert torch.allclose(ent[0], torch.tensor([math.log(3), math.log(2), math.log(2), 0.0, 0.0]))

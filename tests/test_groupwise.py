@@ -9,6 +9,7 @@ from recsys.rerank.groupwise import (
     GroupwiseReranker,
     answer_ids,
     expected_digit,
+    groupwise_prompt,
     make_groups,
     merge_scores,
 )
@@ -47,8 +48,6 @@ def test_groupwise_scores_match_teacher_forced_forward():
     hist, group = [1, 2, 3], [7, 8, 9]
     scores = rr.score_group(hist, group)
     assert scores.shape == (3,) and ((0 <= scores) & (scores <= 9)).all()
-    from recsys.rerank.groupwise import groupwise_prompt
-
     prompt_ids = bb.tokenizer(groupwise_prompt(bb, hist, group), add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         first = bb.model(torch.tensor([prompt_ids + [bb.token_id("A"), bb.token_id(":")]])).logits[0, -1, rr.digit_ids]
@@ -65,3 +64,19 @@ def test_answer_ids_are_the_scored_tokens():
     bb = build_tiny(n_items=3)
     ids = answer_ids(bb, [9, 0])
     assert bb.tokenizer.convert_ids_to_tokens(ids) == ["A", ":", "9", "\n", "B", ":", "0", "\n", "<eor>"]
+
+
+def test_batched_greedy_sampling_matches_the_one_group_scorer():
+    """sample(temperature=0) on a left-padded batch writes the same greedy digits as score_group does for
+    each group alone (padding and position ids handled), and its answer is the teacher-forced format."""
+    bb = build_tiny(n_items=20, hidden_size=32, num_heads=2, seed=3)
+    rr = GroupwiseReranker(bb, group_size=3)
+    hists, groups = [[1, 2, 3, 4, 5], [6]], [[7, 8, 9], [10, 11, 12]]
+    _, answer, digits = rr.sample(hists, groups, temperature=0.0)
+    for h, g, d, a in zip(hists, groups, digits, answer):
+        prompt_ids = bb.tokenizer(groupwise_prompt(bb, h, g), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = bb.model(torch.tensor([prompt_ids + a.tolist()])).logits[0, len(prompt_ids) - 1:-1]
+        expected = logits[2::4][:3, rr.digit_ids].argmax(-1)                 # digit positions of the answer
+        assert torch.equal(d, expected)
+        assert a.tolist() == answer_ids(bb, d.tolist())

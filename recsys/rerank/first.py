@@ -62,3 +62,31 @@ def constrain_logits(logits: torch.Tensor, used: torch.Tensor, after_identifier:
     allowed[:, identifier_ids] = ids_ok
     allowed[:, separator_id] = after_identifier & ~used.all(-1)
     return logits.masked_fill(~allowed, float("-inf"))
+
+
+def constrained_log_probs(logits: torch.Tensor, tokens: torch.Tensor, identifier_ids: torch.Tensor,
+                          separator_id: int, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, T) of a generated listwise answer under the *constrained* policy, and its
+    entropy (B, T): the decoder's masking (:func:`constrain_logits`) replayed position by position.
+
+    logits (B, T, V): the model's logits that predict each answer token; tokens (B, T): the answer,
+    -1 after the end. Positions after the end get 0. This is the distribution the rollouts were
+    sampled from, so it is the one a policy gradient must differentiate.
+    """
+    B, T, _ = logits.shape
+    n = len(identifier_ids)
+    used = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
+    after = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    ids = identifier_ids.to(logits.device)
+    logps, entropies = [], []
+    for t in range(T):
+        tok = tokens[:, t]
+        lp = torch.log_softmax(constrain_logits(logits[:, t].float(), used, after, ids, separator_id, end_id), -1)
+        p = lp.exp()
+        entropies.append(-(p * lp.masked_fill(p == 0, 0)).sum(-1))
+        logps.append(torch.where(tok >= 0, lp.gather(1, tok.clamp(min=0)[:, None])[:, 0], torch.zeros_like(lp[:, 0])))
+        is_id = tok[:, None] == ids[None, :]
+        used = used | is_id
+        after = is_id.any(-1)
+    valid = (tokens >= 0).float()
+    return torch.stack(logps, 1) * valid, torch.stack(entropies, 1) * valid

@@ -113,3 +113,45 @@ class GroupwiseReranker:
     def rerank(self, history, candidates: list[int]) -> list[int]:
         s = self.scores(history, candidates)
         return [candidates[i] for i in np.argsort(-s, kind="stable")]
+
+    def _prompt_batch(self, histories, groups) -> dict[str, torch.Tensor]:
+        texts = [groupwise_prompt(self.bb, list(h), list(g), self.titles, self.max_history)
+                 for h, g in zip(histories, groups)]
+        enc = self.bb.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = enc["attention_mask"]
+        return {"input_ids": enc["input_ids"], "attention_mask": mask,
+                "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
+    @torch.no_grad()
+    def sample(self, histories, groups: list[list[int]], temperature: float = 1.0,
+               generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Sample a score for every candidate of B groups of equal size c (RL rollouts).
+
+        Returns the prompt batch, the answer ids (B, 4c + 1): ``X : d \\n`` per candidate then the end
+        token, with only the digits sampled (the rest is forced), and the digits (B, c). ``temperature``
+        0 = greedy digits."""
+        self.bb.model.eval()
+        batch = self._prompt_batch(histories, groups)
+        B, c = len(groups), len(groups[0])
+        out = self.bb.model(**batch, use_cache=True)
+        mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
+        answer, digits = [], []
+        for j in range(c):
+            forced = torch.tensor([[self.bb.token_id(LETTERS[j]), self.colon]]).expand(B, 2)
+            mask = torch.cat([mask, torch.ones(B, 2, dtype=mask.dtype)], 1)
+            out = self.bb.model(input_ids=forced, attention_mask=mask, position_ids=pos + torch.arange(1, 3),
+                                past_key_values=out.past_key_values, use_cache=True)
+            logits = out.logits[:, -1, self.digit_ids].float()
+            if temperature > 0:
+                d = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
+            else:
+                d = logits.argmax(-1)
+            digits.append(d)
+            tail = torch.stack([self.digit_ids[d], torch.full((B,), self.bb.separator_id)], 1)
+            answer += [forced, tail]
+            mask = torch.cat([mask, torch.ones(B, 2, dtype=mask.dtype)], 1)
+            out = self.bb.model(input_ids=tail, attention_mask=mask, position_ids=pos + torch.arange(3, 5),
+                                past_key_values=out.past_key_values, use_cache=True)
+            pos = pos + 4
+        answer.append(torch.full((B, 1), self.bb.end_id))
+        return batch, torch.cat(answer, 1), torch.stack(digits, 1)

@@ -1,0 +1,318 @@
+"""RL for rerankers: one Lightning module, the algorithm chosen by config.
+
+    recsys train reranker --algo rank-grpo --init runs/listwise-sft/model --data D --candidates C --out O
+
+Each training step takes ``prompts_per_step`` prompts (a user's history and candidate window), samples
+``group_size`` rollouts per prompt with the reranker's constrained decoding at ``temperature``, scores
+them against the held-out item, turns rewards into advantages and takes ``mu`` optimiser steps on the
+clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`:
+
+- ``grpo``: one sequence reward (NDCG@10 of the generated list) for every token (Shao et al. 2024).
+- ``rank-grpo``: per-rank rewards (``reward: exp_inf | log_decay``) and per-rank advantages, the
+  rank-level ratio and the length shaping of Rank-GRPO (Zhu et al. 2025).
+- ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
+  Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025).
+
+Log-probabilities are those of the distribution the rollouts were drawn from: the constrained
+(renormalised) distribution over allowed tokens. A frozen copy of the starting model is the KL
+reference. "Epochs" are ``val_every`` steps: validation (greedy decoding on held-out validation users,
+candidate-set NDCG@10) and checkpoints happen at their end, so a killed run resumes exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
+from pipelines.reranker import load_candidates, load_reranker, user_sequences
+from recsys.data import PreparedDataset
+from recsys.errors import RecsysError
+from recsys.metrics import compute_metrics
+from recsys.rerank.first import constrained_log_probs
+from recsys.rerank.listwise import ListwiseReranker
+from recsys.rerank.parse import parse_ranking
+from recsys.rl.advantages import group_advantages
+from recsys.rl.grpo import policy_loss
+from recsys.rl.rank_grpo import (
+    rank_advantages,
+    rank_grpo_loss,
+    rank_rewards,
+    segment_ranks,
+)
+from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
+
+ALGOS = ("grpo", "rank-grpo", "grouprank")
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    """An RL run on a reranker started from an SFT checkpoint."""
+
+    algo: str = "rank-grpo"
+    """``grpo``, ``rank-grpo`` (listwise models) or ``grouprank`` (groupwise models)."""
+    init: str = ""
+    """The starting model: OUT/model of ``recsys train reranker --algo sft``."""
+    reward: str = "exp_inf"
+    """``rank-grpo`` only: ``exp_inf`` or ``log_decay``."""
+    group_size: int = 8
+    """Rollouts per prompt (G)."""
+    prompts_per_step: int = 8
+    temperature: float = 1.0
+    mu: int = 1
+    """Optimiser steps per batch of rollouts (>1: off-policy, old log-probs stored)."""
+    lr: float = 1e-4
+    beta: float = 1e-3
+    """KL weight against the starting model (k3 estimator)."""
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    aggregation: str = "token_mean"
+    scale_rewards: str = "std"
+    """``std`` or ``none`` (advantages only centred)."""
+    max_steps: int = 200
+    """Batches of rollouts."""
+    val_every: int = 50
+    """Steps per "epoch": validation and checkpoints at its end."""
+    max_minutes: float | None = None
+    val_users: int = 500
+    train_split: str = "valid"
+    """Prompts from ``valid`` (minus the held-out selection users, as in SFT) or ``train`` candidates."""
+    window: int = 20
+    seed: int = 0
+    precision: str = "bf16-mixed"
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be >= 2: advantages compare rollouts of the same prompt")
+
+
+class StreamSampler(Sampler[int]):
+    """Epoch e yields items [e*size, (e+1)*size) of an endless stream of seeded permutations of 0..n-1,
+    so short "epochs" walk through the data without repeats and a resumed run replays nothing."""
+
+    def __init__(self, n: int, size: int, seed: int):
+        self.n, self.size, self.seed, self.epoch = n, size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        start = self.epoch * self.size
+        cycle, offset, out = start // self.n, start % self.n, []
+        while len(out) < self.size:
+            out += np.random.default_rng([self.seed, cycle]).permutation(self.n)[offset:].tolist()
+            cycle, offset = cycle + 1, 0
+        return iter(out[:self.size])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class PromptData(L.LightningDataModule):
+    def __init__(self, dataset: PreparedDataset, candidates_dir, config: RLConfig):
+        super().__init__()
+        self.cfg = config
+        seqs = user_sequences(dataset)
+        valid = load_candidates(candidates_dir, "valid")
+        train = (valid.head(max(valid.height - config.val_users, 0)) if config.train_split == "valid"
+                 else load_candidates(candidates_dir, "train"))
+
+        def rows(df: pl.DataFrame) -> list[dict]:
+            return [{"history": seqs[r["uidx"]][:r["history_length"]], "window": [int(c) for c in r["candidates"]
+                                                                                  [:config.window]],
+                     "target": int(r["target"])} for r in df.iter_rows(named=True)]
+
+        self.train_rows, self.valid_rows = rows(train), rows(valid.tail(config.val_users))
+
+    def train_dataloader(self):
+        size = self.cfg.val_every * self.cfg.prompts_per_step
+        return DataLoader(self.train_rows, batch_size=self.cfg.prompts_per_step, collate_fn=list,
+                          sampler=StreamSampler(len(self.train_rows), size, self.cfg.seed))
+
+    def val_dataloader(self):
+        return DataLoader(self.valid_rows, batch_size=64, collate_fn=list)
+
+
+def prompt_forward(model, prompt: dict, answer: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) that predict each answer token, from one forward pass over prompt + answer.
+
+    prompt: left-padded ``input_ids``/``attention_mask``; answer (B, T) with -1 after the end."""
+    ids = torch.cat([prompt["input_ids"], answer.clamp(min=0)], 1)
+    mask = torch.cat([prompt["attention_mask"], (answer >= 0).long()], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    P = prompt["input_ids"].shape[1]
+    return logits[:, P - 1:-1]
+
+
+class RerankerRLModule(L.LightningModule):
+    """Rollouts, rewards, advantages and ``mu`` clipped updates per batch of prompts (manual optimisation)."""
+
+    def __init__(self, scorer, config: RLConfig):
+        super().__init__()
+        self.cfg, self.scorer = config, scorer
+        self.bb = scorer.bb
+        self.model = self.bb.model
+        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.listwise = isinstance(scorer, ListwiseReranker)
+        if self.listwise == (config.algo == "grouprank"):
+            raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
+        self.automatic_optimization = False
+        self._val: list[float] = []
+
+    # ---------------------------------------------------------------- rollouts and rewards
+    def _rollouts(self, rows: list[dict], generator: torch.Generator):
+        """Prompt batch, answers (B*G, T), token mask (B*G, T), rewards and per-rank rewards, stats."""
+        G = self.cfg.group_size
+        hists = [r["history"] for r in rows for _ in range(G)]
+        windows = [r["window"] for r in rows for _ in range(G)]
+        targets = [r["target"] for r in rows for _ in range(G)]
+        if self.listwise:
+            _, answer = self.scorer.generate(hists, windows, True, self.cfg.temperature, generator, return_tokens=True)
+            prompt = self.scorer._batch(self.scorer.prompts(hists, windows))
+            N = len(windows[0])
+            rel = torch.tensor([relevance(self._ranked(a, w), {t}, N) for a, w, t in zip(answer, windows, targets)])
+            seq_reward = ndcg_at_k(rel, torch.ones(len(rel)), 10)
+            return prompt, answer, answer >= 0, seq_reward, rel
+        prompt, answer, digits = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
+        relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
+        teacher = torch.where(relevant, 9.0, 0.0)
+        reward = grouprank_reward(digits.float(), teacher, relevant)
+        digit_pos = torch.zeros_like(answer, dtype=torch.bool)
+        digit_pos[:, 2:-1:4] = True                                     # "X : d \n" ... <eor>
+        return prompt, answer, digit_pos, reward, None
+
+    def _ranked(self, answer: torch.Tensor, window: list[int]) -> list[int | None]:
+        """The items a generated answer names, in order (constrained decoding: one identifier per line)."""
+        text = self.bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
+        parsed = parse_ranking(text, len(window), self.bb.tokenizer.decode([self.bb.end_id]))
+        return [window[i] for i in parsed.generated]
+
+    def _log_probs(self, model, prompt, answer, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = prompt_forward(model, prompt, answer)
+        if self.listwise:
+            n = self.cfg.window
+            return constrained_log_probs(logits, answer, self.bb.identifier_ids(n), self.bb.separator_id,
+                                         self.bb.end_id)
+        # groupwise: only the digits are sampled, from the softmax over the ten digit tokens
+        digits = logits[..., self.scorer.digit_ids].float().log_softmax(-1)                # (B, T, 10)
+        index = (answer[..., None] == self.scorer.digit_ids.to(answer.device)).float().argmax(-1)   # (B, T)
+        lp = digits.gather(-1, index[..., None])[..., 0] * mask
+        ent = -(digits.exp() * digits).sum(-1) * mask
+        return lp, ent
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, rows, batch_idx):
+        cfg, G = self.cfg, self.cfg.group_size
+        step = self.global_step // cfg.mu
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        prompt, answer, mask, reward, rel = self._rollouts(rows, gen)
+        self.model.train()
+        with torch.no_grad():
+            old_logp, entropy = self._log_probs(self.model, prompt, answer, mask)
+            ref_logp, _ = self._log_probs(self.ref, prompt, answer, mask)
+        if cfg.algo == "rank-grpo":
+            bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, rel.shape[1])
+            adv = rank_advantages(rank_rewards(rel, cfg.reward), G, cfg.scale_rewards)
+        else:
+            adv = group_advantages(reward, G, cfg.scale_rewards)[:, None]
+        opt = self.optimizers()
+        for _ in range(cfg.mu):
+            logp, _ = self._log_probs(self.model, prompt, answer, mask)
+            if cfg.algo == "rank-grpo":
+                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, cfg.beta, cfg.eps_low,
+                                             cfg.eps_high, cfg.aggregation)
+            else:
+                loss, stats = policy_loss(logp, old_logp, adv, mask, ref_logp, cfg.beta, cfg.eps_low, cfg.eps_high,
+                                          cfg.aggregation)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        B = len(rows)
+        lengths = mask.float().sum(1)
+        self.log_dict({"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
+                       "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],
+                       "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
+                       "train/length": lengths.mean(), "train/loss": loss.detach()}, batch_size=B, prog_bar=False)
+        self.log("reward", reward.mean(), prog_bar=True, batch_size=B)
+
+    # ---------------------------------------------------------------- validation
+    def validation_step(self, rows, batch_idx):
+        hists = [r["history"] for r in rows]
+        windows = [r["window"] for r in rows]
+        if self.listwise:
+            answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True)[1]
+            orders = [self._ranked(a, w) for a, w in zip(answers, windows)]
+            orders = [o + [c for c in w if c not in o] for o, w in zip(orders, windows)]
+        else:
+            _, _, digits = self.scorer.sample(hists, windows, 0.0)
+            orders = [[w[i] for i in np.argsort(-d.numpy(), kind="stable")] for d, w in zip(digits, windows)]
+        for r, o in zip(rows, orders):
+            if r["target"] in r["window"]:
+                self._val.append(float(o.index(r["target"])))
+
+    def on_validation_epoch_end(self):
+        ranks = np.array(self._val)[:, None]
+        self._val.clear()
+        m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"]) if len(ranks) else {"ndcg@10": 0.0}
+        self.log("val/cand_ndcg@10", m["ndcg@10"], prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, progress: bool = True,
+             resume: bool = True) -> Path:
+    """RL on a reranker from ``config.init``; saves the best model (by validation) to ``out/model``."""
+    from lightning.pytorch.callbacks import Timer
+    from lightning.pytorch.loggers import CSVLogger
+
+    if not config.init:
+        raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
+    out = Path(out)
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_steps", "max_minutes")}
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
+                                   "candidates": str(Path(candidates_dir).resolve())}, resume)
+    L.seed_everything(config.seed, verbose=False)
+    scorer = load_reranker(config.init, dataset, window=config.window)
+    scorer.bf16 = False                                   # Lightning's precision plugin does the autocast
+    data = PromptData(dataset, candidates_dir, config)
+    module = RerankerRLModule(scorer, config)
+    best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
+    callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
+    epochs = -(-config.max_steps // config.val_every)
+    trainer = L.Trainer(max_epochs=epochs, precision=config.precision, accelerator="auto", devices=1,
+                        callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
+                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1)
+    start = time.time()
+    if not last:                                          # the starting point is scored too: step 0
+        trainer.validate(module, data.val_dataloader(), verbose=False)
+        start_score = float(trainer.callback_metrics["val/cand_ndcg@10"])
+    else:
+        start_score = json.loads((out / "start.json").read_text())["val/cand_ndcg@10"]
+    (out / "start.json").write_text(json.dumps({"val/cand_ndcg@10": start_score}))
+    trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
+    module.model.save_pretrained(out / "model")
+    module.bb.tokenizer.save_pretrained(out / "model")
+    (out / "model" / "reranker.json").write_text(json.dumps(init_meta, indent=2))
+    (out / "train.json").write_text(json.dumps({
+        "kind": init_meta["kind"], "algo": config.algo, "seconds": time.time() - start,
+        "steps": trainer.global_step // config.mu, "start_val_cand_ndcg@10": start_score,
+        "best_val_cand_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
+        "dataset_fingerprint": dataset.fingerprint}, indent=2))
+    return out / "model"
