@@ -198,10 +198,10 @@ class RerankerSFTModule(L.LightningModule):
         return loss
 
     def validation_step(self, rows, batch_idx):
-        for r in rows:
-            cands = [int(c) for c in r["candidates"][:self.cfg.window]]
-            if r["target"] in cands:
-                ranked = self.scorer.rerank(r["history"], cands)
+        rows = [r for r in rows if r["target"] in list(r["candidates"][:self.cfg.window])]
+        windows = [[int(c) for c in r["candidates"][:self.cfg.window]] for r in rows]
+        if rows:
+            for r, ranked in zip(rows, self.scorer.rank_windows([r["history"] for r in rows], windows)):
                 self._ranks.append(float(ranked.index(r["target"])))
 
     def on_validation_epoch_end(self):
@@ -332,17 +332,27 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     df = load_candidates(candidates_dir, split)
     df = df.head(limit) if limit else df
     sequences = user_sequences(dataset)
-    reranked, before, after, seconds = [], [], [], 0.0
-    for r in tqdm(df.iter_rows(named=True), total=df.height, desc=f"rerank {split}", disable=not progress):
-        cands = [int(c) for c in r["candidates"][:depth]]
-        history = sequences[r["uidx"]][:r["history_length"]]
-        t = time.perf_counter()
-        new = scorer.rerank(history, cands) if mode == "first" else scorer.rerank_generate_window(history, cands)
-        seconds += time.perf_counter() - t
-        reranked.append(new)
-        before.append(cands.index(r["target"]) if r["target"] in cands else np.inf)
-        after.append(new.index(r["target"]) if r["target"] in new else np.inf)
-    result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(cands)}
+    rows = list(df.iter_rows(named=True))
+    lists = [[int(c) for c in r["candidates"][:depth]] for r in rows]
+    histories = [sequences[r["uidx"]][:r["history_length"]] for r in rows]
+    size = scorer.window if isinstance(scorer, ListwiseReranker) else scorer.c
+    one_window = len({len(c) for c in lists}) == 1 and len(lists[0]) <= size
+    t = time.perf_counter()
+    if one_window:                                   # every list is one window: batched, 32 lists per call
+        reranked = []
+        for i in tqdm(range(0, len(lists), 32), desc=f"rerank {split} ({mode})", disable=not progress):
+            args = (histories[i:i + 32], lists[i:i + 32])
+            reranked += (scorer.rank_windows(*args, mode=mode) if isinstance(scorer, ListwiseReranker)
+                         else scorer.rank_windows(*args))
+    else:                                            # sliding windows / several groups: one list at a time
+        rerank = scorer.rerank if mode == "first" else scorer.rerank_generate_window
+        reranked = [rerank(h, c) for h, c in tqdm(list(zip(histories, lists)), desc=f"rerank {split} ({mode})",
+                                                    disable=not progress)]
+    seconds = time.perf_counter() - t
+    before = [c.index(r["target"]) if r["target"] in c else np.inf for c, r in zip(lists, rows)]
+    after = [n.index(r["target"]) if r["target"] in n else np.inf for n, r in zip(reranked, rows)]
+    result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(lists[0]),
+                                                      "batched": one_window}
     Path(out).mkdir(parents=True, exist_ok=True)
     df.with_columns(pl.Series("reranked", reranked, dtype=pl.List(pl.Int32))).write_parquet(
         Path(out) / f"reranked_{split}.parquet")

@@ -186,7 +186,7 @@ class RerankerRLModule(L.LightningModule):
             rel = torch.tensor([relevance(self._ranked(a, w), {t}, N) for a, w, t in zip(answer, windows, targets)])
             seq_reward = ndcg_at_k(rel, torch.ones(len(rel)), 10)
             return prompt, answer, answer >= 0, seq_reward, rel
-        prompt, answer, digits = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
+        prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
         teacher = torch.where(relevant, 9.0, 0.0)
         reward = grouprank_reward(digits.float(), teacher, relevant)
@@ -257,8 +257,7 @@ class RerankerRLModule(L.LightningModule):
             orders = [self._ranked(a, w) for a, w in zip(answers, windows)]
             orders = [o + [c for c in w if c not in o] for o, w in zip(orders, windows)]
         else:
-            _, _, digits = self.scorer.sample(hists, windows, 0.0)
-            orders = [[w[i] for i in np.argsort(-d.numpy(), kind="stable")] for d, w in zip(digits, windows)]
+            orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):
             if r["target"] in r["window"]:
                 self._val.append(float(o.index(r["target"])))

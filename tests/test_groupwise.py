@@ -72,11 +72,13 @@ def test_batched_greedy_sampling_matches_the_one_group_scorer():
     bb = build_tiny(n_items=20, hidden_size=32, num_heads=2, seed=3)
     rr = GroupwiseReranker(bb, group_size=3)
     hists, groups = [[1, 2, 3, 4, 5], [6]], [[7, 8, 9], [10, 11, 12]]
-    _, answer, digits = rr.sample(hists, groups, temperature=0.0)
+    _, answer, digits, expected = rr.sample(hists, groups, temperature=0.0)
     for h, g, d, a in zip(hists, groups, digits, answer):
         prompt_ids = bb.tokenizer(groupwise_prompt(bb, h, g), add_special_tokens=False)["input_ids"]
         with torch.no_grad():
             logits = bb.model(torch.tensor([prompt_ids + a.tolist()])).logits[0, len(prompt_ids) - 1:-1]
-        expected = logits[2::4][:3, rr.digit_ids].argmax(-1)                 # digit positions of the answer
-        assert torch.equal(d, expected)
+        greedy = logits[2::4][:3, rr.digit_ids].argmax(-1)                   # digit positions of the answer
+        assert torch.equal(d, greedy)
         assert a.tolist() == answer_ids(bb, d.tolist())
+    for h, g, e in zip(hists, groups, expected):                                # expected digits = score_group
+        assert np.allclose(e.numpy(), rr.score_group(h, g), atol=1e-4)

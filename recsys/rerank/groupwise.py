@@ -124,24 +124,26 @@ class GroupwiseReranker:
 
     @torch.no_grad()
     def sample(self, histories, groups: list[list[int]], temperature: float = 1.0,
-               generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+               generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Sample a score for every candidate of B groups of equal size c (RL rollouts).
 
         Returns the prompt batch, the answer ids (B, 4c + 1): ``X : d \\n`` per candidate then the end
-        token, with only the digits sampled (the rest is forced), and the digits (B, c). ``temperature``
-        0 = greedy digits."""
+        token, with only the digits sampled (the rest is forced), the digits (B, c), and the expected
+        digit at each step (B, c), which is the score :meth:`score_group` gives. ``temperature`` 0 =
+        greedy digits."""
         self.bb.model.eval()
         batch = self._prompt_batch(histories, groups)
         B, c = len(groups), len(groups[0])
         out = self.bb.model(**batch, use_cache=True)
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
-        answer, digits = [], []
+        answer, digits, expected = [], [], []
         for j in range(c):
             forced = torch.tensor([[self.bb.token_id(LETTERS[j]), self.colon]]).expand(B, 2)
             mask = torch.cat([mask, torch.ones(B, 2, dtype=mask.dtype)], 1)
             out = self.bb.model(input_ids=forced, attention_mask=mask, position_ids=pos + torch.arange(1, 3),
                                 past_key_values=out.past_key_values, use_cache=True)
             logits = out.logits[:, -1, self.digit_ids].float()
+            expected.append(expected_digit(logits))
             if temperature > 0:
                 d = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
             else:
@@ -154,4 +156,14 @@ class GroupwiseReranker:
                                 past_key_values=out.past_key_values, use_cache=True)
             pos = pos + 4
         answer.append(torch.full((B, 1), self.bb.end_id))
-        return batch, torch.cat(answer, 1), torch.stack(digits, 1)
+        return batch, torch.cat(answer, 1), torch.stack(digits, 1), torch.stack(expected, 1)
+
+    def rank_windows(self, histories, windows: list[list[int]], batch_size: int = 32) -> list[list[int]]:
+        """Batched scoring of whole windows as one group each (len(window) == group size); the
+        reordered windows, by expected score (ties: original order)."""
+        orders = []
+        for i in range(0, len(windows), batch_size):
+            _, _, _, scores = self.sample(histories[i:i + batch_size], windows[i:i + batch_size], 0.0)
+            orders += [[w[j] for j in np.argsort(-s.numpy(), kind="stable")]
+                       for s, w in zip(scores, windows[i:i + batch_size])]
+        return orders

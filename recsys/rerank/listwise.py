@@ -111,3 +111,19 @@ class ListwiseReranker:
             return parse_ranking(text, len(chunk), self.bb.tokenizer.decode([self.bb.end_id])).order
 
         return sliding_window_rerank(candidates, rank_window, self.window, self.stride)
+
+    def rank_windows(self, histories, windows: list[list[int]], mode: str = "first",
+                     batch_size: int = 32) -> list[list[int]]:
+        """Batched reranking of single windows (len <= window): FIRST scores or constrained greedy
+        generation (unnamed candidates appended in their given order). Returns the reordered windows."""
+        orders = []
+        for i in range(0, len(windows), batch_size):
+            h, w = histories[i:i + batch_size], windows[i:i + batch_size]
+            if mode == "first":
+                orders += [[c[j] for j in torch.sort(s, descending=True, stable=True).indices.tolist()]
+                           for s, c in zip(self.first_scores(h, w), w)]
+            else:
+                end = self.bb.tokenizer.decode([self.bb.end_id])
+                orders += [[c[j] for j in parse_ranking(text, len(c), end).order]
+                           for text, c in zip(self.generate(h, w, constrained=True), w)]
+        return orders
