@@ -1,0 +1,169 @@
+"""Rerankers on ML-1M test: SASRec candidates reranked by SFT'd listwise and groupwise LLM rerankers.
+
+    python -m pipelines.benchmarks.rerankers --sasrec artifacts/bench/runs/sasrec-seed0
+
+Steps (each skipped when its output exists, so a rerun only redoes what is missing):
+1. SASRec top-50 candidates for train / valid / test (the top-20 is their prefix).
+2. ``tiny`` listwise and groupwise SFT (recipes ``*_sft_tiny.yaml``; item tokens from SASRec),
+   reranking all test users' top-20 (FIRST / expected-score), the listwise one also the top-50
+   through the sliding window (window 20, stride 10).
+3. FIRST vs full constrained generation, same model, same users, same batching: the speed ratio and
+   the NDCG@10 difference.
+4. ``smollm2-135m``: validity of unconstrained generation before SFT, listwise and groupwise SFT on a
+   few hundred validation targets, reranking the first ``--smollm2-users`` test users, validity after.
+
+Rows carry full-ranking pipeline metrics (a target outside the candidates is a miss) and candidate-set
+metrics (``cand_``, only users whose target is among the candidates). Rows on a user subset say so and
+come with the retriever order on the same subset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from pipelines.benchmarks.common import Provenance, write_result
+
+METRICS = ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "mrr"]
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def row(name: str, result: dict, which: str = "reranked", **extra) -> dict:
+    m = result[which]
+    return {"name": name, "metrics": {k: m[k] for k in METRICS} | {f"cand_{k}": m[f"cand_{k}"] for k in METRICS},
+            "num_users": m["num_queries"], "target_in_candidates": m["target_in_candidates"], **extra}
+
+
+def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, prompt_kind: str | None = None) -> dict:
+    """Unconstrained greedy generation on the first ``users`` test windows: how often the answer is a
+    valid ranking (every line one identifier of the window, no duplicates, the end token)."""
+    from pipelines.reranker import item_titles, load_candidates, user_sequences
+    from recsys.llm.backbone import load_backbone
+    from recsys.rerank.listwise import ListwiseReranker
+    from recsys.rerank.parse import parse_ranking
+
+    bb = load_backbone(model_dir_or_backbone)
+    df = load_candidates(candidates_dir, "test").head(users)
+    seqs = user_sequences(dataset)
+    rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=10)
+    end = bb.tokenizer.decode([bb.end_id])
+    counts = {"valid": 0, "complete": 0, "malformed_lines": 0, "duplicates": 0, "out_of_window": 0}
+    rows = list(df.iter_rows(named=True))
+    for i in range(0, len(rows), 8):
+        chunk = rows[i:i + 8]
+        texts = rr.generate([seqs[r["uidx"]][:r["history_length"]] for r in chunk],
+                            [[int(c) for c in r["candidates"][:20]] for r in chunk], constrained=False)
+        for t in texts:
+            p = parse_ranking(t, 20, end)
+            counts["valid"] += p.valid
+            counts["complete"] += p.valid and len(p.generated) == 20
+            counts["malformed_lines"] += p.malformed
+            counts["duplicates"] += p.duplicate
+            counts["out_of_window"] += p.out_of_window
+    n = len(rows)
+    return {"users": n, "valid_rate": counts["valid"] / n, "complete_rate": counts["complete"] / n,
+            "malformed_lines_per_answer": counts["malformed_lines"] / n,
+            "duplicates_per_answer": counts["duplicates"] / n, "out_of_window_per_answer": counts["out_of_window"] / n}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="artifacts/bench/data/ml-1m", help="prepared ML-1M directory")
+    p.add_argument("--sasrec", default="artifacts/bench/runs/sasrec-seed0", help="SASRec run directory")
+    p.add_argument("--out", default="artifacts/rerankers")
+    p.add_argument("--speed-users", type=int, default=1000, help="test users in the FIRST vs generation timing")
+    p.add_argument("--smollm2-users", type=int, default=200, help="test users reranked by the smollm2 models")
+    p.add_argument("--validity-users", type=int, default=50)
+    p.add_argument("--skip-smollm2", action="store_true")
+    a = p.parse_args()
+    provenance = Provenance("pipelines.benchmarks.rerankers")
+
+    from pipelines.config import load_config
+    from pipelines.reranker import RerankerSFTConfig, rerank_candidates, train_reranker
+    from pipelines.retrieval import candidates
+    from recsys.data import PreparedDataset
+
+    out = Path(a.out)
+    ds = PreparedDataset.load(a.data)
+    cands = out / "cands-sasrec50"
+    if not (cands / "candidates.json").exists():
+        candidates(ds, "sasrec", cands, n=50, sasrec=a.sasrec)
+    sasrec_model = str(Path(a.sasrec) / "model")
+    rows, stages, extra = [], {}, {}
+
+    def timed(name, fn, *args, **kw):
+        t = time.time()
+        value = fn(*args, **kw)
+        stages[name] = round(time.time() - t, 1)
+        return value
+
+    def rerank(model, tag, **kw):
+        path = out / "eval" / tag
+        cached = path / "rerank_metrics_test.json"
+        if cached.exists():
+            return json.loads(cached.read_text())
+        return rerank_candidates(ds, model, cands, path, progress=False, **kw)
+
+    # -------- tiny: listwise and groupwise SFT
+    tiny = {}
+    for kind in ("listwise", "groupwise"):
+        cfg = load_config(RerankerSFTConfig, CONFIGS / f"{kind}_sft_tiny.yaml", {"init_items_from": sasrec_model})
+        tiny[kind] = timed(f"train {kind}-sft-tiny", train_reranker, ds, cands, out / f"{kind}-sft-tiny", cfg,
+                           progress=False)
+    lw20 = timed("rerank listwise-sft-tiny top-20", rerank, tiny["listwise"], "lw-tiny-20", depth=20)
+    rows.append(row("retriever-order", lw20, "retriever", backbone="-", depth=20))
+    rows.append(row("listwise-sft-tiny", lw20, backbone="tiny", depth=20, scoring="FIRST"))
+    lw50 = timed("rerank listwise-sft-tiny top-50", rerank, tiny["listwise"], "lw-tiny-50", depth=50)
+    rows.append(row("retriever-order@50", lw50, "retriever", backbone="-", depth=50))
+    rows.append(row("listwise-sft-tiny@50", lw50, backbone="tiny", depth=50, scoring="FIRST, sliding window 20/10"))
+    gw20 = timed("rerank groupwise-sft-tiny top-20", rerank, tiny["groupwise"], "gw-tiny-20", depth=20)
+    rows.append(row("groupwise-sft-tiny", gw20, backbone="tiny", depth=20, scoring="expected digit, c=20"))
+
+    # -------- FIRST vs full generation: same model, users, batching (32 lists per call), one run
+    first = rerank_candidates(ds, tiny["listwise"], cands, out / "eval" / "speed-first", limit=a.speed_users,
+                              depth=20, mode="first", progress=False)
+    gen = rerank_candidates(ds, tiny["listwise"], cands, out / "eval" / "speed-generate", limit=a.speed_users,
+                            depth=20, mode="generate", progress=False)
+    speed = {"model": "listwise-sft-tiny", "users": a.speed_users, "first_seconds": round(first["seconds"], 2),
+             "generate_seconds": round(gen["seconds"], 2), "first_ndcg@10": first["reranked"]["ndcg@10"],
+             "generate_ndcg@10": gen["reranked"]["ndcg@10"]}
+
+    # -------- smollm2-135m (user subset on CPU)
+    if not a.skip_smollm2:
+        extra["validity_before_sft"] = timed("validity smollm2 base", validity, ds, "smollm2-135m", cands,
+                                             a.validity_users)
+        for kind in ("listwise", "groupwise"):
+            cfg = load_config(RerankerSFTConfig, CONFIGS / f"{kind}_sft_smollm2.yaml")
+            model = timed(f"train {kind}-sft-smollm2", train_reranker, ds, cands, out / f"{kind}-sft-smollm2", cfg,
+                          progress=False)
+            res = timed(f"rerank {kind}-sft-smollm2", rerank, model, f"{kind}-smollm2", depth=20,
+                        limit=a.smollm2_users)
+            if kind == "listwise":
+                rows.append(row(f"retriever-order (first {a.smollm2_users} users)", res, "retriever", backbone="-",
+                                depth=20))
+                extra["validity_after_sft"] = timed("validity smollm2 sft", validity, ds, model, cands,
+                                                    a.validity_users)
+                s = json.loads((out / f"{kind}-sft-smollm2" / "train.json").read_text())
+                extra["smollm2_train_examples"] = s["train_examples"]
+            rows.append(row(f"{kind}-sft-smollm2", res, backbone="smollm2-135m", depth=20,
+                            users=f"first {a.smollm2_users} test users"))
+
+    base = rows[0]["metrics"]["ndcg@10"]
+    write_result("rerankers", provenance, {
+        "dataset": "ml-1m", "split": "test", "candidates": f"SASRec ({a.sasrec}) top-50; rows at depth 20 use the top-20",
+        "protocol": "pipeline metrics: full ranking, target outside the candidates = miss; cand_: only users whose "
+                    "target is among the candidates",
+        "rows": rows, "speed": speed, "stage_seconds": stages, **extra,
+        "ratios": {"first_speedup": speed["generate_seconds"] / speed["first_seconds"],
+                   "first_vs_generate_ndcg@10_relative_change":
+                       (speed["first_ndcg@10"] - speed["generate_ndcg@10"]) / max(speed["generate_ndcg@10"], 1e-12),
+                   "listwise-sft-tiny/retriever ndcg@10": rows[1]["metrics"]["ndcg@10"] / base,
+                   "groupwise-sft-tiny/retriever ndcg@10":
+                       next(r for r in rows if r["name"] == "groupwise-sft-tiny")["metrics"]["ndcg@10"] / base},
+    })
+
+
+if __name__ == "__main__":
+    main()
