@@ -10,7 +10,7 @@ Steps (each skipped when its output exists, so a rerun only redoes what is missi
 3. FIRST vs full constrained generation, same model, same users, same batching: the speed ratio and
    the NDCG@10 difference.
 4. ``smollm2-135m``: validity of unconstrained generation before SFT, listwise and groupwise SFT on a
-   few hundred validation targets, reranking the first ``--smollm2-users`` test users, validity after.
+   hundred validation targets, reranking the first ``--smollm2-users`` test users, validity after.
 
 Rows carry full-ranking pipeline metrics (a target outside the candidates is a miss) and candidate-set
 metrics (``cand_``, only users whose target is among the candidates). Rows on a user subset say so and
@@ -47,7 +47,7 @@ def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, prompt_
     bb = load_backbone(model_dir_or_backbone)
     df = load_candidates(candidates_dir, "test").head(users)
     seqs = user_sequences(dataset)
-    rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=10)
+    rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=5)
     end = bb.tokenizer.decode([bb.end_id])
     counts = {"valid": 0, "complete": 0, "malformed_lines": 0, "duplicates": 0, "out_of_window": 0}
     rows = list(df.iter_rows(named=True))
@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--sasrec", default="artifacts/bench/runs/sasrec-seed0", help="SASRec run directory")
     p.add_argument("--out", default="artifacts/rerankers")
     p.add_argument("--speed-users", type=int, default=1000, help="test users in the FIRST vs generation timing")
-    p.add_argument("--smollm2-users", type=int, default=200, help="test users reranked by the smollm2 models")
-    p.add_argument("--validity-users", type=int, default=50)
+    p.add_argument("--smollm2-users", type=int, default=100, help="test users reranked by the smollm2 models")
+    p.add_argument("--validity-users", type=int, default=20)
     p.add_argument("--skip-smollm2", action="store_true")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rerankers")
