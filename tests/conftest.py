@@ -34,3 +34,25 @@ def tiny_dataset(tmp_path):
     from recsys.data import prepare, read_dataset
 
     return prepare(read_dataset(FIXTURES / "tiny"), tmp_path / "prepared")
+
+
+@pytest.fixture
+def exported(tiny_dataset, tmp_path):
+    import json
+
+    from recsys.llm.backbone import build_tiny
+    from recsys.models.sasrec import SASRec, SASRecConfig
+    from serving.export import export
+
+    torch.manual_seed(0)
+    sas = SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=12, hidden_size=16, num_layers=2),
+                 tiny_dataset.fingerprint)
+    sas.save_pretrained(tmp_path / "sas")
+    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1)
+    bb.model.save_pretrained(tmp_path / "rr")
+    bb.tokenizer.save_pretrained(tmp_path / "rr")
+    (tmp_path / "rr" / "reranker.json").write_text(json.dumps({
+        "kind": "listwise", "prompt": "tiny", "window": 8, "group_size": 8, "max_history": 10,
+        "dataset_fingerprint": tiny_dataset.fingerprint}))
+    out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve", tmp_path / "rr", quantize=True)
+    return out, sas, tmp_path / "rr"

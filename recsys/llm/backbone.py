@@ -20,11 +20,7 @@ from pathlib import Path
 import torch
 
 from recsys.errors import RecsysError
-
-END = "<eor>"
-STRUCTURE = ["<pad>", "<unk>", "<bos>", "\n", END, "history:", "candidates:", "answer:", "score:", ":"]
-LETTERS = [chr(ord("A") + i) for i in range(26)]
-DIGITS = [str(d) for d in range(10)]
+from recsys.llm.vocab import DIGITS, END, LETTERS, STRUCTURE
 
 
 @dataclass

@@ -123,9 +123,10 @@ class SASRec(nn.Module):
         positions = torch.arange(self.config.max_len - T + 1, self.config.max_len + 1, device=input_ids.device)
         x = self.item_emb(input_ids) * math.sqrt(self.config.hidden_size) + self.pos_emb(positions)
         x = self.emb_dropout(x) * valid.unsqueeze(-1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+        steps = torch.arange(T, device=input_ids.device)
+        causal = steps[:, None] >= steps[None, :]              # comparisons, not tril/eye: ONNX Runtime runs them
         # A query may see earlier non-padding keys, and always itself (so padding rows are not all-masked).
-        mask = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=input_ids.device)
+        mask = (causal & valid[:, None, :]) | (steps[:, None] == steps[None, :])
         mask = mask.unsqueeze(1)                                                   # (B, 1, T, T)
         for block in self.blocks:
             x = block(x, mask) * valid.unsqueeze(-1)

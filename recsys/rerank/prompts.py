@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from recsys.llm.backbone import END, LETTERS, Backbone
+from recsys.llm.vocab import END, LETTERS
+
+if TYPE_CHECKING:
+    from recsys.llm.backbone import Backbone
 
 
 @lru_cache

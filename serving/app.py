@@ -1,0 +1,358 @@
+"""The online ranking API: a FastAPI app factory over an exported serving directory.
+
+    recsys serve artifacts/serve --host 127.0.0.1 --port 8000
+    curl -s localhost:8000/v1/recommend -d '{"user_id": "1m_1", "k": 5}' -H 'content-type: application/json'
+
+Endpoints: ``POST /v1/recommend`` (a user id or a raw history of item ids), ``POST /v1/rerank``
+(history + candidate ids), ``GET /healthz`` (alive), ``GET /readyz`` (200 once the models are
+loaded), ``GET /metrics`` (Prometheus text), ``GET /v1/models``; OpenAPI docs at ``/docs``.
+
+Behaviour a client can rely on:
+- unknown item ids in a *history* or *exclude* list are dropped and listed in ``unknown_items``;
+  unknown *candidate* ids in ``/v1/rerank`` are a 422 naming them; an unknown user is a 404;
+- a history that is empty (after dropping unknown ids) is a 422;
+- concurrent ``/v1/recommend`` requests are micro-batched into one ONNX call (``max_batch``,
+  ``max_wait_ms``; ``micro_batching=False`` serves each request on its own);
+- if the reranker fails or exceeds ``rerank_timeout_ms``, the retrieval order is returned with
+  ``reranked: false`` and ``fallback`` saying why;
+- bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from serving.runtime import Recommender, RecommendQuery
+
+log = logging.getLogger("recsys.serving")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    max_batch: int = 32
+    max_wait_ms: float = 2.0
+    micro_batching: bool = True
+    rerank_timeout_ms: float = 1000.0
+    max_body_bytes: int = 64_000
+    api_key: str | None = None
+    threads: int | None = None
+    int8: bool = False
+
+
+# ---------------------------------------------------------------- schemas
+class RecommendRequest(BaseModel):
+    user_id: str | None = Field(None, description="a known user: their whole history is used")
+    history: list[str] | None = Field(None, max_length=1000, description="item ids, oldest first")
+    k: int = Field(10, ge=1, le=100)
+    exclude: list[str] = Field(default_factory=list, max_length=1000)
+    candidates: int = Field(50, ge=1, le=500, description="retrieved before reranking")
+    rerank: bool = True
+
+
+class RerankRequest(BaseModel):
+    history: list[str] = Field(..., max_length=1000)
+    candidates: list[str] = Field(..., min_length=1, max_length=100)
+    k: int | None = Field(None, ge=1, le=100)
+
+
+class ScoredItemOut(BaseModel):
+    item_id: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    items: list[ScoredItemOut]
+    reranked: bool
+    fallback: str | None = None
+    unknown_items: list[str] = []
+    model_version: str
+    latency_ms: float
+
+
+class RerankResponse(BaseModel):
+    items: list[ScoredItemOut]
+    unknown_items: list[str] = []
+    model_version: str
+    latency_ms: float
+
+
+# ---------------------------------------------------------------- metrics
+class Metrics:
+    """Counters and histograms in the Prometheus text format (no client library needed)."""
+
+    BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+    BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+    def __init__(self):
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.latency = {path: [0] * (len(self.BUCKETS) + 1) for path in ("/v1/recommend", "/v1/rerank")}
+        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.batches = [0] * (len(self.BATCH_BUCKETS) + 1)
+        self.batch_sum = 0
+        self.errors = 0
+        self.fallbacks: dict[str, int] = defaultdict(int)
+
+    @staticmethod
+    def _observe(counts: list[int], buckets, value: float) -> None:
+        counts[next((i for i, b in enumerate(buckets) if value <= b), len(buckets))] += 1
+
+    def observe_request(self, path: str, status: int, ms: float) -> None:
+        self.requests[(path, status)] += 1
+        if status >= 500:
+            self.errors += 1
+        if path in self.latency:
+            self._observe(self.latency[path], self.BUCKETS, ms)
+            self.latency_sum[path] += ms
+
+    def observe_batch(self, size: int) -> None:
+        self._observe(self.batches, self.BATCH_BUCKETS, size)
+        self.batch_sum += size
+
+    @staticmethod
+    def _histogram(name: str, labels: str, counts, buckets, total: float) -> list[str]:
+        lines, cum = [], 0
+        for b, c in zip([*buckets, "+Inf"], counts):
+            cum += c
+            lines.append(f'{name}_bucket{{{labels}le="{b}"}} {cum}')
+        return lines + [f"{name}_sum{{{labels.rstrip(',')}}} {total}", f"{name}_count{{{labels.rstrip(',')}}} {cum}"]
+
+    def render(self) -> str:
+        out = ["# TYPE recsys_requests_total counter"]
+        out += [f'recsys_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
+        out += ["# TYPE recsys_errors_total counter", f"recsys_errors_total {self.errors}",
+                "# TYPE recsys_rerank_fallbacks_total counter"]
+        out += [f'recsys_rerank_fallbacks_total{{reason="{r}"}} {n}' for r, n in sorted(self.fallbacks.items())]
+        out += ["# TYPE recsys_request_latency_ms histogram"]
+        for path, counts in self.latency.items():
+            out += self._histogram("recsys_request_latency_ms", f'path="{path}",', counts, self.BUCKETS,
+                                   self.latency_sum[path])
+        out += ["# TYPE recsys_batch_size histogram"]
+        out += self._histogram("recsys_batch_size", "", self.batches, self.BATCH_BUCKETS, self.batch_sum)
+        return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- micro-batching
+class Batcher:
+    """Collects concurrent queries into batches of at most ``max_batch``, waiting at most ``max_wait_ms``
+    after the first, and runs each batch in a worker thread (ONNX Runtime releases the GIL)."""
+
+    def __init__(self, recommender: Recommender, settings: ServeSettings, metrics: Metrics):
+        self.rec, self.settings, self.metrics = recommender, settings, metrics
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+
+    async def submit(self, query: RecommendQuery) -> dict:
+        if not self.settings.micro_batching:
+            return (await self._run([query]))[0]
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((query, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            deadline = time.perf_counter() + self.settings.max_wait_ms / 1000
+            while len(batch) < self.settings.max_batch:
+                timeout = deadline - time.perf_counter()
+                if timeout <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except TimeoutError:
+                    break
+            try:
+                results = await self._run([q for q, _ in batch])
+                for (_, f), r in zip(batch, results):
+                    if not f.done():
+                        f.set_result(r)
+            except Exception as e:                                   # noqa: BLE001 - every waiter must hear
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+
+    async def _run(self, queries: list[RecommendQuery]) -> list[dict]:
+        """Retrieval, then reranking under a timeout; a failed or late reranker leaves the retrieval order."""
+        self.metrics.observe_batch(len(queries))
+        retrieved = await asyncio.to_thread(self.rec.retrieve, queries)
+        results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False, "fallback": None}
+                   for q, (items, scores) in zip(queries, retrieved)]
+        todo = [i for i, q in enumerate(queries) if q.rerank and retrieved[i][0]]
+        if not todo:
+            return results
+        if self.rec.first is None:
+            for i in todo:
+                results[i]["fallback"] = "no reranker loaded"
+            return results
+        try:
+            reranked = await asyncio.wait_for(asyncio.to_thread(
+                self.rec.rerank_windows, [queries[i].history for i in todo], [retrieved[i][0] for i in todo]),
+                self.settings.rerank_timeout_ms / 1000)
+        except Exception as e:                                       # noqa: BLE001 - degrade, never fail
+            reason = "timeout" if isinstance(e, TimeoutError) else f"error: {type(e).__name__}"
+            self.metrics.fallbacks[reason.split(":")[0]] += 1
+            log.warning(json.dumps({"event": "rerank_fallback", "reason": reason, "batch": len(todo)}))
+            for i in todo:
+                results[i]["fallback"] = reason
+            return results
+        for i, (items, scores) in zip(todo, reranked):
+            results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True,
+                          "fallback": None}
+        return results
+
+
+# ---------------------------------------------------------------- app
+def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The API over ``directory`` (written by ``recsys export``); models load in the lifespan."""
+    directory = Path(directory)
+    state: dict = {"ready": False}
+    metrics = Metrics()
+
+    async def load() -> None:
+        t = time.perf_counter()
+        try:
+            rec = await asyncio.to_thread(Recommender, directory, threads=settings.threads, int8=settings.int8)
+            histories = directory / "histories.parquet"
+            if histories.exists():
+                import polars as pl
+
+                df = await asyncio.to_thread(pl.read_parquet, histories)
+                state["users"] = dict(zip(df["user_id"].to_list(), df["history"].to_list()))
+        except Exception as e:                                       # noqa: BLE001 - reported by /readyz
+            state["error"] = f"{type(e).__name__}: {e}"
+            log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": state["error"]}))
+            return
+        state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics)
+        state["batcher"].start()
+        state["ready"] = True
+        log.info(json.dumps({"event": "loaded", "directory": str(directory), "version": rec.version,
+                             "seconds": round(time.perf_counter() - t, 3)}))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background: the server answers /healthz at once and /readyz turns 200 when ready.
+        task = asyncio.create_task(load())
+        yield
+        task.cancel()
+        if state.get("batcher"):
+            await state["batcher"].stop()
+
+    app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
+                  description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")
+
+    @app.middleware("http")
+    async def limits_and_logs(request: Request, call_next):
+        t = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length is not None and int(length) > settings.max_body_bytes:
+            response = JSONResponse({"detail": f"request body of {length} bytes exceeds {settings.max_body_bytes}"},
+                                    status_code=413)
+        else:
+            response = await call_next(request)
+        ms = (time.perf_counter() - t) * 1000
+        metrics.observe_request(request.url.path, response.status_code, ms)
+        log.info(json.dumps({"method": request.method, "path": request.url.path, "status": response.status_code,
+                             "ms": round(ms, 2)}))
+        return response
+
+    def authorised(request: Request) -> None:
+        if settings.api_key and request.headers.get("x-api-key") != settings.api_key:
+            raise HTTPException(401, "missing or wrong x-api-key")
+
+    def ready() -> Recommender:
+        if not state["ready"]:
+            raise HTTPException(503, "models are still loading")
+        return state["rec"]
+
+    def to_idx(rec: Recommender, ids: list[str]) -> tuple[list[int], list[str]]:
+        known = [rec.item_idx[i] for i in ids if i in rec.item_idx]
+        return known, [i for i in ids if i not in rec.item_idx]
+
+    def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[ScoredItemOut]:
+        return [ScoredItemOut(item_id=rec.item_ids[i], score=s) for i, s in zip(idx, scores)]
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not state["ready"]:
+            return JSONResponse({"status": "failed", "error": state["error"]} if "error" in state
+                                else {"status": "loading"}, status_code=503)
+        return {"status": "ready", "model_version": state["rec"].version}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus():
+        return metrics.render()
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)])
+    async def models():
+        rec = ready()
+        return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
+                "reranker": rec.first is not None, "items": rec.n_items}
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)])
+    async def recommend(body: RecommendRequest):
+        t = time.perf_counter()
+        rec = ready()
+        if (body.user_id is None) == (body.history is None):
+            raise HTTPException(422, "give exactly one of user_id or history")
+        unknown: list[str] = []
+        if body.user_id is not None:
+            if body.user_id not in state.get("users", {}):
+                raise HTTPException(404, f"unknown user_id {body.user_id!r}")
+            history = list(state["users"][body.user_id])
+        else:
+            history, unknown = to_idx(rec, body.history)
+        exclude, unknown_ex = to_idx(rec, body.exclude)
+        if not history:
+            raise HTTPException(422, "empty history" + (f" (unknown item ids {unknown})" if unknown else ""))
+        query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank)
+        result = await state["batcher"].submit(query)
+        return RecommendResponse(items=items_out(rec, result["items"], result["scores"]), reranked=result["reranked"],
+                                 fallback=result["fallback"], unknown_items=unknown + unknown_ex,
+                                 model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
+
+    @app.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(authorised)])
+    async def rerank(body: RerankRequest):
+        t = time.perf_counter()
+        rec = ready()
+        if rec.first is None:
+            raise HTTPException(501, "this deployment has no reranker")
+        history, unknown = to_idx(rec, body.history)
+        cands, unknown_c = to_idx(rec, body.candidates)
+        if unknown_c:
+            raise HTTPException(422, f"unknown candidate item ids {unknown_c}")
+        if not history:
+            raise HTTPException(422, "empty history" + (f" (unknown item ids {unknown})" if unknown else ""))
+        out = (await asyncio.to_thread(rec.rerank_batch, [history], [cands], body.k))[0]
+        return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
+                              model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Factory for ``uvicorn --factory serving.app:app_from_env`` (several workers): reads
+    ``RECSYS_SERVE_DIR`` and ``RECSYS_SERVE_SETTINGS`` (JSON)."""
+    settings = json.loads(os.environ.get("RECSYS_SERVE_SETTINGS", "{}"))
+    return create_app(os.environ["RECSYS_SERVE_DIR"], ServeSettings(**settings))

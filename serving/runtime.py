@@ -1,0 +1,212 @@
+"""Torch-free scorers over an exported serving directory (see :mod:`serving.export`).
+
+    >>> rec = Recommender.load("artifacts/serve")                         # doctest: +SKIP
+    >>> rec.recommend_batch([RecommendQuery(history=[12, 40], k=10)])     # doctest: +SKIP
+
+ONNX Runtime sessions use the CUDA provider when it is available and the CPU provider otherwise;
+numpy does the pre- and post-processing, ``tokenizers`` the tokenisation, FAISS the retrieval.
+The online API and the batch re-scoring job both call :meth:`Recommender.recommend_batch` and
+:meth:`Recommender.rerank_batch`, so they rank identically.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from recsys.errors import RecsysError
+
+
+def providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
+
+
+def read_manifest(directory) -> dict:
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise RecsysError(f"{directory}: no manifest.json; create the directory with `recsys export`")
+    return json.loads(path.read_text())
+
+
+class SASRecRuntime:
+    """User vectors from histories (item idx) with the exported SASRec encoder."""
+
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        directory = Path(directory)
+        self.meta = read_manifest(directory)["models"]["sasrec"]
+        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
+        self.items = np.load(directory / self.meta["items"])                              # (n_items + 1, d)
+        self.max_len = self.meta["max_len"]
+
+    def pad(self, histories) -> np.ndarray:
+        """(B, max_len) int64: the last ``max_len`` items of each history, left-padded with 0."""
+        out = np.zeros((len(histories), self.max_len), dtype=np.int64)
+        for row, h in zip(out, histories):
+            tail = np.asarray(h, dtype=np.int64)[-self.max_len:]
+            if len(tail):
+                row[self.max_len - len(tail):] = tail
+        return out
+
+    def user_vectors(self, histories) -> np.ndarray:
+        """(B, d) float32."""
+        return self.session.run(None, {"input_ids": self.pad(histories)})[0]
+
+
+@dataclass
+class _PromptSpec:
+    """What :func:`recsys.rerank.prompts.listwise_prompt` needs from a backbone."""
+
+    name: str
+    tokenizer: object = None
+
+
+class FirstRuntime:
+    """FIRST scores of candidate windows with the exported listwise reranker."""
+
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        self.meta = read_manifest(directory)["models"].get("first")
+        if self.meta is None:
+            raise RecsysError(f"{directory}: no reranker was exported (recsys export --reranker)")
+        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
+        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer" / "tokenizer.json"))
+        self.pad_id = self.tokenizer.token_to_id("<pad>") or 0
+        self.window, self.max_history = self.meta["window"], self.meta["max_history"]
+        self.spec = _PromptSpec("tiny") if self.meta["prompt"] == "tiny" else self._text_spec(directory)
+        self.titles = None
+
+    @staticmethod
+    def _text_spec(directory: Path) -> _PromptSpec:
+        from transformers import (
+            AutoTokenizer,  # chat templates; transformers runs without torch
+        )
+
+        return _PromptSpec("text", AutoTokenizer.from_pretrained(directory / "tokenizer"))
+
+    def encode(self, histories, windows) -> dict[str, np.ndarray]:
+        from recsys.rerank.prompts import listwise_prompt
+
+        texts = [listwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
+                 for h, w in zip(histories, windows)]
+        encoded = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        T = max(len(e) for e in encoded)
+        ids = np.full((len(encoded), T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encoded), T), dtype=np.int64)
+        for i, e in enumerate(encoded):
+            ids[i, T - len(e):], mask[i, T - len(e):] = e, 1
+        return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+
+    def scores(self, histories, windows) -> np.ndarray:
+        """(B, n) identifier logits of windows of equal length n <= window."""
+        n = len(windows[0])
+        return self.session.run(None, self.encode(histories, windows))[0][:, :n]
+
+
+@dataclass
+class RecommendQuery:
+    """One request, in item idx space (the API maps ids to idx)."""
+
+    history: list[int]
+    k: int = 10
+    exclude: list[int] = field(default_factory=list)
+    candidates: int = 50
+    rerank: bool = True
+
+
+class Recommender:
+    """SASRec + FAISS retrieval, then FIRST reranking of the top window."""
+
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        import faiss
+        import polars as pl
+
+        directory = Path(directory)
+        self.manifest = read_manifest(directory)
+        self.version = self.manifest["version"]
+        self.sasrec = SASRecRuntime(directory, threads, int8)
+        self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest["models"] else None
+        catalog = pl.read_parquet(directory / "catalog.parquet")
+        self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
+        self.item_idx = {v: k for k, v in self.item_ids.items()}
+        vectors = np.ascontiguousarray(self.sasrec.items[1:], dtype=np.float32)
+        self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+        self.n_items = len(vectors)
+
+    @classmethod
+    def load(cls, directory, **kw) -> Recommender:
+        return cls(directory, **kw)
+
+    def retrieve(self, queries: list[RecommendQuery]) -> list[tuple[list[int], list[float]]]:
+        """Top ``candidates`` items (idx) per query with SASRec scores, history and exclusions removed."""
+        users = self.sasrec.user_vectors([q.history for q in queries])
+        depth = min(self.n_items, max(q.candidates + len(q.history) + len(q.exclude) for q in queries))
+        scores, rows = self.index.search(np.ascontiguousarray(users, dtype=np.float32), depth)
+        out = []
+        for q, s, r in zip(queries, scores, rows):
+            banned = set(q.history) | set(q.exclude)
+            keep = [(int(i) + 1, float(v)) for i, v in zip(r, s) if i >= 0 and int(i) + 1 not in banned]
+            keep = keep[:q.candidates]
+            out.append(([i for i, _ in keep], [v for _, v in keep]))
+        return out
+
+    def rerank_windows(self, histories, candidate_lists) -> list[tuple[list[int], list[float]]]:
+        """FIRST-rerank the first ``window`` candidates of each list; the rest keep their order.
+        Scores: reranked items get their logits, the tail items ranks below them."""
+        if self.first is None:
+            raise RecsysError("this serving directory has no reranker")
+        w = self.first.window
+        heads = [c[:w] for c in candidate_lists]
+        out = [None] * len(heads)
+        by_len: dict[int, list[int]] = {}
+        for i, h in enumerate(heads):
+            by_len.setdefault(len(h), []).append(i)
+        for n, members in by_len.items():
+            if n == 0:
+                for i in members:
+                    out[i] = ([], [])
+                continue
+            s = self.first.scores([histories[i] for i in members], [heads[i] for i in members])
+            for i, row in zip(members, s):
+                order = np.argsort(-row, kind="stable")
+                items = [heads[i][j] for j in order] + list(candidate_lists[i][w:])
+                top = [float(row[j]) for j in order]
+                floor = (min(top) if top else 0.0) - 1.0
+                out[i] = (items, top + [floor - t for t in range(len(candidate_lists[i]) - n)])
+        return out
+
+    def recommend_batch(self, queries: list[RecommendQuery]) -> list[dict]:
+        """Per query: ``items`` (idx), ``scores``, ``reranked`` (whether the reranker ordered them)."""
+        retrieved = self.retrieve(queries)
+        results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False}
+                   for q, (items, scores) in zip(queries, retrieved)]
+        todo = [i for i, q in enumerate(queries) if q.rerank and self.first is not None and retrieved[i][0]]
+        if todo:
+            reranked = self.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo])
+            for i, (items, scores) in zip(todo, reranked):
+                results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True}
+        return results
+
+    def rerank_batch(self, histories, candidate_lists, k: int | None = None) -> list[dict]:
+        """Rerank given candidate lists (idx): FIRST on the first window, the rest in the given order."""
+        out = self.rerank_windows(histories, candidate_lists)
+        return [{"items": items[:k], "scores": scores[:k]} for items, scores in out]
