@@ -106,17 +106,17 @@ def render_rerankers(result: dict) -> list[str]:
     out += _table(result["rows"], ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "cand_ndcg@10"],
                   ["backbone", "depth", "num_users"])
     sp, r = result["speed"], result["ratios"]
-    out += ["", f"FIRST vs full constrained generation ({sp['model']}, first {sp['users']} test users, 32 lists per "
+    out += ["", (f"FIRST vs full constrained generation ({sp['model']}, first {sp['users']} test users, 32 lists per "
                 f"call, one run): {sp['first_seconds']} s vs {sp['generate_seconds']} s, **speed-up "
                 f"{r['first_speedup']:.1f}x**; NDCG@10 {sp['first_ndcg@10']:.4f} vs {sp['generate_ndcg@10']:.4f} "
-                f"(relative change {100 * r['first_vs_generate_ndcg@10_relative_change']:+.1f}%)."]
+                f"(relative change {100 * r['first_vs_generate_ndcg@10_relative_change']:+.1f}%).")]
     for key, label in (("validity_before_sft", "before SFT"), ("validity_after_sft", "after SFT")):
         if key in result:
             v = result[key]
-            out += ["", f"smollm2-135m unconstrained generation {label} ({v['users']} test users): valid "
+            out += ["", (f"smollm2-135m unconstrained generation {label} ({v['users']} test users): valid "
                         f"{v['valid_rate']:.2f}, complete (all 20) {v['complete_rate']:.2f}, malformed lines "
                         f"{v['malformed_lines_per_answer']:.2f}, duplicates {v['duplicates_per_answer']:.2f}, "
-                        f"out-of-window {v['out_of_window_per_answer']:.2f} per answer."]
+                        f"out-of-window {v['out_of_window_per_answer']:.2f} per answer.")]
     out += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".", ""]
     return out
 

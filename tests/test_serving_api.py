@@ -1,0 +1,172 @@
+"""The ranking API against a real uvicorn server on 127.0.0.1, driven with an HTTP client."""
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """uvicorn in a background thread; stopped at the end of the test."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    def wait_ready(self, client):
+        deadline = time.time() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, client.get("/readyz").json()
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def served(exported):
+    from serving.app import ServeSettings, create_app
+
+    out, _, _ = exported
+    with Server(create_app(out, ServeSettings(max_body_bytes=4000, api_key=None))) as server:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            server.wait_ready(client)
+            yield client, out
+
+
+def test_readiness_turns_green_only_after_loading(exported, monkeypatch):
+    import serving.app as app_module
+    from serving.runtime import Recommender
+
+    class SlowRecommender(Recommender):
+        def __init__(self, *a, **kw):
+            time.sleep(1.0)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(app_module, "Recommender", SlowRecommender)
+    with Server(app_module.create_app(exported[0])) as server, httpx.Client(base_url=server.url) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        assert client.post("/v1/recommend", json={"history": ["1"]}).status_code == 503
+        server.wait_ready(client)
+        assert client.get("/readyz").json()["status"] == "ready"
+
+
+def test_recommend_happy_paths(served):
+    import polars as pl
+
+    client, out = served
+    user = pl.read_parquet(out / "histories.parquet")["user_id"][0]
+    r = client.post("/v1/recommend", json={"user_id": user, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["items"]) == 5 and body["reranked"] and body["model_version"] and body["latency_ms"] > 0
+    catalog = pl.read_parquet(out / "catalog.parquet")
+    known = catalog["item_id"].to_list()
+    r = client.post("/v1/recommend", json={"history": known[:3], "k": 4, "exclude": known[3:6], "rerank": False})
+    items = [i["item_id"] for i in r.json()["items"]]
+    assert r.status_code == 200 and not r.json()["reranked"] and len(items) == 4
+    assert not set(items) & set(known[:6])                              # history and exclusions never come back
+    r = client.post("/v1/recommend", json={"history": known[:3] + ["no-such-item"], "k": 3})
+    assert r.status_code == 200 and r.json()["unknown_items"] == ["no-such-item"]
+
+
+def test_rerank_endpoint_orders_the_given_candidates(served):
+    import polars as pl
+
+    client, out = served
+    known = pl.read_parquet(out / "catalog.parquet")["item_id"].to_list()
+    r = client.post("/v1/rerank", json={"history": known[:4], "candidates": known[10:16], "k": 6})
+    assert r.status_code == 200, r.text
+    assert sorted(i["item_id"] for i in r.json()["items"]) == sorted(known[10:16])
+
+
+@pytest.mark.parametrize("payload, status, fragment", [
+    ("{not json", 422, "JSON"),
+    ({"history": "abc"}, 422, "list"),
+    ({"history": ["1"], "k": "many"}, 422, "integer"),
+    ({"history": [], "k": 3}, 422, "empty history"),
+    ({"history": ["1"], "k": 0}, 422, "greater than or equal"),
+    ({"history": ["1"], "k": 1000}, 422, "less than or equal"),
+    ({"user_id": "nobody"}, 404, "unknown user_id"),
+    ({"k": 3}, 422, "exactly one of user_id or history"),
+    ({"history": ["zzz-unknown"]}, 422, "zzz-unknown"),
+])
+def test_recommend_bad_requests(served, payload, status, fragment):
+    client, _ = served
+    r = (client.post("/v1/recommend", content=payload, headers={"content-type": "application/json"})
+         if isinstance(payload, str) else client.post("/v1/recommend", json=payload))
+    assert r.status_code == status and fragment in r.text, r.text
+
+
+def test_rerank_bad_requests_and_limits(served):
+    import polars as pl
+
+    client, out = served
+    known = pl.read_parquet(out / "catalog.parquet")["item_id"].to_list()
+    r = client.post("/v1/rerank", json={"history": known[:2], "candidates": [known[3], "nope-1", "nope-2"]})
+    assert r.status_code == 422 and "nope-1" in r.text and "nope-2" in r.text
+    r = client.post("/v1/rerank", json={"history": known[:2], "candidates": known[:1] * 101})
+    assert r.status_code == 422 and "at most 100" in r.text                    # too many candidates
+    r = client.post("/v1/recommend", json={"history": ["m1"] * 2000})
+    assert r.status_code == 413                                                # oversized body (limit 4000 bytes)
+
+
+def test_metrics_and_models(served):
+    client, _ = served
+    client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 2})
+    text = client.get("/metrics").text
+    assert 'recsys_requests_total{path="/v1/recommend",status="200"}' in text
+    assert "recsys_request_latency_ms_bucket" in text and "recsys_batch_size_count" in text
+    assert client.get("/v1/models").json()["reranker"] is True
+
+
+def test_concurrent_requests_are_micro_batched(served):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, _ = served
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda i: client.post("/v1/recommend", json={"history": [f"m{i % 20 + 1}"], "k": 3})
+                              .status_code, range(64)))
+    assert codes == [200] * 64
+    text = client.get("/metrics").text
+    count = int(next(l for l in text.splitlines() if l.startswith("recsys_batch_size_count")).split()[-1])
+    assert count < 64                                                           # some requests shared a batch
+
+
+def test_api_key_and_reranker_fallback(exported, monkeypatch):
+    from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender
+
+    def broken(self, *a, **kw):
+        raise RuntimeError("reranker exploded")
+
+    monkeypatch.setattr(Recommender, "rerank_windows", broken)
+    with Server(create_app(exported[0], ServeSettings(api_key="s3cret"))) as server, \
+            httpx.Client(base_url=server.url) as client:
+        server.wait_ready(client)
+        assert client.post("/v1/recommend", json={"history": ["1"]}).status_code == 401
+        r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3}, headers={"x-api-key": "s3cret"})
+        assert r.status_code == 200 and not r.json()["reranked"] and "RuntimeError" in r.json()["fallback"]
+        assert len(r.json()["items"]) == 3                                      # the retrieval order, not an error
