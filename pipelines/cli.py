@@ -175,6 +175,37 @@ def cmd_rerank(a):
     print("hr/ndcg: pipeline (full ranking; a target outside the candidates is a miss); cand_: candidate set only")
 
 
+def cmd_export(a):
+    from recsys.data import PreparedDataset
+    from serving.export import export
+
+    out = export(PreparedDataset.load(a.data), a.sasrec, a.out, a.reranker, a.quantize)
+    print(f"exported to {out}; serve it with: recsys serve {out}")
+
+
+def cmd_serve(a):
+    import json
+    import os
+
+    import uvicorn
+
+    settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "micro_batching": not a.no_micro_batching,
+                "api_key": a.api_key or os.environ.get("RECSYS_API_KEY"), "threads": a.threads}
+    os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
+    os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
+    uvicorn.run("serving.app:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers,
+                log_level="warning")
+
+
+def cmd_rescore(a):
+    from serving.rescore import rescore
+
+    m = rescore(a.serve_dir, a.input, a.output, a.chunk_size)
+    scored = sum(c["scored"] for c in m["chunks"].values())
+    rejected = sum(c["rejected"] for c in m["chunks"].values())
+    print(f"{scored} rows scored, {rejected} rejected (see {a.output}/rejects), complete: {m['complete']}")
+
+
 def cmd_quickstart(a):
     from pipelines.jobs import quickstart
 
@@ -333,6 +364,40 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--depth", type=int, help="rerank only the top DEPTH candidates (default: all)")
     rr.add_argument("--reshuffles", type=int, default=1, help="groupwise: groupings averaged (test-time scaling)")
     rr.set_defaults(func=cmd_rerank)
+
+    ex = sub.add_parser("export", help="export SASRec (and a listwise reranker) to ONNX for serving",
+                        description="ONNX export with a parity check against torch, optional int8 quantisation, "
+                                    "and a manifest; the output directory is what `recsys serve` and `recsys rescore` "
+                                    "load.")
+    ex.add_argument("--data", required=True, help="prepared dataset directory")
+    ex.add_argument("--sasrec", required=True, help="SASRec model directory (RUN/model)")
+    ex.add_argument("--reranker", help="listwise reranker model directory (RUN/model)")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--quantize", action="store_true", help="also write int8 dynamic-quantised graphs")
+    ex.set_defaults(func=cmd_export)
+
+    sv = sub.add_parser("serve", help="run the ranking API (FastAPI under uvicorn)",
+                        description="Serve an exported directory: POST /v1/recommend, POST /v1/rerank, /healthz, "
+                                    "/readyz, /metrics, /v1/models; OpenAPI docs at /docs.")
+    sv.add_argument("directory", help="directory written by `recsys export`")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1)
+    sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")
+    sv.add_argument("--max-batch", type=int, default=32)
+    sv.add_argument("--max-wait-ms", type=float, default=2.0)
+    sv.add_argument("--no-micro-batching", action="store_true")
+    sv.add_argument("--api-key", help="require this x-api-key on /v1/* (default: $RECSYS_API_KEY, else none)")
+    sv.set_defaults(func=cmd_serve)
+
+    rs = sub.add_parser("rescore", help="batch re-scoring of a parquet file of requests (resumable)",
+                        description="The serving scorers over REQUESTS.parquet (request_id, user_id or history, "
+                                    "optional candidates and k), in chunks written atomically; rerun to resume.")
+    rs.add_argument("--serve-dir", required=True, help="directory written by `recsys export`")
+    rs.add_argument("--input", required=True)
+    rs.add_argument("--output", required=True)
+    rs.add_argument("--chunk-size", type=int, default=10_000)
+    rs.set_defaults(func=cmd_rescore)
 
     q = sub.add_parser("quickstart", help="the main job: fetch, prepare, train, evaluate, print the table")
     q.add_argument("--out", default="artifacts", help="artifacts directory (default ./artifacts)")

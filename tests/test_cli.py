@@ -119,3 +119,17 @@ def test_train_reranker_and_rerank(tmp_path, capsys):
     code, _, err = run(capsys, "train", "reranker", "--algo", "grpo", "--data", data, "--candidates", tmp_path / "c",
                        "--out", tmp_path / "y")
     assert code == 1 and "needs a starting model" in err
+
+
+def test_export_and_rescore_commands(exported, tiny_dataset, tmp_path, capsys):
+    import polars as pl
+
+    _, _, rr = exported
+    code, out, err = run(capsys, "export", "--data", tiny_dataset.directory, "--sasrec", tmp_path / "sas",
+                         "--reranker", rr, "--out", tmp_path / "serve2")
+    assert code == 0 and "recsys serve" in out, err
+    users = pl.read_parquet(tmp_path / "serve2" / "histories.parquet")["user_id"].to_list()[:5]
+    pl.DataFrame({"request_id": [f"q{i}" for i in range(5)], "user_id": users}).write_parquet(tmp_path / "q.parquet")
+    code, out, err = run(capsys, "rescore", "--serve-dir", tmp_path / "serve2", "--input", tmp_path / "q.parquet",
+                         "--output", tmp_path / "scored")
+    assert code == 0 and "5 rows scored, 0 rejected" in out, err
