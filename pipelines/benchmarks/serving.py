@@ -1,0 +1,197 @@
+"""Serving on ML-1M: ONNX Runtime vs eager torch, an HTTP load test, batch re-scoring vs a per-row loop.
+
+    python -m pipelines.benchmarks.serving --sasrec artifacts/bench/runs/sasrec-seed0 \\
+        --reranker artifacts/rerankers/listwise-sft-tiny/model
+
+1. Export SASRec and the ``tiny`` listwise reranker (``recsys export``).
+2. Same scorer, same batch (32 users / 32 prompts), in one run: eager torch (fp32, the same threads)
+   vs ONNX Runtime; ``ratios["onnx_speedup_<model>"]`` = torch seconds / ONNX seconds.
+3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process keeps C
+   connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, 50 candidates, reranker on)
+   for ``--requests`` requests per level; rows ``recommend-tiny-c8`` / ``-c32``, micro-batching on and off.
+4. ``recsys rescore`` on ``--rescore-rows`` requests vs a loop that scores one row per call.
+Run it on an otherwise idle machine: latency is what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.benchmarks.common import Provenance, write_result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _time(fn, repeats: int) -> float:
+    fn()                                                               # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int) -> dict:
+    import torch
+
+    from recsys.llm.backbone import load_backbone
+    from recsys.models.sasrec import SASRec
+    from recsys.rerank.listwise import ListwiseReranker
+    from serving.runtime import FirstRuntime, SASRecRuntime
+
+    test = ds.eval_examples("test")
+    hists = test.histories[:32]
+    sas, rt = SASRec.from_pretrained(sasrec_dir).eval(), SASRecRuntime(serve_dir)
+    ids = torch.from_numpy(rt.pad(hists))
+    with torch.no_grad():
+        t_torch = _time(lambda: sas.user_embeddings(ids), repeats)
+    t_onnx = _time(lambda: rt.user_vectors(hists), repeats)
+    windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(32)]
+    eager = ListwiseReranker(load_backbone(reranker_dir), None, 20, max_history=50, bf16=False)
+    eager.bb.name = "tiny"
+    first = FirstRuntime(serve_dir)
+    t_torch_f = _time(lambda: eager.first_scores(hists, windows), repeats)
+    t_onnx_f = _time(lambda: first.scores(hists, windows), repeats)
+    return {"sasrec": {"torch_ms": t_torch * 1000, "onnx_ms": t_onnx * 1000, "batch": 32},
+            "first_tiny": {"torch_ms": t_torch_f * 1000, "onnx_ms": t_onnx_f * 1000, "batch": 32},
+            "threads": torch.get_num_threads()}
+
+
+LOADGEN = r'''
+import asyncio, json, random, sys, time
+import httpx
+url, users, conc, total = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+lat, errors = [], 0
+async def worker(client, n):
+    global errors
+    for _ in range(n):
+        t = time.perf_counter()
+        try:
+            r = await client.post("/v1/recommend", json={"user_id": random.choice(users), "k": 10, "candidates": 50})
+            ok = r.status_code == 200
+        except Exception:
+            ok = False
+        lat.append((time.perf_counter() - t) * 1000)
+        errors += not ok
+async def main():
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        await asyncio.gather(*[worker(client, 20) for _ in range(conc)])          # warm-up
+        lat.clear()
+        t = time.perf_counter()
+        await asyncio.gather(*[worker(client, total // conc) for _ in range(conc)])
+        print(json.dumps({"seconds": time.perf_counter() - t, "lat": lat, "errors": errors}))
+asyncio.run(main())
+'''
+
+
+def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool) -> list[dict]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port)]
+    server = subprocess.Popen(cmd + ([] if micro_batching else ["--no-micro-batching"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows = []
+    try:
+        import httpx
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("server did not become ready")
+            time.sleep(0.2)
+        for c in levels:
+            out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users), str(c),
+                                  str(requests)], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout)
+            lat = np.array(r["lat"])
+            rows.append({"name": f"recommend-tiny-c{c}" + ("" if micro_batching else "-nobatch"), "connections": c,
+                         "micro_batching": micro_batching, "requests": len(lat),
+                         "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                         "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / r["seconds"],
+                         "errors": r["errors"]})
+    finally:
+        server.terminate()
+        server.wait(10)
+    return rows
+
+
+def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
+    import polars as pl
+
+    from serving.rescore import rescore
+    from serving.runtime import Recommender, RecommendQuery
+
+    rng = np.random.default_rng(0)
+    req = pl.DataFrame({"request_id": [f"r{i}" for i in range(rows)],
+                        "user_id": [users[i] for i in rng.integers(0, len(users), rows)]})
+    req.write_parquet(tmp / "requests.parquet")
+    t = time.perf_counter()
+    rescore(serve_dir, tmp / "requests.parquet", tmp / "rescored", chunk_size=1000, progress=False)
+    t_job = time.perf_counter() - t
+    rec = Recommender(serve_dir)
+    hist = pl.read_parquet(Path(serve_dir) / "histories.parquet")
+    table = dict(zip(hist["user_id"].to_list(), hist["history"].to_list()))
+    n_loop = min(rows, 500)
+    t = time.perf_counter()
+    for u in req["user_id"].to_list()[:n_loop]:
+        rec.recommend_batch([RecommendQuery(list(table[u]), 10, candidates=50)])
+    t_loop = time.perf_counter() - t
+    return {"rows": rows, "job_rows_per_s": rows / t_job, "loop_rows": n_loop, "loop_rows_per_s": n_loop / t_loop}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="artifacts/bench/data/ml-1m")
+    p.add_argument("--sasrec", default="artifacts/bench/runs/sasrec-seed0")
+    p.add_argument("--reranker", default="artifacts/rerankers/listwise-sft-tiny/model")
+    p.add_argument("--out", default="artifacts/serve-bench")
+    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--levels", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--rescore-rows", type=int, default=5000)
+    p.add_argument("--repeats", type=int, default=20)
+    a = p.parse_args()
+    provenance = Provenance("pipelines.benchmarks.serving")
+
+    from recsys.data import PreparedDataset
+    from serving.export import export
+
+    ds = PreparedDataset.load(a.data)
+    out = Path(a.out)
+    serve_dir = export(ds, Path(a.sasrec) / "model", out / "serve", a.reranker)
+    manifest = json.loads((serve_dir / "manifest.json").read_text())
+    speed = onnx_vs_torch(ds, Path(a.sasrec) / "model", a.reranker, serve_dir, a.repeats)
+    users = ds.users["user_id"].to_list()
+    rows = load_test(serve_dir, users, a.levels, a.requests, True)
+    rows += load_test(serve_dir, users, [max(a.levels)], a.requests, False)
+    job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
+    write_result("serving", provenance, {
+        "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker, ONNX Runtime CPU provider, micro-batching "
+                                                      "max 32 / 2 ms unless -nobatch; load generator in its own process",
+        "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
+        "onnx_vs_torch": speed, "rows": rows, "rescore": job,
+        "ratios": {"onnx_speedup_sasrec": speed["sasrec"]["torch_ms"] / speed["sasrec"]["onnx_ms"],
+                   "onnx_speedup_first_tiny": speed["first_tiny"]["torch_ms"] / speed["first_tiny"]["onnx_ms"],
+                   "rescore_job/loop rows_per_s": job["job_rows_per_s"] / job["loop_rows_per_s"]},
+    })
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
