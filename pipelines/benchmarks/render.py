@@ -122,7 +122,7 @@ def render_rerankers(result: dict) -> list[str]:
 
 
 def render_rl(result: dict) -> list[str]:
-    out = _provenance("## RL for rerankers on ML-1M (`rl`)", result)
+    out = _provenance(f"## RL for rerankers on ML-1M (`{result['benchmark']}`)", result)
     out += [f"- backbone: {result['backbone']}; candidates: {result['candidates']}",
             f"- evaluation: {result['evaluation']}",
             "- settings: " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()), ""]
@@ -133,7 +133,7 @@ def render_rl(result: dict) -> list[str]:
 
 
 RENDERERS = {"baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
-             "rl": render_rl}
+             "rl": render_rl, "rl_grouprank": render_rl}
 
 
 def main() -> None:

@@ -81,22 +81,27 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--result", default="rl", help="results/<name>.json (run listwise and groupwise apart)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rl")
 
     src, out = Path(a.rerankers), Path(a.out)
     cands = str(src / "cands-sasrec50")
     inits = {"listwise": str(src / "listwise-sft-tiny" / "model"), "groupwise": str(src / "groupwise-sft-tiny" / "model")}
-    for path in inits.values():
+    needed = {"groupwise" if n == "groupwise-grouprank" else "listwise" for n in a.runs}
+    for path in (inits[k] for k in needed):
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: run `python -m pipelines.benchmarks.rerankers` first")
     overrides = {"max_steps": a.max_steps, "group_size": a.group_size, "prompts_per_step": a.prompts_per_step,
                  "lr": a.lr, "val_every": 50, "val_users": 500, "train_split": "valid"}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
-    rows = [{"name": "sft", "seed": None, "metrics": _metrics(_evaluate(a.data, inits["listwise"], cands,
-                                                                        str(out / "sft-eval"), "generate"))},
-            {"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(a.data, inits["groupwise"], cands,
-                                                                                  str(out / "gw-sft-eval"), "first"))}]
+    rows = []
+    if "listwise" in needed:
+        rows.append({"name": "sft", "seed": None, "metrics": _metrics(_evaluate(
+            a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate"))})
+    if "groupwise" in needed:
+        rows.append({"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(
+            a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first"))})
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_run, a.data, cands, str(out / f"{name}-seed{s}"), name,
                             inits["groupwise" if name == "groupwise-grouprank" else "listwise"], s, threads, overrides)
@@ -107,14 +112,14 @@ def main() -> None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]
         return sum(values) / len(values) if values else None
 
-    means = {name: {m: mean(name, m) for m in METRICS} for name in ["sft", "groupwise-sft", *a.runs]}
-    write_result("rl", provenance, {
+    means = {name: {m: mean(name, m) for m in METRICS} for name in {r["name"] for r in rows}}
+    write_result(a.result, provenance, {
         "dataset": "ml-1m", "split": "test", "backbone": "tiny (built in code, SASRec-initialised item tokens)",
         "candidates": "SASRec top-20", "evaluation": "listwise: greedy constrained generation; groupwise: expected "
                                                      "digit scores; pipeline metrics over all test users",
         "settings": overrides | {"temperature": 1.0, "beta": 1e-3, "seeds": a.seeds}, "rows": rows, "means": means,
         "ratios": {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
-                   for name in a.runs if name != "groupwise-grouprank"}
+                   for name in a.runs if name != "groupwise-grouprank" and "sft" in means}
         | ({"grouprank/groupwise-sft ndcg@10": means["groupwise-grouprank"]["ndcg@10"] / means["groupwise-sft"]["ndcg@10"]}
            if "groupwise-grouprank" in a.runs else {}),
     })
