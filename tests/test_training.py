@@ -60,7 +60,10 @@ def test_recipes_load_into_the_config(tmp_path):
 
     from pipelines.reranker import RerankerSFTConfig
 
-    kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig}      # recipe name prefix -> config
+    from pipelines.rl import RLConfig
+
+    kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig, "groupwise": RerankerSFTConfig,
+             "rl": RLConfig}                                                 # recipe name prefix -> config
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
     assert len(recipes) >= 2, "no recipes shipped"
     for recipe in recipes:
