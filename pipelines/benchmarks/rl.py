@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     p.add_argument("--max-steps", type=int, default=150)
+    p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -93,7 +94,7 @@ def main() -> None:
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: run `python -m pipelines.benchmarks.rerankers` first")
     overrides = {"max_steps": a.max_steps, "group_size": a.group_size, "prompts_per_step": a.prompts_per_step,
-                 "lr": a.lr, "val_every": 50, "val_users": 500, "train_split": "valid"}
+                 "lr": a.lr, "val_every": a.val_every, "val_users": 500, "train_split": "valid"}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     rows = []
     if "listwise" in needed:
