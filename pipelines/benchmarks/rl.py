@@ -31,14 +31,16 @@ def _metrics(result: dict) -> dict:
     return {k: m[k] for k in METRICS} | {"cand_ndcg@10": m["cand_ndcg@10"]}
 
 
-def _evaluate(data: str, model: str, cands: str, out: str, mode: str) -> dict:
+def _evaluate(data: str, model: str, cands: str, out: str, mode: str, limit: int | None = None) -> dict:
     from pipelines.reranker import rerank_candidates
     from recsys.data import PreparedDataset
 
-    return rerank_candidates(PreparedDataset.load(data), model, cands, out, depth=20, mode=mode, progress=False)
+    return rerank_candidates(PreparedDataset.load(data), model, cands, out, depth=20, mode=mode, progress=False,
+                             limit=limit)
 
 
-def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threads: int, overrides: dict) -> dict:
+def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threads: int, overrides: dict,
+         limit: int | None) -> dict:
     import json
 
     import torch
@@ -52,7 +54,7 @@ def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threa
     model = train_rl(ds, cands, out, config, progress=False)
     summary = json.loads((Path(out) / "train.json").read_text())
     mode = "first" if name == "groupwise-grouprank" else "generate"
-    result = _evaluate(data, str(model), cands, str(Path(out) / "eval"), mode)
+    result = _evaluate(data, str(model), cands, str(Path(out) / "eval"), mode, limit)
     return {"name": name, "seed": seed, "metrics": _metrics(result), "seconds": round(summary["seconds"], 1),
             "steps": summary["steps"], "start_val_cand_ndcg@10": summary["start_val_cand_ndcg@10"],
             "best_val_cand_ndcg@10": summary["best_val_cand_ndcg@10"], "curve": reward_curve(out)}
@@ -82,6 +84,7 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--test-users", type=int, help="evaluate on the first N test users (CPU budgets; default all)")
     p.add_argument("--result", default="rl", help="results/<name>.json (run listwise and groupwise apart)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rl")
@@ -99,13 +102,14 @@ def main() -> None:
     rows = []
     if "listwise" in needed:
         rows.append({"name": "sft", "seed": None, "metrics": _metrics(_evaluate(
-            a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate"))})
+            a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate", a.test_users))})
     if "groupwise" in needed:
         rows.append({"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(
-            a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first"))})
+            a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first", a.test_users))})
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_run, a.data, cands, str(out / f"{name}-seed{s}"), name,
-                            inits["groupwise" if name == "groupwise-grouprank" else "listwise"], s, threads, overrides)
+                            inits["groupwise" if name == "groupwise-grouprank" else "listwise"], s, threads, overrides,
+                            a.test_users)
                 for s in a.seeds for name in a.runs]
         rows += [j.result() for j in jobs]
 
@@ -116,7 +120,7 @@ def main() -> None:
     means = {name: {m: mean(name, m) for m in METRICS} for name in {r["name"] for r in rows}}
     write_result(a.result, provenance, {
         "dataset": "ml-1m", "split": "test", "backbone": "tiny (built in code, SASRec-initialised item tokens)",
-        "candidates": "SASRec top-20", "evaluation": "listwise: greedy constrained generation; groupwise: expected "
+        "candidates": "SASRec top-20", "test_users": a.test_users or "all", "evaluation": "listwise: greedy constrained generation; groupwise: expected "
                                                      "digit scores; pipeline metrics over all test users",
         "settings": overrides | {"temperature": 1.0, "beta": 1e-3, "seeds": a.seeds}, "rows": rows, "means": means,
         "ratios": {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
