@@ -23,7 +23,6 @@ dynamic quantisation (``quantize=True``) writes ``*.int8.onnx`` and records the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -32,15 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recsys.assets import sha256
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
 
 OPSET = 18
 TOLERANCE = 1e-4
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class _UserEncoder(torch.nn.Module):

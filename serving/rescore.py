@@ -16,13 +16,13 @@ size in an existing output directory is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import polars as pl
 
+from recsys.assets import sha256
 from recsys.errors import RecsysError
 from serving.runtime import Recommender, RecommendQuery
 
@@ -72,14 +72,6 @@ def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int =
     return pl.DataFrame(ok, schema=OUT_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
 
 
-def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_atomic(df: pl.DataFrame, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -100,7 +92,7 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     if "request_id" not in columns or not ({"user_id", "history"} & set(columns)):
         raise RecsysError(f"{input_path}: needs a request_id column and a user_id or history column, "
                           f"has {list(columns)}")
-    identity = {"input": str(input_path.resolve()), "input_sha256": _fingerprint(input_path), "rows": n_rows,
+    identity = {"input": str(input_path.resolve()), "input_sha256": sha256(input_path), "rows": n_rows,
                 "chunk_size": chunk_size}
     manifest_path = output / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {**identity, "chunks": {}}
