@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--sasrec", default="artifacts/bench/runs/sasrec-seed0", help="SASRec run directory")
     p.add_argument("--out", default="artifacts/rerankers")
     p.add_argument("--speed-users", type=int, default=1000, help="test users in the FIRST vs generation timing")
+    p.add_argument("--sliding-users", type=int, default=1000,
+                   help="test users in the top-50 sliding-window rows (one list at a time: CPU budgets)")
     p.add_argument("--smollm2-users", type=int, default=100, help="test users reranked by the smollm2 models")
     p.add_argument("--validity-users", type=int, default=20)
     p.add_argument("--skip-smollm2", action="store_true")
@@ -115,9 +117,11 @@ def main() -> None:
     lw20 = timed("rerank listwise-sft-tiny top-20", rerank, tiny["listwise"], "lw-tiny-20", depth=20)
     rows.append(row("retriever-order", lw20, "retriever", backbone="-", depth=20))
     rows.append(row("listwise-sft-tiny", lw20, backbone="tiny", depth=20, scoring="FIRST"))
-    lw50 = timed("rerank listwise-sft-tiny top-50", rerank, tiny["listwise"], "lw-tiny-50", depth=50)
-    rows.append(row("retriever-order@50", lw50, "retriever", backbone="-", depth=50))
-    rows.append(row("listwise-sft-tiny@50", lw50, backbone="tiny", depth=50, scoring="FIRST, sliding window 20/10"))
+    lw50 = timed("rerank listwise-sft-tiny top-50", rerank, tiny["listwise"], "lw-tiny-50", depth=50,
+                 limit=a.sliding_users)
+    rows.append(row(f"retriever-order@50 (first {a.sliding_users} users)", lw50, "retriever", backbone="-", depth=50))
+    rows.append(row(f"listwise-sft-tiny@50 (first {a.sliding_users} users)", lw50, backbone="tiny", depth=50,
+                    scoring="FIRST, sliding window 20/10"))
     gw20 = timed("rerank groupwise-sft-tiny top-20", rerank, tiny["groupwise"], "gw-tiny-20", depth=20)
     rows.append(row("groupwise-sft-tiny", gw20, backbone="tiny", depth=20, scoring="expected digit, c=20"))
 
