@@ -49,10 +49,10 @@ def served(exported):
     from serving.app import ServeSettings, create_app
 
     out, _, _ = exported
-    with Server(create_app(out, ServeSettings(max_body_bytes=4000, api_key=None))) as server:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
-            server.wait_ready(client)
-            yield client, out
+    with Server(create_app(out, ServeSettings(max_body_bytes=4000, api_key=None))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        yield client, out
 
 
 def test_readiness_turns_green_only_after_loading(exported, monkeypatch):

@@ -59,7 +59,6 @@ def test_recipes_load_into_the_config(tmp_path):
     from pathlib import Path
 
     from pipelines.reranker import RerankerSFTConfig
-
     from pipelines.rl import RLConfig
 
     kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig, "groupwise": RerankerSFTConfig,
