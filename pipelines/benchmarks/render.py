@@ -132,7 +132,26 @@ def render_rl(result: dict) -> list[str]:
     return out
 
 
-RENDERERS = {"baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
+def render_serving(result: dict) -> list[str]:
+    out = _provenance("## Serving on ML-1M (`serving`)", result)
+    out += [f"- server: {result['server']}", f"- ONNX parity (max abs vs torch fp32): {result['parity_max_abs']}", ""]
+    s, r = result["onnx_vs_torch"], result["ratios"]
+    out += [(f"ONNX Runtime vs eager torch, batch 32, {s['threads']} threads: SASRec {s['sasrec']['onnx_ms']:.1f} ms vs "
+            f"{s['sasrec']['torch_ms']:.1f} ms (speed-up {r['onnx_speedup_sasrec']:.2f}); FIRST tiny "
+            f"{s['first_tiny']['onnx_ms']:.1f} ms vs {s['first_tiny']['torch_ms']:.1f} ms "
+            f"(speed-up {r['onnx_speedup_first_tiny']:.2f})."), "",
+            "| row | connections | micro-batching | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x['requests']} | {x['p50_ms']:.1f} | "
+            f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} |" for x in result["rows"]]
+    j = result["rescore"]
+    out += ["", (f"Batch re-scoring: {j['job_rows_per_s']:.0f} rows/s ({j['rows']} rows) vs a per-row loop "
+                f"{j['loop_rows_per_s']:.0f} rows/s ({j['loop_rows']} rows): ratio {r['rescore_job/loop rows_per_s']:.2f}."),
+            ""]
+    return out
+
+
+RENDERERS = {"serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rl": render_rl, "rl_grouprank": render_rl}
 
 
