@@ -1,0 +1,369 @@
+"""Training and evaluation of the generative recommender (semantic IDs), one Lightning module per phase.
+
+    recsys train generative --algo sft   --data D --semantic-ids S --out runs/gen-sft
+    recsys train generative --algo vstar --data D --init runs/gen-sft/model --out runs/gen-vstar
+
+- ``sft``: next-token cross-entropy over every semantic-ID token of each user's training sequence
+  (the last ``max_items + 1`` items), the same split as SASRec; validation = beam search over the
+  validation users, NDCG@10 with the history excluded.
+- ``grpo``: per training prompt (history = a user's training items but the last, target = the last),
+  ``group_size`` items sampled from the trie-constrained policy, reward :func:`recsys.rl.vstar.prefix_reward`,
+  group-normalised advantages, GRPO's objective with a k3 KL to the frozen SFT model (Shao et al. 2024).
+- ``vstar``: rollouts by value-guided decoding (:mod:`recsys.generative.ved`), GRPO + Sibling-GRPO, and
+  the value head trained by TD on dense per-level rewards (V-STAR, arXiv 2602.10699).
+
+Evaluation (:func:`evaluate_generative`): for each test user, beam search of width ``beam`` with the
+user's history banned at the last code level; the target's rank is its position among the returned
+items, ``inf`` when the beam did not produce it (so HR@K and NDCG@K for K <= beam are exact for the
+list the model would serve).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
+from pipelines.rl import StreamSampler
+from pipelines.sasrec import LengthBucketSampler
+from recsys.data import PreparedDataset
+from recsys.errors import RecsysError
+from recsys.generative.decoding import Decoded, decode, recommend_batch
+from recsys.generative.model import GenerativeConfig, GenerativeRecommender
+from recsys.generative.ved import VEDConfig, ved
+from recsys.metrics import compute_metrics
+from recsys.retrieval.semantic_ids import SemanticIDs
+from recsys.rl.advantages import group_advantages
+from recsys.rl.grpo import policy_loss
+from recsys.rl.vstar import (
+    level_rewards,
+    prefix_reward,
+    sibling_advantages,
+    sibling_loss,
+    td_targets,
+)
+
+ALGOS = ("sft", "grpo", "vstar")
+METRICS = ["hr@5", "hr@10", "ndcg@5", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
+
+
+@dataclass(frozen=True)
+class GenerativeTrainConfig:
+    """A generative-recommender run: SFT from scratch, or RL (``grpo``/``vstar``) from an SFT model."""
+
+    algo: str = "sft"
+    model: GenerativeConfig = field(default_factory=GenerativeConfig)
+    semantic_ids: str | None = None
+    """Directory written by ``recsys index semantic-ids`` (SFT); RL reads the codes saved with ``init``."""
+    init: str | None = None
+    """RL: the SFT run's ``model/`` directory."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    max_epochs: int = 50
+    patience: int = 5
+    max_minutes: float | None = None
+    limit_train_batches: int | None = None
+    """SFT: at most this many batches per epoch (quick runs; default: all)."""
+    val_users: int = 1000
+    """Validation users (the first ones of the validation split, fixed across epochs)."""
+    val_beam: int = 20
+    seed: int = 0
+    precision: str = "bf16-mixed"
+    num_threads: int | None = None
+    # ---- RL
+    max_steps: int = 100
+    val_every: int = 25
+    """RL: validation and checkpoints every this many steps."""
+    prompts_per_step: int = 16
+    group_size: int = 16
+    temperature: float = 1.0
+    beta: float = 1e-3
+    """KL weight (k3) toward the SFT model."""
+    eps: float = 0.2
+    shaping: float = 0.1
+    """Reward for a miss: shaping x matching code prefix / D (see recsys.rl.vstar.prefix_reward)."""
+    sibling_weight: float = 1.0
+    value_weight: float = 1.0
+    gamma: float = 0.99
+    init_beam: int = 8
+    budget_multiplier: float = 2.0
+    lam: float = 0.1
+    ucb_beta: float = 1.0
+
+    def __post_init__(self):
+        if self.algo not in ALGOS:
+            raise RecsysError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+
+    def ved(self) -> VEDConfig:
+        return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
+                         self.temperature)
+
+
+def target_ranks(items: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """0-based position of each target in its row of ``items`` (B, K); inf when absent. (B,) float."""
+    hit = items == torch.as_tensor(targets)[:, None]
+    first = hit.float().argmax(1).double().numpy()
+    return np.where(hit.any(1).numpy(), first, np.inf)
+
+
+def evaluate_generative(model: GenerativeRecommender, histories, targets, beam: int = 50,
+                        metrics=METRICS, batch_rows: int = 2048, progress: bool = True) -> dict:
+    """Metrics of beam-search recommendations (history excluded) against one target per history."""
+    model.eval()
+    chunk = max(1, batch_rows // beam) * 8
+    ranks = []
+    for start in tqdm(range(0, len(histories), chunk), desc=f"beam {beam}", disable=not progress, leave=False):
+        out = recommend_batch(model, histories[start:start + chunk], beam, beam, batch_rows=batch_rows)
+        ranks.append(target_ranks(out.items, np.asarray(targets[start:start + chunk])))
+    r = np.concatenate(ranks)[:, None]
+    return compute_metrics(r, np.ones_like(r), list(metrics))
+
+
+# ---------------------------------------------------------------------------------------------- data
+class GenerativeData(L.LightningDataModule):
+    """SFT: training sequences; RL: (history, target) prompts from the training split. Validation users
+    are the first ``val_users`` of the validation split."""
+
+    def __init__(self, dataset: PreparedDataset, model: GenerativeRecommender, config: GenerativeTrainConfig):
+        super().__init__()
+        self.cfg, self.model = config, model
+        n = config.model.max_items + 1
+        seqs = [s for s in dataset.train_sequences() if len(s) >= 2]
+        self.seqs = [s[-n:] for s in seqs]
+        self.prompts = [{"history": s[:-1], "target": int(s[-1])} for s in seqs]
+        valid = dataset.eval_examples("valid")
+        self.valid = [{"history": h, "target": int(t[0])} for h, t in
+                      list(zip(valid.histories, valid.targets))[:config.val_users]]
+
+    def _collate(self, idx):
+        ids, mask = self.model.batch([self.seqs[i] for i in idx])
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def train_dataloader(self):
+        if self.cfg.algo == "sft":
+            sampler = LengthBucketSampler(np.array([len(s) for s in self.seqs]), self.cfg.batch_size, self.cfg.seed)
+            return DataLoader(range(len(self.seqs)), batch_sampler=sampler, collate_fn=self._collate)
+        size = self.cfg.val_every * self.cfg.prompts_per_step
+        return DataLoader(self.prompts, batch_size=self.cfg.prompts_per_step, collate_fn=list,
+                          sampler=StreamSampler(len(self.prompts), size, self.cfg.seed))
+
+    def val_dataloader(self):
+        return DataLoader(self.valid, batch_size=max(1, 2048 // self.cfg.val_beam), collate_fn=list)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+class _Validated(L.LightningModule):
+    """Validation shared by both phases: beam search NDCG@10 / HR@10 on the validation users."""
+
+    def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, config
+        self._ranks: list[np.ndarray] = []
+
+    def validation_step(self, rows, batch_idx):
+        out = recommend_batch(self.model, [r["history"] for r in rows], 10, self.cfg.val_beam)
+        self._ranks.append(target_ranks(out.items.cpu(), np.array([r["target"] for r in rows])))
+
+    def on_validation_epoch_end(self):
+        r = np.concatenate(self._ranks)[:, None]
+        self._ranks.clear()
+        m = compute_metrics(r, np.ones_like(r), ["ndcg@10", "hr@10"])
+        self.log("val/ndcg@10", m["ndcg@10"], prog_bar=True)
+        self.log("val/hr@10", m["hr@10"], prog_bar=True)
+
+
+class GenerativeSFTModule(_Validated):
+    def training_step(self, batch, batch_idx):
+        loss = self.model.lm_loss(batch["input_ids"], batch["attention_mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for n, p in self.model.named_parameters() if not n.startswith("value_head.")]
+        return torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+
+
+def code_log_probs(model: GenerativeRecommender, histories, codes: torch.Tensor, exclude: torch.Tensor | None = None,
+                   values: bool = False):
+    """Constrained log-probs (R, D) of full codes (R, D) after their histories, one forward pass; with
+    ``values`` also V(s_0..s_D) (R, D + 1) from the value head."""
+    D = model.depth
+    ids, mask = model.batch(histories, codes.tolist())
+    out = model(ids, mask, output_hidden_states=values)
+    logits = out.logits[:, -D - 1:-1]
+    nodes = torch.zeros(len(codes), dtype=torch.long, device=ids.device)
+    codes = codes.to(ids.device)
+    logp = []
+    for level in range(D):
+        lp = model.level_log_probs(logits[:, level], level, nodes, exclude)
+        logp.append(lp.gather(1, codes[:, level:level + 1])[:, 0])
+        nodes = model.trie.advance(nodes, codes[:, level])
+    logp = torch.stack(logp, 1)
+    if not values:
+        return logp
+    return logp, model.value_head(out.hidden_states[-1], mask)[:, -D - 1:]
+
+
+class GenerativeRLModule(_Validated):
+    """GRPO or V-STAR on a generative recommender (manual optimisation, one on-policy update per batch)."""
+
+    def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
+        super().__init__(model, config)
+        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        self.automatic_optimization = False
+        D, K = model.depth, model.trie.n_codes
+        # item vectors for the dense level rewards: one-hot codes per level (cos = shared code levels / D)
+        self.register_buffer("vectors", torch.nn.functional.one_hot(model.idx_codes, K).float().view(-1, D * K),
+                             persistent=False)
+
+    def _exclude(self, histories, repeat: int = 1) -> torch.Tensor:
+        ex = torch.zeros(len(histories), len(self.model.idx_codes), dtype=torch.bool)
+        for row, h in enumerate(histories):
+            ex[row, torch.as_tensor(h, dtype=torch.long)] = True
+        return ex.repeat_interleave(repeat, 0).to(self.device)
+
+    def rollouts(self, histories, step: int) -> tuple[Decoded, float]:
+        cfg = self.cfg
+        exclude = self._exclude(histories)
+        self.model.eval()
+        if cfg.algo == "vstar":
+            out, calls = ved(self.model, histories, cfg.ved(), seed=cfg.seed * 1_000_003 + step, exclude=exclude)
+            return out, float(calls.mean())
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        out = decode(self.model, histories, cfg.group_size, sample=True, temperature=cfg.temperature, generator=gen,
+                     exclude=exclude)
+        return out, float(1 + (self.model.depth - 1) * cfg.group_size)
+
+    def training_step(self, rows, batch_idx):
+        cfg, G, D = self.cfg, self.cfg.group_size, self.model.depth
+        hists = [r["history"] for r in rows]
+        targets = torch.tensor([r["target"] for r in rows])
+        out, calls = self.rollouts(hists, self.global_step)
+        target_codes = self.model.idx_codes[targets.to(self.device)]                                   # (B, D)
+        reward = prefix_reward(out.codes, target_codes[:, None].cpu(), cfg.shaping)                     # (B, G)
+        ok = (out.items > 0).view(-1)
+        adv = group_advantages(reward.view(-1), G, "std")
+        codes = out.codes.view(-1, D)
+        rep = [h for h in hists for _ in range(G)]
+        exclude = self._exclude(hists, G)
+        self.model.train()
+        vstar = cfg.algo == "vstar"
+        res = code_log_probs(self.model, rep, codes, exclude, values=vstar)
+        logp, values = res if vstar else (res, None)
+        with torch.no_grad():
+            ref_logp = code_log_probs(self.ref, rep, codes, exclude)
+        logp = torch.where(ok[:, None].to(logp.device), logp, torch.zeros_like(logp))
+        ref_logp = torch.where(ok[:, None].to(logp.device), ref_logp, torch.zeros_like(ref_logp))
+        mask = ok[:, None].expand(-1, D).to(logp.device)
+        loss, stats = policy_loss(logp, logp.detach(), adv[:, None].to(logp.device), mask, ref_logp, cfg.beta,
+                                  cfg.eps, cfg.eps)
+        logs = {"train/reward": reward.mean(), "train/hit": (reward == 1).float().mean(),
+                "train/reward_std": reward.std(1).mean(), "train/distinct": torch.tensor(
+                    np.mean([len(set(r.tolist())) for r in out.items])).float(),
+                "train/calls": torch.tensor(calls), "train/kl": stats.get("kl", torch.tensor(0.0))}
+        if vstar:
+            sib = [sibling_advantages(c, r) for c, r in zip(out.codes, reward)]
+            A, carry = torch.cat([a for a, _ in sib]), torch.cat([c for _, c in sib]) & mask.cpu()
+            loss = loss + cfg.sibling_weight * sibling_loss(logp, A, carry, ref_logp, cfg.beta)
+            dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
+                               for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
+            target_v = td_targets(values.float(), dense.to(values.device), cfg.gamma)
+            value_loss = ((values.float() - target_v) ** 2)[ok.to(values.device)].mean()
+            loss = loss + cfg.value_weight * value_loss
+            logs["train/value_loss"] = value_loss.detach()
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log_dict({k: torch.as_tensor(v).float() for k, v in logs.items()}, batch_size=len(rows))
+        self.log("reward", reward.mean(), prog_bar=True, batch_size=len(rows))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> GenerativeRecommender:
+    if config.algo != "sft":
+        if not config.init:
+            raise RecsysError(f"algo {config.algo!r} starts from an SFT model: set init to its model/ directory")
+        return GenerativeRecommender.from_pretrained(config.init)
+    if not config.semantic_ids:
+        raise RecsysError("SFT needs semantic IDs: pass --semantic-ids (built by `recsys index semantic-ids`)")
+    sid = SemanticIDs.load(config.semantic_ids)
+    if len(sid.item_ids) != dataset.n_items or sid.item_ids.max() != dataset.n_items:
+        raise RecsysError(f"{config.semantic_ids}: codes for {len(sid.item_ids)} items, dataset has {dataset.n_items}")
+    return GenerativeRecommender.build(sid.codes, sid.item_ids, config.model, config.seed)
+
+
+def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,
+                     progress: bool = True, resume: bool = True) -> Path:
+    """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = Path(out)
+    defining = {k: v for k, v in dataclasses.asdict(config).items()
+                if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches")}
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    L.seed_everything(config.seed, verbose=False)
+    model = build_model(dataset, config)
+    data = GenerativeData(dataset, model, config)
+    sft = config.algo == "sft"
+    module = GenerativeSFTModule(model, config) if sft else GenerativeRLModule(model, config)
+    best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
+    callbacks = [best, latest, RNGState()]
+    if config.max_minutes:
+        callbacks.append(Timer(duration={"minutes": config.max_minutes}))
+    if sft:
+        callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=config.patience))
+    epochs = config.max_epochs if sft else -(-config.max_steps // config.val_every)
+    trainer = L.Trainer(max_epochs=epochs, precision=config.precision, accelerator="auto", devices=1,
+                        callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
+                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1 if not sft else 10,
+                        limit_train_batches=config.limit_train_batches if sft else None)
+    start = time.time()
+    start_score = None
+    if not sft:                                   # the SFT starting point is scored too: step 0
+        if not last:
+            trainer.validate(module, data.val_dataloader(), verbose=False)
+            start_score = float(trainer.callback_metrics["val/ndcg@10"])
+            (out / "start.json").write_text(json.dumps({"val/ndcg@10": start_score}))
+        else:
+            start_score = json.loads((out / "start.json").read_text())["val/ndcg@10"]
+    trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    if not best.best_model_path:
+        raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or max_steps")
+    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.model.save_pretrained(out / "model")
+    meta = {"dataset_fingerprint": dataset.fingerprint}
+    (out / "model" / "dataset.json").write_text(json.dumps(meta))
+    (out / "train.json").write_text(json.dumps({
+        "model_type": "generative", "algo": config.algo, "seconds": time.time() - start,
+        "epochs": trainer.current_epoch, "steps": trainer.global_step, "start_val_ndcg@10": start_score,
+        "best_val_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
+        "dataset": str(dataset.directory), "dataset_fingerprint": dataset.fingerprint}, indent=2))
+    return out / "model"
+
+
+def load_for(dataset: PreparedDataset, directory) -> GenerativeRecommender:
+    """A trained generative model, checked against the dataset it will score."""
+    directory = Path(directory)
+    meta = directory / "dataset.json"
+    if meta.exists() and json.loads(meta.read_text())["dataset_fingerprint"] != dataset.fingerprint:
+        raise RecsysError(f"{directory} was trained on another dataset than {dataset.directory}")
+    return GenerativeRecommender.from_pretrained(directory)
