@@ -23,7 +23,10 @@ EXAMPLES = """examples:
   recsys evaluate-run run.trec qrels.trec --metrics ndcg@10,recall@10,mrr
   recsys index build --data artifacts/data/ml-1m --sasrec artifacts/runs/sasrec --factory HNSW32,Flat --out idx
   recsys candidates --data artifacts/data/ml-1m --retriever hybrid --sasrec artifacts/runs/sasrec --out cands
-  recsys index semantic-ids --data artifacts/data/ml-1m --source text --out artifacts/semantic-ids
+  recsys index semantic-ids --data artifacts/data/ml-1m --source cf --sasrec artifacts/runs/sasrec --out sid
+  recsys train generative --data artifacts/data/ml-1m --semantic-ids sid --out artifacts/runs/gen-sft
+  recsys train generative --data artifacts/data/ml-1m --algo vstar --init artifacts/runs/gen-sft/model --out gen-vstar
+  recsys recommend --data artifacts/data/ml-1m --model artifacts/runs/gen-sft --users 1,2 --k 10
 """
 
 
@@ -161,6 +164,62 @@ def cmd_train_reranker(a):
     print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
 
 
+def cmd_train_generative(a):
+    from pipelines.config import load_config
+    from pipelines.generative import GenerativeTrainConfig, train_generative
+    from recsys.data import PreparedDataset
+
+    config = load_config(GenerativeTrainConfig, a.config, {
+        "algo": a.algo, "init": a.init, "semantic_ids": a.semantic_ids, "seed": a.seed, "max_epochs": a.max_epochs,
+        "max_steps": a.max_steps, **_overrides(a.set)})
+    path = train_generative(PreparedDataset.load(a.data), a.out, config, resume=not a.no_resume)
+    print(f"saved the generative recommender ({config.algo}) to {path}")
+
+
+def cmd_recommend(a):
+    """Top-k for dataset users or for raw histories (item ids), from any trained model directory."""
+    import numpy as np
+
+    from recsys.data import PreparedDataset
+    from recsys.errors import DataError
+
+    ds = PreparedDataset.load(a.data)
+    if bool(a.users) == bool(a.history):
+        raise RecsysError("pass exactly one of --users (user ids) or --history (item ids, oldest first)")
+    if a.users:
+        uidx = ds.user_index([u.strip() for u in a.users.split(",") if u.strip()])
+        split = ds.eval_examples("test")
+        full = {int(u): np.concatenate([h, t]) for u, h, t in zip(split.users, split.histories, split.targets)}
+        seqs = ds.train_sequences()
+        queries = [(f"user {u}", full.get(int(i), seqs[int(i)])) for u, i in zip(a.users.split(","), uidx)]
+    else:
+        table = dict(zip(ds.catalog["item_id"].cast(str).to_list(), ds.catalog["idx"].to_list()))
+        ids = [x.strip() for x in a.history.split(",") if x.strip()]
+        unknown = [x for x in ids if x not in table]
+        if unknown:
+            raise DataError(f"--history: unknown item id(s) {unknown[:5]} (not in the catalog of {ds.name})")
+        queries = [("history", np.array([table[x] for x in ids], dtype=np.int64))]
+    model_dir = Path(a.model)
+    model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
+    names = ds.item_ids(np.arange(1, ds.n_items + 1))
+    if (model_dir / "generative.json").exists():
+        from pipelines.generative import load_for
+        from recsys.generative.decoding import recommend_batch
+
+        model = load_for(ds, model_dir).eval()
+        out = recommend_batch(model, [q for _, q in queries], a.k, a.beam)
+        for (who, _), items, scores in zip(queries, out.items.tolist(), out.scores.tolist()):
+            print(json.dumps({"query": who, "items": [{"item_id": names[i - 1], "score": round(s, 4)}
+                                                      for i, s in zip(items, scores) if i > 0]}))
+        return
+    from recsys.models.base import load_model, recommend
+
+    model = load_model(model_dir)
+    for who, hist in queries:
+        ranked = recommend(model, hist, a.k, names)
+        print(json.dumps({"query": who, "items": [{"item_id": x.item_id, "score": round(x.score, 4)} for x in ranked.items]}))
+
+
 def cmd_rerank(a):
     from pipelines.jobs import format_table
     from pipelines.reranker import rerank_candidates
@@ -286,6 +345,35 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--max-epochs", type=int)
     rk.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     rk.set_defaults(func=cmd_train_reranker)
+
+    gn = train.add_parser("generative", help="train the generative recommender over semantic IDs",
+                          description="SFT of a causal LM on next-item semantic IDs (--algo sft, needs "
+                                      "--semantic-ids), or RL from an SFT model (--init): grpo (sampled rollouts) or "
+                                      "vstar (value-guided decoding + Sibling-GRPO + a TD-trained value head). "
+                                      "Saves OUT/model; re-running resumes from OUT/checkpoints.")
+    gn.add_argument("--data", required=True, help="prepared dataset directory")
+    gn.add_argument("--out", required=True, help="run directory")
+    gn.add_argument("--algo", choices=["sft", "grpo", "vstar"], help="default: the recipe's, else sft")
+    gn.add_argument("--semantic-ids", help="SFT: directory written by `recsys index semantic-ids`")
+    gn.add_argument("--init", help="RL: the SFT run's model/ directory")
+    gn.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/generative_sft_tiny.yaml")
+    gn.add_argument("--seed", type=int)
+    gn.add_argument("--max-epochs", type=int, help="SFT epochs")
+    gn.add_argument("--max-steps", type=int, help="RL steps")
+    gn.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    gn.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    gn.set_defaults(func=cmd_train_generative)
+
+    rc = sub.add_parser("recommend", help="top-k items for users or a raw history from a trained model",
+                        description="Prints one JSON line per query. Works with SASRec, popularity and generative "
+                                    "models (beam search under the semantic-ID trie; history items excluded).")
+    rc.add_argument("--data", required=True, help="prepared dataset directory")
+    rc.add_argument("--model", required=True, help="run directory or model directory")
+    rc.add_argument("--users", help="comma-separated user ids (their full history is used)")
+    rc.add_argument("--history", help="comma-separated item ids, oldest first")
+    rc.add_argument("--k", type=int, default=10)
+    rc.add_argument("--beam", type=int, default=50, help="generative models: beam width")
+    rc.set_defaults(func=cmd_recommend)
 
     ev = sub.add_parser("evaluate", help="full-ranking evaluation of a trained model",
                         description="Score every item for each user of the split, mask the user's history, and "

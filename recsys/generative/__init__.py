@@ -1,0 +1,1 @@
+"""Generative recommendation over semantic IDs: code trie, constrained decoding, value-guided decoding."""

@@ -1,0 +1,270 @@
+"""Generative recommender: trie, constrained decoding vs exhaustive enumeration, tree attention vs full
+passes, VED budget accounting, V-STAR maths by hand, SFT learning + exact resume, RL steps, CLI."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.errors import RecsysError
+from recsys.generative.decoding import (
+    PrefixScorer,
+    decode,
+    generate_list,
+    recommend_batch,
+)
+from recsys.generative.model import GenerativeConfig, GenerativeRecommender
+from recsys.generative.trie import CodeTrie
+from recsys.generative.ved import VEDConfig, ved
+from recsys.rl.vstar import (
+    level_rewards,
+    prefix_reward,
+    sibling_advantages,
+    sibling_loss,
+    td_targets,
+)
+
+SMALL = GenerativeConfig(hidden_size=32, num_layers=1, num_heads=2, max_items=6, value_layers=1, value_heads=2)
+
+
+def catalog(n=30, seed=0):
+    """Random 2-level codes (4 x 3) plus a de-duplication level: every item a unique code."""
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(0, 4, n), rng.integers(0, 3, n)], 1)
+    dedup, seen = np.zeros(n, np.int64), {}
+    for i, row in enumerate(map(tuple, codes.tolist())):
+        dedup[i] = seen.get(row, 0)
+        seen[row] = dedup[i] + 1
+    return np.concatenate([codes, dedup[:, None]], 1)
+
+
+@pytest.fixture
+def model():
+    codes = catalog()
+    return GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), SMALL, seed=0).eval()
+
+
+def exhaustive(model, history):
+    """Constrained log-prob of every item's code, one full forward pass per prefix (the slow reference)."""
+    out = []
+    for row in model.codes_np:
+        total = 0.0
+        for level in range(model.depth):
+            ids, mask = model.batch([history], [row[:level].tolist()])
+            logits = model(ids, mask).logits[:, -1]
+            node = torch.tensor([model.trie.node_of(row[:level].tolist())])
+            total += float(model.level_log_probs(logits, level, node)[0, row[level]])
+        out.append(total)
+    return np.array(out)
+
+
+def test_trie_transitions_and_errors():
+    codes = np.array([[0, 1, 0], [0, 1, 1], [2, 0, 0]])
+    trie = CodeTrie(codes)
+    assert trie.valid(torch.tensor([0])).tolist() == [[True, False, True]]
+    n01 = trie.node_of([0, 1])
+    assert trie.valid(torch.tensor([n01])).tolist() == [[True, True, False]]
+    assert int(trie.item[trie.node_of([0, 1, 1])]) == 1 and trie.node_of([1]) == -1
+    assert trie.advance(torch.tensor([0, -1]), torch.tensor([1, 0])).tolist() == [-1, -1]
+    with pytest.raises(RecsysError, match="share a full code"):
+        CodeTrie(np.array([[0, 1], [0, 1]]))
+
+
+def test_beam_search_matches_exhaustive_enumeration(model):
+    history = [3, 7, 1]
+    scores = exhaustive(model, history)
+    best = np.argsort(-scores, kind="stable")[:5]
+    with torch.no_grad():
+        out = decode(model, [history], len(scores))                     # width = catalog: exact top-K
+    assert out.items[0, :5].tolist() == (best + 1).tolist()
+    np.testing.assert_allclose(out.scores[0, :5].numpy(), scores[best], atol=1e-4)
+
+
+def test_tree_attention_equals_independent_forward_passes(model):
+    histories = [[1, 2, 3, 4], [5]]                                     # different lengths: left padding
+    scorer = PrefixScorer(model, histories, values=True)
+    prefixes = torch.tensor([[[0, 1], [2, 0]], [[1, 2], [3, 0]]])
+    lengths = torch.tensor([[2, 1], [0, 2]])
+    logits, values = scorer(prefixes, lengths)
+    for b, h in enumerate(histories):
+        for w in range(2):
+            p = prefixes[b, w, :lengths[b, w]].tolist()
+            ids, mask = model.batch([h], [p])
+            out = model(ids, mask, output_hidden_states=True)
+            torch.testing.assert_close(logits[b, w], out.logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+            v = model.value_head(out.hidden_states[-1], mask)[0, -1]
+            torch.testing.assert_close(values[b, w], v, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_logits_never_leave_the_catalog(seed):
+    """Property: any weights, beam or sampled, every output is a catalog item whose code is the output code."""
+    codes = catalog(n=25, seed=seed)
+    m = GenerativeRecommender.build(codes, np.arange(1, 26), SMALL, seed=seed).eval()
+    with torch.no_grad():
+        for p in m.lm.parameters():
+            p.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    for out in (decode(m, [[1, 2], [3]], 12), decode(m, [[1, 2], [3]], 12, sample=True, generator=gen, temperature=2.0)):
+        assert (out.items > 0).all()
+        for item, code in zip(out.items.view(-1).tolist(), out.codes.view(-1, m.depth).tolist()):
+            assert codes[item - 1].tolist() == code
+    beams = decode(m, [[1, 2]], 12).items[0].tolist()
+    assert len(set(beams)) == 12                                        # beams are distinct items
+
+
+def test_recommend_excludes_history_and_lists_are_distinct(model):
+    history = list(range(1, 11))
+    out = recommend_batch(model, [history], 5, 10)
+    assert not set(out.items[0].tolist()) & set(history)
+    lists = generate_list(model, [history, [2]], 6, beam=3, end_token=None)
+    for lst, h in zip(lists, [history, [2]]):
+        assert len(lst) == 6 and len(set(lst)) == 6 and not set(lst) & set(h)
+    with torch.no_grad():                           # make <eor> the likeliest token: lists stop at once
+        eor = model.tokenizer.convert_tokens_to_ids("<eor>")
+        model.lm.lm_head.weight[eor] = 50 * model.lm.model.norm.weight.sign()
+    assert generate_list(model, [history], 6, beam=3) == [[]]
+
+
+def test_ved_spends_exactly_its_budget_and_returns_valid_candidates(model):
+    cfg = VEDConfig(n_candidates=6, init_beam=3, budget_multiplier=2.0)
+    budget = cfg.budget(model.depth)
+    assert budget == round((1 + 2 * 3) * 2.0) == 14
+    exclude = torch.zeros(2, 31, dtype=torch.bool)
+    exclude[0, [1, 2, 3]] = True
+    out, calls = ved(model, [[1, 2, 3], [4]], cfg, exclude=exclude)
+    assert calls.tolist() == [budget, budget]
+    assert out.items.shape == (2, 6) and (out.items > 0).all()
+    assert not set(out.items[0].tolist()) & {1, 2, 3}
+    for item, code in zip(out.items.view(-1).tolist(), out.codes.view(-1, model.depth).tolist()):
+        assert model.codes_np[item - 1].tolist() == code
+    _, init_only = ved(model, [[1]], cfg, budget=1 + 2 * 3)               # the initial beam alone
+    assert init_only.tolist() == [7]
+
+
+def test_sibling_advantages_docstring_tree():
+    codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 0]])
+    adv, carry = sibling_advantages(codes, torch.tensor([1.0, 0, 0, 0]))
+    a0, a1 = 0.25 / (0.25 + 1e-4), 0.5 / (0.5 + 1e-4)
+    expected = torch.tensor([[a0, a1], [0, -a1], [-a0, 0], [0, 0]])
+    torch.testing.assert_close(adv, expected)
+    assert carry.tolist() == [[True, True], [False, True], [True, False], [False, False]]
+
+
+def test_single_child_groups_give_no_signal():
+    codes = torch.tensor([[2, 1], [2, 1], [2, 1]])                      # one path: every group has one child
+    adv, carry = sibling_advantages(codes, torch.tensor([1.0, 0.0, 5.0]))
+    assert not carry.any() and (adv == 0).all()
+    logp = torch.zeros(3, 2, requires_grad=True)
+    loss = sibling_loss(logp, adv, carry)
+    loss.backward()
+    assert loss.item() == 0 and (logp.grad == 0).all()
+
+
+def test_sibling_loss_gradient_is_minus_advantage_over_carried_tokens():
+    adv = torch.tensor([[1.0, 0.5], [0.0, -2.0]])
+    carry = torch.tensor([[True, True], [False, True]])
+    logp = torch.log(torch.tensor([[0.5, 0.2], [0.3, 0.1]])).requires_grad_()
+    sibling_loss(logp, adv, carry, beta=0.0).backward()
+    # d/dlogp of -exp(logp - sg(logp)) * A = -A at the current point; mean over 3 carried tokens
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -0.5], [0.0, 2.0]]) / 3)
+
+
+def test_level_rewards_and_td_targets_by_hand():
+    codes = torch.tensor([[1, 0], [1, 1], [0, 0]])
+    target = torch.tensor([1, 1])
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])         # item vectors of the candidates
+    target_vec = torch.tensor([0.0, 1.0])
+    r = level_rewards(codes, target, vectors, target_vec, weights=(0.3, 1.0))
+    # level 0: candidates 0, 1 match prefix (1,) -> 0.3; candidate 2 (prefix (0,), mean vec [1,0], cos 0) -> -0.3
+    # level 1: candidate 1 is the target -> 1.0; candidate 0 alone under (1,0), cos 0 -> -1.0; candidate 2 -> -1.0
+    torch.testing.assert_close(r, torch.tensor([[0.3, -1.0], [0.3, 1.0], [-0.3, -1.0]]))
+    values = torch.tensor([[0.5, 0.2, 0.1]])
+    t = td_targets(values, torch.tensor([[0.3, 1.0]]), gamma=0.5)
+    torch.testing.assert_close(t, torch.tensor([[0.0 + 0.5 * 0.2, 0.3 + 0.5 * 0.1, 1.0]]))
+
+
+def test_prefix_reward_docstring_example():
+    target = torch.tensor([1, 2, 3, 0])
+    codes = torch.tensor([[1, 2, 3, 0], [1, 2, 0, 0], [0, 2, 3, 0]])
+    torch.testing.assert_close(prefix_reward(codes, target), torch.tensor([1.0, 0.05, 0.0]))
+
+
+# ------------------------------------------------------------------------------------------ training
+@pytest.fixture
+def sid_dir(tiny_dataset, tmp_path):
+    from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs
+
+    emb = np.random.default_rng(0).normal(size=(tiny_dataset.n_items, 8)).astype(np.float32)
+    sid = SemanticIDs.fit(np.arange(1, tiny_dataset.n_items + 1), emb, SemanticIDConfig(levels=2, codebook_size=4))
+    return sid.save(tmp_path / "sid")
+
+
+def _sft(sid_dir, **kw):
+    from pipelines.generative import GenerativeTrainConfig
+
+    base = {"model": SMALL, "semantic_ids": str(sid_dir), "batch_size": 8, "lr": 3e-3, "val_beam": 10,
+            "precision": "32-true", "patience": 100}
+    return GenerativeTrainConfig(**(base | kw))
+
+
+def test_sft_learns_the_ring_and_resumes_exactly(tiny_dataset, sid_dir, tmp_path):
+    from pipelines.generative import evaluate_generative, load_for, train_generative
+
+    straight = train_generative(tiny_dataset, tmp_path / "a", _sft(sid_dir, max_epochs=3), progress=False)
+    train_generative(tiny_dataset, tmp_path / "b", _sft(sid_dir, max_epochs=2), progress=False)
+    resumed = train_generative(tiny_dataset, tmp_path / "b", _sft(sid_dir, max_epochs=3), progress=False)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight and resumed
+    two_layers = dataclasses.replace(SMALL, num_layers=2)                 # one layer learns the ring slowly
+    longer = train_generative(tiny_dataset, tmp_path / "c", _sft(sid_dir, max_epochs=25, model=two_layers),
+                              progress=False)
+    test = tiny_dataset.eval_examples("test")
+    targets = [t[0] for t in test.targets]
+    m = evaluate_generative(load_for(tiny_dataset, longer), test.histories, targets, beam=10, progress=False)
+    untrained = GenerativeRecommender.build(load_for(tiny_dataset, longer).codes_np, np.arange(1, 41), SMALL, seed=1)
+    chance = evaluate_generative(untrained, test.histories, targets, beam=10, progress=False)
+    assert m["num_queries"] == len(test.users) and m["ndcg@10"] > chance["ndcg@10"] + 0.15
+    with pytest.raises(RecsysError, match="different config"):
+        train_generative(tiny_dataset, tmp_path / "c", _sft(sid_dir, max_epochs=1, lr=1e-2, model=two_layers),
+                         progress=False)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "vstar"])
+def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
+    from pipelines.generative import GenerativeTrainConfig, load_for, train_generative
+
+    init = train_generative(tiny_dataset, tmp_path / "sft", _sft(sid_dir, max_epochs=2), progress=False)
+    cfg = GenerativeTrainConfig(algo=algo, model=SMALL, init=str(init), max_steps=2, val_every=1, prompts_per_step=3,
+                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true")
+    path = train_generative(tiny_dataset, tmp_path / algo, cfg, progress=False)
+    summary = json.loads((tmp_path / algo / "train.json").read_text())
+    assert summary["steps"] == 2 and summary["start_val_ndcg@10"] is not None
+    before, after = load_for(tiny_dataset, init), load_for(tiny_dataset, path)
+    moved = [not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters())]
+    assert any(moved)
+    if algo == "vstar":                                               # the value head trained too
+        assert not torch.equal(before.value_head.mlp[0].weight, after.value_head.mlp[0].weight)
+    with pytest.raises(RecsysError, match="starts from an SFT model"):
+        train_generative(tiny_dataset, tmp_path / "x", GenerativeTrainConfig(algo=algo), progress=False)
+
+
+def test_cli_train_generative_and_recommend(tiny_dataset, sid_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    data = str(tiny_dataset.directory)
+    code = main(["train", "generative", "--data", data, "--semantic-ids", str(sid_dir), "--out", str(tmp_path / "g"),
+                 "--max-epochs", "1", "--set", "model.hidden_size=32", "--set", "model.num_layers=1",
+                 "--set", "model.num_heads=2", "--set", "batch_size=8", "--set", "val_beam=10"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    user = tiny_dataset.users["user_id"][0]
+    assert main(["recommend", "--data", data, "--model", str(tmp_path / "g"), "--users", user, "--k", "5"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["query"] == f"user {user}" and len(line["items"]) == 5
+    assert main(["recommend", "--data", data, "--model", str(tmp_path / "g"), "--history", "nope"]) == 1
+    assert "unknown item id(s) ['nope']" in capsys.readouterr().err
