@@ -58,11 +58,12 @@ def test_evaluate_refuses_a_model_of_other_data(tiny_dataset, tmp_path):
 def test_recipes_load_into_the_config(tmp_path):
     from pathlib import Path
 
+    from pipelines.generative import GenerativeTrainConfig
     from pipelines.reranker import RerankerSFTConfig
     from pipelines.rl import RLConfig
 
     kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig, "groupwise": RerankerSFTConfig,
-             "rl": RLConfig}                                                 # recipe name prefix -> config
+             "rl": RLConfig, "generative": GenerativeTrainConfig}                                                 # recipe name prefix -> config
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
     assert len(recipes) >= 2, "no recipes shipped"
     for recipe in recipes:
@@ -81,18 +82,27 @@ def test_recipes_load_into_the_config(tmp_path):
     assert cfg.max_minutes == 2.5 and cfg.model.hidden_size == 32 and cfg.model.num_layers == 2
 
 
-def test_quickstart_end_to_end_on_the_fixture(tmp_path):
-    """The main job on the synthetic data: prepares, trains both models, evaluates, writes the summary;
-    a second run reuses every stage."""
-    from pipelines.jobs import quickstart
+def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
+    """The main job on the synthetic data, every stage: data, baselines, candidates, reranker SFT + Rank-GRPO,
+    generative SFT, evaluation, ONNX export; a second run skips every stage."""
+    import json
+
+    from pipelines.quickstart import quickstart
     from tests.conftest import FIXTURES
 
     lines = []
-    summary = quickstart(tmp_path / "art", FIXTURES / "tiny", "short", log=lines.append)
-    assert set(summary["results"]) == {"popularity", "sasrec-short"}
-    assert summary["results"]["sasrec-short"]["num_queries"] == 60
-    assert (tmp_path / "art" / "quickstart.json").exists() and any("ndcg@10" in line for line in lines)
+    summary = quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)
+    assert list(summary["seconds"]) == ["data", "popularity", "sasrec", "candidates", "reranker", "generative",
+                                        "evaluate", "export"]
+    names = list(summary["results"])
+    assert names[:2] == ["popularity", "sasrec"] and any("listwise" in n for n in names) and any(
+        "generative" in n for n in names)
+    for metrics in summary["results"].values():
+        assert 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
+    serve = tmp_path / "art" / "runs" / "small-seed0" / "serve"
+    manifest = json.loads((serve / "manifest.json").read_text())
+    assert set(manifest["models"]) == {"sasrec", "first"} and summary["serve"] == f"recsys serve {serve}"
+    assert any(line.startswith("serve it:") for line in "\n".join(lines).splitlines())
     lines.clear()
-    quickstart(tmp_path / "art", FIXTURES / "tiny", "short", log=lines.append)
-    assert any("is up to date" in line for line in lines if line.startswith("[data]"))
-    assert any("is up to date" in line for line in lines if line.startswith("[train]"))
+    quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)
+    assert sum("up to date" in line for line in lines) == 8
