@@ -265,6 +265,12 @@ def cmd_rescore(a):
     print(f"{scored} rows scored, {rejected} rejected (see {a.output}/rejects), complete: {m['complete']}")
 
 
+def cmd_report(a):
+    from pipelines.report import write_report
+
+    print(f"wrote {write_report(a.artifacts, a.out, a.latency_requests)} (and report.html, PNG plots)")
+
+
 def cmd_quickstart(a):
     from pipelines.quickstart import quickstart
 
@@ -499,6 +505,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", choices=["small", "default", "full"], default="default")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quickstart)
+
+    rp = sub.add_parser("report", help="Markdown + HTML report of a quickstart artifacts directory",
+                        description="Metrics table against the baselines and the published anchor, NDCG@K / HR@K "
+                                    "curves, RL reward curves, a latency histogram measured on the exported serving "
+                                    "directory, stage times, and every model's configuration.")
+    rp.add_argument("artifacts", help="the quickstart --out directory (holds quickstart.json)")
+    rp.add_argument("--out", help="report directory (default ARTIFACTS/report)")
+    rp.add_argument("--latency-requests", type=int, default=200, help="single requests timed for the histogram")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

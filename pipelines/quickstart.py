@@ -77,6 +77,20 @@ class Stages:
         return result
 
 
+def _ranks(rerank_dir: Path, cands: Path) -> tuple[list[float], list[float]]:
+    """0-based target ranks before (retriever order) and after reranking, from ``reranked_test.parquet``."""
+    import polars as pl
+
+    df = pl.read_parquet(rerank_dir / "reranked_test.parquet")
+    before, after = [], []
+    for row in df.iter_rows(named=True):
+        depth = len(row["reranked"])
+        for order, ranks in ((row["candidates"][:depth], before), (row["reranked"], after)):
+            order = list(order)
+            ranks.append(float(order.index(row["target"])) if row["target"] in order else float("inf"))
+    return before, after
+
+
 def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: int = 0, log=print) -> dict:
     """Run every stage (see the module docstring); returns and writes ``out/quickstart.json``."""
     import torch
@@ -89,7 +103,12 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
         train_generative,
     )
     from pipelines.jobs import evaluate_model, format_table
-    from pipelines.reranker import RerankerSFTConfig, rerank_candidates, train_reranker
+    from pipelines.reranker import (
+        RerankerSFTConfig,
+        candidate_set_metrics,
+        rerank_candidates,
+        train_reranker,
+    )
     from pipelines.retrieval import build_semantic_ids, candidates
     from pipelines.rl import RLConfig, train_rl
     from pipelines.train import SASRecTrainConfig, train_popularity, train_sasrec
@@ -154,20 +173,22 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
     stages.run("generative", settings | {"sid": sid_cfg.__dict__, "config": repr(gen_cfg)}, generative)
 
     def evaluate():
-        metrics = ["hr@10", "ndcg@10", "hr@5", "ndcg@5"]
+        metrics = [f"{m}@{k}" for k in (1, 5, 10, 20) for m in ("hr", "ndcg")]
         results = {"popularity": evaluate_model(ds, runs / "popularity", "test", metrics),
                    "sasrec": evaluate_model(ds, runs / "sasrec", "test", metrics)}
-        rr = rerank_candidates(ds, runs / "reranker-rank-grpo" / "model", cands, runs / "rerank-eval", "test",
+        rerank_candidates(ds, runs / "reranker-rank-grpo" / "model", cands, runs / "rerank-eval", "test",
                                window=rr_cfg.window, depth=p["depth"], mode="first")
+        rr = candidate_set_metrics(*_ranks(runs / "rerank-eval", cands), metrics)
         results[f"sasrec -> listwise-tiny (rank-grpo, top {p['depth']})"] = {m: rr["reranked"][m] for m in metrics}
         test = ds.eval_examples("test")
         with torch.autocast("cpu", dtype=torch.bfloat16):
             g = evaluate_generative(load_for(ds, runs / "generative-sft" / "model"), test.histories,
-                                    [int(t[0]) for t in test.targets], beam=p["beam"])
+                                    [int(t[0]) for t in test.targets], beam=p["beam"], metrics=metrics)
         results[f"generative-tiny (sft, beam {p['beam']})"] = {m: g[m] for m in metrics}
         return {name: {m: float(r[m]) for m in metrics} for name, r in results.items()}
 
-    results = stages.run("evaluate", settings | {"depth": p["depth"], "beam": p["beam"]}, evaluate)
+    results = stages.run("evaluate", settings | {"depth": p["depth"], "beam": p["beam"], "at_k": [1, 5, 10, 20]},
+                         evaluate)
     serve_dir = runs / "serve"
     stages.run("export", settings, lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model")))
 
@@ -183,4 +204,5 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
         + f" (total {summary['total_seconds'] / 60:.1f} min)")
     log("published anchor (SASRec, ML-1M full ranking): hr@10 0.2853, ndcg@10 0.1603")
     log(f"\nserve it:  recsys serve {serve_dir}")
+    log(f"report:    recsys report {out}")
     return summary

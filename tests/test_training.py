@@ -106,3 +106,12 @@ def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
     lines.clear()
     quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)
     assert sum("up to date" in line for line in lines) == 8
+
+    from pipelines.report import write_report
+
+    report = write_report(tmp_path / "art", latency_requests=20)
+    text = report.read_text()
+    assert "| sasrec |" in text and "0.1603" in text and "p99" in text and "### reranker-rank-grpo" in text
+    for png in ("metrics_at_k.png", "rl_reward.png", "latency.png", "stages.png"):
+        assert (report.parent / png).stat().st_size > 1000
+    assert "<table>" in (report.parent / "report.html").read_text()
