@@ -151,7 +151,45 @@ def render_serving(result: dict) -> list[str]:
     return out
 
 
-RENDERERS = {"serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
+def render_generative(result: dict) -> list[str]:
+    out = _provenance("## Generative recommender on ML-1M (`generative`)", result)
+    sid = result["semantic_ids"]
+    out += [f"- backbone: {result['backbone']}", (f"- semantic IDs: {sid['source']}, {sid['levels']} levels x "
+            f"{sid['codebook_size']} codes + de-duplication level (collision rate {sid['stats']['collision_rate']:.3f})"),
+            f"- evaluation: {result['evaluation']}; test users: {result['test_users']}",
+            (f"- RL: {result['settings']['rl']['max_steps']} steps x {result['settings']['rl']['prompts_per_step']} prompts x "
+            f"G {result['settings']['rl']['group_size']}, lr {result['settings']['rl']['lr']}; reward: "
+            f"{result['settings']['reward']}"), ""]
+    out += _table(result["rows"], ["hr@5", "hr@10", "ndcg@5", "ndcg@10"], ["seconds", "epochs", "steps"])
+    out += ["", "Means over seeds (NDCG@10): " + ", ".join(
+        f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v["ndcg@10"] is not None) + ".",
+        "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in result["targets"].items()) + ".", "",
+        "VED vs beam search, same forward-call budget, seed-0 V-STAR model:", "",
+        ("| decoder | users | budget (calls) | mean calls | candidate hit rate | within-group reward std | distinct items "
+        "| users/s |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {r['name']} | {r['users']} | {r['budget_calls']} | {r['mean_calls']:.1f} | {r['candidate_hit_rate']:.4f} | "
+            f"{r['within_group_reward_std']:.4f} | {r['distinct_items']:.2f} | {r['users_per_second']:.1f} |"
+            for r in result["beam_vs_ved"]]
+    out += ["", "Decoding speed (top-10 by beam search, history excluded, bf16 autocast, this CPU): " + ", ".join(
+        f"beam {r['beam']}: {r['users_per_second']:.1f} users/s" for r in result["speed"]) + ".", ""]
+    return out
+
+
+def render_quickstart(result: dict) -> list[str]:
+    out = _provenance(f"## Quickstart, preset `{result['preset']}` (`quickstart`)", result)
+    if result.get("note"):
+        out.append(f"- conditions: {result['note']}")
+    out += ["", "| stage | seconds |", "|---|---:|"] + [f"| {r['stage']} | {r['seconds']:.0f} |" for r in result["rows"]]
+    out += [f"| **total** | **{result['total_seconds']:.0f}** |", ""]
+    if result.get("target_seconds"):
+        out += [f"Target <= {result['target_seconds']} s: {'met' if result['met'] else 'missed'}.", ""]
+    out += ["| model | hr@10 | ndcg@10 | hr@20 | ndcg@20 |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {n} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | {m['ndcg@20']:.4f} |"
+            for n, m in result["results"].items()]
+    return out + [""]
+
+
+RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rl": render_rl, "rl_grouprank": render_rl}
 
 
