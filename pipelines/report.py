@@ -56,6 +56,15 @@ def measure_latency(serve_dir: Path, data_dir: Path, requests: int = 200, seed: 
     return out
 
 
+def _save(fig, out: Path, name: str, written: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    written.append(name)
+    plt.close(fig)
+
+
 def _plots(results: dict, curves: dict, latency: list[float], seconds: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -71,35 +80,23 @@ def _plots(results: dict, curves: dict, latency: list[float], seconds: dict, out
     for ax, metric in zip(axes, ("NDCG@K", "HR@K")):
         ax.set_xlabel("K"), ax.set_title(f"{metric}, test split"), ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "metrics_at_k.png", dpi=110)
-    written.append("metrics_at_k.png")
-    plt.close(fig)
+    _save(fig, out, "metrics_at_k.png", written)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, c in curves.items():
             ax.plot([s for s, _ in c], [r for _, r in c], label=name)
         ax.set_xlabel("step"), ax.set_ylabel("mean reward"), ax.set_title("RL reward"), ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "rl_reward.png", dpi=110)
-        written.append("rl_reward.png")
-        plt.close(fig)
+        _save(fig, out, "rl_reward.png", written)
     if latency:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(latency, bins=40)
         ax.axvline(np.percentile(latency, 99), color="k", ls="--", label="p99")
         ax.set_xlabel("ms per request"), ax.set_title("recommend latency (ONNX runtime, single requests)"), ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency.png", dpi=110)
-        written.append("latency.png")
-        plt.close(fig)
+        _save(fig, out, "latency.png", written)
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.barh(list(seconds), list(seconds.values()))
     ax.set_xlabel("seconds"), ax.set_title("quickstart stages")
-    fig.tight_layout()
-    fig.savefig(out / "stages.png", dpi=110)
-    written.append("stages.png")
-    plt.close(fig)
+    _save(fig, out, "stages.png", written)
     return written
 
 
