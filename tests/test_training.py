@@ -67,6 +67,8 @@ def test_recipes_load_into_the_config(tmp_path):
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
     assert len(recipes) >= 2, "no recipes shipped"
     for recipe in recipes:
+        first = recipe.read_text().splitlines()[0]
+        assert first.startswith(("# Measured 20", "# Not measured yet (20")) and "`" in recipe.read_text()[:400], recipe
         cls = kinds[recipe.name.split("_")[0]]
         assert isinstance(load_config(cls, recipe), cls)
     recipes = [r for r in recipes if r.name.startswith("sasrec")]
