@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from pipelines.optim import lr_scheduler
 from recsys.data import PreparedDataset
 from recsys.evaluation import full_ranking_ranks, tie_order
 from recsys.metrics import compute_metrics
@@ -97,12 +98,15 @@ class SASRecModule(L.LightningModule):
     """Trains :class:`SASRec` with its own loss; logs ``val/ndcg@10`` and ``val/hr@10`` (full ranking)."""
 
     def __init__(self, config: SASRecConfig, lr: float = 1e-3, weight_decay: float = 0.0,
-                 dataset_fingerprint: str | None = None):
+                 dataset_fingerprint: str | None = None, lr_schedule: str = "constant", warmup_steps: int = 0,
+                 lr_floor: float = 0.0):
         super().__init__()
         self.save_hyperparameters({"config": config.__dict__, "lr": lr, "weight_decay": weight_decay,
-                                   "dataset_fingerprint": dataset_fingerprint})
+                                   "dataset_fingerprint": dataset_fingerprint, "lr_schedule": lr_schedule,
+                                   "warmup_steps": warmup_steps, "lr_floor": lr_floor})
         self.model = SASRec(config, dataset_fingerprint)
         self.lr, self.weight_decay = lr, weight_decay
+        self.lr_schedule, self.warmup_steps, self.lr_floor = lr_schedule, warmup_steps, lr_floor
         self.register_buffer("order", tie_order(config.n_items), persistent=False)
         self._val_ranks: list[np.ndarray] = []
 
@@ -125,4 +129,8 @@ class SASRecModule(L.LightningModule):
         self.log("val/hr@10", m["hr@10"], prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=(0.9, 0.98), weight_decay=self.weight_decay)
+        # The cosine spans max_epochs: early stopping or a time cap before then ends it above the floor.
+        scheduler = lr_scheduler(optimizer, self.lr_schedule, self.trainer.estimated_stepping_batches,
+                                 self.warmup_steps, self.lr_floor)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer

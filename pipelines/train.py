@@ -36,6 +36,12 @@ class SASRecTrainConfig:
     """AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    lr_schedule: str = "constant"
+    """``constant`` or ``cosine`` (linear warmup, then cosine decay over ``max_epochs`` to ``lr_floor`` x lr)."""
+    warmup_steps: int = 0
+    """Optimiser steps of linear warmup (``cosine`` only)."""
+    lr_floor: float = 0.0
+    """Final learning rate as a fraction of ``lr`` (``cosine`` only)."""
     max_epochs: int = 200
     """Upper bound on epochs."""
     patience: int = 8
@@ -51,10 +57,17 @@ class SASRecTrainConfig:
     num_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
 
+    def __post_init__(self):
+        from pipelines.optim import SCHEDULES
+
+        if self.lr_schedule not in SCHEDULES:
+            raise RecsysError(f"lr_schedule must be one of {SCHEDULES}, got {self.lr_schedule!r}")
+
     def model_config(self, n_items: int) -> SASRecConfig:
         return dataclasses.replace(self.model, n_items=n_items)
 
 
+# Stopping rules and threads may change on resume; max_epochs too, unless a cosine schedule spans it.
 RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads")
 
 PRESETS = {
@@ -91,13 +104,16 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
 
     out = Path(out)
     # What defines the run; stopping rules and threads may change on resume (e.g. train for longer).
-    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    resumable = RESUMABLE_CHANGES if config.lr_schedule == "constant" else tuple(
+        k for k in RESUMABLE_CHANGES if k != "max_epochs")
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in resumable}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     L.seed_everything(config.seed, verbose=False)
     model_config = config.model_config(dataset.n_items)
-    module = SASRecModule(model_config, config.lr, config.weight_decay, dataset.fingerprint)
+    module = SASRecModule(model_config, config.lr, config.weight_decay, dataset.fingerprint, config.lr_schedule,
+                          config.warmup_steps, config.lr_floor)
     data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
     callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]

@@ -1,0 +1,39 @@
+"""Learning-rate schedules as pure functions, and the LambdaLR wrapper the Lightning modules use.
+
+``warmup_cosine`` is the schedule of most transformer recipes (linear warmup, then half a cosine
+down to ``floor`` x the peak rate, e.g. Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("constant", "cosine")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int = 0, floor: float = 0.0) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
+
+    Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` steps, then
+    ``floor + (1 - floor) * (1 + cos(pi * p)) / 2`` with ``p`` the fraction of the remaining steps
+    done; ``floor`` from ``total_steps`` on. Example (total 10, warmup 2, floor 0): steps 0, 1 ->
+    0.5, 1.0; step 2 -> 1.0; step 6 -> 0.5; step 10 -> 0.0.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int, warmup_steps: int = 0,
+                 floor: float = 0.0) -> dict | None:
+    """Lightning's ``lr_scheduler`` entry (stepped every optimiser step), or None for ``constant``."""
+    if schedule == "constant":
+        return None
+    if schedule != "cosine":
+        raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
+    fn = lambda step: warmup_cosine(step, total_steps, warmup_steps, floor)  # noqa: E731
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, fn), "interval": "step"}
