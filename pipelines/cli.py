@@ -77,7 +77,7 @@ def cmd_train_retriever(a):
                           "max_minutes": a.max_minutes, "num_threads": a.threads})
         overrides.update(_overrides(a.set))
         config = load_config(SASRecTrainConfig, a.config, overrides)
-        path = train_sasrec(ds, a.out, config, resume=not a.no_resume)
+        path = train_sasrec(ds, a.out, config, resume=not a.no_resume, runtime=_runtime(a))
     print(f"saved {a.model} to {path}")
 
 
@@ -144,6 +144,23 @@ def _overrides(pairs) -> dict:
     return out
 
 
+def _runtime(a):
+    from pipelines.trainer import Runtime
+
+    devices = int(a.devices) if a.devices.isdigit() else a.devices
+    return Runtime(loggers=tuple(a.logger), accelerator=a.accelerator, devices=devices, strategy=a.strategy)
+
+
+def add_runtime_args(parser) -> None:
+    """Where a training job runs and what it logs to (see pipelines/trainer.py)."""
+    g = parser.add_argument_group("runtime (not part of the run's config; a run may resume elsewhere)")
+    g.add_argument("--logger", nargs="+", default=["csv"], choices=["csv", "tensorboard", "mlflow"],
+                   help="experiment trackers; CSV is always written (OUT/logs)")
+    g.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    g.add_argument("--devices", default="1", help="devices per node, or 'auto'")
+    g.add_argument("--strategy", default="auto", help="Lightning strategy, e.g. ddp or fsdp for several GPUs")
+
+
 def cmd_train_reranker(a):
     from pipelines.config import load_config
     from pipelines.reranker import RerankerSFTConfig, train_reranker
@@ -154,13 +171,13 @@ def cmd_train_reranker(a):
 
         config = load_config(RLConfig, a.config, {"algo": a.algo, "init": a.init, "seed": a.seed,
                                                   "max_steps": a.max_steps, **_overrides(a.set)})
-        path = train_rl(PreparedDataset.load(a.data), a.candidates, a.out, config)
+        path = train_rl(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
         print(f"saved the {config.algo} reranker to {path}")
         return
 
     config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
                                                        "max_epochs": a.max_epochs, **_overrides(a.set)})
-    path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config)
+    path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
     print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
 
 
@@ -172,7 +189,8 @@ def cmd_train_generative(a):
     config = load_config(GenerativeTrainConfig, a.config, {
         "algo": a.algo, "init": a.init, "semantic_ids": a.semantic_ids, "seed": a.seed, "max_epochs": a.max_epochs,
         "max_steps": a.max_steps, **_overrides(a.set)})
-    path = train_generative(PreparedDataset.load(a.data), a.out, config, resume=not a.no_resume)
+    path = train_generative(PreparedDataset.load(a.data), a.out, config, resume=not a.no_resume,
+                            runtime=_runtime(a))
     print(f"saved the generative recommender ({config.algo}) to {path}")
 
 
@@ -330,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, help="torch CPU threads")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     tr.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    add_runtime_args(tr)
     tr.set_defaults(func=cmd_train_retriever)
 
     rk = train.add_parser("reranker", help="train an LLM reranker on a candidates directory",
@@ -350,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--seed", type=int)
     rk.add_argument("--max-epochs", type=int)
     rk.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    add_runtime_args(rk)
     rk.set_defaults(func=cmd_train_reranker)
 
     gn = train.add_parser("generative", help="train the generative recommender over semantic IDs",
@@ -368,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--max-steps", type=int, help="RL steps")
     gn.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     gn.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    add_runtime_args(gn)
     gn.set_defaults(func=cmd_train_generative)
 
     rc = sub.add_parser("recommend", help="top-k items for users or a raw history from a trained model",

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
 from pipelines.rl import StreamSampler
 from pipelines.sasrec import LengthBucketSampler
+from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.generative.decoding import Decoded, decode, recommend_batch
@@ -308,10 +309,9 @@ def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> Gene
 
 
 def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,
-                     progress: bool = True, resume: bool = True) -> Path:
+                     progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``."""
     from lightning.pytorch.callbacks import EarlyStopping, Timer
-    from lightning.pytorch.loggers import CSVLogger
 
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items()
@@ -331,10 +331,9 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
     if sft:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=config.patience))
     epochs = config.max_epochs if sft else -(-config.max_steps // config.val_every)
-    trainer = L.Trainer(max_epochs=epochs, precision=config.precision, accelerator="auto", devices=1,
-                        callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
-                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1 if not sft else 10,
-                        limit_train_batches=config.limit_train_batches if sft else None)
+    trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
+                           callbacks=callbacks, log_every_n_steps=1 if not sft else 10,
+                           limit_train_batches=config.limit_train_batches if sft else None)
     start = time.time()
     start_score = None
     if not sft:                                   # the SFT starting point is scored too: step 0

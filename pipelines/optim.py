@@ -35,5 +35,5 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: i
         return None
     if schedule != "cosine":
         raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
-    fn = lambda step: warmup_cosine(step, total_steps, warmup_steps, floor)  # noqa: E731
+    fn = lambda step: warmup_cosine(step, total_steps, warmup_steps, floor)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, fn), "interval": "step"}

@@ -28,6 +28,7 @@ from pipelines.callbacks import (
     checkpoint_callbacks,
     resume_checkpoint,
 )
+from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
@@ -242,10 +243,9 @@ def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:
 
 
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
-                   progress: bool = True, resume: bool = True) -> Path:
+                   progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """SFT of a reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
     from lightning.pytorch.callbacks import Timer
-    from lightning.pytorch.loggers import CSVLogger
 
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
@@ -261,9 +261,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     module = RerankerSFTModule(backbone, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
     callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
-    trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
-                        callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
-                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=5)
+    trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
+                           callbacks=callbacks, log_every_n_steps=5)
     start = time.time()
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
 from pipelines.reranker import load_candidates, load_reranker, user_sequences
+from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
@@ -273,10 +274,9 @@ class RerankerRLModule(L.LightningModule):
 
 
 def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, progress: bool = True,
-             resume: bool = True) -> Path:
+             resume: bool = True, runtime: Runtime | None = None) -> Path:
     """RL on a reranker from ``config.init``; saves the best model (by validation) to ``out/model``."""
     from lightning.pytorch.callbacks import Timer
-    from lightning.pytorch.loggers import CSVLogger
 
     if not config.init:
         raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
@@ -292,9 +292,8 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
     callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
     epochs = -(-config.max_steps // config.val_every)
-    trainer = L.Trainer(max_epochs=epochs, precision=config.precision, accelerator="auto", devices=1,
-                        callbacks=callbacks, logger=CSVLogger(out, name="logs"), num_sanity_val_steps=0,
-                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=1)
+    trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
+                           callbacks=callbacks, log_every_n_steps=1)
     start = time.time()
     if not last:                                          # the starting point is scored too: step 0
         trainer.validate(module, data.val_dataloader(), verbose=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.trainer import Runtime
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.models import Popularity, SASRecConfig
@@ -89,7 +90,7 @@ def train_popularity(dataset: PreparedDataset, out: str | Path) -> Path:
 
 
 def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainConfig = SASRecTrainConfig(), *,
-                 resume: bool = True, progress: bool = True) -> Path:
+                 resume: bool = True, progress: bool = True, runtime: Runtime | None = None) -> Path:
     """Train SASRec with early stopping on validation NDCG@10; save the best model to ``out/model``.
 
     With ``resume`` and an existing ``out/checkpoints/last.ckpt`` whose config matches, training
@@ -97,10 +98,10 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     """
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, Timer
-    from lightning.pytorch.loggers import CSVLogger
 
     from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
     from pipelines.sasrec import SASRecModule, SequenceDataModule
+    from pipelines.trainer import make_trainer
 
     out = Path(out)
     # What defines the run; stopping rules and threads may change on resume (e.g. train for longer).
@@ -119,10 +120,8 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]
     if config.max_minutes:
         callbacks.append(Timer(duration={"minutes": config.max_minutes}))
-    trainer = L.Trainer(max_epochs=config.max_epochs, precision=config.precision, accelerator="auto", devices=1,
-                        callbacks=callbacks, logger=CSVLogger(out, name="logs"),  # logs/version_N per invocation
-                        check_val_every_n_epoch=config.val_every, num_sanity_val_steps=0,
-                        enable_progress_bar=progress, enable_model_summary=False, log_every_n_steps=10)
+    trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
+                           callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10)
     start = time.time()
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     seconds = time.time() - start

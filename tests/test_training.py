@@ -145,3 +145,27 @@ def test_cosine_schedule_drives_the_optimiser_and_pins_max_epochs(tiny_dataset, 
                      progress=False)
     with pytest.raises(RecsysError, match="lr_schedule"):
         SASRecTrainConfig(lr_schedule="linear")
+
+
+def test_tensorboard_logger_writes_alongside_csv(tiny_dataset, tmp_path):
+    """--logger tensorboard adds OUT/tb event files; the CSV log the reports read is still written."""
+    from pipelines.trainer import Runtime
+
+    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**TINY, max_epochs=1), progress=False,
+                 runtime=Runtime(loggers=("tensorboard",), accelerator="cpu"))
+    events = list((tmp_path / "r" / "tb").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert "val/ndcg@10" in (tmp_path / "r" / "logs" / "version_0" / "metrics.csv").read_text()
+
+
+def test_runtime_errors_are_clear(tmp_path, monkeypatch):
+    import importlib.util
+
+    from pipelines.trainer import Runtime, make_loggers
+
+    with pytest.raises(RecsysError, match="unknown logger"):
+        Runtime(loggers=("wandb",))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(RecsysError, match="pip install mlflow"):
+        make_loggers(tmp_path, ("mlflow",))
