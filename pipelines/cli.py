@@ -256,7 +256,7 @@ def cmd_export(a):
     from recsys.data import PreparedDataset
     from serving.export import export
 
-    out = export(PreparedDataset.load(a.data), a.sasrec, a.out, a.reranker, a.quantize)
+    out = export(PreparedDataset.load(a.data), a.sasrec, a.out, a.reranker, a.quantize, fuse=not a.no_fuse)
     print(f"exported to {out}; serve it with: recsys serve {out}")
 
 
@@ -489,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--reranker", help="listwise reranker model directory (RUN/model)")
     ex.add_argument("--out", required=True)
     ex.add_argument("--quantize", action="store_true", help="also write int8 dynamic-quantised graphs")
+    ex.add_argument("--no-fuse", action="store_true",
+                    help="keep the plain ONNX graphs (default: ONNX Runtime fused attention / LayerNorm operators)")
     ex.set_defaults(func=cmd_export)
 
     sv = sub.add_parser("serve", help="run the ranking API (FastAPI under uvicorn)",

@@ -4,9 +4,9 @@
 
 Writes a serving directory that :mod:`serving.runtime` loads without torch:
 
-- ``sasrec.onnx``: ``input_ids`` (B, max_len) int64, left-padded with 0 -> ``user`` (B, d) float32.
-  The sequence axis is fixed at ``max_len``: SASRec's output does not depend on how much a history
-  is padded (tested), and a fixed axis keeps the graph free of shape arithmetic.
+- ``sasrec.onnx``: ``input_ids`` (B, T) int64, T <= max_len, left-padded with 0 -> ``user`` (B, d)
+  float32. Dynamic batch and sequence axes: the runtime pads a batch to its longest history only
+  (SASRec's output does not depend on the padding, tested), so short histories are cheap.
 - ``items.npy``: (n_items + 1, d) item embeddings (row 0 = padding), the FAISS index's vectors.
 - ``first.onnx`` (optional): the listwise reranker's FIRST scorer, ``input_ids``, ``attention_mask``,
   ``position_ids`` (B, T) int64 -> ``scores`` (B, window) float32, the identifier logits at the last
@@ -14,6 +14,11 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   ``reranker.json`` are copied next to it.
 - ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
+
+ONNX Runtime fusions: the exported graphs are rewritten with onnxscript's ``optimize_for_ort``
+(scaled dot-product attention -> ``com.microsoft.MultiHeadAttention``, residual + LayerNorm ->
+``SkipLayerNormalization``, ...), contrib operators that the CPU and CUDA providers run as fused
+kernels; the parity check below runs on the rewritten graph. ``fuse=False`` keeps the plain graph.
 
 Parity: each graph is run by ONNX Runtime on a fixed batch and compared with eager torch in fp32;
 the tolerance is 1e-4 absolute, because both compute the same fp32 maths and differ only by the
@@ -62,9 +67,22 @@ class _FirstScorer(torch.nn.Module):
         return logits[:, -1].index_select(-1, self.ids)
 
 
-def _export(module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict) -> None:
+def _export(module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict, fuse: bool = True) -> dict:
+    """Export to ``path`` (weights in ``path.data``); returns the ORT fusions applied (name -> count)."""
     torch.onnx.export(module, args, str(path), input_names=names, output_names=[output], dynamic_shapes=dynamic,
                       dynamo=True, opset_version=OPSET, verbose=False)
+    if not fuse:
+        return {}
+    import onnx
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.serde.deserialize_model(onnx.load(str(path)))          # weights in memory: the files are rewritten
+    _, fusions = optimize_for_ort(model)
+    for f in (path, path.with_name(path.name + ".data")):
+        f.unlink(missing_ok=True)
+    ir.save(model, str(path), external_data=path.name + ".data")
+    return {k: v for k, v in fusions.items() if v}
 
 
 def _parity(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -> float:
@@ -87,7 +105,7 @@ def _quantize(path: Path, feeds: dict[str, np.ndarray], reference: np.ndarray) -
     return {"file": q.name, "sha256": sha256(q), "max_abs_change": float(np.abs(got - reference).max())}
 
 
-def export_sasrec(model_dir, out: Path, quantize: bool = False) -> dict:
+def export_sasrec(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
     from recsys.models.sasrec import SASRec
 
     model = SASRec.from_pretrained(model_dir).float().eval()
@@ -100,18 +118,19 @@ def export_sasrec(model_dir, out: Path, quantize: bool = False) -> dict:
     with torch.no_grad():
         reference = encoder(ids).numpy()
     path = out / "sasrec.onnx"
-    _export(encoder, (ids,), path, ["input_ids"], "user", {"input_ids": {0: torch.export.Dim("batch")}})
+    dyn = {"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=T)}}
+    fusions = _export(encoder, (ids,), path, ["input_ids"], "user", dyn, fuse)
     np.save(out / "items.npy", model.item_emb.weight.detach().float().numpy())
     entry = {"file": path.name, "sha256": sha256(path), "items": "items.npy", "items_sha256": sha256(out / "items.npy"),
              "max_len": T, "hidden_size": model.config.hidden_size, "n_items": model.n_items,
-             "dataset_fingerprint": model.dataset_fingerprint,
+             "dataset_fingerprint": model.dataset_fingerprint, "ort_fusions": fusions,
              "parity_max_abs": _parity(path, {"input_ids": ids.numpy()}, reference)}
     if quantize:
         entry["int8"] = _quantize(path, {"input_ids": ids.numpy()}, reference)
     return entry
 
 
-def export_first(model_dir, out: Path, quantize: bool = False) -> dict:
+def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
     from recsys.llm.backbone import load_backbone
 
     meta = json.loads((Path(model_dir) / "reranker.json").read_text())
@@ -131,13 +150,14 @@ def export_first(model_dir, out: Path, quantize: bool = False) -> dict:
     path = out / "first.onnx"
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    _export(scorer, (ids, mask, pos), path, ["input_ids", "attention_mask", "position_ids"], "scores", dyn)
+    fusions = _export(scorer, (ids, mask, pos), path, ["input_ids", "attention_mask", "position_ids"], "scores", dyn,
+                      fuse)
     bb.tokenizer.save_pretrained(out / "tokenizer")
     shutil.copy(Path(model_dir) / "reranker.json", out / "reranker.json")
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
     entry = {"file": path.name, "sha256": sha256(path), "window": window, "prompt": meta["prompt"],
              "max_history": meta["max_history"], "dataset_fingerprint": meta["dataset_fingerprint"],
-             "parity_max_abs": _parity(path, feeds, reference)}
+             "ort_fusions": fusions, "parity_max_abs": _parity(path, feeds, reference)}
     if quantize:
         entry["int8"] = _quantize(path, feeds, reference)
     return entry
@@ -155,15 +175,15 @@ def _write_histories(dataset, path: Path) -> None:
                  schema={"user_id": pl.String, "history": pl.List(pl.Int32)}).write_parquet(path)
 
 
-def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False) -> Path:
+def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, fuse: bool = True) -> Path:
     """Export SASRec (and a listwise reranker) for ``dataset`` into the serving directory ``out``."""
     out = Path(out)
     with atomic_directory(out) as tmp:
-        models = {"sasrec": export_sasrec(sasrec_dir, tmp, quantize)}
+        models = {"sasrec": export_sasrec(sasrec_dir, tmp, quantize, fuse)}
         if models["sasrec"]["dataset_fingerprint"] not in (None, dataset.fingerprint):
             raise RecsysError(f"{sasrec_dir} was trained on another dataset than {dataset.directory}")
         if reranker_dir:
-            models["first"] = export_first(reranker_dir, tmp, quantize)
+            models["first"] = export_first(reranker_dir, tmp, quantize, fuse)
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,

@@ -56,12 +56,14 @@ class SASRecRuntime:
         self.max_len = self.meta["max_len"]
 
     def pad(self, histories) -> np.ndarray:
-        """(B, max_len) int64: the last ``max_len`` items of each history, left-padded with 0."""
-        out = np.zeros((len(histories), self.max_len), dtype=np.int64)
-        for row, h in zip(out, histories):
-            tail = np.asarray(h, dtype=np.int64)[-self.max_len:]
+        """(B, T) int64: the last ``max_len`` items of each history, left-padded with 0 to the batch's
+        longest (T >= 2, the export's smallest sequence length; padding does not change the output)."""
+        tails = [np.asarray(h, dtype=np.int64)[-self.max_len:] for h in histories]
+        T = max(2, max((len(t) for t in tails), default=0))
+        out = np.zeros((len(tails), T), dtype=np.int64)
+        for row, tail in zip(out, tails):
             if len(tail):
-                row[self.max_len - len(tail):] = tail
+                row[T - len(tail):] = tail
         return out
 
     def user_vectors(self, histories) -> np.ndarray:

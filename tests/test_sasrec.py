@@ -97,3 +97,14 @@ def test_recommend_excludes_history_and_returns_ids(tmp_path):
     assert [i.score for i in out.items] == [7.0, 5.0, 1.0]
     pop.save_pretrained(tmp_path / "p")
     assert load_model(tmp_path / "p").counts.tolist() == [0, 5, 9, 1, 7]
+
+
+def test_last_only_user_vector_equals_the_full_forward():
+    """The fast path (final block queries only the last position) is the slow reference's last row."""
+    torch.manual_seed(0)
+    m = SASRec(SASRecConfig(n_items=30, max_len=12, hidden_size=16, num_layers=3, num_heads=2)).eval()
+    ids = torch.randint(1, 31, (5, 12))
+    ids[0, :9] = 0
+    ids[1, :4] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(m.user_embeddings(ids), m(ids)[:, -1], rtol=1e-5, atol=1e-5)

@@ -16,6 +16,9 @@ def test_export_writes_a_manifest_with_hashes_and_parity(exported):
         assert entry["sha256"] == sha256(out / entry["file"]) and entry["parity_max_abs"] <= TOLERANCE
         assert (out / entry["int8"]["file"]).exists() and entry["int8"]["max_abs_change"] >= 0
     assert manifest["opset"] >= 17 and (out / "catalog.parquet").exists()
+    # attention became ONNX Runtime's fused MultiHeadAttention in both graphs (parity above holds after it)
+    assert manifest["models"]["sasrec"]["ort_fusions"].get("sdpa_via_mha", 0) == 2, manifest["models"]["sasrec"]
+    assert manifest["models"]["first"]["ort_fusions"], manifest["models"]["first"]
 
 
 def test_runtime_user_vectors_and_first_scores_match_torch(exported, tiny_dataset):
@@ -32,6 +35,8 @@ def test_runtime_user_vectors_and_first_scores_match_torch(exported, tiny_datase
     with torch.no_grad():
         want = sas.user_embeddings(sas.pad_histories(histories)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4)
+    alone = np.stack([SASRecRuntime(out).user_vectors([h])[0] for h in histories])   # each padded to itself
+    np.testing.assert_allclose(alone, want, atol=1e-4)
 
     windows = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [2, 4, 6, 8, 10, 12, 14, 16]]
     got = FirstRuntime(out).scores(histories, windows)

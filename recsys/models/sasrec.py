@@ -75,12 +75,18 @@ class Block(nn.Module):
         self.out = nn.Linear(d, d)
         self.ffn = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d, d), nn.Dropout(dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d); mask: (B, 1, T, T) bool, True where a query may attend to a key."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: (B, T, d); mask: (B, 1, T, T) bool, True where a query may attend to a key.
+
+        Returns (B, T, d), or with ``last_only`` (B, 1, d): only the last position as query (keys and
+        values still from every position), which is all a user vector needs from the final block.
+        """
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if last_only:
+            q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        x = x + F.dropout(self.out(a.transpose(1, 2).reshape(B, T, d)), self.dropout, self.training)
+        x = x + F.dropout(self.out(a.transpose(1, 2).reshape(B, q.shape[2], d)), self.dropout, self.training)
         return x + self.ffn(self.ln2(x))
 
 
@@ -114,8 +120,9 @@ class SASRec(nn.Module):
     def n_items(self) -> int:
         return self.config.n_items
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: (B, T) left-padded with 0, T <= max_len -> hidden states (B, T, d)."""
+    def forward(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """input_ids: (B, T) left-padded with 0, T <= max_len -> hidden states (B, T, d), or with
+        ``last_only`` (B, 1, d) for the last position only (the final block skips the other queries)."""
         _B, T = input_ids.shape
         if T > self.config.max_len:
             raise RecsysError(f"sequence length {T} exceeds max_len {self.config.max_len}")
@@ -128,8 +135,9 @@ class SASRec(nn.Module):
         # A query may see earlier non-padding keys, and always itself (so padding rows are not all-masked).
         mask = (causal & valid[:, None, :]) | (steps[:, None] == steps[None, :])
         mask = mask.unsqueeze(1)                                                   # (B, 1, T, T)
-        for block in self.blocks:
-            x = block(x, mask) * valid.unsqueeze(-1)
+        for i, block in enumerate(self.blocks):
+            last = last_only and i == len(self.blocks) - 1
+            x = block(x, mask, last) * (valid[:, -1:] if last else valid).unsqueeze(-1)
         return self.ln_f(x)
 
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -148,7 +156,7 @@ class SASRec(nn.Module):
 
     def user_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, d) hidden state at the last position: the user vector for dot-product retrieval."""
-        return self(input_ids)[:, -1]
+        return self(input_ids, last_only=True)[:, -1]
 
     def pad_histories(self, histories: list[np.ndarray]) -> torch.Tensor:
         """Left-pad the last ``max_len`` items of each history into (B, T) input ids."""
