@@ -196,8 +196,15 @@ class Recommender:
                 out[i] = (items, top + [floor - t for t in range(len(candidate_lists[i]) - n)])
         return out
 
-    def recommend_batch(self, queries: list[RecommendQuery]) -> list[dict]:
-        """Per query: ``items`` (idx), ``scores``, ``reranked`` (whether the reranker ordered them)."""
+    def recommend_batch(self, queries: list[RecommendQuery], batch_size: int = 64) -> list[dict]:
+        """Per query: ``items`` (idx), ``scores``, ``reranked`` (whether the reranker ordered them).
+
+        Large inputs (batch re-scoring) run in sub-batches of ``batch_size`` queries of similar history
+        length: on CPU a bigger ONNX batch is not cheaper per row, but padding to a long neighbour is.
+        """
+        return _length_bucketed(queries, [len(q.history) for q in queries], batch_size, self._recommend)
+
+    def _recommend(self, queries: list[RecommendQuery]) -> list[dict]:
         retrieved = self.retrieve(queries)
         results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False}
                    for q, (items, scores) in zip(queries, retrieved)]
@@ -208,7 +215,25 @@ class Recommender:
                 results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True}
         return results
 
-    def rerank_batch(self, histories, candidate_lists, k: int | None = None) -> list[dict]:
+    def rerank_batch(self, histories, candidate_lists, k: int | None = None, batch_size: int = 64) -> list[dict]:
         """Rerank given candidate lists (idx): FIRST on the first window, the rest in the given order."""
-        out = self.rerank_windows(histories, candidate_lists)
-        return [{"items": items[:k], "scores": scores[:k]} for items, scores in out]
+        pairs = list(zip(histories, candidate_lists))
+
+        def run(chunk):
+            out = self.rerank_windows([h for h, _ in chunk], [c for _, c in chunk])
+            return [{"items": items[:k], "scores": scores[:k]} for items, scores in out]
+
+        return _length_bucketed(pairs, [len(h) for h in histories], batch_size, run)
+
+
+def _length_bucketed(rows: list, lengths: list[int], batch_size: int, fn) -> list:
+    """``fn`` over sub-batches of at most ``batch_size`` rows sorted by length; results in input order."""
+    if len(rows) <= batch_size:
+        return fn(rows)
+    order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    out = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        members = order[start:start + batch_size]
+        for i, result in zip(members, fn([rows[i] for i in members])):
+            out[i] = result
+    return out

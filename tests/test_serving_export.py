@@ -54,3 +54,22 @@ def test_only_export_imports_torch():
     code = ("import sys; import serving.runtime, serving.app, serving.rescore; "
             "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:3]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
+    """recommend_batch / rerank_batch in sub-batches sorted by history length return, in input order,
+    what one batch returns (scores to float tolerance: padding differs between the two)."""
+    from serving.runtime import Recommender, RecommendQuery
+
+    out, _, _ = exported
+    rec = Recommender(out)
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, rec.n_items + 1, size=n).tolist() for n in (9, 1, 4, 12, 2, 7, 3)]
+    queries = [RecommendQuery(h, k=5, candidates=8) for h in histories]
+    whole, parts = rec.recommend_batch(queries, batch_size=100), rec.recommend_batch(queries, batch_size=2)
+    for a, b in zip(whole, parts):
+        assert a["items"] == b["items"] and a["reranked"] == b["reranked"]
+        np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
+    cands = [[c for c in range(1, 9)]] * len(histories)
+    whole, parts = rec.rerank_batch(histories, cands, 5, batch_size=100), rec.rerank_batch(histories, cands, 5, 3)
+    assert [a["items"] for a in whole] == [b["items"] for b in parts]
