@@ -277,7 +277,7 @@ def cmd_serve(a):
 def cmd_rescore(a):
     from serving.rescore import rescore
 
-    m = rescore(a.serve_dir, a.input, a.output, a.chunk_size)
+    m = rescore(a.serve_dir, a.input, a.output, a.chunk_size, engine=a.engine, workers=a.workers)
     scored = sum(c["scored"] for c in m["chunks"].values())
     rejected = sum(c["rejected"] for c in m["chunks"].values())
     print(f"{scored} rows scored, {rejected} rejected (see {a.output}/rejects), complete: {m['complete']}")
@@ -514,6 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--input", required=True)
     rs.add_argument("--output", required=True)
     rs.add_argument("--chunk-size", type=int, default=10_000)
+    rs.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="ray: the same per-chunk function on Ray Data (local Ray instance, or the cluster "
+                         "that RAY_ADDRESS names)")
+    rs.add_argument("--workers", type=int, default=2, help="ray: concurrent scorer actors")
     rs.set_defaults(func=cmd_rescore)
 
     q = sub.add_parser("quickstart", help="the main job: every stage on real data, the results table, a serving dir",

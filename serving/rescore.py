@@ -1,6 +1,7 @@
 """Batch re-scoring: the online scorers over a parquet file of requests, in resumable chunks.
 
     recsys rescore --serve-dir artifacts/serve --input requests.parquet --output out/
+    recsys rescore ... --engine ray --workers 8        # the same chunks on Ray Data
 
 Input columns: ``request_id`` (string, unique), and either ``user_id`` or ``history`` (list of item
 ids); optional ``candidates`` (list of item ids: rerank them) and ``k`` (default 10). Without
@@ -30,8 +31,10 @@ OUT_SCHEMA = {"request_id": pl.String, "items": pl.List(pl.String), "scores": pl
 REJECT_SCHEMA = {"request_id": pl.String, "row": pl.Int64, "reason": pl.String}
 
 
-def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Score one batch of request rows; returns (results, rejects). ``offset`` = input row of ``df[0]``."""
+def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int = 0,
+                  batch_size: int = 64) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Score request rows; returns (results, rejects). ``offset`` = input row of ``df[0]``. The scorers
+    run on sub-batches of ``batch_size`` rows of similar history length (:meth:`Recommender.recommend_batch`)."""
     ok, rejects, queries, reranks = [], [], [], []
     cols = set(df.columns)
     for j, r in enumerate(df.iter_rows(named=True)):
@@ -62,14 +65,26 @@ def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int =
         except (ValueError, TypeError) as e:
             rejects.append({"request_id": rid, "row": row, "reason": str(e)})
     if queries:
-        for (rid, _), res in zip(queries, rec.recommend_batch([q for _, q in queries])):
+        for (rid, _), res in zip(queries, rec.recommend_batch([q for _, q in queries], batch_size)):
             ok.append({"request_id": rid, "items": [rec.item_ids[i] for i in res["items"]], "scores": res["scores"]})
     if reranks:
-        results = rec.rerank_batch([h for _, h, _, _ in reranks], [c for _, _, c, _ in reranks])
+        results = rec.rerank_batch([h for _, h, _, _ in reranks], [c for _, _, c, _ in reranks],
+                                   batch_size=batch_size)
         for (rid, _, _, k), res in zip(reranks, results):
             ok.append({"request_id": rid, "items": [rec.item_ids[i] for i in res["items"][:k]],
                        "scores": res["scores"][:k]})
     return pl.DataFrame(ok, schema=OUT_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
+
+
+def score_chunk(rec: Recommender, users: dict, input_path: Path, output: Path, c: int, chunk_size: int,
+                batch_size: int = 64) -> dict:
+    """Score input rows [c * chunk_size, (c + 1) * chunk_size) and write their part and rejects
+    atomically; returns the chunk's manifest entry. The unit of work of every engine."""
+    chunk = pl.scan_parquet(input_path).slice(c * chunk_size, chunk_size).collect()
+    results, rejects = process_batch(rec, users, chunk, c * chunk_size, batch_size)
+    _write_atomic(results, Path(output) / f"part-{c:05d}.parquet")
+    _write_atomic(rejects, Path(output) / "rejects" / f"part-{c:05d}.parquet")
+    return {"rows": chunk.height, "scored": results.height, "rejected": rejects.height}
 
 
 def _write_atomic(df: pl.DataFrame, path: Path) -> None:
@@ -80,8 +95,17 @@ def _write_atomic(df: pl.DataFrame, path: Path) -> None:
 
 
 def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size: int = 64,
-            progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) a re-scoring job; returns the manifest. ``stop_after`` chunks: for tests."""
+            progress: bool = True, stop_after: int | None = None, engine: str = "local",
+            workers: int = 2) -> dict:
+    """Run (or resume) a re-scoring job; returns the manifest. ``stop_after`` chunks: for tests.
+
+    ``engine="local"`` scores the chunks one after another in this process; ``engine="ray"`` runs the
+    same :func:`score_chunk` on Ray Data, ``workers`` actors each holding one :class:`Recommender`
+    (a local Ray instance unless ``ray.init`` was called with an address). Either way this process
+    records each finished chunk in the manifest, so a killed job of either engine resumes with the other.
+    """
+    if engine not in ("local", "ray"):
+        raise RecsysError(f"engine must be 'local' or 'ray', got {engine!r}")
     from tqdm.auto import tqdm
 
     input_path, output = Path(input_path), Path(output)
@@ -99,28 +123,71 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     if {k: manifest.get(k) for k in identity} != identity:
         raise RecsysError(f"{output}: holds a job for another input or chunk size; use another --output")
     output.mkdir(parents=True, exist_ok=True)
-    rec = Recommender(serve_dir)
-    users = {}
-    if (Path(serve_dir) / "histories.parquet").exists():
-        h = pl.read_parquet(Path(serve_dir) / "histories.parquet")
-        users = dict(zip(h["user_id"].to_list(), h["history"].to_list()))
     n_chunks = -(-n_rows // chunk_size)
-    todo = [c for c in range(n_chunks) if str(c) not in manifest["chunks"]]
-    for done, c in enumerate(tqdm(todo, desc="rescore", unit="chunk", disable=not progress)):
-        if stop_after is not None and done >= stop_after:
-            break
-        chunk = pl.scan_parquet(input_path).slice(c * chunk_size, chunk_size).collect()
-        parts = [process_batch(rec, users, chunk.slice(b, batch_size), c * chunk_size + b)
-                 for b in range(0, chunk.height, batch_size)]
-        results = pl.concat([p[0] for p in parts])
-        rejects = pl.concat([p[1] for p in parts])
-        _write_atomic(results, output / f"part-{c:05d}.parquet")
-        _write_atomic(rejects, output / "rejects" / f"part-{c:05d}.parquet")
-        manifest["chunks"][str(c)] = {"rows": chunk.height, "scored": results.height, "rejected": rejects.height}
+    todo = [c for c in range(n_chunks) if str(c) not in manifest["chunks"]][:stop_after]
+    args = (str(serve_dir), str(input_path), str(output), chunk_size, batch_size)
+    finished = _ray_chunks(todo, args, workers) if engine == "ray" else _local_chunks(todo, args)
+    for c, entry in tqdm(finished, total=len(todo), desc="rescore", unit="chunk", disable=not progress):
+        manifest["chunks"][str(c)] = entry
         _write_atomic_text(json.dumps(manifest, indent=2), manifest_path)
     manifest["complete"] = len(manifest["chunks"]) == n_chunks
     _write_atomic_text(json.dumps(manifest, indent=2), manifest_path)
     return manifest
+
+
+class ChunkScorer:
+    """Holds one :class:`Recommender` and the user histories; scores chunks by number."""
+
+    def __init__(self, serve_dir: str, input_path: str, output: str, chunk_size: int, batch_size: int):
+        self.rec = Recommender(serve_dir)
+        self.users = load_users(serve_dir)
+        self.input_path, self.output, self.chunk_size, self.batch_size = Path(input_path), Path(output), chunk_size, batch_size
+
+    def __call__(self, c: int) -> dict:
+        return score_chunk(self.rec, self.users, self.input_path, self.output, c, self.chunk_size, self.batch_size)
+
+
+def load_users(serve_dir) -> dict:
+    """user_id -> whole history (item idx), from the serving directory."""
+    path = Path(serve_dir) / "histories.parquet"
+    if not path.exists():
+        return {}
+    h = pl.read_parquet(path)
+    return dict(zip(h["user_id"].to_list(), h["history"].to_list()))
+
+
+def _local_chunks(todo: list[int], args: tuple):
+    if not todo:
+        return
+    scorer = ChunkScorer(*args)
+    for c in todo:
+        yield c, scorer(c)
+
+
+class _RayChunkScorer:
+    """Ray Data's callable class: a batch of chunk numbers in, their manifest entries out."""
+
+    def __init__(self, *args):
+        self.scorer = ChunkScorer(*args)
+
+    def __call__(self, batch: dict) -> dict:
+        entries = [self.scorer(int(c)) for c in batch["chunk"]]
+        return {"chunk": list(batch["chunk"]), "entry": [json.dumps(e) for e in entries]}
+
+
+def _ray_chunks(todo: list[int], args: tuple, workers: int):
+    try:
+        import ray
+    except ImportError as e:
+        raise RecsysError("--engine ray needs Ray Data: pip install 'ray[data]'") from e
+    if not todo:
+        return
+    if not ray.is_initialized():
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
+    out = ds.map_batches(_RayChunkScorer, fn_constructor_args=args, batch_size=1, concurrency=workers, num_cpus=1)
+    for row in out.iter_rows():                      # streamed as chunks finish: the manifest follows
+        yield int(row["chunk"]), json.loads(row["entry"])
 
 
 def _write_atomic_text(text: str, path: Path) -> None:

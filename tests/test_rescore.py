@@ -58,3 +58,24 @@ def test_rescore_refuses_another_input_in_the_same_output(exported, tmp_path):
     pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "bad.parquet")
     with pytest.raises(RecsysError, match="request_id"):
         rescore(out, tmp_path / "bad.parquet", tmp_path / "o2", progress=False)
+
+
+def test_ray_engine_matches_local_and_resumes_a_local_job(exported, tmp_path):
+    """--engine ray on a local Ray instance (2 actors) writes the same parts as the local engine, and
+    finishes a job the local engine started: every row once."""
+    ray = pytest.importorskip("ray")
+    out = exported[0]
+    requests(out).write_parquet(tmp_path / "req.parquet")
+    rescore(out, tmp_path / "req.parquet", tmp_path / "local", chunk_size=7, progress=False)
+    rescore(out, tmp_path / "req.parquet", tmp_path / "mixed", chunk_size=7, progress=False, stop_after=2)
+    try:
+        final = rescore(out, tmp_path / "req.parquet", tmp_path / "mixed", chunk_size=7, progress=False,
+                        engine="ray", workers=2)
+    finally:
+        ray.shutdown()
+    assert final["complete"] and len(final["chunks"]) == 8
+    a, ra = read_output(tmp_path / "local")
+    b, rb = read_output(tmp_path / "mixed")
+    assert a.equals(b) and ra.equals(rb)
+    with pytest.raises(RecsysError, match="engine"):
+        rescore(out, tmp_path / "req.parquet", tmp_path / "x", engine="spark", progress=False)
