@@ -139,8 +139,12 @@ def render_serving(result: dict) -> list[str]:
     out += [(f"ONNX Runtime vs eager torch, batch 32, {s['threads']} threads: SASRec {s['sasrec']['onnx_ms']:.1f} ms vs "
             f"{s['sasrec']['torch_ms']:.1f} ms (speed-up {r['onnx_speedup_sasrec']:.2f}); FIRST tiny "
             f"{s['first_tiny']['onnx_ms']:.1f} ms vs {s['first_tiny']['torch_ms']:.1f} ms "
-            f"(speed-up {r['onnx_speedup_first_tiny']:.2f})."), "",
-            "| row | connections | micro-batching | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
+            f"(speed-up {r['onnx_speedup_first_tiny']:.2f})."), ""]
+    if "onnx_int8_ms" in s["sasrec"]:
+        out += [(f"int8 dynamic quantisation (ONNX Runtime): SASRec {s['sasrec']['onnx_int8_ms']:.1f} ms, FIRST tiny "
+                 f"{s['first_tiny']['onnx_int8_ms']:.1f} ms; max abs score change {result['int8_max_abs_change']}. "
+                 f"ORT fusions applied: {result['ort_fusions']}."), ""]
+    out += ["| row | connections | micro-batching | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x['requests']} | {x['p50_ms']:.1f} | "
             f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} |" for x in result["rows"]]

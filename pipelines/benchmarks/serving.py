@@ -5,7 +5,8 @@
 
 1. Export SASRec and the ``tiny`` listwise reranker (``recsys export``).
 2. Same scorer, same batch (32 users / 32 prompts), in one run: eager torch (fp32, the same threads)
-   vs ONNX Runtime; ``ratios["onnx_speedup_<model>"]`` = torch seconds / ONNX seconds.
+   vs ONNX Runtime (fused graph, fp32; int8 dynamic quantisation reported beside it);
+   ``ratios["onnx_speedup_<model>"]`` = torch seconds / ONNX fp32 seconds.
 3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process keeps C
    connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, 50 candidates, reranker on)
    for ``--requests`` requests per level; rows ``recommend-tiny-c8`` / ``-c32``, micro-batching on and off.
@@ -58,14 +59,20 @@ def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int) -> dict
     with torch.no_grad():
         t_torch = _time(lambda: sas.user_embeddings(ids), repeats)
     t_onnx = _time(lambda: rt.user_vectors(hists), repeats)
+    rt8 = SASRecRuntime(serve_dir, int8=True)
+    t_int8 = _time(lambda: rt8.user_vectors(hists), repeats)
     windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(32)]
     eager = ListwiseReranker(load_backbone(reranker_dir), None, 20, max_history=50, bf16=False)
     eager.bb.name = "tiny"
     first = FirstRuntime(serve_dir)
     t_torch_f = _time(lambda: eager.first_scores(hists, windows), repeats)
     t_onnx_f = _time(lambda: first.scores(hists, windows), repeats)
-    return {"sasrec": {"torch_ms": t_torch * 1000, "onnx_ms": t_onnx * 1000, "batch": 32},
-            "first_tiny": {"torch_ms": t_torch_f * 1000, "onnx_ms": t_onnx_f * 1000, "batch": 32},
+    first8 = FirstRuntime(serve_dir, int8=True)
+    t_int8_f = _time(lambda: first8.scores(hists, windows), repeats)
+    return {"sasrec": {"torch_ms": t_torch * 1000, "onnx_ms": t_onnx * 1000, "onnx_int8_ms": t_int8 * 1000,
+                       "batch": 32},
+            "first_tiny": {"torch_ms": t_torch_f * 1000, "onnx_ms": t_onnx_f * 1000, "onnx_int8_ms": t_int8_f * 1000,
+                           "batch": 32},
             "threads": torch.get_num_threads()}
 
 
@@ -174,7 +181,7 @@ def main() -> None:
 
     ds = PreparedDataset.load(a.data)
     out = Path(a.out)
-    serve_dir = export(ds, Path(a.sasrec) / "model", out / "serve", a.reranker)
+    serve_dir = export(ds, Path(a.sasrec) / "model", out / "serve", a.reranker, quantize=True)
     manifest = json.loads((serve_dir / "manifest.json").read_text())
     speed = onnx_vs_torch(ds, Path(a.sasrec) / "model", a.reranker, serve_dir, a.repeats)
     users = ds.users["user_id"].to_list()
@@ -185,6 +192,8 @@ def main() -> None:
         "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker, ONNX Runtime CPU provider, micro-batching "
                                                       "max 32 / 2 ms unless -nobatch; load generator in its own process",
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
+        "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items()},
+        "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
         "onnx_vs_torch": speed, "rows": rows, "rescore": job,
         "ratios": {"onnx_speedup_sasrec": speed["sasrec"]["torch_ms"] / speed["sasrec"]["onnx_ms"],
                    "onnx_speedup_first_tiny": speed["first_tiny"]["torch_ms"] / speed["first_tiny"]["onnx_ms"],
