@@ -374,12 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     gn = train.add_parser("generative", help="train the generative recommender over semantic IDs",
                           description="SFT of a causal LM on next-item semantic IDs (--algo sft, needs "
-                                      "--semantic-ids), or RL from an SFT model (--init): grpo (sampled rollouts) or "
+                                      "--semantic-ids), or RL from an SFT model (--init): grpo (sampled rollouts), rank-grpo (sampled "
+                                      "lists, per-rank credit) or "
                                       "vstar (value-guided decoding + Sibling-GRPO + a TD-trained value head). "
                                       "Saves OUT/model; re-running resumes from OUT/checkpoints.")
     gn.add_argument("--data", required=True, help="prepared dataset directory")
     gn.add_argument("--out", required=True, help="run directory")
-    gn.add_argument("--algo", choices=["sft", "grpo", "vstar"], help="default: the recipe's, else sft")
+    gn.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "vstar"], help="default: the recipe's, else sft")
     gn.add_argument("--semantic-ids", help="SFT: directory written by `recsys index semantic-ids`")
     gn.add_argument("--init", help="RL: the SFT run's model/ directory")
     gn.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/generative_sft_tiny.yaml")

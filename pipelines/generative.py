@@ -9,6 +9,11 @@
 - ``grpo``: per training prompt (history = a user's training items but the last, target = the last),
   ``group_size`` items sampled from the trie-constrained policy, reward :func:`recsys.rl.vstar.prefix_reward`,
   group-normalised advantages, GRPO's objective with a k3 KL to the frozen SFT model (Shao et al. 2024).
+- ``rank-grpo``: ``group_size`` *lists* of ``list_length`` distinct items sampled item by item
+  (:func:`recsys.generative.decoding.generate_list`, history and earlier items banned), relevance per
+  rank, Rank-GRPO's per-rank rewards (``rank_reward``: exp_inf | log_decay) and per-rank advantages,
+  the item-level importance ratio over the item's D code tokens (Zhu et al. 2025). Validation and
+  evaluation are the same beam search as for the other algorithms (not the generated list).
 - ``vstar``: rollouts by value-guided decoding (:mod:`recsys.generative.ved`), GRPO + Sibling-GRPO, and
   the value head trained by TD on dense per-level rewards (V-STAR, arXiv 2602.10699).
 
@@ -39,13 +44,14 @@ from pipelines.sasrec import LengthBucketSampler
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
-from recsys.generative.decoding import Decoded, decode, recommend_batch
+from recsys.generative.decoding import Decoded, decode, generate_list, recommend_batch
 from recsys.generative.model import GenerativeConfig, GenerativeRecommender
 from recsys.generative.ved import VEDConfig, ved
 from recsys.metrics import compute_metrics
 from recsys.retrieval.semantic_ids import SemanticIDs
 from recsys.rl.advantages import group_advantages
 from recsys.rl.grpo import policy_loss
+from recsys.rl.rank_grpo import rank_advantages, rank_grpo_loss, rank_rewards
 from recsys.rl.vstar import (
     level_rewards,
     prefix_reward,
@@ -54,13 +60,13 @@ from recsys.rl.vstar import (
     td_targets,
 )
 
-ALGOS = ("sft", "grpo", "vstar")
+ALGOS = ("sft", "grpo", "rank-grpo", "vstar")
 METRICS = ["hr@5", "hr@10", "ndcg@5", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
 
 
 @dataclass(frozen=True)
 class GenerativeTrainConfig:
-    """A generative-recommender run: SFT from scratch, or RL (``grpo``/``vstar``) from an SFT model."""
+    """A generative-recommender run: SFT from scratch, or RL (``grpo``/``rank-grpo``/``vstar``) from an SFT model."""
 
     algo: str = "sft"
     model: GenerativeConfig = field(default_factory=GenerativeConfig)
@@ -94,6 +100,10 @@ class GenerativeTrainConfig:
     eps: float = 0.2
     shaping: float = 0.1
     """Reward for a miss: shaping x matching code prefix / D (see recsys.rl.vstar.prefix_reward)."""
+    list_length: int = 5
+    """``rank-grpo``: items per generated list (N)."""
+    rank_reward: str = "exp_inf"
+    """``rank-grpo``: per-rank reward, ``exp_inf`` (hit at that rank) or ``log_decay`` (DCG from it on)."""
     sibling_weight: float = 1.0
     value_weight: float = 1.0
     gamma: float = 0.99
@@ -247,6 +257,8 @@ class GenerativeRLModule(_Validated):
         return out, float(1 + (self.model.depth - 1) * cfg.group_size)
 
     def training_step(self, rows, batch_idx):
+        if self.cfg.algo == "rank-grpo":
+            return self._rank_grpo_step(rows)
         cfg, G, D = self.cfg, self.cfg.group_size, self.model.depth
         hists = [r["history"] for r in rows]
         targets = torch.tensor([r["target"] for r in rows])
@@ -289,6 +301,50 @@ class GenerativeRLModule(_Validated):
         opt.step()
         self.log_dict({k: torch.as_tensor(v).float() for k, v in logs.items()}, batch_size=len(rows))
         self.log("reward", reward.mean(), prog_bar=True, batch_size=len(rows))
+
+    def list_log_probs(self, model, histories, lists: list[list[int]]) -> torch.Tensor:
+        """(R, N * D) constrained log-probs of each list's code tokens, item j after the history and
+        items 0..j-1 with those banned (as :func:`generate_list` sampled it); 0 after a short list."""
+        N, D = self.cfg.list_length, self.model.depth
+        out = torch.zeros(len(lists), N * D, device=self.device)
+        for j in range(N):
+            rows = [r for r, lst in enumerate(lists) if len(lst) > j]
+            if not rows:
+                break
+            prefixes = [list(histories[r]) + lists[r][:j] for r in rows]
+            exclude = self._exclude([list(histories[r]) + lists[r][:j] for r in rows])
+            codes = self.model.idx_codes[torch.tensor([lists[r][j] for r in rows], device=self.device)]
+            out[rows, j * D:(j + 1) * D] = code_log_probs(model, prefixes, codes, exclude).float()
+        return out
+
+    def _rank_grpo_step(self, rows):
+        cfg, G, N, D = self.cfg, self.cfg.group_size, self.cfg.list_length, self.model.depth
+        rep = [r["history"] for r in rows for _ in range(G)]
+        targets = [r["target"] for r in rows for _ in range(G)]
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step)
+        self.model.eval()
+        with torch.no_grad():
+            lists = generate_list(self.model, rep, N, sample=True, temperature=cfg.temperature, generator=gen,
+                                  end_token=None)
+        rel = torch.tensor([[float(j < len(lst) and lst[j] == t) for j in range(N)] for lst, t in zip(lists, targets)])
+        adv = rank_advantages(rank_rewards(rel, cfg.rank_reward), G, "std").to(self.device)           # (R, N)
+        lengths = torch.tensor([len(lst) for lst in lists], device=self.device)
+        token = torch.arange(N * D, device=self.device)
+        bins = torch.where(token[None, :] < lengths[:, None] * D, token[None, :] // D, torch.full_like(token, -2))
+        self.model.train()
+        logp = self.list_log_probs(self.model, rep, lists)
+        with torch.no_grad():
+            ref_logp = self.list_log_probs(self.ref, rep, lists)
+        loss, stats = rank_grpo_loss(logp, logp.detach(), adv, bins, ref_logp, cfg.beta, cfg.eps, cfg.eps)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        hit = rel.amax(1)
+        self.log_dict({"train/reward": hit.mean(), "train/hit_rank_mean": rel.argmax(1).float()[hit > 0].mean()
+                       if hit.any() else torch.tensor(-1.0), "train/list_length": lengths.float().mean(),
+                       "train/kl": stats.get("kl", torch.tensor(0.0)).float()}, batch_size=len(rows))
+        self.log("reward", hit.mean(), prog_bar=True, batch_size=len(rows))
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)

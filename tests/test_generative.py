@@ -234,7 +234,7 @@ def test_sft_learns_the_ring_and_resumes_exactly(tiny_dataset, sid_dir, tmp_path
                          progress=False)
 
 
-@pytest.mark.parametrize("algo", ["grpo", "vstar"])
+@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "vstar"])
 def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
     from pipelines.generative import GenerativeTrainConfig, load_for, train_generative
 
@@ -244,11 +244,14 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
     path = train_generative(tiny_dataset, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 2 and summary["start_val_ndcg@10"] is not None
-    before, after = load_for(tiny_dataset, init), load_for(tiny_dataset, path)
-    moved = [not torch.equal(p, q) for p, q in zip(before.parameters(), after.parameters())]
-    assert any(moved)
+    before = load_for(tiny_dataset, init)
+    assert load_for(tiny_dataset, path).depth == before.depth                 # the saved model loads
+    # the last step's weights moved (the saved model is the best by validation, which may be the start)
+    last = torch.load(tmp_path / algo / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    moved = [not torch.equal(p, last[f"model.{k}"]) for k, p in before.state_dict().items() if f"model.{k}" in last]
+    assert moved and any(moved)
     if algo == "vstar":                                               # the value head trained too
-        assert not torch.equal(before.value_head.mlp[0].weight, after.value_head.mlp[0].weight)
+        assert not torch.equal(before.value_head.mlp[0].weight, last["model.value_head.mlp.0.weight"])
     with pytest.raises(RecsysError, match="starts from an SFT model"):
         train_generative(tiny_dataset, tmp_path / "x", GenerativeTrainConfig(algo=algo), progress=False)
 
@@ -268,3 +271,27 @@ def test_cli_train_generative_and_recommend(tiny_dataset, sid_dir, tmp_path, cap
     assert line["query"] == f"user {user}" and len(line["items"]) == 5
     assert main(["recommend", "--data", data, "--model", str(tmp_path / "g"), "--history", "nope"]) == 1
     assert "unknown item id(s) ['nope']" in capsys.readouterr().err
+
+
+def test_list_log_probs_are_the_constrained_policy(tiny_dataset, sid_dir):
+    """Rank-GRPO's list log-probs: with an empty history, item 1 is a distribution over the whole
+    catalog (sums to 1); item 2 gives the already written item probability 0, and the other items at
+    most 1 in total (the rest is the mass of prefixes whose only leaf is banned: a known dead end of
+    last-level banning, see the session note)."""
+    from pipelines.generative import (
+        GenerativeRLModule,
+        GenerativeTrainConfig,
+        build_model,
+    )
+
+    torch.manual_seed(0)
+    model = build_model(tiny_dataset, _sft(sid_dir)).eval()
+    module = GenerativeRLModule(model, GenerativeTrainConfig(algo="rank-grpo", init="x", list_length=2))
+    items, first, D = list(range(1, len(model.idx_codes))), 9, model.depth
+    with torch.no_grad():
+        lp = module.list_log_probs(model, [[]] * len(items), [[i, first if i != first else 10] for i in items])
+        assert torch.logsumexp(lp[:, :D].sum(1), 0).item() == pytest.approx(0.0, abs=1e-4)
+        lp2 = module.list_log_probs(model, [[]] * len(items), [[first, i] for i in items])
+    second = lp2[:, D:].sum(1)
+    assert second[items.index(first)].item() == -float("inf")
+    assert 0.5 < torch.logsumexp(second, 0).exp().item() <= 1 + 1e-5
