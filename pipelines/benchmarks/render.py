@@ -26,7 +26,8 @@ def _table(rows: list[dict], metrics: list[str], extra: list[str]) -> list[str]:
 
 def render_baselines(result: dict) -> list[str]:
     metrics = ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]
-    out = ["## Baselines on ML-1M (`baselines_ml1m`)", "",
+    variant = f", variant {result['variant']}" if result.get("variant") else ""
+    out = [f"## Baselines on ML-1M (`baselines_ml1m`{variant})", "", *([result["note"], ""] if result.get("note") else []),
            f"- command: `{result['command']}`", f"- commit `{result['commit']}`, {result['date']}, {result['machine']}",
            f"- protocol: {result['protocol']}", ""]
     out += _table(result["rows"], metrics, ["seconds", "epochs"])
@@ -58,7 +59,7 @@ def plot_curves(result: dict) -> str | None:
     ax.set(xlabel="epoch", ylabel="validation NDCG@10", title="SASRec on ML-1M (full ranking)")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = RESULTS / f"{result['benchmark']}_curves.png"
+    path = RESULTS / f"{result['benchmark']}{'_' + result['variant'] if result.get('variant') else ''}_curves.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
