@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -149,9 +150,14 @@ def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
     req = pl.DataFrame({"request_id": [f"r{i}" for i in range(rows)],
                         "user_id": [users[i] for i in rng.integers(0, len(users), rows)]})
     req.write_parquet(tmp / "requests.parquet")
+    shutil.rmtree(tmp / "rescored", ignore_errors=True)          # else a finished job "resumes" in no time
     t = time.perf_counter()
     rescore(serve_dir, tmp / "requests.parquet", tmp / "rescored", chunk_size=1000, progress=False)
     t_job = time.perf_counter() - t
+    scored = sum(c["scored"] + c["rejected"] for c in json.loads((tmp / "rescored" / "manifest.json").read_text())
+                 ["chunks"].values())
+    if scored != rows:
+        raise RuntimeError(f"the re-scoring job accounted for {scored} of {rows} rows")
     rec = Recommender(serve_dir)
     hist = pl.read_parquet(Path(serve_dir) / "histories.parquet")
     table = dict(zip(hist["user_id"].to_list(), hist["history"].to_list()))
