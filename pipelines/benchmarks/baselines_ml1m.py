@@ -62,6 +62,7 @@ def main() -> None:
     p.add_argument("--artifacts", default="artifacts/bench", help="where data and runs are written")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="training budget per seed")
+    p.add_argument("--threads", type=int, help="torch threads per seed (default: cores / workers)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.baselines_ml1m")
 
@@ -80,7 +81,7 @@ def main() -> None:
     rows = [{"name": "popularity", "seed": None, "metrics": {m: pop[m] for m in METRICS}, "seconds": round(pop_seconds, 2),
              "num_users": pop["num_queries"]}]
 
-    threads = max(1, (os.cpu_count() or 1) // a.workers)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
     overrides = {"max_epochs": a.max_epochs, "max_minutes": a.max_minutes}
     # spawn, not fork: forking after polars / torch started their thread pools deadlocks the children.
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
