@@ -167,9 +167,9 @@ def generate_list(model: GenerativeRecommender, histories, n: int, *, beam: int 
     the items already written; before each item the model may emit the end-of-recommendation token
     (greedy: when it is likelier than every allowed first code; sampled: drawn with them).
 
-    Each item is decoded with ``beam`` + (number of banned items) beams (greedy; so a beam always survives)
-    or one sample, items already written (and the history, with ``exclude_seen``) banned at the last
-    level, so lists never repeat an item.
+    Each item is decoded with ``beam`` beams (greedy) or one sample, items already written (and the
+    history, with ``exclude_seen``) banned through the whole trie (a prefix is open only while an
+    unbanned item lies below it), so lists never repeat an item and no beam or sample dead-ends.
     """
     end_id = model.tokenizer.convert_tokens_to_ids(end_token) if end_token else None
     lists: list[list[int]] = [[] for _ in histories]
@@ -194,9 +194,7 @@ def generate_list(model: GenerativeRecommender, histories, n: int, *, beam: int 
                 stop = pick == both.shape[1] - 1
             else:
                 stop = both.argmax(-1) == both.shape[1] - 1
-        # a beam dies only when every leaf under it is banned, which needs one banned item per dead beam:
-        # beam + banned beams keep at least ``beam`` alive
-        width = 1 if sample else min(beam + int(exclude.sum(1).max()), len(model.trie))
+        width = 1 if sample else min(beam, len(model.trie))
         out = decode(model, hists, width, sample=sample, temperature=temperature, generator=generator,
                      exclude=exclude)
         still = []

@@ -205,19 +205,21 @@ class GenerativeRecommender(nn.Module):
     def level_log_probs(self, logits: torch.Tensor, level: int, nodes: torch.Tensor,
                         exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Log-probs (R, K) over the codes of ``level`` renormalised over the trie children of ``nodes`` (R,);
-        -inf for invalid codes. ``exclude`` (R, n_items + 1) bool bans items at the last level."""
-        valid = self.trie.valid(nodes)
-        if exclude is not None and level == self.depth - 1:
-            leaf = self.trie.item[self.trie.child[nodes.clamp(min=0)].clamp(min=0)]     # (R, K) item rows
-            banned = exclude.gather(1, self.item_idx[leaf.clamp(min=0)])
-            valid = valid & ~banned
+        -inf for invalid codes. ``exclude`` (R, n_items + 1) bool bans items: at every level, a code is
+        allowed only if some unbanned item lies below it (:meth:`CodeTrie.open_children`), so the
+        renormalised policy never puts mass on a dead-end prefix."""
+        if exclude is None:
+            valid = self.trie.valid(nodes)
+        else:
+            valid = self.trie.open_children(nodes, exclude.to(nodes.device)[:, self.item_idx])
         scores = logits.float().gather(1, self.code_token[level].expand(len(logits), -1))
-        return scores.masked_fill(~valid, -torch.inf).log_softmax(-1).nan_to_num(nan=-torch.inf)
+        # a row with nothing valid is all -inf (log_softmax would give nan); invalid codes stay exactly -inf
+        return scores.masked_fill(~valid, -torch.inf).log_softmax(-1).masked_fill(~valid, -torch.inf)
 
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)
         device = self.code_token.device
-        for name in ("child", "item", "node_depth", "codes", "item_node"):
+        for name in ("child", "item", "node_depth", "codes", "item_node", "path", "leaves"):
             setattr(self.trie, name, getattr(self.trie, name).to(device))
         return out
 

@@ -6,6 +6,12 @@ one prefix at a time in Python; here every prefix is a node id and the transitio
 
     child[node, code] -> node id of prefix + (code,), or -1 when no item has that prefix
     item[node]        -> item row for a full-depth node, or -1
+    path[row, depth]  -> node id of item row's prefix of length ``depth`` (0 = the root)
+    leaves[node]      -> number of items below the node
+
+Banned items (the user's history, items already in a list) are propagated up the trie by
+:meth:`CodeTrie.open_children`: a prefix stays open only while some unbanned item lies below it, so
+neither beam search nor sampling can walk into a branch whose every leaf is banned.
 
 Shapes: N items, D code levels (levels + de-duplication level), K = the largest code + 1.
 Node 0 is the root (the empty prefix). Every valid path of D codes ends at exactly one item.
@@ -51,6 +57,9 @@ class CodeTrie:
         self.node_depth = node_depth
         self.codes = torch.from_numpy(codes)
         self.item_node = torch.as_tensor([ids[tuple(r)] for r in codes.tolist()])
+        self.path = torch.as_tensor([[ids[tuple(r[:d])] for d in range(self.depth + 1)] for r in codes.tolist()])
+        self.leaves = torch.zeros(len(ids), dtype=torch.long).index_add_(
+            0, self.path.flatten(), torch.ones(self.path.numel(), dtype=torch.long))
 
     @property
     def n_nodes(self) -> int:
@@ -59,6 +68,24 @@ class CodeTrie:
     def valid(self, nodes: torch.Tensor) -> torch.Tensor:
         """(..., K) bool: which codes may follow each node of ``nodes`` (...)."""
         return self.child[nodes.clamp(min=0)] >= 0
+
+    def open_children(self, nodes: torch.Tensor, banned: torch.Tensor) -> torch.Tensor:
+        """(R, K) bool: codes that may follow ``nodes`` (R,) and still reach an item not in ``banned``.
+
+        ``banned`` (R, N) bool over item rows. A child is open when it exists and the number of banned
+        items below it is smaller than its number of items: the count is a scatter of every banned item
+        whose path passes through ``nodes[r]`` onto its next code, O(banned pairs), not O(R * nodes).
+        """
+        R = len(nodes)
+        counts = torch.zeros(R, self.n_codes, dtype=torch.long, device=nodes.device)
+        r, b = banned.nonzero(as_tuple=True)
+        if len(r):
+            depth = self.node_depth[nodes.clamp(min=0)][r]                                  # (P,)
+            through = (self.path[b, depth] == nodes[r]) & (depth < self.depth)
+            r, b, depth = r[through], b[through], depth[through]
+            counts.index_put_((r, self.codes[b, depth]), torch.ones_like(r), accumulate=True)
+        children = self.child[nodes.clamp(min=0)]                                           # (R, K)
+        return (children >= 0) & (self.leaves[children.clamp(min=0)] > counts)
 
     def advance(self, nodes: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Nodes reached by appending ``codes`` to ``nodes`` (same shape); -1 where invalid."""

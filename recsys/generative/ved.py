@@ -122,7 +122,7 @@ def _evaluate(scorer: PrefixScorer, trees: list[Tree], work: list[tuple[Tree, No
             continue
         nodes = torch.tensor([model.trie.node_of(work[k][1].prefix) for k in sel.tolist()], device=logits.device)
         excl = None
-        if d == D - 1 and work[0][0].exclude is not None:
+        if work[0][0].exclude is not None:
             excl = torch.from_numpy(np.stack([work[k][0].exclude for k in sel.tolist()])).to(logits.device)
         logp = model.level_log_probs(logits[rows[sel], 0], d, nodes, excl)
         p = logp.exp().nan_to_num(0.0)
