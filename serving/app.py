@@ -61,6 +61,14 @@ class RecommendRequest(BaseModel):
     rerank: bool = True
 
 
+class GenerateRequest(BaseModel):
+    user_id: str | None = Field(None, description="a known user: their whole history is used")
+    history: list[str] | None = Field(None, max_length=1000, description="item ids, oldest first")
+    k: int = Field(10, ge=1, le=100)
+    exclude: list[str] = Field(default_factory=list, max_length=1000, description="never returned (nor is the history)")
+    beam: int = Field(20, ge=1, le=100, description="beam width (at least k is used)")
+
+
 class RerankRequest(BaseModel):
     history: list[str] = Field(..., max_length=1000)
     candidates: list[str] = Field(..., min_length=1, max_length=100)
@@ -97,7 +105,7 @@ class Metrics:
 
     def __init__(self):
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.latency = {path: [0] * (len(self.BUCKETS) + 1) for path in ("/v1/recommend", "/v1/rerank")}
+        self.latency = {path: [0] * (len(self.BUCKETS) + 1) for path in ("/v1/recommend", "/v1/rerank", "/v1/generate")}
         self.latency_sum: dict[str, float] = defaultdict(float)
         self.batches = [0] * (len(self.BATCH_BUCKETS) + 1)
         self.batch_sum = 0
@@ -308,12 +316,10 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def models():
         rec = ready()
         return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
-                "reranker": rec.first is not None, "items": rec.n_items}
+                "reranker": rec.first is not None, "generative": rec.generative is not None, "items": rec.n_items}
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)])
-    async def recommend(body: RecommendRequest):
-        t = time.perf_counter()
-        rec = ready()
+    def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
+        """The request's history in item idx and its unknown item ids (exclude included); 4xx when unusable."""
         if (body.user_id is None) == (body.history is None):
             raise HTTPException(422, "give exactly one of user_id or history")
         unknown: list[str] = []
@@ -323,14 +329,38 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
             history = list(state["users"][body.user_id])
         else:
             history, unknown = to_idx(rec, body.history)
-        exclude, unknown_ex = to_idx(rec, body.exclude)
         if not history:
             raise HTTPException(422, "empty history" + (f" (unknown item ids {unknown})" if unknown else ""))
+        return history, unknown
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)])
+    async def recommend(body: RecommendRequest):
+        t = time.perf_counter()
+        rec = ready()
+        history, unknown = user_history(rec, body)
+        exclude, unknown_ex = to_idx(rec, body.exclude)
         query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank)
         result = await state["batcher"].submit(query)
         return RecommendResponse(items=items_out(rec, result["items"], result["scores"]), reranked=result["reranked"],
                                  fallback=result["fallback"], unknown_items=unknown + unknown_ex,
                                  model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
+
+    @app.post("/v1/generate", response_model=RerankResponse, dependencies=[Depends(authorised)])
+    async def generate(body: GenerateRequest):
+        """The generative recommender writes the top k items itself (trie-constrained beam search);
+        scores are the items' log-probabilities under the model, history and ``exclude`` banned."""
+        t = time.perf_counter()
+        rec = ready()
+        if rec.generative is None:
+            raise HTTPException(501, "this deployment has no generative model (recsys export --generative)")
+        history, unknown = user_history(rec, body)
+        exclude, unknown_ex = to_idx(rec, body.exclude)
+        items, scores = await asyncio.to_thread(rec.generative.recommend, [history], body.k, body.beam,
+                                                [history + exclude])
+        keep = [(int(i), float(s)) for i, s in zip(items[0], scores[0]) if i > 0]
+        return RerankResponse(items=items_out(rec, [i for i, _ in keep], [s for _, s in keep]),
+                              unknown_items=unknown + unknown_ex, model_version=rec.version,
+                              latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
     @app.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(authorised)])
     async def rerank(body: RerankRequest):

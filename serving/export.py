@@ -12,6 +12,12 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   ``position_ids`` (B, T) int64 -> ``scores`` (B, window) float32, the identifier logits at the last
   prompt position. Dynamic batch and sequence axes. Its tokenizer (``tokenizer.json``) and
   ``reranker.json`` are copied next to it.
+- ``generative.onnx`` (optional): the generative recommender's next-token step, ``input_ids``,
+  ``attention_mask``, ``position_ids`` (B, T) int64 -> ``code_logits`` (B, D, K) float32, the logits of
+  every level's semantic-ID tokens at the last position (the runtime reads the level it decodes).
+  Dynamic batch and sequence axes. ``generative.npz`` holds the codes, the code-token map and the
+  special tokens, everything :class:`serving.runtime.GenerativeRuntime` needs for trie-constrained beam
+  search in numpy (one full forward pass per level: no KV cache in the exported graph).
 - ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
 
@@ -65,6 +71,20 @@ class _FirstScorer(torch.nn.Module):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).logits
         return logits[:, -1].index_select(-1, self.ids)
+
+
+class _GenerativeStep(torch.nn.Module):
+    """Logits of every level's code tokens at the last position: (B, T) -> (B, D, K)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.lm = model.lm
+        self.register_buffer("code_token", model.code_token.clone())
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False).logits[:, -1]                                      # (B, V)
+        return logits[:, self.code_token]
 
 
 def _export(module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict, fuse: bool = True) -> dict:
@@ -163,6 +183,37 @@ def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True
     return entry
 
 
+def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
+    from recsys.generative.model import GenerativeRecommender, positions
+
+    model = GenerativeRecommender.from_pretrained(model_dir).float().eval()
+    step = _GenerativeStep(model)
+    g = np.random.default_rng(0)
+    n = len(model.idx_codes) - 1
+    histories = [g.integers(1, n + 1, size).tolist() for size in (1, 3, model.config.max_items)]
+    ids, mask = model.batch(histories, [[], [0], []])
+    pos = positions(mask)
+    with torch.no_grad():
+        reference = step(ids, mask, pos).numpy()
+    path = out / "generative.onnx"
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
+    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
+    fusions = _export(step, (ids, mask, pos), path, ["input_ids", "attention_mask", "position_ids"], "code_logits",
+                      dyn, fuse)
+    tok = model.tokenizer
+    np.savez(out / "generative.npz", codes=model.codes_np.astype(np.int64), item_idx=model.item_idx.numpy(),
+             code_token=model.code_token.numpy(), special=np.array([tok.bos_token_id, tok.pad_token_id]),
+             max_items=np.array(model.config.max_items))
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    entry = {"file": path.name, "sha256": sha256(path), "tables": "generative.npz",
+             "tables_sha256": sha256(out / "generative.npz"), "depth": model.depth,
+             "backbone": model.config.backbone, "ort_fusions": fusions,
+             "parity_max_abs": _parity(path, feeds, reference)}
+    if quantize:
+        entry["int8"] = _quantize(path, feeds, reference)
+    return entry
+
+
 def _write_histories(dataset, path: Path) -> None:
     """Every user's whole sequence (item idx, oldest first): what ``user_id`` requests rank from."""
     import polars as pl
@@ -175,8 +226,10 @@ def _write_histories(dataset, path: Path) -> None:
                  schema={"user_id": pl.String, "history": pl.List(pl.Int32)}).write_parquet(path)
 
 
-def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, fuse: bool = True) -> Path:
-    """Export SASRec (and a listwise reranker) for ``dataset`` into the serving directory ``out``."""
+def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, fuse: bool = True,
+           generative_dir=None) -> Path:
+    """Export SASRec (and a listwise reranker, and a generative recommender) for ``dataset`` into the
+    serving directory ``out``."""
     out = Path(out)
     with atomic_directory(out) as tmp:
         models = {"sasrec": export_sasrec(sasrec_dir, tmp, quantize, fuse)}
@@ -184,12 +237,14 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
             raise RecsysError(f"{sasrec_dir} was trained on another dataset than {dataset.directory}")
         if reranker_dir:
             models["first"] = export_first(reranker_dir, tmp, quantize, fuse)
+        if generative_dir:
+            models["generative"] = export_generative(generative_dir, tmp, quantize, fuse)
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,
                     "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                    "version": models["sasrec"]["sha256"][:12] + ("+" + models["first"]["sha256"][:12]
-                                                                  if "first" in models else ""),
+                    "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "generative")
+                                        if m in models),
                     "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"),
                     "parity_tolerance": TOLERANCE}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -123,6 +123,96 @@ class FirstRuntime:
         return self.session.run(None, self.encode(histories, windows))[0][:, :n]
 
 
+def _log_softmax(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax over the ``valid`` entries; -inf elsewhere (and everywhere in a row with none)."""
+    x = np.where(valid, x, -np.inf)
+    top = x.max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        out = x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+    return np.where(valid, out, -np.inf)
+
+
+class GenerativeRuntime:
+    """Trie-constrained beam search in numpy over the exported generative recommender's next-token step.
+
+    The same search as :func:`recsys.generative.decoding.decode` (tested equal): per level, every beam's
+    open codes (bans propagated up the trie, :class:`recsys.generative.trie_tables.TrieTables`) are
+    renormalised, and the ``width`` best (beam score + code log-prob) continuations survive. Level 0 runs
+    one row per user (all beams share the history); each later level runs B * width rows.
+    """
+
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        from recsys.generative.trie_tables import TrieTables
+
+        directory = Path(directory)
+        self.meta = read_manifest(directory)["models"].get("generative")
+        if self.meta is None:
+            raise RecsysError(f"{directory}: no generative model was exported (recsys export --generative)")
+        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
+        z = np.load(directory / self.meta["tables"])
+        self.trie = TrieTables.build(z["codes"])
+        self.item_idx, self.code_token = z["item_idx"], z["code_token"]                  # (N,), (D, K)
+        self.bos, self.pad = (int(v) for v in z["special"])
+        self.max_items = int(z["max_items"])
+        self.row_of = np.full(int(self.item_idx.max()) + 1, -1, dtype=np.int64)           # item idx -> trie row
+        self.row_of[self.item_idx] = np.arange(len(self.item_idx))
+
+    def _tokens(self, history, prefix) -> list[int]:
+        rows = self.row_of[np.asarray(history, dtype=np.int64)[-self.max_items:]]
+        if (rows < 0).any():
+            raise RecsysError(f"history holds item indices without a semantic ID: {np.asarray(history)[rows < 0]}")
+        levels = np.arange(self.trie.depth)
+        hist = self.code_token[levels, self.trie.codes[rows]].reshape(-1)
+        return [self.bos, *hist.tolist(), *(int(self.code_token[level, c]) for level, c in enumerate(prefix))]
+
+    def code_logits(self, histories, prefixes) -> np.ndarray:
+        """(R, D, K) float32 code logits after each history + code prefix (left-padded batch)."""
+        rows = [self._tokens(h, p) for h, p in zip(histories, prefixes)]
+        T = max(2, max(len(r) for r in rows))
+        ids = np.full((len(rows), T), self.pad, dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+        return self.session.run(None, feeds)[0]
+
+    def recommend(self, histories, k: int, beam: int = 20, exclude=None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` items (B, k) int64 and their log-probs (B, k) float32 by beam search of width
+        ``max(beam, k)``; items in ``exclude[b]`` (default: the history) are never returned. Slots with
+        no item left (a catalog smaller than k) hold item 0 and score -inf."""
+        D, K, W, B = self.trie.depth, self.trie.n_codes, max(beam, k), len(histories)
+        exclude = histories if exclude is None else exclude
+        banned = np.zeros((B, len(self.item_idx)), dtype=bool)
+        for b, items in enumerate(exclude):
+            rows = self.row_of[np.asarray(list(items), dtype=np.int64)]
+            banned[b, rows[rows >= 0]] = True
+        banned = np.repeat(banned, W, 0)                                                 # (B*W, N)
+        nodes = np.zeros(B * W, dtype=np.int64)
+        codes = np.zeros((B * W, D), dtype=np.int64)
+        score = np.zeros((B, W))
+        score[:, 1:] = -np.inf                                   # beams start equal: keep one, so they stay distinct
+        for level in range(D):
+            if level == 0:
+                logits = np.repeat(self.code_logits(histories, [()] * B)[:, 0], W, 0)
+            else:
+                hists = [histories[r // W] for r in range(B * W)]
+                logits = self.code_logits(hists, codes[:, :level].tolist())[:, level]
+            logp = _log_softmax(logits.astype(np.float64), self.trie.open_children(nodes, banned))
+            total = (score[:, :, None] + logp.reshape(B, W, K)).reshape(B, W * K)
+            top = np.argsort(-total, axis=1, kind="stable")[:, :W]
+            score = np.take_along_axis(total, top, 1)
+            src = (np.arange(B)[:, None] * W + top // K).reshape(-1)
+            code = (top % K).reshape(-1)
+            nodes, codes = nodes[src], codes[src]
+            nodes = np.where(nodes >= 0, self.trie.child[np.maximum(nodes, 0), code], -1)
+            codes[:, level] = code
+        rows = self.trie.item[np.maximum(nodes, 0)]
+        ok = (nodes >= 0) & (rows >= 0) & np.isfinite(score.reshape(-1))
+        items = np.where(ok, self.item_idx[np.maximum(rows, 0)], 0).reshape(B, W)
+        return items[:, :k], np.where(ok.reshape(B, W), score, -np.inf)[:, :k].astype(np.float32)
+
+
 @dataclass
 class RecommendQuery:
     """One request, in item idx space (the API maps ids to idx)."""
@@ -146,6 +236,8 @@ class Recommender:
         self.version = self.manifest["version"]
         self.sasrec = SASRecRuntime(directory, threads, int8)
         self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest["models"] else None
+        self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest["models"] \
+            else None
         catalog = pl.read_parquet(directory / "catalog.parquet")
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
         self.item_idx = {v: k for k, v in self.item_ids.items()}

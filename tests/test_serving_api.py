@@ -170,3 +170,36 @@ def test_api_key_and_reranker_fallback(exported, monkeypatch):
         r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3}, headers={"x-api-key": "s3cret"})
         assert r.status_code == 200 and not r.json()["reranked"] and "RuntimeError" in r.json()["fallback"]
         assert len(r.json()["items"]) == 3                                      # the retrieval order, not an error
+
+
+def test_generate_endpoint_writes_catalog_items_and_501_without_a_model(exported, tiny_dataset, tmp_path):
+    """POST /v1/generate over a deployment exported with a generative model: k distinct catalog items,
+    none from the history or ``exclude``, scores log-probs in decreasing order, unknown ids listed; the
+    numpy beam search behind it equals torch's (tests/test_serving_export.py). Without the model: 501."""
+    import numpy as np
+
+    from recsys.generative.model import GenerativeConfig, GenerativeRecommender
+    from serving.app import ServeSettings, create_app
+    from serving.export import export
+
+    n = tiny_dataset.n_items
+    codes = np.stack([np.arange(n) // 16, np.arange(n) // 4 % 4, np.arange(n) % 4], 1)
+    config = GenerativeConfig(hidden_size=32, num_layers=1, num_heads=2, max_items=6, value_layers=0)
+    GenerativeRecommender.build(codes, np.arange(1, n + 1), config).save_pretrained(tmp_path / "gen")
+    out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve-gen", generative_dir=tmp_path / "gen")
+    ids = tiny_dataset.catalog.sort("idx")["item_id"].to_list()
+    with Server(create_app(out, ServeSettings())) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        assert client.get("/v1/models").json()["generative"] is True
+        r = client.post("/v1/generate", json={"history": ids[:3] + ["nope"], "exclude": ids[3:5], "k": 6})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = [i["item_id"] for i in body["items"]]
+        scores = [i["score"] for i in body["items"]]
+        assert len(set(got)) == 6 and set(got) <= set(ids) and not set(got) & set(ids[:5])
+        assert scores == sorted(scores, reverse=True) and max(scores) < 0 and body["unknown_items"] == ["nope"]
+        assert client.post("/v1/generate", json={"history": ["nope"]}).status_code == 422
+        assert client.post("/v1/generate", json={"history": ids[:2], "k": 0}).status_code == 422
+    with Server(create_app(exported[0], ServeSettings())) as server, httpx.Client(base_url=server.url) as client:
+        server.wait_ready(client)
+        assert client.post("/v1/generate", json={"history": ids[:2]}).status_code == 501

@@ -73,3 +73,41 @@ def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
     cands = [[c for c in range(1, 9)]] * len(histories)
     whole, parts = rec.rerank_batch(histories, cands, 5, batch_size=100), rec.rerank_batch(histories, cands, 5, 3)
     assert [a["items"] for a in whole] == [b["items"] for b in parts]
+
+
+def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path):
+    """The exported next-token step passes its parity check, and the torch-free numpy beam search over it
+    returns torch's items and scores: history excluded, extra bans propagated up the trie, and every item
+    when the width covers the catalog (scores then a distribution over the unbanned items)."""
+    from recsys.generative.decoding import decode
+    from recsys.generative.model import GenerativeConfig, GenerativeRecommender
+    from serving.export import TOLERANCE, export_generative
+    from serving.runtime import GenerativeRuntime
+
+    rng = np.random.default_rng(0)
+    codes = np.stack([rng.permutation(30) // 8, rng.permutation(30) % 4, np.zeros(30, np.int64)], 1)
+    codes[:, 2] = [sum((codes[:i, :2] == codes[i, :2]).all(1)) for i in range(30)]          # de-duplication level
+    config = GenerativeConfig(hidden_size=32, num_layers=1, num_heads=2, max_items=6, value_layers=0)
+    model = GenerativeRecommender.build(codes, np.arange(1, 31), config, seed=0).eval()
+    model.save_pretrained(tmp_path / "gen")
+    out = tmp_path / "serve"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"models": {"generative": export_generative(tmp_path / "gen", out)}}))
+    assert json.loads((out / "manifest.json").read_text())["models"]["generative"]["parity_max_abs"] <= TOLERANCE
+
+    runtime = GenerativeRuntime(out)
+    histories, extra = [[3, 7, 1], [12], list(range(1, 9))], [[2, 5], [], [20, 21, 22, 23, 24, 25]]
+    exclude = torch.zeros(3, 31, dtype=torch.bool)
+    for b, (h, e) in enumerate(zip(histories, extra)):
+        exclude[b, h + e] = True
+    items, scores = runtime.recommend(histories, k=5, beam=8, exclude=[h + e for h, e in zip(histories, extra)])
+    with torch.no_grad():
+        want = decode(model, histories, 8, exclude=exclude)
+    assert items.tolist() == want.items[:, :5].tolist()
+    np.testing.assert_allclose(scores, want.scores[:, :5].numpy(), atol=1e-4)
+    for row, (h, e) in zip(items.tolist(), zip(histories, extra)):
+        assert not set(row) & set(h + e)
+
+    every, logp = runtime.recommend([[3, 7, 1]], k=30)                               # history excluded by default
+    assert sorted(every[0][np.isfinite(logp[0])].tolist()) == sorted(set(range(1, 31)) - {1, 3, 7})
+    assert abs(np.log(np.exp(logp[0][np.isfinite(logp[0])].astype(np.float64)).sum())) < 1e-4

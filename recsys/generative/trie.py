@@ -9,6 +9,8 @@ one prefix at a time in Python; here every prefix is a node id and the transitio
     path[row, depth]  -> node id of item row's prefix of length ``depth`` (0 = the root)
     leaves[node]      -> number of items below the node
 
+(built in numpy by :class:`recsys.generative.trie_tables.TrieTables`, which serving uses without torch).
+
 Banned items (the user's history, items already in a list) are propagated up the trie by
 :meth:`CodeTrie.open_children`: a prefix stays open only while some unbanned item lies below it, so
 neither beam search nor sampling can walk into a branch whose every leaf is banned.
@@ -22,44 +24,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.errors import RecsysError
+from recsys.generative.trie_tables import TrieTables
 
 
 class CodeTrie:
     """Transitions of the code trie as tensors; see the module docstring."""
 
     def __init__(self, codes: np.ndarray):
-        codes = np.asarray(codes, dtype=np.int64)
-        if codes.ndim != 2 or len(codes) == 0 or (codes < 0).any():
-            raise RecsysError(f"codes must be a non-empty (N, D) array of non-negative ints, got {codes.shape}")
-        if len({tuple(r) for r in codes.tolist()}) != len(codes):
-            raise RecsysError("codes: two items share a full code; add a de-duplication level")
-        self.depth, self.n_codes = codes.shape[1], int(codes.max()) + 1
-        ids: dict[tuple, int] = {(): 0}
-        edges, leaves = [], []
-        for item, row in enumerate(map(tuple, codes.tolist())):
-            for level in range(self.depth):
-                prefix = row[:level + 1]
-                if prefix not in ids:
-                    ids[prefix] = len(ids)
-                    edges.append((ids[row[:level]], row[level], ids[prefix]))
-            leaves.append((ids[row], item))
-        child = torch.full((len(ids), self.n_codes), -1, dtype=torch.long)
-        e = torch.tensor(edges)
-        child[e[:, 0], e[:, 1]] = e[:, 2]
-        item = torch.full((len(ids),), -1, dtype=torch.long)
-        leaf = torch.tensor(leaves)
-        item[leaf[:, 0]] = leaf[:, 1]
-        self.child, self.item = child, item
-        node_depth = torch.zeros(len(ids), dtype=torch.long)
-        for prefix, node in ids.items():
-            node_depth[node] = len(prefix)
-        self.node_depth = node_depth
-        self.codes = torch.from_numpy(codes)
-        self.item_node = torch.as_tensor([ids[tuple(r)] for r in codes.tolist()])
-        self.path = torch.as_tensor([[ids[tuple(r[:d])] for d in range(self.depth + 1)] for r in codes.tolist()])
-        self.leaves = torch.zeros(len(ids), dtype=torch.long).index_add_(
-            0, self.path.flatten(), torch.ones(self.path.numel(), dtype=torch.long))
+        t = TrieTables.build(codes)
+        self.depth, self.n_codes = t.depth, t.n_codes
+        self.child, self.item, self.node_depth = (torch.from_numpy(x) for x in (t.child, t.item, t.node_depth))
+        self.codes, self.path, self.leaves = (torch.from_numpy(x) for x in (t.codes, t.path, t.leaves))
+        self.item_node = self.path[:, -1]
 
     @property
     def n_nodes(self) -> int:
