@@ -27,6 +27,17 @@ class EpochShuffle(Sampler[int]):
         return self.n
 
 
+def budget_timer(max_minutes: float | None):
+    """A Lightning ``Timer`` that stops training after ``max_minutes`` (None: never).
+
+    Its elapsed time is saved in the checkpoints, so a resumed run keeps the budget it had left and
+    ``timer.time_elapsed("train")`` is the run's training time over every invocation (what
+    ``train.json`` reports as ``seconds``)."""
+    from lightning.pytorch.callbacks import Timer
+
+    return Timer(duration={"minutes": max_minutes} if max_minutes else None, verbose=False)
+
+
 class RNGState(L.Callback):
     """Save the torch / numpy / python RNG states in every checkpoint and restore them on resume, so a
     run resumed from an epoch-end checkpoint continues exactly like the uninterrupted run. Plain lists

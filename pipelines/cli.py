@@ -361,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
     rk.add_argument("--out", required=True, help="run directory")
     rk.add_argument("--kind", choices=["listwise", "groupwise"], help="default: the recipe's, else listwise")
-    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "grouprank"], default="sft",
-                    help="sft, or RL from --init: grpo / rank-grpo (listwise), grouprank (groupwise)")
+    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "f-grpo", "slate-grpo", "grouprank"], default="sft",
+                    help="sft, or RL from --init: grpo / rank-grpo (listwise), f-grpo / slate-grpo (listwise model, "
+                         "slate-then-rank task: --set slate_size=10 --set rank_size=5), grouprank (groupwise)")
     rk.add_argument("--init", help="RL only: the SFT run's model/ directory to start from")
     rk.add_argument("--max-steps", type=int, help="RL only: batches of rollouts")
     rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")

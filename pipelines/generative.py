@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
+from pipelines.callbacks import (
+    RNGState,
+    budget_timer,
+    checkpoint_callbacks,
+    resume_checkpoint,
+)
 from pipelines.rl import StreamSampler
 from pipelines.sasrec import LengthBucketSampler
 from pipelines.trainer import Runtime, make_trainer
@@ -367,7 +371,7 @@ def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> Gene
 def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,
                      progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``."""
-    from lightning.pytorch.callbacks import EarlyStopping, Timer
+    from lightning.pytorch.callbacks import EarlyStopping
 
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items()
@@ -381,16 +385,14 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
     sft = config.algo == "sft"
     module = GenerativeSFTModule(model, config) if sft else GenerativeRLModule(model, config)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
-    callbacks = [best, latest, RNGState()]
-    if config.max_minutes:
-        callbacks.append(Timer(duration={"minutes": config.max_minutes}))
+    timer = budget_timer(config.max_minutes)
+    callbacks = [best, latest, RNGState(), timer]
     if sft:
         callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=config.patience))
     epochs = config.max_epochs if sft else -(-config.max_steps // config.val_every)
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
                            callbacks=callbacks, log_every_n_steps=1 if not sft else 10,
                            limit_train_batches=config.limit_train_batches if sft else None)
-    start = time.time()
     start_score = None
     if not sft:                                   # the SFT starting point is scored too: step 0
         if not last:
@@ -408,7 +410,7 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
     meta = {"dataset_fingerprint": dataset.fingerprint}
     (out / "model" / "dataset.json").write_text(json.dumps(meta))
     (out / "train.json").write_text(json.dumps({
-        "model_type": "generative", "algo": config.algo, "seconds": time.time() - start,
+        "model_type": "generative", "algo": config.algo, "seconds": timer.time_elapsed("train"),
         "epochs": trainer.current_epoch, "steps": trainer.global_step, "start_val_ndcg@10": start_score,
         "best_val_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
         "dataset": str(dataset.directory), "dataset_fingerprint": dataset.fingerprint}, indent=2))

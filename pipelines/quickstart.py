@@ -190,7 +190,8 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
     results = stages.run("evaluate", settings | {"depth": p["depth"], "beam": p["beam"], "at_k": [1, 5, 10, 20]},
                          evaluate)
     serve_dir = runs / "serve"
-    stages.run("export", settings, lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model")))
+    stages.run("export", settings, lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model",
+                                                      generative_dir=runs / "generative-sft" / "model")))
 
     summary = {"dataset": str(dataset), "preset": preset, "seed": seed, "split": "test",
                "protocol": "leave-one-out, full ranking, history masked; reranker: SASRec top-N reordered, a target "

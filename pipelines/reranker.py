@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from pipelines.callbacks import (
     EpochShuffle,
     RNGState,
+    budget_timer,
     checkpoint_callbacks,
     resume_checkpoint,
 )
@@ -245,8 +246,6 @@ def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
                    progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """SFT of a reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
-    from lightning.pytorch.callbacks import Timer
-
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
@@ -260,10 +259,10 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     data = RerankerDataModule(dataset, candidates_dir, backbone, config, titles)
     module = RerankerSFTModule(backbone, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
-    callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
+    timer = budget_timer(config.max_minutes)
+    callbacks = [best, latest, RNGState(), timer]
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
                            callbacks=callbacks, log_every_n_steps=5)
-    start = time.time()
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
@@ -274,7 +273,7 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
         "group_size": config.group_size, "max_history": config.max_history,
         "dataset_fingerprint": dataset.fingerprint}, indent=2))
     (out / "train.json").write_text(json.dumps({
-        "kind": config.kind, "algo": "sft", "seconds": time.time() - start, "epochs": trainer.current_epoch,
+        "kind": config.kind, "algo": "sft", "seconds": timer.time_elapsed("train"), "epochs": trainer.current_epoch,
         "best_val_cand_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint, "train_examples": len(data.rows)}, indent=2))
     return out / "model"

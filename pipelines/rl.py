@@ -12,6 +12,11 @@ clipped objective (old log-probs stored once per batch). The maths lives in :mod
   rank-level ratio and the length shaping of Rank-GRPO (Zhu et al. 2025).
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
   Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025).
+- ``f-grpo`` and ``slate-grpo``: the slate-then-rank task (:mod:`recsys.rerank.slate`): one completion
+  chooses ``slate_size`` of the window's candidates, then ranks ``rank_size`` of them. Slate reward:
+  recall of the held-out item in the slate; rank reward: NDCG@rank_size of the ranking. ``f-grpo``
+  gives slate tokens the slate advantage and rank tokens the rank advantage (Surana et al. 2026);
+  ``slate-grpo`` is its GRPO baseline, one joint reward (slate + rank) on every token.
 
 Log-probabilities are those of the distribution the rollouts were drawn from: the constrained
 (renormalised) distribution over allowed tokens. A frozen copy of the starting model is the KL
@@ -24,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,16 +38,29 @@ import polars as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
+from pipelines.callbacks import (
+    RNGState,
+    budget_timer,
+    checkpoint_callbacks,
+    resume_checkpoint,
+)
 from pipelines.reranker import load_candidates, load_reranker, user_sequences
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
-from recsys.rerank.first import constrained_log_probs
+from recsys.rerank.first import ListConstraint, replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.parse import parse_ranking
+from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
 from recsys.rl.advantages import group_advantages
+from recsys.rl.f_grpo import (
+    coverage_reward,
+    f_grpo_loss,
+    joint_reward,
+    phase_advantages,
+    phase_masks,
+)
 from recsys.rl.grpo import policy_loss
 from recsys.rl.rank_grpo import (
     rank_advantages,
@@ -53,7 +70,8 @@ from recsys.rl.rank_grpo import (
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
 
-ALGOS = ("grpo", "rank-grpo", "grouprank")
+ALGOS = ("grpo", "rank-grpo", "grouprank", "slate-grpo", "f-grpo")
+SLATE_ALGOS = ("slate-grpo", "f-grpo")
 
 
 @dataclass(frozen=True)
@@ -61,7 +79,7 @@ class RLConfig:
     """An RL run on a reranker started from an SFT checkpoint."""
 
     algo: str = "rank-grpo"
-    """``grpo``, ``rank-grpo`` (listwise models) or ``grouprank`` (groupwise models)."""
+    """``grpo``, ``rank-grpo``, ``slate-grpo``, ``f-grpo`` (listwise models) or ``grouprank`` (groupwise)."""
     init: str = ""
     """The starting model: OUT/model of ``recsys train reranker --algo sft``."""
     reward: str = "exp_inf"
@@ -89,8 +107,18 @@ class RLConfig:
     train_split: str = "valid"
     """Prompts from ``valid`` (minus the held-out selection users, as in SFT) or ``train`` candidates."""
     window: int = 20
+    slate_size: int = 10
+    """``f-grpo`` / ``slate-grpo``: candidates chosen in the slate phase."""
+    rank_size: int = 5
+    """``f-grpo`` / ``slate-grpo``: slate items ranked in the rank phase."""
     seed: int = 0
     precision: str = "bf16-mixed"
+
+    @property
+    def val_metric(self) -> str:
+        """What validation reports and checkpoints select on: candidate-set NDCG@10 of the reranked
+        window, or NDCG@rank_size of the final ranking for the slate-then-rank task."""
+        return f"val/cand_ndcg@{self.rank_size}" if self.algo in SLATE_ALGOS else "val/cand_ndcg@10"
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -168,32 +196,58 @@ class RerankerRLModule(L.LightningModule):
         self.model = self.bb.model
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.listwise = isinstance(scorer, ListwiseReranker)
+        self.slate = config.algo in SLATE_ALGOS
         if self.listwise == (config.algo == "grouprank"):
             raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
         self.automatic_optimization = False
         self._val: list[float] = []
 
     # ---------------------------------------------------------------- rollouts and rewards
-    def _rollouts(self, rows: list[dict], generator: torch.Generator):
-        """Prompt batch, answers (B*G, T), token mask (B*G, T), rewards and per-rank rewards, stats."""
+    def _constraint(self, windows: list[list[int]]):
+        """A fresh decoding constraint for these windows (listwise: rank the window; slate tasks)."""
+        sizes = torch.tensor([len(w) for w in windows])
+        ids = self.bb.identifier_ids(self.cfg.window)
+        if self.slate:
+            return SlateRankConstraint(sizes, self.cfg.slate_size, self.cfg.rank_size, ids, self.bb.separator_id,
+                                       self.bb.rank_marker_id, self.bb.end_id)
+        return ListConstraint(sizes, ids, self.bb.separator_id, self.bb.end_id)
+
+    def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
+        """G rollouts per prompt: ``prompt`` batch, ``answer`` (B*G, T), token ``mask``, sequence
+        ``reward`` (B*G,), and per algorithm ``rel`` (per-rank relevance) or the two phase rewards."""
         G = self.cfg.group_size
         hists = [r["history"] for r in rows for _ in range(G)]
         windows = [r["window"] for r in rows for _ in range(G)]
         targets = [r["target"] for r in rows for _ in range(G)]
         if self.listwise:
-            _, answer = self.scorer.generate(hists, windows, True, self.cfg.temperature, generator, return_tokens=True)
+            _, answer = self.scorer.generate(hists, windows, True, self.cfg.temperature, generator, return_tokens=True,
+                                             constraint=self._constraint(windows))
             prompt = self.scorer._batch(self.scorer.prompts(hists, windows))
+            roll = {"prompt": prompt, "answer": answer, "mask": answer >= 0, "windows": windows}
+            if self.slate:
+                parsed = [self._slate_rank(a, w) for a, w in zip(answer, windows)]
+                R = self.cfg.rank_size
+                slate_r = torch.tensor([coverage_reward(s, {t}) for (s, _), t in zip(parsed, targets)])
+                rel = torch.tensor([relevance(r, {t}, R) for (_, r), t in zip(parsed, targets)])
+                rank_r = ndcg_at_k(rel, torch.ones(len(rel)), R)
+                return roll | {"slate_reward": slate_r, "rank_reward": rank_r, "reward": joint_reward(slate_r, rank_r)}
             N = len(windows[0])
             rel = torch.tensor([relevance(self._ranked(a, w), {t}, N) for a, w, t in zip(answer, windows, targets)])
-            seq_reward = ndcg_at_k(rel, torch.ones(len(rel)), 10)
-            return prompt, answer, answer >= 0, seq_reward, rel
+            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), 10), "rel": rel}
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
         teacher = torch.where(relevant, 9.0, 0.0)
         reward = grouprank_reward(digits.float(), teacher, relevant)
         digit_pos = torch.zeros_like(answer, dtype=torch.bool)
         digit_pos[:, 2:-1:4] = True                                     # "X : d \n" ... <eor>
-        return prompt, answer, digit_pos, reward, None
+        return {"prompt": prompt, "answer": answer, "mask": digit_pos, "reward": reward, "windows": windows}
+
+    def _slate_rank(self, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
+        """The items of a slate-then-rank answer: (slate, ranking)."""
+        text = self.bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
+        tok = self.bb.tokenizer.decode
+        parsed = parse_slate_rank(text, len(window), tok([self.bb.rank_marker_id]), tok([self.bb.end_id]))
+        return [window[i] for i in parsed.slate], [window[i] for i in parsed.ranking]
 
     def _ranked(self, answer: torch.Tensor, window: list[int]) -> list[int | None]:
         """The items a generated answer names, in order (constrained decoding: one identifier per line)."""
@@ -201,12 +255,12 @@ class RerankerRLModule(L.LightningModule):
         parsed = parse_ranking(text, len(window), self.bb.tokenizer.decode([self.bb.end_id]))
         return [window[i] for i in parsed.generated]
 
-    def _log_probs(self, model, prompt, answer, mask) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = prompt_forward(model, prompt, answer)
+    def _log_probs(self, model, roll: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) (B*G, T) of the rollouts' tokens under ``model``'s sampling distribution."""
+        answer, mask = roll["answer"], roll["mask"]
+        logits = prompt_forward(model, roll["prompt"], answer)
         if self.listwise:
-            n = self.cfg.window
-            return constrained_log_probs(logits, answer, self.bb.identifier_ids(n), self.bb.separator_id,
-                                         self.bb.end_id)
+            return replay_log_probs(logits, answer, self._constraint(roll["windows"]))
         # groupwise: only the digits are sampled, from the softmax over the ten digit tokens
         digits = logits[..., self.scorer.digit_ids].float().log_softmax(-1)                # (B, T, 10)
         index = (answer[..., None] == self.scorer.digit_ids.to(answer.device)).float().argmax(-1)   # (B, T)
@@ -219,41 +273,53 @@ class RerankerRLModule(L.LightningModule):
         cfg, G = self.cfg, self.cfg.group_size
         step = self.global_step // cfg.mu
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        prompt, answer, mask, reward, rel = self._rollouts(rows, gen)
+        roll = self._rollouts(rows, gen)
+        answer, mask, reward = roll["answer"], roll["mask"], roll["reward"]
         self.model.train()
         with torch.no_grad():
-            old_logp, entropy = self._log_probs(self.model, prompt, answer, mask)
-            ref_logp, _ = self._log_probs(self.ref, prompt, answer, mask)
+            old_logp, entropy = self._log_probs(self.model, roll)
+            ref_logp, _ = self._log_probs(self.ref, roll)
         if cfg.algo == "rank-grpo":
-            bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, rel.shape[1])
-            adv = rank_advantages(rank_rewards(rel, cfg.reward), G, cfg.scale_rewards)
+            bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
+            adv = rank_advantages(rank_rewards(roll["rel"], cfg.reward), G, cfg.scale_rewards)
+        elif cfg.algo == "f-grpo":
+            slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], G, cfg.scale_rewards)
+            slate_mask, rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
         else:
             adv = group_advantages(reward, G, cfg.scale_rewards)[:, None]
         opt = self.optimizers()
         for _ in range(cfg.mu):
-            logp, _ = self._log_probs(self.model, prompt, answer, mask)
+            logp, _ = self._log_probs(self.model, roll)
+            clip = (cfg.beta, cfg.eps_low, cfg.eps_high, cfg.aggregation)
             if cfg.algo == "rank-grpo":
-                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, cfg.beta, cfg.eps_low,
-                                             cfg.eps_high, cfg.aggregation)
+                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip)
+            elif cfg.algo == "f-grpo":
+                loss, stats = f_grpo_loss(logp, old_logp, slate_adv, rank_adv, slate_mask, rank_mask, ref_logp, *clip)
             else:
-                loss, stats = policy_loss(logp, old_logp, adv, mask, ref_logp, cfg.beta, cfg.eps_low, cfg.eps_high,
-                                          cfg.aggregation)
+                loss, stats = policy_loss(logp, old_logp, adv, mask, ref_logp, *clip)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
         B = len(rows)
         lengths = mask.float().sum(1)
-        self.log_dict({"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
-                       "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],
-                       "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
-                       "train/length": lengths.mean(), "train/loss": loss.detach()}, batch_size=B, prog_bar=False)
+        logs = {"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
+                "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],
+                "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
+                "train/length": lengths.mean(), "train/loss": loss.detach()}
+        if self.slate:
+            logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean()}
+        self.log_dict(logs, batch_size=B, prog_bar=False)
         self.log("reward", reward.mean(), prog_bar=True, batch_size=B)
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, rows, batch_idx):
         hists = [r["history"] for r in rows]
         windows = [r["window"] for r in rows]
-        if self.listwise:
+        if self.slate:                                 # the final ranking of rank_size items; the rest is a miss
+            answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True,
+                                           constraint=self._constraint(windows))[1]
+            orders = [self._slate_rank(a, w)[1] for a, w in zip(answers, windows)]
+        elif self.listwise:
             answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True)[1]
             orders = [self._ranked(a, w) for a, w in zip(answers, windows)]
             orders = [o + [c for c in w if c not in o] for o, w in zip(orders, windows)]
@@ -261,13 +327,14 @@ class RerankerRLModule(L.LightningModule):
             orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):
             if r["target"] in r["window"]:
-                self._val.append(float(o.index(r["target"])))
+                self._val.append(float(o.index(r["target"])) if r["target"] in o else np.inf)
 
     def on_validation_epoch_end(self):
         ranks = np.array(self._val)[:, None]
         self._val.clear()
-        m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"]) if len(ranks) else {"ndcg@10": 0.0}
-        self.log("val/cand_ndcg@10", m["ndcg@10"], prog_bar=True)
+        k = int(self.cfg.val_metric.rsplit("@", 1)[1])
+        m = compute_metrics(ranks, np.ones_like(ranks), [f"ndcg@{k}"]) if len(ranks) else {f"ndcg@{k}": 0.0}
+        self.log(self.cfg.val_metric, m[f"ndcg@{k}"], prog_bar=True)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
@@ -276,8 +343,6 @@ class RerankerRLModule(L.LightningModule):
 def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, progress: bool = True,
              resume: bool = True, runtime: Runtime | None = None) -> Path:
     """RL on a reranker from ``config.init``; saves the best model (by validation) to ``out/model``."""
-    from lightning.pytorch.callbacks import Timer
-
     if not config.init:
         raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
     out = Path(out)
@@ -289,18 +354,19 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     scorer.bf16 = False                                   # Lightning's precision plugin does the autocast
     data = PromptData(dataset, candidates_dir, config)
     module = RerankerRLModule(scorer, config)
-    best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
-    callbacks = [best, latest, RNGState()] + ([Timer(duration={"minutes": config.max_minutes})] if config.max_minutes else [])
+    metric = config.val_metric
+    best, latest = checkpoint_callbacks(out / "checkpoints", metric)
+    timer = budget_timer(config.max_minutes)
+    callbacks = [best, latest, RNGState(), timer]
     epochs = -(-config.max_steps // config.val_every)
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
                            callbacks=callbacks, log_every_n_steps=1)
-    start = time.time()
     if not last:                                          # the starting point is scored too: step 0
         trainer.validate(module, data.val_dataloader(), verbose=False)
-        start_score = float(trainer.callback_metrics["val/cand_ndcg@10"])
+        start_score = float(trainer.callback_metrics[metric])
     else:
-        start_score = json.loads((out / "start.json").read_text())["val/cand_ndcg@10"]
-    (out / "start.json").write_text(json.dumps({"val/cand_ndcg@10": start_score}))
+        start_score = json.loads((out / "start.json").read_text())[metric]
+    (out / "start.json").write_text(json.dumps({metric: start_score}))
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
@@ -309,8 +375,8 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     module.bb.tokenizer.save_pretrained(out / "model")
     (out / "model" / "reranker.json").write_text(json.dumps(init_meta, indent=2))
     (out / "train.json").write_text(json.dumps({
-        "kind": init_meta["kind"], "algo": config.algo, "seconds": time.time() - start,
-        "steps": trainer.global_step // config.mu, "start_val_cand_ndcg@10": start_score,
-        "best_val_cand_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
+        "kind": init_meta["kind"], "algo": config.algo, "seconds": timer.time_elapsed("train"),
+        "steps": trainer.global_step // config.mu, f"start_{metric.replace('/', '_')}": start_score,
+        f"best_{metric.replace('/', '_')}": float(best.best_model_score), "val_metric": metric, "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint}, indent=2))
     return out / "model"

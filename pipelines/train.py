@@ -97,9 +97,14 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     continues from it exactly.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping, Timer
+    from lightning.pytorch.callbacks import EarlyStopping
 
-    from pipelines.callbacks import RNGState, checkpoint_callbacks, resume_checkpoint
+    from pipelines.callbacks import (
+        RNGState,
+        budget_timer,
+        checkpoint_callbacks,
+        resume_checkpoint,
+    )
     from pipelines.sasrec import SASRecModule, SequenceDataModule
     from pipelines.trainer import make_trainer
 
@@ -117,14 +122,12 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
                           config.warmup_steps, config.lr_floor)
     data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
-    callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState()]
-    if config.max_minutes:
-        callbacks.append(Timer(duration={"minutes": config.max_minutes}))
+    timer = budget_timer(config.max_minutes)
+    callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState(), timer]
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
                            callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10)
-    start = time.time()
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
-    seconds = time.time() - start
+    seconds = timer.time_elapsed("train")
     if not best.best_model_path:
         raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or lower val_every")
     best_module = SASRecModule.load_from_checkpoint(best.best_model_path, config=model_config, weights_only=False)

@@ -25,17 +25,45 @@ def sft_models(tiny_dataset, tmp_path):
     return tmp_path / "c", lw, gw
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank"])
+@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank", "f-grpo", "slate-grpo"])
 def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     cands, lw, gw = sft_models
-    cfg = RLConfig(algo=algo, init=str(gw if algo == "grouprank" else lw), **RL)
+    slate = {"slate_size": 4, "rank_size": 2} if algo in ("f-grpo", "slate-grpo") else {}
+    cfg = RLConfig(algo=algo, init=str(gw if algo == "grouprank" else lw), **RL, **slate)
     model = train_rl(tiny_dataset, cands, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 4 and summary["algo"] == algo and (model / "reranker.json").exists()
-    assert 0 <= summary["best_val_cand_ndcg@10"] <= 1
+    metric = "val_cand_ndcg@2" if slate else "val_cand_ndcg@10"
+    assert summary["val_metric"] == metric.replace("_", "/", 1) and 0 <= summary[f"best_{metric}"] <= 1
     import polars as pl
     logs = pl.read_csv(next((tmp_path / algo / "logs").glob("version_*/metrics.csv")))
     assert logs["train/reward"].drop_nulls().len() == 4 and logs["train/kl"].drop_nulls().min() >= 0
+    if slate:   # 4 slate identifiers + separators + marker + 2 ranked + separators + end = 14 tokens
+        assert logs["train/length"].drop_nulls().unique().to_list() == [14.0]
+        joint = logs["train/slate_reward"] + logs["train/rank_reward"]
+        assert ((joint - logs["train/reward"]).drop_nulls().abs() < 1e-5).all()
+
+
+def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, tmp_path, sft_models):
+    """A rollout batch through the module: slate tokens (4 identifiers, 4 separators, the marker) end at
+    the marker, the rank phase has 2 identifiers, 2 separators and the end; each phase's advantages are
+    centred within every group of G rollouts; log-probs are 0 on padding and never positive."""
+    from pipelines.reranker import load_reranker
+    from pipelines.rl import PromptData, RerankerRLModule
+    from recsys.rl.f_grpo import phase_advantages, phase_masks
+
+    cands, lw, _ = sft_models
+    cfg = RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2, **RL)
+    module = RerankerRLModule(load_reranker(lw, tiny_dataset, window=8), cfg)
+    rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
+    roll = module._rollouts(rows, torch.Generator().manual_seed(0))
+    slate_mask, rank_mask = phase_masks(roll["answer"], roll["mask"], module.bb.rank_marker_id)
+    assert slate_mask.sum(1).tolist() == [9] * 16 and rank_mask.sum(1).tolist() == [5] * 16
+    slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], 4)
+    assert torch.allclose(slate_adv.reshape(4, 4).sum(1), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(rank_adv.reshape(4, 4).sum(1), torch.zeros(4), atol=1e-5)
+    logp, _ = module._log_probs(module.model, roll)
+    assert torch.all(logp[~roll["mask"]] == 0) and torch.all(logp <= 0)
 
 
 def test_rl_algo_must_fit_the_model(tiny_dataset, tmp_path, sft_models):

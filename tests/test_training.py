@@ -31,7 +31,10 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
     cfg = dict(TINY, patience=10)
     train_sasrec(tiny_dataset, tmp_path / "straight", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
     train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=2), progress=False)
+    first_seconds = json.loads((tmp_path / "resumed" / "train.json").read_text())["seconds"]
     train_sasrec(tiny_dataset, tmp_path / "resumed", SASRecTrainConfig(**cfg, max_epochs=3), progress=False)
+    # the reported training time spans both invocations (the Timer's elapsed time is checkpointed)
+    assert json.loads((tmp_path / "resumed" / "train.json").read_text())["seconds"] > first_seconds > 0
     ca = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=False)
     cb = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ca["epoch"] == cb["epoch"] == 2                    # last.ckpt is the final epoch, not the best one
@@ -103,7 +106,7 @@ def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
     serve = tmp_path / "art" / "runs" / "small-seed0" / "serve"
     manifest = json.loads((serve / "manifest.json").read_text())
-    assert set(manifest["models"]) == {"sasrec", "first"} and summary["serve"] == f"recsys serve {serve}"
+    assert set(manifest["models"]) == {"sasrec", "first", "generative"} and summary["serve"] == f"recsys serve {serve}"
     assert any(line.startswith("serve it:") for line in "\n".join(lines).splitlines())
     lines.clear()
     quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)

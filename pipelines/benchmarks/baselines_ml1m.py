@@ -5,6 +5,10 @@
 Writes ``pipelines/benchmarks/results/baselines_ml1m.json``; ``python -m pipelines.benchmarks.render``
 puts the table into BENCHMARKS.md. Seeds train in parallel worker processes (``--workers``), each
 with ``cores / workers`` torch threads; ``seconds`` is each run's own training wall-clock time.
+
+A killed benchmark resumes when rerun with the same arguments and ``--artifacts``: a finished seed
+(its ``train.json`` holds the same config) is evaluated without retraining, an interrupted one
+continues exactly from its last checkpoint, its time budget and ``seconds`` spanning both runs.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ PUBLISHED = {"sasrec (generative-recommenders README, sampled softmax)": {"hr@10
 
 
 def _train_and_evaluate(data_dir: str, out: str, recipe: str, seed: int, threads: int, overrides: dict) -> dict:
+    import dataclasses
     import json
 
     from pipelines.config import load_config
@@ -34,8 +39,10 @@ def _train_and_evaluate(data_dir: str, out: str, recipe: str, seed: int, threads
 
     ds = PreparedDataset.load(data_dir)
     config = load_config(SASRecTrainConfig, recipe, {**overrides, "seed": seed, "num_threads": threads})
-    train_sasrec(ds, out, config, progress=False)
-    summary = json.loads((Path(out) / "train.json").read_text())
+    done = Path(out) / "train.json"
+    if not (done.exists() and json.loads(done.read_text())["config"] == dataclasses.asdict(config)):
+        train_sasrec(ds, out, config, progress=False)  # resumes from out/checkpoints/last.ckpt if present
+    summary = json.loads(done.read_text())
     metrics = evaluate_model(ds, out, "test", METRICS, progress=False)
     return {"name": "sasrec", "seed": seed, "metrics": {m: metrics[m] for m in METRICS},
             "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"],

@@ -13,6 +13,7 @@ same SASRec run, evaluated here by the library's full-ranking protocol on the sa
 After the seeds: VED vs beam search at the same forward-call budget on the seed-0 V-STAR model
 (``1 + 3 x 16 = 49`` calls per user: beam width 16 vs VED with ``init_beam 8``), and users per
 second of beam search at widths 20 and 50 (this machine, nothing else running in this process).
+``--eval-only`` re-evaluates the models already in ``--out`` (after a change to decoding), training nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _test(ds, limit):
     return ex.histories[:n], [int(t[0]) for t in ex.targets[:n]]
 
 
-def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl: dict, limit) -> list[dict]:
+def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl: dict, limit,
+          train: bool = True) -> list[dict]:
     import torch
 
     from pipelines.benchmarks.rl import reward_curve
@@ -59,7 +61,9 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
                                                           seed=seed, **rl)) for algo in ("grpo", "vstar")]
     for name, cfg in runs:
         run_dir = out / name.removeprefix("generative-")
-        model_dir = train_generative(ds, run_dir, cfg, progress=False)
+        model_dir = train_generative(ds, run_dir, cfg, progress=False) if train else run_dir / "model"
+        if not (model_dir / "generative.json").exists():
+            raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         summary = json.loads((run_dir / "train.json").read_text())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             m = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False)
@@ -164,6 +168,8 @@ def main() -> None:
     p.add_argument("--sft-batches", type=int, help="SFT batches per epoch (smoke runs; default all)")
     p.add_argument("--test-users", type=int, help="first N test users only (default: all)")
     p.add_argument("--compare-users", type=int, default=1000, help="users for VED vs beam and the speed rows")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate the models already in --out (after a decoding change) instead of training them")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.generative")
 
@@ -186,7 +192,7 @@ def main() -> None:
     rows = [sasrec_row(a.data, a.sasrec, a.test_users)]
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_seed, a.data, str(sid), str(out / f"seed{s}"), s, threads, json.loads(json.dumps(sft)),
-                            rl, a.test_users) for s in a.seeds]
+                            rl, a.test_users, not a.eval_only) for s in a.seeds]
         for j in jobs:
             rows += j.result()
     vstar0 = str(out / f"seed{a.seeds[0]}" / "vstar" / "model")
@@ -207,6 +213,8 @@ def main() -> None:
         "settings": {"sft": sft, "rl": rl, "seeds": a.seeds, "reward": "1 for the target, else 0.1 x matching "
                      "code prefix / 4", "vstar": {"init_beam": 8, "budget_multiplier": 2.0, "lam": 0.1, "ucb_beta": 1.0}},
         "rows": rows, "means": means,
+        "models": "trained in this run" if not a.eval_only else
+                  f"reused from {out} (--eval-only: trained by an earlier run of this benchmark, evaluated now)",
         "targets": {"sft_ndcg@10 >= sasrec": means["generative-sft"]["ndcg@10"] >= means["sasrec"]["ndcg@10"],
                     "vstar_ndcg@10 > grpo": means["generative-vstar"]["ndcg@10"] > means["generative-grpo"]["ndcg@10"]},
         "beam_vs_ved": compare, "speed": speed,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from recsys.errors import RecsysError
-from recsys.llm.vocab import DIGITS, END, LETTERS, STRUCTURE
+from recsys.llm.vocab import DIGITS, END, LETTERS, RANK, STRUCTURE
 
 
 @dataclass
@@ -44,6 +44,10 @@ class Backbone:
     @property
     def end_id(self) -> int:
         return self.token_id(END)
+
+    @property
+    def rank_marker_id(self) -> int:
+        return self.token_id(RANK)
 
     @property
     def separator_id(self) -> int:
@@ -88,8 +92,9 @@ def build_tiny(n_items: int = 0, semantic_codes: list[int] | None = None, hidden
 
 
 def add_project_tokens(model, tokenizer) -> None:
-    """Add ``<eor>`` (and identifiers that are not single tokens) to a pretrained tokenizer; resize embeddings."""
-    missing = [t for t in [END] + LETTERS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    """Add ``<eor>``, ``<rank>`` (and identifiers that are not single tokens) to a pretrained tokenizer;
+    resize embeddings."""
+    missing = [t for t in [END, RANK] + LETTERS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
         with torch.random.fork_rng():  # new rows are drawn around the mean embedding: make that reproducible

@@ -5,6 +5,8 @@
 """
 
 END = "<eor>"
-STRUCTURE = ["<pad>", "<unk>", "<bos>", "\n", END, "history:", "candidates:", "answer:", "score:", ":"]
+RANK = "<rank>"
+"""Closes the slate of a slate-then-rank answer (F-GRPO); the ranking of the slate follows it."""
+STRUCTURE = ["<pad>", "<unk>", "<bos>", "\n", END, "history:", "candidates:", "answer:", "score:", ":", RANK]
 LETTERS = [chr(ord("A") + i) for i in range(26)]
 DIGITS = [str(d) for d in range(10)]

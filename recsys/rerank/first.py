@@ -64,29 +64,56 @@ def constrain_logits(logits: torch.Tensor, used: torch.Tensor, after_identifier:
     return logits.masked_fill(~allowed, float("-inf"))
 
 
-def constrained_log_probs(logits: torch.Tensor, tokens: torch.Tensor, identifier_ids: torch.Tensor,
-                          separator_id: int, end_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probabilities (B, T) of a generated listwise answer under the *constrained* policy, and its
-    entropy (B, T): the decoder's masking (:func:`constrain_logits`) replayed position by position.
+class ListConstraint:
+    """The state of constrained listwise decoding for a batch (the mask of :func:`constrain_logits`).
+
+    sizes (B,): candidates per window; identifiers beyond a window's size count as used. ``mask``
+    constrains the next token's logits (B, V); ``update`` records the tokens (B,) just written (-1 =
+    finished). The same object drives generation and the replay of :func:`replay_log_probs`.
+    """
+
+    def __init__(self, sizes: torch.Tensor, identifier_ids: torch.Tensor, separator_id: int, end_id: int):
+        n = len(identifier_ids)
+        self.ids, self.separator_id, self.end_id = identifier_ids, separator_id, end_id
+        self.used = torch.arange(n, device=sizes.device)[None, :] >= sizes[:, None]          # (B, n)
+        self.after = torch.zeros(len(sizes), dtype=torch.bool, device=sizes.device)
+        self.max_tokens = 2 * n + 1
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        return constrain_logits(logits, self.used, self.after, self.ids, self.separator_id, self.end_id)
+
+    def update(self, tokens: torch.Tensor) -> None:
+        is_id = tokens[:, None] == self.ids[None, :]
+        self.used = self.used | is_id
+        self.after = is_id.any(-1)
+
+
+def replay_log_probs(logits: torch.Tensor, tokens: torch.Tensor, constraint) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (B, T) of generated answers under the *constrained* policy, and its entropy
+    (B, T): the decoder's masking (``constraint``: :class:`ListConstraint` or
+    :class:`recsys.rerank.slate.SlateRankConstraint`, fresh) replayed position by position.
 
     logits (B, T, V): the model's logits that predict each answer token; tokens (B, T): the answer,
     -1 after the end. Positions after the end get 0. This is the distribution the rollouts were
     sampled from, so it is the one a policy gradient must differentiate.
     """
-    B, T, _ = logits.shape
-    n = len(identifier_ids)
-    used = torch.zeros(B, n, dtype=torch.bool, device=logits.device)
-    after = torch.zeros(B, dtype=torch.bool, device=logits.device)
-    ids = identifier_ids.to(logits.device)
     logps, entropies = [], []
-    for t in range(T):
+    for t in range(tokens.shape[1]):
         tok = tokens[:, t]
-        lp = torch.log_softmax(constrain_logits(logits[:, t].float(), used, after, ids, separator_id, end_id), -1)
+        lp = torch.log_softmax(constraint.mask(logits[:, t].float()), -1)
         p = lp.exp()
         entropies.append(-(p * lp.masked_fill(p == 0, 0)).sum(-1))
         logps.append(torch.where(tok >= 0, lp.gather(1, tok.clamp(min=0)[:, None])[:, 0], torch.zeros_like(lp[:, 0])))
-        is_id = tok[:, None] == ids[None, :]
-        used = used | is_id
-        after = is_id.any(-1)
+        constraint.update(tok)
     valid = (tokens >= 0).float()
     return torch.stack(logps, 1) * valid, torch.stack(entropies, 1) * valid
+
+
+def constrained_log_probs(logits: torch.Tensor, tokens: torch.Tensor, identifier_ids: torch.Tensor,
+                          separator_id: int, end_id: int, sizes: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`replay_log_probs` of listwise answers; ``sizes`` (B,) candidates per window (default all n)."""
+    ids = identifier_ids.to(logits.device)
+    if sizes is None:
+        sizes = torch.full((len(logits),), len(ids), device=logits.device)
+    return replay_log_probs(logits, tokens, ListConstraint(sizes.to(logits.device), ids, separator_id, end_id))

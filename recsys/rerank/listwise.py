@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from recsys.llm.backbone import Backbone
-from recsys.rerank.first import constrain_logits, first_scores
+from recsys.rerank.first import ListConstraint, first_scores
 from recsys.rerank.parse import parse_ranking
 from recsys.rerank.prompts import listwise_prompt
 from recsys.rerank.window import sliding_window_rerank
@@ -59,33 +59,33 @@ class ListwiseReranker:
 
     @torch.no_grad()
     def generate(self, histories, candidate_lists, constrained: bool = True, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, return_tokens: bool = False):
-        """Write each answer token by token (KV cache). ``temperature`` 0 = greedy. Returns the texts
-        (and, with ``return_tokens``, the (B, T) generated ids with ``-1`` after the end)."""
+                 generator: torch.Generator | None = None, return_tokens: bool = False, constraint=None):
+        """Write each answer token by token (KV cache). ``temperature`` 0 = greedy. ``constraint``: the
+        decoding state that masks each step (default :class:`ListConstraint`, a ranking of the whole
+        window; :class:`recsys.rerank.slate.SlateRankConstraint` for slate-then-rank answers); unused
+        when ``constrained`` is False. Returns the texts (and, with ``return_tokens``, the (B, T)
+        generated ids with ``-1`` after the end)."""
         self.bb.model.eval()
         batch = self._batch(self.prompts(histories, candidate_lists))
-        n = max(len(c) for c in candidate_lists)
-        ids = self.bb.identifier_ids(n)
-        sizes = torch.tensor([len(c) for c in candidate_lists])
-        used = torch.arange(n)[None, :] >= sizes[:, None]             # identifiers beyond a list count as used
-        after = torch.zeros(len(sizes), dtype=torch.bool)
-        done = torch.zeros(len(sizes), dtype=torch.bool)
+        if constraint is None:
+            sizes = torch.tensor([len(c) for c in candidate_lists])
+            constraint = ListConstraint(sizes, self.bb.identifier_ids(int(sizes.max())), self.bb.separator_id,
+                                        self.bb.end_id)
+        done = torch.zeros(len(candidate_lists), dtype=torch.bool)
         out = self._forward(**batch, use_cache=True)
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]
         tokens = []
-        for _ in range(2 * n + 1):
+        for _ in range(constraint.max_tokens):
             logits = out.logits[:, -1].float().cpu()
             if constrained:
-                logits = constrain_logits(logits, used, after, ids, self.bb.separator_id, self.bb.end_id)
+                logits = constraint.mask(logits)
             if temperature > 0:
                 tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)[:, 0]
             else:
                 tok = logits.argmax(-1)
             tok = torch.where(done, torch.full_like(tok, -1), tok)
             tokens.append(tok)
-            is_id = (tok[:, None] == ids[None, :])                     # (B, n)
-            used |= is_id
-            after = is_id.any(-1)
+            constraint.update(tok)
             done |= tok == self.bb.end_id
             if done.all():
                 break
