@@ -257,7 +257,7 @@ def cmd_export(a):
     from serving.export import export
 
     out = export(PreparedDataset.load(a.data), a.sasrec, a.out, a.reranker, a.quantize, fuse=not a.no_fuse,
-                 generative_dir=a.generative)
+                 generative_dir=a.generative, groupwise_dir=a.groupwise)
     print(f"exported to {out}; serve it with: recsys serve {out}")
 
 
@@ -490,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", required=True, help="prepared dataset directory")
     ex.add_argument("--sasrec", required=True, help="SASRec model directory (RUN/model)")
     ex.add_argument("--reranker", help="listwise reranker model directory (RUN/model)")
+    ex.add_argument("--groupwise", help="groupwise reranker directory (RUN/model): reranks when no --reranker is given")
     ex.add_argument("--generative", help="generative recommender directory (RUN/model): served at POST /v1/generate")
     ex.add_argument("--out", required=True)
     ex.add_argument("--quantize", action="store_true", help="also write int8 dynamic-quantised graphs")

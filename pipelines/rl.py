@@ -127,6 +127,55 @@ class RLConfig:
             raise ValueError("group_size must be >= 2: advantages compare rollouts of the same prompt")
 
 
+def slate_constraint(bb, windows: list[list[int]], window: int, slate_size: int, rank_size: int) -> SlateRankConstraint:
+    """The slate-then-rank decoding constraint for a batch of candidate windows."""
+    return SlateRankConstraint(torch.tensor([len(w) for w in windows]), slate_size, rank_size, bb.identifier_ids(window),
+                               bb.separator_id, bb.rank_marker_id, bb.end_id)
+
+
+def slate_items(bb, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
+    """The items (slate, ranking) a generated slate-then-rank answer (T,) names (-1 = padding)."""
+    text = bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
+    parsed = parse_slate_rank(text, len(window), bb.tokenizer.decode([bb.rank_marker_id]), bb.tokenizer.decode([bb.end_id]))
+    return [window[i] for i in parsed.slate], [window[i] for i in parsed.ranking]
+
+
+def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, split: str = "test", window: int = 20,
+                        slate_size: int = 10, rank_size: int = 5, limit: int | None = None, batch_size: int = 32,
+                        progress: bool = False) -> dict:
+    """Greedy slate-then-rank answers of a listwise reranker on each user's top-``window`` candidates.
+
+    Metrics over every user of ``split`` (the held-out item outside the final ranking of ``rank_size``
+    items is a miss): ``recall@k`` / ``ndcg@k`` for k in 3 and ``rank_size``, ``slate_recall`` (the
+    held-out item in the slate), and the same over the users whose item is among the candidates
+    (``cand_`` prefix)."""
+    from tqdm.auto import tqdm
+
+    scorer = load_reranker(model_dir, dataset, window=window)
+    df = load_candidates(candidates_dir, split)
+    df = df.head(limit) if limit else df
+    seqs = user_sequences(dataset)
+    rows = [(seqs[r["uidx"]][:r["history_length"]], [int(c) for c in r["candidates"][:window]], int(r["target"]))
+            for r in df.iter_rows(named=True)]
+    ranks, in_slate = [], []
+    for i in tqdm(range(0, len(rows), batch_size), desc=f"slate-rank {split}", disable=not progress):
+        hists, windows, targets = zip(*rows[i:i + batch_size])
+        answers = scorer.generate(list(hists), list(windows), True, 0.0, return_tokens=True,
+                                  constraint=slate_constraint(scorer.bb, list(windows), window, slate_size, rank_size))[1]
+        for a, w, t in zip(answers, windows, targets):
+            slate, ranking = slate_items(scorer.bb, a, w)
+            ranks.append(float(ranking.index(t)) if t in ranking else np.inf)
+            in_slate.append(t in slate)
+    ranks_a, found = np.array(ranks)[:, None], np.array([r[2] in r[1] for r in rows])
+    names = sorted({3, rank_size})
+    out = {}
+    for prefix, sel in (("", np.ones(len(rows), dtype=bool)), ("cand_", found)):
+        m = compute_metrics(ranks_a[sel], np.ones((int(sel.sum()), 1)), [f"{k}@{n}" for k in ("hr", "ndcg") for n in names])
+        out |= {f"{prefix}recall@{n}": m[f"hr@{n}"] for n in names} | {f"{prefix}ndcg@{n}": m[f"ndcg@{n}"] for n in names}
+        out[f"{prefix}slate_recall"] = float(np.mean(np.array(in_slate)[sel])) if sel.any() else 0.0
+    return out | {"num_users": len(rows), "target_in_candidates": float(found.mean())}
+
+
 class StreamSampler(Sampler[int]):
     """Epoch e yields items [e*size, (e+1)*size) of an endless stream of seeded permutations of 0..n-1,
     so short "epochs" walk through the data without repeats and a resumed run replays nothing."""
@@ -205,12 +254,10 @@ class RerankerRLModule(L.LightningModule):
     # ---------------------------------------------------------------- rollouts and rewards
     def _constraint(self, windows: list[list[int]]):
         """A fresh decoding constraint for these windows (listwise: rank the window; slate tasks)."""
-        sizes = torch.tensor([len(w) for w in windows])
-        ids = self.bb.identifier_ids(self.cfg.window)
         if self.slate:
-            return SlateRankConstraint(sizes, self.cfg.slate_size, self.cfg.rank_size, ids, self.bb.separator_id,
-                                       self.bb.rank_marker_id, self.bb.end_id)
-        return ListConstraint(sizes, ids, self.bb.separator_id, self.bb.end_id)
+            return slate_constraint(self.bb, windows, self.cfg.window, self.cfg.slate_size, self.cfg.rank_size)
+        return ListConstraint(torch.tensor([len(w) for w in windows]), self.bb.identifier_ids(self.cfg.window),
+                              self.bb.separator_id, self.bb.end_id)
 
     def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
         """G rollouts per prompt: ``prompt`` batch, ``answer`` (B*G, T), token ``mask``, sequence
@@ -243,11 +290,7 @@ class RerankerRLModule(L.LightningModule):
         return {"prompt": prompt, "answer": answer, "mask": digit_pos, "reward": reward, "windows": windows}
 
     def _slate_rank(self, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
-        """The items of a slate-then-rank answer: (slate, ranking)."""
-        text = self.bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
-        tok = self.bb.tokenizer.decode
-        parsed = parse_slate_rank(text, len(window), tok([self.bb.rank_marker_id]), tok([self.bb.end_id]))
-        return [window[i] for i in parsed.slate], [window[i] for i in parsed.ranking]
+        return slate_items(self.bb, answer, window)
 
     def _ranked(self, answer: torch.Tensor, window: list[int]) -> list[int | None]:
         """The items a generated answer names, in order (constrained decoding: one identifier per line)."""

@@ -207,7 +207,7 @@ class Batcher:
         todo = [i for i, q in enumerate(queries) if q.rerank and retrieved[i][0]]
         if not todo:
             return results
-        if self.rec.first is None:
+        if self.rec.reranker is None:
             for i in todo:
                 results[i]["fallback"] = "no reranker loaded"
             return results
@@ -317,7 +317,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def models():
         rec = ready()
         return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
-                "reranker": rec.first is not None, "generative": rec.generative is not None, "items": rec.n_items}
+                "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None, "items": rec.n_items}
 
     def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
         """The request's history in item idx and its unknown item ids (exclude included); 4xx when unusable."""
@@ -367,7 +367,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def rerank(body: RerankRequest):
         t = time.perf_counter()
         rec = ready()
-        if rec.first is None:
+        if rec.reranker is None:
             raise HTTPException(501, "this deployment has no reranker")
         history, unknown = to_idx(rec, body.history)
         cands, unknown_c = to_idx(rec, body.candidates)

@@ -73,6 +73,20 @@ class _FirstScorer(torch.nn.Module):
         return logits[:, -1].index_select(-1, self.ids)
 
 
+class _DigitScorer(torch.nn.Module):
+    """Logits of the ten digit tokens at the last position: the groupwise (GroupRank) score step."""
+
+    def __init__(self, model, digit_ids: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("ids", digit_ids)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False).logits
+        return logits[:, -1].index_select(-1, self.ids)
+
+
 class _GenerativeStep(torch.nn.Module):
     """Logits of every level's code tokens at the last position: (B, T) -> (B, D, K)."""
 
@@ -150,16 +164,19 @@ def export_sasrec(model_dir, out: Path, quantize: bool = False, fuse: bool = Tru
     return entry
 
 
-def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
+def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quantize: bool, fuse: bool) -> dict:
+    """Export a reranker's last-position scorer (FIRST identifier logits or GroupRank digit logits)
+    with dynamic batch and sequence axes; the tokenizer and reranker.json go beside it."""
     from recsys.llm.backbone import load_backbone
+    from recsys.llm.vocab import DIGITS
 
     meta = json.loads((Path(model_dir) / "reranker.json").read_text())
-    if meta.get("kind", "listwise") != "listwise":
-        raise RecsysError(f"{model_dir}: only listwise (FIRST) rerankers are exported, not {meta['kind']!r}")
+    if meta.get("kind", "listwise") != kind:
+        raise RecsysError(f"{model_dir}: a {meta.get('kind', 'listwise')!r} reranker, expected {kind!r}")
     bb = load_backbone(model_dir)
     bb.model.float().eval()
-    window = meta["window"]
-    scorer = _FirstScorer(bb.model, bb.identifier_ids(window))
+    ids_out = bb.identifier_ids(meta["window"]) if kind == "listwise" else torch.tensor([bb.token_id(d) for d in DIGITS])
+    scorer = (_FirstScorer if kind == "listwise" else _DigitScorer)(bb.model, ids_out)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(50, len(bb.tokenizer), (3, 40), generator=g)
     mask = torch.ones_like(ids)
@@ -167,20 +184,35 @@ def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         reference = scorer(ids, mask, pos).numpy()
-    path = out / "first.onnx"
+    path = out / filename
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
     fusions = _export(scorer, (ids, mask, pos), path, ["input_ids", "attention_mask", "position_ids"], "scores", dyn,
                       fuse)
-    bb.tokenizer.save_pretrained(out / "tokenizer")
-    shutil.copy(Path(model_dir) / "reranker.json", out / "reranker.json")
+    side = out if kind == "listwise" else out / "groupwise"
+    bb.tokenizer.save_pretrained(side / "tokenizer")
+    shutil.copy(Path(model_dir) / "reranker.json", side / "reranker.json")
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
-    entry = {"file": path.name, "sha256": sha256(path), "window": window, "prompt": meta["prompt"],
+    entry = {"file": path.name, "sha256": sha256(path), "window": meta["window"], "prompt": meta["prompt"],
              "max_history": meta["max_history"], "dataset_fingerprint": meta["dataset_fingerprint"],
              "ort_fusions": fusions, "parity_max_abs": _parity(path, feeds, reference)}
+    if kind == "groupwise":
+        entry |= {"group_size": meta["group_size"], "files": "groupwise/"}
     if quantize:
         entry["int8"] = _quantize(path, feeds, reference)
     return entry
+
+
+def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
+    """The listwise reranker's FIRST scorer: ``first.onnx`` (identifier logits at the last position)."""
+    return _export_prompt_scorer(model_dir, out, "listwise", "first.onnx", quantize, fuse)
+
+
+def export_groupwise(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
+    """The groupwise reranker's score step: ``groupwise.onnx`` (digit logits at the last position); the
+    runtime writes ``X :`` per candidate and reads the expected digit, as
+    :meth:`recsys.rerank.groupwise.GroupwiseReranker.sample` does greedily."""
+    return _export_prompt_scorer(model_dir, out, "groupwise", "groupwise.onnx", quantize, fuse)
 
 
 def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
@@ -227,9 +259,9 @@ def _write_histories(dataset, path: Path) -> None:
 
 
 def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, fuse: bool = True,
-           generative_dir=None) -> Path:
-    """Export SASRec (and a listwise reranker, and a generative recommender) for ``dataset`` into the
-    serving directory ``out``."""
+           generative_dir=None, groupwise_dir=None) -> Path:
+    """Export SASRec (and a listwise reranker, a groupwise reranker, a generative recommender) for
+    ``dataset`` into the serving directory ``out``."""
     out = Path(out)
     with atomic_directory(out) as tmp:
         models = {"sasrec": export_sasrec(sasrec_dir, tmp, quantize, fuse)}
@@ -237,13 +269,15 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
             raise RecsysError(f"{sasrec_dir} was trained on another dataset than {dataset.directory}")
         if reranker_dir:
             models["first"] = export_first(reranker_dir, tmp, quantize, fuse)
+        if groupwise_dir:
+            models["groupwise"] = export_groupwise(groupwise_dir, tmp, quantize, fuse)
         if generative_dir:
             models["generative"] = export_generative(generative_dir, tmp, quantize, fuse)
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,
                     "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                    "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "generative")
+                    "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative")
                                         if m in models),
                     "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"),
                     "parity_tolerance": TOLERANCE}

@@ -79,21 +79,34 @@ class _PromptSpec:
     tokenizer: object = None
 
 
-class FirstRuntime:
-    """FIRST scores of candidate windows with the exported listwise reranker."""
+def _left_pad(encoded: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Left-padded ``input_ids`` / ``attention_mask`` / ``position_ids`` of token id lists."""
+    T = max(len(e) for e in encoded)
+    ids = np.full((len(encoded), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(encoded), T), dtype=np.int64)
+    for i, e in enumerate(encoded):
+        ids[i, T - len(e):], mask[i, T - len(e):] = e, 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+
+
+class _PromptScorer:
+    """An exported last-position scorer (``first`` or ``groupwise``) with its tokenizer and prompt format."""
+
+    name = ""
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        self.meta = read_manifest(directory)["models"].get("first")
+        self.meta = read_manifest(directory)["models"].get(self.name)
         if self.meta is None:
-            raise RecsysError(f"{directory}: no reranker was exported (recsys export --reranker)")
+            raise RecsysError(f"{directory}: no {self.name} reranker was exported (recsys export --{self.flag})")
         self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer" / "tokenizer.json"))
+        side = directory / self.meta.get("files", "")
+        self.tokenizer = Tokenizer.from_file(str(side / "tokenizer" / "tokenizer.json"))
         self.pad_id = self.tokenizer.token_to_id("<pad>") or 0
         self.window, self.max_history = self.meta["window"], self.meta["max_history"]
-        self.spec = _PromptSpec("tiny") if self.meta["prompt"] == "tiny" else self._text_spec(directory)
+        self.spec = _PromptSpec("tiny") if self.meta["prompt"] == "tiny" else self._text_spec(side)
         self.titles = None
 
     @staticmethod
@@ -104,23 +117,71 @@ class FirstRuntime:
 
         return _PromptSpec("text", AutoTokenizer.from_pretrained(directory / "tokenizer"))
 
+    def token(self, text: str) -> int:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise RecsysError(f"{self.name}: {text!r} is {len(ids)} tokens in the exported tokenizer, expected one")
+        return ids[0]
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+class FirstRuntime(_PromptScorer):
+    """FIRST scores of candidate windows with the exported listwise reranker."""
+
+    name, flag = "first", "reranker"
+
     def encode(self, histories, windows) -> dict[str, np.ndarray]:
         from recsys.rerank.prompts import listwise_prompt
 
         texts = [listwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
                  for h, w in zip(histories, windows)]
-        encoded = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        T = max(len(e) for e in encoded)
-        ids = np.full((len(encoded), T), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encoded), T), dtype=np.int64)
-        for i, e in enumerate(encoded):
-            ids[i, T - len(e):], mask[i, T - len(e):] = e, 1
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)}
+        return _left_pad(self._encode_texts(texts), self.pad_id)
 
     def scores(self, histories, windows) -> np.ndarray:
         """(B, n) identifier logits of windows of equal length n <= window."""
         n = len(windows[0])
         return self.session.run(None, self.encode(histories, windows))[0][:, :n]
+
+
+class GroupwiseRuntime(_PromptScorer):
+    """GroupRank scores of candidate groups with the exported groupwise reranker.
+
+    For candidate j of a group the answer so far gets ``X :`` and the score is the expected digit
+    under the model there; the greedy digit and a newline are written before the next candidate, as
+    :meth:`recsys.rerank.groupwise.GroupwiseReranker.sample` does at temperature 0 (tested equal).
+    Without a KV cache in the graph, each candidate is one forward pass over the prompt and the
+    answer so far: c passes per group.
+    """
+
+    name, flag = "groupwise", "groupwise"
+
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        from recsys.llm.vocab import DIGITS, LETTERS
+
+        super().__init__(directory, threads, int8)
+        self.window = self.meta["group_size"]
+        self.letters = [self.token(c) for c in LETTERS[:self.window]]
+        self.colon, self.separator = self.token(":"), self.token("\n")
+        self.digits = np.array([self.token(d) for d in DIGITS])
+
+    def scores(self, histories, windows) -> np.ndarray:
+        """(B, n) expected 0-9 scores of groups of equal length n <= group size."""
+        from recsys.rerank.groupwise import groupwise_prompt
+
+        texts = [groupwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
+                 for h, w in zip(histories, windows)]
+        seqs = self._encode_texts(texts)
+        out = np.zeros((len(windows), len(windows[0])))
+        for j in range(len(windows[0])):
+            seqs = [s + [self.letters[j], self.colon] for s in seqs]
+            logits = self.session.run(None, _left_pad(seqs, self.pad_id))[0].astype(np.float64)     # (B, 10)
+            p = np.exp(logits - logits.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            out[:, j] = p @ np.arange(10)
+            seqs = [s + [int(self.digits[d]), self.separator] for s, d in zip(seqs, logits.argmax(-1))]
+        return out
 
 
 def _log_softmax(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -225,7 +286,7 @@ class RecommendQuery:
 
 
 class Recommender:
-    """SASRec + FAISS retrieval, then FIRST reranking of the top window."""
+    """SASRec + FAISS retrieval, then reranking of the top window (FIRST, or the groupwise scorer)."""
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
         import faiss
@@ -236,6 +297,9 @@ class Recommender:
         self.version = self.manifest["version"]
         self.sasrec = SASRecRuntime(directory, threads, int8)
         self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest["models"] else None
+        self.groupwise = GroupwiseRuntime(directory, threads, int8) if "groupwise" in self.manifest["models"] else None
+        self.reranker = self.first or self.groupwise
+        """What reranks retrieval windows: FIRST when exported, else the groupwise scorer, else None."""
         self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest["models"] \
             else None
         catalog = pl.read_parquet(directory / "catalog.parquet")
@@ -264,11 +328,12 @@ class Recommender:
         return out
 
     def rerank_windows(self, histories, candidate_lists) -> list[tuple[list[int], list[float]]]:
-        """FIRST-rerank the first ``window`` candidates of each list; the rest keep their order.
-        Scores: reranked items get their logits, the tail items ranks below them."""
-        if self.first is None:
+        """Rerank the first ``window`` candidates of each list; the rest keep their order. Scores:
+        reranked items get the reranker's scores (FIRST logits or expected digits), the tail items
+        ranks below them."""
+        if self.reranker is None:
             raise RecsysError("this serving directory has no reranker")
-        w = self.first.window
+        w = self.reranker.window
         heads = [c[:w] for c in candidate_lists]
         out = [None] * len(heads)
         by_len: dict[int, list[int]] = {}
@@ -279,7 +344,7 @@ class Recommender:
                 for i in members:
                     out[i] = ([], [])
                 continue
-            s = self.first.scores([histories[i] for i in members], [heads[i] for i in members])
+            s = self.reranker.scores([histories[i] for i in members], [heads[i] for i in members])
             for i, row in zip(members, s):
                 order = np.argsort(-row, kind="stable")
                 items = [heads[i][j] for j in order] + list(candidate_lists[i][w:])
@@ -300,7 +365,7 @@ class Recommender:
         retrieved = self.retrieve(queries)
         results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False}
                    for q, (items, scores) in zip(queries, retrieved)]
-        todo = [i for i, q in enumerate(queries) if q.rerank and self.first is not None and retrieved[i][0]]
+        todo = [i for i, q in enumerate(queries) if q.rerank and self.reranker is not None and retrieved[i][0]]
         if todo:
             reranked = self.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo])
             for i, (items, scores) in zip(todo, reranked):

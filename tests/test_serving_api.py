@@ -139,7 +139,7 @@ def test_metrics_and_models(served):
     text = client.get("/metrics").text
     assert 'recsys_requests_total{path="/v1/recommend",status="200"}' in text
     assert "recsys_request_latency_ms_bucket" in text and "recsys_batch_size_count" in text
-    assert client.get("/v1/models").json()["reranker"] is True
+    assert client.get("/v1/models").json()["reranker"] == "first"
 
 
 def test_concurrent_requests_are_micro_batched(served):

@@ -37,7 +37,7 @@ def render_baselines(result: dict) -> list[str]:
     mean = result["sasrec_mean"]
     out += ["", "SASRec mean over seeds: " + ", ".join(f"{m} {mean[m]:.4f}" for m in ("hr@10", "ndcg@10")) +
             ". Published (full ranking): SASRec HR@10 0.2853 / NDCG@10 0.1603; HSTU-large 0.3294 / 0.1893.",
-            "`seconds` is training wall-clock time per run; seeds trained two at a time, one thread each.", ""]
+            "`seconds` is each run's training wall-clock time (seeds at once: the command's `--workers`).", ""]
     return out
 
 
@@ -127,9 +127,20 @@ def render_rl(result: dict) -> list[str]:
     out += [f"- backbone: {result['backbone']}; candidates: {result['candidates']}",
             f"- evaluation: {result['evaluation']}",
             "- settings: " + ", ".join(f"{k} {v}" for k, v in result["settings"].items()), ""]
-    out += _table(result["rows"], ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["seconds", "steps"])
-    out += ["", "Means over seeds (NDCG@10): " + ", ".join(
-        f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v["ndcg@10"] is not None) + ".", ""]
+    slate = [r for r in result["rows"] if r["name"].startswith("slate-rank")]
+    ranking = [r for r in result["rows"] if not r["name"].startswith("slate-rank")]
+    if ranking:
+        out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["seconds", "steps"])
+        out += ["", "Means over seeds (NDCG@10): " + ", ".join(
+            f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v.get("ndcg@10") is not None) + ".", ""]
+    if slate:
+        out += [("Slate of 10 then rank 5 (recall@k = hit rate of the one held-out item in the final ranking; "
+                "slate_recall: in the slate):"), ""]
+        out += _table(slate, ["recall@3", "recall@5", "ndcg@3", "ndcg@5", "slate_recall"], ["seconds", "steps"])
+        out += ["", "Means over seeds (recall@5): " + ", ".join(
+            f"{k} {v['recall@5']:.4f}" for k, v in result["means"].items() if k.startswith("slate-rank")) + ".", ""]
+    if result.get("ratios"):
+        out += ["Ratios: " + ", ".join(f"{k} {v:.4f}" for k, v in result["ratios"].items() if v is not None) + ".", ""]
     return out
 
 
@@ -195,7 +206,7 @@ def render_quickstart(result: dict) -> list[str]:
 
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
-             "rl": render_rl, "rl_grouprank": render_rl}
+             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl}
 
 
 def main() -> None:

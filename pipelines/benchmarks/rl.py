@@ -1,4 +1,5 @@
-"""RL for rerankers on ML-1M: GRPO vs Rank-GRPO (two rewards) vs the SFT start; GroupRank on the groupwise model.
+"""RL for rerankers on ML-1M: GRPO vs Rank-GRPO (two rewards) vs the SFT start; F-GRPO vs GRPO on the
+slate-then-rank task; GroupRank on the groupwise model.
 
     python -m pipelines.benchmarks.rl --seeds 0 1 2 --workers 2
 
@@ -9,6 +10,13 @@ of steps; only the seed changes between repeats. Evaluation: every test user's S
 reranked by greedy constrained generation (listwise) or expected scores (groupwise); full-ranking
 pipeline metrics plus candidate-set ``cand_ndcg@10``. The SFT rows are deterministic (one model,
 greedy decoding), so they appear once.
+
+Slate-then-rank (``slate-rank-*`` rows, :mod:`recsys.rerank.slate`): from the same SFT checkpoint, one
+completion chooses a slate of 10 of the 20 candidates, then ranks 5 of them; ``slate-rank-grpo``
+trains on one joint reward (slate recall + NDCG@5 of the ranking) for every token, ``slate-rank-f-grpo``
+gives each phase its own group-relative advantage. Evaluation: greedy answers on the test users,
+``recall@3``, ``recall@5``, ``ndcg@3``, ``ndcg@5`` of the final ranking (one held-out item, so recall@k
+is the hit rate) and the slate's recall.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ from pathlib import Path
 from pipelines.benchmarks.common import Provenance, write_result
 
 METRICS = ["ndcg@5", "ndcg@10", "hr@5", "hr@10"]
+SLATE_METRICS = ["recall@3", "recall@5", "ndcg@3", "ndcg@5", "slate_recall"]
 RUNS = {"grpo": {"algo": "grpo"}, "rank-grpo-exp_inf": {"algo": "rank-grpo", "reward": "exp_inf"},
-        "rank-grpo-log_decay": {"algo": "rank-grpo", "reward": "log_decay"}, "groupwise-grouprank": {"algo": "grouprank"}}
+        "rank-grpo-log_decay": {"algo": "rank-grpo", "reward": "log_decay"}, "groupwise-grouprank": {"algo": "grouprank"},
+        "slate-rank-grpo": {"algo": "slate-grpo", "slate_size": 10, "rank_size": 5},
+        "slate-rank-f-grpo": {"algo": "f-grpo", "slate_size": 10, "rank_size": 5}}
 
 
 def _metrics(result: dict) -> dict:
@@ -35,6 +46,11 @@ def _evaluate(data: str, model: str, cands: str, out: str, mode: str, limit: int
     from pipelines.reranker import rerank_candidates
     from recsys.data import PreparedDataset
 
+    if mode == "slate":
+        from pipelines.rl import evaluate_slate_rank
+
+        m = evaluate_slate_rank(PreparedDataset.load(data), model, cands, limit=limit)
+        return {k: m[k] for k in SLATE_METRICS} | {f"cand_{k}": m[f"cand_{k}"] for k in ("recall@5", "ndcg@5")}
     return rerank_candidates(PreparedDataset.load(data), model, cands, out, depth=20, mode=mode, progress=False,
                              limit=limit)
 
@@ -53,11 +69,12 @@ def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threa
     config = RLConfig(**{**overrides, **RUNS[name], "init": init, "seed": seed})
     model = train_rl(ds, cands, out, config, progress=False)
     summary = json.loads((Path(out) / "train.json").read_text())
-    mode = "first" if name == "groupwise-grouprank" else "generate"
+    mode = "first" if name == "groupwise-grouprank" else "slate" if name.startswith("slate-rank") else "generate"
     result = _evaluate(data, str(model), cands, str(Path(out) / "eval"), mode, limit)
-    return {"name": name, "seed": seed, "metrics": _metrics(result), "seconds": round(summary["seconds"], 1),
-            "steps": summary["steps"], "start_val_cand_ndcg@10": summary["start_val_cand_ndcg@10"],
-            "best_val_cand_ndcg@10": summary["best_val_cand_ndcg@10"], "curve": reward_curve(out)}
+    metric = summary["val_metric"].replace("/", "_")
+    return {"name": name, "seed": seed, "metrics": result if mode == "slate" else _metrics(result),
+            "seconds": round(summary["seconds"], 1), "steps": summary["steps"], f"start_{metric}": summary[f"start_{metric}"],
+            f"best_{metric}": summary[f"best_{metric}"], "curve": reward_curve(out)}
 
 
 def reward_curve(run_dir) -> list[list[float]]:
@@ -86,12 +103,14 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--test-users", type=int, help="evaluate on the first N test users (CPU budgets; default all)")
     p.add_argument("--result", default="rl", help="results/<name>.json (run listwise and groupwise apart)")
+    p.add_argument("--init", help="listwise SFT model to start from (default: the rerankers benchmark's)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rl")
 
     src, out = Path(a.rerankers), Path(a.out)
     cands = str(src / "cands-sasrec50")
     inits = {"listwise": str(src / "listwise-sft-tiny" / "model"), "groupwise": str(src / "groupwise-sft-tiny" / "model")}
+    inits = {**inits, **({"listwise": a.init} if a.init else {})}
     needed = {"groupwise" if n == "groupwise-grouprank" else "listwise" for n in a.runs}
     for path in (inits[k] for k in needed):
         if not Path(path).exists():
@@ -100,9 +119,12 @@ def main() -> None:
                  "lr": a.lr, "val_every": a.val_every, "val_users": 500, "train_split": "valid"}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     rows = []
-    if "listwise" in needed:
+    if any(n in a.runs for n in ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay")):
         rows.append({"name": "sft", "seed": None, "metrics": _metrics(_evaluate(
             a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate", a.test_users))})
+    if any(n.startswith("slate-rank") for n in a.runs):
+        rows.append({"name": "slate-rank-sft", "seed": None, "metrics": _evaluate(
+            a.data, inits["listwise"], cands, "", "slate", a.test_users)})
     if "groupwise" in needed:
         rows.append({"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(
             a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first", a.test_users))})
@@ -117,16 +139,21 @@ def main() -> None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]
         return sum(values) / len(values) if values else None
 
-    means = {name: {m: mean(name, m) for m in METRICS} for name in {r["name"] for r in rows}}
+    means = {name: {m: mean(name, m) for m in (SLATE_METRICS if name.startswith("slate-rank") else METRICS)}
+             for name in {r["name"] for r in rows}}
+    ratios = {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
+              for name in a.runs if name in ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay") and "sft" in means}
+    if "groupwise-grouprank" in a.runs:
+        ratios["grouprank/groupwise-sft ndcg@10"] = means["groupwise-grouprank"]["ndcg@10"] / means["groupwise-sft"]["ndcg@10"]
+    if {"slate-rank-grpo", "slate-rank-f-grpo"} <= set(a.runs):
+        f, g = means["slate-rank-f-grpo"]["recall@5"], means["slate-rank-grpo"]["recall@5"]
+        ratios["slate-rank-f-grpo/slate-rank-grpo recall@5"] = f / g if g else None
     write_result(a.result, provenance, {
         "dataset": "ml-1m", "split": "test", "backbone": "tiny (built in code, SASRec-initialised item tokens)",
         "candidates": "SASRec top-20", "test_users": a.test_users or "all", "evaluation": "listwise: greedy constrained generation; groupwise: expected "
                                                      "digit scores; pipeline metrics over all test users",
-        "settings": overrides | {"temperature": 1.0, "beta": 1e-3, "seeds": a.seeds}, "rows": rows, "means": means,
-        "ratios": {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
-                   for name in a.runs if name != "groupwise-grouprank" and "sft" in means}
-        | ({"grouprank/groupwise-sft ndcg@10": means["groupwise-grouprank"]["ndcg@10"] / means["groupwise-sft"]["ndcg@10"]}
-           if "groupwise-grouprank" in a.runs else {}),
+        "settings": overrides | {"temperature": 1.0, "beta": 1e-3, "seeds": a.seeds}, "init": inits["listwise"],
+        "rows": rows, "means": means, "ratios": ratios,
     })
 
 

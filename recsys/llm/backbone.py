@@ -35,6 +35,8 @@ class Backbone:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise RecsysError(f"{self.name}: {token!r} is {len(ids)} tokens, the rerankers need exactly one")
+        if ids[0] == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token:
+            raise RecsysError(f"{self.name}: {token!r} is not in the vocabulary (it encodes as the unknown token)")
         return ids[0]
 
     def identifier_ids(self, n: int) -> torch.Tensor:
@@ -94,7 +96,11 @@ def build_tiny(n_items: int = 0, semantic_codes: list[int] | None = None, hidden
 def add_project_tokens(model, tokenizer) -> None:
     """Add ``<eor>``, ``<rank>`` (and identifiers that are not single tokens) to a pretrained tokenizer;
     resize embeddings."""
-    missing = [t for t in [END, RANK] + LETTERS if len(tokenizer.encode(t, add_special_tokens=False)) != 1]
+    def single(token: str) -> bool:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        return len(ids) == 1 and (ids[0] != tokenizer.unk_token_id or token == tokenizer.unk_token)
+
+    missing = [t for t in [END, RANK] + LETTERS if not single(t)]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
         with torch.random.fork_rng():  # new rows are drawn around the mean embedding: make that reproducible
