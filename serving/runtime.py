@@ -259,7 +259,12 @@ class GenerativeRuntime:
             else:
                 hists = [histories[r // W] for r in range(B * W)]
                 logits = self.code_logits(hists, codes[:, :level].tolist())[:, level]
-            logp = _log_softmax(logits.astype(np.float64), self.trie.open_children(nodes, banned))
+            # the model's likelihood over the trie's children, then banned (dead) prefixes closed: torch's
+            # beam search (GenerativeRecommender.level_log_probs with renormalise_bans=False)
+            children = self.trie.child[np.maximum(nodes, 0)] >= 0
+            children &= (nodes >= 0)[:, None]
+            logp = np.where(self.trie.open_children(nodes, banned), _log_softmax(logits.astype(np.float64), children),
+                            -np.inf)
             total = (score[:, :, None] + logp.reshape(B, W, K)).reshape(B, W * K)
             top = np.argsort(-total, axis=1, kind="stable")[:, :W]
             score = np.take_along_axis(total, top, 1)

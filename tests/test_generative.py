@@ -92,17 +92,22 @@ def test_open_children_matches_leaf_enumeration(seed):
 
 
 def test_banned_beam_search_is_exhaustive_over_unbanned_items(model):
-    """With bans propagated up the trie, a full-width beam returns every unbanned item, best first, with
-    scores that are the policy renormalised over unbanned items only (a distribution: sums to 1)."""
+    """With bans propagated up the trie, a full-width beam returns every unbanned item (and no banned
+    one), best first, each scored by the model's own log-likelihood: exhaustive enumeration's score,
+    not one renormalised over the unbanned items (which would lift items that share a prefix with banned ones).
+    The sampling policy, by contrast, renormalises: its list log-probs sum to 1 (test below)."""
     history = [3, 7, 1]
     exclude = torch.zeros(1, len(model.idx_codes), dtype=torch.bool)
     banned = [2, 5, 6, 11, 12, 13, 20, 21, 22, 23, 24, 25]
     exclude[0, banned] = True
     with torch.no_grad():
         out = decode(model, [history], len(model.trie), exclude=exclude)
-    alive = out.items[0][torch.isfinite(out.scores[0])].tolist()
+    finite = torch.isfinite(out.scores[0])
+    alive = out.items[0][finite].tolist()
     assert sorted(alive) == sorted(set(range(1, 31)) - set(banned))
-    assert torch.logsumexp(out.scores[0], 0).item() == pytest.approx(0.0, abs=1e-4)
+    want = exhaustive(model, history)[np.array(alive) - 1]
+    np.testing.assert_allclose(out.scores[0][finite].numpy(), want, atol=1e-4)
+    assert np.all(np.diff(out.scores[0][finite].numpy()) <= 1e-6)
 
 
 def test_beam_search_matches_exhaustive_enumeration(model):
@@ -157,7 +162,8 @@ def test_recommend_excludes_history_and_lists_are_distinct(model):
         assert len(lst) == 6 and len(set(lst)) == 6 and not set(lst) & set(h)
     with torch.no_grad():                           # make <eor> the likeliest token: lists stop at once
         eor = model.tokenizer.convert_tokens_to_ids("<eor>")
-        model.lm.lm_head.weight[eor] = 50 * model.lm.model.norm.weight.sign()
+        h = model(*model.batch([history]), output_hidden_states=True).hidden_states[-1][0, -1]   # after the norm
+        model.lm.lm_head.weight[eor] = 100 * h / h.norm()                # logit 100 |h|, far above any other
     assert generate_list(model, [history], 6, beam=3) == [[]]
 
 

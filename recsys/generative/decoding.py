@@ -120,7 +120,8 @@ def decode(model: GenerativeRecommender, histories, width: int, *, sample: bool 
         score[:, 1:] = -torch.inf                   # all beams start equal: keep one so beams stay distinct
     for level in range(D):
         last = scorer(codes.view(B, W, D)[..., :level])[0].reshape(B * W, -1)            # (B*W, V)
-        logp = model.level_log_probs(last, level, nodes, excl)                             # (B*W, K)
+        # beams rank by the model's likelihood of each unbanned item; samples follow the constrained policy
+        logp = model.level_log_probs(last, level, nodes, excl, renormalise_bans=sample)    # (B*W, K)
         if sample:
             p = (logp / max(temperature, 1e-6)).softmax(-1).nan_to_num(0.0)
             dead = p.sum(-1) == 0

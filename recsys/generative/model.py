@@ -203,18 +203,22 @@ class GenerativeRecommender(nn.Module):
                                            ignore_index=-100)
 
     def level_log_probs(self, logits: torch.Tensor, level: int, nodes: torch.Tensor,
-                        exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-probs (R, K) over the codes of ``level`` renormalised over the trie children of ``nodes`` (R,);
-        -inf for invalid codes. ``exclude`` (R, n_items + 1) bool bans items: at every level, a code is
-        allowed only if some unbanned item lies below it (:meth:`CodeTrie.open_children`), so the
-        renormalised policy never puts mass on a dead-end prefix."""
-        if exclude is None:
-            valid = self.trie.valid(nodes)
-        else:
-            valid = self.trie.open_children(nodes, exclude.to(nodes.device)[:, self.item_idx])
+                        exclude: torch.Tensor | None = None, renormalise_bans: bool = True) -> torch.Tensor:
+        """Log-probs (R, K) over the codes of ``level`` given the prefixes at ``nodes`` (R,); -inf for
+        invalid codes. ``exclude`` (R, n_items + 1) bool bans items: at every level a code stays open
+        only if some unbanned item lies below it (:meth:`CodeTrie.open_children`), so no search or
+        sample reaches a dead end.
+
+        ``renormalise_bans``: True renormalises over the open codes (the constrained *policy*: sampling,
+        RL log-probs); False renormalises over the trie's children and only then closes the banned
+        ones, so a path's sum is the model's own log-likelihood of the item (beam search ranks by it;
+        renormalising would lift items that share a prefix with many banned ones)."""
+        trie_valid = self.trie.valid(nodes)
+        valid = trie_valid if exclude is None else self.trie.open_children(nodes, exclude.to(nodes.device)[:, self.item_idx])
         scores = logits.float().gather(1, self.code_token[level].expand(len(logits), -1))
+        norm = valid if renormalise_bans else trie_valid
         # a row with nothing valid is all -inf (log_softmax would give nan); invalid codes stay exactly -inf
-        return scores.masked_fill(~valid, -torch.inf).log_softmax(-1).masked_fill(~valid, -torch.inf)
+        return scores.masked_fill(~norm, -torch.inf).log_softmax(-1).masked_fill(~valid, -torch.inf)
 
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)
