@@ -11,20 +11,32 @@ from torch.utils.data import Sampler
 
 
 class EpochShuffle(Sampler[int]):
-    """A permutation of 0..n-1 fixed by (seed, epoch): a resumed run replays the same epochs.
-    Lightning calls ``set_epoch`` at the start of every epoch."""
+    """Shuffled passes over 0..n-1, fixed by (seed, pass): a resumed run replays the same epochs.
+    Lightning calls ``set_epoch`` at the start of every epoch.
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    ``per_epoch`` (None = n) cuts the passes into epochs of that many examples, so a large training
+    set is validated and checkpointed every ``per_epoch`` examples while every example is still
+    seen once per pass. Example: n = 5, per_epoch = 3: epoch 0 = pass 0 [0:3], epoch 1 = pass 0
+    [3:5] + pass 1 [0:1], epoch 2 = pass 1 [1:4]."""
+
+    def __init__(self, n: int, seed: int, per_epoch: int | None = None):
+        self.n, self.seed, self.epoch, self.per_epoch = n, seed, 0, per_epoch or n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _pass(self, p: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, p]).permutation(self.n)
+
     def __iter__(self):
-        return iter(np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist())
+        start, out = self.epoch * self.per_epoch, []
+        while len(out) < self.per_epoch:
+            p, offset = divmod(start + len(out), self.n)
+            out += self._pass(p)[offset:offset + self.per_epoch - len(out)].tolist()
+        return iter(out)
 
     def __len__(self) -> int:
-        return self.n
+        return self.per_epoch
 
 
 def budget_timer(max_minutes: float | None):

@@ -128,7 +128,7 @@ def cmd_candidates(a):
     from recsys.data import PreparedDataset
 
     summary = candidates(PreparedDataset.load(a.data), a.retriever, a.out, a.n, a.sasrec, a.factory, a.index,
-                         tuple(a.splits.split(",")))
+                         tuple(a.splits.split(",")), a.train_targets_per_user)
     for split, recall in summary["recall"].items():
         print(f"{split:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items()))
     print(f"candidates written to {a.out}")
@@ -267,7 +267,7 @@ def cmd_serve(a):
 
     import uvicorn
 
-    settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "micro_batching": not a.no_micro_batching,
+    settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
                 "api_key": a.api_key or os.environ.get("RECSYS_API_KEY"), "threads": a.threads}
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
@@ -462,6 +462,9 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--factory", default="Flat", help="FAISS factory when no --index is given")
     ca.add_argument("--n", type=int, default=200, help="candidates per target")
     ca.add_argument("--splits", default="train,valid,test")
+    ca.add_argument("--train-targets-per-user", type=int, default=1,
+                    help="candidate lists per user from the training split (its last N items, each with the "
+                         "history before it): more lists for reranker pretraining")
     ca.add_argument("--out", required=True)
     ca.set_defaults(func=cmd_candidates)
 
@@ -505,10 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1)
-    sv.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per worker")
+    sv.add_argument("--threads", type=int,
+                    help="ONNX Runtime intra-op threads per session (default: 1 on CPU without micro-batching)")
+    sv.add_argument("--micro-batching", choices=["auto", "on", "off"], default="auto",
+                    help="group concurrent requests into one ONNX call (auto: on with CUDA, off on CPU)")
     sv.add_argument("--max-batch", type=int, default=32)
     sv.add_argument("--max-wait-ms", type=float, default=2.0)
-    sv.add_argument("--no-micro-batching", action="store_true")
     sv.add_argument("--api-key", help="require this x-api-key on /v1/* (default: $RECSYS_API_KEY, else none)")
     sv.set_defaults(func=cmd_serve)
 

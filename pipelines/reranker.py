@@ -61,6 +61,11 @@ class RerankerSFTConfig:
     """Most recent history items in the prompt."""
     first_weight: float = 0.0
     """Weight of FIRST's weighted RankNet loss on first-token logits (paper: 10; 0 = off)."""
+    supervise: str = "list"
+    """``list``: learn the whole teacher list (LM loss on every answer token, FIRST pairs from the teacher
+    order); ``target``: learn only where the held-out item goes (LM loss on the first answer token, FIRST
+    pairs target-vs-others). ``target`` is the pretraining objective: next-item prediction against the
+    retriever's hard negatives, with no pressure to reproduce the retriever's order."""
     shuffle_candidates: bool = True
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
@@ -74,6 +79,9 @@ class RerankerSFTConfig:
     """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
     """Use only the first N training examples (CPU budgets); None = all."""
+    examples_per_epoch: int | None = None
+    """Validate and checkpoint every N training examples (None = once per pass over the data); the
+    epochs walk through successive shuffles, so every example is still seen once per pass."""
     val_users: int = 500
     """Validation examples scored each epoch (the last N users of the validation split)."""
     batch_size: int = 16
@@ -91,9 +99,12 @@ class RerankerSFTConfig:
     def __post_init__(self):
         for name, value, allowed in (("kind", self.kind, ("listwise", "groupwise")),
                                      ("train_split", self.train_split, ("train", "valid", "train+valid")),
-                                     ("target_missing", self.target_missing, ("insert", "skip", "keep"))):
+                                     ("target_missing", self.target_missing, ("insert", "skip", "keep")),
+                                     ("supervise", self.supervise, ("list", "target"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.supervise == "target" and self.kind != "listwise":
+            raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
 
 
 def load_candidates(directory: str | Path, split: str) -> pl.DataFrame:
@@ -118,10 +129,10 @@ def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbon
         hist = sequences[r["uidx"]][:r["history_length"]]
         ex = teacher_example(hist, r["candidates"], r["target"], config.window, config.shuffle_candidates,
                              seed=seed * 1_000_003 + i, target_missing=config.target_missing)
-        if ex is None:
+        if ex is None or (config.supervise == "target" and ex.target is None):
             continue
         if config.kind == "listwise":
-            out.append(encode_example(backbone, ex, titles, config.max_history))
+            out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise))
         else:
             out += encode_group_examples(backbone, ex, config.group_size, titles, config.max_history)
     return out
@@ -153,7 +164,7 @@ class RerankerDataModule(L.LightningDataModule):
         return self.sequences[row["uidx"]][:row["history_length"]]
 
     def train_dataloader(self):
-        return DataLoader(self.rows, batch_size=self.cfg.batch_size, sampler=EpochShuffle(len(self.rows), self.cfg.seed),
+        return DataLoader(self.rows, batch_size=self.cfg.batch_size, sampler=EpochShuffle(len(self.rows), self.cfg.seed, self.cfg.examples_per_epoch),
                           collate_fn=lambda rows: collate(rows, self.bb.tokenizer.pad_token_id))
 
     def val_dataloader(self):

@@ -89,7 +89,10 @@ def build_semantic_ids(dataset: PreparedDataset, source: str, out: str | Path, c
 
 
 def candidates(dataset: PreparedDataset, retriever: str, out: str | Path, n: int = 200, sasrec=None,
-               factory: str = "Flat", index=None, splits=("train", "valid", "test")) -> dict:
-    """Write candidates for ``splits`` with the named retriever; returns the recall summary."""
+               factory: str = "Flat", index=None, splits=("train", "valid", "test"),
+               train_targets_per_user: int = 1) -> dict:
+    """Write candidates for ``splits`` with the named retriever; returns the recall summary.
+    ``train_targets_per_user``: how many of each user's last training items get a candidate list
+    (each with the history before it), e.g. 30 for reranker pretraining."""
     return generate_candidates(dataset, make_retriever(retriever, dataset, sasrec, factory, index), retriever, out,
-                               n, splits)
+                               n, splits, train_targets_per_user)

@@ -13,7 +13,8 @@ Behaviour a client can rely on:
   unknown *candidate* ids in ``/v1/rerank`` are a 422 naming them; an unknown user is a 404;
 - a history that is empty (after dropping unknown ids) is a 422;
 - concurrent ``/v1/recommend`` requests are micro-batched into one ONNX call (``max_batch``,
-  ``max_wait_ms``; ``micro_batching=False`` serves each request on its own);
+  ``max_wait_ms``) when ``micro_batching`` is on (default: on with CUDA, off on CPU, where each
+  request is served on its own, side by side);
 - if the reranker fails or exceeds ``rerank_timeout_ms``, the retrieval order is returned with
   ``reranked: false`` and ``fallback`` saying why;
 - bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``.
@@ -22,6 +23,7 @@ Behaviour a client can rely on:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -43,13 +45,27 @@ log = logging.getLogger("recsys.serving")
 @dataclass(frozen=True)
 class ServeSettings:
     max_batch: int = 32
+    """Micro-batching: most queries per ONNX call."""
     max_wait_ms: float = 2.0
-    micro_batching: bool = True
+    """Micro-batching: longest wait for more queries after the first of a batch."""
+    micro_batching: bool | None = None
+    """Group concurrent ``/v1/recommend`` queries into one ONNX call. None = auto: on with the CUDA
+    provider, off on CPU, where a batch pads every history and prompt to its longest member and runs
+    one batch at a time, while separate requests run side by side on the cores (2-core CPU, 8
+    connections: p99 74 ms batched vs 39 ms unbatched, BENCHMARKS.md "Serving")."""
     rerank_timeout_ms: float = 1000.0
     max_body_bytes: int = 64_000
     api_key: str | None = None
     threads: int | None = None
+    """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching
+    (concurrent requests already fill the cores; more threads per call only contend), else ORT's default."""
     int8: bool = False
+
+    def resolved(self, cuda: bool) -> ServeSettings:
+        """The settings with every ``None`` (auto) decided for this machine."""
+        batching = cuda if self.micro_batching is None else self.micro_batching
+        threads = self.threads if self.threads is not None else (None if cuda or batching else 1)
+        return dataclasses.replace(self, micro_batching=batching, threads=threads)
 
 
 # ---------------------------------------------------------------- schemas
@@ -231,7 +247,10 @@ class Batcher:
 # ---------------------------------------------------------------- app
 def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The API over ``directory`` (written by ``recsys export``); models load in the lifespan."""
+    from serving.runtime import providers
+
     directory = Path(directory)
+    settings = settings.resolved(cuda="CUDAExecutionProvider" in providers())
     state: dict = {"ready": False}
     metrics = Metrics()
 

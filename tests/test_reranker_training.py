@@ -106,3 +106,41 @@ def test_training_on_validation_targets_holds_out_the_selection_users(tiny_datas
     dm = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, cfg, None)
     valid = pl.read_parquet(tmp_path / "c" / "candidates_valid.parquet")
     assert len(dm.rows) == valid.height - 10 and dm.valid["uidx"].to_list() == valid["uidx"].tail(10).to_list()
+
+
+def test_epochs_cut_shuffled_passes_without_dropping_or_repeating():
+    """examples_per_epoch: the docstring's example, and every example once per pass."""
+    from pipelines.callbacks import EpochShuffle
+
+    s = EpochShuffle(5, seed=3, per_epoch=3)
+    epochs = []
+    for e in range(5):
+        s.set_epoch(e)
+        epochs.append(list(s))
+    stream = [i for e in epochs for i in e]
+    assert [len(e) for e in epochs] == [3] * 5 and len(s) == 3
+    assert sorted(stream[:5]) == sorted(stream[5:10]) == list(range(5))      # two full passes
+    assert stream[:5] == s._pass(0).tolist() and stream[5:10] == s._pass(1).tolist()
+    full = EpochShuffle(5, seed=3)
+    full.set_epoch(1)
+    assert list(full) == s._pass(1).tolist()                                # per_epoch=None: one pass per epoch
+
+
+def test_second_stage_continues_from_a_trained_tiny_reranker(tiny_dataset, tmp_path):
+    """Stage 2 takes stage 1's model/ directory as its backbone: it keeps the tiny prompt format (no
+    titles) and its weights, and writes a reranker that loads like any other."""
+    from pipelines.reranker import load_reranker
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=8, train_targets_per_user=4, progress=False)
+    base = {"window": 8, "batch_size": 16, "val_users": 10, "tiny_hidden_size": 16, "tiny_layers": 1,
+            "precision": "32-true", "max_epochs": 1}
+    first = train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "s1",
+                           RerankerSFTConfig(**base, examples_per_epoch=40), progress=False)
+    assert load_backbone(first).name == "tiny"
+    second = train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "s2",
+                            RerankerSFTConfig(**base, backbone=str(first), train_split="valid",
+                                              shuffle_candidates=False, target_missing="keep"), progress=False)
+    assert json.loads((second / "reranker.json").read_text())["prompt"] == "tiny"
+    assert load_reranker(second, tiny_dataset).bb.name == "tiny"
+    assert json.loads((tmp_path / "s1" / "train.json").read_text())["train_examples"] > 40

@@ -142,17 +142,33 @@ def test_metrics_and_models(served):
     assert client.get("/v1/models").json()["reranker"] == "first"
 
 
-def test_concurrent_requests_are_micro_batched(served):
+def test_concurrent_requests_are_micro_batched(exported):
     from concurrent.futures import ThreadPoolExecutor
 
-    client, _ = served
-    with ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(lambda i: client.post("/v1/recommend", json={"history": [f"m{i % 20 + 1}"], "k": 3})
-                              .status_code, range(64)))
-    assert codes == [200] * 64
-    text = client.get("/metrics").text
+    from serving.app import ServeSettings, create_app
+
+    with Server(create_app(exported[0], ServeSettings(micro_batching=True))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(lambda i: client.post("/v1/recommend", json={"history": [f"m{i % 20 + 1}"], "k": 3})
+                                  .status_code, range(64)))
+        assert codes == [200] * 64
+        text = client.get("/metrics").text
     count = int(next(l for l in text.splitlines() if l.startswith("recsys_batch_size_count")).split()[-1])
     assert count < 64                                                           # some requests shared a batch
+
+
+def test_auto_settings_batch_on_cuda_only():
+    """Micro-batching and ONNX threads default by machine: off / 1 thread per call on CPU, on / ORT's
+    default with CUDA; explicit values are kept."""
+    from serving.app import ServeSettings
+
+    cpu, cuda = ServeSettings().resolved(cuda=False), ServeSettings().resolved(cuda=True)
+    assert (cpu.micro_batching, cpu.threads) == (False, 1) and (cuda.micro_batching, cuda.threads) == (True, None)
+    forced = ServeSettings(micro_batching=True).resolved(cuda=False)
+    assert (forced.micro_batching, forced.threads) == (True, None)
+    assert ServeSettings(threads=2).resolved(cuda=False).threads == 2
 
 
 def test_api_key_and_reranker_fallback(exported, monkeypatch):

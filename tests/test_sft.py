@@ -47,6 +47,21 @@ def test_labels_cover_exactly_the_answer():
     assert batch["attention_mask"][1, :pad].sum() == 0 and batch["attention_mask"][1, pad:].all()
 
 
+def test_target_supervision_labels_only_the_held_out_item():
+    """Candidates [7, 3, 9, 5], target 9, no shuffle: the only label is the identifier of 9 (C, the
+    third), and FIRST's ranks are [2, 2, 1, 2] (target vs the rest, the rest tied)."""
+    import pytest
+
+    bb = build_tiny(n_items=30)
+    ex = teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False)
+    enc = encode_example(bb, ex, supervise="target")
+    assert [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100] == [bb.token_id("C")]
+    assert enc["labels"][enc["answer_start"]] == bb.token_id("C") and enc["ranks"] == [2, 2, 1, 2]
+    assert enc["input_ids"] == encode_example(bb, ex)["input_ids"]                 # same text, fewer labels
+    with pytest.raises(ValueError, match="holds the target"):
+        encode_example(bb, teacher_example([1], [7, 3], target=9, window=2, target_missing="keep"), supervise="target")
+
+
 def test_missing_target_kept_teaches_the_retriever_order():
     ex = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False, target_missing="keep")
     assert ex.presented == [7, 3, 5] and ex.teacher_order == [0, 1, 2] and ex.target is None

@@ -148,17 +148,17 @@ def render_serving(result: dict) -> list[str]:
     out = _provenance("## Serving on ML-1M (`serving`)", result)
     out += [f"- server: {result['server']}", f"- ONNX parity (max abs vs torch fp32): {result['parity_max_abs']}", ""]
     s, r = result["onnx_vs_torch"], result["ratios"]
-    out += [(f"ONNX Runtime vs eager torch, batch 32, {s['threads']} threads: SASRec {s['sasrec']['onnx_ms']:.1f} ms vs "
-            f"{s['sasrec']['torch_ms']:.1f} ms (speed-up {r['onnx_speedup_sasrec']:.2f}); FIRST tiny "
-            f"{s['first_tiny']['onnx_ms']:.1f} ms vs {s['first_tiny']['torch_ms']:.1f} ms "
-            f"(speed-up {r['onnx_speedup_first_tiny']:.2f})."), ""]
-    if "onnx_int8_ms" in s["sasrec"]:
-        out += [(f"int8 dynamic quantisation (ONNX Runtime): SASRec {s['sasrec']['onnx_int8_ms']:.1f} ms, FIRST tiny "
-                 f"{s['first_tiny']['onnx_int8_ms']:.1f} ms; max abs score change {result['int8_max_abs_change']}. "
-                 f"ORT fusions applied: {result['ort_fusions']}."), ""]
-    out += ["| row | connections | micro-batching | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
-    out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x['requests']} | {x['p50_ms']:.1f} | "
+    out += [f"ONNX Runtime vs eager torch (fp32, {s['threads']} threads), ms per user over {s['users']} test users:", "",
+            "| scorer | users per call | torch | ONNX | ONNX int8 | speed-up (torch / ONNX) |", "|---|---:|---:|---:|---:|---:|"]
+    for m in ("sasrec", "first_tiny"):
+        for b in (1, 32):
+            x = s[f"{m}_b{b}"]
+            out.append(f"| {m} | {b} | {x['torch_ms_per_user']:.2f} | {x['onnx_ms_per_user']:.2f} | "
+                       f"{x['onnx_int8_ms_per_user']:.2f} | {x['torch_ms_per_user'] / x['onnx_ms_per_user']:.2f} |")
+    out += ["", f"int8: max abs score change {result['int8_max_abs_change']}. ORT fusions applied: {result['ort_fusions']}.", ""]
+    out += ["| row | connections | micro-batching | candidates | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x.get('candidates', 50)} | {x['requests']} | {x['p50_ms']:.1f} | "
             f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} |" for x in result["rows"]]
     j = result["rescore"]
     out += ["", (f"Batch re-scoring: {j['job_rows_per_s']:.0f} rows/s ({j['rows']} rows) vs a per-row loop "

@@ -4,12 +4,15 @@
         --reranker artifacts/rerankers/listwise-sft-tiny/model
 
 1. Export SASRec and the ``tiny`` listwise reranker (``recsys export``).
-2. Same scorer, same batch (32 users / 32 prompts), in one run: eager torch (fp32, the same threads)
-   vs ONNX Runtime (fused graph, fp32; int8 dynamic quantisation reported beside it);
-   ``ratios["onnx_speedup_<model>"]`` = torch seconds / ONNX fp32 seconds.
-3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process keeps C
-   connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, 50 candidates, reranker on)
-   for ``--requests`` requests per level; rows ``recommend-tiny-c8`` / ``-c32``, micro-batching on and off.
+2. Same scorer, same inputs (the first 64 test users), in one run: eager torch (fp32, the same
+   threads) vs ONNX Runtime (fused graph, fp32; int8 dynamic quantisation beside it), one user per
+   call (what the CPU server runs) and 32 per call (a batch job):
+   ``ratios["onnx_speedup_<model>"]`` (batch 1) and ``..._b32`` = torch seconds / ONNX fp32 seconds.
+3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process (aiohttp) keeps C
+   connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, ``--candidates`` retrieved,
+   the reranker ordering the first 20) for ``--requests`` requests per level; rows
+   ``recommend-tiny-c8`` / ``-c32`` with the server's defaults (on CPU: micro-batching off, 1 ONNX
+   Runtime thread per call) and ``...-batched`` with micro-batching forced on.
 4. ``recsys rescore`` on ``--rescore-rows`` requests vs a loop that scores one row per call.
 Run it on an otherwise idle machine: latency is what it measures.
 """
@@ -45,7 +48,9 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
-def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int) -> dict:
+def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int, users: int = 64) -> dict:
+    """Milliseconds per user of the same scorer over the first ``users`` test users, fed one at a time
+    (batch 1: what the CPU server runs, micro-batching off) and in batches of 32 (a batch job)."""
     import torch
 
     from recsys.llm.backbone import load_backbone
@@ -53,62 +58,74 @@ def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int) -> dict
     from recsys.rerank.listwise import ListwiseReranker
     from serving.runtime import FirstRuntime, SASRecRuntime
 
-    test = ds.eval_examples("test")
-    hists = test.histories[:32]
-    sas, rt = SASRec.from_pretrained(sasrec_dir).eval(), SASRecRuntime(serve_dir)
-    ids = torch.from_numpy(rt.pad(hists))
-    with torch.no_grad():
-        t_torch = _time(lambda: sas.user_embeddings(ids), repeats)
-    t_onnx = _time(lambda: rt.user_vectors(hists), repeats)
-    rt8 = SASRecRuntime(serve_dir, int8=True)
-    t_int8 = _time(lambda: rt8.user_vectors(hists), repeats)
-    windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(32)]
+    hists = ds.eval_examples("test").histories[:users]
+    windows = [list(range(1 + 20 * (i % 100), 21 + 20 * (i % 100))) for i in range(users)]
+    sas = SASRec.from_pretrained(sasrec_dir).eval()
     eager = ListwiseReranker(load_backbone(reranker_dir), None, 20, max_history=50, bf16=False)
     eager.bb.name = "tiny"
-    first = FirstRuntime(serve_dir)
-    t_torch_f = _time(lambda: eager.first_scores(hists, windows), repeats)
-    t_onnx_f = _time(lambda: first.scores(hists, windows), repeats)
-    first8 = FirstRuntime(serve_dir, int8=True)
-    t_int8_f = _time(lambda: first8.scores(hists, windows), repeats)
-    return {"sasrec": {"torch_ms": t_torch * 1000, "onnx_ms": t_onnx * 1000, "onnx_int8_ms": t_int8 * 1000,
-                       "batch": 32},
-            "first_tiny": {"torch_ms": t_torch_f * 1000, "onnx_ms": t_onnx_f * 1000, "onnx_int8_ms": t_int8_f * 1000,
-                           "batch": 32},
-            "threads": torch.get_num_threads()}
+    rt, rt8 = SASRecRuntime(serve_dir), SASRecRuntime(serve_dir, int8=True)
+    first, first8 = FirstRuntime(serve_dir), FirstRuntime(serve_dir, int8=True)
+
+    def sasrec_torch(h):
+        with torch.no_grad():
+            sas.user_embeddings(torch.from_numpy(rt.pad(h)))
+
+    scorers = {"sasrec": {"torch": sasrec_torch, "onnx": rt.user_vectors, "onnx_int8": rt8.user_vectors},
+               "first_tiny": {"torch": lambda h, w: eager.first_scores(h, w), "onnx": first.scores,
+                              "onnx_int8": first8.scores}}
+    out = {"threads": torch.get_num_threads(), "users": users}
+    for model, fns in scorers.items():
+        for batch in (1, 32):
+            row = {}
+            for engine, fn in fns.items():
+                seconds = 0.0
+                for s in range(0, users, batch):
+                    args = (hists[s:s + batch],) if model == "sasrec" else (hists[s:s + batch], windows[s:s + batch])
+                    seconds += _time(lambda f=fn, a=args: f(*a), repeats)
+                row[f"{engine}_ms_per_user"] = seconds / users * 1000
+            out[f"{model}_b{batch}"] = row
+    return out
 
 
 LOADGEN = r'''
 import asyncio, json, random, sys, time
-import httpx
-url, users, conc, total = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+import aiohttp
+url, users, conc, total, candidates = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 lat, errors = [], 0
-async def worker(client, n):
+async def worker(session, n):
     global errors
     for _ in range(n):
         t = time.perf_counter()
         try:
-            r = await client.post("/v1/recommend", json={"user_id": random.choice(users), "k": 10, "candidates": 50})
-            ok = r.status_code == 200
+            body = {"user_id": random.choice(users), "k": 10, "candidates": candidates}
+            async with session.post(url + "/v1/recommend", json=body) as r:
+                await r.read()
+                ok = r.status == 200
         except Exception:
             ok = False
         lat.append((time.perf_counter() - t) * 1000)
         errors += not ok
 async def main():
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
-        await asyncio.gather(*[worker(client, 20) for _ in range(conc)])          # warm-up
+    connector = aiohttp.TCPConnector(limit=conc)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await asyncio.gather(*[worker(session, 20) for _ in range(conc)])          # warm-up
         lat.clear()
         t = time.perf_counter()
-        await asyncio.gather(*[worker(client, total // conc) for _ in range(conc)])
+        await asyncio.gather(*[worker(session, total // conc) for _ in range(conc)])
         print(json.dumps({"seconds": time.perf_counter() - t, "lat": lat, "errors": errors}))
 asyncio.run(main())
 '''
 
 
-def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool) -> list[dict]:
+def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool | None,
+              candidates: int = 50, threads: int | None = None) -> list[dict]:
+    """``recsys serve`` in a subprocess; per level, a load generator process with that many connections.
+    ``micro_batching`` None = the server's default (auto: off on CPU); row names say when it is forced."""
     port = free_port()
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port)]
-    server = subprocess.Popen(cmd + ([] if micro_batching else ["--no-micro-batching"]),
+    cmd += ["--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching]]
+    cmd += ["--threads", str(threads)] if threads else []
+    server = subprocess.Popen(cmd,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
@@ -126,11 +143,14 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
             time.sleep(0.2)
         for c in levels:
             out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users), str(c),
-                                  str(requests)], capture_output=True, text=True, check=True)
+                                  str(requests), str(candidates)], capture_output=True, text=True, check=True)
             r = json.loads(out.stdout)
             lat = np.array(r["lat"])
-            rows.append({"name": f"recommend-tiny-c{c}" + ("" if micro_batching else "-nobatch"), "connections": c,
-                         "micro_batching": micro_batching, "requests": len(lat),
+            suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
+            rows.append({"name": f"recommend-tiny-c{c}{suffix}", "connections": c,
+                         "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
+                         "candidates": candidates, "ort_threads": threads or "auto",
+                         "requests": len(lat),
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / r["seconds"],
                          "errors": r["errors"]})
@@ -176,6 +196,8 @@ def main() -> None:
     p.add_argument("--reranker", default="artifacts/rerankers/listwise-sft-tiny/model")
     p.add_argument("--out", default="artifacts/serve-bench")
     p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--candidates", type=int, default=50, help="retrieved candidates per request (the reranker "
+                                                                   "orders the first 20)")
     p.add_argument("--levels", type=int, nargs="+", default=[8, 32])
     p.add_argument("--rescore-rows", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=20)
@@ -191,18 +213,20 @@ def main() -> None:
     manifest = json.loads((serve_dir / "manifest.json").read_text())
     speed = onnx_vs_torch(ds, Path(a.sasrec) / "model", a.reranker, serve_dir, a.repeats)
     users = ds.users["user_id"].to_list()
-    rows = load_test(serve_dir, users, a.levels, a.requests, True)
-    rows += load_test(serve_dir, users, [max(a.levels)], a.requests, False)
+    rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates)          # the server's defaults
+    rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates)         # micro-batching on
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
     write_result("serving", provenance, {
-        "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker, ONNX Runtime CPU provider, micro-batching "
-                                                      "max 32 / 2 ms unless -nobatch; load generator in its own process",
+        "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker (uvloop, httptools), ONNX Runtime CPU provider; "
+                                                      "defaults (micro-batching off, 1 ORT thread per call) unless "
+                                                      "-batched (max 32 / 2 ms); aiohttp load generator in its own process",
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
         "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items()},
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
         "onnx_vs_torch": speed, "rows": rows, "rescore": job,
-        "ratios": {"onnx_speedup_sasrec": speed["sasrec"]["torch_ms"] / speed["sasrec"]["onnx_ms"],
-                   "onnx_speedup_first_tiny": speed["first_tiny"]["torch_ms"] / speed["first_tiny"]["onnx_ms"],
+        "ratios": {**{f"onnx_speedup_{m}" + ("" if b == 1 else f"_b{b}"):
+                      speed[f"{m}_b{b}"]["torch_ms_per_user"] / speed[f"{m}_b{b}"]["onnx_ms_per_user"]
+                      for m in ("sasrec", "first_tiny") for b in (1, 32)},
                    "rescore_job/loop rows_per_s": job["job_rows_per_s"] / job["loop_rows_per_s"]},
     })
 

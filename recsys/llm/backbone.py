@@ -14,6 +14,7 @@ logits at one position.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +110,14 @@ def add_project_tokens(model, tokenizer) -> None:
 
 
 def load_local(directory: str | Path, name: str | None = None) -> Backbone:
-    """A Hugging Face checkpoint directory (``save_pretrained`` layout)."""
+    """A Hugging Face checkpoint directory (``save_pretrained`` layout). A reranker trained on the
+    ``tiny`` prompt format (its ``reranker.json`` says so) is named ``tiny`` and keeps that format."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     directory = Path(directory)
+    meta = directory / "reranker.json"
+    if name is None and meta.exists() and json.loads(meta.read_text()).get("prompt") == "tiny":
+        name = "tiny"
     if not (directory / "config.json").exists():
         raise RecsysError(f"{directory}: not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(directory)

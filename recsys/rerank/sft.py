@@ -75,13 +75,25 @@ def first_ranks(example: SFTExample) -> list[int]:
     return ranks
 
 
-def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_history: int = 20) -> dict:
-    """``input_ids`` (prompt + answer), ``labels`` (-100 on the prompt) and ``answer_start``."""
+def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_history: int = 20,
+                   supervise: str = "list") -> dict:
+    """``input_ids`` (prompt + answer), ``labels`` (-100 on the prompt) and ``answer_start``.
+
+    ``supervise="list"``: the whole teacher answer is labelled and FIRST's ranks are the teacher order.
+    ``"target"``: only the held-out item is taught: the first answer token alone is labelled (a softmax
+    over the window's identifiers, i.e. next-item prediction against the window's hard negatives) and
+    the ranks put the target at 1 and tie the rest at 2, so FIRST's pairs are target-vs-others only."""
     prompt = listwise_prompt(backbone, example.history, example.presented, titles, max_history)
     p_ids = backbone.tokenizer.encode(prompt, add_special_tokens=False)
     a_ids = backbone.tokenizer.encode(answer_text(example.teacher_order), add_special_tokens=False)
-    return {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + a_ids, "answer_start": len(p_ids),
-            "ranks": first_ranks(example)}
+    labels, ranks = list(a_ids), first_ranks(example)
+    if supervise == "target":
+        if example.target is None:
+            raise ValueError("supervise='target' needs an example whose window holds the target")
+        labels = a_ids[:1] + [-100] * (len(a_ids) - 1)
+        ranks = [1 if r == 1 else 2 for r in ranks]
+    return {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + labels, "answer_start": len(p_ids),
+            "ranks": ranks}
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
