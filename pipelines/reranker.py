@@ -37,6 +37,7 @@ from recsys.metrics import compute_metrics
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
 from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
+from recsys.rerank.prompts import item_titles
 from recsys.rerank.sft import (
     collate,
     encode_example,
@@ -228,11 +229,6 @@ class RerankerSFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=0.0)
-
-
-def item_titles(dataset: PreparedDataset) -> dict[int, str]:
-    cat = dataset.catalog
-    return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
 
 
 def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:

@@ -273,6 +273,13 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
             models["groupwise"] = export_groupwise(groupwise_dir, tmp, quantize, fuse)
         if generative_dir:
             models["generative"] = export_generative(generative_dir, tmp, quantize, fuse)
+        for name in ("first", "groupwise"):
+            if name in models and models[name]["prompt"] == "text":        # the exact item texts it was trained on
+                from recsys.rerank.prompts import item_titles
+
+                titles = tmp / models[name].get("files", "") / "titles.json"
+                titles.write_text(json.dumps({str(i): t for i, t in item_titles(dataset).items()}))
+                models[name]["titles_sha256"] = sha256(titles)
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,

@@ -108,6 +108,11 @@ class _PromptScorer:
         self.window, self.max_history = self.meta["window"], self.meta["max_history"]
         self.spec = _PromptSpec("tiny") if self.meta["prompt"] == "tiny" else self._text_spec(side)
         self.titles = None
+        if self.meta["prompt"] == "text":                  # item idx -> the text the model was trained on
+            titles = side / "titles.json"
+            if not titles.exists():
+                raise RecsysError(f"{titles}: a text-prompt reranker needs its item titles; re-export it")
+            self.titles = {int(k): v for k, v in json.loads(titles.read_text()).items()}
 
     @staticmethod
     def _text_spec(directory: Path) -> _PromptSpec:

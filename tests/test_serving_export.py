@@ -155,3 +155,28 @@ def test_groupwise_export_scores_match_the_eager_scorer_and_rerank_when_alone(ti
     result = rec.recommend_batch([RecommendQuery(histories[0], k=6, candidates=6)])[0]
     assert result["reranked"] and sorted(result["items"]) == sorted(rec.retrieve([RecommendQuery(histories[0], k=6,
                                                                                                  candidates=6)])[0][0])
+
+
+def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(exported, tiny_dataset, tmp_path):
+    """A text-prompt (SmolLM2-style) listwise reranker: the export freezes the item titles beside the
+    scorer and the runtime's prompts and scores equal the eager reranker's with the dataset's titles
+    (a tiny stand-in model with the text template; tests download nothing)."""
+    import json
+
+    from recsys.llm.backbone import load_backbone
+    from recsys.rerank.listwise import ListwiseReranker
+    from recsys.rerank.prompts import item_titles
+    from serving.export import export
+    from serving.runtime import FirstRuntime
+
+    _, _, rr_dir = exported
+    meta = json.loads((rr_dir / "reranker.json").read_text()) | {"prompt": "text"}
+    (rr_dir / "reranker.json").write_text(json.dumps(meta))
+    out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve-text", rr_dir)
+    assert json.loads((out / "titles.json").read_text())["3"] == item_titles(tiny_dataset)[3]
+    histories, windows = [np.array([3, 4, 5]), np.array([7])], [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    runtime = FirstRuntime(out)
+    eager = ListwiseReranker(load_backbone(rr_dir), item_titles(tiny_dataset), 8, max_history=10, bf16=False)
+    assert eager.bb.name != "tiny" and runtime.spec.name == "text"
+    np.testing.assert_allclose(runtime.scores(histories, windows),
+                               torch.stack(eager.first_scores(histories, windows)).numpy(), atol=1e-4)

@@ -14,6 +14,9 @@
    ``recommend-tiny-c8`` / ``-c32`` with the server's defaults (on CPU: micro-batching off, 1 ONNX
    Runtime thread per call) and ``...-batched`` with micro-batching forced on.
 4. ``recsys rescore`` on ``--rescore-rows`` requests vs a loop that scores one row per call.
+5. With ``--smollm2 RUN/model``: the same server with the ``smollm2-135m`` listwise reranker instead,
+   ``--smollm2-requests`` requests at 8 connections (row ``recommend-smollm2-c8``), and its FIRST
+   scorer ONNX vs torch on 8 users, one per call.
 Run it on an otherwise idle machine: latency is what it measures.
 """
 
@@ -48,42 +51,56 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - t) / repeats
 
 
+def per_user_ms(fns: dict, inputs: tuple[list, ...], repeats: int, batches=(1, 32)) -> dict:
+    """``{"b1": {"<engine>_ms_per_user": ...}, ...}``: each engine over the same inputs, ``batch`` rows per call."""
+    users, out = len(inputs[0]), {}
+    for batch in batches:
+        out[f"b{batch}"] = {f"{engine}_ms_per_user": 1000 / users * sum(
+            _time(lambda f=fn, s=s, b=batch: f(*(x[s:s + b] for x in inputs)), repeats) for s in range(0, users, batch))
+            for engine, fn in fns.items()}
+    return out
+
+
+def first_engines(ds, reranker_dir, serve_dir) -> dict:
+    """The listwise reranker's FIRST scores three ways: eager torch (fp32), ONNX Runtime, ONNX int8."""
+    from recsys.llm.backbone import load_backbone
+    from recsys.rerank.listwise import ListwiseReranker
+    from recsys.rerank.prompts import item_titles
+    from serving.runtime import FirstRuntime
+
+    first = FirstRuntime(serve_dir)
+    bb = load_backbone(reranker_dir)                                 # a tiny reranker keeps its prompt format
+    eager = ListwiseReranker(bb, None if bb.name == "tiny" else item_titles(ds), first.window,
+                             max_history=first.max_history, bf16=False)
+    fns = {"torch": eager.first_scores, "onnx": first.scores}
+    if "int8" in first.meta:
+        fns["onnx_int8"] = FirstRuntime(serve_dir, int8=True).scores
+    return fns
+
+
 def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int, users: int = 64) -> dict:
     """Milliseconds per user of the same scorer over the first ``users`` test users, fed one at a time
     (batch 1: what the CPU server runs, micro-batching off) and in batches of 32 (a batch job)."""
     import torch
 
-    from recsys.llm.backbone import load_backbone
     from recsys.models.sasrec import SASRec
-    from recsys.rerank.listwise import ListwiseReranker
-    from serving.runtime import FirstRuntime, SASRecRuntime
+    from serving.runtime import SASRecRuntime
 
     hists = ds.eval_examples("test").histories[:users]
     windows = [list(range(1 + 20 * (i % 100), 21 + 20 * (i % 100))) for i in range(users)]
     sas = SASRec.from_pretrained(sasrec_dir).eval()
-    eager = ListwiseReranker(load_backbone(reranker_dir), None, 20, max_history=50, bf16=False)
-    eager.bb.name = "tiny"
     rt, rt8 = SASRecRuntime(serve_dir), SASRecRuntime(serve_dir, int8=True)
-    first, first8 = FirstRuntime(serve_dir), FirstRuntime(serve_dir, int8=True)
 
     def sasrec_torch(h):
         with torch.no_grad():
             sas.user_embeddings(torch.from_numpy(rt.pad(h)))
 
-    scorers = {"sasrec": {"torch": sasrec_torch, "onnx": rt.user_vectors, "onnx_int8": rt8.user_vectors},
-               "first_tiny": {"torch": lambda h, w: eager.first_scores(h, w), "onnx": first.scores,
-                              "onnx_int8": first8.scores}}
     out = {"threads": torch.get_num_threads(), "users": users}
-    for model, fns in scorers.items():
-        for batch in (1, 32):
-            row = {}
-            for engine, fn in fns.items():
-                seconds = 0.0
-                for s in range(0, users, batch):
-                    args = (hists[s:s + batch],) if model == "sasrec" else (hists[s:s + batch], windows[s:s + batch])
-                    seconds += _time(lambda f=fn, a=args: f(*a), repeats)
-                row[f"{engine}_ms_per_user"] = seconds / users * 1000
-            out[f"{model}_b{batch}"] = row
+    sasrec = {"torch": sasrec_torch, "onnx": rt.user_vectors, "onnx_int8": rt8.user_vectors}
+    for key, row in per_user_ms(sasrec, (hists,), repeats).items():
+        out[f"sasrec_{key}"] = row
+    for key, row in per_user_ms(first_engines(ds, reranker_dir, serve_dir), (hists, windows), repeats).items():
+        out[f"first_tiny_{key}"] = row
     return out
 
 
@@ -118,7 +135,7 @@ asyncio.run(main())
 
 
 def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool | None,
-              candidates: int = 50, threads: int | None = None) -> list[dict]:
+              candidates: int = 50, threads: int | None = None, model: str = "tiny") -> list[dict]:
     """``recsys serve`` in a subprocess; per level, a load generator process with that many connections.
     ``micro_batching`` None = the server's default (auto: off on CPU); row names say when it is forced."""
     port = free_port()
@@ -147,7 +164,7 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
             r = json.loads(out.stdout)
             lat = np.array(r["lat"])
             suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
-            rows.append({"name": f"recommend-tiny-c{c}{suffix}", "connections": c,
+            rows.append({"name": f"recommend-{model}-c{c}{suffix}", "connections": c,
                          "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
                          "candidates": candidates, "ort_threads": threads or "auto",
                          "requests": len(lat),
@@ -201,6 +218,9 @@ def main() -> None:
     p.add_argument("--levels", type=int, nargs="+", default=[8, 32])
     p.add_argument("--rescore-rows", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--smollm2", help="a listwise smollm2-135m reranker directory (RUN/model): also export and "
+                                     "load-test it (8 connections, --smollm2-requests requests)")
+    p.add_argument("--smollm2-requests", type=int, default=200)
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.serving")
 
@@ -216,17 +236,25 @@ def main() -> None:
     rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates)          # the server's defaults
     rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates)         # micro-batching on
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
+    if a.smollm2:                           # a ~1.7 s forward per request on this CPU: few requests, batch 1 only
+        smol_dir = export(ds, Path(a.sasrec) / "model", out / "serve-smollm2", a.smollm2)
+        smol_parity = json.loads((smol_dir / "manifest.json").read_text())["models"]["first"]["parity_max_abs"]
+        manifest["models"]["first_smollm2"] = {"parity_max_abs": smol_parity}
+        hists = ds.eval_examples("test").histories[:8]
+        windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(8)]
+        for key, row in per_user_ms(first_engines(ds, a.smollm2, smol_dir), (hists, windows), 1, (1,)).items():
+            speed[f"first_smollm2_{key}"] = row
+        rows += load_test(smol_dir, users, [8], a.smollm2_requests, None, a.candidates, model="smollm2")
     write_result("serving", provenance, {
         "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker (uvloop, httptools), ONNX Runtime CPU provider; "
                                                       "defaults (micro-batching off, 1 ORT thread per call) unless "
                                                       "-batched (max 32 / 2 ms); aiohttp load generator in its own process",
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
-        "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items()},
+        "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items() if "int8" in v},
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
         "onnx_vs_torch": speed, "rows": rows, "rescore": job,
-        "ratios": {**{f"onnx_speedup_{m}" + ("" if b == 1 else f"_b{b}"):
-                      speed[f"{m}_b{b}"]["torch_ms_per_user"] / speed[f"{m}_b{b}"]["onnx_ms_per_user"]
-                      for m in ("sasrec", "first_tiny") for b in (1, 32)},
+        "ratios": {**{"onnx_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_ms_per_user"]
+                      for key, x in speed.items() if isinstance(x, dict)},
                    "rescore_job/loop rows_per_s": job["job_rows_per_s"] / job["loop_rows_per_s"]},
     })
 

@@ -25,6 +25,12 @@ def templates() -> dict:
     return yaml.safe_load((Path(__file__).parent / "templates.yaml").read_text())
 
 
+def item_titles(dataset) -> dict[int, str]:
+    """item idx -> the text a text backbone reads for it: ``Title (year)``, or the title alone."""
+    cat = dataset.catalog
+    return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
+
+
 def listwise_prompt(backbone: Backbone, history: list[int], candidates: list[int], titles: dict[int, str] | None = None,
                     max_history: int = 20) -> str:
     """The prompt text for one window. ``history`` / ``candidates``: item idx; ``titles``: idx -> text."""
