@@ -67,6 +67,11 @@ class RerankerSFTConfig:
     order); ``target``: learn only where the held-out item goes (LM loss on the first answer token, FIRST
     pairs target-vs-others). ``target`` is the pretraining objective: next-item prediction against the
     retriever's hard negatives, with no pressure to reproduce the retriever's order."""
+    random_negatives: float = 0.0
+    """Share of training windows whose other candidates are drawn uniformly from the catalogue (items
+    outside the history) instead of the retriever's list: easy negatives make the relevance signal
+    strong enough for a model trained from scratch to learn to point at a candidate by its identifier
+    (its loss otherwise sits at log(window) for thousands of steps); the rest keep the hard ones."""
     shuffle_candidates: bool = True
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
@@ -104,6 +109,10 @@ class RerankerSFTConfig:
                                      ("supervise", self.supervise, ("list", "target"))):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= self.random_negatives <= 1.0:
+            raise ValueError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
+        if self.random_negatives and not self.shuffle_candidates:
+            raise ValueError("random_negatives needs shuffle_candidates: the target leads a random window")
         if self.supervise == "target" and self.kind != "listwise":
             raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
 
@@ -122,13 +131,30 @@ def user_sequences(dataset: PreparedDataset) -> dict[int, np.ndarray]:
     return {int(u): np.concatenate([h, t]) for u, h, t in zip(test.users, test.histories, test.targets)}
 
 
+def random_candidates(rng: np.random.Generator, n_items: int, history, target: int, n: int) -> list[int]:
+    """``target`` and ``n - 1`` distinct items drawn uniformly from 1..n_items outside ``history``."""
+    seen = {int(h) for h in history} | {int(target)}
+    out = [int(target)]
+    while len(out) < n:
+        item = int(rng.integers(1, n_items + 1))
+        if item not in seen:
+            seen.add(item)
+            out.append(item)
+    return out
+
+
 def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbone: Backbone,
-                   config: RerankerSFTConfig, titles, seed: int) -> list[dict]:
-    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows."""
+                   config: RerankerSFTConfig, titles, seed: int, n_items: int = 0) -> list[dict]:
+    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows;
+    a ``config.random_negatives`` share of them with random catalogue items as the other candidates."""
     out = []
+    rng = np.random.default_rng([seed, 17])
     for i, r in enumerate(rows.iter_rows(named=True)):
         hist = sequences[r["uidx"]][:r["history_length"]]
-        ex = teacher_example(hist, r["candidates"], r["target"], config.window, config.shuffle_candidates,
+        cands = r["candidates"]
+        if config.random_negatives and rng.random() < config.random_negatives:
+            cands = random_candidates(rng, n_items, hist, r["target"], config.window)
+        ex = teacher_example(hist, cands, r["target"], config.window, config.shuffle_candidates,
                              seed=seed * 1_000_003 + i, target_missing=config.target_missing)
         if ex is None or (config.supervise == "target" and ex.target is None):
             continue
@@ -157,7 +183,7 @@ class RerankerDataModule(L.LightningDataModule):
         if config.train_users:
             train = train.head(config.train_users)
         self.sequences = user_sequences(dataset)
-        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed)
+        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed, dataset.n_items)
         if not self.rows:
             raise RecsysError(f"{candidates_dir}: no training examples for split {config.train_split!r}")
 

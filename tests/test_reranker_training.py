@@ -144,3 +144,23 @@ def test_second_stage_continues_from_a_trained_tiny_reranker(tiny_dataset, tmp_p
     assert json.loads((second / "reranker.json").read_text())["prompt"] == "tiny"
     assert load_reranker(second, tiny_dataset).bb.name == "tiny"
     assert json.loads((tmp_path / "s1" / "train.json").read_text())["train_examples"] > 40
+
+
+def test_random_negative_windows_hold_the_target_and_unseen_items(tiny_dataset, tmp_path):
+    import pytest
+
+    from pipelines.reranker import RerankerDataModule, random_candidates
+
+    rng = np.random.default_rng(0)
+    got = random_candidates(rng, 30, history=[1, 2, 3], target=7, n=10)
+    assert got[0] == 7 and len(set(got)) == 10 and not {1, 2, 3} & set(got) and max(got) <= 30
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=8, progress=False)
+    bb = load_backbone("tiny", n_items=tiny_dataset.n_items, hidden_size=16, num_layers=1)
+    cfg = {"window": 8, "val_users": 10, "tiny_hidden_size": 16, "supervise": "target"}
+    retriever = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, RerankerSFTConfig(**cfg), None)
+    easy = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, RerankerSFTConfig(**cfg, random_negatives=1.0), None)
+    assert len(easy.rows) == len(retriever.rows)                       # every row, its window redrawn
+    assert [r["input_ids"] for r in easy.rows] != [r["input_ids"] for r in retriever.rows]
+    with pytest.raises(ValueError, match="shuffle"):
+        RerankerSFTConfig(random_negatives=0.5, shuffle_candidates=False)

@@ -146,7 +146,10 @@ def render_rl(result: dict) -> list[str]:
 
 def render_serving(result: dict) -> list[str]:
     out = _provenance("## Serving on ML-1M (`serving`)", result)
-    out += [f"- server: {result['server']}", f"- ONNX parity (max abs vs torch fp32): {result['parity_max_abs']}", ""]
+    out += [f"- server: {result['server']}", f"- ONNX parity (max abs vs torch fp32): {result['parity_max_abs']}"]
+    if "smollm2_reranker" in result:
+        out += [f"- smollm2 rows: reranker {result['smollm2_reranker']} (`zero-shot`: the converted model, not fine-tuned)"]
+    out += [""]
     s, r = result["onnx_vs_torch"], result["ratios"]
     out += [f"ONNX Runtime vs eager torch (fp32, {s['threads']} threads), ms per user over {s['users']} test users:", "",
             "| scorer | users per call | torch | ONNX | ONNX int8 | speed-up (torch / ONNX) |", "|---|---:|---:|---:|---:|---:|"]
