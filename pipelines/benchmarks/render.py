@@ -209,8 +209,21 @@ def render_quickstart(result: dict) -> list[str]:
     return out + [""]
 
 
+def render_rl_throughput(result: dict) -> list[str]:
+    out = _provenance("## RL trainer throughput vs trl (`rl_throughput`)", result)
+    st = result["setting"]
+    out += [f"- model: {result['model']}", (f"- {st['steps']} optimiser steps x {st['prompts_per_step']} prompts x G "
+            f"{st['group_size']}, {st['answer_tokens']}-token answers, {st['precision']}, trl {st['trl']}"), "",
+            "| trainer | seconds | rollouts | rollouts/s | optimiser steps/s |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {x['name']} | {x['seconds']:.1f} | {x['rollouts']} | {x['rollouts_per_s']:.1f} | {x['steps_per_s']:.3f} |"
+            for x in result["rows"]]
+    out += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()) + ".", ""]
+    return out
+
+
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
-             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl}
+             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl,
+             "rl_throughput": render_rl_throughput}
 
 
 def main() -> None:
