@@ -385,7 +385,8 @@ class RerankerRLModule(L.LightningModule):
 
 def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, progress: bool = True,
              resume: bool = True, runtime: Runtime | None = None) -> Path:
-    """RL on a reranker from ``config.init``; saves the best model (by validation) to ``out/model``."""
+    """RL on a reranker from ``config.init``; saves the best model by validation to ``out/model``: the
+    best RL checkpoint, or the starting model itself when no checkpoint beat it (``kept_start``)."""
     if not config.init:
         raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
     out = Path(out)
@@ -410,9 +411,12 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     else:
         start_score = json.loads((out / "start.json").read_text())[metric]
     (out / "start.json").write_text(json.dumps({metric: start_score}))
+    start_state = {k: v.detach().clone() for k, v in module.state_dict().items()}     # the SFT model, step 0
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    best_score = float(best.best_model_score)
+    kept_start = start_score >= best_score            # RL never beat its starting point on validation: keep it
+    module.load_state_dict(start_state if kept_start else
+                           torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
     module.model.save_pretrained(out / "model")
     module.bb.tokenizer.save_pretrained(out / "model")
@@ -420,6 +424,6 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     (out / "train.json").write_text(json.dumps({
         "kind": init_meta["kind"], "algo": config.algo, "seconds": timer.time_elapsed("train"),
         "steps": trainer.global_step // config.mu, f"start_{metric.replace('/', '_')}": start_score,
-        f"best_{metric.replace('/', '_')}": float(best.best_model_score), "val_metric": metric, "config": dataclasses.asdict(config),
+        f"best_{metric.replace('/', '_')}": max(start_score, best_score), "kept_start": kept_start, "val_metric": metric, "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint}, indent=2))
     return out / "model"

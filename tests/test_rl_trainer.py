@@ -86,6 +86,21 @@ def test_rl_resume_is_exact(tiny_dataset, tmp_path, sft_models):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_rl_that_never_beats_its_start_keeps_the_start(tiny_dataset, tmp_path, sft_models):
+    """lr 0: every checkpoint scores what the start scored, so the saved model is the SFT model itself,
+    bit for bit, and train.json says so."""
+    from recsys.llm.backbone import load_backbone
+
+    cands, lw, _ = sft_models
+    model = train_rl(tiny_dataset, cands, tmp_path / "flat", RLConfig(**{**RL, "algo": "grpo", "init": str(lw), "lr": 0.0}),
+                     progress=False)
+    summary = json.loads((tmp_path / "flat" / "train.json").read_text())
+    assert summary["kept_start"] is True
+    assert summary["best_val_cand_ndcg@10"] == json.loads((tmp_path / "flat" / "start.json").read_text())["val/cand_ndcg@10"]
+    start, saved = load_backbone(lw).model.state_dict(), load_backbone(model).model.state_dict()
+    assert all(torch.equal(start[k], saved[k]) for k in start)
+
+
 def test_stream_sampler_walks_the_data_without_repeats():
     s = StreamSampler(10, 4, seed=1)
     seen = []
