@@ -69,7 +69,7 @@ class _FirstScorer(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).logits
+                            use_cache=False, logits_to_keep=1).logits
         return logits[:, -1].index_select(-1, self.ids)
 
 
@@ -83,7 +83,7 @@ class _DigitScorer(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False).logits
+                            use_cache=False, logits_to_keep=1).logits
         return logits[:, -1].index_select(-1, self.ids)
 
 
@@ -97,7 +97,7 @@ class _GenerativeStep(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).logits[:, -1]                                      # (B, V)
+                         use_cache=False, logits_to_keep=1).logits[:, -1]                                      # (B, V)
         return logits[:, self.code_token]
 
 

@@ -90,7 +90,7 @@ class GroupwiseReranker:
         tok = self.bb.tokenizer
         ids = tok(groupwise_prompt(self.bb, history, group, self.titles, self.max_history), return_tensors="pt",
                   add_special_tokens=False)["input_ids"]
-        out = self.bb.model(input_ids=ids, use_cache=True)
+        out = self.bb.model(input_ids=ids, use_cache=True, logits_to_keep=1)       # lm_head on the last position
         scores = []
         for j in range(len(group)):
             forced = torch.tensor([[self.bb.token_id(LETTERS[j]), self.colon]])       # "X :"

@@ -45,7 +45,8 @@ class ListwiseReranker:
     def first_scores(self, histories, candidate_lists) -> list[torch.Tensor]:
         """One forward pass per prompt batch: (n_q,) identifier logits at the first answer position."""
         self.bb.model.eval()
-        logits = self._forward(**self._batch(self.prompts(histories, candidate_lists))).logits[:, -1].float()
+        batch = self._batch(self.prompts(histories, candidate_lists))
+        logits = self._forward(**batch, logits_to_keep=1).logits[:, -1].float()   # lm_head on the last position only
         return [first_scores(logits[q:q + 1], self.bb.identifier_ids(len(c)).to(logits.device))[0].cpu()
                 for q, c in enumerate(candidate_lists)]
 
@@ -72,7 +73,7 @@ class ListwiseReranker:
             constraint = ListConstraint(sizes, self.bb.identifier_ids(int(sizes.max())), self.bb.separator_id,
                                         self.bb.end_id)
         done = torch.zeros(len(candidate_lists), dtype=torch.bool)
-        out = self._forward(**batch, use_cache=True)
+        out = self._forward(**batch, use_cache=True, logits_to_keep=1)
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]
         tokens = []
         for _ in range(constraint.max_tokens):
