@@ -37,7 +37,7 @@ from recsys.metrics import compute_metrics
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
 from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.prompts import item_titles
+from recsys.rerank.prompts import IDENTIFIERS, item_titles
 from recsys.rerank.sft import (
     collate,
     encode_example,
@@ -81,6 +81,15 @@ class RerankerSFTConfig:
     """Whose candidates teach: ``train`` (each user's last training item, history before it),
     ``valid`` (the validation item: targets the retriever never trained on) or ``train+valid``. The
     last ``val_users`` validation users are held out for model selection either way."""
+    identifiers: str = "letters"
+    """``letters`` (FIRST's ``A``..``T``) or, ``tiny`` only, ``items``: each candidate's own item token is
+    its identifier (departure from FIRST). Letters ask a model trained from scratch to point at a
+    candidate through its label, which the tiny model never learned (loss at ln(window) for 400k
+    examples, ``listwise_pretrain_tiny.yaml``); an item token's logit scores the item directly."""
+    retriever_prior: float | None = None
+    """beta of FIRST's blend with the retriever's order, ``logit - beta * ln(1 + position)``
+    (:mod:`recsys.rerank.listwise`); None = chosen from ``PRIOR_GRID`` on the validation windows after
+    training (stored in ``reranker.json``); 0 = the model alone."""
     init_items_from: str | None = None
     """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
@@ -106,13 +115,16 @@ class RerankerSFTConfig:
         for name, value, allowed in (("kind", self.kind, ("listwise", "groupwise")),
                                      ("train_split", self.train_split, ("train", "valid", "train+valid")),
                                      ("target_missing", self.target_missing, ("insert", "skip", "keep")),
-                                     ("supervise", self.supervise, ("list", "target"))):
+                                     ("supervise", self.supervise, ("list", "target")),
+                                     ("identifiers", self.identifiers, IDENTIFIERS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise ValueError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
         if self.random_negatives and not self.shuffle_candidates:
             raise ValueError("random_negatives needs shuffle_candidates: the target leads a random window")
+        if self.identifiers == "items" and (self.kind != "listwise" or self.backbone != "tiny"):
+            raise ValueError("identifiers='items' is for the listwise reranker on the tiny backbone (item tokens)")
         if self.supervise == "target" and self.kind != "listwise":
             raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
 
@@ -159,7 +171,7 @@ def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbon
         if ex is None or (config.supervise == "target" and ex.target is None):
             continue
         if config.kind == "listwise":
-            out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise))
+            out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise, config.identifiers))
         else:
             out += encode_group_examples(backbone, ex, config.group_size, titles, config.max_history)
     return out
@@ -200,12 +212,14 @@ class RerankerDataModule(L.LightningDataModule):
 
 
 def make_scorer(backbone: Backbone, kind: str, titles, window: int = 20, stride: int | None = None,
-                group_size: int = 20, max_history: int = 20, bf16: bool = True):
+                group_size: int = 20, max_history: int = 20, bf16: bool = True, identifiers: str = "letters",
+                retriever_prior: float = 0.0):
     """The inference-time reranker of a trained model: FIRST (listwise, sliding window with ``stride``,
     default window / 2) or GroupRank scoring (groupwise)."""
     if kind == "listwise":
         stride = stride or max(1, window // 2)
-        return ListwiseReranker(backbone, titles, window, stride, max_history=max_history, bf16=bf16)
+        return ListwiseReranker(backbone, titles, window, stride, max_history=max_history, bf16=bf16,
+                                identifiers=identifiers, retriever_prior=retriever_prior)
     return GroupwiseReranker(backbone, titles, group_size, max_history=max_history)
 
 
@@ -218,7 +232,7 @@ class RerankerSFTModule(L.LightningModule):
         self.bb, self.cfg = backbone, config
         self.model = backbone.model
         self.scorer = make_scorer(backbone, config.kind, titles, config.window, group_size=config.group_size,
-                                  max_history=config.max_history, bf16=False)
+                                  max_history=config.max_history, bf16=False, identifiers=config.identifiers)
         self._ranks: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -230,7 +244,7 @@ class RerankerSFTModule(L.LightningModule):
         if self.cfg.kind == "listwise" and self.cfg.first_weight > 0:
             n = batch["ranks"].shape[1]
             at_first = out.logits[torch.arange(len(logits)), batch["first_pos"]].float()        # (B, V)
-            scores = first_scores(at_first, self.bb.identifier_ids(n).to(at_first.device))   # (B, n)
+            scores = first_scores(at_first, batch["identifier_ids"][:, :n])                   # (B, n)
             rank_loss = weighted_ranknet_loss(scores, batch["ranks"], batch["ranks"] > 0)
             self.log("train/first_loss", rank_loss, batch_size=len(logits))
             loss = lm + self.cfg.first_weight * rank_loss
@@ -255,6 +269,36 @@ class RerankerSFTModule(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0, 1000.0)
+"""retriever_prior values tried on validation (1000 reproduces the retriever's order)."""
+
+
+@torch.no_grad()
+def tune_retriever_prior(scorer: ListwiseReranker, rows: list[dict], window: int,
+                         grid=PRIOR_GRID) -> tuple[float, dict[float, float]]:
+    """The beta of ``grid`` with the best candidate-set NDCG@10 of FIRST on ``rows`` (dicts with
+    ``history``, ``candidates``, ``target``; windows without the target are skipped; ties go to the
+    smaller beta) and the NDCG@10 of every beta. One forward pass per window: the prior is added to
+    the stored scores, not re-run."""
+    rows = [r for r in rows if r["target"] in list(r["candidates"][:window])]
+    if not rows:
+        raise RecsysError("no validation window holds its target: cannot choose the retriever prior")
+    windows = [[int(c) for c in r["candidates"][:window]] for r in rows]
+    saved, scorer.retriever_prior = scorer.retriever_prior, 0.0
+    scores = [s for i in range(0, len(rows), 64)
+              for s in scorer.first_scores([r["history"] for r in rows[i:i + 64]], windows[i:i + 64])]
+    scorer.retriever_prior = saved
+    table = {}
+    for beta in grid:
+        ranks = [float(((s - beta * torch.log1p(torch.arange(len(s)))) >
+                        (s - beta * torch.log1p(torch.arange(len(s))))[w.index(r["target"])]).sum())
+                 for s, w, r in zip(scores, windows, rows)]
+        ranks = np.array(ranks)[:, None]
+        table[beta] = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
+    best = max(grid, key=lambda b: (table[b], -b))
+    return best, table
 
 
 def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:
@@ -299,15 +343,20 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
+    prior, prior_table = config.retriever_prior or 0.0, None
+    if config.kind == "listwise" and config.retriever_prior is None:
+        val_rows = [{**r, "history": data.history(r)} for r in data.valid.iter_rows(named=True)]
+        prior, prior_table = tune_retriever_prior(module.scorer, val_rows, config.window)
     backbone.model.save_pretrained(out / "model")
     backbone.tokenizer.save_pretrained(out / "model")
     (out / "model" / "reranker.json").write_text(json.dumps({
         "kind": config.kind, "prompt": "tiny" if backbone.name == "tiny" else "text", "window": config.window,
-        "group_size": config.group_size, "max_history": config.max_history,
-        "dataset_fingerprint": dataset.fingerprint}, indent=2))
+        "group_size": config.group_size, "max_history": config.max_history, "identifiers": config.identifiers,
+        "retriever_prior": prior, "dataset_fingerprint": dataset.fingerprint}, indent=2))
     (out / "train.json").write_text(json.dumps({
         "kind": config.kind, "algo": "sft", "seconds": timer.time_elapsed("train"), "epochs": trainer.current_epoch,
-        "best_val_cand_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
+        "best_val_cand_ndcg@10": float(best.best_model_score), "retriever_prior": prior,
+        "val_cand_ndcg@10_by_retriever_prior": prior_table, "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint, "train_examples": len(data.rows)}, indent=2))
     return out / "model"
 
@@ -324,7 +373,8 @@ def load_reranker(model_dir, dataset: PreparedDataset, window: int = 20, stride:
     bb.name = meta["prompt"] if meta["prompt"] == "tiny" else bb.name       # the prompt format it was trained on
     titles = item_titles(dataset) if meta["prompt"] == "text" else None
     scorer = make_scorer(bb, meta.get("kind", "listwise"), titles, window, stride, meta.get("group_size", 20),
-                         meta["max_history"])
+                         meta["max_history"], identifiers=meta.get("identifiers", "letters"),
+                         retriever_prior=meta.get("retriever_prior", 0.0))
     if isinstance(scorer, GroupwiseReranker):
         scorer.R = reshuffles
     return scorer

@@ -51,7 +51,6 @@ from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
 from recsys.rerank.first import ListConstraint, replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.parse import parse_ranking
 from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
 from recsys.rl.advantages import group_advantages
 from recsys.rl.f_grpo import (
@@ -248,6 +247,8 @@ class RerankerRLModule(L.LightningModule):
         self.slate = config.algo in SLATE_ALGOS
         if self.listwise == (config.algo == "grouprank"):
             raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
+        if self.slate and scorer.identifiers != "letters":
+            raise RecsysError(f"algo {config.algo!r}: the slate-then-rank task needs a letter-identifier model")
         self.automatic_optimization = False
         self._val: list[float] = []
 
@@ -256,7 +257,7 @@ class RerankerRLModule(L.LightningModule):
         """A fresh decoding constraint for these windows (listwise: rank the window; slate tasks)."""
         if self.slate:
             return slate_constraint(self.bb, windows, self.cfg.window, self.cfg.slate_size, self.cfg.rank_size)
-        return ListConstraint(torch.tensor([len(w) for w in windows]), self.bb.identifier_ids(self.cfg.window),
+        return ListConstraint(torch.tensor([len(w) for w in windows]), self.scorer.identifier_ids(windows),
                               self.bb.separator_id, self.bb.end_id)
 
     def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
@@ -279,8 +280,10 @@ class RerankerRLModule(L.LightningModule):
                 rank_r = ndcg_at_k(rel, torch.ones(len(rel)), R)
                 return roll | {"slate_reward": slate_r, "rank_reward": rank_r, "reward": joint_reward(slate_r, rank_r)}
             N = len(windows[0])
-            rel = torch.tensor([relevance(self._ranked(a, w), {t}, N) for a, w, t in zip(answer, windows, targets)])
-            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), 10), "rel": rel}
+            parsed = [self._parse(a, w) for a, w in zip(answer, windows)]
+            rel = torch.tensor([relevance([w[i] for i in p.generated], {t}, N) for p, w, t in zip(parsed, windows, targets)])
+            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), 10), "rel": rel,
+                           "validity": torch.tensor([float(p.valid) for p in parsed]).mean()}
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
         teacher = torch.where(relevant, 9.0, 0.0)
@@ -292,11 +295,11 @@ class RerankerRLModule(L.LightningModule):
     def _slate_rank(self, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
         return slate_items(self.bb, answer, window)
 
-    def _ranked(self, answer: torch.Tensor, window: list[int]) -> list[int | None]:
-        """The items a generated answer names, in order (constrained decoding: one identifier per line)."""
+    def _parse(self, answer: torch.Tensor, window: list[int]):
+        """The parse of a generated answer (T,) (-1 = padding): the positions it names, in order, and its
+        validity flags (constrained decoding always gives a valid list; logged as a check)."""
         text = self.bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
-        parsed = parse_ranking(text, len(window), self.bb.tokenizer.decode([self.bb.end_id]))
-        return [window[i] for i in parsed.generated]
+        return self.scorer.parse(text, window)
 
     def _log_probs(self, model, roll: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropies) (B*G, T) of the rollouts' tokens under ``model``'s sampling distribution."""
@@ -351,6 +354,8 @@ class RerankerRLModule(L.LightningModule):
                 "train/length": lengths.mean(), "train/loss": loss.detach()}
         if self.slate:
             logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean()}
+        if "validity" in roll:
+            logs["train/validity"] = roll["validity"]
         self.log_dict(logs, batch_size=B, prog_bar=False)
         self.log("reward", reward.mean(), prog_bar=True, batch_size=B)
 
@@ -364,8 +369,7 @@ class RerankerRLModule(L.LightningModule):
             orders = [self._slate_rank(a, w)[1] for a, w in zip(answers, windows)]
         elif self.listwise:
             answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True)[1]
-            orders = [self._ranked(a, w) for a, w in zip(answers, windows)]
-            orders = [o + [c for c in w if c not in o] for o, w in zip(orders, windows)]
+            orders = [[w[i] for i in self._parse(a, w).order] for a, w in zip(answers, windows)]
         else:
             orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):

@@ -175,7 +175,12 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
         raise RecsysError(f"{model_dir}: a {meta.get('kind', 'listwise')!r} reranker, expected {kind!r}")
     bb = load_backbone(model_dir)
     bb.model.float().eval()
-    ids_out = bb.identifier_ids(meta["window"]) if kind == "listwise" else torch.tensor([bb.token_id(d) for d in DIGITS])
+    if kind == "groupwise":
+        ids_out = torch.tensor([bb.token_id(d) for d in DIGITS])
+    elif meta.get("identifiers", "letters") == "items":       # every token's logit: the runtime picks the candidates'
+        ids_out = torch.arange(bb.model.get_output_embeddings().weight.shape[0])
+    else:
+        ids_out = bb.identifier_ids(meta["window"])
     scorer = (_FirstScorer if kind == "listwise" else _DigitScorer)(bb.model, ids_out)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(50, len(bb.tokenizer), (3, 40), generator=g)
@@ -196,6 +201,8 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
     entry = {"file": path.name, "sha256": sha256(path), "window": meta["window"], "prompt": meta["prompt"],
              "max_history": meta["max_history"], "dataset_fingerprint": meta["dataset_fingerprint"],
              "ort_fusions": fusions, "parity_max_abs": _parity(path, feeds, reference)}
+    if kind == "listwise":
+        entry |= {"identifiers": meta.get("identifiers", "letters"), "retriever_prior": meta.get("retriever_prior", 0.0)}
     if kind == "groupwise":
         entry |= {"group_size": meta["group_size"], "files": "groupwise/"}
     if quantize:
@@ -204,7 +211,8 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
 
 
 def export_first(model_dir, out: Path, quantize: bool = False, fuse: bool = True) -> dict:
-    """The listwise reranker's FIRST scorer: ``first.onnx`` (identifier logits at the last position)."""
+    """The listwise reranker's FIRST scorer: ``first.onnx`` (identifier logits at the last position; for
+    item identifiers the logits of every token, from which the runtime reads the candidates')."""
     return _export_prompt_scorer(model_dir, out, "listwise", "first.onnx", quantize, fuse)
 
 

@@ -137,17 +137,27 @@ class FirstRuntime(_PromptScorer):
 
     name, flag = "first", "reranker"
 
+    def __init__(self, directory, threads: int | None = None, int8: bool = False):
+        super().__init__(directory, threads, int8)
+        self.identifiers = self.meta.get("identifiers", "letters")
+        self.retriever_prior = float(self.meta.get("retriever_prior", 0.0))
+
     def encode(self, histories, windows) -> dict[str, np.ndarray]:
         from recsys.rerank.prompts import listwise_prompt
 
-        texts = [listwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
-                 for h, w in zip(histories, windows)]
+        texts = [listwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history,
+                                 self.identifiers) for h, w in zip(histories, windows)]
         return _left_pad(self._encode_texts(texts), self.pad_id)
 
     def scores(self, histories, windows) -> np.ndarray:
-        """(B, n) identifier logits of windows of equal length n <= window."""
+        """(B, n) FIRST scores of windows of equal length n <= window: identifier logits minus the
+        retriever prior (:mod:`recsys.rerank.listwise`)."""
         n = len(windows[0])
-        return self.session.run(None, self.encode(histories, windows))[0][:, :n]
+        logits = self.session.run(None, self.encode(histories, windows))[0]
+        if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
+            cols = np.array([[self.token(f"<i{int(c)}>") for c in w] for w in windows])
+            logits = np.take_along_axis(logits, cols, 1)
+        return logits[:, :n] - self.retriever_prior * np.log1p(np.arange(n, dtype=logits.dtype))
 
 
 class GroupwiseRuntime(_PromptScorer):

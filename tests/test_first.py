@@ -75,3 +75,26 @@ def test_constrained_log_probs_by_hand():
     expected = [math.log(1 / 3), math.log(1 / 2), math.log(1 / 2), 0.0, 0.0]
     assert torch.allclose(lp[0], torch.tensor(expected))
     assert torch.allclose(ent[0], torch.tensor([math.log(3), math.log(2), math.log(2), 0.0, 0.0]))
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_per_row_identifiers_with_padding_never_repeat_or_leave_the_row(seed):
+    """(B, n) identifier tokens (item identifiers): row 1 is shorter and padded with its own first
+    token, which must stay allowed until it is written once."""
+    from recsys.rerank.first import ListConstraint
+
+    g = torch.Generator().manual_seed(seed)
+    V, sep, end = 40, 30, 31
+    ids = torch.tensor([[3, 7, 1, 9], [12, 5, 12, 12]])
+    constraint = ListConstraint(torch.tensor([4, 2]), ids, sep, end)
+    out = [[], []]
+    for _ in range(constraint.max_tokens):
+        tok = constraint.mask(torch.randn(2, V, generator=g)).argmax(-1)
+        for b in range(2):
+            if not out[b] or out[b][-1] != end:
+                out[b].append(int(tok[b]))
+        constraint.update(torch.tensor([t if not o or o[-1] != end or t == end else -1 for t, o in zip(tok.tolist(), out)]))
+    for b, allowed in ((0, {3, 7, 1, 9}), (1, {12, 5})):
+        written = [t for t in out[b] if t not in (sep, end)]
+        assert set(written) <= allowed and len(written) == len(set(written)) and out[b][-1] == end

@@ -46,3 +46,51 @@ def test_unconstrained_generation_is_measured_not_trusted():
     text = rr.generate([[1]], [[5, 6, 7]], constrained=False)[0]
     parsed = parse_ranking(text, 3)
     assert sorted(parsed.order) == [0, 1, 2]
+
+
+def test_item_identifiers_name_candidates_by_their_own_tokens():
+    """Prompt, answer and parser of the ``items`` identifiers; text backbones refuse them."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from recsys.errors import RecsysError
+    from recsys.rerank.prompts import answer_text, items_as_letters, listwise_prompt
+
+    rr = reranker(identifiers="items")
+    prompt = rr.prompts([[1, 2]], [[7, 3, 9]])[0]
+    assert prompt == "history: <i1> <i2> candidates: <i7> <i3> <i9> answer: "
+    assert answer_text([2, 0, 1], [7, 3, 9]) == "<i9>\n<i7>\n<i3>\n<eor>"
+    assert items_as_letters("<i9>\n<i7>\n<i3>\n<eor>", [7, 3, 9]) == "C\nA\nB\n<eor>"
+    parsed = rr.parse("<i9>\n<i50>\n<i9>\n<eor>", [7, 3, 9])            # <i50> is no candidate; <i9> twice
+    assert parsed.generated == [2] and parsed.out_of_window == 1 and parsed.duplicate == 1 and parsed.order == [2, 0, 1]
+    with pytest.raises(RecsysError, match="tiny"):
+        listwise_prompt(SimpleNamespace(name="smollm2-135m"), [1], [2], {1: "a", 2: "b"}, identifiers="items")
+
+
+def test_item_identifier_first_scores_are_item_logits_minus_the_retriever_prior():
+    """FIRST with item identifiers reads each window's own item tokens; the prior subtracts
+    beta * ln(1 + position), so a huge beta gives back the retriever's order."""
+    import math
+
+    rr = reranker(identifiers="items", retriever_prior=0.7)
+    hist, cands = [[1, 2, 3], list(range(4, 30))], [[40, 41, 42], [50, 51, 52, 53, 54]]
+    for h, c, s in zip(hist, cands, rr.first_scores(hist, cands)):
+        ids = rr.bb.tokenizer(rr.prompts([h], [c]), return_tensors="pt", add_special_tokens=False)["input_ids"]
+        logits = rr.bb.model(ids).logits[0, -1]
+        want = logits[[rr.bb.token_id(f"<i{i}>") for i in c]] - 0.7 * torch.tensor([math.log1p(j) for j in range(len(c))])
+        torch.testing.assert_close(s, want, atol=1e-4, rtol=1e-4)
+    rr.retriever_prior = 1e6
+    assert rr.rank_windows(hist, cands) == cands
+
+
+def test_item_identifier_generation_is_a_valid_permutation_of_each_window():
+    rr = reranker(identifiers="items")
+    g = torch.Generator().manual_seed(0)
+    cands = [[5, 6, 7, 8], [9, 10, 11]]                   # different tokens per row, different lengths
+    texts = rr.generate([[1, 2], [3]], cands, constrained=True, temperature=1.5, generator=g)
+    for text, c in zip(texts, cands):
+        parsed = rr.parse(text, c)
+        assert parsed.valid and sorted(parsed.order) == list(range(len(c)))
+    order, parsed = rr.rerank_generate([1, 2], [20, 21, 22])
+    assert sorted(order) == [20, 21, 22] and parsed.valid

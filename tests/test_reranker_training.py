@@ -164,3 +164,56 @@ def test_random_negative_windows_hold_the_target_and_unseen_items(tiny_dataset, 
     assert [r["input_ids"] for r in easy.rows] != [r["input_ids"] for r in retriever.rows]
     with pytest.raises(ValueError, match="shuffle"):
         RerankerSFTConfig(random_negatives=0.5, shuffle_candidates=False)
+
+
+def test_item_identifier_sft_learns_and_tunes_its_retriever_prior(tiny_dataset, tmp_path):
+    """The tiny reranker with item-token identifiers beats its retriever on the ring data; the retriever
+    prior is chosen on validation and written, with the table it was chosen from, next to the model."""
+    from pipelines.reranker import PRIOR_GRID, load_reranker
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "cands", n=10, train_targets_per_user=8, progress=False)
+    cfg = RerankerSFTConfig(window=10, max_epochs=8, batch_size=16, val_users=60, first_weight=10.0,
+                            tiny_hidden_size=64, lr=3e-3, precision="32-true", identifiers="items")
+    model_dir = train_reranker(tiny_dataset, tmp_path / "cands", tmp_path / "rr", cfg, progress=False)
+    hits = pl.read_parquet(tmp_path / "cands" / "candidates_valid.parquet")["hit_rank"].to_numpy().astype(float)
+    ranks = hits[hits >= 0][:, None]
+    retriever = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
+    summary = json.loads((tmp_path / "rr" / "train.json").read_text())
+    assert summary["best_val_cand_ndcg@10"] > retriever + 0.02, (summary["best_val_cand_ndcg@10"], retriever)
+    table = {float(k): v for k, v in summary["val_cand_ndcg@10_by_retriever_prior"].items()}
+    assert sorted(table) == sorted(PRIOR_GRID) and table[summary["retriever_prior"]] == max(table.values())
+    meta = json.loads((model_dir / "reranker.json").read_text())
+    assert meta["identifiers"] == "items" and meta["retriever_prior"] == summary["retriever_prior"]
+    scorer = load_reranker(model_dir, tiny_dataset, window=10)
+    assert scorer.identifiers == "items" and scorer.retriever_prior == summary["retriever_prior"]
+
+
+def test_retriever_prior_is_tuned_by_hand():
+    """Two windows, model scores fixed: window 1's target (position 2) wins on the model alone, window
+    2's target (position 0) needs the prior. NDCG@10 by beta, computed by hand:
+    beta 0: ranks (0, 1) -> (1 + 1/log2 3) / 2 = 0.8155; beta 1: scores - ln(1 + j) = [0, -0.69, 0.9] and
+    [1.0, 1.31, -1.1] -> ranks (0, 1) again; beta 2: [0, -1.39, -0.2] and [1.0, 0.61, -2.2] -> ranks (1, 0)
+    -> 0.8155; beta 3: [0, -2.08, -1.3] and [1.0, -0.08, -3.3] -> ranks (1, 0) -> 0.8155. Ties go to
+    the smaller beta: 0. Window 2 alone: rank 1 up to beta 1, rank 0 from beta 2 -> beta 2."""
+    import pytest
+    import torch
+
+    from pipelines.reranker import tune_retriever_prior
+
+    class Fixed:
+        retriever_prior = 0.5
+
+        def first_scores(self, histories, windows):
+            assert self.retriever_prior == 0.0                # the table is built from the model's own scores
+            table = {(1, 2, 3): [0.0, 0.0, 2.0], (4, 5, 6): [1.0, 2.0, 0.0]}
+            return [torch.tensor(table[tuple(w)]) for w in windows]
+
+    rows = [{"history": [9], "candidates": [1, 2, 3], "target": 3}, {"history": [9], "candidates": [4, 5, 6], "target": 4},
+            {"history": [9], "candidates": [7, 8, 9], "target": 10}]      # the last window misses: skipped
+    scorer = Fixed()
+    best, table = tune_retriever_prior(scorer, rows, window=3, grid=(0.0, 1.0, 2.0, 3.0))
+    assert table[0.0] == pytest.approx((1 + 1 / np.log2(3)) / 2) and best == 0.0 and scorer.retriever_prior == 0.5
+    assert table[2.0] == pytest.approx(table[0.0]) and table[1.0] == pytest.approx(table[0.0])
+    best, table = tune_retriever_prior(scorer, rows[1:], window=3, grid=(0.0, 1.0, 2.0))   # window 2 alone
+    assert best == 2.0 and table[2.0] == 1.0 and table[1.0] == pytest.approx(1 / np.log2(3))

@@ -25,6 +25,24 @@ def sft_models(tiny_dataset, tmp_path):
     return tmp_path / "c", lw, gw
 
 
+def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_models):
+    """Rank-GRPO on a listwise model whose identifiers are item tokens: rollouts name the window's items
+    (per-row constraint), the written model keeps its identifiers; the slate task refuses it."""
+    from recsys.errors import RecsysError
+
+    cands, _, _ = sft_models
+    lw = train_reranker(tiny_dataset, cands, tmp_path / "items", RerankerSFTConfig(identifiers="items", **SFT),
+                        progress=False)
+    model = train_rl(tiny_dataset, cands, tmp_path / "rl", RLConfig(algo="rank-grpo", init=str(lw), **RL), progress=False)
+    import polars as pl
+    logs = pl.read_csv(next((tmp_path / "rl" / "logs").glob("version_*/metrics.csv")))
+    assert logs["train/validity"].drop_nulls().min() == 1.0
+    assert json.loads((model / "reranker.json").read_text())["identifiers"] == "items"
+    with pytest.raises(RecsysError, match="letter"):
+        train_rl(tiny_dataset, cands, tmp_path / "slate", RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2,
+                                                                   **RL), progress=False)
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank", "f-grpo", "slate-grpo"])
 def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     cands, lw, gw = sft_models

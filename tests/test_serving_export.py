@@ -180,3 +180,33 @@ def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(export
     assert eager.bb.name != "tiny" and runtime.spec.name == "text"
     np.testing.assert_allclose(runtime.scores(histories, windows),
                                torch.stack(eager.first_scores(histories, windows)).numpy(), atol=1e-4)
+
+
+def test_item_identifier_reranker_is_served_with_its_retriever_prior(tiny_dataset, tmp_path):
+    """An item-identifier FIRST scorer exports every token's logit; the runtime reads each window's
+    own item tokens and subtracts the same retriever prior as the eager scorer."""
+    from recsys.llm.backbone import build_tiny
+    from recsys.models.sasrec import SASRec, SASRecConfig
+    from recsys.rerank.listwise import ListwiseReranker
+    from serving.export import export
+    from serving.runtime import FirstRuntime
+
+    torch.manual_seed(0)
+    SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=12, hidden_size=16, num_layers=1),
+           tiny_dataset.fingerprint).save_pretrained(tmp_path / "sas")
+    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1, seed=5)
+    bb.model.save_pretrained(tmp_path / "rr")
+    bb.tokenizer.save_pretrained(tmp_path / "rr")
+    (tmp_path / "rr" / "reranker.json").write_text(json.dumps({
+        "kind": "listwise", "prompt": "tiny", "window": 6, "group_size": 6, "max_history": 10, "identifiers": "items",
+        "retriever_prior": 0.3, "dataset_fingerprint": tiny_dataset.fingerprint}))
+    out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve", tmp_path / "rr")
+    entry = json.loads((out / "manifest.json").read_text())["models"]["first"]
+    assert entry["identifiers"] == "items" and entry["retriever_prior"] == 0.3
+
+    histories, windows = [[3, 4, 5], list(range(1, 14))], [[1, 2, 3, 4, 5, 6], [12, 4, 9, 7, 2, 11]]
+    got = FirstRuntime(out).scores(histories, windows)
+    bb.model.eval()
+    want = ListwiseReranker(bb, None, 6, max_history=10, bf16=False, identifiers="items",
+                            retriever_prior=0.3).first_scores(histories, windows)
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), atol=1e-4)

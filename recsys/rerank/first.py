@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 
 def first_scores(logits: torch.Tensor, identifier_ids: torch.Tensor) -> torch.Tensor:
-    """logits (B, V) at the first answer position -> (B, n) scores of the n identifiers."""
-    return logits.index_select(-1, identifier_ids)
+    """logits (B, V) at the first answer position -> (B, n) scores of the n identifiers; identifier_ids
+    (n,) shared by every row (letters) or (B, n) per row (item-token identifiers)."""
+    return logits.gather(-1, identifier_ids.expand(len(logits), -1))
 
 
 def first_order(scores: torch.Tensor) -> torch.Tensor:
@@ -54,12 +55,14 @@ def constrain_logits(logits: torch.Tensor, used: torch.Tensor, after_identifier:
 
     used (B, n) bool: identifiers already written; after_identifier (B,) bool: the last token was an
     identifier (so a separator or the end comes next). Otherwise an unused identifier or the end is
-    allowed; once every identifier is used only the end is.
+    allowed; once every identifier is used only the end is. identifier_ids: (n,) the same for every
+    row (letters), or (B, n) per row (item-token identifiers).
     """
     allowed = torch.zeros_like(logits, dtype=torch.bool)
     allowed[:, end_id] = True
     ids_ok = ~used & ~after_identifier.unsqueeze(-1)                                          # (B, n)
-    allowed[:, identifier_ids] = ids_ok
+    # scatter_add: a token listed twice in a row (padding) is allowed if any of its copies is
+    allowed |= torch.zeros_like(logits).scatter_add_(1, identifier_ids.expand_as(used), ids_ok.to(logits.dtype)) > 0
     allowed[:, separator_id] = after_identifier & ~used.all(-1)
     return logits.masked_fill(~allowed, float("-inf"))
 
@@ -67,15 +70,17 @@ def constrain_logits(logits: torch.Tensor, used: torch.Tensor, after_identifier:
 class ListConstraint:
     """The state of constrained listwise decoding for a batch (the mask of :func:`constrain_logits`).
 
-    sizes (B,): candidates per window; identifiers beyond a window's size count as used. ``mask``
+    sizes (B,): candidates per window; identifiers beyond a window's size count as used; identifier_ids
+    (n,) shared by every row, or (B, n) per row (padded beyond a row's size with any of its ids). ``mask``
     constrains the next token's logits (B, V); ``update`` records the tokens (B,) just written (-1 =
     finished). The same object drives generation and the replay of :func:`replay_log_probs`.
     """
 
     def __init__(self, sizes: torch.Tensor, identifier_ids: torch.Tensor, separator_id: int, end_id: int):
-        n = len(identifier_ids)
-        self.ids, self.separator_id, self.end_id = identifier_ids, separator_id, end_id
+        n = identifier_ids.shape[-1]
+        self.separator_id, self.end_id = separator_id, end_id
         self.used = torch.arange(n, device=sizes.device)[None, :] >= sizes[:, None]          # (B, n)
+        self.ids = identifier_ids.expand_as(self.used)                                        # (B, n)
         self.after = torch.zeros(len(sizes), dtype=torch.bool, device=sizes.device)
         self.max_tokens = 2 * n + 1
 
@@ -83,7 +88,7 @@ class ListConstraint:
         return constrain_logits(logits, self.used, self.after, self.ids, self.separator_id, self.end_id)
 
     def update(self, tokens: torch.Tensor) -> None:
-        is_id = tokens[:, None] == self.ids[None, :]
+        is_id = tokens[:, None] == self.ids                                                  # (B, n)
         self.used = self.used | is_id
         self.after = is_id.any(-1)
 

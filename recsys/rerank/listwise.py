@@ -6,6 +6,12 @@
 
 Batches are left-padded; position ids follow the attention mask, so a padded prompt gives the same
 logits as the prompt alone (tested).
+
+``retriever_prior`` beta blends in the order the candidates arrive in (the retriever's): FIRST's score
+of the candidate at 0-based position j is ``logit_j - beta * ln(1 + j)``, the interpolation of a
+reranker's scores with the first-stage rank common in IR reranking. beta = 0 is the model alone and a
+large beta the retriever's order; :func:`pipelines.reranker.tune_retriever_prior` picks it on
+validation windows.
 """
 
 from __future__ import annotations
@@ -14,8 +20,8 @@ import torch
 
 from recsys.llm.backbone import Backbone
 from recsys.rerank.first import ListConstraint, first_scores
-from recsys.rerank.parse import parse_ranking
-from recsys.rerank.prompts import listwise_prompt
+from recsys.rerank.parse import ParsedList, parse_ranking
+from recsys.rerank.prompts import identifier_ids, items_as_letters, listwise_prompt
 from recsys.rerank.window import sliding_window_rerank
 
 
@@ -23,13 +29,25 @@ class ListwiseReranker:
     """Ranks windows of up to ``window`` candidates with a causal LM."""
 
     def __init__(self, backbone: Backbone, titles: dict[int, str] | None = None, window: int = 20, stride: int = 10,
-                 max_history: int = 20, bf16: bool = True):
+                 max_history: int = 20, bf16: bool = True, identifiers: str = "letters", retriever_prior: float = 0.0):
         self.bb, self.titles, self.window, self.stride, self.max_history = backbone, titles, window, stride, max_history
-        self.bf16 = bf16
+        self.bf16, self.identifiers, self.retriever_prior = bf16, identifiers, retriever_prior
 
     def prompts(self, histories, candidate_lists) -> list[str]:
-        return [listwise_prompt(self.bb, list(h), list(c), self.titles, self.max_history)
+        return [listwise_prompt(self.bb, list(h), list(c), self.titles, self.max_history, self.identifiers)
                 for h, c in zip(histories, candidate_lists)]
+
+    def identifier_ids(self, candidate_lists) -> torch.Tensor:
+        """(B, n) identifier token ids of each window, n = the longest; shorter rows repeat their first id."""
+        n = max(len(c) for c in candidate_lists)
+        rows = [identifier_ids(self.bb, list(c), self.identifiers) for c in candidate_lists]
+        return torch.stack([torch.cat([r, r[:1].expand(n - len(r))]) for r in rows])
+
+    def parse(self, text: str, candidates: list[int]) -> ParsedList:
+        """The ranking (positions into ``candidates``) and validity flags of a generated answer."""
+        if self.identifiers == "items":
+            text = items_as_letters(text, candidates)
+        return parse_ranking(text, len(candidates), self.bb.tokenizer.decode([self.bb.end_id]))
 
     def _batch(self, texts: list[str]) -> dict[str, torch.Tensor]:
         enc = self.bb.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -43,12 +61,14 @@ class ListwiseReranker:
 
     @torch.no_grad()
     def first_scores(self, histories, candidate_lists) -> list[torch.Tensor]:
-        """One forward pass per prompt batch: (n_q,) identifier logits at the first answer position."""
+        """One forward pass per prompt batch: (n_q,) identifier logits at the first answer position
+        (minus the retriever prior, see the module docstring)."""
         self.bb.model.eval()
         batch = self._batch(self.prompts(histories, candidate_lists))
         logits = self._forward(**batch, logits_to_keep=1).logits[:, -1].float()   # lm_head on the last position only
-        return [first_scores(logits[q:q + 1], self.bb.identifier_ids(len(c)).to(logits.device))[0].cpu()
-                for q, c in enumerate(candidate_lists)]
+        scores = first_scores(logits, self.identifier_ids(candidate_lists).to(logits.device)).cpu()
+        prior = self.retriever_prior * torch.log1p(torch.arange(scores.shape[1], dtype=scores.dtype))
+        return [(scores[q] - prior)[:len(c)] for q, c in enumerate(candidate_lists)]
 
     def rerank(self, history, candidates: list[int]) -> list[int]:
         """FIRST reranking of any number of candidates (sliding window, back to front)."""
@@ -70,7 +90,7 @@ class ListwiseReranker:
         batch = self._batch(self.prompts(histories, candidate_lists))
         if constraint is None:
             sizes = torch.tensor([len(c) for c in candidate_lists])
-            constraint = ListConstraint(sizes, self.bb.identifier_ids(int(sizes.max())), self.bb.separator_id,
+            constraint = ListConstraint(sizes, self.identifier_ids(candidate_lists), self.bb.separator_id,
                                         self.bb.end_id)
         done = torch.zeros(len(candidate_lists), dtype=torch.bool)
         out = self._forward(**batch, use_cache=True, logits_to_keep=1)
@@ -101,15 +121,13 @@ class ListwiseReranker:
 
     def rerank_generate(self, history, candidates: list[int], constrained: bool = True):
         """Full-generation reranking of one window; returns the order and the parse (validity flags)."""
-        text = self.generate([history], [candidates], constrained)[0]
-        parsed = parse_ranking(text, len(candidates), self.bb.tokenizer.decode([self.bb.end_id]))
+        parsed = self.parse(self.generate([history], [candidates], constrained)[0], candidates)
         return [candidates[i] for i in parsed.order], parsed
 
     def rerank_generate_window(self, history, candidates: list[int], constrained: bool = True) -> list[int]:
         """Full-generation reranking of any number of candidates (the same sliding window as FIRST)."""
         def rank_window(chunk):
-            text = self.generate([history], [chunk], constrained)[0]
-            return parse_ranking(text, len(chunk), self.bb.tokenizer.decode([self.bb.end_id])).order
+            return self.parse(self.generate([history], [chunk], constrained)[0], chunk).order
 
         return sliding_window_rerank(candidates, rank_window, self.window, self.stride)
 
@@ -124,7 +142,6 @@ class ListwiseReranker:
                 orders += [[c[j] for j in torch.sort(s, descending=True, stable=True).indices.tolist()]
                            for s, c in zip(self.first_scores(h, w), w)]
             else:
-                end = self.bb.tokenizer.decode([self.bb.end_id])
-                orders += [[c[j] for j in parse_ranking(text, len(c), end).order]
+                orders += [[c[j] for j in self.parse(text, c).order]
                            for text, c in zip(self.generate(h, w, constrained=True), w)]
         return orders

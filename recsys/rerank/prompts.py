@@ -4,6 +4,13 @@ A prompt holds the user's recent history and the candidates, each labelled with 
 identifier (``A``..``T``). Text backbones see titles and, when their tokenizer has a chat template,
 the prompt is wrapped in it (system + user turn, generation prompt). The ``tiny`` backbone sees item
 tokens ``<i{idx}>``. The answer is one identifier per line, then the end token.
+
+Identifiers are ``letters`` (the default, FIRST's ``A``..``T``) or, for the ``tiny`` backbone only,
+``items``: each candidate's own item token is its identifier (departure from FIRST, documented in
+:class:`pipelines.reranker.RerankerSFTConfig`). A letter only means "the candidate written next to
+me", so answering one is a two-hop pointer (find the candidate, read its label) that a tiny model
+trained from scratch did not learn in 400k examples (``pipelines/benchmarks/pointer_probe.py``); an
+item token's logit is a direct score of that item, learned from the first steps.
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from recsys.errors import RecsysError
 from recsys.llm.vocab import END, LETTERS
+
+IDENTIFIERS = ("letters", "items")
 
 if TYPE_CHECKING:
     from recsys.llm.backbone import Backbone
@@ -31,11 +41,19 @@ def item_titles(dataset) -> dict[int, str]:
     return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
 
 
+def _check_identifiers(backbone: Backbone, identifiers: str) -> None:
+    if identifiers not in IDENTIFIERS:
+        raise RecsysError(f"identifiers must be one of {IDENTIFIERS}, got {identifiers!r}")
+    if identifiers == "items" and backbone.name != "tiny":
+        raise RecsysError(f"{backbone.name}: item identifiers need the tiny backbone's item tokens; use letters")
+
+
 def listwise_prompt(backbone: Backbone, history: list[int], candidates: list[int], titles: dict[int, str] | None = None,
-                    max_history: int = 20) -> str:
+                    max_history: int = 20, identifiers: str = "letters") -> str:
     """The prompt text for one window. ``history`` / ``candidates``: item idx; ``titles``: idx -> text."""
+    _check_identifiers(backbone, identifiers)
     kind = "tiny" if backbone.name == "tiny" else "text"
-    t = templates()[kind]
+    t = templates()["tiny_items" if identifiers == "items" else kind]
     if kind == "text" and titles is None:
         raise ValueError("a text backbone needs item titles")
 
@@ -52,6 +70,28 @@ def listwise_prompt(backbone: Backbone, history: list[int], candidates: list[int
     return user + ("\n" if kind == "text" else " ")
 
 
-def answer_text(order: list[int]) -> str:
-    """The target answer for a ranking (candidate positions, best first): ``C\\nA\\nB\\n<eor>``."""
-    return "".join(f"{LETTERS[i]}\n" for i in order) + END
+def answer_text(order: list[int], candidates: list[int] | None = None) -> str:
+    """The target answer for a ranking (candidate positions, best first): ``C\\nA\\nB\\n<eor>``; with
+    ``candidates`` (item identifiers) the items' tokens instead: ``<i7>\\n<i3>\\n<i9>\\n<eor>``."""
+    words = [LETTERS[i] for i in order] if candidates is None else [f"<i{candidates[i]}>" for i in order]
+    return "".join(f"{w}\n" for w in words) + END
+
+
+def identifier_ids(backbone: Backbone, candidates: list[int], identifiers: str = "letters"):
+    """(n,) token ids that name the window's candidates: ``A``.. or the candidates' item tokens."""
+    import torch
+
+    _check_identifiers(backbone, identifiers)
+    if identifiers == "letters":
+        return backbone.identifier_ids(len(candidates))
+    return torch.tensor([backbone.token_id(f"<i{int(c)}>") for c in candidates])
+
+
+def items_as_letters(text: str, candidates: list[int]) -> str:
+    """An item-identifier answer rewritten with letters (``<i7>`` -> the letter of item 7's position), so
+    :func:`recsys.rerank.parse.parse_ranking` and its validity flags apply unchanged; an item token
+    that is not a candidate becomes the last letter ``Z`` (``out_of_window`` for windows under 26)."""
+    letter = {f"<i{int(c)}>": LETTERS[j] for j, c in enumerate(candidates)}
+    end = text.find(END)
+    body, tail = (text, "") if end < 0 else (text[:end], text[end:])
+    return "\n".join(letter.get(w.strip(), LETTERS[-1] if w.strip().startswith("<i") else w) for w in body.split("\n")) + tail

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from recsys.llm.backbone import Backbone
-from recsys.rerank.prompts import answer_text, listwise_prompt
+from recsys.rerank.prompts import answer_text, identifier_ids, listwise_prompt
 
 
 @dataclass(frozen=True)
@@ -76,16 +76,18 @@ def first_ranks(example: SFTExample) -> list[int]:
 
 
 def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_history: int = 20,
-                   supervise: str = "list") -> dict:
-    """``input_ids`` (prompt + answer), ``labels`` (-100 on the prompt) and ``answer_start``.
+                   supervise: str = "list", identifiers: str = "letters") -> dict:
+    """``input_ids`` (prompt + answer), ``labels`` (-100 on the prompt), ``answer_start``, FIRST's
+    ``ranks`` and the window's ``identifier_ids`` (letters, or the candidates' item tokens).
 
     ``supervise="list"``: the whole teacher answer is labelled and FIRST's ranks are the teacher order.
     ``"target"``: only the held-out item is taught: the first answer token alone is labelled (a softmax
     over the window's identifiers, i.e. next-item prediction against the window's hard negatives) and
     the ranks put the target at 1 and tie the rest at 2, so FIRST's pairs are target-vs-others only."""
-    prompt = listwise_prompt(backbone, example.history, example.presented, titles, max_history)
+    prompt = listwise_prompt(backbone, example.history, example.presented, titles, max_history, identifiers)
     p_ids = backbone.tokenizer.encode(prompt, add_special_tokens=False)
-    a_ids = backbone.tokenizer.encode(answer_text(example.teacher_order), add_special_tokens=False)
+    answer = answer_text(example.teacher_order, example.presented if identifiers == "items" else None)
+    a_ids = backbone.tokenizer.encode(answer, add_special_tokens=False)
     labels, ranks = list(a_ids), first_ranks(example)
     if supervise == "target":
         if example.target is None:
@@ -93,7 +95,7 @@ def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_his
         labels = a_ids[:1] + [-100] * (len(a_ids) - 1)
         ranks = [1 if r == 1 else 2 for r in ranks]
     return {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + labels, "answer_start": len(p_ids),
-            "ranks": ranks}
+            "ranks": ranks, "identifier_ids": identifier_ids(backbone, example.presented, identifiers).tolist()}
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -111,8 +113,12 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, T - L:], labels[i, T - L:], mask[i, T - L:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
         ranks[i, :len(r["ranks"])] = torch.tensor(r["ranks"])
         first_pos[i] = T - L + r["answer_start"] - 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "ranks": ranks, "first_pos": first_pos}
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+           "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "ranks": ranks, "first_pos": first_pos}
+    if "identifier_ids" in rows[0]:       # (B, n); a shorter window repeats its first id (its ranks are 0 there)
+        out["identifier_ids"] = torch.tensor([r["identifier_ids"] + r["identifier_ids"][:1] * (n - len(r["identifier_ids"]))
+                                              for r in rows])
+    return out
 
 
 def teacher_scores(example: SFTExample, prior_max: int = 5) -> list[int]:
