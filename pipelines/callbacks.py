@@ -84,11 +84,22 @@ def checkpoint_callbacks(directory, monitor: str, mode: str = "max"):
     return best, last
 
 
-def resume_checkpoint(out, record: dict, resume: bool = True):
+def same_run(previous: dict, record: dict, defaults: dict) -> bool:
+    """Whether ``record`` describes the run saved as ``previous``: equal, except that config fields
+    added to the code since (absent from ``previous["config"]``) may hold their ``defaults``."""
+    old, new = previous.get("config", {}), record.get("config", {})
+    if set(old) - set(new) or any(k not in defaults or new[k] != defaults[k] for k in set(new) - set(old)):
+        return False
+    return {**previous, "config": old} == {**record, "config": {k: new[k] for k in old}}
+
+
+def resume_checkpoint(out, record: dict, resume: bool = True, defaults: dict | None = None):
     """Path of ``out/checkpoints/last.ckpt`` to resume from, or None to start fresh.
 
     ``record`` (the run's defining config and dataset fingerprint) is written to ``out/run.json``; a
-    directory holding a different run is refused rather than silently continued.
+    directory holding a different run is refused rather than silently continued. ``defaults`` (the
+    config class's defaults) lets a run saved before a config field existed resume when the new field
+    is left at its default.
     """
     import json
     from pathlib import Path
@@ -100,7 +111,8 @@ def resume_checkpoint(out, record: dict, resume: bool = True):
     path, last = out / "run.json", out / "checkpoints" / "last.ckpt"
     if resume and last.exists():
         previous = json.loads(path.read_text()) if path.exists() else None
-        if previous != json.loads(json.dumps(record)):
+        if previous is None or not same_run(previous, json.loads(json.dumps(record)),
+                                            json.loads(json.dumps(defaults or {}))):
             raise RecsysError(f"{out}: holds a run with a different config or dataset; "
                               "use another --out or pass --no-resume to start over")
     path.write_text(json.dumps(record, indent=2))

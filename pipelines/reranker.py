@@ -326,7 +326,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
-                                   "candidates": str(Path(candidates_dir).resolve())}, resume)
+                                   "candidates": str(Path(candidates_dir).resolve())}, resume,
+                            dataclasses.asdict(RerankerSFTConfig()))
     L.seed_everything(config.seed, verbose=False)
     tiny = {"hidden_size": config.tiny_hidden_size, "num_layers": config.tiny_layers}
     backbone = load_backbone(config.backbone, n_items=dataset.n_items, **(tiny if config.backbone == "tiny" else {}))

@@ -172,3 +172,16 @@ def test_runtime_errors_are_clear(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(RecsysError, match="pip install mlflow"):
         make_loggers(tmp_path, ("mlflow",))
+
+
+def test_a_run_saved_before_a_config_field_existed_resumes_only_with_its_default():
+    from pipelines.callbacks import same_run
+
+    saved = {"config": {"lr": 1e-3}, "dataset_fingerprint": "abc"}
+    defaults = {"lr": 1e-3, "identifiers": "letters"}
+    assert same_run(saved, {"config": {"lr": 1e-3, "identifiers": "letters"}, "dataset_fingerprint": "abc"}, defaults)
+    assert not same_run(saved, {"config": {"lr": 1e-3, "identifiers": "items"}, "dataset_fingerprint": "abc"}, defaults)
+    assert not same_run(saved, {"config": {"lr": 1e-3, "other": 1}, "dataset_fingerprint": "abc"}, defaults)
+    assert not same_run(saved, {"config": {"lr": 2e-3, "identifiers": "letters"}, "dataset_fingerprint": "abc"}, defaults)
+    assert not same_run(saved, {"config": {"lr": 1e-3, "identifiers": "letters"}, "dataset_fingerprint": "xyz"}, defaults)
+    assert not same_run({"config": {"lr": 1e-3, "gone": 0}}, {"config": {"lr": 1e-3}}, defaults)

@@ -7,6 +7,9 @@ Steps (each skipped when its output exists, so a rerun only redoes what is missi
 2. ``tiny`` listwise and groupwise SFT (recipes ``*_sft_tiny.yaml``; item tokens from SASRec),
    reranking all test users' top-20 (FIRST / expected-score), the listwise one also the top-50
    through the sliding window (window 20, stride 10).
+   The same listwise reranker with item-token identifiers (``listwise_items_tiny.yaml``: windows from
+   each user's last 30 training items, SASRec top-20 plus random negatives, retriever prior chosen on
+   validation), on the same test candidates.
 3. FIRST vs full constrained generation, same model, same users, same batching: the speed ratio and
    the NDCG@10 difference.
 4. ``smollm2-135m``: validity of unconstrained generation before SFT, listwise and groupwise SFT on a
@@ -122,6 +125,21 @@ def main() -> None:
     rows.append(row(f"retriever-order@50 (first {a.sliding_users} users)", lw50, "retriever", backbone="-", depth=50))
     rows.append(row(f"listwise-sft-tiny@50 (first {a.sliding_users} users)", lw50, backbone="tiny", depth=50,
                     scoring="FIRST, sliding window 20/10"))
+    # -------- tiny with item-token identifiers: windows from the training sequences, retriever prior
+    pre = out / "cands-sasrec50-t30"
+    if not (pre / "candidates.json").exists():
+        timed("candidates train windows", candidates, ds, "sasrec", pre, n=50, sasrec=a.sasrec,
+              train_targets_per_user=30)
+    cfg = load_config(RerankerSFTConfig, CONFIGS / "listwise_items_tiny.yaml", {"init_items_from": sasrec_model})
+    items = timed("train listwise-sft-tiny-items", train_reranker, ds, pre, out / "listwise-items-tiny", cfg,
+                  progress=False)
+    prior = json.loads((items / "reranker.json").read_text())["retriever_prior"]
+    it20 = timed("rerank listwise-sft-tiny-items top-20", rerank, items, "lw-items-20", depth=20)
+    rows.append(row("listwise-sft-tiny-items", it20, backbone="tiny", depth=20, retriever_prior=prior,
+                    scoring="FIRST over item-token identifiers, minus retriever prior"))
+    it50 = timed("rerank listwise-sft-tiny-items top-50", rerank, items, "lw-items-50", depth=50, limit=a.sliding_users)
+    rows.append(row(f"listwise-sft-tiny-items@50 (first {a.sliding_users} users)", it50, backbone="tiny", depth=50,
+                    retriever_prior=prior, scoring="FIRST over item tokens, sliding window 20/10"))
     gw20 = timed("rerank groupwise-sft-tiny top-20", rerank, tiny["groupwise"], "gw-tiny-20", depth=20)
     rows.append(row("groupwise-sft-tiny", gw20, backbone="tiny", depth=20, scoring="expected digit, c=20"))
 
@@ -164,6 +182,10 @@ def main() -> None:
                    "first_vs_generate_ndcg@10_relative_change":
                        (speed["first_ndcg@10"] - speed["generate_ndcg@10"]) / max(speed["generate_ndcg@10"], 1e-12),
                    "listwise-sft-tiny/retriever ndcg@10": rows[1]["metrics"]["ndcg@10"] / base,
+                   "listwise-sft-tiny-items/retriever ndcg@10":
+                       next(r for r in rows if r["name"] == "listwise-sft-tiny-items")["metrics"]["ndcg@10"] / base,
+                   "listwise-sft-tiny-items@50/retriever@50 ndcg@10": it50["reranked"]["ndcg@10"]
+                       / it50["retriever"]["ndcg@10"],
                    "groupwise-sft-tiny/retriever ndcg@10":
                        next(r for r in rows if r["name"] == "groupwise-sft-tiny")["metrics"]["ndcg@10"] / base},
     })
