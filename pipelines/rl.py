@@ -44,7 +44,12 @@ from pipelines.callbacks import (
     checkpoint_callbacks,
     resume_checkpoint,
 )
-from pipelines.reranker import load_candidates, load_reranker, user_sequences
+from pipelines.reranker import (
+    load_candidates,
+    load_reranker,
+    tune_retriever_prior,
+    user_sequences,
+)
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
@@ -422,12 +427,18 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     module.load_state_dict(start_state if kept_start else
                            torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
+    prior_table = None
+    if module.listwise and not module.slate and "retriever_prior" in init_meta:    # re-chosen for the RL'd model
+        rows = [{"history": r["history"], "candidates": r["window"], "target": r["target"]} for r in data.valid_rows]
+        init_meta["retriever_prior"], prior_table = tune_retriever_prior(scorer, rows, config.window)
     module.model.save_pretrained(out / "model")
     module.bb.tokenizer.save_pretrained(out / "model")
     (out / "model" / "reranker.json").write_text(json.dumps(init_meta, indent=2))
     (out / "train.json").write_text(json.dumps({
         "kind": init_meta["kind"], "algo": config.algo, "seconds": timer.time_elapsed("train"),
         "steps": trainer.global_step // config.mu, f"start_{metric.replace('/', '_')}": start_score,
-        f"best_{metric.replace('/', '_')}": max(start_score, best_score), "kept_start": kept_start, "val_metric": metric, "config": dataclasses.asdict(config),
+        f"best_{metric.replace('/', '_')}": max(start_score, best_score), "kept_start": kept_start, "val_metric": metric,
+        "retriever_prior": init_meta.get("retriever_prior"), "val_cand_ndcg@10_by_retriever_prior": prior_table,
+        "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint}, indent=2))
     return out / "model"

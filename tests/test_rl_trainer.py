@@ -37,7 +37,9 @@ def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_model
     import polars as pl
     logs = pl.read_csv(next((tmp_path / "rl" / "logs").glob("version_*/metrics.csv")))
     assert logs["train/validity"].drop_nulls().min() == 1.0
-    assert json.loads((model / "reranker.json").read_text())["identifiers"] == "items"
+    meta, summary = json.loads((model / "reranker.json").read_text()), json.loads((tmp_path / "rl" / "train.json").read_text())
+    assert meta["identifiers"] == "items" and meta["retriever_prior"] == summary["retriever_prior"]
+    assert len(summary["val_cand_ndcg@10_by_retriever_prior"]) > 1          # chosen again for the RL'd weights
     with pytest.raises(RecsysError, match="letter"):
         train_rl(tiny_dataset, cands, tmp_path / "slate", RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2,
                                                                    **RL), progress=False)

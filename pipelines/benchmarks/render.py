@@ -105,7 +105,7 @@ def render_rerankers(result: dict) -> list[str]:
     out = _provenance("## Rerankers on ML-1M (`rerankers`)", result)
     out += [f"- candidates: {result['candidates']}", f"- {result['protocol']}", ""]
     out += _table(result["rows"], ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "cand_ndcg@10"],
-                  ["backbone", "depth", "num_users"])
+                  ["backbone", "depth", "num_users", "retriever_prior"])
     sp, r = result["speed"], result["ratios"]
     out += ["", (f"FIRST vs full constrained generation ({sp['model']}, first {sp['users']} test users, 32 lists per "
                 f"call, one run): {sp['first_seconds']} s vs {sp['generate_seconds']} s, **speed-up "
@@ -118,6 +118,8 @@ def render_rerankers(result: dict) -> list[str]:
                         f"{v['valid_rate']:.2f}, complete (all 20) {v['complete_rate']:.2f}, malformed lines "
                         f"{v['malformed_lines_per_answer']:.2f}, duplicates {v['duplicates_per_answer']:.2f}, "
                         f"out-of-window {v['out_of_window_per_answer']:.2f} per answer.")]
+    out += ["", "Reranked / retriever NDCG@10: " + ", ".join(f"{k.split(' ')[0]} {v:.4f}" for k, v in r.items()
+                                                           if "/retriever" in k) + "."]
     out += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".", ""]
     return out
 
@@ -222,7 +224,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
-             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl,
+             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl,
              "rl_throughput": render_rl_throughput}
 
 
