@@ -6,6 +6,24 @@ import numpy as np
 import torch
 
 
+def sasrec_and_tiny_reranker(dataset, tmp_path, name: str, seed: int, **meta):
+    """A 1-layer SASRec at ``tmp_path/sas`` and a random tiny reranker at ``tmp_path/name`` with a
+    ``reranker.json`` of window / group size 6 (``meta`` overrides); returns the reranker's backbone."""
+    from recsys.llm.backbone import build_tiny
+    from recsys.models.sasrec import SASRec, SASRecConfig
+
+    torch.manual_seed(0)
+    SASRec(SASRecConfig(n_items=dataset.n_items, max_len=12, hidden_size=16, num_layers=1),
+           dataset.fingerprint).save_pretrained(tmp_path / "sas")
+    bb = build_tiny(n_items=dataset.n_items, hidden_size=32, num_layers=1, seed=seed)
+    bb.model.save_pretrained(tmp_path / name)
+    bb.tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / name / "reranker.json").write_text(json.dumps({
+        "kind": "listwise", "prompt": "tiny", "window": 6, "group_size": 6, "max_history": 10,
+        "dataset_fingerprint": dataset.fingerprint} | meta))
+    return bb
+
+
 def test_export_writes_a_manifest_with_hashes_and_parity(exported):
     from serving.export import TOLERANCE, sha256
 
@@ -123,21 +141,11 @@ def test_groupwise_export_scores_match_the_eager_scorer_and_rerank_when_alone(ti
     """The exported digit step passes parity; the runtime's expected digits (greedy digits written for
     earlier candidates) equal GroupwiseReranker.sample at temperature 0; a deployment with only the
     groupwise model reranks with it."""
-    from recsys.llm.backbone import build_tiny
-    from recsys.models.sasrec import SASRec, SASRecConfig
     from recsys.rerank.groupwise import GroupwiseReranker
     from serving.export import TOLERANCE, export
     from serving.runtime import GroupwiseRuntime, Recommender, RecommendQuery
 
-    torch.manual_seed(0)
-    SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=12, hidden_size=16, num_layers=1),
-           tiny_dataset.fingerprint).save_pretrained(tmp_path / "sas")
-    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1, seed=3)
-    bb.model.save_pretrained(tmp_path / "gw")
-    bb.tokenizer.save_pretrained(tmp_path / "gw")
-    (tmp_path / "gw" / "reranker.json").write_text(json.dumps({
-        "kind": "groupwise", "prompt": "tiny", "window": 6, "group_size": 6, "max_history": 10,
-        "dataset_fingerprint": tiny_dataset.fingerprint}))
+    bb = sasrec_and_tiny_reranker(tiny_dataset, tmp_path, "gw", seed=3, kind="groupwise")
     out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve", groupwise_dir=tmp_path / "gw")
     entry = json.loads((out / "manifest.json").read_text())["models"]["groupwise"]
     assert entry["parity_max_abs"] <= TOLERANCE and entry["group_size"] == 6
@@ -185,21 +193,11 @@ def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(export
 def test_item_identifier_reranker_is_served_with_its_retriever_prior(tiny_dataset, tmp_path):
     """An item-identifier FIRST scorer exports every token's logit; the runtime reads each window's
     own item tokens and subtracts the same retriever prior as the eager scorer."""
-    from recsys.llm.backbone import build_tiny
-    from recsys.models.sasrec import SASRec, SASRecConfig
     from recsys.rerank.listwise import ListwiseReranker
     from serving.export import export
     from serving.runtime import FirstRuntime
 
-    torch.manual_seed(0)
-    SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=12, hidden_size=16, num_layers=1),
-           tiny_dataset.fingerprint).save_pretrained(tmp_path / "sas")
-    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1, seed=5)
-    bb.model.save_pretrained(tmp_path / "rr")
-    bb.tokenizer.save_pretrained(tmp_path / "rr")
-    (tmp_path / "rr" / "reranker.json").write_text(json.dumps({
-        "kind": "listwise", "prompt": "tiny", "window": 6, "group_size": 6, "max_history": 10, "identifiers": "items",
-        "retriever_prior": 0.3, "dataset_fingerprint": tiny_dataset.fingerprint}))
+    bb = sasrec_and_tiny_reranker(tiny_dataset, tmp_path, "rr", seed=5, identifiers="items", retriever_prior=0.3)
     out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve", tmp_path / "rr")
     entry = json.loads((out / "manifest.json").read_text())["models"]["first"]
     assert entry["identifiers"] == "items" and entry["retriever_prior"] == 0.3
