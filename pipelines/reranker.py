@@ -88,8 +88,9 @@ class RerankerSFTConfig:
     examples, ``listwise_pretrain_tiny.yaml``); an item token's logit scores the item directly."""
     retriever_prior: float | None = None
     """beta of FIRST's blend with the retriever's order, ``logit - beta * ln(1 + position)``
-    (:mod:`recsys.rerank.listwise`); None = chosen from ``PRIOR_GRID`` on the validation windows after
-    training (stored in ``reranker.json``); 0 = the model alone."""
+    (:mod:`recsys.rerank.listwise`); None = chosen from ``PRIOR_GRID`` after training (stored in
+    ``reranker.json``) on every validation window no training example came from: all validation users
+    when ``train_split`` is ``train``, else the ``val_users`` held out; 0 = the model alone."""
     init_items_from: str | None = None
     """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
@@ -186,6 +187,8 @@ class RerankerDataModule(L.LightningDataModule):
         self.bb, self.cfg, self.titles = backbone, config, titles
         valid = load_candidates(candidates_dir, "valid")
         self.valid = valid.tail(config.val_users)
+        # Validation rows no training example came from: all of them unless validation targets teach.
+        self.unseen_valid = valid if config.train_split == "train" else self.valid
         parts = []
         if config.train_split in ("train", "train+valid"):
             parts.append(load_candidates(candidates_dir, "train"))
@@ -271,7 +274,7 @@ class RerankerSFTModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
 
-PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0, 1000.0)
+PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 1000.0)
 """retriever_prior values tried on validation (1000 reproduces the retriever's order)."""
 
 
@@ -346,7 +349,7 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     module.load_state_dict(state)
     prior, prior_table = config.retriever_prior or 0.0, None
     if config.kind == "listwise" and config.retriever_prior is None:
-        val_rows = [{**r, "history": data.history(r)} for r in data.valid.iter_rows(named=True)]
+        val_rows = [{**r, "history": data.history(r)} for r in data.unseen_valid.iter_rows(named=True)]
         prior, prior_table = tune_retriever_prior(module.scorer, val_rows, config.window)
     backbone.model.save_pretrained(out / "model")
     backbone.tokenizer.save_pretrained(out / "model")

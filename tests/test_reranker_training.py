@@ -106,6 +106,9 @@ def test_training_on_validation_targets_holds_out_the_selection_users(tiny_datas
     dm = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, cfg, None)
     valid = pl.read_parquet(tmp_path / "c" / "candidates_valid.parquet")
     assert len(dm.rows) == valid.height - 10 and dm.valid["uidx"].to_list() == valid["uidx"].tail(10).to_list()
+    assert dm.unseen_valid["uidx"].to_list() == valid["uidx"].tail(10).to_list()   # the retriever prior's users
+    dm = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, RerankerSFTConfig(window=8, val_users=10), None)
+    assert dm.unseen_valid.height == valid.height and dm.valid.height == 10          # train_split=train: all of them
 
 
 def test_epochs_cut_shuffled_passes_without_dropping_or_repeating():
