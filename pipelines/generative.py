@@ -3,9 +3,11 @@
     recsys train generative --algo sft   --data D --semantic-ids S --out runs/gen-sft
     recsys train generative --algo vstar --data D --init runs/gen-sft/model --out runs/gen-vstar
 
-- ``sft``: next-token cross-entropy over every semantic-ID token of each user's training sequence
-  (the last ``max_items + 1`` items), the same split as SASRec; validation = beam search over the
-  validation users, NDCG@10 with the history excluded.
+- ``sft``: next-token cross-entropy over every semantic-ID token of each user's training sequence, the
+  same split as SASRec. A sequence longer than the model's window is cut into windows of
+  ``max_items + 1`` items that overlap by one (:func:`sequence_windows`), so every training item but a
+  user's first is a target exactly once (``all_windows: false`` keeps only the most recent window);
+  validation = beam search over the validation users, NDCG@10 with the history excluded.
 - ``grpo``: per training prompt (history = a user's training items but the last, target = the last),
   ``group_size`` items sampled from the trie-constrained policy, reward :func:`recsys.rl.vstar.prefix_reward`,
   group-normalised advantages, GRPO's objective with a k3 KL to the frozen SFT model (Shao et al. 2024).
@@ -86,6 +88,8 @@ class GenerativeTrainConfig:
     max_minutes: float | None = None
     limit_train_batches: int | None = None
     """SFT: at most this many batches per epoch (quick runs; default: all)."""
+    all_windows: bool = True
+    """SFT: train on every window of each user's sequence (:func:`sequence_windows`); False: the last only."""
     val_users: int = 1000
     """Validation users (the first ones of the validation split, fixed across epochs)."""
     val_beam: int = 20
@@ -125,6 +129,22 @@ class GenerativeTrainConfig:
                          self.temperature)
 
 
+def sequence_windows(seq, n: int) -> list:
+    """Windows of at most ``n`` items covering ``seq``, newest first, consecutive ones sharing one item.
+
+    Every item but ``seq[0]`` is predicted exactly once (it is a target in the window that ends with it or
+    contains it past its first position); a window shorter than 2 items predicts nothing and is dropped.
+    Example: ``sequence_windows([1, 2, 3, 4, 5, 6], 3)`` is ``[[4, 5, 6], [2, 3, 4], [1, 2]]``.
+    """
+    if n < 2:
+        raise RecsysError(f"a training window needs at least 2 items, got {n}")
+    out, end = [], len(seq)
+    while end >= 2:
+        out.append(seq[max(0, end - n):end])
+        end -= n - 1
+    return out
+
+
 def target_ranks(items: torch.Tensor, targets: np.ndarray) -> np.ndarray:
     """0-based position of each target in its row of ``items`` (B, K); inf when absent. (B,) float."""
     hit = items == torch.as_tensor(targets)[:, None]
@@ -155,7 +175,7 @@ class GenerativeData(L.LightningDataModule):
         self.cfg, self.model = config, model
         n = config.model.max_items + 1
         seqs = [s for s in dataset.train_sequences() if len(s) >= 2]
-        self.seqs = [s[-n:] for s in seqs]
+        self.seqs = [w for s in seqs for w in sequence_windows(s, n)] if config.all_windows else [s[-n:] for s in seqs]
         self.prompts = [{"history": s[:-1], "target": int(s[-1])} for s in seqs]
         valid = dataset.eval_examples("valid")
         self.valid = [{"history": h, "target": int(t[0])} for h, t in

@@ -24,6 +24,27 @@ def test_local_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(loaded.model(x).logits, bb.model.eval()(x).logits)
 
 
+def test_checkpoints_that_pad_on_the_right_are_batched_like_single_rows(tmp_path):
+    """SmolLM2's tokenizer pads on the right; the rerankers read each row's last position, so a loaded
+    backbone must pad on the left: batched FIRST scores equal one-row-at-a-time scores."""
+    import json
+
+    from recsys.rerank.listwise import ListwiseReranker
+
+    bb = build_tiny(n_items=30, seed=1)
+    bb.tokenizer.padding_side = "right"
+    bb.model.save_pretrained(tmp_path / "ckpt")
+    bb.tokenizer.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "reranker.json").write_text(json.dumps({"prompt": "tiny"}))   # keep the tiny prompts
+    loaded = load_backbone(tmp_path / "ckpt")
+    assert loaded.tokenizer.padding_side == "left"
+    reranker = ListwiseReranker(loaded, window=5, bf16=False)
+    histories, windows = [[1, 2, 3, 4, 5, 6, 7], [8]], [[11, 12, 13, 14, 15], [16, 17, 18, 19, 20]]
+    batched = reranker.first_scores(histories, windows)
+    for h, w, b in zip(histories, windows, batched):
+        torch.testing.assert_close(b, reranker.first_scores([h], [w])[0], atol=1e-5, rtol=1e-5)
+
+
 def test_gguf_conversion_recipe_on_a_stand_in(tmp_path):
     """ASSETS.md's conversion (drop quantization_config, fresh model, load weights, tie, save) on a tiny
     Llama standing in for the GGUF-loaded SmolLM2 (tests download nothing)."""

@@ -232,6 +232,22 @@ def test_prefix_reward_docstring_example():
 
 
 # ------------------------------------------------------------------------------------------ training
+def test_sequence_windows_docstring_example_and_every_target_once():
+    from pipelines.generative import sequence_windows
+
+    assert [list(w) for w in sequence_windows([1, 2, 3, 4, 5, 6], 3)] == [[4, 5, 6], [2, 3, 4], [1, 2]]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        seq, n = list(rng.permutation(100)[:rng.integers(2, 40)]), int(rng.integers(2, 12))
+        windows = sequence_windows(seq, n)
+        targets = [t for w in windows for t in w[1:]]              # what next-token training predicts
+        assert sorted(targets) == sorted(seq[1:]) and all(2 <= len(w) <= n for w in windows)
+        assert list(windows[0]) == seq[-n:]                        # the newest window is the old default
+    assert sequence_windows([7], 5) == []
+    with pytest.raises(RecsysError, match="at least 2"):
+        sequence_windows([1, 2, 3], 1)
+
+
 @pytest.fixture
 def sid_dir(tiny_dataset, tmp_path):
     from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs

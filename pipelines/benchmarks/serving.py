@@ -253,8 +253,7 @@ def main() -> None:
     if a.smollm2:                           # a ~1.7 s forward per request on this CPU: few requests, batch 1 only
         a.smollm2 = zero_shot_smollm2(ds, out) if a.smollm2 == "zero-shot" else a.smollm2
         smol_dir = export(ds, Path(a.sasrec) / "model", out / "serve-smollm2", a.smollm2)
-        smol_parity = json.loads((smol_dir / "manifest.json").read_text())["models"]["first"]["parity_max_abs"]
-        manifest["models"]["first_smollm2"] = {"parity_max_abs": smol_parity}
+        manifest["models"]["first_smollm2"] = json.loads((smol_dir / "manifest.json").read_text())["models"]["first"]
         hists = ds.eval_examples("test").histories[:8]
         windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(8)]
         for key, row in per_user_ms(first_engines(ds, a.smollm2, smol_dir), (hists, windows), 1, (1,)).items():

@@ -26,11 +26,18 @@ from recsys.llm.vocab import DIGITS, END, LETTERS, RANK, STRUCTURE
 
 @dataclass
 class Backbone:
-    """A causal LM with its tokenizer and the token ids the rerankers need."""
+    """A causal LM with its tokenizer and the token ids the rerankers need.
+
+    The tokenizer always pads on the left: every batched forward pass of the rerankers reads the last
+    position of each row, which with right padding (SmolLM2's own setting) is a pad token of every row
+    shorter than the longest."""
 
     model: torch.nn.Module
     tokenizer: object
     name: str
+
+    def __post_init__(self):
+        self.tokenizer.padding_side = "left"
 
     def token_id(self, token: str) -> int:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
