@@ -32,3 +32,20 @@ def test_renderers_on_minimal_results(tmp_path, monkeypatch):
                                             "perplexity": [30.0, 31.0, 29.0]}}}
     text = "\n".join(render.render_retrieval(retrieval))
     assert "| Flat-ml1m | 1.0000 | 10 | 1.0 | 0.1 |" in text and "| sasrec | 0.5000" in text
+
+
+def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
+    from pipelines.benchmarks import render
+
+    q = {"ndcg@10": 0.1234, "hr@10": 0.25}
+    result = {"benchmark": "serving", "command": "c", "commit": "x", "date": "d", "machine": "m", "server": "s",
+              "parity_max_abs": {"sasrec": 1e-6}, "int8_max_abs_change": {"sasrec": 0.1}, "ort_fusions": {},
+              "onnx_vs_torch": {"threads": 2, "users": 4,
+                                "sasrec_b1": {"torch_ms_per_user": 2.0, "onnx_ms_per_user": 1.0,
+                                              "onnx_int8_ms_per_user": 0.5}},
+              "int8_quality": {"tiny": {"users": 4, "sasrec": {"fp32": q, "int8": q | {"ndcg@10": 0.1111}}}},
+              "rows": [], "rescore": {"job_rows_per_s": 10, "rows": 5, "loop_rows_per_s": 5, "loop_rows": 5},
+              "ratios": {"onnx_speedup_sasrec": 2.0, "rescore_job/loop rows_per_s": 2.0}}
+    text = "\n".join(render.render_serving(result))
+    assert "| sasrec | 1 | 2.00 | 1.00 | 0.50 | 2.00 |" in text
+    assert "| tiny | sasrec | 4 | 0.1234 | 0.1111 | 0.2500 | 0.2500 |" in text

@@ -64,6 +64,35 @@ def test_runtime_user_vectors_and_first_scores_match_torch(exported, tiny_datase
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_int8_quality_rows_score_both_graphs_like_the_library(exported, tiny_dataset):
+    """The serving benchmark's int8 rows: fp32 SASRec matches the library's full-ranking evaluation."""
+    from pipelines.benchmarks.serving import int8_quality
+    from recsys.evaluation import evaluate_full_ranking
+
+    out, sas, _ = exported
+    q = int8_quality(tiny_dataset, out, users=10_000, first_batch=5)
+    test = tiny_dataset.eval_examples("test")
+    assert q["users"] == len(test.users) and set(q) == {"users", "sasrec", "first"}
+
+    class FP32:                       # the library scores in bf16; the exported graph is fp32
+        n_items = sas.n_items
+
+        @staticmethod
+        @torch.no_grad()
+        def score(histories):
+            s = sas.eval().user_embeddings(sas.pad_histories(histories)) @ sas.item_emb.weight.T
+            return s.index_fill(1, torch.tensor([0]), -torch.inf)
+
+    library = evaluate_full_ranking(FP32, test, ["ndcg@10", "hr@10", "hr@8"], progress=False)
+    assert abs(q["sasrec"]["fp32"]["ndcg@10"] - library["ndcg@10"]) < 1e-6
+    assert q["sasrec"]["fp32"]["hr@10"] == library["hr@10"]
+    for scorer in ("sasrec", "first"):
+        for graph in ("fp32", "int8"):
+            assert 0 <= q[scorer][graph]["ndcg@10"] <= q[scorer][graph]["hr@10"] <= 1
+    # FIRST only reorders SASRec's top window of 8: all of it lies in the top 10, so its HR@10 is SASRec's HR@8
+    assert q["first"]["fp32"]["hr@10"] == q["first"]["int8"]["hr@10"] == library["hr@8"]
+
+
 def test_only_export_imports_torch():
     """The serving runtime and app run where torch is not installed."""
     import subprocess

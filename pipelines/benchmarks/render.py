@@ -162,6 +162,16 @@ def render_serving(result: dict) -> list[str]:
             out.append(f"| {m} | {b} | {x['torch_ms_per_user']:.2f} | {x['onnx_ms_per_user']:.2f} | {int8} | "
                        f"{x['torch_ms_per_user'] / x['onnx_ms_per_user']:.2f} |")
     out += ["", f"int8: max abs score change {result['int8_max_abs_change']}. ORT fusions applied: {result['ort_fusions']}.", ""]
+    if result.get("int8_quality"):
+        out += [("What int8 costs (ML-1M test; sasrec: full ranking, history excluded; first: SASRec's top 20 "
+                 "reordered, a target outside them is a miss):"), "",
+                "| model | scorer | users | NDCG@10 fp32 | NDCG@10 int8 | HR@10 fp32 | HR@10 int8 |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for model, q in result["int8_quality"].items():
+            out += [f"| {model} | {scorer} | {q['users']} | {v['fp32']['ndcg@10']:.4f} | {v['int8']['ndcg@10']:.4f} | "
+                    f"{v['fp32']['hr@10']:.4f} | {v['int8']['hr@10']:.4f} |"
+                    for scorer, v in q.items() if scorer != "users"]
+        out += [""]
     out += ["| row | connections | micro-batching | candidates | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x.get('candidates', 50)} | {x['requests']} | {x['p50_ms']:.1f} | "

@@ -7,7 +7,10 @@
 2. Same scorer, same inputs (the first 64 test users), in one run: eager torch (fp32, the same
    threads) vs ONNX Runtime (fused graph, fp32; int8 dynamic quantisation beside it), one user per
    call (what the CPU server runs) and 32 per call (a batch job):
-   ``ratios["onnx_speedup_<model>"]`` (batch 1) and ``..._b32`` = torch seconds / ONNX fp32 seconds.
+   ``ratios["onnx_speedup_<model>"]`` (batch 1) and ``..._b32`` = torch seconds / ONNX fp32 seconds
+   (``onnx_int8_speedup_...``: the same against the int8 graph). What int8 costs: NDCG@10 / HR@10
+   of the fp32 and int8 graphs on ``--int8-users`` test users (``int8_quality``; SASRec full ranking,
+   and FIRST reordering SASRec's top 20).
 3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process (aiohttp) keeps C
    connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, ``--candidates`` retrieved,
    the reranker ordering the first 20) for ``--requests`` requests per level; rows
@@ -102,6 +105,47 @@ def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int, users: 
     for key, row in per_user_ms(first_engines(ds, reranker_dir, serve_dir), (hists, windows), repeats).items():
         out[f"first_tiny_{key}"] = row
     return out
+
+
+def int8_quality(ds, serve_dir, users: int, first_batch: int = 32) -> dict:
+    """What int8 costs in ranking quality, fp32 vs int8 graphs on the first ``users`` test users:
+    SASRec's full ranking (history excluded), and SASRec's fp32 top window (20) reordered by FIRST (a
+    target outside it is a miss); NDCG@10 and HR@10 for each."""
+    from recsys.metrics import compute_metrics
+    from serving.runtime import FirstRuntime, SASRecRuntime
+
+    test = ds.eval_examples("test")
+    hists, targets = test.histories[:users], np.array([int(t[0]) for t in test.targets[:users]])
+
+    def quality(order: np.ndarray) -> dict:
+        hit = order == targets[:, None]
+        ranks = np.where(hit.any(1), hit.argmax(1), np.inf)[:, None]
+        m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10", "hr@10"])
+        return {k: m[k] for k in ("ndcg@10", "hr@10")}
+
+    def top(rt: SASRecRuntime, k: int) -> np.ndarray:
+        out = []
+        for start in range(0, len(hists), 256):
+            chunk = hists[start:start + 256]
+            s = rt.user_vectors(chunk) @ rt.items.T
+            for row, (h, t) in enumerate(zip(chunk, targets[start:start + 256])):
+                h = np.asarray(h, dtype=np.int64)
+                s[row, h[h != t]] = -np.inf               # history excluded, never the target (the library's rule)
+            s[:, 0] = -np.inf
+            out.append(np.argsort(-s, 1, kind="stable")[:, :k])
+        return np.concatenate(out)
+
+    sas32, sas8 = SASRecRuntime(serve_dir), SASRecRuntime(serve_dir, int8=True)
+    result = {"users": len(hists), "sasrec": {"fp32": quality(top(sas32, 10)), "int8": quality(top(sas8, 10))}}
+    first = json.loads((Path(serve_dir) / "manifest.json").read_text())["models"].get("first", {})
+    if "int8" in first:
+        windows = top(sas32, first["window"])
+        result["first"] = {}
+        for name, rt in (("fp32", FirstRuntime(serve_dir)), ("int8", FirstRuntime(serve_dir, int8=True))):
+            scores = np.concatenate([rt.scores(hists[i:i + first_batch], windows[i:i + first_batch])
+                                     for i in range(0, len(hists), first_batch)])
+            result["first"][name] = quality(np.take_along_axis(windows, np.argsort(-scores, 1, kind="stable"), 1))
+    return result
 
 
 LOADGEN = r'''
@@ -235,6 +279,8 @@ def main() -> None:
                                      "for the converted model as is: also export and load-test it (8 connections, "
                                      "--smollm2-requests requests)")
     p.add_argument("--smollm2-requests", type=int, default=200)
+    p.add_argument("--int8-users", type=int, default=6040, help="test users of the int8 quality rows (tiny)")
+    p.add_argument("--smollm2-int8-users", type=int, default=100, help="the same for smollm2 (~1 s per user)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.serving")
 
@@ -250,15 +296,18 @@ def main() -> None:
     rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates)          # the server's defaults
     rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates)         # micro-batching on
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
+    int8 = {"tiny": int8_quality(ds, serve_dir, a.int8_users)}
     if a.smollm2:                           # a ~1.7 s forward per request on this CPU: few requests, batch 1 only
         a.smollm2 = zero_shot_smollm2(ds, out) if a.smollm2 == "zero-shot" else a.smollm2
-        smol_dir = export(ds, Path(a.sasrec) / "model", out / "serve-smollm2", a.smollm2)
+        smol_dir = export(ds, Path(a.sasrec) / "model", out / "serve-smollm2", a.smollm2, quantize=True)
         manifest["models"]["first_smollm2"] = json.loads((smol_dir / "manifest.json").read_text())["models"]["first"]
         hists = ds.eval_examples("test").histories[:8]
         windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(8)]
         for key, row in per_user_ms(first_engines(ds, a.smollm2, smol_dir), (hists, windows), 1, (1,)).items():
             speed[f"first_smollm2_{key}"] = row
         rows += load_test(smol_dir, users, [8], a.smollm2_requests, None, a.candidates, model="smollm2")
+        int8["smollm2"] = {"first": int8_quality(ds, smol_dir, a.smollm2_int8_users, first_batch=4)["first"],
+                           "users": a.smollm2_int8_users}
     write_result("serving", provenance, {
         "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker (uvloop, httptools), ONNX Runtime CPU provider; "
                                                       "defaults (micro-batching off, 1 ORT thread per call) unless "
@@ -266,9 +315,12 @@ def main() -> None:
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
         "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items() if "int8" in v},
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
+        "int8_quality": int8,
         "onnx_vs_torch": speed, "rows": rows, "rescore": job, "smollm2_reranker": str(a.smollm2 or "-"),
         "ratios": {**{"onnx_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_ms_per_user"]
                       for key, x in speed.items() if isinstance(x, dict)},
+                   **{"onnx_int8_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_int8_ms_per_user"]
+                      for key, x in speed.items() if isinstance(x, dict) and "onnx_int8_ms_per_user" in x},
                    "rescore_job/loop rows_per_s": job["job_rows_per_s"] / job["loop_rows_per_s"]},
     })
 
