@@ -4,7 +4,8 @@
 
 Semantic IDs: 3 residual k-means levels of 32 codes (+ de-duplication level) over the item embeddings
 of the SASRec run passed as ``--sasrec`` (trained on the training split; ``cf`` source). Per seed
-(seeds run in parallel, one process each): SFT from scratch on the training sequences, then GRPO and
+(seeds run in parallel, one process each): SFT from scratch on the training sequences (every window of
+50 + 1 items, consecutive windows sharing one item; ``--sft-minutes`` of one thread), then GRPO and
 V-STAR from that SFT model with the same prompts, group size and steps. Every row is evaluated on the
 test split with full-ranking semantics: beam search of width 50 over the whole catalog, history
 excluded, target rank = its position in the beam (a miss when absent). The ``sasrec`` row is the
