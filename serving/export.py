@@ -103,6 +103,7 @@ class _GenerativeStep(torch.nn.Module):
 
 def _export(module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict, fuse: bool = True) -> dict:
     """Export to ``path`` (weights in ``path.data``); returns the ORT fusions applied (name -> count)."""
+    module.eval()                                              # a fresh wrapper module starts in training mode
     torch.onnx.export(module, args, str(path), input_names=names, output_names=[output], dynamic_shapes=dynamic,
                       dynamo=True, opset_version=OPSET, verbose=False)
     if not fuse:
