@@ -94,7 +94,7 @@ class GenerativeTrainConfig:
     """Validation users (the first ones of the validation split, fixed across epochs)."""
     val_beam: int = 20
     seed: int = 0
-    precision: str = "bf16-mixed"
+    precision: str = "auto"
     num_threads: int | None = None
     # ---- RL
     max_steps: int = 100
@@ -395,7 +395,8 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
 
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items()
-                if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches")}
+                if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches",
+                             "precision")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from recsys.errors import RecsysError
+from recsys.precision import autocast
 
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -93,7 +94,6 @@ def _ranks(rerank_dir: Path, cands: Path) -> tuple[list[float], list[float]]:
 
 def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: int = 0, log=print) -> dict:
     """Run every stage (see the module docstring); returns and writes ``out/quickstart.json``."""
-    import torch
 
     from pipelines.config import load_config
     from pipelines.generative import (
@@ -181,7 +181,7 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
         rr = candidate_set_metrics(*_ranks(runs / "rerank-eval", cands), metrics)
         results[f"sasrec -> listwise-tiny (rank-grpo, top {p['depth']})"] = {m: rr["reranked"][m] for m in metrics}
         test = ds.eval_examples("test")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu"):
             g = evaluate_generative(load_for(ds, runs / "generative-sft" / "model"), test.histories,
                                     [int(t[0]) for t in test.targets], beam=p["beam"], metrics=metrics)
         results[f"generative-tiny (sft, beam {p['beam']})"] = {m: g[m] for m in metrics}

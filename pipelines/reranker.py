@@ -91,6 +91,9 @@ class RerankerSFTConfig:
     (:mod:`recsys.rerank.listwise`); None = chosen from ``PRIOR_GRID`` after training (stored in
     ``reranker.json``) on every validation window no training example came from: all validation users
     when ``train_split`` is ``train``, else the ``val_users`` held out; 0 = the model alone."""
+    prior_users: int | None = None
+    """Choose the retriever prior on the first N of those validation windows only (None = all of them;
+    a pretrained backbone on CPU scores about two windows a second)."""
     init_items_from: str | None = None
     """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
@@ -106,7 +109,7 @@ class RerankerSFTConfig:
     max_epochs: int = 3
     max_minutes: float | None = None
     seed: int = 0
-    precision: str = "bf16-mixed"
+    precision: str = "auto"
     tiny_hidden_size: int = 128
     """``tiny`` only: width of the model built from config."""
     tiny_layers: int = 2
@@ -215,7 +218,7 @@ class RerankerDataModule(L.LightningDataModule):
 
 
 def make_scorer(backbone: Backbone, kind: str, titles, window: int = 20, stride: int | None = None,
-                group_size: int = 20, max_history: int = 20, bf16: bool = True, identifiers: str = "letters",
+                group_size: int = 20, max_history: int = 20, bf16: bool | None = None, identifiers: str = "letters",
                 retriever_prior: float = 0.0):
     """The inference-time reranker of a trained model: FIRST (listwise, sliding window with ``stride``,
     default window / 2) or GroupRank scoring (groupwise)."""
@@ -238,21 +241,34 @@ class RerankerSFTModule(L.LightningModule):
                                   max_history=config.max_history, bf16=False, identifiers=config.identifiers)
         self._ranks: list[float] = []
 
-    def training_step(self, batch, batch_idx):
+    def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(language-model loss, FIRST ranking loss or None) of a collated batch.
+
+        The LM head runs only from the earliest ``first_pos`` of the batch onwards: with left padding
+        every labelled position lies there, and the (T, vocabulary) logits of the prompt, which carry no
+        label, would otherwise dominate the step for a 49k-token vocabulary (SmolLM2)."""
+        T = batch["input_ids"].shape[1]
+        start = int(batch["first_pos"].min())
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"])
-        logits = out.logits[:, :-1].float()
-        lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-        loss = lm
-        if self.cfg.kind == "listwise" and self.cfg.first_weight > 0:
-            n = batch["ranks"].shape[1]
-            at_first = out.logits[torch.arange(len(logits)), batch["first_pos"]].float()        # (B, V)
-            scores = first_scores(at_first, batch["identifier_ids"][:, :n])                   # (B, n)
-            rank_loss = weighted_ranknet_loss(scores, batch["ranks"], batch["ranks"] > 0)
-            self.log("train/first_loss", rank_loss, batch_size=len(logits))
-            loss = lm + self.cfg.first_weight * rank_loss
-        self.log("train/lm_loss", lm, prog_bar=True, batch_size=len(logits))
-        return loss
+                         position_ids=batch["position_ids"], logits_to_keep=T - start)
+        logits = out.logits.float()                                                    # (B, T - start, V)
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, start + 1:].reshape(-1),
+                             ignore_index=-100)
+        if self.cfg.kind != "listwise" or self.cfg.first_weight <= 0:
+            return lm, None
+        n = batch["ranks"].shape[1]
+        at_first = logits[torch.arange(len(logits)), batch["first_pos"] - start]          # (B, V)
+        scores = first_scores(at_first, batch["identifier_ids"][:, :n])                   # (B, n)
+        return lm, weighted_ranknet_loss(scores, batch["ranks"], batch["ranks"] > 0)
+
+    def training_step(self, batch, batch_idx):
+        lm, rank_loss = self.losses(batch)
+        B = batch["input_ids"].shape[0]
+        self.log("train/lm_loss", lm, prog_bar=True, batch_size=B)
+        if rank_loss is None:
+            return lm
+        self.log("train/first_loss", rank_loss, batch_size=B)
+        return lm + self.cfg.first_weight * rank_loss
 
     def validation_step(self, rows, batch_idx):
         rows = [r for r in rows if r["target"] in list(r["candidates"][:self.cfg.window])]
@@ -327,7 +343,7 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
                    progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """SFT of a reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
     out = Path(out)
-    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes", "precision")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
                                    "candidates": str(Path(candidates_dir).resolve())}, resume,
                             dataclasses.asdict(RerankerSFTConfig()))
@@ -349,7 +365,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     module.load_state_dict(state)
     prior, prior_table = config.retriever_prior or 0.0, None
     if config.kind == "listwise" and config.retriever_prior is None:
-        val_rows = [{**r, "history": data.history(r)} for r in data.unseen_valid.iter_rows(named=True)]
+        unseen = data.unseen_valid if config.prior_users is None else data.unseen_valid.head(config.prior_users)
+        val_rows = [{**r, "history": data.history(r)} for r in unseen.iter_rows(named=True)]
         prior, prior_table = tune_retriever_prior(module.scorer, val_rows, config.window)
     backbone.model.save_pretrained(out / "model")
     backbone.tokenizer.save_pretrained(out / "model")
@@ -363,6 +380,34 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
         "val_cand_ndcg@10_by_retriever_prior": prior_table, "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint, "train_examples": len(data.rows)}, indent=2))
     return out / "model"
+
+
+def zero_shot_reranker(dataset: PreparedDataset, out, source=None, candidates_dir=None, max_history: int = 20,
+                       prior_users: int = 1000, window: int = 20) -> Path:
+    """A pretrained causal LM as it is, not fine-tuned, as a listwise reranker directory ``out/model``
+    (FIRST over its letter logits, text prompts). ``source``: a local Hugging Face checkpoint
+    directory (default: SmolLM2-135M-Instruct as converted, ASSETS.md). With ``candidates_dir`` the
+    retriever prior is chosen on the first ``prior_users`` validation windows, as :func:`train_reranker`
+    does after SFT, so the two compare on equal terms; without, the prior is 0 (serving latency)."""
+    import shutil
+
+    from recsys.llm.backbone import smollm2_dir
+
+    source = Path(source) if source else smollm2_dir()
+    model = Path(out) / "model"
+    shutil.copytree(source, model, dirs_exist_ok=True)
+    meta = {"kind": "listwise", "prompt": "text", "window": window, "group_size": window, "max_history": max_history,
+            "retriever_prior": 0.0, "dataset_fingerprint": dataset.fingerprint,
+            "note": f"{source.name} as converted, not fine-tuned"}
+    (model / "reranker.json").write_text(json.dumps(meta, indent=2))
+    if candidates_dir is not None:
+        valid = load_candidates(candidates_dir, "valid").head(prior_users)
+        sequences = user_sequences(dataset)
+        rows = [{**r, "history": sequences[r["uidx"]][:r["history_length"]]} for r in valid.iter_rows(named=True)]
+        prior, table = tune_retriever_prior(load_reranker(model, dataset, window), rows, window)
+        meta |= {"retriever_prior": prior, "val_cand_ndcg@10_by_retriever_prior": table}
+        (model / "reranker.json").write_text(json.dumps(meta, indent=2))
+    return model
 
 
 def load_reranker(model_dir, dataset: PreparedDataset, window: int = 20, stride: int = 10, reshuffles: int = 1):

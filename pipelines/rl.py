@@ -116,7 +116,7 @@ class RLConfig:
     rank_size: int = 5
     """``f-grpo`` / ``slate-grpo``: slate items ranked in the rank phase."""
     seed: int = 0
-    precision: str = "bf16-mixed"
+    precision: str = "auto"
 
     @property
     def val_metric(self) -> str:
@@ -399,7 +399,7 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     if not config.init:
         raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
     out = Path(out)
-    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_steps", "max_minutes")}
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_steps", "max_minutes", "precision")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
                                    "candidates": str(Path(candidates_dir).resolve())}, resume)
     L.seed_everything(config.seed, verbose=False)

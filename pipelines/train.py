@@ -53,8 +53,9 @@ class SASRecTrainConfig:
     """Stop training after this wall-clock time (the best checkpoint so far is kept)."""
     seed: int = 0
     """Seed of initialisation, dropout and batch order."""
-    precision: str = "bf16-mixed"
-    """Lightning precision: ``bf16-mixed`` (fast on AMX CPUs and GPUs) or ``32-true``."""
+    precision: str = "auto"
+    """Lightning precision; ``auto`` = ``bf16-mixed`` where bf16 is fast (GPUs, AMX CPUs), else ``32-true``
+    (:mod:`recsys.precision`). Not part of a run's identity: a run resumes on a machine of another kind."""
     num_threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
 
@@ -69,7 +70,7 @@ class SASRecTrainConfig:
 
 
 # Stopping rules and threads may change on resume; max_epochs too, unless a cosine schedule spans it.
-RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads")
+RESUMABLE_CHANGES = ("max_epochs", "patience", "max_minutes", "num_threads", "precision")
 
 PRESETS = {
     # The README's main job: under 10 minutes of training on a 2-core CPU, below the published numbers.

@@ -72,8 +72,12 @@ def make_trainer(out: str | Path, runtime: Runtime | None, *, progress: bool, **
     (epochs, precision, callbacks, ...) -> ``lightning.Trainer``. Model summaries and sanity validation are off."""
     import lightning as L
 
+    from recsys.precision import lightning_precision
+
     runtime = runtime or Runtime()
     kwargs.setdefault("num_sanity_val_steps", 0)
+    if "precision" in kwargs:
+        kwargs["precision"] = lightning_precision(kwargs["precision"], runtime.accelerator)
     return L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=runtime.strategy,
                      logger=make_loggers(out, runtime.loggers), enable_progress_bar=progress,
                      enable_model_summary=False, **kwargs)

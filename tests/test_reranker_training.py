@@ -220,3 +220,54 @@ def test_retriever_prior_is_tuned_by_hand():
     assert table[2.0] == pytest.approx(table[0.0]) and table[1.0] == pytest.approx(table[0.0])
     best, table = tune_retriever_prior(scorer, rows[1:], window=3, grid=(0.0, 1.0, 2.0))   # window 2 alone
     assert best == 2.0 and table[2.0] == 1.0 and table[1.0] == pytest.approx(1 / np.log2(3))
+
+
+def test_sft_losses_read_the_same_logits_as_a_full_forward_pass():
+    """The LM head runs only on the answer span; the losses must equal those computed from every
+    position's logits (prompts of different lengths, so the left padding differs per row)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.reranker import RerankerSFTModule
+    from recsys.rerank.first import first_scores, weighted_ranknet_loss
+    from recsys.rerank.sft import collate, encode_example, teacher_example
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny", n_items=30, hidden_size=32, num_layers=1)
+    cfg = RerankerSFTConfig(window=6, first_weight=10.0, max_history=8)
+    module = RerankerSFTModule(bb, cfg)
+    rows = [encode_example(bb, teacher_example(list(range(1, 2 + k)), [10, 11, 12, 13, 14, 15], 12, 6, seed=k), None,
+                           cfg.max_history) for k in (1, 4, 7)]
+    batch = collate(rows, bb.tokenizer.pad_token_id)
+    lm, rank = module.losses(batch)
+
+    full = bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"]).logits.float()
+    ref_lm = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                             ignore_index=-100)
+    at_first = full[torch.arange(3), batch["first_pos"]]
+    ref_rank = weighted_ranknet_loss(first_scores(at_first, batch["identifier_ids"]), batch["ranks"], batch["ranks"] > 0)
+    assert len({len(r["input_ids"]) for r in rows}) == 3
+    torch.testing.assert_close(lm, ref_lm)
+    torch.testing.assert_close(rank, ref_rank)
+
+
+def test_zero_shot_reranker_gets_its_retriever_prior_from_validation(tiny_dataset, tmp_path):
+    """A pretrained checkpoint (a tiny stand-in: tests download nothing) becomes a text-prompt FIRST
+    reranker directory whose prior is the best of the validation table, as after SFT."""
+    from pipelines.reranker import PRIOR_GRID, load_reranker, zero_shot_reranker
+    from recsys.llm.backbone import build_tiny
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "cands", n=10, progress=False)
+    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1)
+    bb.model.save_pretrained(tmp_path / "pretrained")
+    bb.tokenizer.save_pretrained(tmp_path / "pretrained")
+    model = zero_shot_reranker(tiny_dataset, tmp_path / "zs", tmp_path / "pretrained", tmp_path / "cands",
+                               max_history=5, prior_users=40, window=10)
+    meta = json.loads((model / "reranker.json").read_text())
+    table = {float(k): v for k, v in meta["val_cand_ndcg@10_by_retriever_prior"].items()}
+    assert sorted(table) == sorted(PRIOR_GRID)
+    assert meta["retriever_prior"] == max(PRIOR_GRID, key=lambda b: (table[b], -b))
+    scorer = load_reranker(model, tiny_dataset, window=10)
+    assert scorer.retriever_prior == meta["retriever_prior"] and scorer.titles is not None

@@ -34,13 +34,15 @@ def _train_and_evaluate(data_dir: str, out: str, recipe: str, seed: int, threads
 
     from pipelines.config import load_config
     from pipelines.jobs import evaluate_model
-    from pipelines.train import SASRecTrainConfig, train_sasrec
+    from pipelines.train import RESUMABLE_CHANGES, SASRecTrainConfig, train_sasrec
     from recsys.data import PreparedDataset
 
     ds = PreparedDataset.load(data_dir)
     config = load_config(SASRecTrainConfig, recipe, {**overrides, "seed": seed, "num_threads": threads})
     done = Path(out) / "train.json"
-    if not (done.exists() and json.loads(done.read_text())["config"] == dataclasses.asdict(config)):
+    identity = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    if not (done.exists() and {k: v for k, v in json.loads(done.read_text())["config"].items()
+                               if k not in RESUMABLE_CHANGES} == identity):
         train_sasrec(ds, out, config, progress=False)  # resumes from out/checkpoints/last.ckpt if present
     summary = json.loads(done.read_text())
     metrics = evaluate_model(ds, out, "test", METRICS, progress=False)

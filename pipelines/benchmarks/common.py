@@ -38,7 +38,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), no GPU"
+    amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX: fp32 is the fast path"
+    return f"{os.cpu_count()}-core CPU ({cpu}, {amx}), no GPU"
 
 
 class Provenance:

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from pipelines.benchmarks.common import Provenance, write_result
+from recsys.precision import autocast
 
 METRICS = ["hr@5", "hr@10", "ndcg@5", "ndcg@10"]
 
@@ -66,7 +67,7 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
         if not (model_dir / "generative.json").exists():
             raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         summary = json.loads((run_dir / "train.json").read_text())
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu"):
             m = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False)
         rows.append({"name": name, "seed": seed, "metrics": {k: m[k] for k in METRICS},
                      "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"], "steps": summary["steps"],
@@ -99,7 +100,7 @@ def beam_vs_ved(model_dir: str, data: str, users: int, group: int = 16, init_bea
             for i, x in enumerate(h):
                 exclude[i, torch.as_tensor(x)] = True
             began = time.time()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with autocast("cpu"):
                 if name == "beam":
                     out, spent = decode(model, h, group, exclude=exclude), np.full(len(h), budget)
                 else:
@@ -129,7 +130,7 @@ def decoding_speed(model_dir: str, data: str, users: int) -> list[dict]:
     hist, _ = _test(ds, users)
     rows = []
     for beam in (20, 50):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast("cpu"):
             recommend_batch(model, hist[:64], 10, beam)                     # warm-up
             began = time.time()
             recommend_batch(model, hist, 10, beam)
@@ -139,7 +140,6 @@ def decoding_speed(model_dir: str, data: str, users: int) -> list[dict]:
 
 
 def sasrec_row(data: str, run: str, limit) -> dict:
-    import torch
 
     from recsys.data import PreparedDataset
     from recsys.data.prepared import EvalExamples
@@ -150,7 +150,7 @@ def sasrec_row(data: str, run: str, limit) -> dict:
     ex = ds.eval_examples("test")
     n = limit or len(ex.users)
     ex = EvalExamples(ex.users[:n], ex.histories[:n], ex.targets[:n])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast("cpu"):
         m = evaluate_full_ranking(load_model(Path(run) / "model"), ex, METRICS, progress=False)
     return {"name": "sasrec", "seed": json.loads((Path(run) / "train.json").read_text())["config"]["seed"],
             "metrics": {k: m[k] for k in METRICS}, "source": run}

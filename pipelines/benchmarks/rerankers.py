@@ -12,8 +12,11 @@ Steps (each skipped when its output exists, so a rerun only redoes what is missi
    validation), on the same test candidates.
 3. FIRST vs full constrained generation, same model, same users, same batching: the speed ratio and
    the NDCG@10 difference.
-4. ``smollm2-135m``: validity of unconstrained generation before SFT, listwise and groupwise SFT on a
-   hundred validation targets, reranking the first ``--smollm2-users`` test users, validity after.
+4. ``smollm2-135m`` (``--smollm2-only`` writes these rows alone to ``results/rerankers_smollm2.json``):
+   validity of unconstrained generation before SFT; the model as converted, FIRST plus the retriever
+   prior chosen on validation (zero-shot); listwise and groupwise SFT (recipes ``*_sft_smollm2.yaml``:
+   SASRec's top-20 on each user's last training item, an hour and 25 minutes of CPU), reranking the
+   first ``--smollm2-users`` (groupwise ``--smollm2-groupwise-users``) test users; validity after.
 
 Rows carry full-ranking pipeline metrics (a target outside the candidates is a miss) and candidate-set
 metrics (``cand_``, only users whose target is among the candidates). Rows on a user subset say so and
@@ -39,7 +42,7 @@ def row(name: str, result: dict, which: str = "reranked", **extra) -> dict:
             "num_users": m["num_queries"], "target_in_candidates": m["target_in_candidates"], **extra}
 
 
-def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, prompt_kind: str | None = None) -> dict:
+def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, max_history: int = 10) -> dict:
     """Unconstrained greedy generation on the first ``users`` test windows: how often the answer is a
     valid ranking (every line one identifier of the window, no duplicates, the end token)."""
     from pipelines.reranker import item_titles, load_candidates, user_sequences
@@ -50,7 +53,7 @@ def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, prompt_
     bb = load_backbone(model_dir_or_backbone)
     df = load_candidates(candidates_dir, "test").head(users)
     seqs = user_sequences(dataset)
-    rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=5)
+    rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=max_history)
     end = bb.tokenizer.decode([bb.end_id])
     counts = {"valid": 0, "complete": 0, "malformed_lines": 0, "duplicates": 0, "out_of_window": 0}
     rows = list(df.iter_rows(named=True))
@@ -79,16 +82,25 @@ def main() -> None:
     p.add_argument("--speed-users", type=int, default=1000, help="test users in the FIRST vs generation timing")
     p.add_argument("--sliding-users", type=int, default=1000,
                    help="test users in the top-50 sliding-window rows (one list at a time: CPU budgets)")
-    p.add_argument("--smollm2-users", type=int, default=100, help="test users reranked by the smollm2 models")
+    p.add_argument("--smollm2-users", type=int, default=500,
+                   help="test users reranked by the listwise smollm2 models (the first N)")
+    p.add_argument("--smollm2-groupwise-users", type=int, default=200,
+                   help="test users reranked by the groupwise smollm2 model (the first N)")
     p.add_argument("--validity-users", type=int, default=20)
-    p.add_argument("--skip-smollm2", action="store_true")
+    p.add_argument("--smollm2-only", action="store_true",
+                   help="only the smollm2-135m rows, written to results/rerankers_smollm2.json")
+    p.add_argument("--skip-smollm2", action="store_true",
+                   help="only the tiny rows (and the FIRST vs generation speed), results/rerankers.json")
     a = p.parse_args()
+    if a.smollm2_only and a.skip_smollm2:
+        p.error("--smollm2-only and --skip-smollm2 exclude each other")
     provenance = Provenance("pipelines.benchmarks.rerankers")
 
     from pipelines.config import load_config
     from pipelines.reranker import RerankerSFTConfig, rerank_candidates, train_reranker
     from pipelines.retrieval import candidates
     from recsys.data import PreparedDataset
+    from recsys.precision import lightning_precision
 
     out = Path(a.out)
     ds = PreparedDataset.load(a.data)
@@ -110,6 +122,19 @@ def main() -> None:
         if cached.exists():
             return json.loads(cached.read_text())
         return rerank_candidates(ds, model, cands, path, progress=False, **kw)
+
+    if a.smollm2_only:
+        smollm2(a, ds, out, cands, rows, extra, timed, rerank)
+        write_result("rerankers_smollm2", provenance, {
+            "dataset": "ml-1m", "split": "test", "device": f"cpu, precision {lightning_precision('auto', 'cpu')} (bf16 only on AMX CPUs)",
+            "candidates": f"SASRec ({a.sasrec}) top-20",
+            "protocol": "pipeline metrics: full ranking, target outside the candidates = miss; cand_: only "
+                        "users whose target is among the candidates; every row on the first N test users, "
+                        "N given in the row, with the retriever order on the same users",
+            "rows": rows, "stage_seconds": stages, **extra,
+            "ratios": {f"{r['name']}/retriever ndcg@10": r["metrics"]["ndcg@10"] / r["retriever_ndcg@10"]
+                       for r in rows if "retriever_ndcg@10" in r}})
+        return
 
     # -------- tiny: listwise and groupwise SFT
     tiny = {}
@@ -152,26 +177,8 @@ def main() -> None:
              "generate_seconds": round(gen["seconds"], 2), "first_ndcg@10": first["reranked"]["ndcg@10"],
              "generate_ndcg@10": gen["reranked"]["ndcg@10"]}
 
-    # -------- smollm2-135m (user subset on CPU)
     if not a.skip_smollm2:
-        extra["validity_before_sft"] = timed("validity smollm2 base", validity, ds, "smollm2-135m", cands,
-                                             a.validity_users)
-        for kind in ("listwise", "groupwise"):
-            cfg = load_config(RerankerSFTConfig, CONFIGS / f"{kind}_sft_smollm2.yaml")
-            model = timed(f"train {kind}-sft-smollm2", train_reranker, ds, cands, out / f"{kind}-sft-smollm2", cfg,
-                          progress=False)
-            res = timed(f"rerank {kind}-sft-smollm2", rerank, model, f"{kind}-smollm2", depth=20,
-                        limit=a.smollm2_users)
-            if kind == "listwise":
-                rows.append(row(f"retriever-order (first {a.smollm2_users} users)", res, "retriever", backbone="-",
-                                depth=20))
-                extra["validity_after_sft"] = timed("validity smollm2 sft", validity, ds, model, cands,
-                                                    a.validity_users)
-                s = json.loads((out / f"{kind}-sft-smollm2" / "train.json").read_text())
-                extra["smollm2_train_examples"] = s["train_examples"]
-            rows.append(row(f"{kind}-sft-smollm2", res, backbone="smollm2-135m", depth=20,
-                            users=f"first {a.smollm2_users} test users"))
-
+        smollm2(a, ds, out, cands, rows, extra, timed, rerank)
     base = rows[0]["metrics"]["ndcg@10"]
     write_result("rerankers", provenance, {
         "dataset": "ml-1m", "split": "test", "candidates": f"SASRec ({a.sasrec}) top-50; rows at depth 20 use the top-20",
@@ -189,6 +196,48 @@ def main() -> None:
                    "groupwise-sft-tiny/retriever ndcg@10":
                        next(r for r in rows if r["name"] == "groupwise-sft-tiny")["metrics"]["ndcg@10"] / base},
     })
+
+
+def smollm2(a, ds, out: Path, cands: Path, rows: list, extra: dict, timed, rerank) -> None:
+    """The ``smollm2-135m`` rows (user subsets on CPU): zero-shot FIRST, listwise and groupwise SFT,
+    each with the retriever order on the same users, and unconstrained validity before and after SFT."""
+    from pipelines.config import load_config
+    from pipelines.reranker import RerankerSFTConfig, train_reranker, zero_shot_reranker
+
+    def add(name, res, **extra_fields):
+        rows.append(row(name, res, backbone="smollm2-135m", depth=20, **extra_fields)
+                    | {"retriever_ndcg@10": res["retriever"]["ndcg@10"]})
+
+    n, ng = a.smollm2_users, a.smollm2_groupwise_users
+    extra["validity_before_sft"] = timed("validity smollm2 base", validity, ds, "smollm2-135m", cands,
+                                         a.validity_users)
+    lw_cfg = load_config(RerankerSFTConfig, CONFIGS / "listwise_sft_smollm2.yaml")
+    zero = out / "listwise-zero-shot-smollm2"
+    if not (zero / "model" / "reranker.json").exists() or "val_cand_ndcg@10_by_retriever_prior" not in \
+            json.loads((zero / "model" / "reranker.json").read_text()):
+        timed("prior listwise-zero-shot-smollm2", zero_shot_reranker, ds, zero, candidates_dir=cands,
+              max_history=lw_cfg.max_history, prior_users=lw_cfg.prior_users)
+    res = timed("rerank listwise-zero-shot-smollm2", rerank, zero / "model", "zero-shot-smollm2", depth=20, limit=n)
+    rows.append(row(f"retriever-order (first {n} users)", res, "retriever", backbone="-", depth=20))
+    prior = json.loads((zero / "model" / "reranker.json").read_text())["retriever_prior"]
+    add("listwise-zero-shot-smollm2", res, users=f"first {n} test users", retriever_prior=prior,
+        scoring="FIRST, not fine-tuned, retriever prior chosen on validation")
+    for kind, cfg, users in (("listwise", lw_cfg, n),
+                             ("groupwise", load_config(RerankerSFTConfig, CONFIGS / "groupwise_sft_smollm2.yaml"), ng)):
+        model = timed(f"train {kind}-sft-smollm2", train_reranker, ds, cands, out / f"{kind}-sft-smollm2", cfg,
+                      progress=False)
+        res = timed(f"rerank {kind}-sft-smollm2", rerank, model, f"{kind}-smollm2", depth=20, limit=users)
+        summary = json.loads((out / f"{kind}-sft-smollm2" / "train.json").read_text())
+        extra[f"{kind}_smollm2_training"] = {k: summary[k] for k in ("seconds", "epochs", "best_val_cand_ndcg@10",
+                                                                      "train_examples")}
+        if kind == "listwise":
+            extra["validity_after_sft"] = timed("validity smollm2 sft", validity, ds, model, cands, a.validity_users)
+            add("listwise-sft-smollm2", res, users=f"first {n} test users", retriever_prior=summary["retriever_prior"],
+                scoring="FIRST, retriever prior chosen on validation")
+        else:
+            if users != n:
+                rows.append(row(f"retriever-order (first {users} users)", res, "retriever", backbone="-", depth=20))
+            add("groupwise-sft-smollm2", res, users=f"first {users} test users", scoring="expected digit, c=20")
 
 
 if __name__ == "__main__":

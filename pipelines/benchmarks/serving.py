@@ -253,14 +253,9 @@ def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
 def zero_shot_smollm2(ds, out: Path) -> Path:
     """SmolLM2-135M-Instruct as converted (ASSETS.md), not fine-tuned, as a listwise reranker directory:
     enough to measure serving latency with a real 135M backbone."""
-    from recsys.llm.backbone import smollm2_dir
+    from pipelines.reranker import zero_shot_reranker
 
-    model = out / "smollm2-zero-shot" / "model"
-    shutil.copytree(smollm2_dir(), model, dirs_exist_ok=True)
-    (model / "reranker.json").write_text(json.dumps({
-        "kind": "listwise", "prompt": "text", "window": 20, "group_size": 20, "max_history": 20,
-        "dataset_fingerprint": ds.fingerprint, "note": "SmolLM2-135M-Instruct, not fine-tuned (latency only)"}))
-    return model
+    return zero_shot_reranker(ds, out / "smollm2-zero-shot")
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from recsys.errors import RecsysError
+from recsys.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ class SASRec(nn.Module):
         was_training = self.training
         self.eval()
         device_type = self.item_emb.weight.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with autocast(device_type):
             u = self.user_embeddings(self.pad_histories(histories))
         scores = u.float() @ self.item_emb.weight.float().T
         scores[:, 0] = -torch.inf

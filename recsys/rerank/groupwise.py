@@ -134,7 +134,7 @@ class GroupwiseReranker:
         self.bb.model.eval()
         batch = self._prompt_batch(histories, groups)
         B, c = len(groups), len(groups[0])
-        out = self.bb.model(**batch, use_cache=True)
+        out = self.bb.model(**batch, use_cache=True, logits_to_keep=1)       # only the cache is needed
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1:]
         answer, digits, expected = [], [], []
         for j in range(c):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from recsys.llm.backbone import Backbone
+from recsys.precision import autocast
 from recsys.rerank.first import ListConstraint, first_scores
 from recsys.rerank.parse import ParsedList, parse_ranking
 from recsys.rerank.prompts import identifier_ids, items_as_letters, listwise_prompt
@@ -29,7 +30,7 @@ class ListwiseReranker:
     """Ranks windows of up to ``window`` candidates with a causal LM."""
 
     def __init__(self, backbone: Backbone, titles: dict[int, str] | None = None, window: int = 20, stride: int = 10,
-                 max_history: int = 20, bf16: bool = True, identifiers: str = "letters", retriever_prior: float = 0.0):
+                 max_history: int = 20, bf16: bool | None = None, identifiers: str = "letters", retriever_prior: float = 0.0):
         self.bb, self.titles, self.window, self.stride, self.max_history = backbone, titles, window, stride, max_history
         self.bf16, self.identifiers, self.retriever_prior = bf16, identifiers, retriever_prior
 
@@ -56,7 +57,7 @@ class ListwiseReranker:
 
     def _forward(self, **batch):
         device = next(self.bb.model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with autocast(device.type, self.bf16):
             return self.bb.model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from recsys.data.prepared import EvalExamples, PreparedDataset
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
+from recsys.precision import autocast
 from recsys.retrieval.index import ItemIndex
 
 
@@ -61,7 +62,7 @@ class SASRecRetriever:
     @torch.no_grad()
     def user_vectors(self, histories: list[np.ndarray]) -> np.ndarray:
         device_type = self.model.item_emb.weight.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16):
+        with autocast(device_type):
             return self.model.user_embeddings(self.model.pad_histories(histories)).float().numpy()
 
     def retrieve(self, histories, n):
