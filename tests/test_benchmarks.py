@@ -49,3 +49,24 @@ def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
     text = "\n".join(render.render_serving(result))
     assert "| sasrec | 1 | 2.00 | 1.00 | 0.50 | 2.00 |" in text
     assert "| tiny | sasrec | 4 | 0.1234 | 0.1111 | 0.2500 | 0.2500 |" in text
+
+
+def test_smollm2_reranker_renderer_compares_each_row_with_the_retriever_on_its_users():
+    from pipelines.benchmarks import render
+
+    m = {k: 0.2 for k in ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "cand_ndcg@10"]}
+    v = {"users": 20, "valid_rate": 0.1, "complete_rate": 0.0, "malformed_lines_per_answer": 3.0,
+         "duplicates_per_answer": 1.0, "out_of_window_per_answer": 0.5}
+    result = {"benchmark": "rerankers_smollm2", "command": "c", "commit": "x", "date": "d", "machine": "m",
+              "device": "cpu", "candidates": "SASRec top-20", "protocol": "p",
+              "rows": [{"name": "retriever-order (first 500 users)", "metrics": m, "num_users": 500},
+                       {"name": "listwise-sft-smollm2", "metrics": {**m, "ndcg@10": 0.21}, "num_users": 500,
+                        "retriever_prior": 2.0}],
+              "validity_before_sft": v, "validity_after_sft": {**v, "valid_rate": 0.9},
+              "listwise_smollm2_training": {"seconds": 3600, "epochs": 4, "best_val_cand_ndcg@10": 0.41,
+                                            "train_examples": 6000},
+              "stage_seconds": {"train": 1.0}, "ratios": {"listwise-sft-smollm2/retriever ndcg@10": 1.05}}
+    text = "\n".join(render.RENDERERS["rerankers_smollm2"](result))
+    assert "| listwise-sft-smollm2 |  | 0.2100 | 0.2000" in text and "| 500 | 2.0 |" in text
+    assert "before SFT (20 test users): valid 0.10" in text and "after SFT (20 test users): valid 0.90" in text
+    assert "listwise-sft-smollm2 training: 60 min" in text and "listwise-sft-smollm2 1.0500" in text

@@ -111,6 +111,12 @@ def render_rerankers(result: dict) -> list[str]:
                 f"call, one run): {sp['first_seconds']} s vs {sp['generate_seconds']} s, **speed-up "
                 f"{r['first_speedup']:.1f}x**; NDCG@10 {sp['first_ndcg@10']:.4f} vs {sp['generate_ndcg@10']:.4f} "
                 f"(relative change {100 * r['first_vs_generate_ndcg@10_relative_change']:+.1f}%).")]
+    return out + _reranker_notes(result)
+
+
+def _reranker_notes(result: dict) -> list[str]:
+    """Validity of unconstrained smollm2 generation, training summaries, ratios, stage times."""
+    out = []
     for key, label in (("validity_before_sft", "before SFT"), ("validity_after_sft", "after SFT")):
         if key in result:
             v = result[key]
@@ -118,10 +124,25 @@ def render_rerankers(result: dict) -> list[str]:
                         f"{v['valid_rate']:.2f}, complete (all 20) {v['complete_rate']:.2f}, malformed lines "
                         f"{v['malformed_lines_per_answer']:.2f}, duplicates {v['duplicates_per_answer']:.2f}, "
                         f"out-of-window {v['out_of_window_per_answer']:.2f} per answer.")]
-    out += ["", "Reranked / retriever NDCG@10: " + ", ".join(f"{k.split(' ')[0]} {v:.4f}" for k, v in r.items()
-                                                           if "/retriever" in k) + "."]
+    for kind in ("listwise", "groupwise"):
+        t = result.get(f"{kind}_smollm2_training")
+        if t:
+            out += ["", (f"{kind}-sft-smollm2 training: {t['seconds'] / 60:.0f} min, {t['epochs']} validation "
+                        f"rounds, best validation cand_ndcg@10 {t['best_val_cand_ndcg@10']:.4f} "
+                        f"({t['train_examples']} training windows available).")]
+    r = result["ratios"]
+    out += ["", "Reranked / retriever NDCG@10 (same users): " + ", ".join(
+        f"{k.split('/')[0].split(' ')[0]} {v:.4f}" for k, v in r.items() if "/retriever" in k) + "."]
     out += ["", "Stage times (s): " + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".", ""]
     return out
+
+
+def render_rerankers_smollm2(result: dict) -> list[str]:
+    out = _provenance("## SmolLM2-135M rerankers on ML-1M (`rerankers --smollm2-only`)", result)
+    out += [f"- device: {result['device']}", f"- candidates: {result['candidates']}", f"- {result['protocol']}", ""]
+    out += _table(result["rows"], ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "cand_ndcg@10"],
+                  ["num_users", "retriever_prior"])
+    return out + _reranker_notes(result)
 
 
 def render_rl(result: dict) -> list[str]:
@@ -202,7 +223,7 @@ def render_generative(result: dict) -> list[str]:
     out += [f"| {r['name']} | {r['users']} | {r['budget_calls']} | {r['mean_calls']:.1f} | {r['candidate_hit_rate']:.4f} | "
             f"{r['within_group_reward_std']:.4f} | {r['distinct_items']:.2f} | {r['users_per_second']:.1f} |"
             for r in result["beam_vs_ved"]]
-    out += ["", "Decoding speed (top-10 by beam search, history excluded, bf16 autocast, this CPU): " + ", ".join(
+    out += ["", "Decoding speed (top-10 by beam search, history excluded, this CPU, precision auto): " + ", ".join(
         f"beam {r['beam']}: {r['users_per_second']:.1f} users/s" for r in result["speed"]) + ".", ""]
     return out
 
@@ -234,6 +255,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
+             "rerankers_smollm2": render_rerankers_smollm2,
              "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl,
              "rl_throughput": render_rl_throughput}
 
