@@ -203,7 +203,9 @@ class _Validated(L.LightningModule):
 
     def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
         super().__init__()
-        self.model, self.cfg = model, config
+        # Train mode for every submodule: from_pretrained leaves the LM in eval mode, and Lightning keeps
+        # each submodule's mode as it finds it at the start of fit (dropout of the value head included).
+        self.model, self.cfg = model.train(), config
         self._ranks: list[np.ndarray] = []
 
     def validation_step(self, rows, batch_idx):

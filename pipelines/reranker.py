@@ -76,7 +76,8 @@ class RerankerSFTConfig:
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
     """When the retriever missed the held-out item: ``insert`` it (replacing the last candidate),
-    ``skip`` the example, or ``keep`` the list (the teacher is then the retriever's order)."""
+    ``skip`` the example, or ``keep`` the list (the teacher is then the retriever's order). With
+    shuffled lists ``insert`` teaches "pick the odd one out" (recsys.rerank.sft): prefer ``skip``."""
     train_split: str = "train"
     """Whose candidates teach: ``train`` (each user's last training item, history before it),
     ``valid`` (the validation item: targets the retriever never trained on) or ``train+valid``. The
@@ -236,7 +237,9 @@ class RerankerSFTModule(L.LightningModule):
     def __init__(self, backbone: Backbone, config: RerankerSFTConfig, titles=None):
         super().__init__()
         self.bb, self.cfg = backbone, config
-        self.model = backbone.model
+        # from_pretrained leaves a model in eval mode, and Lightning keeps each submodule's mode as it
+        # finds it at the start of fit: without this, dropout would stay off for the whole run.
+        self.model = backbone.model.train()
         self.scorer = make_scorer(backbone, config.kind, titles, config.window, group_size=config.group_size,
                                   max_history=config.max_history, bf16=False, identifiers=config.identifiers)
         self._ranks: list[float] = []

@@ -349,3 +349,16 @@ def test_list_log_probs_are_the_constrained_policy(tiny_dataset, sid_dir):
     second = lp2[:, D:].sum(1)
     assert second[items.index(first)].item() == -float("inf")
     assert torch.logsumexp(second, 0).exp().item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sft_module_puts_a_model_read_in_eval_mode_into_train_mode(tmp_path):
+    """A saved model comes back from from_pretrained in eval mode; Lightning keeps submodules in the mode
+    it finds them, so the module must switch the whole model (the value head's dropout too) to train."""
+    from pipelines.generative import GenerativeSFTModule, GenerativeTrainConfig
+
+    codes = np.array([[a, b] for a in range(3) for b in range(3)])
+    GenerativeRecommender.build(codes, np.arange(1, 10), SMALL, seed=0).save_pretrained(tmp_path / "m")
+    loaded = GenerativeRecommender.from_pretrained(tmp_path / "m")
+    assert not loaded.lm.training
+    module = GenerativeSFTModule(loaded, GenerativeTrainConfig())
+    assert all(m.training for m in module.model.modules())

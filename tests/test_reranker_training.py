@@ -271,3 +271,17 @@ def test_zero_shot_reranker_gets_its_retriever_prior_from_validation(tiny_datase
     assert meta["retriever_prior"] == max(PRIOR_GRID, key=lambda b: (table[b], -b))
     scorer = load_reranker(model, tiny_dataset, window=10)
     assert scorer.retriever_prior == meta["retriever_prior"] and scorer.titles is not None
+
+
+def test_sft_module_trains_a_backbone_that_arrives_in_eval_mode(tmp_path):
+    """A checkpoint read back with from_pretrained is in eval mode; Lightning keeps submodules in the mode
+    it finds them at the start of fit, so the module must switch the model to train mode itself."""
+    from pipelines.reranker import RerankerSFTModule
+    from recsys.llm.backbone import load_local, save_converted
+
+    bb = load_backbone("tiny", n_items=30, hidden_size=32, num_layers=1)
+    save_converted(bb.model, bb.tokenizer, tmp_path / "ckpt")
+    loaded = load_local(tmp_path / "ckpt")
+    assert not loaded.model.training
+    module = RerankerSFTModule(loaded, RerankerSFTConfig(window=6, max_history=8))
+    assert all(m.training for m in module.model.modules())
