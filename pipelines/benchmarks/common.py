@@ -38,8 +38,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    simd = torch.backends.cpu.get_cpu_capability()          # "AVX2", "AVX512", ... (what torch's kernels use)
     amx = "AMX" if torch.cpu._is_amx_tile_supported() else "no AMX: fp32 is the fast path"
-    return f"{os.cpu_count()}-core CPU ({cpu}, {amx}), no GPU"
+    return f"{os.cpu_count()}-core CPU ({cpu}, {simd}, {amx}), no GPU"
 
 
 class Provenance:
