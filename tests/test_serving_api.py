@@ -26,7 +26,7 @@ class Server:
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.time() + 20
+        deadline = time.time() + 60      # generous: a loaded 2-core machine starts slowly
         while not self.server.started:
             assert time.time() < deadline, "server did not start"
             time.sleep(0.02)
@@ -34,7 +34,7 @@ class Server:
         return self
 
     def wait_ready(self, client):
-        deadline = time.time() + 30
+        deadline = time.time() + 90
         while client.get("/readyz").status_code != 200:
             assert time.time() < deadline, client.get("/readyz").json()
             time.sleep(0.05)
