@@ -76,8 +76,8 @@ class RerankerSFTConfig:
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
     """When the retriever missed the held-out item: ``insert`` it (replacing the last candidate),
-    ``skip`` the example, or ``keep`` the list (the teacher is then the retriever's order). With
-    shuffled lists ``insert`` teaches "pick the odd one out" (recsys.rerank.sft): prefer ``skip``."""
+    ``skip`` the example, or ``keep`` the list (the teacher is then the retriever's order). ``skip``
+    keeps only windows like the test-time ones, where the target is among the retriever's own items."""
     train_split: str = "train"
     """Whose candidates teach: ``train`` (each user's last training item, history before it),
     ``valid`` (the validation item: targets the retriever never trained on) or ``train+valid``. The

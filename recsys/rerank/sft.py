@@ -11,12 +11,11 @@ reading the items. With ``shuffle=False`` they are presented in the retriever's 
 does at inference, and the retriever's rank becomes an input the model may use; then insert a
 missed target at a random slot or, better, ``keep``. The answer lists the identifiers in teacher order.
 
-Pitfall (seen with SmolLM2, 2026-11-23): ``insert`` puts an item the retriever did *not* rank among
-its top-N into a list of items it did, so in most inserted windows the answer is the odd one out, the
-item least like the others. A model taught on those learns to pick outliers, and at test time, where
-the target sits among the retriever's own candidates, that ranks *against* the retriever (our reading
-of a validation cand_ndcg@10 of 0.130 after 480 windows, below the 0.227 of a random order). Use ``skip`` (only windows the retriever
-covered, the test-time distribution) unless the negatives are themselves random (``random_negatives``).
+A hypothesis that did not hold up (SmolLM2, 2026-11-23): ``insert`` puts an item the retriever did
+*not* rank into a list of items it did, so shuffled windows could teach "pick the odd one out", which
+ranks against the retriever at test time. After ~480 windows the validation cand_ndcg@10 was 0.130 with
+``insert`` and 0.151 with ``skip`` (a random order gives 0.227, the model before SFT 0.370): both fall
+below chance, so the insertion is not the main cause. ``skip`` still matches the test-time distribution.
 
 Groupwise (GroupRank) examples score every candidate of a group 0..9: the held-out item 9, the others
 a prior from the retriever's rank (``prior_max`` for the first candidate down to 0 for the last),
