@@ -345,7 +345,9 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         unknown: list[str] = []
         if body.user_id is not None:
             if body.user_id not in state.get("users", {}):
-                raise HTTPException(404, f"unknown user_id {body.user_id!r}")
+                example = next(iter(state.get("users", {})), None)
+                raise HTTPException(404, f"unknown user_id {body.user_id!r}"
+                                         + (f" (ids of this model look like {example!r})" if example else ""))
             history = list(state["users"][body.user_id])
         else:
             history, unknown = to_idx(rec, body.history)

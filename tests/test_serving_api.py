@@ -109,7 +109,7 @@ def test_rerank_endpoint_orders_the_given_candidates(served):
     ({"history": [], "k": 3}, 422, "empty history"),
     ({"history": ["1"], "k": 0}, 422, "greater than or equal"),
     ({"history": ["1"], "k": 1000}, 422, "less than or equal"),
-    ({"user_id": "nobody"}, 404, "unknown user_id"),
+    ({"user_id": "nobody"}, 404, "unknown user_id 'nobody' (ids of this model look like"),
     ({"k": 3}, 422, "exactly one of user_id or history"),
     ({"history": ["zzz-unknown"]}, 422, "zzz-unknown"),
 ])
