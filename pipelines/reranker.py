@@ -95,6 +95,10 @@ class RerankerSFTConfig:
     prior_users: int | None = None
     """Choose the retriever prior on the first N of those validation windows only (None = all of them;
     a pretrained backbone on CPU scores about two windows a second)."""
+    history_lm_weight: float = 0.0
+    """``tiny`` only: weight of next-item cross-entropy at every history position of the prompt
+    (SASRec's objective, on the same forward pass) added to the answer's losses; 0 = off. Under
+    ``supervise: target`` a window teaches one label; this adds ``max_history - 1`` more."""
     init_items_from: str | None = None
     """``tiny`` only: a SASRec model directory whose item embeddings initialise the item tokens."""
     train_users: int | None = None
@@ -130,6 +134,8 @@ class RerankerSFTConfig:
             raise ValueError("random_negatives needs shuffle_candidates: the target leads a random window")
         if self.identifiers == "items" and (self.kind != "listwise" or self.backbone != "tiny"):
             raise ValueError("identifiers='items' is for the listwise reranker on the tiny backbone (item tokens)")
+        if self.history_lm_weight and (self.kind != "listwise" or self.backbone == "smollm2-135m"):
+            raise ValueError("history_lm_weight is for the listwise reranker on the tiny backbone (item-token history)")
         if self.supervise == "target" and self.kind != "listwise":
             raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
 
@@ -176,7 +182,8 @@ def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbon
         if ex is None or (config.supervise == "target" and ex.target is None):
             continue
         if config.kind == "listwise":
-            out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise, config.identifiers))
+            out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise, config.identifiers,
+                                      history_lm=config.history_lm_weight > 0))
         else:
             out += encode_group_examples(backbone, ex, config.group_size, titles, config.max_history)
     return out
@@ -244,34 +251,43 @@ class RerankerSFTModule(L.LightningModule):
                                   max_history=config.max_history, bf16=False, identifiers=config.identifiers)
         self._ranks: list[float] = []
 
-    def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(language-model loss, FIRST ranking loss or None) of a collated batch.
+    def losses(self, batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(language-model loss on the answer, FIRST ranking loss or None, history next-item loss or None)
+        of a collated batch.
 
-        The LM head runs only from the earliest ``first_pos`` of the batch onwards: with left padding
-        every labelled position lies there, and the (T, vocabulary) logits of the prompt, which carry no
-        label, would otherwise dominate the step for a 49k-token vocabulary (SmolLM2)."""
+        The LM head runs only from the earliest ``first_pos`` of the batch onwards (from the start when
+        the batch has ``history_labels``): with left padding every answer label lies there, and the
+        (T, vocabulary) logits of the prompt, which carry no label, would otherwise dominate the step
+        for a 49k-token vocabulary (SmolLM2)."""
         T = batch["input_ids"].shape[1]
-        start = int(batch["first_pos"].min())
+        history = batch.get("history_labels")
+        start = 0 if history is not None else int(batch["first_pos"].min())
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          position_ids=batch["position_ids"], logits_to_keep=T - start)
         logits = out.logits.float()                                                    # (B, T - start, V)
-        lm = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, start + 1:].reshape(-1),
-                             ignore_index=-100)
+        V = logits.shape[-1]
+        lm = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch["labels"][:, start + 1:].reshape(-1), ignore_index=-100)
+        hist = None if history is None else F.cross_entropy(logits[:, :-1].reshape(-1, V), history[:, 1:].reshape(-1),
+                                                            ignore_index=-100)
         if self.cfg.kind != "listwise" or self.cfg.first_weight <= 0:
-            return lm, None
+            return lm, None, hist
         n = batch["ranks"].shape[1]
         at_first = logits[torch.arange(len(logits)), batch["first_pos"] - start]          # (B, V)
         scores = first_scores(at_first, batch["identifier_ids"][:, :n])                   # (B, n)
-        return lm, weighted_ranknet_loss(scores, batch["ranks"], batch["ranks"] > 0)
+        return lm, weighted_ranknet_loss(scores, batch["ranks"], batch["ranks"] > 0), hist
 
     def training_step(self, batch, batch_idx):
-        lm, rank_loss = self.losses(batch)
+        lm, rank_loss, hist = self.losses(batch)
         B = batch["input_ids"].shape[0]
         self.log("train/lm_loss", lm, prog_bar=True, batch_size=B)
-        if rank_loss is None:
-            return lm
-        self.log("train/first_loss", rank_loss, batch_size=B)
-        return lm + self.cfg.first_weight * rank_loss
+        loss = lm
+        if rank_loss is not None:
+            self.log("train/first_loss", rank_loss, batch_size=B)
+            loss = loss + self.cfg.first_weight * rank_loss
+        if hist is not None:
+            self.log("train/history_lm_loss", hist, prog_bar=True, batch_size=B)
+            loss = loss + self.cfg.history_lm_weight * hist
+        return loss
 
     def validation_step(self, rows, batch_idx):
         rows = [r for r in rows if r["target"] in list(r["candidates"][:self.cfg.window])]

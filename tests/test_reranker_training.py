@@ -239,7 +239,7 @@ def test_sft_losses_read_the_same_logits_as_a_full_forward_pass():
     rows = [encode_example(bb, teacher_example(list(range(1, 2 + k)), [10, 11, 12, 13, 14, 15], 12, 6, seed=k), None,
                            cfg.max_history) for k in (1, 4, 7)]
     batch = collate(rows, bb.tokenizer.pad_token_id)
-    lm, rank = module.losses(batch)
+    lm, rank, _ = module.losses(batch)
 
     full = bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"]).logits.float()
@@ -250,6 +250,36 @@ def test_sft_losses_read_the_same_logits_as_a_full_forward_pass():
     assert len({len(r["input_ids"]) for r in rows}) == 3
     torch.testing.assert_close(lm, ref_lm)
     torch.testing.assert_close(rank, ref_rank)
+
+
+def test_history_lm_loss_is_next_item_cross_entropy_over_the_history():
+    """With ``history_labels`` the LM head runs over the whole prompt: the answer loss is unchanged and
+    the history loss equals cross-entropy of every history position's logits on the next history item."""
+    import torch
+    import torch.nn.functional as F
+
+    from pipelines.reranker import RerankerSFTModule
+    from recsys.rerank.sft import collate, encode_example, teacher_example
+
+    torch.manual_seed(0)
+    bb = load_backbone("tiny", n_items=30, hidden_size=32, num_layers=1)
+    cfg = RerankerSFTConfig(window=6, first_weight=10.0, max_history=8, history_lm_weight=1.0, identifiers="items")
+    module = RerankerSFTModule(bb, cfg)
+    exs = [teacher_example(list(range(1, 2 + k)), [10, 11, 12, 13, 14, 15], 12, 6, seed=k) for k in (1, 4, 7)]
+    rows = [encode_example(bb, ex, None, 8, identifiers="items", history_lm=True) for ex in exs]
+    batch = collate(rows, bb.tokenizer.pad_token_id)
+    lm, rank, hist = module.losses(batch)
+    plain = collate([encode_example(bb, ex, None, 8, identifiers="items") for ex in exs], bb.tokenizer.pad_token_id)
+    lm_plain, rank_plain, none = module.losses(plain)
+
+    full = bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"]).logits.float()
+    targets = batch["history_labels"][:, 1:]
+    ref = F.cross_entropy(full[:, :-1].reshape(-1, full.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    assert none is None and int((targets != -100).sum()) == 1 + 4 + 7         # k+1 history items, k labels each
+    torch.testing.assert_close(hist, ref)
+    torch.testing.assert_close(lm, lm_plain)
+    torch.testing.assert_close(rank, rank_plain)
 
 
 def test_zero_shot_reranker_gets_its_retriever_prior_from_validation(tiny_dataset, tmp_path):

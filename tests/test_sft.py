@@ -7,6 +7,7 @@ from recsys.rerank.sft import (
     encode_example,
     encode_group_examples,
     first_ranks,
+    history_labels,
     teacher_example,
     teacher_scores,
 )
@@ -60,6 +61,25 @@ def test_target_supervision_labels_only_the_held_out_item():
     assert enc["input_ids"] == encode_example(bb, ex)["input_ids"]                 # same text, fewer labels
     with pytest.raises(ValueError, match="holds the target"):
         encode_example(bb, teacher_example([1], [7, 3], target=9, window=2, target_missing="keep"), supervise="target")
+
+
+def test_history_labels_by_hand():
+    """History [4, 9, 2] (max_history 2 keeps [9, 2]): ids [history:, <i9>, <i2>, candidates:, ...]; the
+    only history label is <i2> at position 2 (predicted from <i9>); the answer labels are unchanged;
+    collate left-pads them with -100 like the answer labels."""
+    import pytest
+
+    bb = build_tiny(n_items=30)
+    ex = teacher_example([4, 9, 2], [7, 3], target=3, shuffle=False)
+    enc = encode_example(bb, ex, max_history=2, history_lm=True)
+    assert enc["input_ids"][:4] == [bb.token_id(t) for t in ("history:", "<i9>", "<i2>", "candidates:")]
+    assert enc["history_labels"] == [-100, -100, bb.token_id("<i2>")] + [-100] * (len(enc["input_ids"]) - 3)
+    assert enc["labels"] == encode_example(bb, ex, max_history=2)["labels"]
+    short = encode_example(bb, teacher_example([5], [7, 3], target=3, shuffle=False), history_lm=True)
+    batch = collate([enc, short], bb.tokenizer.pad_token_id)
+    assert (batch["history_labels"] != -100).sum() == 1 and batch["history_labels"][0, 2] == bb.token_id("<i2>")
+    with pytest.raises(ValueError, match="tiny-backbone prompt"):
+        history_labels(bb, enc["input_ids"][1:], 2)                                 # not a tiny prompt's start
 
 
 def test_missing_target_kept_teaches_the_retriever_order():

@@ -145,6 +145,17 @@ def render_rerankers_smollm2(result: dict) -> list[str]:
     return out + _reranker_notes(result)
 
 
+def render_position_probe(result: dict) -> list[str]:
+    out = _provenance(f"## Position probe: does a listwise reranker read the candidates? (`{result['benchmark']}`)", result)
+    out += [f"- model: {result['model']}; {result['windows']} validation windows (first {result['users']} users)",
+            f"- {result['protocol']}", "",
+            "| candidates shown | model alone cand_ndcg@10 | position only | mean logit of A minus the window mean |",
+            "|---|---:|---:|---:|"]
+    out += [f"| {order} | {r['model_cand_ndcg@10']:.4f} | {r['position_only_cand_ndcg@10']:.4f} | {r['letter_bias'][0]:+.2f} |"
+            for order, r in result["orders"].items()]
+    return out + [""]
+
+
 def render_rl(result: dict) -> list[str]:
     out = _provenance(f"## RL for rerankers on ML-1M (`{result['benchmark']}`)", result)
     out += [f"- backbone: {result['backbone']}; candidates: {result['candidates']}",
@@ -255,7 +266,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
-             "rerankers_smollm2": render_rerankers_smollm2,
+             "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
              "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl,
              "rl_throughput": render_rl_throughput}
 

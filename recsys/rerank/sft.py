@@ -11,11 +11,14 @@ reading the items. With ``shuffle=False`` they are presented in the retriever's 
 does at inference, and the retriever's rank becomes an input the model may use; then insert a
 missed target at a random slot or, better, ``keep``. The answer lists the identifiers in teacher order.
 
-A hypothesis that did not hold up (SmolLM2, 2026-11-23): ``insert`` puts an item the retriever did
-*not* rank into a list of items it did, so shuffled windows could teach "pick the odd one out", which
-ranks against the retriever at test time. After ~480 windows the validation cand_ndcg@10 was 0.130 with
-``insert`` and 0.151 with ``skip`` (a random order gives 0.227, the model before SFT 0.370): both fall
-below chance, so the insertion is not the main cause. ``skip`` still matches the test-time distribution.
+What the SmolLM2 zero-shot signal was (measured 2026-11-23, 94 validation windows holding their target,
+the model alone): candidate-set NDCG@10 0.370 with the candidates in the retriever's order, 0.246 shuffled,
+0.155 reversed, against 0.404 / 0.220 / 0.107 for "letter A first" on the same orders. Its mean first-token
+logit is +3.5 for ``A`` over the mean of the 20 letters, the same in all three orders: the zero-shot score
+is a letter bias towards ``A`` that the retriever's order turns into its own ranking, not a reading of
+the titles. SFT on shuffled windows (below) unlearns that bias, which is why the model alone fell from
+0.370 to about chance (0.197 on ~100 windows, within two standard errors of 0.227): it did not rank
+against the retriever. ``insert`` vs ``skip`` made no difference; ``skip`` matches the test windows.
 
 Groupwise (GroupRank) examples score every candidate of a group 0..9: the held-out item 9, the others
 a prior from the retriever's rank (``prior_max`` for the first candidate down to 0 for the last),
@@ -82,9 +85,13 @@ def first_ranks(example: SFTExample) -> list[int]:
 
 
 def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_history: int = 20,
-                   supervise: str = "list", identifiers: str = "letters") -> dict:
+                   supervise: str = "list", identifiers: str = "letters", history_lm: bool = False) -> dict:
     """``input_ids`` (prompt + answer), ``labels`` (-100 on the prompt), ``answer_start``, FIRST's
     ``ranks`` and the window's ``identifier_ids`` (letters, or the candidates' item tokens).
+
+    ``history_lm`` (``tiny`` only): also ``history_labels``, the prompt's history item tokens from the
+    second on (-100 elsewhere): next-item prediction at every history position, SASRec's objective,
+    as an auxiliary signal (one label per window is all the answer gives under ``supervise="target"``).
 
     ``supervise="list"``: the whole teacher answer is labelled and FIRST's ranks are the teacher order.
     ``"target"``: only the held-out item is taught: the first answer token alone is labelled (a softmax
@@ -100,8 +107,21 @@ def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_his
             raise ValueError("supervise='target' needs an example whose window holds the target")
         labels = a_ids[:1] + [-100] * (len(a_ids) - 1)
         ranks = [1 if r == 1 else 2 for r in ranks]
-    return {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + labels, "answer_start": len(p_ids),
-            "ranks": ranks, "identifier_ids": identifier_ids(backbone, example.presented, identifiers).tolist()}
+    out = {"input_ids": p_ids + a_ids, "labels": [-100] * len(p_ids) + labels, "answer_start": len(p_ids),
+           "ranks": ranks, "identifier_ids": identifier_ids(backbone, example.presented, identifiers).tolist()}
+    if history_lm:
+        out["history_labels"] = history_labels(backbone, out["input_ids"], len(example.history[-max_history:]))
+    return out
+
+
+def history_labels(backbone: Backbone, input_ids: list[int], n_history: int) -> list[int]:
+    """-100 except at the 2nd..last history item of a ``tiny`` prompt (``history: <i..> <i..> candidates:``),
+    labelled with its own id, so the position before each history item predicts it (HF's label shift).
+
+    Example: ids [history:, <i4>, <i9>, <i2>, candidates:, ...], 3 history items -> [-100, -100, <i9>, <i2>, -100, ...]."""
+    if backbone.name != "tiny" or input_ids[:1] != [backbone.token_id("history:")]:
+        raise ValueError("history labels need a tiny-backbone prompt that opens with 'history:'")
+    return [i if 2 <= p <= n_history else -100 for p, i in enumerate(input_ids)]
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -114,13 +134,18 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     ranks = torch.zeros((len(rows), n), dtype=torch.long)
     first_pos = torch.zeros(len(rows), dtype=torch.long)
+    history = torch.full((len(rows), T), -100) if "history_labels" in rows[0] else None
     for i, r in enumerate(rows):
         L = len(r["input_ids"])
         ids[i, T - L:], labels[i, T - L:], mask[i, T - L:] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        if history is not None:
+            history[i, T - L:] = torch.tensor(r["history_labels"])
         ranks[i, :len(r["ranks"])] = torch.tensor(r["ranks"])
         first_pos[i] = T - L + r["answer_start"] - 1
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
            "position_ids": (mask.cumsum(-1) - 1).clamp(min=0), "ranks": ranks, "first_pos": first_pos}
+    if history is not None:
+        out["history_labels"] = history
     if "identifier_ids" in rows[0]:       # (B, n); a shorter window repeats its first id (its ranks are 0 there)
         out["identifier_ids"] = torch.tensor([r["identifier_ids"] + r["identifier_ids"][:1] * (n - len(r["identifier_ids"]))
                                               for r in rows])
