@@ -135,6 +135,26 @@ def compute_metrics(ranks: np.ndarray, gains: np.ndarray, names: list[str]) -> d
     return out
 
 
+def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict[str, float]:
+    """How sure is a change of a per-query metric? ``before``, ``after``: (Q,) values of the same queries.
+
+    Returns the mean difference ``after - before``, the percentile bootstrap interval of that mean
+    (queries resampled with replacement, the same resample for both sides: a paired test), and how many
+    queries got better or worse. Example: before [0, 1, 0, 1], after [1, 1, 0, 1] -> mean_diff 0.25,
+    better 1, worse 0; every resample's mean lies in [0, 1], so the interval does too."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or before.ndim != 1 or not before.size:
+        raise RecsysError(f"paired_bootstrap needs two (Q,) arrays of the same queries; got {before.shape}, {after.shape}")
+    diff = after - before
+    idx = np.random.default_rng(seed).integers(0, diff.size, size=(n_resamples, diff.size))
+    means = diff[idx].mean(axis=1)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return {"mean_diff": float(diff.mean()), "ci_low": float(lo), "ci_high": float(hi), "level": level,
+            "better": int((diff > 0).sum()), "worse": int((diff < 0).sum()), "queries": int(diff.size)}
+
+
 def item_coverage(lists: np.ndarray, n_items: int, pad: int = PAD) -> float:
     """Share of the catalog (``n_items``) that appears in at least one list of (Q, L) item ids."""
     items = np.unique(np.asarray(lists))

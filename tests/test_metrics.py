@@ -148,3 +148,19 @@ def test_coverage_diversity_validity():
     v = list_validity([["a", "b", "a"], ["a", None, "zzz"], ["b"]], catalog={"a", "b"})
     assert v == {"malformed": pytest.approx(1 / 7), "out_of_catalog": pytest.approx(1 / 7),
                  "duplicate": pytest.approx(1 / 7), "valid_lists": pytest.approx(1 / 3)}
+
+
+def test_paired_bootstrap_by_hand_and_a_constant_shift():
+    from recsys.metrics import paired_bootstrap
+
+    r = paired_bootstrap(np.array([0.0, 1, 0, 1]), np.array([1.0, 1, 0, 1]))
+    assert r["mean_diff"] == 0.25 and (r["better"], r["worse"], r["queries"]) == (1, 0, 4)
+    assert 0.0 <= r["ci_low"] <= 0.25 <= r["ci_high"] <= 1.0
+    rng = np.random.default_rng(1)
+    a = rng.random(200)
+    shifted = paired_bootstrap(a, a + 0.1)                  # every query moves by exactly 0.1: no spread
+    assert shifted["ci_low"] == pytest.approx(0.1) and shifted["ci_high"] == pytest.approx(0.1)
+    noisy = paired_bootstrap(a, a + rng.normal(0.0, 0.5, 200))
+    assert noisy["ci_low"] < noisy["mean_diff"] < noisy["ci_high"]
+    with pytest.raises(RecsysError, match="same queries"):
+        paired_bootstrap(a, a[:10])

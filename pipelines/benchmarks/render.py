@@ -130,6 +130,11 @@ def _reranker_notes(result: dict) -> list[str]:
             out += ["", (f"{kind}-sft-smollm2 training: {t['seconds'] / 60:.0f} min, {t['epochs']} validation "
                         f"rounds, best validation cand_ndcg@10 {t['best_val_cand_ndcg@10']:.4f} "
                         f"({t['train_examples']} training windows available).")]
+    paired = [(x["name"], x["ndcg10_vs_retriever"]) for x in result["rows"] if "ndcg10_vs_retriever" in x]
+    if paired:
+        out += ["", "Per-user NDCG@10 minus the retriever's, same users (paired bootstrap, 95%): " + "; ".join(
+            f"{name} {b['mean_diff']:+.4f} ({b['ci_low']:+.4f} to {b['ci_high']:+.4f}; {b['better']} users better, "
+            f"{b['worse']} worse)" for name, b in paired) + "."]
     r = result["ratios"]
     out += ["", "Reranked / retriever NDCG@10 (same users): " + ", ".join(
         f"{k.split('/')[0].split(' ')[0]} {v:.4f}" for k, v in r.items() if "/retriever" in k) + "."]

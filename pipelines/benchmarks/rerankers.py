@@ -42,6 +42,23 @@ def row(name: str, result: dict, which: str = "reranked", **extra) -> dict:
             "num_users": m["num_queries"], "target_in_candidates": m["target_in_candidates"], **extra}
 
 
+def ndcg_vs_retriever(eval_dir: Path, depth: int = 20, split: str = "test") -> dict:
+    """Paired bootstrap of per-user NDCG@10, reranked vs the retriever's order, over every user of a
+    ``rerank`` output (``reranked_<split>.parquet``); a target outside the candidates scores 0 in both."""
+    import numpy as np
+    import polars as pl
+
+    from recsys.metrics import ndcg, paired_bootstrap
+
+    df = pl.read_parquet(eval_dir / f"reranked_{split}.parquet")
+    ranks = np.full((df.height, 2), np.inf)
+    for i, (cands, reranked, target) in enumerate(df.select("candidates", "reranked", "target").iter_rows()):
+        before, after = list(cands[:depth]), list(reranked)
+        ranks[i] = [before.index(target) if target in before else np.inf, after.index(target) if target in after else np.inf]
+    ones = np.ones((df.height, 1))
+    return paired_bootstrap(ndcg(ranks[:, :1], ones, 10), ndcg(ranks[:, 1:], ones, 10))
+
+
 def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, max_history: int = 10) -> dict:
     """Unconstrained greedy generation on the first ``users`` test windows: how often the answer is a
     valid ranking (every line one identifier of the window, no duplicates, the end token)."""
@@ -144,7 +161,8 @@ def main() -> None:
                            progress=False)
     lw20 = timed("rerank listwise-sft-tiny top-20", rerank, tiny["listwise"], "lw-tiny-20", depth=20)
     rows.append(row("retriever-order", lw20, "retriever", backbone="-", depth=20))
-    rows.append(row("listwise-sft-tiny", lw20, backbone="tiny", depth=20, scoring="FIRST"))
+    rows.append(row("listwise-sft-tiny", lw20, backbone="tiny", depth=20, scoring="FIRST",
+                    ndcg10_vs_retriever=ndcg_vs_retriever(out / "eval" / "lw-tiny-20")))
     lw50 = timed("rerank listwise-sft-tiny top-50", rerank, tiny["listwise"], "lw-tiny-50", depth=50,
                  limit=a.sliding_users)
     rows.append(row(f"retriever-order@50 (first {a.sliding_users} users)", lw50, "retriever", backbone="-", depth=50))
@@ -161,12 +179,14 @@ def main() -> None:
     prior = json.loads((items / "reranker.json").read_text())["retriever_prior"]
     it20 = timed("rerank listwise-sft-tiny-items top-20", rerank, items, "lw-items-20", depth=20)
     rows.append(row("listwise-sft-tiny-items", it20, backbone="tiny", depth=20, retriever_prior=prior,
-                    scoring="FIRST over item-token identifiers, minus retriever prior"))
+                    scoring="FIRST over item-token identifiers, minus retriever prior",
+                    ndcg10_vs_retriever=ndcg_vs_retriever(out / "eval" / "lw-items-20")))
     it50 = timed("rerank listwise-sft-tiny-items top-50", rerank, items, "lw-items-50", depth=50, limit=a.sliding_users)
     rows.append(row(f"listwise-sft-tiny-items@50 (first {a.sliding_users} users)", it50, backbone="tiny", depth=50,
                     retriever_prior=prior, scoring="FIRST over item tokens, sliding window 20/10"))
     gw20 = timed("rerank groupwise-sft-tiny top-20", rerank, tiny["groupwise"], "gw-tiny-20", depth=20)
-    rows.append(row("groupwise-sft-tiny", gw20, backbone="tiny", depth=20, scoring="expected digit, c=20"))
+    rows.append(row("groupwise-sft-tiny", gw20, backbone="tiny", depth=20, scoring="expected digit, c=20",
+                    ndcg10_vs_retriever=ndcg_vs_retriever(out / "eval" / "gw-tiny-20")))
 
     # -------- FIRST vs full generation: same model, users, batching (32 lists per call), one run
     first = rerank_candidates(ds, tiny["listwise"], cands, out / "eval" / "speed-first", limit=a.speed_users,
