@@ -15,7 +15,7 @@ logits at one position.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,16 +35,23 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: object
     name: str
+    _token_ids: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+    """Ids already looked up: FIRST asks for the window's identifiers on every batch, and encoding
+    them one by one was half of FIRST's time on the tiny model. Only single-token results are kept,
+    and adding tokens to the vocabulary never renumbers existing ones."""
 
     def __post_init__(self):
         self.tokenizer.padding_side = "left"
 
     def token_id(self, token: str) -> int:
+        if token in self._token_ids:
+            return self._token_ids[token]
         ids = self.tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise RecsysError(f"{self.name}: {token!r} is {len(ids)} tokens, the rerankers need exactly one")
         if ids[0] == self.tokenizer.unk_token_id and token != self.tokenizer.unk_token:
             raise RecsysError(f"{self.name}: {token!r} is not in the vocabulary (it encodes as the unknown token)")
+        self._token_ids[token] = ids[0]
         return ids[0]
 
     def identifier_ids(self, n: int) -> torch.Tensor:
