@@ -54,7 +54,7 @@ from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
-from recsys.rerank.first import ListConstraint, replay_log_probs
+from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
 from recsys.rl.advantages import group_advantages
@@ -110,6 +110,10 @@ class RLConfig:
     val_users: int = 500
     train_split: str = "valid"
     """Prompts from ``valid`` (minus the held-out selection users, as in SFT) or ``train`` candidates."""
+    reachable_only: bool = True
+    """Train only on prompts whose held-out item is in the window. The others reward every rollout 0,
+    so their advantages are 0 and they only cost rollouts (DAPO's dynamic sampling, Yu et al. 2025,
+    drops such zero-variance groups after sampling; filtering before sampling is the same for them)."""
     window: int = 20
     slate_size: int = 10
     """``f-grpo`` / ``slate-grpo``: candidates chosen in the slate phase."""
@@ -217,6 +221,11 @@ class PromptData(L.LightningDataModule):
                      "target": int(r["target"])} for r in df.iter_rows(named=True)]
 
         self.train_rows, self.valid_rows = rows(train), rows(valid.tail(config.val_users))
+        if config.reachable_only:
+            self.train_rows = [r for r in self.train_rows if r["target"] in r["window"]]
+        if not self.train_rows:
+            raise RecsysError(f"no {config.train_split} prompt holds its held-out item in the top-{config.window} "
+                              f"candidates of {candidates_dir}: nothing to learn from")
 
     def train_dataloader(self):
         size = self.cfg.val_every * self.cfg.prompts_per_step
@@ -262,8 +271,7 @@ class RerankerRLModule(L.LightningModule):
         """A fresh decoding constraint for these windows (listwise: rank the window; slate tasks)."""
         if self.slate:
             return slate_constraint(self.bb, windows, self.cfg.window, self.cfg.slate_size, self.cfg.rank_size)
-        return ListConstraint(torch.tensor([len(w) for w in windows]), self.scorer.identifier_ids(windows),
-                              self.bb.separator_id, self.bb.end_id)
+        return self.scorer.list_constraint(windows)
 
     def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
         """G rollouts per prompt: ``prompt`` batch, ``answer`` (B*G, T), token ``mask``, sequence
@@ -307,13 +315,14 @@ class RerankerRLModule(L.LightningModule):
         return self.scorer.parse(text, window)
 
     def _log_probs(self, model, roll: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log-probs, entropies) (B*G, T) of the rollouts' tokens under ``model``'s sampling distribution."""
-        answer, mask = roll["answer"], roll["mask"]
+        """(log-probs, entropies) (B*G, T) of the rollouts' tokens under ``model``'s sampling distribution
+        (constrained, at the rollout temperature)."""
+        answer, mask, temp = roll["answer"], roll["mask"], self.cfg.temperature
         logits = prompt_forward(model, roll["prompt"], answer)
         if self.listwise:
-            return replay_log_probs(logits, answer, self._constraint(roll["windows"]))
+            return replay_log_probs(logits, answer, self._constraint(roll["windows"]), temp)
         # groupwise: only the digits are sampled, from the softmax over the ten digit tokens
-        digits = logits[..., self.scorer.digit_ids].float().log_softmax(-1)                # (B, T, 10)
+        digits = (logits[..., self.scorer.digit_ids].float() / temp).log_softmax(-1)          # (B, T, 10)
         index = (answer[..., None] == self.scorer.digit_ids.to(answer.device)).float().argmax(-1)   # (B, T)
         lp = digits.gather(-1, index[..., None])[..., 0] * mask
         ent = -(digits.exp() * digits).sum(-1) * mask

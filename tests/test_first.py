@@ -77,6 +77,19 @@ def test_constrained_log_probs_by_hand():
     assert torch.allclose(ent[0], torch.tensor([math.log(3), math.log(2), math.log(2), 0.0, 0.0]))
 
 
+def test_replayed_log_probs_use_the_sampling_temperature_after_the_mask():
+    """Same answer; step 1 logits 1 for identifier 0, else 0; T = 0.5: allowed {0, 1, end} with
+    masked / T = [2, 0, 0] -> log(e^2 / (e^2 + 2)); the two-way steps stay log 1/2 at any T."""
+    from recsys.rerank.first import ListConstraint, replay_log_probs
+
+    logits = torch.zeros(1, 5, 5)
+    logits[0, 0, 0] = 1.0
+    tokens = torch.tensor([[0, 2, 1, 3, -1]])
+    lp, _ = replay_log_probs(logits, tokens, ListConstraint(torch.tensor([2]), torch.tensor([0, 1]), 2, 3), 0.5)
+    expected = [2 - math.log(math.exp(2) + 2), math.log(1 / 2), math.log(1 / 2), 0.0, 0.0]
+    assert torch.allclose(lp[0], torch.tensor(expected))
+
+
 @settings(max_examples=50, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_per_row_identifiers_with_padding_never_repeat_or_leave_the_row(seed):
@@ -98,3 +111,20 @@ def test_per_row_identifiers_with_padding_never_repeat_or_leave_the_row(seed):
     for b, allowed in ((0, {3, 7, 1, 9}), (1, {12, 5})):
         written = [t for t in out[b] if t not in (sep, end)]
         assert set(written) <= allowed and len(written) == len(set(written)) and out[b][-1] == end
+
+
+def test_list_constraint_bias_shifts_each_identifier_and_spares_padding():
+    """bias [0, -1, -2, -3] on row 0 (4 candidates) and row 1 (2 candidates, padded with its first id):
+    identifier logits move by their position's bias, the separator / end do not, row 1's padding adds
+    nothing to its first token."""
+    from recsys.rerank.first import ListConstraint
+
+    V, sep, end = 20, 18, 19
+    ids = torch.tensor([[3, 7, 1, 9], [12, 5, 12, 12]])
+    bias = torch.tensor([0.0, -1.0, -2.0, -3.0])
+    logits = torch.zeros(2, V)
+    masked = ListConstraint(torch.tensor([4, 2]), ids, sep, end, bias).mask(logits)
+    assert masked[0, [3, 7, 1, 9]].tolist() == [0.0, -1.0, -2.0, -3.0] and masked[0, end] == 0.0
+    assert masked[1, [12, 5]].tolist() == [0.0, -1.0] and masked[1, 9] == float("-inf")
+    plain = ListConstraint(torch.tensor([4, 2]), ids, sep, end).mask(logits)
+    assert torch.equal(torch.isinf(masked), torch.isinf(plain))          # the bias never changes what is allowed

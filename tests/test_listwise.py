@@ -94,3 +94,14 @@ def test_item_identifier_generation_is_a_valid_permutation_of_each_window():
         assert parsed.valid and sorted(parsed.order) == list(range(len(c)))
     order, parsed = rr.rerank_generate([1, 2], [20, 21, 22])
     assert sorted(order) == [20, 21, 22] and parsed.valid
+
+
+def test_generation_follows_the_retriever_prior_like_first():
+    """Greedy generation adds the prior at every step: a huge beta writes the retriever's order, and
+    with beta 0.7 the first written item is FIRST's top item (the same scores at the first position)."""
+    rr = reranker(identifiers="items", retriever_prior=1e6)
+    hist, cands = [[1, 2, 3], [4, 5]], [[40, 41, 42, 43], [50, 51, 52]]
+    assert rr.rank_windows(hist, cands, mode="generate") == cands
+    rr.retriever_prior = 0.7
+    firsts = [c[int(s.argmax())] for s, c in zip(rr.first_scores(hist, cands), cands)]
+    assert [o[0] for o in rr.rank_windows(hist, cands, mode="generate")] == firsts

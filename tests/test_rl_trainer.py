@@ -86,6 +86,21 @@ def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, 
     assert torch.all(logp[~roll["mask"]] == 0) and torch.all(logp <= 0)
 
 
+def test_rl_prompts_hold_their_item_unless_asked_otherwise(tiny_dataset, tmp_path, sft_models):
+    """reachable_only (default) keeps the training prompts whose held-out item is in the window; the
+    validation prompts are never filtered (their metric counts only such windows anyway)."""
+    from pipelines.rl import PromptData
+
+    cands, lw, _ = sft_models
+    every = PromptData(tiny_dataset, cands, RLConfig(init=str(lw), reachable_only=False, **RL))
+    kept = PromptData(tiny_dataset, cands, RLConfig(init=str(lw), **RL))
+    def key(rows):
+        return [(list(r["history"]), r["window"], r["target"]) for r in rows]
+
+    assert key(kept.train_rows) == key(r for r in every.train_rows if r["target"] in r["window"])
+    assert 0 < len(kept.train_rows) < len(every.train_rows) and key(kept.valid_rows) == key(every.valid_rows)
+
+
 def test_rl_algo_must_fit_the_model(tiny_dataset, tmp_path, sft_models):
     from recsys.errors import RecsysError
 

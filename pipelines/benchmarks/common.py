@@ -59,3 +59,18 @@ def write_result(name: str, provenance: Provenance, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def per_user_ndcg10(eval_dir, column: str = "reranked", depth: int | None = None, split: str = "test"):
+    """(Q,) NDCG@10 of each user's held-out item in one list column of a ``rerank`` output
+    (``reranked_<split>.parquet``: ``candidates`` is the retriever's order, ``reranked`` the reranker's),
+    the first ``depth`` items only; a target outside the list scores 0. Users in file order."""
+    import numpy as np
+    import polars as pl
+
+    from recsys.metrics import ndcg
+
+    df = pl.read_parquet(Path(eval_dir) / f"reranked_{split}.parquet")
+    ranks = np.array([[list(items[:depth]).index(t) if t in list(items[:depth]) else np.inf]
+                      for items, t in df.select(column, "target").iter_rows()], dtype=np.float64)
+    return ndcg(ranks, np.ones_like(ranks), 10)

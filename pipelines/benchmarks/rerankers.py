@@ -30,7 +30,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, per_user_ndcg10, write_result
 
 METRICS = ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "mrr"]
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -45,18 +45,9 @@ def row(name: str, result: dict, which: str = "reranked", **extra) -> dict:
 def ndcg_vs_retriever(eval_dir: Path, depth: int = 20, split: str = "test") -> dict:
     """Paired bootstrap of per-user NDCG@10, reranked vs the retriever's order, over every user of a
     ``rerank`` output (``reranked_<split>.parquet``); a target outside the candidates scores 0 in both."""
-    import numpy as np
-    import polars as pl
+    from recsys.metrics import paired_bootstrap
 
-    from recsys.metrics import ndcg, paired_bootstrap
-
-    df = pl.read_parquet(eval_dir / f"reranked_{split}.parquet")
-    ranks = np.full((df.height, 2), np.inf)
-    for i, (cands, reranked, target) in enumerate(df.select("candidates", "reranked", "target").iter_rows()):
-        before, after = list(cands[:depth]), list(reranked)
-        ranks[i] = [before.index(target) if target in before else np.inf, after.index(target) if target in after else np.inf]
-    ones = np.ones((df.height, 1))
-    return paired_bootstrap(ndcg(ranks[:, :1], ones, 10), ndcg(ranks[:, 1:], ones, 10))
+    return paired_bootstrap(per_user_ndcg10(eval_dir, "candidates", depth, split), per_user_ndcg10(eval_dir, split=split))
 
 
 def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, max_history: int = 10) -> dict:

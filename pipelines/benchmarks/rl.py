@@ -4,12 +4,15 @@ slate-then-rank task; GroupRank on the groupwise model.
     python -m pipelines.benchmarks.rl --seeds 0 1 2 --workers 2
 
 Every algorithm starts from the same SFT checkpoint (the ``tiny`` listwise / groupwise models of the
-rerankers benchmark, ``artifacts/rerankers/*-sft-tiny``), uses the same prompts (validation targets
-minus the 500 held-out selection users), the same rollouts per step (G x prompts) and the same number
-of steps; only the seed changes between repeats. Evaluation: every test user's SASRec top-20
-reranked by greedy constrained generation (listwise) or expected scores (groupwise); full-ranking
-pipeline metrics plus candidate-set ``cand_ndcg@10``. The SFT rows are deterministic (one model,
-greedy decoding), so they appear once.
+rerankers benchmark, ``artifacts/rerankers/*-sft-tiny``, or ``--init``), uses the same prompts
+(``--train-split valid``: validation targets minus the ``--val-users`` selection users; ``train``: the
+candidates' training targets), only those whose held-out item is in the window (``reachable_only``),
+the same rollouts per step (G x prompts) and the same number of steps; only the seed changes between
+repeats. Evaluation: the test users' SASRec top-20 reranked by greedy constrained generation with the
+model's retriever prior (listwise) or expected scores (groupwise); full-ranking pipeline metrics plus
+candidate-set ``cand_ndcg@10``, and for each listwise RL row a paired bootstrap of its per-user NDCG@10
+against the SFT start (``ndcg10_vs_sft``). The SFT rows are deterministic (one model, greedy decoding),
+so they appear once.
 
 Slate-then-rank (``slate-rank-*`` rows, :mod:`recsys.rerank.slate`): from the same SFT checkpoint, one
 completion chooses a slate of 10 of the 20 candidates, then ranks 5 of them; ``slate-rank-grpo``
@@ -27,7 +30,8 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, per_user_ndcg10, write_result
+from pipelines.rl import RLConfig
 
 METRICS = ["ndcg@5", "ndcg@10", "hr@5", "hr@10"]
 SLATE_METRICS = ["recall@3", "recall@5", "ndcg@3", "ndcg@5", "slate_recall"]
@@ -101,6 +105,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    p.add_argument("--train-split", default="valid", choices=["valid", "train"],
+                   help="prompts from the validation targets (minus the selection users) or the training targets")
+    p.add_argument("--val-users", type=int, default=500, help="validation users that select the checkpoint")
+    p.add_argument("--candidates", help="candidates directory (default: the rerankers benchmark's cands-sasrec50)")
     p.add_argument("--test-users", type=int, help="evaluate on the first N test users (CPU budgets; default all)")
     p.add_argument("--result", default="rl", help="results/<name>.json (run listwise and groupwise apart)")
     p.add_argument("--init", help="listwise SFT model to start from (default: the rerankers benchmark's)")
@@ -108,7 +117,7 @@ def main() -> None:
     provenance = Provenance("pipelines.benchmarks.rl")
 
     src, out = Path(a.rerankers), Path(a.out)
-    cands = str(src / "cands-sasrec50")
+    cands = a.candidates or str(src / "cands-sasrec50")
     inits = {"listwise": str(src / "listwise-sft-tiny" / "model"), "groupwise": str(src / "groupwise-sft-tiny" / "model")}
     inits = {**inits, **({"listwise": a.init} if a.init else {})}
     needed = {"groupwise" if n == "groupwise-grouprank" else "listwise" for n in a.runs}
@@ -116,7 +125,8 @@ def main() -> None:
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: run `python -m pipelines.benchmarks.rerankers` first")
     overrides = {"max_steps": a.max_steps, "group_size": a.group_size, "prompts_per_step": a.prompts_per_step,
-                 "lr": a.lr, "val_every": a.val_every, "val_users": 500, "train_split": "valid"}
+                 "lr": a.lr, "val_every": a.val_every, "val_users": a.val_users, "train_split": a.train_split,
+                 "temperature": a.temperature}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     rows = []
     if any(n in a.runs for n in ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay")):
@@ -135,6 +145,15 @@ def main() -> None:
                 for s in a.seeds for name in a.runs]
         rows += [j.result() for j in jobs]
 
+    listwise_rl = ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay")
+    if any(r["name"] == "sft" for r in rows):           # per-user NDCG@10 of each RL run against the SFT start
+        from recsys.metrics import paired_bootstrap
+
+        sft = per_user_ndcg10(out / "sft-eval")
+        for r in rows:
+            if r["name"] in listwise_rl:
+                r["ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(out / f"{r['name']}-seed{r['seed']}" / "eval"))
+
     def mean(name: str, metric: str = "ndcg@10") -> float | None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]
         return sum(values) / len(values) if values else None
@@ -142,7 +161,7 @@ def main() -> None:
     means = {name: {m: mean(name, m) for m in (SLATE_METRICS if name.startswith("slate-rank") else METRICS)}
              for name in {r["name"] for r in rows}}
     ratios = {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
-              for name in a.runs if name in ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay") and "sft" in means}
+              for name in a.runs if name in listwise_rl and "sft" in means}
     if "groupwise-grouprank" in a.runs:
         ratios["grouprank/groupwise-sft ndcg@10"] = means["groupwise-grouprank"]["ndcg@10"] / means["groupwise-sft"]["ndcg@10"]
     if {"slate-rank-grpo", "slate-rank-f-grpo"} <= set(a.runs):
@@ -150,9 +169,11 @@ def main() -> None:
         ratios["slate-rank-f-grpo/slate-rank-grpo recall@5"] = f / g if g else None
     write_result(a.result, provenance, {
         "dataset": "ml-1m", "split": "test", "backbone": "tiny (built in code, SASRec-initialised item tokens)",
-        "candidates": "SASRec top-20", "test_users": a.test_users or "all", "evaluation": "listwise: greedy constrained generation; groupwise: expected "
-                                                     "digit scores; pipeline metrics over all test users",
-        "settings": overrides | {"temperature": 1.0, "beta": 1e-3, "seeds": a.seeds}, "init": inits["listwise"],
+        "candidates": "SASRec top-20", "test_users": a.test_users or "all",
+        "evaluation": "listwise: greedy constrained generation with the model's retriever prior; groupwise: expected "
+                      "digit scores; full-ranking pipeline metrics over the test users",
+        "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only, "seeds": a.seeds},
+        "candidates_dir": cands, "init": inits["listwise"],
         "rows": rows, "means": means, "ratios": ratios,
     })
 

@@ -74,17 +74,25 @@ class ListConstraint:
     (n,) shared by every row, or (B, n) per row (padded beyond a row's size with any of its ids). ``mask``
     constrains the next token's logits (B, V); ``update`` records the tokens (B,) just written (-1 =
     finished). The same object drives generation and the replay of :func:`replay_log_probs`.
+
+    ``bias`` (B, n) or (n,), optional: added to each identifier's logit before masking (the listwise
+    reranker's retriever prior, ``-beta * ln(1 + position)``), so generation, its replay and FIRST all
+    follow the same scores. Positions beyond a row's size get no bias.
     """
 
-    def __init__(self, sizes: torch.Tensor, identifier_ids: torch.Tensor, separator_id: int, end_id: int):
+    def __init__(self, sizes: torch.Tensor, identifier_ids: torch.Tensor, separator_id: int, end_id: int,
+                 bias: torch.Tensor | None = None):
         n = identifier_ids.shape[-1]
         self.separator_id, self.end_id = separator_id, end_id
         self.used = torch.arange(n, device=sizes.device)[None, :] >= sizes[:, None]          # (B, n)
         self.ids = identifier_ids.expand_as(self.used)                                        # (B, n)
+        self.bias = None if bias is None else bias.expand_as(self.used).masked_fill(self.used, 0.0)
         self.after = torch.zeros(len(sizes), dtype=torch.bool, device=sizes.device)
         self.max_tokens = 2 * n + 1
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            logits = logits.scatter_add(1, self.ids, self.bias.to(logits.dtype))
         return constrain_logits(logits, self.used, self.after, self.ids, self.separator_id, self.end_id)
 
     def update(self, tokens: torch.Tensor) -> None:
@@ -93,19 +101,21 @@ class ListConstraint:
         self.after = is_id.any(-1)
 
 
-def replay_log_probs(logits: torch.Tensor, tokens: torch.Tensor, constraint) -> tuple[torch.Tensor, torch.Tensor]:
+def replay_log_probs(logits: torch.Tensor, tokens: torch.Tensor, constraint,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (B, T) of generated answers under the *constrained* policy, and its entropy
     (B, T): the decoder's masking (``constraint``: :class:`ListConstraint` or
     :class:`recsys.rerank.slate.SlateRankConstraint`, fresh) replayed position by position.
 
     logits (B, T, V): the model's logits that predict each answer token; tokens (B, T): the answer,
-    -1 after the end. Positions after the end get 0. This is the distribution the rollouts were
-    sampled from, so it is the one a policy gradient must differentiate.
+    -1 after the end. Positions after the end get 0. ``temperature``: the rollouts' sampling
+    temperature, applied after the constraint as in generation (``softmax(masked / T)``). This is the
+    distribution the rollouts were sampled from, so it is the one a policy gradient must differentiate.
     """
     logps, entropies = [], []
     for t in range(tokens.shape[1]):
         tok = tokens[:, t]
-        lp = torch.log_softmax(constraint.mask(logits[:, t].float()), -1)
+        lp = torch.log_softmax(constraint.mask(logits[:, t].float()) / temperature, -1)
         p = lp.exp()
         entropies.append(-(p * lp.masked_fill(p == 0, 0)).sum(-1))
         logps.append(torch.where(tok >= 0, lp.gather(1, tok.clamp(min=0)[:, None])[:, 0], torch.zeros_like(lp[:, 0])))

@@ -11,7 +11,9 @@ logits as the prompt alone (tested).
 of the candidate at 0-based position j is ``logit_j - beta * ln(1 + j)``, the interpolation of a
 reranker's scores with the first-stage rank common in IR reranking. beta = 0 is the model alone and a
 large beta the retriever's order; :func:`pipelines.reranker.tune_retriever_prior` picks it on
-validation windows.
+validation windows. Generation adds the same prior to the identifiers' logits at every step
+(:meth:`ListwiseReranker.list_constraint`), so FIRST and generation rank with one set of scores and an
+RL policy is the reranker as it serves.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ class ListwiseReranker:
         rows = [identifier_ids(self.bb, list(c), self.identifiers) for c in candidate_lists]
         return torch.stack([torch.cat([r, r[:1].expand(n - len(r))]) for r in rows])
 
+    def prior_bias(self, n: int) -> torch.Tensor:
+        """(n,) the retriever prior added to the identifier at each window position: -beta ln(1 + j)."""
+        return -self.retriever_prior * torch.log1p(torch.arange(n, dtype=torch.float32))
+
+    def list_constraint(self, candidate_lists) -> ListConstraint:
+        """The constraint of a constrained ranking of each window, carrying the retriever prior."""
+        ids = self.identifier_ids(candidate_lists)
+        bias = self.prior_bias(ids.shape[-1]) if self.retriever_prior else None
+        return ListConstraint(torch.tensor([len(c) for c in candidate_lists]), ids, self.bb.separator_id,
+                              self.bb.end_id, bias)
+
     def parse(self, text: str, candidates: list[int]) -> ParsedList:
         """The ranking (positions into ``candidates``) and validity flags of a generated answer."""
         if self.identifiers == "items":
@@ -68,8 +81,8 @@ class ListwiseReranker:
         batch = self._batch(self.prompts(histories, candidate_lists))
         logits = self._forward(**batch, logits_to_keep=1).logits[:, -1].float()   # lm_head on the last position only
         scores = first_scores(logits, self.identifier_ids(candidate_lists).to(logits.device)).cpu()
-        prior = self.retriever_prior * torch.log1p(torch.arange(scores.shape[1], dtype=scores.dtype))
-        return [(scores[q] - prior)[:len(c)] for q, c in enumerate(candidate_lists)]
+        scores = scores + self.prior_bias(scores.shape[1])
+        return [s[:len(c)] for s, c in zip(scores, candidate_lists)]
 
     def rerank(self, history, candidates: list[int]) -> list[int]:
         """FIRST reranking of any number of candidates (sliding window, back to front)."""
@@ -84,15 +97,13 @@ class ListwiseReranker:
                  generator: torch.Generator | None = None, return_tokens: bool = False, constraint=None):
         """Write each answer token by token (KV cache). ``temperature`` 0 = greedy. ``constraint``: the
         decoding state that masks each step (default :class:`ListConstraint`, a ranking of the whole
-        window; :class:`recsys.rerank.slate.SlateRankConstraint` for slate-then-rank answers); unused
-        when ``constrained`` is False. Returns the texts (and, with ``return_tokens``, the (B, T)
+        window, with the retriever prior; :class:`recsys.rerank.slate.SlateRankConstraint` for
+        slate-then-rank answers); unused when ``constrained`` is False. Returns the texts (and, with ``return_tokens``, the (B, T)
         generated ids with ``-1`` after the end)."""
         self.bb.model.eval()
         batch = self._batch(self.prompts(histories, candidate_lists))
         if constraint is None:
-            sizes = torch.tensor([len(c) for c in candidate_lists])
-            constraint = ListConstraint(sizes, self.identifier_ids(candidate_lists), self.bb.separator_id,
-                                        self.bb.end_id)
+            constraint = self.list_constraint(candidate_lists)
         done = torch.zeros(len(candidate_lists), dtype=torch.bool)
         out = self._forward(**batch, use_cache=True, logits_to_keep=1)
         mask, pos = batch["attention_mask"], batch["position_ids"][:, -1]
