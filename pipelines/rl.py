@@ -7,7 +7,8 @@ Each training step takes ``prompts_per_step`` prompts (a user's history and cand
 them against the held-out item, turns rewards into advantages and takes ``mu`` optimiser steps on the
 clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`:
 
-- ``grpo``: one sequence reward (NDCG@10 of the generated list) for every token (Shao et al. 2024).
+- ``grpo``: one sequence reward (NDCG@10 of the served ranking, see ``complete_lists``) for every
+  token (Shao et al. 2024).
 - ``rank-grpo``: per-rank rewards (``reward: exp_inf | log_decay``) and per-rank advantages, the
   rank-level ratio and the length shaping of Rank-GRPO (Zhu et al. 2025).
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
@@ -74,6 +75,8 @@ from recsys.rl.rank_grpo import (
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
 
+COMPLETED_SHAPING = {"early_stop_penalty": 0.0, "end_of_list_reward": 0.0, "end_takes_next_rank": True}
+"""Rank-GRPO on completed lists: a short list is no failure, its end token chooses the ranks after it."""
 ALGOS = ("grpo", "rank-grpo", "grouprank", "slate-grpo", "f-grpo")
 SLATE_ALGOS = ("slate-grpo", "f-grpo")
 
@@ -110,6 +113,11 @@ class RLConfig:
     val_users: int = 500
     train_split: str = "valid"
     """Prompts from ``valid`` (minus the held-out selection users, as in SFT) or ``train`` candidates."""
+    complete_lists: bool = True
+    """Listwise rewards score the ranking the reranker serves: the generated items, then the window's
+    other candidates in their given (retriever) order, as evaluation and ``rank_windows`` complete it;
+    Rank-GRPO's end token then takes the advantage of the first rank it hands over (no length shaping).
+    False: the generated items only, with the paper's length shaping (a list is the recommendation)."""
     reachable_only: bool = True
     """Train only on prompts whose held-out item is in the window. The others reward every rollout 0,
     so their advantages are 0 and they only cost rollouts (DAPO's dynamic sampling, Yu et al. 2025,
@@ -294,7 +302,8 @@ class RerankerRLModule(L.LightningModule):
                 return roll | {"slate_reward": slate_r, "rank_reward": rank_r, "reward": joint_reward(slate_r, rank_r)}
             N = len(windows[0])
             parsed = [self._parse(a, w) for a, w in zip(answer, windows)]
-            rel = torch.tensor([relevance([w[i] for i in p.generated], {t}, N) for p, w, t in zip(parsed, windows, targets)])
+            served = [p.order if self.cfg.complete_lists else p.generated for p in parsed]
+            rel = torch.tensor([relevance([w[i] for i in s], {t}, N) for s, w, t in zip(served, windows, targets)])
             return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), 10), "rel": rel,
                            "validity": torch.tensor([float(p.valid) for p in parsed]).mean()}
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
@@ -352,7 +361,8 @@ class RerankerRLModule(L.LightningModule):
             logp, _ = self._log_probs(self.model, roll)
             clip = (cfg.beta, cfg.eps_low, cfg.eps_high, cfg.aggregation)
             if cfg.algo == "rank-grpo":
-                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip)
+                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip,
+                                             **(COMPLETED_SHAPING if cfg.complete_lists else {}))
             elif cfg.algo == "f-grpo":
                 loss, stats = f_grpo_loss(logp, old_logp, slate_adv, rank_adv, slate_mask, rank_mask, ref_logp, *clip)
             else:
@@ -401,10 +411,18 @@ class RerankerRLModule(L.LightningModule):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
 
+def save_model(module: RerankerRLModule, path: Path, meta: dict) -> None:
+    """Write the module's policy as a reranker model directory (weights, tokenizer, ``reranker.json``)."""
+    module.model.save_pretrained(path)
+    module.bb.tokenizer.save_pretrained(path)
+    (path / "reranker.json").write_text(json.dumps(meta, indent=2))
+
+
 def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, progress: bool = True,
              resume: bool = True, runtime: Runtime | None = None) -> Path:
     """RL on a reranker from ``config.init``; saves the best model by validation to ``out/model``: the
-    best RL checkpoint, or the starting model itself when no checkpoint beat it (``kept_start``)."""
+    best RL checkpoint, or the starting model itself when no checkpoint beat it (``kept_start``), and
+    the final weights, whatever validation says, to ``out/last-model`` (with the start's retriever prior)."""
     if not config.init:
         raise RecsysError("RL needs a starting model: set init to the SFT run's model/ directory")
     out = Path(out)
@@ -433,16 +451,15 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     best_score = float(best.best_model_score)
     kept_start = start_score >= best_score            # RL never beat its starting point on validation: keep it
+    init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
+    save_model(module, out / "last-model", init_meta)   # the final weights, unselected (the start's prior)
     module.load_state_dict(start_state if kept_start else
                            torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
-    init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
     prior_table = None
     if module.listwise and not module.slate and "retriever_prior" in init_meta:    # re-chosen for the RL'd model
         rows = [{"history": r["history"], "candidates": r["window"], "target": r["target"]} for r in data.valid_rows]
         init_meta["retriever_prior"], prior_table = tune_retriever_prior(scorer, rows, config.window)
-    module.model.save_pretrained(out / "model")
-    module.bb.tokenizer.save_pretrained(out / "model")
-    (out / "model" / "reranker.json").write_text(json.dumps(init_meta, indent=2))
+    save_model(module, out / "model", init_meta)
     (out / "train.json").write_text(json.dumps({
         "kind": init_meta["kind"], "algo": config.algo, "seconds": timer.time_elapsed("train"),
         "steps": trainer.global_step // config.mu, f"start_{metric.replace('/', '_')}": start_score,

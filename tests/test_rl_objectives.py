@@ -171,6 +171,19 @@ def test_token_advantages_and_length_shaping():
                                              [0.5, 0.5, -0.5, -0.5, -0.1, -0.1, 0.0]]))
 
 
+def test_end_token_of_a_completed_list_takes_the_next_rank():
+    """N=3, rank advantages [0.5, -0.2, 0.3]. One item then end: the end token hands over rank 2 (-0.2);
+    two items: rank 3 (0.3); a full list's end (the only allowed token) gets end_of_list_reward (0 here)."""
+    adv = torch.tensor([[0.5, -0.2, 0.3]] * 3)
+    bins = torch.tensor([[0, 0, END, PAD, PAD, PAD, PAD],
+                         [0, 0, 1, 1, END, PAD, PAD],
+                         [0, 0, 1, 1, 2, 2, END]])
+    out = token_advantages(adv, bins, early_stop_penalty=0.0, end_of_list_reward=0.0, end_takes_next_rank=True)
+    assert torch.allclose(out, torch.tensor([[0.5, 0.5, -0.2, 0, 0, 0, 0],
+                                             [0.5, 0.5, -0.2, -0.2, 0.3, 0, 0],
+                                             [0.5, 0.5, -0.2, -0.2, 0.3, 0.3, 0.0]]))
+
+
 def test_rank_log_ratio_is_the_mean_within_each_rank():
     bins = torch.tensor([[0, 0, 1, 1, 2, 2, END, PAD]])
     lr = torch.tensor([[0.2, 0.4, 0.0, 0.0, 1.0, 1.0, 0.7, 5.0]])

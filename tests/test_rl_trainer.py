@@ -53,6 +53,10 @@ def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     model = train_rl(tiny_dataset, cands, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 4 and summary["algo"] == algo and (model / "reranker.json").exists()
+    from recsys.llm.backbone import load_backbone                      # last-model: the weights of the last step
+    last = torch.load(tmp_path / algo / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    written = load_backbone(tmp_path / algo / "last-model").model.state_dict()
+    assert all(torch.equal(last[f"model.{k}"], v) for k, v in written.items())
     metric = "val_cand_ndcg@2" if slate else "val_cand_ndcg@10"
     assert summary["val_metric"] == metric.replace("_", "/", 1) and 0 <= summary[f"best_{metric}"] <= 1
     import polars as pl
@@ -99,6 +103,28 @@ def test_rl_prompts_hold_their_item_unless_asked_otherwise(tiny_dataset, tmp_pat
 
     assert key(kept.train_rows) == key(r for r in every.train_rows if r["target"] in r["window"])
     assert 0 < len(kept.train_rows) < len(every.train_rows) and key(kept.valid_rows) == key(every.valid_rows)
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, complete):
+    """complete_lists: a rollout's reward is the NDCG@10 of its completed ranking (generated items, then the
+    rest of the window in its given order, what evaluation serves); otherwise of the generated items only."""
+    import math
+
+    from pipelines.reranker import load_reranker
+    from pipelines.rl import PromptData, RerankerRLModule
+
+    cands, lw, _ = sft_models
+    cfg = RLConfig(algo="grpo", init=str(lw), complete_lists=complete, **RL)
+    module = RerankerRLModule(load_reranker(lw, tiny_dataset, window=8), cfg)
+    rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
+    roll = module._rollouts(rows, torch.Generator().manual_seed(0))
+    for answer, window, row, reward in zip(roll["answer"], roll["windows"], [r for r in rows for _ in range(4)],
+                                           roll["reward"]):
+        parsed = module._parse(answer, window)
+        ranked = [window[i] for i in (parsed.order if complete else parsed.generated)][:10]
+        want = 1 / math.log2(ranked.index(row["target"]) + 2) if row["target"] in ranked else 0.0
+        assert reward.item() == pytest.approx(want, abs=1e-6)
 
 
 def test_rl_algo_must_fit_the_model(tiny_dataset, tmp_path, sft_models):

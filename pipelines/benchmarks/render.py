@@ -24,6 +24,16 @@ def _table(rows: list[dict], metrics: list[str], extra: list[str]) -> list[str]:
     return lines
 
 
+def _paired(rows: list[dict], key: str, label: str) -> list[str]:
+    """One paragraph of the rows' paired bootstraps stored under ``key`` (see recsys.metrics.paired_bootstrap)."""
+    paired = [(f"{x['name']}{'' if x.get('seed') is None else ' seed ' + str(x['seed'])}", x[key]) for x in rows if key in x]
+    if not paired:
+        return []
+    return ["", f"{label}, same users (paired bootstrap, 95%): " + "; ".join(
+        f"{name} {b['mean_diff']:+.4f} ({b['ci_low']:+.4f} to {b['ci_high']:+.4f}; {b['better']} users better, "
+        f"{b['worse']} worse)" for name, b in paired) + "."]
+
+
 def render_baselines(result: dict) -> list[str]:
     metrics = ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]
     variant = f", variant {result['variant']}" if result.get("variant") else ""
@@ -130,11 +140,7 @@ def _reranker_notes(result: dict) -> list[str]:
             out += ["", (f"{kind}-sft-smollm2 training: {t['seconds'] / 60:.0f} min, {t['epochs']} validation "
                         f"rounds, best validation cand_ndcg@10 {t['best_val_cand_ndcg@10']:.4f} "
                         f"({t['train_examples']} training windows available).")]
-    paired = [(x["name"], x["ndcg10_vs_retriever"]) for x in result["rows"] if "ndcg10_vs_retriever" in x]
-    if paired:
-        out += ["", "Per-user NDCG@10 minus the retriever's, same users (paired bootstrap, 95%): " + "; ".join(
-            f"{name} {b['mean_diff']:+.4f} ({b['ci_low']:+.4f} to {b['ci_high']:+.4f}; {b['better']} users better, "
-            f"{b['worse']} worse)" for name, b in paired) + "."]
+    out += _paired(result["rows"], "ndcg10_vs_retriever", "Per-user NDCG@10 minus the retriever's")
     r = result["ratios"]
     out += ["", "Reranked / retriever NDCG@10 (same users): " + ", ".join(
         f"{k.split('/')[0].split(' ')[0]} {v:.4f}" for k, v in r.items() if "/retriever" in k) + "."]
@@ -172,6 +178,14 @@ def render_rl(result: dict) -> list[str]:
         out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["seconds", "steps"])
         out += ["", "Means over seeds (NDCG@10): " + ", ".join(
             f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v.get("ndcg@10") is not None) + ".", ""]
+        last = [{**r, "metrics": r["last_metrics"]} for r in ranking if "last_metrics" in r]
+        if last:
+            out += [("The final RL weights, whatever validation said (the rows above are the validation-selected "
+                     "model, the start itself when `kept_start`):"), ""]
+            out += _table(last, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["kept_start"])
+        out += _paired(ranking, "ndcg10_vs_sft", "Selected model's per-user NDCG@10 minus the SFT start's")
+        paired = _paired(ranking, "last_ndcg10_vs_sft", "Final weights' per-user NDCG@10 minus the SFT start's")
+        out += paired + ([""] if paired else [])
     if slate:
         out += [("Slate of 10 then rank 5 (recall@k = hit rate of the one held-out item in the final ranking; "
                 "slate_recall: in the slate):"), ""]

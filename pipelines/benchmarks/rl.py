@@ -11,7 +11,8 @@ the same rollouts per step (G x prompts) and the same number of steps; only the 
 repeats. Evaluation: the test users' SASRec top-20 reranked by greedy constrained generation with the
 model's retriever prior (listwise) or expected scores (groupwise); full-ranking pipeline metrics plus
 candidate-set ``cand_ndcg@10``, and for each listwise RL row a paired bootstrap of its per-user NDCG@10
-against the SFT start (``ndcg10_vs_sft``). The SFT rows are deterministic (one model, greedy decoding),
+against the SFT start (``ndcg10_vs_sft``). ``metrics`` is the model validation selected (the start
+itself when no checkpoint beat it: ``kept_start``), ``last_metrics`` the final RL weights. The SFT rows are deterministic (one model, greedy decoding),
 so they appear once.
 
 Slate-then-rank (``slate-rank-*`` rows, :mod:`recsys.rerank.slate`): from the same SFT checkpoint, one
@@ -76,7 +77,9 @@ def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threa
     mode = "first" if name == "groupwise-grouprank" else "slate" if name.startswith("slate-rank") else "generate"
     result = _evaluate(data, str(model), cands, str(Path(out) / "eval"), mode, limit)
     metric = summary["val_metric"].replace("/", "_")
+    last = _evaluate(data, str(Path(out) / "last-model"), cands, str(Path(out) / "eval-last"), mode, limit)
     return {"name": name, "seed": seed, "metrics": result if mode == "slate" else _metrics(result),
+            "last_metrics": last if mode == "slate" else _metrics(last), "kept_start": summary["kept_start"],
             "seconds": round(summary["seconds"], 1), "steps": summary["steps"], f"start_{metric}": summary[f"start_{metric}"],
             f"best_{metric}": summary[f"best_{metric}"], "curve": reward_curve(out)}
 
@@ -152,7 +155,9 @@ def main() -> None:
         sft = per_user_ndcg10(out / "sft-eval")
         for r in rows:
             if r["name"] in listwise_rl:
-                r["ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(out / f"{r['name']}-seed{r['seed']}" / "eval"))
+                run = out / f"{r['name']}-seed{r['seed']}"
+                r["ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval"))
+                r["last_ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval-last"))
 
     def mean(name: str, metric: str = "ndcg@10") -> float | None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]

@@ -18,7 +18,11 @@ Departures from the paper and code, all documented options:
   so the reward's rank k and the tokens' rank k cannot drift apart (the paper's pitfall 1);
 - the end token gets its own ratio bin (the code puts it with the overflow tokens);
 - an additional ``kind="exp"`` with finite gamma, ``r_k = rel_k + r_{k+1} / gamma`` (the paper's
-  exp-Gamma family; ``exp_inf`` is its limit).
+  exp-Gamma family; ``exp_inf`` is its limit);
+- completed lists (``end_takes_next_rank`` in :func:`token_advantages`): a reranker serves the ranks
+  after a short list from the window's given order, so relevance is that of the completed ranking and
+  the end token is credited with the first rank it hands over, instead of the length shaping (in the
+  paper a list is the recommendation; unnamed items are not recommended).
 """
 
 from __future__ import annotations
@@ -87,12 +91,19 @@ def list_lengths(bins: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.
 
 
 def token_advantages(rank_adv: torch.Tensor, bins: torch.Tensor, extra_token_penalty: float = -0.1,
-                     end_of_list_reward: float = 0.1, early_stop_penalty: float = -0.1) -> torch.Tensor:
+                     end_of_list_reward: float = 0.1, early_stop_penalty: float = -0.1,
+                     end_takes_next_rank: bool = False) -> torch.Tensor:
     """Spread per-rank advantages (B, N) over tokens (B, T), plus the length shaping of the code.
 
     Item tokens get their rank's advantage; overflow tokens get ``extra_token_penalty``; the end token
     gets ``end_of_list_reward`` when the list has exactly N items and no overflow, ``early_stop_penalty``
     when it ends before N items, else 0; padding 0.
+
+    ``end_takes_next_rank`` (completed lists, a departure): when the served ranking fills the ranks after
+    a short list with the rest of the window in its given order, ending the list at L items chooses rank
+    L+1 onward, so the end token gets rank L+1's advantage instead of the shaping (a full list's end
+    token, the only allowed token, still gets ``end_of_list_reward``). Example, N = 4, rank advantages
+    [a0, a1, a2, a3], ``A \n B \n <eor>``: bins [0, 0, 1, 1, -1] -> [a0, a0, a1, a1, a2].
     """
     n = rank_adv.shape[1]
     gathered = rank_adv.gather(1, bins.clamp(0, n - 1))
@@ -101,6 +112,9 @@ def token_advantages(rank_adv: torch.Tensor, bins: torch.Tensor, extra_token_pen
     items, overflowed, _ = list_lengths(bins, n)
     value = torch.tensor([early_stop_penalty, 0.0, end_of_list_reward], dtype=out.dtype, device=out.device)
     end_value = value[torch.where(items < n, 0, torch.where(overflowed, 1, 2))]            # (B,)
+    if end_takes_next_rank:
+        next_rank = rank_adv.gather(1, items.clamp(max=n - 1)[:, None])[:, 0]
+        end_value = torch.where(items < n, next_rank, end_value)
     return torch.where(bins == END, end_value[:, None].expand_as(out), out)
 
 
