@@ -456,7 +456,8 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     module.load_state_dict(start_state if kept_start else
                            torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
     prior_table = None
-    if module.listwise and not module.slate and "retriever_prior" in init_meta:    # re-chosen for the RL'd model
+    if module.listwise and not module.slate and "retriever_prior" in init_meta and not kept_start:
+        # re-chosen for the RL'd weights; a kept start keeps its own (chosen on its own validation users)
         rows = [{"history": r["history"], "candidates": r["window"], "target": r["target"]} for r in data.valid_rows]
         init_meta["retriever_prior"], prior_table = tune_retriever_prior(scorer, rows, config.window)
     save_model(module, out / "model", init_meta)

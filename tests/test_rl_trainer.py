@@ -25,10 +25,18 @@ def sft_models(tiny_dataset, tmp_path):
     return tmp_path / "c", lw, gw
 
 
-def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_models):
+def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_models, monkeypatch):
     """Rank-GRPO on a listwise model whose identifiers are item tokens: rollouts name the window's items
-    (per-row constraint), the written model keeps its identifiers; the slate task refuses it."""
+    (per-row constraint), the written model keeps its identifiers and, being RL'd weights (validation is
+    made to prefer later steps here), gets its retriever prior chosen again; the slate task refuses it."""
+    from pipelines.rl import RerankerRLModule
     from recsys.errors import RecsysError
+
+    def later_is_better(self):
+        self._val.clear()
+        self.log(self.cfg.val_metric, float(self.global_step))
+
+    monkeypatch.setattr(RerankerRLModule, "on_validation_epoch_end", later_is_better)
 
     cands, _, _ = sft_models
     lw = train_reranker(tiny_dataset, cands, tmp_path / "items", RerankerSFTConfig(identifiers="items", **SFT),
@@ -39,7 +47,7 @@ def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_model
     assert logs["train/validity"].drop_nulls().min() == 1.0
     meta, summary = json.loads((model / "reranker.json").read_text()), json.loads((tmp_path / "rl" / "train.json").read_text())
     assert meta["identifiers"] == "items" and meta["retriever_prior"] == summary["retriever_prior"]
-    assert len(summary["val_cand_ndcg@10_by_retriever_prior"]) > 1          # chosen again for the RL'd weights
+    assert summary["kept_start"] is False and len(summary["val_cand_ndcg@10_by_retriever_prior"]) > 1
     with pytest.raises(RecsysError, match="letter"):
         train_rl(tiny_dataset, cands, tmp_path / "slate", RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2,
                                                                    **RL), progress=False)
@@ -53,9 +61,10 @@ def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     model = train_rl(tiny_dataset, cands, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 4 and summary["algo"] == algo and (model / "reranker.json").exists()
-    from recsys.llm.backbone import load_backbone                      # last-model: the weights of the last step
+    from recsys.llm.backbone import load_backbone
+
     last = torch.load(tmp_path / algo / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    written = load_backbone(tmp_path / algo / "last-model").model.state_dict()
+    written = load_backbone(tmp_path / algo / "last-model").model.state_dict()      # the last step's weights
     assert all(torch.equal(last[f"model.{k}"], v) for k, v in written.items())
     metric = "val_cand_ndcg@2" if slate else "val_cand_ndcg@10"
     assert summary["val_metric"] == metric.replace("_", "/", 1) and 0 <= summary[f"best_{metric}"] <= 1
@@ -160,6 +169,7 @@ def test_rl_that_never_beats_its_start_keeps_the_start(tiny_dataset, tmp_path, s
     assert summary["best_val_cand_ndcg@10"] == json.loads((tmp_path / "flat" / "start.json").read_text())["val/cand_ndcg@10"]
     start, saved = load_backbone(lw).model.state_dict(), load_backbone(model).model.state_dict()
     assert all(torch.equal(start[k], saved[k]) for k in start)
+    assert json.loads((model / "reranker.json").read_text()) == json.loads((lw / "reranker.json").read_text())
 
 
 def test_stream_sampler_walks_the_data_without_repeats():
