@@ -167,6 +167,11 @@ def main() -> None:
              for name in {r["name"] for r in rows}}
     ratios = {f"{name}/sft ndcg@10": means[name]["ndcg@10"] / means["sft"]["ndcg@10"]
               for name in a.runs if name in listwise_rl and "sft" in means}
+    means_last = {name: {m: sum(v) / len(v) for m in METRICS
+                         if (v := [r["last_metrics"][m] for r in rows if r["name"] == name])}
+                  for name in a.runs if name in listwise_rl}
+    ratios |= {f"{name} last/sft ndcg@10": means_last[name]["ndcg@10"] / means["sft"]["ndcg@10"]
+               for name in means_last if "sft" in means}
     if "groupwise-grouprank" in a.runs:
         ratios["grouprank/groupwise-sft ndcg@10"] = means["groupwise-grouprank"]["ndcg@10"] / means["groupwise-sft"]["ndcg@10"]
     if {"slate-rank-grpo", "slate-rank-f-grpo"} <= set(a.runs):
@@ -179,7 +184,7 @@ def main() -> None:
                       "digit scores; full-ranking pipeline metrics over the test users",
         "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only, "seeds": a.seeds},
         "candidates_dir": cands, "init": inits["listwise"],
-        "rows": rows, "means": means, "ratios": ratios,
+        "rows": rows, "means": means, "means_last": means_last, "ratios": ratios,
     })
 
 
