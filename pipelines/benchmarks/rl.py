@@ -182,7 +182,8 @@ def main() -> None:
         "candidates": "SASRec top-20", "test_users": a.test_users or "all",
         "evaluation": "listwise: greedy constrained generation with the model's retriever prior; groupwise: expected "
                       "digit scores; full-ranking pipeline metrics over the test users",
-        "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only, "seeds": a.seeds},
+        "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only,
+                                 "complete_lists": RLConfig.complete_lists, "seeds": a.seeds},
         "candidates_dir": cands, "init": inits["listwise"],
         "rows": rows, "means": means, "means_last": means_last, "ratios": ratios,
     })
