@@ -10,7 +10,8 @@ clipped objective (old log-probs stored once per batch). The maths lives in :mod
 - ``grpo``: one sequence reward (NDCG@10 of the served ranking, see ``complete_lists``) for every
   token (Shao et al. 2024).
 - ``rank-grpo``: per-rank rewards (``reward: exp_inf | log_decay``) and per-rank advantages, the
-  rank-level ratio and the length shaping of Rank-GRPO (Zhu et al. 2025).
+  rank-level ratio of Rank-GRPO (Zhu et al. 2025); with ``complete_lists`` (default) the end token takes
+  the advantage of the first rank it hands to the retriever's order, else the paper's length shaping.
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
   Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025).
 - ``f-grpo`` and ``slate-grpo``: the slate-then-rank task (:mod:`recsys.rerank.slate`): one completion
@@ -20,7 +21,8 @@ clipped objective (old log-probs stored once per batch). The maths lives in :mod
   ``slate-grpo`` is its GRPO baseline, one joint reward (slate + rank) on every token.
 
 Log-probabilities are those of the distribution the rollouts were drawn from: the constrained
-(renormalised) distribution over allowed tokens. A frozen copy of the starting model is the KL
+(renormalised) distribution over allowed tokens, with the reranker's retriever prior, at the rollout
+temperature. A frozen copy of the starting model is the KL
 reference. "Epochs" are ``val_every`` steps: validation (greedy decoding on held-out validation users,
 candidate-set NDCG@10) and checkpoints happen at their end, so a killed run resumes exactly.
 """
