@@ -183,11 +183,13 @@ def render_rl(result: dict) -> list[str]:
             out += [("The final RL weights, whatever validation said (the rows above are the validation-selected "
                      "model, the start itself when `kept_start`):"), ""]
             out += _table(last, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["kept_start"])
+            names = dict.fromkeys(r["name"] for r in last)
             out += ["", "Means over seeds of the final weights (NDCG@10): " + ", ".join(
-                f"{k} {v['ndcg@10']:.4f}" for k, v in result.get("means_last", {}).items()) + "."]
-        out += _paired(ranking, "ndcg10_vs_sft", "Selected model's per-user NDCG@10 minus the SFT start's")
-        paired = _paired(ranking, "last_ndcg10_vs_sft", "Final weights' per-user NDCG@10 minus the SFT start's")
-        out += paired + ([""] if paired else [])
+                f"{n} {sum(v := [r['metrics']['ndcg@10'] for r in last if r['name'] == n]) / len(v):.4f}"
+                for n in names) + "."]
+        paired = _paired(ranking, "ndcg10_vs_sft", "Selected model's per-user NDCG@10 minus the SFT start's")
+        paired += _paired(ranking, "last_ndcg10_vs_sft", "Final weights' per-user NDCG@10 minus the SFT start's")
+        out += paired + ([""] if last or paired else [])
     if slate:
         out += [("Slate of 10 then rank 5 (recall@k = hit rate of the one held-out item in the final ranking; "
                 "slate_recall: in the slate):"), ""]
