@@ -36,23 +36,40 @@ def tiny_dataset(tmp_path):
     return prepare(read_dataset(FIXTURES / "tiny"), tmp_path / "prepared")
 
 
-@pytest.fixture
-def exported(tiny_dataset, tmp_path):
+@pytest.fixture(scope="session")
+def _exported_once(tmp_path_factory):
+    """Built once per session (the export with int8 quantisation takes ~12 s): a tiny SASRec, a tiny
+    listwise reranker and their deployment, over the ring dataset prepared as ``tiny_dataset`` prepares it."""
     import json
 
+    from recsys.data import prepare, read_dataset
     from recsys.llm.backbone import build_tiny
     from recsys.models.sasrec import SASRec, SASRecConfig
     from serving.export import export
 
+    root = tmp_path_factory.mktemp("exported")
+    dataset = prepare(read_dataset(FIXTURES / "tiny"), root / "prepared")
     torch.manual_seed(0)
-    sas = SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=12, hidden_size=16, num_layers=2),
-                 tiny_dataset.fingerprint)
-    sas.save_pretrained(tmp_path / "sas")
-    bb = build_tiny(n_items=tiny_dataset.n_items, hidden_size=32, num_layers=1)
-    bb.model.save_pretrained(tmp_path / "rr")
-    bb.tokenizer.save_pretrained(tmp_path / "rr")
-    (tmp_path / "rr" / "reranker.json").write_text(json.dumps({
+    sas = SASRec(SASRecConfig(n_items=dataset.n_items, max_len=12, hidden_size=16, num_layers=2), dataset.fingerprint)
+    sas.save_pretrained(root / "sas")
+    bb = build_tiny(n_items=dataset.n_items, hidden_size=32, num_layers=1)
+    bb.model.save_pretrained(root / "rr")
+    bb.tokenizer.save_pretrained(root / "rr")
+    (root / "rr" / "reranker.json").write_text(json.dumps({
         "kind": "listwise", "prompt": "tiny", "window": 8, "group_size": 8, "max_history": 10,
-        "dataset_fingerprint": tiny_dataset.fingerprint}))
-    out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve", tmp_path / "rr", quantize=True)
-    return out, sas, tmp_path / "rr"
+        "dataset_fingerprint": dataset.fingerprint}))
+    export(dataset, root / "sas", root / "serve", root / "rr", quantize=True)
+    return root
+
+
+@pytest.fixture
+def exported(_exported_once, tmp_path):
+    """(deployment directory, the SASRec model, the reranker directory): this test's own copy of the
+    session's export, so a test may change its files."""
+    import shutil
+
+    from recsys.models.sasrec import SASRec
+
+    for name in ("sas", "rr", "serve"):
+        shutil.copytree(_exported_once / name, tmp_path / name)
+    return tmp_path / "serve", SASRec.from_pretrained(tmp_path / "sas"), tmp_path / "rr"
