@@ -42,6 +42,7 @@ from recsys.rerank.sft import (
     collate,
     encode_example,
     encode_group_examples,
+    reorder_teacher,
     teacher_example,
 )
 
@@ -72,6 +73,11 @@ class RerankerSFTConfig:
     outside the history) instead of the retriever's list: easy negatives make the relevance signal
     strong enough for a model trained from scratch to learn to point at a candidate by its identifier
     (its loss otherwise sits at log(window) for thousands of steps); the rest keep the hard ones."""
+    teacher_reranker: str | None = None
+    """``listwise`` only: a trained listwise reranker directory (``RUN/model``) whose FIRST ranking of each
+    window (with its retriever prior) orders the teacher list after the held-out item, instead of the
+    retriever's order (:func:`recsys.rerank.sft.reorder_teacher`): distils a reranker's whole ranking into
+    the list the model writes, so that generation ranks every position (with ``supervise: list``)."""
     shuffle_candidates: bool = True
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
@@ -132,8 +138,11 @@ class RerankerSFTConfig:
             raise ValueError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
         if self.random_negatives and not self.shuffle_candidates:
             raise ValueError("random_negatives needs shuffle_candidates: the target leads a random window")
-        if self.identifiers == "items" and (self.kind != "listwise" or self.backbone != "tiny"):
+        if self.identifiers == "items" and (self.kind != "listwise" or self.backbone == "smollm2-135m"):
             raise ValueError("identifiers='items' is for the listwise reranker on the tiny backbone (item tokens)")
+        if self.teacher_reranker and (self.kind != "listwise" or self.random_negatives):
+            raise ValueError("teacher_reranker orders listwise windows from the retriever (random_negatives 0): "
+                             "its retriever prior reads the window's order, which a random window does not have")
         if self.history_lm_weight and (self.kind != "listwise" or self.backbone == "smollm2-135m"):
             raise ValueError("history_lm_weight is for the listwise reranker on the tiny backbone (item-token history)")
         if self.supervise == "target" and self.kind != "listwise":
@@ -166,11 +175,27 @@ def random_candidates(rng: np.random.Generator, n_items: int, history, target: i
     return out
 
 
-def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbone: Backbone,
-                   config: RerankerSFTConfig, titles, seed: int, n_items: int = 0) -> list[dict]:
-    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows;
-    a ``config.random_negatives`` share of them with random catalogue items as the other candidates."""
+def teacher_orders(teacher: ListwiseReranker, examples: list, batch_size: int = 64, progress: bool = True) -> list:
+    """``examples`` with the teacher reranker's FIRST ranking of each window (in the retriever's order,
+    so its prior applies) after the held-out item (:func:`recsys.rerank.sft.reorder_teacher`)."""
+    from tqdm.auto import tqdm
+
     out = []
+    for i in tqdm(range(0, len(examples), batch_size), desc="teacher reranker", disable=not progress):
+        chunk = examples[i:i + batch_size]
+        ranked = teacher.rank_windows([ex.history for ex in chunk], [list(ex.retriever_order) for ex in chunk],
+                                      batch_size=batch_size)
+        out += [reorder_teacher(ex, r) for ex, r in zip(chunk, ranked)]
+    return out
+
+
+def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbone: Backbone,
+                   config: RerankerSFTConfig, titles, seed: int, n_items: int = 0,
+                   teacher: ListwiseReranker | None = None) -> list[dict]:
+    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows;
+    a ``config.random_negatives`` share of them with random catalogue items as the other candidates;
+    with a ``teacher`` reranker, its ranking orders each teacher list after the held-out item."""
+    examples = []
     rng = np.random.default_rng([seed, 17])
     for i, r in enumerate(rows.iter_rows(named=True)):
         hist = sequences[r["uidx"]][:r["history_length"]]
@@ -179,8 +204,12 @@ def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbon
             cands = random_candidates(rng, n_items, hist, r["target"], config.window)
         ex = teacher_example(hist, cands, r["target"], config.window, config.shuffle_candidates,
                              seed=seed * 1_000_003 + i, target_missing=config.target_missing)
-        if ex is None or (config.supervise == "target" and ex.target is None):
-            continue
+        if ex is not None and (config.supervise != "target" or ex.target is not None):
+            examples.append(ex)
+    if teacher is not None:
+        examples = teacher_orders(teacher, examples)
+    out = []
+    for ex in examples:
         if config.kind == "listwise":
             out.append(encode_example(backbone, ex, titles, config.max_history, config.supervise, config.identifiers,
                                       history_lm=config.history_lm_weight > 0))
@@ -209,7 +238,8 @@ class RerankerDataModule(L.LightningDataModule):
         if config.train_users:
             train = train.head(config.train_users)
         self.sequences = user_sequences(dataset)
-        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed, dataset.n_items)
+        teacher = load_reranker(config.teacher_reranker, dataset, config.window) if config.teacher_reranker else None
+        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed, dataset.n_items, teacher)
         if not self.rows:
             raise RecsysError(f"{candidates_dir}: no training examples for split {config.train_split!r}")
 

@@ -13,7 +13,8 @@ clipped objective (old log-probs stored once per batch). The maths lives in :mod
   rank-level ratio of Rank-GRPO (Zhu et al. 2025); with ``complete_lists`` (default) the end token takes
   the advantage of the first rank it hands to the retriever's order, else the paper's length shaping.
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
-  Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025).
+  Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025), ties between
+  sampled digits broken at random in expectation (``grouprank_ties``).
 - ``f-grpo`` and ``slate-grpo``: the slate-then-rank task (:mod:`recsys.rerank.slate`): one completion
   chooses ``slate_size`` of the window's candidates, then ranks ``rank_size`` of them. Slate reward:
   recall of the held-out item in the slate; rank reward: NDCG@rank_size of the ranking. ``f-grpo``
@@ -124,6 +125,10 @@ class RLConfig:
     """Train only on prompts whose held-out item is in the window. The others reward every rollout 0,
     so their advantages are 0 and they only cost rollouts (DAPO's dynamic sampling, Yu et al. 2025,
     drops such zero-variance groups after sampling; filtering before sampling is the same for them)."""
+    grouprank_ties: str = "random"
+    """``grouprank`` only: how ties between sampled digits rank in the reward, ``random`` (their expected
+    NDCG / Recall over tie orders) or ``stable`` (candidate order, i.e. the retriever's: one digit
+    everywhere then earns the retriever's NDCG; :mod:`recsys.rl.rewards`)."""
     window: int = 20
     slate_size: int = 10
     """``f-grpo`` / ``slate-grpo``: candidates chosen in the slate phase."""
@@ -143,6 +148,8 @@ class RLConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare rollouts of the same prompt")
+        if self.grouprank_ties not in ("random", "stable"):
+            raise ValueError(f"grouprank_ties must be 'random' or 'stable', got {self.grouprank_ties!r}")
 
 
 def slate_constraint(bb, windows: list[list[int]], window: int, slate_size: int, rank_size: int) -> SlateRankConstraint:
@@ -311,7 +318,7 @@ class RerankerRLModule(L.LightningModule):
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
         teacher = torch.where(relevant, 9.0, 0.0)
-        reward = grouprank_reward(digits.float(), teacher, relevant)
+        reward = grouprank_reward(digits.float(), teacher, relevant, ties=self.cfg.grouprank_ties)
         digit_pos = torch.zeros_like(answer, dtype=torch.bool)
         digit_pos[:, 2:-1:4] = True                                     # "X : d \n" ... <eor>
         return {"prompt": prompt, "answer": answer, "mask": digit_pos, "reward": reward, "windows": windows}

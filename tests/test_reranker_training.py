@@ -149,6 +149,44 @@ def test_second_stage_continues_from_a_trained_tiny_reranker(tiny_dataset, tmp_p
     assert json.loads((tmp_path / "s1" / "train.json").read_text())["train_examples"] > 40
 
 
+def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset, tmp_path):
+    """With ``teacher_reranker``, every answer is the held-out item, then the rest of its window in the
+    teacher's FIRST order (retriever prior included), not the retriever's: the answers are decoded from
+    the encoded labels and compared with the teacher's own ranking of the same windows."""
+    import pytest
+
+    from pipelines.reranker import (
+        RerankerDataModule,
+        load_candidates,
+        load_reranker,
+        user_sequences,
+    )
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=8, train_targets_per_user=2, progress=False)
+    base = {"window": 8, "batch_size": 16, "val_users": 10, "tiny_hidden_size": 16, "tiny_layers": 1,
+            "precision": "32-true", "max_epochs": 1, "identifiers": "items", "target_missing": "skip"}
+    teacher_dir = train_reranker(tiny_dataset, tmp_path / "c", tmp_path / "t",
+                                 RerankerSFTConfig(**base, examples_per_epoch=32, retriever_prior=1.0), progress=False)
+    cfg = RerankerSFTConfig(**base, backbone=str(teacher_dir), teacher_reranker=str(teacher_dir))
+    bb = load_backbone(teacher_dir)
+    data = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, cfg, None)
+    teacher = load_reranker(teacher_dir, tiny_dataset, window=8)
+    rows = [r for r in load_candidates(tmp_path / "c", "train").iter_rows(named=True)
+            if r["target"] in r["candidates"][:8]]
+    seq = user_sequences(tiny_dataset)
+    expected = teacher.rank_windows([seq[r["uidx"]][:r["history_length"]] for r in rows],
+                                    [list(r["candidates"][:8]) for r in rows])
+    first_item = bb.token_id("<i1>")
+    answers = [[t - first_item + 1 for t, label in zip(r["input_ids"], r["labels"]) if label != -100 and t >= first_item]
+               for r in data.rows]
+    assert len(answers) == len(rows) > 20
+    assert answers == [[r["target"]] + [c for c in e if c != r["target"]] for r, e in zip(rows, expected)]
+    assert any(a[1:] != [c for c in r["candidates"][:8] if c != r["target"]] for a, r in zip(answers, rows))
+    with pytest.raises(ValueError, match="random_negatives"):
+        RerankerSFTConfig(teacher_reranker=str(teacher_dir), random_negatives=0.5)
+
+
 def test_random_negative_windows_hold_the_target_and_unseen_items(tiny_dataset, tmp_path):
     import pytest
 

@@ -301,6 +301,46 @@ def test_grouprank_reward_hand_example():
     assert perfect.item() == pytest.approx(1.0 + 0.2 + 0.1)
 
 
+def test_expected_ndcg_recall_under_random_ties_by_hand_and_by_enumeration():
+    """Hand example of the docstring, then against the mean over every tie order (itertools.permutations
+    of each row, stable sort of the permuted scores) on random integer scores with many ties."""
+    import itertools
+
+    from recsys.rl.rewards import expected_ndcg_recall_at_k
+
+    s, rel = torch.tensor([[5.0, 5.0, 1.0]]), torch.tensor([[False, True, False]])
+    assert [x.item() for x in expected_ndcg_recall_at_k(s, rel, 1)] == pytest.approx([0.5, 0.5])
+    assert [x.item() for x in expected_ndcg_recall_at_k(s, rel, 2)] == pytest.approx([(1 + 1 / math.log2(3)) / 2, 1.0])
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (6, 5), generator=g).float()
+    relevant = torch.rand(6, 5, generator=g) < 0.4
+    for k in (1, 2, 4):
+        ndcg, recall = expected_ndcg_recall_at_k(scores, relevant, k)
+        for i in range(6):
+            runs = []
+            for perm in itertools.permutations(range(5)):
+                p = torch.tensor(perm)
+                order = p[torch.sort(scores[i, p], descending=True, stable=True).indices]
+                r = relevant[i, order][None].float()
+                n = relevant[i].float().sum()[None]
+                runs.append((ndcg_at_k(r, n, k).item(), recall_at_k(r, n, k).item()))
+            want = torch.tensor(runs).mean(0)
+            assert [ndcg[i].item(), recall[i].item()] == pytest.approx(want.tolist(), abs=1e-5)
+
+
+def test_grouprank_reward_does_not_pay_a_constant_score_the_retriever_order():
+    """One digit everywhere: with stable ties the ranking is the candidates' order (the retriever's), so a
+    target in first place earns NDCG 1; with random ties the target is anywhere among the c, as it should be."""
+    pred, target = torch.full((1, 4), 5.0), torch.tensor([[9.0, 0.0, 0.0, 0.0]])
+    relevant = torch.tensor([[True, False, False, False]])
+    stable = grouprank_reward(pred, target, relevant, k=1, ties="stable")
+    random = grouprank_reward(pred, target, relevant, k=1)
+    js = 0.1 * (1 - js_divergence(pred, target)).item()
+    assert stable.item() == pytest.approx(1 + 0.2 + js) and random.item() == pytest.approx(0.25 + 0.2 * 0.25 + js)
+    with pytest.raises(ValueError, match="ties"):
+        grouprank_reward(pred, target, relevant, ties="first")
+
+
 # ---------------------------------------------------------------- lipo / dpo
 def test_lambda_weights_hand_example():
     """labels [1,0,0], scores [.1,.3,.2]: tau [3,1,2]; D01 = |1/2 - 1| = .5, D02 = |1/2 - 1/log2 3| = .1309."""

@@ -1,3 +1,4 @@
+import pytest
 
 from recsys.llm.backbone import build_tiny
 from recsys.rerank.groupwise import answer_ids
@@ -8,6 +9,7 @@ from recsys.rerank.sft import (
     encode_group_examples,
     first_ranks,
     history_labels,
+    reorder_teacher,
     teacher_example,
     teacher_scores,
 )
@@ -19,6 +21,17 @@ def test_teacher_list_by_hand():
     ex = teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False)
     assert ex.presented == [7, 3, 9, 5] and ex.teacher_order == [2, 0, 1, 3]
     assert first_ranks(ex) == [2, 3, 1, 4]
+
+
+def test_teacher_reranker_order_by_hand():
+    """Presented [7, 3, 9, 5], target 9, a teacher ranks [5, 9, 7, 3]: teacher list [9, 5, 7, 3] = positions
+    [2, 3, 0, 1]; FIRST ranks of 7, 3, 9, 5 are 3, 4, 1, 2. Without a target the teacher's order is kept."""
+    ex = reorder_teacher(teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False), [5, 9, 7, 3])
+    assert ex.teacher_order == [2, 3, 0, 1] and first_ranks(ex) == [3, 4, 1, 2]
+    keep = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False, target_missing="keep")
+    assert reorder_teacher(keep, [5, 7, 3]).teacher_order == [2, 0, 1]
+    with pytest.raises(ValueError, match="not an order"):
+        reorder_teacher(ex, [5, 9, 7])
 
 
 def test_missing_target_inserted_or_skipped_and_shuffle_is_seeded():

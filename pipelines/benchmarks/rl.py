@@ -183,7 +183,8 @@ def main() -> None:
         "evaluation": "listwise: greedy constrained generation with the model's retriever prior; groupwise: expected "
                       "digit scores; full-ranking pipeline metrics over the test users",
         "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only,
-                                 "complete_lists": RLConfig.complete_lists, "seeds": a.seeds},
+                                 "complete_lists": RLConfig.complete_lists,
+                                 "grouprank_ties": RLConfig.grouprank_ties, "seeds": a.seeds},
         "candidates_dir": cands, "init": inits["listwise"],
         "rows": rows, "means": means, "means_last": means_last, "ratios": ratios,
     })

@@ -32,6 +32,7 @@ presented candidate's 1-based teacher rank for FIRST's ranking loss on first-tok
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,22 @@ def teacher_example(history, candidates, target: int, window: int = 20, shuffle:
     position = {c: p for p, c in enumerate(presented)}
     return SFTExample([int(h) for h in history], presented, [position[c] for c in teacher], list(cands),
                       int(target) if target in cands else None)
+
+
+def reorder_teacher(example: SFTExample, ranked: list[int]) -> SFTExample:
+    """The same example with a teacher reranker's order after the held-out item: the target first (if in
+    the window), then the other candidates in the order of ``ranked`` (the window's items, best first,
+    e.g. FIRST's ranking by a trained reranker) instead of the retriever's. Distillation of a reranker's
+    whole ranking into the list the model writes: with the retriever's order as the rest of the teacher
+    list, greedy generation is "the model's top pick, then the retriever's order".
+
+    Example: presented [7, 3, 9, 5], target 9, ranked [5, 9, 7, 3] -> teacher [9, 5, 7, 3] = positions [2, 3, 0, 1]."""
+    if sorted(ranked) != sorted(example.presented):
+        raise ValueError(f"ranked {ranked} is not an order of the window {example.presented}")
+    first = [example.target] if example.target is not None else []
+    position = {c: p for p, c in enumerate(example.presented)}
+    order = [position[c] for c in first + [int(c) for c in ranked if c != example.target]]
+    return dataclasses.replace(example, teacher_order=order)
 
 
 def first_ranks(example: SFTExample) -> list[int]:
