@@ -1,3 +1,5 @@
+import pytest
+
 from pipelines.benchmarks.baselines_ml1m import validation_curve
 
 
@@ -32,6 +34,14 @@ def test_renderers_on_minimal_results(tmp_path, monkeypatch):
                                             "perplexity": [30.0, 31.0, 29.0]}}}
     text = "\n".join(render.render_retrieval(retrieval))
     assert "| Flat-ml1m | 1.0000 | 10 | 1.0 | 0.1 |" in text and "| sasrec | 0.5000" in text
+    probe = {"benchmark": "quant_probe", "command": "c", "commit": "x", "date": "d", "machine": "m", "serve": "s",
+             "prompts": 2, "mean_prompt_tokens": 500.0, "threads": 2,
+             "fp32_flops": {"gflop_per_prompt": 148.0, "fp32_gflop_per_s": 120.0},
+             "rows": [{"variant": "fp32", "ms_per_prompt": 1200.0},
+                      {"variant": "int8", "ms_per_prompt": 900.0, "speedup_vs_fp32": 1.333, "max_abs_change": 3.6,
+                       "mean_abs_change": 0.8, "top1_agreement": 0.75, "spearman": 0.78}]}
+    text = "\n".join(render.render_quant_probe(probe))
+    assert "| int8 | 900 | 1.33x | 3.60 / 0.800 | 0.75 | 0.780 |" in text and "148.0 GFLOP per prompt" in text
 
 
 def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
@@ -70,3 +80,18 @@ def test_smollm2_reranker_renderer_compares_each_row_with_the_retriever_on_its_u
     assert "| listwise-sft-smollm2 |  | 0.2100 | 0.2000" in text and "| 500 | 2.0 |" in text
     assert "before SFT (20 test users): valid 0.10" in text and "after SFT (20 test users): valid 0.90" in text
     assert "listwise-sft-smollm2 training: 60 min" in text and "listwise-sft-smollm2 1.0500" in text
+
+
+def test_quant_probe_picks_the_projections_and_counts_flops_by_hand():
+    """Seven projections per layer (q k v o gate up down); the exporter names the first ``node_linear``.
+    FLOPs: hidden 4, MLP 8, 1 layer, 2 heads with 1 KV head (kv width 2): weights 2*16 + 2*8 + 3*32 = 144;
+    2 * 144 * 3 tokens + 4 * 9 * 4 = 864 + 144 = 1008 FLOP."""
+    from pipelines.benchmarks.quant_probe import excluded_matmuls, llama_gflop
+
+    names = ["node_linear"] + [f"node_linear_{i}" for i in range(1, 14)]
+    assert excluded_matmuls(names, ("down",)) == ["node_linear_6", "node_linear_13"]
+    assert excluded_matmuls(names, ("down", "o")) == ["node_linear_3", "node_linear_6", "node_linear_10", "node_linear_13"]
+    assert excluded_matmuls(names, ()) == []
+    cfg = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+           "num_key_value_heads": 1}
+    assert llama_gflop(cfg, 3) * 1e9 == pytest.approx(1008)

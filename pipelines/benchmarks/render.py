@@ -167,6 +167,24 @@ def render_position_probe(result: dict) -> list[str]:
     return out + [""]
 
 
+def render_quant_probe(result: dict) -> list[str]:
+    out = _provenance(f"## Weight quantisation of an exported FIRST scorer (`{result['benchmark']}`)", result)
+    out += [(f"- graph: {result['serve']}; {result['prompts']} test prompts of {result['mean_prompt_tokens']:.0f} tokens "
+            f"on average, one per call, {result['threads']} ONNX Runtime threads")]
+    if result.get("fp32_flops"):
+        f = result["fp32_flops"]
+        out += [f"- fp32: {f['gflop_per_prompt']:.1f} GFLOP per prompt, {f['fp32_gflop_per_s']:.0f} GFLOP/s achieved"]
+    out += ["", "| variant | ms per prompt | vs fp32 | max / mean abs score change | top-1 agrees | Spearman |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["variant"] == "fp32":
+            out.append(f"| fp32 | {r['ms_per_prompt']:.0f} | 1.00x | | | |")
+        else:
+            out.append(f"| {r['variant']} | {r['ms_per_prompt']:.0f} | {r['speedup_vs_fp32']:.2f}x | "
+                       f"{r['max_abs_change']:.2f} / {r['mean_abs_change']:.3f} | {r['top1_agreement']:.2f} | {r['spearman']:.3f} |")
+    return out + [""]
+
+
 def render_rl(result: dict) -> list[str]:
     out = _provenance(f"## RL for rerankers on ML-1M (`{result['benchmark']}`)", result)
     out += [f"- backbone: {result['backbone']}; candidates: {result['candidates']}",
@@ -291,7 +309,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
              "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl, "rl_distill": render_rl,
-             "rl_throughput": render_rl_throughput}
+             "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe}
 
 
 def main() -> None:
