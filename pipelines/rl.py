@@ -14,7 +14,8 @@ clipped objective (old log-probs stored once per batch). The maths lives in :mod
   the advantage of the first rank it hands to the retriever's order, else the paper's length shaping.
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
   Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025), ties between
-  sampled digits broken at random in expectation (``grouprank_ties``).
+  sampled digits broken at random in expectation (``grouprank_ties``), the teacher scores those of the
+  groupwise SFT (``grouprank_teacher``).
 - ``f-grpo`` and ``slate-grpo``: the slate-then-rank task (:mod:`recsys.rerank.slate`): one completion
   chooses ``slate_size`` of the window's candidates, then ranks ``rank_size`` of them. Slate reward:
   recall of the held-out item in the slate; rank reward: NDCG@rank_size of the ranking. ``f-grpo``
@@ -60,6 +61,7 @@ from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
 from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
+from recsys.rerank.sft import SFTExample, teacher_scores
 from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
 from recsys.rl.advantages import group_advantages
 from recsys.rl.f_grpo import (
@@ -129,6 +131,13 @@ class RLConfig:
     """``grouprank`` only: how ties between sampled digits rank in the reward, ``random`` (their expected
     NDCG / Recall over tie orders) or ``stable`` (candidate order, i.e. the retriever's: one digit
     everywhere then earns the retriever's NDCG; :mod:`recsys.rl.rewards`)."""
+    grouprank_teacher: str = "sft"
+    """``grouprank`` only: the target scores of the reward's distribution term, ``sft`` (the groupwise SFT's own
+    teacher scores: 9 for the held-out item, a retriever-rank prior 5..0 for the others,
+    :func:`recsys.rerank.sft.teacher_scores`) or ``binary`` (9 for the held-out item, 0 elsewhere). With
+    ``binary`` the term pays for writing 0 everywhere else; group-normalised advantages then turn its small
+    differences into full-size ones whenever the ranking terms tie within a group (measured: the digits
+    collapse and validation falls, README)."""
     window: int = 20
     slate_size: int = 10
     """``f-grpo`` / ``slate-grpo``: candidates chosen in the slate phase."""
@@ -148,6 +157,8 @@ class RLConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare rollouts of the same prompt")
+        if self.grouprank_teacher not in ("sft", "binary"):
+            raise ValueError(f"grouprank_teacher must be 'sft' or 'binary', got {self.grouprank_teacher!r}")
         if self.grouprank_ties not in ("random", "stable"):
             raise ValueError(f"grouprank_ties must be 'random' or 'stable', got {self.grouprank_ties!r}")
 
@@ -317,7 +328,11 @@ class RerankerRLModule(L.LightningModule):
                            "validity": torch.tensor([float(p.valid) for p in parsed]).mean()}
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
-        teacher = torch.where(relevant, 9.0, 0.0)
+        if self.cfg.grouprank_teacher == "sft":                       # windows arrive in the retriever's order
+            teacher = torch.tensor([teacher_scores(SFTExample([], w, [], w, t)) for w, t in zip(windows, targets)],
+                                   dtype=torch.float32)
+        else:
+            teacher = torch.where(relevant, 9.0, 0.0)
         reward = grouprank_reward(digits.float(), teacher, relevant, ties=self.cfg.grouprank_ties)
         digit_pos = torch.zeros_like(answer, dtype=torch.bool)
         digit_pos[:, 2:-1:4] = True                                     # "X : d \n" ... <eor>

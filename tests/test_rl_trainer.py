@@ -179,3 +179,26 @@ def test_stream_sampler_walks_the_data_without_repeats():
         s.set_epoch(e)
         seen += list(s)
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+
+
+def test_grouprank_reward_reads_the_sft_teacher_scores_and_random_ties(tiny_dataset, tmp_path, sft_models, monkeypatch):
+    """The distribution term's targets are the groupwise SFT's own: 9 for the held-out item, the retriever-rank
+    prior int(5 (1 - j / 8)) = 5 4 3 3 2 1 1 0 for window position j (windows arrive in retriever order)."""
+    import pipelines.rl as prl
+
+    cands, _, gw = sft_models
+    seen, reward = [], prl.grouprank_reward
+
+    def spy(pred, teacher, relevant, **kw):
+        seen.append((teacher, relevant, kw))
+        return reward(pred, teacher, relevant, **kw)
+
+    monkeypatch.setattr(prl, "grouprank_reward", spy)
+    train_rl(tiny_dataset, cands, tmp_path / "gr", RLConfig(algo="grouprank", init=str(gw), **RL), progress=False)
+    teacher, relevant, kw = seen[0]
+    prior = torch.tensor([5.0, 4, 3, 3, 2, 1, 1, 0]).expand_as(teacher)
+    assert kw["ties"] == "random" and relevant.any(1).all()
+    assert torch.equal(teacher[relevant], torch.full((int(relevant.sum()),), 9.0))
+    assert torch.equal(teacher[~relevant], prior[~relevant])
+    with pytest.raises(ValueError, match="grouprank_teacher"):
+        RLConfig(algo="grouprank", grouprank_teacher="uniform")

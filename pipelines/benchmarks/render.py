@@ -308,7 +308,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
-             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl, "rl_distill": render_rl,
+             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl, "rl_distill": render_rl, "rl_grouprank_sft_teacher": render_rl,
              "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe}
 
 

@@ -184,7 +184,8 @@ def main() -> None:
                       "digit scores; full-ranking pipeline metrics over the test users",
         "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only,
                                  "complete_lists": RLConfig.complete_lists,
-                                 "grouprank_ties": RLConfig.grouprank_ties, "seeds": a.seeds},
+                                 "grouprank_ties": RLConfig.grouprank_ties,
+                                 "grouprank_teacher": RLConfig.grouprank_teacher, "seeds": a.seeds},
         "candidates_dir": cands, "init": inits["listwise"],
         "rows": rows, "means": means, "means_last": means_last, "ratios": ratios,
     })
