@@ -78,6 +78,9 @@ class RerankerSFTConfig:
     window (with its retriever prior) orders the teacher list after the held-out item, instead of the
     retriever's order (:func:`recsys.rerank.sft.reorder_teacher`): distils a reranker's whole ranking into
     the list the model writes, so that generation ranks every position (with ``supervise: list``)."""
+    teacher_target: str = "first"
+    """With ``teacher_reranker``: ``first`` (the held-out item leads the teacher list) or ``teacher`` (it stays
+    where the teacher ranks it: pure distillation of the teacher's ranking)."""
     shuffle_candidates: bool = True
     """Present candidates in a seeded random order (True) or in the retriever's order (False)."""
     target_missing: str = "insert"
@@ -131,6 +134,7 @@ class RerankerSFTConfig:
                                      ("train_split", self.train_split, ("train", "valid", "train+valid")),
                                      ("target_missing", self.target_missing, ("insert", "skip", "keep")),
                                      ("supervise", self.supervise, ("list", "target")),
+                                     ("teacher_target", self.teacher_target, ("first", "teacher")),
                                      ("identifiers", self.identifiers, IDENTIFIERS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -175,7 +179,8 @@ def random_candidates(rng: np.random.Generator, n_items: int, history, target: i
     return out
 
 
-def teacher_orders(teacher: ListwiseReranker, examples: list, batch_size: int = 64, progress: bool = True) -> list:
+def teacher_orders(teacher: ListwiseReranker, examples: list, batch_size: int = 64, progress: bool = True,
+                   target: str = "first") -> list:
     """``examples`` with the teacher reranker's FIRST ranking of each window (in the retriever's order,
     so its prior applies) after the held-out item (:func:`recsys.rerank.sft.reorder_teacher`)."""
     from tqdm.auto import tqdm
@@ -185,7 +190,7 @@ def teacher_orders(teacher: ListwiseReranker, examples: list, batch_size: int = 
         chunk = examples[i:i + batch_size]
         ranked = teacher.rank_windows([ex.history for ex in chunk], [list(ex.retriever_order) for ex in chunk],
                                       batch_size=batch_size)
-        out += [reorder_teacher(ex, r) for ex, r in zip(chunk, ranked)]
+        out += [reorder_teacher(ex, r, target) for ex, r in zip(chunk, ranked)]
     return out
 
 
@@ -207,7 +212,7 @@ def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbon
         if ex is not None and (config.supervise != "target" or ex.target is not None):
             examples.append(ex)
     if teacher is not None:
-        examples = teacher_orders(teacher, examples)
+        examples = teacher_orders(teacher, examples, target=config.teacher_target)
     out = []
     for ex in examples:
         if config.kind == "listwise":

@@ -153,6 +153,8 @@ def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset
     """With ``teacher_reranker``, every answer is the held-out item, then the rest of its window in the
     teacher's FIRST order (retriever prior included), not the retriever's: the answers are decoded from
     the encoded labels and compared with the teacher's own ranking of the same windows."""
+    import dataclasses
+
     import pytest
 
     from pipelines.reranker import (
@@ -183,6 +185,9 @@ def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset
     assert len(answers) == len(rows) > 20
     assert answers == [[r["target"]] + [c for c in e if c != r["target"]] for r, e in zip(rows, expected)]
     assert any(a[1:] != [c for c in r["candidates"][:8] if c != r["target"]] for a, r in zip(answers, rows))
+    pure = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, dataclasses.replace(cfg, teacher_target="teacher"), None)
+    assert [[t - first_item + 1 for t, label in zip(r["input_ids"], r["labels"]) if label != -100 and t >= first_item]
+            for r in pure.rows] == [list(e) for e in expected]
     with pytest.raises(ValueError, match="random_negatives"):
         RerankerSFTConfig(teacher_reranker=str(teacher_dir), random_negatives=0.5)
 

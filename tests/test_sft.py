@@ -28,6 +28,8 @@ def test_teacher_reranker_order_by_hand():
     [2, 3, 0, 1]; FIRST ranks of 7, 3, 9, 5 are 3, 4, 1, 2. Without a target the teacher's order is kept."""
     ex = reorder_teacher(teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False), [5, 9, 7, 3])
     assert ex.teacher_order == [2, 3, 0, 1] and first_ranks(ex) == [3, 4, 1, 2]
+    pure = reorder_teacher(teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False), [5, 9, 7, 3], "teacher")
+    assert pure.teacher_order == [3, 2, 0, 1]
     keep = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False, target_missing="keep")
     assert reorder_teacher(keep, [5, 7, 3]).teacher_order == [2, 0, 1]
     with pytest.raises(ValueError, match="not an order"):

@@ -77,19 +77,26 @@ def teacher_example(history, candidates, target: int, window: int = 20, shuffle:
                       int(target) if target in cands else None)
 
 
-def reorder_teacher(example: SFTExample, ranked: list[int]) -> SFTExample:
+def reorder_teacher(example: SFTExample, ranked: list[int], target: str = "first") -> SFTExample:
     """The same example with a teacher reranker's order after the held-out item: the target first (if in
     the window), then the other candidates in the order of ``ranked`` (the window's items, best first,
     e.g. FIRST's ranking by a trained reranker) instead of the retriever's. Distillation of a reranker's
     whole ranking into the list the model writes: with the retriever's order as the rest of the teacher
     list, greedy generation is "the model's top pick, then the retriever's order".
 
-    Example: presented [7, 3, 9, 5], target 9, ranked [5, 9, 7, 3] -> teacher [9, 5, 7, 3] = positions [2, 3, 0, 1]."""
+    ``target="teacher"`` leaves the held-out item where the teacher ranks it (pure distillation: every
+    prefix the model is taught is one it would write itself, no exposure bias from a target it has not
+    written, but the label no longer pulls the target up).
+
+    Example: presented [7, 3, 9, 5], target 9, ranked [5, 9, 7, 3] -> teacher [9, 5, 7, 3] = positions [2, 3, 0, 1];
+    with ``target="teacher"``: [5, 9, 7, 3] = positions [3, 2, 0, 1]."""
     if sorted(ranked) != sorted(example.presented):
         raise ValueError(f"ranked {ranked} is not an order of the window {example.presented}")
-    first = [example.target] if example.target is not None else []
+    if target not in ("first", "teacher"):
+        raise ValueError(f"target must be 'first' or 'teacher', got {target!r}")
+    first = [example.target] if example.target is not None and target == "first" else []
     position = {c: p for p, c in enumerate(example.presented)}
-    order = [position[c] for c in first + [int(c) for c in ranked if c != example.target]]
+    order = [position[c] for c in first + [int(c) for c in ranked if not first or c != example.target]]
     return dataclasses.replace(example, teacher_order=order)
 
 
