@@ -7,8 +7,9 @@ Each training step takes ``prompts_per_step`` prompts (a user's history and cand
 them against the held-out item, turns rewards into advantages and takes ``mu`` optimiser steps on the
 clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`:
 
-- ``grpo``: one sequence reward (NDCG@10 of the served ranking, see ``complete_lists``) for every
-  token (Shao et al. 2024).
+- ``grpo``: one sequence reward for every token (Shao et al. 2024): the DCG of the whole served ranking
+  (``complete_lists``), DCG@1:N, the full-list reward Rank-GRPO's suffix DCG@k:N departs from
+  (``grpo_reward_depth`` cuts it off).
 - ``rank-grpo``: per-rank rewards (``reward: exp_inf | log_decay``) and per-rank advantages, the
   rank-level ratio of Rank-GRPO (Zhu et al. 2025); with ``complete_lists`` (default) the end token takes
   the advantage of the first rank it hands to the retriever's order, else the paper's length shaping.
@@ -96,6 +97,10 @@ class RLConfig:
     """The starting model: OUT/model of ``recsys train reranker --algo sft``."""
     reward: str = "exp_inf"
     """``rank-grpo`` only: ``exp_inf`` or ``log_decay``."""
+    grpo_reward_depth: int | None = None
+    """``grpo``: the sequence reward is NDCG at this depth of the served ranking; None: the whole list (N),
+    as in Rank-GRPO's vanilla GRPO (its rank-1 log_decay reward). Before 2026-11-23 it was 10: ranks 11-20
+    earned nothing, while both Rank-GRPO rewards read all N ranks."""
     group_size: int = 8
     """Rollouts per prompt (G)."""
     prompts_per_step: int = 8
@@ -324,7 +329,8 @@ class RerankerRLModule(L.LightningModule):
             parsed = [self._parse(a, w) for a, w in zip(answer, windows)]
             served = [p.order if self.cfg.complete_lists else p.generated for p in parsed]
             rel = torch.tensor([relevance([w[i] for i in s], {t}, N) for s, w, t in zip(served, windows, targets)])
-            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), 10), "rel": rel,
+            depth = self.cfg.grpo_reward_depth or N
+            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), depth), "rel": rel,
                            "validity": torch.tensor([float(p.valid) for p in parsed]).mean()}
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])

@@ -95,3 +95,42 @@ def test_quant_probe_picks_the_projections_and_counts_flops_by_hand():
     cfg = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
            "num_key_value_heads": 1}
     assert llama_gflop(cfg, 3) * 1e9 == pytest.approx(1008)
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_load_generator_sends_exactly_the_requested_count(status):
+    """The serving benchmark's load generator: `total` timed requests split over the connections
+    (10 over 3 is 4 + 3 + 3, not 3 x 3), warm-up requests and their errors kept apart."""
+    import json
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pipelines.benchmarks.serving import LOADGEN
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{server.server_port}",
+                              json.dumps(["u1", "u2"]), "3", "10", "7"], capture_output=True, text=True, check=True)
+    finally:
+        server.shutdown()
+    r = json.loads(out.stdout)
+    assert len(r["lat"]) == 10 and len(seen) == 10 + 3 * 20
+    assert {p for p, _ in seen} == {"/v1/recommend"} and {b["user_id"] for _, b in seen} <= {"u1", "u2"}
+    assert all(b["k"] == 10 and b["candidates"] == 7 for _, b in seen)
+    assert (r["errors"], r["warmup_errors"]) == ((0, 0) if status == 200 else (10, 60))

@@ -114,26 +114,31 @@ def test_rl_prompts_hold_their_item_unless_asked_otherwise(tiny_dataset, tmp_pat
     assert 0 < len(kept.train_rows) < len(every.train_rows) and key(kept.valid_rows) == key(every.valid_rows)
 
 
-@pytest.mark.parametrize("complete", [True, False])
-def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, complete):
-    """complete_lists: a rollout's reward is the NDCG@10 of its completed ranking (generated items, then the
-    rest of the window in its given order, what evaluation serves); otherwise of the generated items only."""
+@pytest.mark.parametrize("complete,depth", [(True, None), (False, None), (True, 3)])
+def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, complete, depth):
+    """complete_lists: a rollout's reward is the DCG of its completed ranking (generated items, then the
+    rest of the window in its given order, what evaluation serves) over every rank (grpo_reward_depth None)
+    or the first ``depth``; otherwise of the generated items only."""
     import math
 
     from pipelines.reranker import load_reranker
     from pipelines.rl import PromptData, RerankerRLModule
 
     cands, lw, _ = sft_models
-    cfg = RLConfig(algo="grpo", init=str(lw), complete_lists=complete, **RL)
+    cfg = RLConfig(algo="grpo", init=str(lw), complete_lists=complete, grpo_reward_depth=depth, **RL)
     module = RerankerRLModule(load_reranker(lw, tiny_dataset, window=8), cfg)
     rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
     roll = module._rollouts(rows, torch.Generator().manual_seed(0))
+    deep = []
     for answer, window, row, reward in zip(roll["answer"], roll["windows"], [r for r in rows for _ in range(4)],
                                            roll["reward"]):
         parsed = module._parse(answer, window)
-        ranked = [window[i] for i in (parsed.order if complete else parsed.generated)][:10]
+        ranked = [window[i] for i in (parsed.order if complete else parsed.generated)][:depth or len(window)]
         want = 1 / math.log2(ranked.index(row["target"]) + 2) if row["target"] in ranked else 0.0
         assert reward.item() == pytest.approx(want, abs=1e-6)
+        deep.append(row["target"] in ranked and ranked.index(row["target"]) >= 3)
+    if complete and depth is None:                 # the whole-list reward reached past rank 3 at least once
+        assert any(deep)
 
 
 def test_rl_algo_must_fit_the_model(tiny_dataset, tmp_path, sft_models):

@@ -184,6 +184,8 @@ def main() -> None:
                       "digit scores; full-ranking pipeline metrics over the test users",
         "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only,
                                  "complete_lists": RLConfig.complete_lists,
+                                 "grpo_reward": f"NDCG@{RLConfig.grpo_reward_depth or 'N'} of the served ranking "
+                                                "(N: the window, 20)",
                                  "grouprank_ties": RLConfig.grouprank_ties,
                                  "grouprank_teacher": RLConfig.grouprank_teacher, "seeds": a.seeds},
         "candidates_dir": cands, "init": inits["listwise"],

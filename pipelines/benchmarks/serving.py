@@ -167,13 +167,17 @@ async def worker(session, n):
         lat.append((time.perf_counter() - t) * 1000)
         errors += not ok
 async def main():
+    global errors
     connector = aiohttp.TCPConnector(limit=conc)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         await asyncio.gather(*[worker(session, 20) for _ in range(conc)])          # warm-up
+        warmup_errors, errors = errors, 0
         lat.clear()
         t = time.perf_counter()
-        await asyncio.gather(*[worker(session, total // conc) for _ in range(conc)])
-        print(json.dumps({"seconds": time.perf_counter() - t, "lat": lat, "errors": errors}))
+        # exactly `total` requests: the first total % conc connections send one more
+        await asyncio.gather(*[worker(session, total // conc + (i < total % conc)) for i in range(conc)])
+        print(json.dumps({"seconds": time.perf_counter() - t, "lat": lat, "errors": errors,
+                          "warmup_errors": warmup_errors}))
 asyncio.run(main())
 '''
 
@@ -214,7 +218,7 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
                          "requests": len(lat),
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / r["seconds"],
-                         "errors": r["errors"]})
+                         "errors": r["errors"], "warmup_errors": r["warmup_errors"]})
     finally:
         server.terminate()
         server.wait(10)
