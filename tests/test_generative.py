@@ -362,3 +362,42 @@ def test_sft_module_puts_a_model_read_in_eval_mode_into_train_mode(tmp_path):
     assert not loaded.lm.training
     module = GenerativeSFTModule(loaded, GenerativeTrainConfig())
     assert all(m.training for m in module.model.modules())
+
+
+def test_codebook_init_keeps_the_centroids_geometry_and_the_backbone_scale():
+    """code_init 'codebook': residual-level tokens start as their centroids through an isometry (inner
+    products kept up to one scale per level), rows at the random init's mean norm; the de-duplication
+    level keeps its random rows; a model without codebooks is refused with the fix named."""
+    import dataclasses
+
+    from recsys.errors import RecsysError
+    from recsys.generative.model import codebook_embeddings
+
+    rng = np.random.default_rng(0)
+    books = [rng.standard_normal((4, 5)).astype(np.float32), 0.1 * rng.standard_normal((3, 5)).astype(np.float32)]
+    e = codebook_embeddings(books[0], 32, norm=2.0)
+    assert e.shape == (4, 32) and float(e.norm(dim=1).mean()) == pytest.approx(2.0, rel=1e-5)
+    gram, want = e @ e.T, torch.tensor(books[0] @ books[0].T)
+    np.testing.assert_allclose(gram / gram[0, 0], want / want[0, 0], rtol=1e-4, atol=1e-5)
+    assert codebook_embeddings(rng.standard_normal((4, 64)), 32, 1.0).shape == (4, 32)   # d > hidden: a projection
+
+    codes = catalog()
+    cfg = dataclasses.replace(SMALL, code_init="codebook")
+    padded = np.full((2, 4, 5), 7.0, np.float32)              # an unused 4th centroid on level 1
+    padded[0], padded[1, :3] = books[0], books[1]
+    random = GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), SMALL, seed=0)
+    m = GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), cfg, seed=0, codebooks=padded[:, :4])
+    emb, emb0 = m.lm.get_input_embeddings().weight, random.lm.get_input_embeddings().weight
+    level0 = emb[m.code_token[0, :4]]
+    np.testing.assert_allclose((level0 @ level0.T / (level0[0] @ level0[0])).detach(),
+                               want / want[0, 0], rtol=1e-4, atol=1e-5)
+    dedup = m.code_token[2, :int(codes[:, 2].max()) + 1]
+    assert torch.equal(emb[dedup], emb0[dedup]) and not torch.equal(level0, emb0[m.code_token[0, :4]])
+    # level 1 uses 3 codes: the 4th codebook row (unused) must not land on any token (e.g. row 0, padding)
+    touched = {int(t) for t in m.code_token[:2].flatten() if t > 0}
+    untouched = [i for i in range(len(emb)) if i not in touched]
+    assert torch.equal(emb[untouched], emb0[untouched])
+    with pytest.raises(RecsysError, match="needs the semantic IDs' codebooks"):
+        GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), cfg, seed=0)
+    with pytest.raises(RecsysError, match="code_init must be"):
+        GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), dataclasses.replace(SMALL, code_init="x"))
