@@ -74,10 +74,12 @@ from recsys.rl.f_grpo import (
 )
 from recsys.rl.grpo import policy_loss
 from recsys.rl.rank_grpo import (
+    PAD,
     rank_advantages,
     rank_grpo_loss,
     rank_rewards,
     segment_ranks,
+    token_advantages,
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
 
@@ -378,21 +380,24 @@ class RerankerRLModule(L.LightningModule):
         with torch.no_grad():
             old_logp, entropy = self._log_probs(self.model, roll)
             ref_logp, _ = self._log_probs(self.ref, roll)
+        shaping = COMPLETED_SHAPING if cfg.complete_lists else {}
         if cfg.algo == "rank-grpo":
             bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
             adv = rank_advantages(rank_rewards(roll["rel"], cfg.reward), G, cfg.scale_rewards)
+            scored, token_adv = bins != PAD, token_advantages(adv, bins, **shaping)
         elif cfg.algo == "f-grpo":
             slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], G, cfg.scale_rewards)
             slate_mask, rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
+            scored, token_adv = slate_mask | rank_mask, slate_adv[:, None] * slate_mask + rank_adv[:, None] * rank_mask
         else:
             adv = group_advantages(reward, G, cfg.scale_rewards)[:, None]
+            scored, token_adv = mask.bool(), adv.expand_as(mask)
         opt = self.optimizers()
         for _ in range(cfg.mu):
             logp, _ = self._log_probs(self.model, roll)
             clip = (cfg.beta, cfg.eps_low, cfg.eps_high, cfg.aggregation)
             if cfg.algo == "rank-grpo":
-                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip,
-                                             **(COMPLETED_SHAPING if cfg.complete_lists else {}))
+                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip, **shaping)
             elif cfg.algo == "f-grpo":
                 loss, stats = f_grpo_loss(logp, old_logp, slate_adv, rank_adv, slate_mask, rank_mask, ref_logp, *clip)
             else:
@@ -405,9 +410,13 @@ class RerankerRLModule(L.LightningModule):
         logs = {"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
                 "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],
                 "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
-                "train/length": lengths.mean(), "train/loss": loss.detach()}
+                "train/length": lengths.mean(), "train/loss": loss.detach(),
+                # mean |advantage| over the tokens the loss scores: the size of a step at a given lr
+                "train/adv_abs": token_adv.abs()[scored].mean() if scored.any() else torch.tensor(0.0)}
         if self.slate:
-            logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean()}
+            logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean(),
+                     # prompts whose G slates earned different rewards: the only ones the slate phase learns from
+                     "train/slate_signal": (roll["slate_reward"].reshape(B, G).std(1) > 0).float().mean()}
         if "validity" in roll:
             logs["train/validity"] = roll["validity"]
         self.log_dict(logs, batch_size=B, prog_bar=False)

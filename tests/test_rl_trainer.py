@@ -71,7 +71,9 @@ def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     import polars as pl
     logs = pl.read_csv(next((tmp_path / algo / "logs").glob("version_*/metrics.csv")))
     assert logs["train/reward"].drop_nulls().len() == 4 and logs["train/kl"].drop_nulls().min() >= 0
-    if slate:   # 4 slate identifiers + separators + marker + 2 ranked + separators + end = 14 tokens
+    assert logs["train/adv_abs"].drop_nulls().len() == 4 and logs["train/adv_abs"].drop_nulls().min() >= 0
+    if slate:
+        assert logs["train/slate_signal"].drop_nulls().is_between(0, 1).all()   # 4 slate identifiers + separators + marker + 2 ranked + separators + end = 14 tokens
         assert logs["train/length"].drop_nulls().unique().to_list() == [14.0]
         joint = logs["train/slate_reward"] + logs["train/rank_reward"]
         assert ((joint - logs["train/reward"]).drop_nulls().abs() < 1e-5).all()
