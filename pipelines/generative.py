@@ -387,7 +387,7 @@ def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> Gene
     sid = SemanticIDs.load(config.semantic_ids)
     if len(sid.item_ids) != dataset.n_items or sid.item_ids.max() != dataset.n_items:
         raise RecsysError(f"{config.semantic_ids}: codes for {len(sid.item_ids)} items, dataset has {dataset.n_items}")
-    return GenerativeRecommender.build(sid.codes, sid.item_ids, config.model, config.seed, sid.codebooks)
+    return GenerativeRecommender.build(sid.codes, sid.item_ids, config.model, config.seed)
 
 
 def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,

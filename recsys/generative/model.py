@@ -56,10 +56,6 @@ class GenerativeConfig:
     value_dropout: float = 0.1
     value_context: int = 16
     """The value head reads the last this many hidden states only (4 items of 4 codes)."""
-    code_init: str = "random"
-    """Embeddings of the residual-level code tokens: ``random`` (the backbone's init) or ``codebook`` (each
-    token starts as its residual k-means centroid, :func:`codebook_embeddings`; the de-duplication level
-    stays random). Needs semantic IDs saved with their codebooks."""
 
 
 class ValueHead(nn.Module):
@@ -122,16 +118,9 @@ class GenerativeRecommender(nn.Module):
     # ------------------------------------------------------------------ building and saving
     @classmethod
     def build(cls, codes: np.ndarray, item_idx: np.ndarray, config: GenerativeConfig = GenerativeConfig(),
-              seed: int = 0, codebooks: np.ndarray | None = None) -> GenerativeRecommender:
-        """A fresh model for these semantic IDs (``tiny``: random init; else the pretrained LM + new tokens).
-        ``codebooks`` (L, K, d): the residual levels' centroids, read when ``config.code_init`` is ``codebook``."""
+              seed: int = 0) -> GenerativeRecommender:
+        """A fresh model for these semantic IDs (``tiny``: random init; else the pretrained LM + new tokens)."""
         from recsys.llm.backbone import build_tiny, load_backbone
-
-        if config.code_init not in ("random", "codebook"):
-            raise RecsysError(f"code_init must be 'random' or 'codebook', got {config.code_init!r}")
-        if config.code_init == "codebook" and codebooks is None:
-            raise RecsysError("code_init 'codebook' needs the semantic IDs' codebooks (codebooks.npy): rebuild the "
-                              "semantic IDs with `recsys index semantic-ids`")
 
         sizes = [int(codes[:, level].max()) + 1 for level in range(codes.shape[1])]
         max_position = 1 + codes.shape[1] * (config.max_items + 1) + 8
@@ -145,15 +134,7 @@ class GenerativeRecommender(nn.Module):
                 torch.manual_seed(seed)
                 bb.model.resize_token_embeddings(len(bb.tokenizer))
         torch.manual_seed(seed)
-        model = cls(bb.model, bb.tokenizer, codes, item_idx, config)
-        if config.code_init == "codebook":
-            emb = model.lm.get_input_embeddings().weight
-            with torch.no_grad():
-                for level, book in enumerate(codebooks):
-                    used = int(codes[:, level].max()) + 1             # codes past the last used one have no token
-                    emb[model.code_token[level, :used]] = codebook_embeddings(
-                        book[:used], emb.shape[1], float(emb.norm(dim=1).mean()), seed + level)
-        return model
+        return cls(bb.model, bb.tokenizer, codes, item_idx, config)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -245,21 +226,6 @@ class GenerativeRecommender(nn.Module):
         for name in ("child", "item", "node_depth", "codes", "item_node", "path", "leaves"):
             setattr(self.trie, name, getattr(self.trie, name).to(device))
         return out
-
-
-def codebook_embeddings(book: np.ndarray, hidden: int, norm: float, seed: int = 0) -> torch.Tensor:
-    """(K, hidden) token embeddings from one level's centroids ``book`` (K, d): a seeded random isometry
-    (orthonormal columns, so inner products between centroids are kept when d <= hidden; a projection
-    otherwise), scaled so the rows' mean norm is ``norm`` (the backbone's own embedding scale).
-
-    Departure, ours: TIGER and V-STAR learn the code embeddings from scratch; starting from the codebook
-    hands the model the collaborative geometry the codes were cut from (their source is SASRec's items)."""
-    b = torch.as_tensor(np.asarray(book), dtype=torch.float32)
-    d = b.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(max(hidden, d), min(hidden, d), generator=g))   # orthonormal columns
-    e = b @ q.T if d <= hidden else b @ q                                               # (K, hidden)
-    return e * (norm / e.norm(dim=1).mean().clamp(min=1e-12))
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -112,12 +112,8 @@ class PrefixTrie:
 class SemanticIDs:
     """Codes (N, L + 1) for items: L residual k-means levels and one de-duplication level."""
 
-    def __init__(self, item_ids: np.ndarray, codes: np.ndarray, config: SemanticIDConfig, stats: dict, source: str,
-                 codebooks: np.ndarray | None = None):
+    def __init__(self, item_ids: np.ndarray, codes: np.ndarray, config: SemanticIDConfig, stats: dict, source: str):
         self.item_ids, self.codes, self.config, self.stats, self.source = np.asarray(item_ids), codes, config, stats, source
-        self.codebooks = codebooks
-        """(L, K, d) centroids of the residual levels in the standardised embedding space (None: saved before
-        2026-11-23); they can initialise the code-token embeddings of a generative model."""
         self.trie = PrefixTrie(codes)
 
     @classmethod
@@ -149,14 +145,12 @@ class SemanticIDs:
             "perplexity": [perplexity(codes[:, l]) for l in range(config.levels)],
             "relative_reconstruction_error": float(((x - reconstruction) ** 2).sum() / (x ** 2).sum()),
         }
-        return cls(item_ids, full, config, stats, source, np.stack(books).astype(np.float32))
+        return cls(item_ids, full, config, stats, source)
 
     def save(self, directory: str | Path) -> Path:
         with atomic_directory(directory) as tmp:
             np.save(tmp / "codes.npy", self.codes)
             np.save(tmp / "item_ids.npy", self.item_ids)
-            if self.codebooks is not None:
-                np.save(tmp / "codebooks.npy", self.codebooks)
             (tmp / "semantic_ids.json").write_text(json.dumps({"config": asdict(self.config), "stats": self.stats,
                                                                "source": self.source}, indent=2))
         return Path(directory)
@@ -170,5 +164,4 @@ class SemanticIDs:
         codes, ids = np.load(directory / "codes.npy"), np.load(directory / "item_ids.npy", allow_pickle=False)
         if len(codes) != len(ids) or codes.shape[1] != meta["config"]["levels"] + 1:
             raise RecsysError(f"{directory}: codes {codes.shape} do not match {len(ids)} items and the config")
-        books = np.load(directory / "codebooks.npy") if (directory / "codebooks.npy").exists() else None
-        return cls(ids, codes, SemanticIDConfig(**meta["config"]), meta["stats"], meta["source"], books)
+        return cls(ids, codes, SemanticIDConfig(**meta["config"]), meta["stats"], meta["source"])
