@@ -134,3 +134,11 @@ def test_load_generator_sends_exactly_the_requested_count(status):
     assert {p for p, _ in seen} == {"/v1/recommend"} and {b["user_id"] for _, b in seen} <= {"u1", "u2"}
     assert all(b["k"] == 10 and b["candidates"] == 7 for _, b in seen)
     assert (r["errors"], r["warmup_errors"]) == ((0, 0) if status == 200 else (10, 60))
+
+
+def test_every_rl_result_name_finds_the_rl_renderer():
+    from pipelines.benchmarks import render
+
+    assert render.renderer_for("rl_distill_grpo_lr3e-5") is render.render_rl is render.renderer_for("rl")
+    assert render.renderer_for("rl_throughput") is render.render_rl_throughput
+    assert render.renderer_for("nothing_known") is None

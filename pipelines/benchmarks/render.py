@@ -308,15 +308,19 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
-             "rl": render_rl, "rl_grouprank": render_rl, "rl_slate": render_rl, "rl_items": render_rl, "rl_distill": render_rl, "rl_grouprank_sft_teacher": render_rl,
-             "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe}
+             "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe}
+"""Renderers by result name; any other ``rl_*`` result (``--result`` of the RL benchmark) renders as ``rl``."""
+
+
+def renderer_for(name: str):
+    return RENDERERS.get(name) or (render_rl if name.startswith("rl_") else None)
 
 
 def main() -> None:
     parts = [HEADER]
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
-        renderer = RENDERERS.get(result["benchmark"])
+        renderer = renderer_for(result["benchmark"])
         if renderer:
             parts.append("\n".join(renderer(result)))
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
