@@ -128,7 +128,7 @@ def cmd_candidates(a):
     from recsys.data import PreparedDataset
 
     summary = candidates(PreparedDataset.load(a.data), a.retriever, a.out, a.n, a.sasrec, a.factory, a.index,
-                         tuple(a.splits.split(",")), a.train_targets_per_user)
+                         tuple(a.splits.split(",")), a.train_targets_per_user, a.seed)
     for split, recall in summary["recall"].items():
         print(f"{split:>6}: " + "  ".join(f"{k} {v:.4f}" for k, v in recall.items()))
     print(f"candidates written to {a.out}")
@@ -456,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "test targets; training targets use only the history before them. Prints "
                                     "and stores the recall of the held-out item.")
     ca.add_argument("--data", required=True)
-    ca.add_argument("--retriever", choices=["sasrec", "text-minilm", "hybrid", "popularity"], default="sasrec")
+    ca.add_argument("--retriever", choices=["sasrec", "text-minilm", "hybrid", "popularity", "pool-popularity",
+                                            "pool-uniform"], default="sasrec",
+                    help="pool-*: no retriever, the target among N-1 sampled negatives (by training popularity "
+                         "or uniformly) in a random order, as in LLM-recommendation benchmarks")
     ca.add_argument("--sasrec", help="SASRec run directory (sasrec, hybrid)")
     ca.add_argument("--index", help="a saved index (from `recsys index build`) for the SASRec retriever")
     ca.add_argument("--factory", default="Flat", help="FAISS factory when no --index is given")
@@ -465,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--train-targets-per-user", type=int, default=1,
                     help="candidate lists per user from the training split (its last N items, each with the "
                          "history before it): more lists for reranker pretraining")
+    ca.add_argument("--seed", type=int, default=0, help="pool-*: the sampling seed")
     ca.add_argument("--out", required=True)
     ca.set_defaults(func=cmd_candidates)
 

@@ -14,11 +14,14 @@ from recsys.retrieval.candidates import (
     SASRecRetriever,
     TextRetriever,
     generate_candidates,
+    pool_candidates,
 )
 from recsys.retrieval.index import ItemIndex
 from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs
 
 RETRIEVERS = ("sasrec", "text-minilm", "hybrid", "popularity")
+POOLS = {"pool-popularity": "popularity", "pool-uniform": "uniform"}
+"""Sampled pools instead of a retriever's list: the target among negatives drawn by popularity / uniformly."""
 
 
 def load_sasrec(dataset: PreparedDataset, run: str | Path | None):
@@ -90,9 +93,11 @@ def build_semantic_ids(dataset: PreparedDataset, source: str, out: str | Path, c
 
 def candidates(dataset: PreparedDataset, retriever: str, out: str | Path, n: int = 200, sasrec=None,
                factory: str = "Flat", index=None, splits=("train", "valid", "test"),
-               train_targets_per_user: int = 1) -> dict:
-    """Write candidates for ``splits`` with the named retriever; returns the recall summary.
-    ``train_targets_per_user``: how many of each user's last training items get a candidate list
-    (each with the history before it), e.g. 30 for reranker pretraining."""
+               train_targets_per_user: int = 1, seed: int = 0) -> dict:
+    """Write candidates for ``splits`` with the named retriever (or a sampled pool, :data:`POOLS`, drawn
+    with ``seed``); returns the recall summary. ``train_targets_per_user``: how many of each user's last
+    training items get a candidate list (each with the history before it), e.g. 30 for reranker pretraining."""
+    if retriever in POOLS:
+        return pool_candidates(dataset, out, n, POOLS[retriever], seed, splits, train_targets_per_user)
     return generate_candidates(dataset, make_retriever(retriever, dataset, sasrec, factory, index), retriever, out,
                                n, splits, train_targets_per_user)

@@ -63,7 +63,7 @@ from recsys.metrics import compute_metrics
 from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.sft import SFTExample, teacher_scores
-from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
+from recsys.rerank.slate import SlateRankConstraint, slate_rank_positions
 from recsys.rl.advantages import group_advantages
 from recsys.rl.f_grpo import (
     coverage_reward,
@@ -170,28 +170,32 @@ class RLConfig:
             raise ValueError(f"grouprank_ties must be 'random' or 'stable', got {self.grouprank_ties!r}")
 
 
-def slate_constraint(bb, windows: list[list[int]], window: int, slate_size: int, rank_size: int) -> SlateRankConstraint:
-    """The slate-then-rank decoding constraint for a batch of candidate windows."""
-    return SlateRankConstraint(torch.tensor([len(w) for w in windows]), slate_size, rank_size, bb.identifier_ids(window),
-                               bb.separator_id, bb.rank_marker_id, bb.end_id)
+def slate_constraint(scorer: ListwiseReranker, windows: list[list[int]], slate_size: int,
+                     rank_size: int) -> SlateRankConstraint:
+    """The slate-then-rank decoding constraint for a batch of candidate windows, over the reranker's own
+    identifiers (letters or item tokens). The retriever prior is not applied: the slate is the model's own
+    choice, and on sampled pools (``recsys candidates --retriever pool-popularity``) the order is random."""
+    bb = scorer.bb
+    return SlateRankConstraint(torch.tensor([len(w) for w in windows]), slate_size, rank_size,
+                               scorer.identifier_ids(windows), bb.separator_id, bb.rank_marker_id, bb.end_id)
 
 
-def slate_items(bb, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
+def slate_items(scorer: ListwiseReranker, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
     """The items (slate, ranking) a generated slate-then-rank answer (T,) names (-1 = padding)."""
-    text = bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
-    parsed = parse_slate_rank(text, len(window), bb.tokenizer.decode([bb.rank_marker_id]), bb.tokenizer.decode([bb.end_id]))
-    return [window[i] for i in parsed.slate], [window[i] for i in parsed.ranking]
+    slate, ranking = slate_rank_positions(answer, scorer.identifier_ids([window])[0], scorer.bb.rank_marker_id)
+    return [window[i] for i in slate], [window[i] for i in ranking]
 
 
 def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, split: str = "test", window: int = 20,
                         slate_size: int = 10, rank_size: int = 5, limit: int | None = None, batch_size: int = 32,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, out=None) -> dict:
     """Greedy slate-then-rank answers of a listwise reranker on each user's top-``window`` candidates.
 
     Metrics over every user of ``split`` (the held-out item outside the final ranking of ``rank_size``
     items is a miss): ``recall@k`` / ``ndcg@k`` for k in 3 and ``rank_size``, ``slate_recall`` (the
     held-out item in the slate), and the same over the users whose item is among the candidates
-    (``cand_`` prefix)."""
+    (``cand_`` prefix). With ``out``, each user's answer goes to ``out/slate_rank_<split>.parquet``
+    (``user_id``, ``target``, ``slate``, ``ranking``: item idx), for paired comparisons."""
     from tqdm.auto import tqdm
 
     scorer = load_reranker(model_dir, dataset, window=window)
@@ -200,15 +204,20 @@ def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, spl
     seqs = user_sequences(dataset)
     rows = [(seqs[r["uidx"]][:r["history_length"]], [int(c) for c in r["candidates"][:window]], int(r["target"]))
             for r in df.iter_rows(named=True)]
-    ranks, in_slate = [], []
+    ranks, in_slate, answers_out = [], [], []
     for i in tqdm(range(0, len(rows), batch_size), desc=f"slate-rank {split}", disable=not progress):
         hists, windows, targets = zip(*rows[i:i + batch_size])
         answers = scorer.generate(list(hists), list(windows), True, 0.0, return_tokens=True,
-                                  constraint=slate_constraint(scorer.bb, list(windows), window, slate_size, rank_size))[1]
+                                  constraint=slate_constraint(scorer, list(windows), slate_size, rank_size))[1]
         for a, w, t in zip(answers, windows, targets):
-            slate, ranking = slate_items(scorer.bb, a, w)
+            slate, ranking = slate_items(scorer, a, w)
             ranks.append(float(ranking.index(t)) if t in ranking else np.inf)
             in_slate.append(t in slate)
+            answers_out.append((slate, ranking))
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        pl.DataFrame({"user_id": df["user_id"], "target": df["target"], "slate": [a[0] for a in answers_out],
+                      "ranking": [a[1] for a in answers_out]}).write_parquet(Path(out) / f"slate_rank_{split}.parquet")
     ranks_a, found = np.array(ranks)[:, None], np.array([r[2] in r[1] for r in rows])
     names = sorted({3, rank_size})
     out = {}
@@ -296,8 +305,6 @@ class RerankerRLModule(L.LightningModule):
         self.slate = config.algo in SLATE_ALGOS
         if self.listwise == (config.algo == "grouprank"):
             raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
-        if self.slate and scorer.identifiers != "letters":
-            raise RecsysError(f"algo {config.algo!r}: the slate-then-rank task needs a letter-identifier model")
         self.automatic_optimization = False
         self._val: list[float] = []
 
@@ -305,7 +312,7 @@ class RerankerRLModule(L.LightningModule):
     def _constraint(self, windows: list[list[int]]):
         """A fresh decoding constraint for these windows (listwise: rank the window; slate tasks)."""
         if self.slate:
-            return slate_constraint(self.bb, windows, self.cfg.window, self.cfg.slate_size, self.cfg.rank_size)
+            return slate_constraint(self.scorer, windows, self.cfg.slate_size, self.cfg.rank_size)
         return self.scorer.list_constraint(windows)
 
     def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
@@ -347,7 +354,7 @@ class RerankerRLModule(L.LightningModule):
         return {"prompt": prompt, "answer": answer, "mask": digit_pos, "reward": reward, "windows": windows}
 
     def _slate_rank(self, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
-        return slate_items(self.bb, answer, window)
+        return slate_items(self.scorer, answer, window)
 
     def _parse(self, answer: torch.Tensor, window: list[int]):
         """The parse of a generated answer (T,) (-1 = padding): the positions it names, in order, and its

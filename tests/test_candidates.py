@@ -3,6 +3,7 @@ import polars as pl
 import pytest
 import torch
 
+from recsys.errors import RecsysError
 from recsys.models import SASRec, SASRecConfig
 from recsys.retrieval.candidates import (
     HybridRetriever,
@@ -11,7 +12,9 @@ from recsys.retrieval.candidates import (
     TextRetriever,
     candidate_examples,
     generate_candidates,
+    pool_candidates,
     recall_at,
+    sample_pool,
 )
 
 
@@ -77,6 +80,32 @@ def test_generate_candidates_files(tiny_dataset, tmp_path):
     row = test.row(0, named=True)
     assert row["hit_rank"] == -1 or list(row["candidates"])[row["hit_rank"]] == row["target"]
     assert set(summary["recall"]) == {"train", "valid", "test"}
+
+
+@pytest.mark.parametrize("negatives", ["popularity", "uniform"])
+def test_pool_candidates_hold_the_target_once_among_unseen_negatives(tiny_dataset, tmp_path, negatives):
+    summary = pool_candidates(tiny_dataset, tmp_path / "p", n=6, negatives=negatives, seed=3, progress=False)
+    assert summary["retriever"] == f"pool-{negatives}" and summary["recall"]["test"] == {"recall@6": 1.0}
+    test = pl.read_parquet(tmp_path / "p" / "candidates_test.parquet")
+    ex = tiny_dataset.eval_examples("test")
+    cands = test["candidates"].to_numpy()
+    for row, hist, t in zip(cands, ex.histories, ex.targets):
+        others = set(row.tolist()) - {int(t[0])}           # (the ring data's targets may repeat a history item)
+        assert len(set(row.tolist())) == 6 and (row == t[0]).sum() == 1 and not others & set(hist.tolist())
+    assert (cands[np.arange(len(cands)), test["hit_rank"].to_numpy()] == test["target"].to_numpy()).all()
+    assert len(set(test["hit_rank"].to_list())) > 1                       # shuffled: the target is not always first
+    pool_candidates(tiny_dataset, tmp_path / "q", n=6, negatives=negatives, seed=3, progress=False)
+    assert pl.read_parquet(tmp_path / "q" / "candidates_test.parquet").equals(test)     # seeded
+
+
+def test_popularity_pools_never_draw_an_item_nobody_trained_on():
+    """Weight 0 for items 1 and 2, history [3], target 4: only item 5 can be a negative, so a pool of 2
+    is {4, 5} and a pool of 3 cannot be filled, which the error says."""
+    weights = np.array([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    rng = np.random.default_rng(0)
+    assert sorted(sample_pool(rng, weights, [3], 4, 2).tolist()) == [4, 5]
+    with pytest.raises(RecsysError, match="only 1 items are left"):
+        sample_pool(rng, weights, [3], 4, 3)
 
 
 def test_recall_at_by_hand():

@@ -28,9 +28,9 @@ def sft_models(tiny_dataset, tmp_path):
 def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_models, monkeypatch):
     """Rank-GRPO on a listwise model whose identifiers are item tokens: rollouts name the window's items
     (per-row constraint), the written model keeps its identifiers and, being RL'd weights (validation is
-    made to prefer later steps here), gets its retriever prior chosen again; the slate task refuses it."""
+    made to prefer later steps here), gets its retriever prior chosen again; the slate task runs on it too,
+    its answers naming the window's own item tokens."""
     from pipelines.rl import RerankerRLModule
-    from recsys.errors import RecsysError
 
     def later_is_better(self):
         self._val.clear()
@@ -48,9 +48,11 @@ def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_model
     meta, summary = json.loads((model / "reranker.json").read_text()), json.loads((tmp_path / "rl" / "train.json").read_text())
     assert meta["identifiers"] == "items" and meta["retriever_prior"] == summary["retriever_prior"]
     assert summary["kept_start"] is False and len(summary["val_cand_ndcg@10_by_retriever_prior"]) > 1
-    with pytest.raises(RecsysError, match="letter"):
-        train_rl(tiny_dataset, cands, tmp_path / "slate", RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2,
-                                                                   **RL), progress=False)
+    train_rl(tiny_dataset, cands, tmp_path / "slate", RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2,
+                                                               **RL), progress=False)
+    logs = pl.read_csv(next((tmp_path / "slate" / "logs").glob("version_*/metrics.csv")))
+    assert logs["train/length"].drop_nulls().unique().to_list() == [14.0]      # 4 + 2 items, separators, marker, end
+    assert logs["train/slate_reward"].drop_nulls().is_between(0, 1).all()
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank", "f-grpo", "slate-grpo"])

@@ -5,7 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys.rerank.first import replay_log_probs
-from recsys.rerank.slate import SlateRankConstraint, parse_slate_rank
+from recsys.rerank.slate import (
+    SlateRankConstraint,
+    parse_slate_rank,
+    slate_rank_positions,
+)
 from recsys.rl.f_grpo import phase_masks
 
 V, SEP, MARKER, END = 40, 30, 31, 32          # identifier tokens 0..25; 33..39 are noise
@@ -79,3 +83,28 @@ def test_parse_slate_rank():
     assert parsed.slate == [2, 0, 3] and parsed.ranking == [0, 2] and parsed.valid
     assert not parse_slate_rank("C\nA\n<rank>B\n<eor>", 5, "<rank>", "<eor>").valid     # B not in the slate
     assert not parse_slate_rank("C\nA\n<eor>", 5, "<rank>", "<eor>").valid                # no marker
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 6), min_size=1, max_size=4), seed=st.integers(0, 10_000))
+def test_per_row_item_identifiers_stay_in_their_own_window(sizes, seed):
+    """Item-token identifiers: each row names its candidates by its own tokens (ids 0..29 here, padded
+    beyond a row's size with its first id, as ListwiseReranker.identifier_ids pads). Every sampled answer
+    names only its row's candidates, and the token-level parse returns the positions it wrote."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(sizes)
+    ids = torch.stack([torch.cat([p := torch.randperm(30, generator=g)[:s], p[:1].expand(n - s)]) for s in sizes])
+    c = SlateRankConstraint(torch.tensor(sizes), 3, 2, ids, SEP, MARKER, END)
+    tokens, _, _ = sample(c, g, len(sizes))
+    for row, size, own in zip(tokens, sizes, ids):
+        slate, ranking = slate_rank_positions(row, own, MARKER)
+        written = [t for t in row.tolist() if 0 <= t < 30]
+        assert [int(own[j]) for j in slate + ranking] == written
+        assert len(slate) == min(3, size) == len(set(slate)) and all(j < size for j in slate)
+        assert len(ranking) == min(2, size) and set(ranking) <= set(slate)
+
+
+def test_slate_rank_positions_by_hand():
+    # window of 3 named by tokens 7, 5, 9, padded to 4 with 7; answer "9 5 <rank> 5 <eor>"
+    answer = torch.tensor([9, SEP, 5, SEP, MARKER, 5, SEP, END, -1])
+    assert slate_rank_positions(answer, torch.tensor([7, 5, 9, 7]), MARKER) == ([2, 1], [1])

@@ -61,6 +61,16 @@ def write_result(name: str, provenance: Provenance, payload: dict) -> Path:
     return path
 
 
+def per_user_slate_hits(eval_dir, k: int = 5, split: str = "test"):
+    """(Q,) 1.0 where a user's held-out item is in the first ``k`` of the final ranking of a slate-then-rank
+    answer (``slate_rank_<split>.parquet`` of :func:`pipelines.rl.evaluate_slate_rank`), i.e. recall@k."""
+    import numpy as np
+    import polars as pl
+
+    df = pl.read_parquet(Path(eval_dir) / f"slate_rank_{split}.parquet")
+    return np.array([float(t in list(r)[:k]) for r, t in df.select("ranking", "target").iter_rows()])
+
+
 def per_user_ndcg10(eval_dir, column: str = "reranked", depth: int | None = None, split: str = "test"):
     """(Q,) NDCG@10 of each user's held-out item in one list column of a ``rerank`` output
     (``reranked_<split>.parquet``: ``candidates`` is the retriever's order, ``reranked`` the reranker's),

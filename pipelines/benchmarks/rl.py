@@ -20,7 +20,11 @@ completion chooses a slate of 10 of the 20 candidates, then ranks 5 of them; ``s
 trains on one joint reward (slate recall + NDCG@5 of the ranking) for every token, ``slate-rank-f-grpo``
 gives each phase its own group-relative advantage. Evaluation: greedy answers on the test users,
 ``recall@3``, ``recall@5``, ``ndcg@3``, ``ndcg@5`` of the final ranking (one held-out item, so recall@k
-is the hit rate) and the slate's recall.
+is the hit rate) and the slate's recall; per seed, a paired bootstrap of per-user recall@5 against the
+SFT start and F-GRPO against GRPO (``recall5_vs_grpo_same_seed``). Run it on sampled pools (``recsys
+candidates --retriever pool-popularity --n 20``: the held-out item among 19 negatives in a random order,
+F-GRPO's MovieLens task) with an item-identifier model: on a retriever's top 20 in the retriever's order a
+model that copies that order makes every slate of a group the same, and the slate phase learns nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from pipelines.benchmarks.common import Provenance, per_user_ndcg10, write_result
+from pipelines.benchmarks.common import (
+    Provenance,
+    per_user_ndcg10,
+    per_user_slate_hits,
+    write_result,
+)
 from pipelines.rl import RLConfig
 
 METRICS = ["ndcg@5", "ndcg@10", "hr@5", "hr@10"]
@@ -54,7 +63,7 @@ def _evaluate(data: str, model: str, cands: str, out: str, mode: str, limit: int
     if mode == "slate":
         from pipelines.rl import evaluate_slate_rank
 
-        m = evaluate_slate_rank(PreparedDataset.load(data), model, cands, limit=limit)
+        m = evaluate_slate_rank(PreparedDataset.load(data), model, cands, limit=limit, out=out or None)
         return {k: m[k] for k in SLATE_METRICS} | {f"cand_{k}": m[f"cand_{k}"] for k in ("recall@5", "ndcg@5")}
     return rerank_candidates(PreparedDataset.load(data), model, cands, out, depth=20, mode=mode, progress=False,
                              limit=limit)
@@ -82,6 +91,17 @@ def _run(data: str, cands: str, out: str, name: str, init: str, seed: int, threa
             "last_metrics": last if mode == "slate" else _metrics(last), "kept_start": summary["kept_start"],
             "seconds": round(summary["seconds"], 1), "steps": summary["steps"], f"start_{metric}": summary[f"start_{metric}"],
             f"best_{metric}": summary[f"best_{metric}"], "curve": reward_curve(out)}
+
+
+def describe_candidates(cands: str) -> str:
+    """What the windows are, from the directory's ``candidates.json``: a retriever's top 20 or a sampled pool."""
+    import json
+
+    meta = json.loads((Path(cands) / "candidates.json").read_text())
+    if meta["retriever"].startswith("pool-"):
+        return (f"sampled pools of {meta['n']} (seed {meta.get('seed')}): the held-out item and {meta['n'] - 1} "
+                f"negatives outside the history drawn by {meta['retriever'][5:]}, in a random order")
+    return f"{meta['retriever']} top-20"
 
 
 def reward_curve(run_dir) -> list[list[float]]:
@@ -137,7 +157,7 @@ def main() -> None:
             a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate", a.test_users))})
     if any(n.startswith("slate-rank") for n in a.runs):
         rows.append({"name": "slate-rank-sft", "seed": None, "metrics": _evaluate(
-            a.data, inits["listwise"], cands, "", "slate", a.test_users)})
+            a.data, inits["listwise"], cands, str(out / "slate-sft-eval"), "slate", a.test_users)})
     if "groupwise" in needed:
         rows.append({"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(
             a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first", a.test_users))})
@@ -159,6 +179,18 @@ def main() -> None:
                 r["ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval"))
                 r["last_ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval-last"))
 
+    if any(r["name"] == "slate-rank-sft" for r in rows):   # per-user recall@5: each run vs the start, F-GRPO vs GRPO
+        from recsys.metrics import paired_bootstrap
+
+        sft = per_user_slate_hits(out / "slate-sft-eval")
+        for r in rows:
+            if r["name"] in ("slate-rank-grpo", "slate-rank-f-grpo"):
+                r["recall5_vs_sft"] = paired_bootstrap(sft, per_user_slate_hits(out / f"{r['name']}-seed{r['seed']}" / "eval"))
+            if r["name"] == "slate-rank-f-grpo" and "slate-rank-grpo" in a.runs:
+                r["recall5_vs_grpo_same_seed"] = paired_bootstrap(
+                    per_user_slate_hits(out / f"slate-rank-grpo-seed{r['seed']}" / "eval"),
+                    per_user_slate_hits(out / f"slate-rank-f-grpo-seed{r['seed']}" / "eval"))
+
     def mean(name: str, metric: str = "ndcg@10") -> float | None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]
         return sum(values) / len(values) if values else None
@@ -179,7 +211,7 @@ def main() -> None:
         ratios["slate-rank-f-grpo/slate-rank-grpo recall@5"] = f / g if g else None
     write_result(a.result, provenance, {
         "dataset": "ml-1m", "split": "test", "backbone": "tiny (built in code, SASRec-initialised item tokens)",
-        "candidates": "SASRec top-20", "test_users": a.test_users or "all",
+        "candidates": describe_candidates(cands), "test_users": a.test_users or "all",
         "evaluation": "listwise: greedy constrained generation with the model's retriever prior; groupwise: expected "
                       "digit scores; full-ranking pipeline metrics over the test users",
         "settings": overrides | {"beta": RLConfig.beta, "reachable_only": RLConfig.reachable_only,

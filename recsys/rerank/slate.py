@@ -24,15 +24,18 @@ from recsys.rerank.parse import parse_ranking
 class SlateRankConstraint:
     """Decoding state for a batch of slate-then-rank answers.
 
-    sizes (B,): candidates per window; identifier_ids (n,): token ids of ``A``.. (n >= max size).
+    sizes (B,): candidates per window; identifier_ids (n,): token ids of ``A``.. shared by every row
+    (n >= max size), or (B, n) per row (item-token identifiers; padded beyond a row's size with any of
+    its own ids, as :meth:`recsys.rerank.listwise.ListwiseReranker.identifier_ids` pads).
     """
 
     def __init__(self, sizes: torch.Tensor, slate_size: int, rank_size: int, identifier_ids: torch.Tensor,
                  separator_id: int, marker_id: int, end_id: int):
         if not 1 <= rank_size <= slate_size:
             raise ValueError(f"need 1 <= rank_size <= slate_size, got rank {rank_size}, slate {slate_size}")
-        B, n = len(sizes), len(identifier_ids)
-        self.ids, self.sep, self.marker, self.end = identifier_ids, separator_id, marker_id, end_id
+        B, n = len(sizes), identifier_ids.shape[-1]
+        self.ids = identifier_ids.expand(B, n).cpu()                                # (B, n)
+        self.sep, self.marker, self.end = separator_id, marker_id, end_id
         self.valid = torch.arange(n)[None, :] < sizes[:, None]                        # (B, n) real candidates
         self.slate_size = sizes.clamp(max=slate_size)                                 # (B,)
         self.rank_size = self.slate_size.clamp(max=rank_size)
@@ -58,8 +61,9 @@ class SlateRankConstraint:
         row (after the end token) may only repeat the end, which the decoder discards."""
         allowed = self.allowed()
         finished = ~allowed.any(1)
-        keep = torch.zeros_like(logits, dtype=torch.bool)
-        keep[:, self.ids.to(logits.device)] = allowed[:, :-3]
+        # scatter_add, not scatter: a padded position repeats an id of its row and must not un-allow it
+        ids = self.ids.to(logits.device)
+        keep = torch.zeros(logits.shape, device=logits.device).scatter_add_(1, ids, allowed[:, :-3].float().to(logits.device)) > 0
         keep[:, self.sep], keep[:, self.marker] = allowed[:, -3], allowed[:, -2]
         keep[:, self.end] = allowed[:, -1] | finished
         return logits.masked_fill(~keep, float("-inf"))
@@ -67,7 +71,7 @@ class SlateRankConstraint:
     def update(self, tokens: torch.Tensor) -> None:
         """Record the tokens (B,) just written (-1 for finished rows)."""
         tokens = tokens.cpu()
-        is_id = tokens[:, None] == self.ids[None, :].cpu()
+        is_id = tokens[:, None] == self.ids
         self.in_slate |= is_id & ~self.ranking[:, None]
         self.in_rank |= is_id & self.ranking[:, None]
         self.count += is_id.any(1).long()
@@ -87,6 +91,26 @@ class SlateRank:
     ranking: list[int]
     valid: bool
     """Both phases parse as rankings of distinct in-window identifiers, the ranking inside the slate."""
+
+
+def slate_rank_positions(answer: torch.Tensor, identifier_ids: torch.Tensor, marker_id: int) -> tuple[list[int], list[int]]:
+    """(slate, ranking): the window positions a generated answer names before and after the marker.
+
+    answer (T,): token ids (-1 = padding); identifier_ids (n,): this row's identifier token ids (padding
+    beyond the window repeats an earlier id, so the first match is the real position). Token-level, so
+    it reads letter and item-token identifiers alike."""
+    slate, ranking = [], []
+    ids = identifier_ids.tolist()
+    first = {}
+    for j, t in enumerate(ids):
+        first.setdefault(t, j)
+    phase = slate
+    for t in answer.tolist():
+        if t == marker_id:
+            phase = ranking
+        elif t in first:
+            phase.append(first[t])
+    return slate, ranking
 
 
 def parse_slate_rank(text: str, n: int, marker: str, end: str) -> SlateRank:

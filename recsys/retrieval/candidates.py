@@ -9,6 +9,9 @@ never an item of the history:
 - :class:`HybridRetriever`: reciprocal-rank fusion (Cormack et al., SIGIR 2009),
   ``score(i) = sum_r 1 / (c + rank_r(i))`` with c = 60, over each retriever's top ``depth``.
 
+:func:`pool_candidates` writes the same files without a retriever: each target among sampled negatives
+in a random order (the "20 candidates, 1 positive" pools of LLM-recommendation benchmarks).
+
 Targets (:func:`candidate_examples`): ``valid`` and ``test`` as in evaluation; ``train`` = each user's
 last training item(s) with only the history *before* it, so a reranker trained on these lists never
 sees its target's future.
@@ -138,30 +141,87 @@ def recall_at(hits: np.ndarray, cutoffs=(20, 50, 100, 200)) -> dict[str, float]:
     return {f"recall@{k}": float(((hits >= 0) & (hits < k)).mean()) for k in cutoffs}
 
 
-def generate_candidates(dataset: PreparedDataset, retriever, name: str, out: str | Path, n: int = 200,
-                        splits=("train", "valid", "test"), train_targets_per_user: int = 1,
-                        progress: bool = True) -> dict:
-    """Write ``candidates_<split>.parquet`` and ``candidates.json`` (recall of the target) to ``out``."""
-    summary = {"retriever": name, "n": n, "dataset_fingerprint": dataset.fingerprint, "recall": {}}
-    ids = dataset.catalog.sort("idx")["item_id"].to_numpy()
-    users = dataset.users.sort("uidx")["user_id"].to_numpy()
-    examples = {split: candidate_examples(dataset, split, train_targets_per_user) for split in splits}
+def _check_room(dataset: PreparedDataset, examples: dict[str, EvalExamples], n: int, users: np.ndarray) -> None:
+    """Raise if some history leaves fewer than ``n`` unseen items to draw candidates from."""
     for split, ex in examples.items():
         longest = int(np.argmax([len(h) for h in ex.histories]))
         left = dataset.n_items - len(ex.histories[longest])
         if n > left:
             raise RecsysError(f"n={n} candidates, but user {users[ex.users[longest]]!r} ({split}) has seen "
                               f"{len(ex.histories[longest])} of {dataset.n_items} items, leaving {left}; lower n")
+
+
+def _write_split(directory: Path, split: str, dataset: PreparedDataset, ex: EvalExamples, idx: np.ndarray,
+                 scores: np.ndarray) -> dict[str, float]:
+    """Write ``candidates_<split>.parquet`` (candidates (Q, n), best first) and return the target's recall."""
+    ids = dataset.catalog.sort("idx")["item_id"].to_numpy()
+    users = dataset.users.sort("uidx")["user_id"].to_numpy()
+    hits = hit_ranks(idx, ex)
+    n = idx.shape[1]
+    target = np.array([t[0] for t in ex.targets])
+    pl.DataFrame({
+        "user_id": users[ex.users], "uidx": ex.users.astype(np.int32), "target": target.astype(np.int32),
+        "target_item_id": ids[target - 1], "history_length": [len(h) for h in ex.histories],
+        "candidates": idx.astype(np.int32), "scores": scores.astype(np.float32), "hit_rank": hits.astype(np.int32),
+    }).write_parquet(directory / f"candidates_{split}.parquet")
+    return recall_at(hits, tuple(k for k in (20, 50, 100, 200) if k <= n) or (n,))
+
+
+def generate_candidates(dataset: PreparedDataset, retriever, name: str, out: str | Path, n: int = 200,
+                        splits=("train", "valid", "test"), train_targets_per_user: int = 1,
+                        progress: bool = True) -> dict:
+    """Write ``candidates_<split>.parquet`` and ``candidates.json`` (recall of the target) to ``out``."""
+    summary = {"retriever": name, "n": n, "dataset_fingerprint": dataset.fingerprint, "recall": {}}
+    examples = {split: candidate_examples(dataset, split, train_targets_per_user) for split in splits}
+    _check_room(dataset, examples, n, dataset.users.sort("uidx")["user_id"].to_numpy())
     with atomic_directory(out) as tmp:
         for split, ex in examples.items():
             scores, idx = retrieve_examples(retriever, ex, n, progress=progress, desc=f"candidates {split}")
-            hits = hit_ranks(idx, ex)
-            summary["recall"][split] = recall_at(hits, tuple(k for k in (20, 50, 100, 200) if k <= n) or (n,))
-            target = np.array([t[0] for t in ex.targets])
-            pl.DataFrame({
-                "user_id": users[ex.users], "uidx": ex.users.astype(np.int32), "target": target.astype(np.int32),
-                "target_item_id": ids[target - 1], "history_length": [len(h) for h in ex.histories],
-                "candidates": idx.astype(np.int32), "scores": scores.astype(np.float32), "hit_rank": hits.astype(np.int32),
-            }).write_parquet(tmp / f"candidates_{split}.parquet")
+            summary["recall"][split] = _write_split(tmp, split, dataset, ex, idx, scores)
+        (tmp / "candidates.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+POOL_NEGATIVES = ("popularity", "uniform")
+
+
+def sample_pool(rng: np.random.Generator, weights: np.ndarray, history, target: int, n: int) -> np.ndarray:
+    """(n,) the ``target`` and ``n - 1`` distinct negatives outside ``history``, in a random order.
+
+    weights (n_items + 1,): sampling weight of each item idx (index 0, padding, is never drawn);
+    negatives are drawn without replacement in proportion to them."""
+    banned = np.zeros(len(weights), dtype=bool)
+    banned[0], banned[np.asarray(history, dtype=np.int64)], banned[target] = True, True, True
+    p = np.where(banned, 0.0, weights.astype(np.float64))
+    if np.count_nonzero(p) < n - 1:
+        raise RecsysError(f"a pool of {n} needs {n - 1} negatives, but only {np.count_nonzero(p)} items are left")
+    negatives = rng.choice(len(p), size=n - 1, replace=False, p=p / p.sum())
+    return rng.permutation(np.concatenate([[target], negatives]))
+
+
+def pool_candidates(dataset: PreparedDataset, out: str | Path, n: int = 20, negatives: str = "popularity",
+                    seed: int = 0, splits=("train", "valid", "test"), train_targets_per_user: int = 1,
+                    progress: bool = True) -> dict:
+    """Sampled candidate pools, the candidate sets of LLM-recommendation benchmarks (F-GRPO's MovieLens
+    task: 20 candidates, 1 positive): each target with ``n - 1`` negatives outside the history, drawn
+    in proportion to training popularity (``popularity``: a popular item is no giveaway) or uniformly
+    (``uniform``), shuffled with a seeded generator. Same files as :func:`generate_candidates`, with
+    ``scores`` 0 (a pool has no retriever order; recall is 1 by construction)."""
+    if negatives not in POOL_NEGATIVES:
+        raise RecsysError(f"negatives must be one of {POOL_NEGATIVES}, got {negatives!r}")
+    weights = (dataset.item_popularity("train").astype(np.float64) if negatives == "popularity"
+               else np.ones(dataset.n_items + 1))
+    weights[0] = 0.0
+    summary = {"retriever": f"pool-{negatives}", "n": n, "seed": seed, "dataset_fingerprint": dataset.fingerprint,
+               "recall": {}}
+    examples = {split: candidate_examples(dataset, split, train_targets_per_user) for split in splits}
+    _check_room(dataset, examples, n, dataset.users.sort("uidx")["user_id"].to_numpy())
+    with atomic_directory(out) as tmp:
+        for i, (split, ex) in enumerate(examples.items()):
+            rng = np.random.default_rng([seed, i])
+            idx = np.stack([sample_pool(rng, weights, h, int(t[0]), n)
+                            for h, t in tqdm(zip(ex.histories, ex.targets), total=len(ex.targets),
+                                             desc=f"pools {split}", disable=not progress, leave=False)])
+            summary["recall"][split] = _write_split(tmp, split, dataset, ex, idx, np.zeros(idx.shape))
         (tmp / "candidates.json").write_text(json.dumps(summary, indent=2))
     return summary
