@@ -341,10 +341,11 @@ class Recommender:
         scores, rows = self.index.search(np.ascontiguousarray(users, dtype=np.float32), depth)
         out = []
         for q, s, r in zip(queries, scores, rows):
-            banned = set(q.history) | set(q.exclude)
-            keep = [(int(i) + 1, float(v)) for i, v in zip(r, s) if i >= 0 and int(i) + 1 not in banned]
-            keep = keep[:q.candidates]
-            out.append(([i for i, _ in keep], [v for _, v in keep]))
+            items = r + 1                                                    # FAISS row -> item idx (-1 -> 0)
+            banned = np.concatenate([np.asarray(q.history, dtype=items.dtype), np.asarray(q.exclude, dtype=items.dtype)])
+            keep = (r >= 0) & ~np.isin(items, banned)
+            items, s = items[keep][:q.candidates], s[keep][:q.candidates]
+            out.append((items.tolist(), s.astype(np.float64).tolist()))
         return out
 
     def rerank_windows(self, histories, candidate_lists) -> list[tuple[list[int], list[float]]]:

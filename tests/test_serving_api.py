@@ -136,8 +136,10 @@ def test_rerank_bad_requests_and_limits(served):
 def test_metrics_and_models(served):
     client, _ = served
     client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 2})
+    assert client.post("/v1/recommend", json={"user_id": "nobody"}).status_code == 404
     text = client.get("/metrics").text
     assert 'recsys_requests_total{path="/v1/recommend",status="200"}' in text
+    assert 'recsys_requests_total{path="/v1/recommend",status="404"}' in text     # the status the endpoint sent
     assert "recsys_request_latency_ms_bucket" in text and "recsys_batch_size_count" in text
     assert client.get("/v1/models").json()["reranker"] == "first"
 
@@ -219,3 +221,34 @@ def test_generate_endpoint_writes_catalog_items_and_501_without_a_model(exported
     with Server(create_app(exported[0], ServeSettings())) as server, httpx.Client(base_url=server.url) as client:
         server.wait_ready(client)
         assert client.post("/v1/generate", json={"history": ids[:2]}).status_code == 501
+
+
+def test_limits_middleware_answers_before_the_app_and_records_every_status():
+    """The ASGI middleware on its own: an oversized or malformed content-length never reaches the app
+    (413 / 400), an allowed request passes through, and each status lands in the metrics."""
+    import asyncio
+
+    from serving.app import LimitsAndLogs, Metrics
+
+    reached = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def call(length: bytes) -> int:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/rerank", "headers": [(b"content-length", length)]}
+        await LimitsAndLogs(app, 10, metrics)(scope, None, send)
+        return sent[0]["status"]
+
+    metrics = Metrics()
+    assert asyncio.run(call(b"11")) == 413 and asyncio.run(call(b"ten")) == 400 and not reached
+    assert asyncio.run(call(b"10")) == 204 and reached == ["/v1/rerank"]
+    text = metrics.render()
+    assert all(f'path="/v1/rerank",status="{s}"' in text for s in (413, 400, 204))
