@@ -54,9 +54,14 @@ def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
                                 "sasrec_b1": {"torch_ms_per_user": 2.0, "onnx_ms_per_user": 1.0,
                                               "onnx_int8_ms_per_user": 0.5}},
               "int8_quality": {"tiny": {"users": 4, "sasrec": {"fp32": q, "int8": q | {"ndcg@10": 0.1111}}}},
-              "rows": [], "rescore": {"job_rows_per_s": 10, "rows": 5, "loop_rows_per_s": 5, "loop_rows": 5},
+              "rows": [{"name": "recommend-tiny-c8", "connections": 8, "micro_batching": "auto", "requests": 15000,
+                        "repeats": 3, "p50_ms": 20.0, "p95_ms": 30.0, "p99_ms": 40.04, "rps": 300.0, "errors": 0,
+                        "repeats_p99_ms": [38.0, 41.26, 40.0], "repeats_rps": [310.2, 290.0, 300.0],
+                        "server_cpu_ms_per_request": 3.3}],
+              "rescore": {"job_rows_per_s": 10, "rows": 5, "loop_rows_per_s": 5, "loop_rows": 5},
               "ratios": {"onnx_speedup_sasrec": 2.0, "rescore_job/loop rows_per_s": 2.0}}
     text = "\n".join(render.render_serving(result))
+    assert "| recommend-tiny-c8 | 8 | auto | 50 | 15000 | 20.0 | 30.0 | 40.0 | 300.0 | 0 | 38.0 / 41.3 / 40.0 | 310 / 290 / 300 | 3.3 |" in text
     assert "| sasrec | 1 | 2.00 | 1.00 | 0.50 | 2.00 |" in text
     assert "| tiny | sasrec | 4 | 0.1234 | 0.1111 | 0.2500 | 0.2500 |" in text
 
@@ -142,3 +147,16 @@ def test_every_rl_result_name_finds_the_rl_renderer():
     assert render.renderer_for("rl_distill_grpo_lr3e-5") is render.render_rl is render.renderer_for("rl")
     assert render.renderer_for("rl_throughput") is render.render_rl_throughput
     assert render.renderer_for("nothing_known") is None
+
+
+def test_cpu_seconds_of_a_process_grow_with_its_work():
+    import os
+    import time
+
+    from pipelines.benchmarks.serving import _cpu_seconds
+
+    before, t = _cpu_seconds(os.getpid()), time.process_time()
+    while time.process_time() - t < 0.3:                # burn 0.3 s of CPU in this process
+        pass
+    assert _cpu_seconds(os.getpid()) - before >= 0.2
+    assert _cpu_seconds(2 ** 22 + 12345) is None       # no such process

@@ -213,7 +213,10 @@ def render_rl(result: dict) -> list[str]:
                 "slate_recall: in the slate):"), ""]
         out += _table(slate, ["recall@3", "recall@5", "ndcg@3", "ndcg@5", "slate_recall"], ["seconds", "steps"])
         out += ["", "Means over seeds (recall@5): " + ", ".join(
-            f"{k} {v['recall@5']:.4f}" for k, v in result["means"].items() if k.startswith("slate-rank")) + ".", ""]
+            f"{k} {v['recall@5']:.4f}" for k, v in result["means"].items() if k.startswith("slate-rank")) + "."]
+        out += _paired(slate, "recall5_vs_sft", "Per-user recall@5 minus the SFT start's")
+        out += _paired(slate, "recall5_vs_grpo_same_seed", "F-GRPO's per-user recall@5 minus GRPO's of the same seed")
+        out += [""]
     if result.get("ratios"):
         out += ["Ratios: " + ", ".join(f"{k} {v:.4f}" for k, v in result["ratios"].items() if v is not None) + ".", ""]
     return out
@@ -245,10 +248,17 @@ def render_serving(result: dict) -> list[str]:
                     f"{v['fp32']['hr@10']:.4f} | {v['int8']['hr@10']:.4f} |"
                     for scorer, v in q.items() if scorer != "users"]
         out += [""]
-    out += ["| row | connections | micro-batching | candidates | requests | p50 ms | p95 ms | p99 ms | rps | errors |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    out += [("| row | connections | micro-batching | candidates | requests | p50 ms | p95 ms | p99 ms | rps | errors "
+            "| p99 ms per repeat | rps per repeat | server CPU ms / request |"),
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
     out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x.get('candidates', 50)} | {x['requests']} | {x['p50_ms']:.1f} | "
-            f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} |" for x in result["rows"]]
+            f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} | "
+            f"{' / '.join(f'{v:.1f}' for v in x.get('repeats_p99_ms', [])) or '-'} | "
+            f"{' / '.join(f'{v:.0f}' for v in x.get('repeats_rps', [])) or '-'} | "
+            f"{x['server_cpu_ms_per_request'] if x.get('server_cpu_ms_per_request') is not None else '-'} |"
+            for x in result["rows"]]
+    if any(x.get("repeats", 1) > 1 for x in result["rows"]):
+        out += ["", "A row pools the latencies of its repeats (back-to-back load-generator runs against one server)."]
     j = result["rescore"]
     out += ["", (f"Batch re-scoring: {j['job_rows_per_s']:.0f} rows/s ({j['rows']} rows) vs a per-row loop "
                 f"{j['loop_rows_per_s']:.0f} rows/s ({j['loop_rows']} rows): ratio {r['rescore_job/loop rows_per_s']:.2f}."),

@@ -183,11 +183,17 @@ asyncio.run(main())
 
 
 def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool | None,
-              candidates: int = 50, threads: int | None = None, model: str = "tiny") -> list[dict]:
-    """``recsys serve`` in a subprocess; per level, a load generator process with that many connections.
-    ``micro_batching`` None = the server's default (auto: off on CPU); row names say when it is forced."""
+              candidates: int = 50, threads: int | None = None, model: str = "tiny", workers: int = 1,
+              repeats: int = 1) -> list[dict]:
+    """``recsys serve`` in a subprocess (``workers`` uvicorn processes); per level, ``repeats`` runs of a
+    load generator process with that many connections, ``requests`` each. A row pools the latencies of
+    its repeats (percentiles over all of them) and lists each repeat's p99 and throughput: on a shared
+    2-core machine throughput drifts by a third from one minute to the next, and a single run's p99
+    follows it. ``server_cpu_ms_per_request``: the server process's CPU time per request (one worker
+    only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say when
+    it is forced."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port)]
+    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port), "--workers", str(workers)]
     cmd += ["--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching]]
     cmd += ["--threads", str(threads)] if threads else []
     server = subprocess.Popen(cmd,
@@ -207,22 +213,39 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
                 raise RuntimeError("server did not become ready")
             time.sleep(0.2)
         for c in levels:
-            out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users), str(c),
-                                  str(requests), str(candidates)], capture_output=True, text=True, check=True)
-            r = json.loads(out.stdout)
-            lat = np.array(r["lat"])
+            runs, cpu = [], 0.0
+            for _ in range(repeats):
+                before = _cpu_seconds(server.pid) if workers == 1 else None
+                out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users),
+                                      str(c), str(requests), str(candidates)], capture_output=True, text=True, check=True)
+                runs.append(json.loads(out.stdout))
+                after = _cpu_seconds(server.pid) if before is not None else None
+                cpu = None if cpu is None or after is None else cpu + after - before
+            lat = np.concatenate([r["lat"] for r in runs])
             suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
             rows.append({"name": f"recommend-{model}-c{c}{suffix}", "connections": c,
                          "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
-                         "candidates": candidates, "ort_threads": threads or "auto",
-                         "requests": len(lat),
+                         "candidates": candidates, "ort_threads": threads or "auto", "workers": workers,
+                         "requests": len(lat), "repeats": repeats,
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-                         "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / r["seconds"],
-                         "errors": r["errors"], "warmup_errors": r["warmup_errors"]})
+                         "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / sum(r["seconds"] for r in runs),
+                         "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
+                         "repeats_rps": [round(len(r["lat"]) / r["seconds"], 1) for r in runs],
+                         "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / len(lat), 3),
+                         "errors": sum(r["errors"] for r in runs), "warmup_errors": sum(r["warmup_errors"] for r in runs)})
     finally:
         server.terminate()
         server.wait(10)
     return rows
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
@@ -272,6 +295,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=50, help="retrieved candidates per request (the reranker "
                                                                    "orders the first 20)")
     p.add_argument("--levels", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the tiny server")
+    p.add_argument("--load-repeats", type=int, default=3, help="load-generator runs per level (pooled in the row)")
     p.add_argument("--rescore-rows", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smollm2", help="a listwise smollm2-135m reranker directory (RUN/model), or `zero-shot` "
@@ -292,8 +317,10 @@ def main() -> None:
     manifest = json.loads((serve_dir / "manifest.json").read_text())
     speed = onnx_vs_torch(ds, Path(a.sasrec) / "model", a.reranker, serve_dir, a.repeats)
     users = ds.users["user_id"].to_list()
-    rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates)          # the server's defaults
-    rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates)         # micro-batching on
+    rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates, workers=a.workers,  # server defaults
+                     repeats=a.load_repeats)
+    rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates, workers=a.workers,  # micro-batching
+                      repeats=a.load_repeats)
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
     int8 = {"tiny": int8_quality(ds, serve_dir, a.int8_users)}
     if a.smollm2:                           # a ~1.7 s forward per request on this CPU: few requests, batch 1 only
@@ -308,7 +335,8 @@ def main() -> None:
         int8["smollm2"] = {"first": int8_quality(ds, smol_dir, a.smollm2_int8_users, first_batch=4)["first"],
                            "users": a.smollm2_int8_users}
     write_result("serving", provenance, {
-        "dataset": "ml-1m", "device": "cpu", "server": "1 uvicorn worker (uvloop, httptools), ONNX Runtime CPU provider; "
+        "dataset": "ml-1m", "device": "cpu", "server": f"{a.workers} uvicorn worker(s) (uvloop, httptools) for tiny, 1 for "
+                                                      "smollm2, ONNX Runtime CPU provider; "
                                                       "defaults (micro-batching off, 1 ORT thread per call) unless "
                                                       "-batched (max 32 / 2 ms); aiohttp load generator in its own process",
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
