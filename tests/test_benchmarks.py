@@ -160,3 +160,15 @@ def test_cpu_seconds_of_a_process_grow_with_its_work():
         pass
     assert _cpu_seconds(os.getpid()) - before >= 0.2
     assert _cpu_seconds(2 ** 22 + 12345) is None       # no such process
+
+
+def test_per_user_ms_times_the_engines_in_turns_on_the_same_inputs():
+    """Two engines, 4 users in batches of 2, 1 repeat: on the first slice a then b, on the second b then a
+    (a warm-up call and a timed call each), every call on the same rows for both engines."""
+    from pipelines.benchmarks.serving import per_user_ms
+
+    calls = []
+    fns = {name: (lambda rows, name=name: calls.append((name, tuple(rows)))) for name in ("a", "b")}
+    out = per_user_ms(fns, ([10, 11, 12, 13],), repeats=1, batches=(2,))
+    assert calls == [("a", (10, 11))] * 2 + [("b", (10, 11))] * 2 + [("b", (12, 13))] * 2 + [("a", (12, 13))] * 2
+    assert set(out["b2"]) == {"a_ms_per_user", "b_ms_per_user"} and all(v >= 0 for v in out["b2"].values())

@@ -55,12 +55,19 @@ def _time(fn, repeats: int) -> float:
 
 
 def per_user_ms(fns: dict, inputs: tuple[list, ...], repeats: int, batches=(1, 32)) -> dict:
-    """``{"b1": {"<engine>_ms_per_user": ...}, ...}``: each engine over the same inputs, ``batch`` rows per call."""
-    users, out = len(inputs[0]), {}
+    """``{"b1": {"<engine>_ms_per_user": ...}, ...}``: each engine over the same inputs, ``batch`` rows per call.
+
+    The engines take turns on every slice of the inputs (the order rotating from slice to slice) rather
+    than one engine timing all its slices before the next starts: on a shared machine whose speed
+    drifts by a third within minutes, a ratio of back-to-back blocks measures the drift as much as the
+    engines (one such run put smollm2's ONNX / torch at 1.00x, another at 1.63x)."""
+    users, out, names = len(inputs[0]), {}, list(fns)
     for batch in batches:
-        out[f"b{batch}"] = {f"{engine}_ms_per_user": 1000 / users * sum(
-            _time(lambda f=fn, s=s, b=batch: f(*(x[s:s + b] for x in inputs)), repeats) for s in range(0, users, batch))
-            for engine, fn in fns.items()}
+        total = dict.fromkeys(names, 0.0)
+        for i, s in enumerate(range(0, users, batch)):
+            for engine in names[i % len(names):] + names[:i % len(names)]:
+                total[engine] += _time(lambda f=fns[engine], s=s, b=batch: f(*(x[s:s + b] for x in inputs)), repeats)
+        out[f"b{batch}"] = {f"{engine}_ms_per_user": 1000 / users * t for engine, t in total.items()}
     return out
 
 
