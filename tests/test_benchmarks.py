@@ -172,3 +172,10 @@ def test_per_user_ms_times_the_engines_in_turns_on_the_same_inputs():
     out = per_user_ms(fns, ([10, 11, 12, 13],), repeats=1, batches=(2,))
     assert calls == [("a", (10, 11))] * 2 + [("b", (10, 11))] * 2 + [("b", (12, 13))] * 2 + [("a", (12, 13))] * 2
     assert set(out["b2"]) == {"a_ms_per_user", "b_ms_per_user"} and all(v >= 0 for v in out["b2"].values())
+
+
+def test_moving_average_by_hand():
+    from pipelines.benchmarks.render import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
+    assert moving_average([2.0, 4.0], 10) == [2.0, 3.0]

@@ -76,6 +76,41 @@ def plot_curves(result: dict) -> str | None:
     return str(path.relative_to(ROOT))
 
 
+def moving_average(values: list[float], width: int) -> list[float]:
+    """Trailing mean over the last ``width`` values (fewer at the start): [1, 3, 5], width 2 -> [1, 2, 4]."""
+    return [sum(values[max(0, i + 1 - width):i + 1]) / (i + 1 - max(0, i + 1 - width)) for i in range(len(values))]
+
+
+def plot_rewards(result: dict, smooth: int = 10) -> str | None:
+    """PNG of each RL run's mean training reward per step (trailing mean over ``smooth`` steps), one colour
+    per algorithm; returns its path relative to the root, or None when the rows carry no curves."""
+    rows = [r for r in result["rows"] if r.get("curve")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    colours = {n: plt.get_cmap("tab10")(i) for i, n in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for r in rows:
+        steps, rewards = zip(*r["curve"])
+        first = r is next(x for x in rows if x["name"] == r["name"])
+        ax.plot(steps, moving_average(list(rewards), smooth), color=colours[r["name"]], lw=1.2, alpha=0.8,
+                label=r["name"] if first else None)
+    ax.set(xlabel="optimiser step", ylabel=f"training reward ({smooth}-step mean)",
+           title=f"{result['benchmark']}: one line per seed")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    path = RESULTS / f"{result['benchmark']}_rewards.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path.relative_to(ROOT))
+
+
 def render_retrieval(result: dict) -> list[str]:
     out = ["## Retrieval (`retrieval`)", "", f"- command: `{result['command']}`",
            f"- commit `{result['commit']}`, {result['date']}, {result['machine']}", f"- protocol: {result['protocol']}",
@@ -219,6 +254,9 @@ def render_rl(result: dict) -> list[str]:
         out += [""]
     if result.get("ratios"):
         out += ["Ratios: " + ", ".join(f"{k} {v:.4f}" for k, v in result["ratios"].items() if v is not None) + ".", ""]
+    plot = plot_rewards(result)
+    if plot:
+        out += [f"![training reward per step]({plot})", ""]
     return out
 
 
