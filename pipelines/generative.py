@@ -3,8 +3,10 @@
     recsys train generative --algo sft   --data D --semantic-ids S --out runs/gen-sft
     recsys train generative --algo vstar --data D --init runs/gen-sft/model --out runs/gen-vstar
 
-- ``sft``: next-token cross-entropy over every semantic-ID token of each user's training sequence, the
-  same split as SASRec. A sequence longer than the model's window is cut into windows of
+- ``sft``: cross-entropy of every semantic-ID code of every item of each user's training sequence given
+  the items before it (``token`` layout: next-token prediction over the code tokens; ``item`` layout: the
+  per-level code heads at every item position, :class:`recsys.generative.model.ItemGenerativeRecommender`),
+  the same split as SASRec. A sequence longer than the model's window is cut into windows of
   ``max_items + 1`` items that overlap by one (:func:`sequence_windows`), so every training item but a
   user's first is a target exactly once (``all_windows: false`` keeps only the most recent window);
   validation = beam search over the validation users, NDCG@10 with the history excluded.
@@ -182,8 +184,7 @@ class GenerativeData(L.LightningDataModule):
                       list(zip(valid.histories, valid.targets))[:config.val_users]]
 
     def _collate(self, idx):
-        ids, mask = self.model.batch([self.seqs[i] for i in idx])
-        return {"input_ids": ids, "attention_mask": mask}
+        return self.model.train_batch([self.seqs[i] for i in idx])
 
     def train_dataloader(self):
         if self.cfg.algo == "sft":
@@ -222,8 +223,8 @@ class _Validated(L.LightningModule):
 
 class GenerativeSFTModule(_Validated):
     def training_step(self, batch, batch_idx):
-        loss = self.model.lm_loss(batch["input_ids"], batch["attention_mask"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        loss = self.model.sft_loss(**batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(next(iter(batch.values()))))
         return loss
 
     def configure_optimizers(self):
@@ -235,21 +236,16 @@ def code_log_probs(model: GenerativeRecommender, histories, codes: torch.Tensor,
                    values: bool = False):
     """Constrained log-probs (R, D) of full codes (R, D) after their histories, one forward pass; with
     ``values`` also V(s_0..s_D) (R, D + 1) from the value head."""
-    D = model.depth
-    ids, mask = model.batch(histories, codes.tolist())
-    out = model(ids, mask, output_hidden_states=values)
-    logits = out.logits[:, -D - 1:-1]
-    nodes = torch.zeros(len(codes), dtype=torch.long, device=ids.device)
-    codes = codes.to(ids.device)
+    logits, v = model.teacher_forced(histories, codes, values)                        # (R, D, K)
+    codes = codes.to(logits.device)
+    nodes = torch.zeros(len(codes), dtype=torch.long, device=logits.device)
     logp = []
-    for level in range(D):
+    for level in range(model.depth):
         lp = model.level_log_probs(logits[:, level], level, nodes, exclude)
         logp.append(lp.gather(1, codes[:, level:level + 1])[:, 0])
         nodes = model.trie.advance(nodes, codes[:, level])
     logp = torch.stack(logp, 1)
-    if not values:
-        return logp
-    return logp, model.value_head(out.hidden_states[-1], mask)[:, -D - 1:]
+    return (logp, v) if values else logp
 
 
 class GenerativeRLModule(_Validated):
@@ -257,6 +253,8 @@ class GenerativeRLModule(_Validated):
 
     def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
         super().__init__(model, config)
+        if hasattr(model, "set_dropout"):          # item layout: RL compares deterministic policies
+            model.set_dropout(0.0)
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.automatic_optimization = False
         D, K = model.depth, model.trie.n_codes

@@ -101,6 +101,21 @@ class _GenerativeStep(torch.nn.Module):
         return logits[:, self.code_token]
 
 
+class _ItemGenerativeStep(torch.nn.Module):
+    """Item layout: code logits of every level after each history and code prefix,
+    ``(codes (B, T, D), attention_mask (B, T), prefix (B, D)) -> (B, D, K)``; level l reads prefix[:, :l]
+    only, so one graph serves every level (the runtime passes the prefix padded with zeros)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes, attention_mask, prefix):
+        m = self.model
+        q = m.queries(m.encode(codes, attention_mask)[:, -1], prefix)                      # (B, D + 1, H)
+        return torch.stack([m.code_logits(q[:, level], level, mask=False) for level in range(m.depth)], 1)
+
+
 def _export(module, args: tuple, path: Path, names: list[str], output: str, dynamic: dict, fuse: bool = True) -> dict:
     """Export to ``path`` (weights in ``path.data``); returns the ORT fusions applied (name -> count)."""
     module.eval()                                              # a fresh wrapper module starts in training mode
@@ -228,26 +243,33 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
     from recsys.generative.model import GenerativeRecommender, positions
 
     model = GenerativeRecommender.from_pretrained(model_dir).float().eval()
-    step = _GenerativeStep(model)
     g = np.random.default_rng(0)
     n = len(model.idx_codes) - 1
     histories = [g.integers(1, n + 1, size).tolist() for size in (1, 3, model.config.max_items)]
-    ids, mask = model.batch(histories, [[], [0], []])
-    pos = positions(mask)
-    with torch.no_grad():
-        reference = step(ids, mask, pos).numpy()
     path = out / "generative.onnx"
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
-    dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
-    fusions = _export(step, (ids, mask, pos), path, ["input_ids", "attention_mask", "position_ids"], "code_logits",
-                      dyn, fuse)
+    if model.config.layout == "item":
+        step = _ItemGenerativeStep(model)
+        codes, mask = model.item_batch(histories)
+        prefix = torch.zeros(len(histories), model.depth, dtype=torch.long)
+        prefix[1] = torch.from_numpy(model.codes_np[0])
+        args, names = (codes, mask, prefix), ["codes", "attention_mask", "prefix"]
+        dyn = {"codes": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "prefix": {0: batch}}
+    else:
+        step = _GenerativeStep(model)
+        ids, mask = model.batch(histories, [[], [0], []])
+        args, names = (ids, mask, positions(mask)), ["input_ids", "attention_mask", "position_ids"]
+        dyn = {name: {0: batch, 1: seq} for name in names}
+    with torch.no_grad():
+        reference = step(*args).numpy()
+    fusions = _export(step, args, path, names, "code_logits", dyn, fuse)
     tok = model.tokenizer
     np.savez(out / "generative.npz", codes=model.codes_np.astype(np.int64), item_idx=model.item_idx.numpy(),
              code_token=model.code_token.numpy(), special=np.array([tok.bos_token_id, tok.pad_token_id]),
              max_items=np.array(model.config.max_items))
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+    feeds = {name: a.numpy() for name, a in zip(names, args)}
     entry = {"file": path.name, "sha256": sha256(path), "tables": "generative.npz",
-             "tables_sha256": sha256(out / "generative.npz"), "depth": model.depth,
+             "tables_sha256": sha256(out / "generative.npz"), "depth": model.depth, "layout": model.config.layout,
              "backbone": model.config.backbone, "ort_fusions": fusions,
              "parity_max_abs": _parity(path, feeds, reference)}
     if quantize:

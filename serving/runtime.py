@@ -231,6 +231,7 @@ class GenerativeRuntime:
         self.item_idx, self.code_token = z["item_idx"], z["code_token"]                  # (N,), (D, K)
         self.bos, self.pad = (int(v) for v in z["special"])
         self.max_items = int(z["max_items"])
+        self.layout = self.meta.get("layout", "token")
         self.row_of = np.full(int(self.item_idx.max()) + 1, -1, dtype=np.int64)           # item idx -> trie row
         self.row_of[self.item_idx] = np.arange(len(self.item_idx))
 
@@ -242,8 +243,28 @@ class GenerativeRuntime:
         hist = self.code_token[levels, self.trie.codes[rows]].reshape(-1)
         return [self.bos, *hist.tolist(), *(int(self.code_token[level, c]) for level, c in enumerate(prefix))]
 
+    def _item_feeds(self, histories, prefixes) -> dict[str, np.ndarray]:
+        """Item layout: the last ``max_items`` items' codes (R, T, D) left-padded, their mask, and the
+        prefixes padded with zeros to (R, D) (level l of the output reads prefix[:, :l] only)."""
+        D = self.trie.depth
+        rows = [self.row_of[np.asarray(h, dtype=np.int64)[-self.max_items:]] for h in histories]
+        for h, r in zip(histories, rows):
+            if (r < 0).any():
+                raise RecsysError(f"history holds item indices without a semantic ID: {np.asarray(h)[-len(r):][r < 0]}")
+        T = max(2, max(len(r) for r in rows))
+        codes = np.zeros((len(rows), T, D), dtype=np.int64)
+        mask = np.zeros((len(rows), T), dtype=np.int64)
+        prefix = np.zeros((len(rows), D), dtype=np.int64)
+        for i, (r, p) in enumerate(zip(rows, prefixes)):
+            if len(r):
+                codes[i, T - len(r):], mask[i, T - len(r):] = self.trie.codes[r], 1
+            prefix[i, :len(p)] = p
+        return {"codes": codes, "attention_mask": mask, "prefix": prefix}
+
     def code_logits(self, histories, prefixes) -> np.ndarray:
         """(R, D, K) float32 code logits after each history + code prefix (left-padded batch)."""
+        if self.layout == "item":
+            return self.session.run(None, self._item_feeds(histories, prefixes))[0]
         rows = [self._tokens(h, p) for h, p in zip(histories, prefixes)]
         T = max(2, max(len(r) for r in rows))
         ids = np.full((len(rows), T), self.pad, dtype=np.int64)

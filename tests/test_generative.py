@@ -10,12 +10,18 @@ import torch
 
 from recsys.errors import RecsysError
 from recsys.generative.decoding import (
+    ItemPrefixScorer,
     PrefixScorer,
     decode,
     generate_list,
+    prefix_scorer,
     recommend_batch,
 )
-from recsys.generative.model import GenerativeConfig, GenerativeRecommender
+from recsys.generative.model import (
+    GenerativeConfig,
+    GenerativeRecommender,
+    ItemGenerativeRecommender,
+)
 from recsys.generative.trie import CodeTrie
 from recsys.generative.ved import VEDConfig, ved
 from recsys.rl.vstar import (
@@ -40,20 +46,36 @@ def catalog(n=30, seed=0):
     return np.concatenate([codes, dedup[:, None]], 1)
 
 
-@pytest.fixture
-def model():
+@pytest.fixture(params=["token", "item"])
+def model(request):
     codes = catalog()
-    return GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), SMALL, seed=0).eval()
+    config = dataclasses.replace(SMALL, layout=request.param)
+    return GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), config, seed=0).eval()
+
+
+def next_code_logits(model, history, prefix) -> torch.Tensor:
+    """(K,) logits of the code after ``history`` + ``prefix``, computed alone and unbatched: a full
+    forward pass of the token sequence, or (item layout) the unpadded history's state plus the prefix's
+    code embeddings added one by one."""
+    level = len(prefix)
+    with torch.no_grad():
+        if model.config.layout == "token":
+            ids, mask = model.batch([history], [list(prefix)])
+            return model.vocab_to_codes(model(ids, mask).logits[0, -1], level)
+        codes = model.idx_codes[torch.tensor(history, dtype=torch.long)][None]            # (1, T, D)
+        q = model.encode(codes, torch.ones(codes.shape[:2], dtype=torch.long))[0, -1]
+        for j, c in enumerate(prefix):
+            q = q + model.lm.get_input_embeddings().weight[model.code_token[j, int(c)]]
+        return model.code_logits(q, level)
 
 
 def exhaustive(model, history):
-    """Constrained log-prob of every item's code, one full forward pass per prefix (the slow reference)."""
+    """Constrained log-prob of every item's code, one pass per prefix (the slow reference)."""
     out = []
     for row in model.codes_np:
         total = 0.0
         for level in range(model.depth):
-            ids, mask = model.batch([history], [row[:level].tolist()])
-            logits = model(ids, mask).logits[:, -1]
+            logits = next_code_logits(model, history, row[:level].tolist())[None]
             node = torch.tensor([model.trie.node_of(row[:level].tolist())])
             total += float(model.level_log_probs(logits, level, node)[0, row[level]])
         out.append(total)
@@ -121,6 +143,8 @@ def test_beam_search_matches_exhaustive_enumeration(model):
 
 
 def test_tree_attention_equals_independent_forward_passes(model):
+    if model.config.layout == "item":
+        pytest.skip("token layout only (the item layout's scorer: next test)")
     histories = [[1, 2, 3, 4], [5]]                                     # different lengths: left padding
     scorer = PrefixScorer(model, histories, values=True)
     prefixes = torch.tensor([[[0, 1], [2, 0]], [[1, 2], [3, 0]]])
@@ -131,18 +155,79 @@ def test_tree_attention_equals_independent_forward_passes(model):
             p = prefixes[b, w, :lengths[b, w]].tolist()
             ids, mask = model.batch([h], [p])
             out = model(ids, mask, output_hidden_states=True)
-            torch.testing.assert_close(logits[b, w], out.logits[0, -1].float(), atol=1e-4, rtol=1e-4)
+            want = model.vocab_to_codes(out.logits[0, -1], min(len(p), model.depth - 1))
+            torch.testing.assert_close(logits[b, w], want, atol=1e-4, rtol=1e-4)
             v = model.value_head(out.hidden_states[-1], mask)[0, -1]
             torch.testing.assert_close(values[b, w], v, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_random_logits_never_leave_the_catalog(seed):
+def test_item_prefix_scorer_equals_unbatched_computation(model):
+    """Item layout: padded batches of histories, mixed prefix lengths (full depth included) give the
+    logits and values of each history and prefix computed alone."""
+    if model.config.layout == "token":
+        pytest.skip("item layout only")
+    histories = [[1, 2, 3, 4], [5], []]
+    scorer = prefix_scorer(model, histories, values=True)
+    assert isinstance(scorer, ItemPrefixScorer)
+    prefixes = torch.tensor([[[0, 1, 0], [2, 0, 0]], [[1, 2, 0], [3, 0, 1]], [[0, 0, 0], [1, 1, 0]]])
+    lengths = torch.tensor([[2, 1], [0, 3], [0, 2]])
+    with torch.no_grad():
+        logits, values = scorer(prefixes, lengths)
+        for b, h in enumerate(histories):
+            for w in range(2):
+                p = prefixes[b, w, :lengths[b, w]].tolist()
+                level = min(len(p), model.depth - 1)
+                want = next_code_logits(model, h, p[:level])
+                if len(p) == level:                                   # a full-depth prefix has no next code
+                    torch.testing.assert_close(logits[b, w], want, atol=1e-4, rtol=1e-4)
+                q = model.queries(model.user_state([h])[0], torch.tensor(p, dtype=torch.long))[-1]
+                torch.testing.assert_close(values[b, w], model.values(q), atol=1e-5, rtol=1e-5)
+
+
+def test_item_sft_loss_is_next_item_cross_entropy_at_every_position():
+    """Item layout: the batched SFT loss (left padding, <bos> before each row's first item) equals the
+    mean over every real item and level of -log p(code | earlier items, earlier codes), each computed
+    alone from the unpadded prefix of its sequence."""
+    codes = catalog()
+    model = GenerativeRecommender.build(codes, np.arange(1, 31), dataclasses.replace(SMALL, layout="item")).eval()
+    seqs = [[4, 9, 2, 7], [12, 3]]
+    with torch.no_grad():
+        got = model.sft_loss(**model.train_batch(seqs))
+        terms = []
+        for s in seqs:
+            for t, item in enumerate(s):
+                row = model.codes_np[item - 1]
+                for level in range(model.depth):
+                    logp = next_code_logits(model, s[:t], row[:level]).log_softmax(-1)
+                    terms.append(-float(logp[row[level]]))
+    assert float(got) == pytest.approx(np.mean(terms), abs=1e-5)
+
+
+def test_item_layout_saves_and_loads_its_heads(tmp_path):
+    codes = catalog()
+    model = GenerativeRecommender.build(codes, np.arange(1, 31), dataclasses.replace(SMALL, layout="item")).eval()
+    with torch.no_grad():
+        for p in model.code_head.parameters():
+            p.normal_(0, 0.5)
+    model.save_pretrained(tmp_path / "m")
+    loaded = GenerativeRecommender.from_pretrained(tmp_path / "m").eval()
+    assert isinstance(loaded, ItemGenerativeRecommender)
+    with torch.no_grad():
+        a, b = decode(model, [[1, 2, 3]], 5), decode(loaded, [[1, 2, 3]], 5)
+    assert a.items.equal(b.items)
+    torch.testing.assert_close(a.scores, b.scores)
+    with pytest.raises(RecsysError, match="model.layout"):
+        GenerativeConfig(layout="tokens")
+
+
+@pytest.mark.parametrize("layout", ["token", "item"])
+@pytest.mark.parametrize("seed", range(3))
+def test_random_logits_never_leave_the_catalog(seed, layout):
     """Property: any weights, beam or sampled, every output is a catalog item whose code is the output code."""
     codes = catalog(n=25, seed=seed)
-    m = GenerativeRecommender.build(codes, np.arange(1, 26), SMALL, seed=seed).eval()
+    m = GenerativeRecommender.build(codes, np.arange(1, 26), dataclasses.replace(SMALL, layout=layout), seed=seed).eval()
     with torch.no_grad():
-        for p in m.lm.parameters():
+        for p in m.parameters():
             p.normal_(0, 3.0, generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed)
     for out in (decode(m, [[1, 2], [3]], 12), decode(m, [[1, 2], [3]], 12, sample=True, generator=gen, temperature=2.0)):
@@ -162,8 +247,11 @@ def test_recommend_excludes_history_and_lists_are_distinct(model):
         assert len(lst) == 6 and len(set(lst)) == 6 and not set(lst) & set(h)
     with torch.no_grad():                           # make <eor> the likeliest token: lists stop at once
         eor = model.tokenizer.convert_tokens_to_ids("<eor>")
-        h = model(*model.batch([history]), output_hidden_states=True).hidden_states[-1][0, -1]   # after the norm
-        model.lm.lm_head.weight[eor] = 100 * h / h.norm()                # logit 100 |h|, far above any other
+        if model.config.layout == "token":
+            h = model(*model.batch([history]), output_hidden_states=True).hidden_states[-1][0, -1]  # after the norm
+        else:
+            h = model.code_head(model.user_state([history])[0], 0)       # the level-0 code head's output
+        model.lm.get_input_embeddings().weight[eor] = 100 * h / h.norm()  # tied: logit 100 |h|, above any other
     assert generate_list(model, [history], 6, beam=3) == [[]]
 
 
@@ -309,6 +397,34 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
         assert not torch.equal(before.value_head.mlp[0].weight, last["model.value_head.mlp.0.weight"])
     with pytest.raises(RecsysError, match="starts from an SFT model"):
         train_generative(tiny_dataset, tmp_path / "x", GenerativeTrainConfig(algo=algo), progress=False)
+
+
+def test_item_layout_learns_the_ring_and_runs_vstar(tiny_dataset, sid_dir, tmp_path):
+    """The item layout end to end: SFT beats an untrained model by a margin on the ring's test users, and a
+    V-STAR step (value-guided rollouts, Sibling-GRPO, TD value loss) moves the policy and the value head."""
+    from pipelines.generative import (
+        GenerativeTrainConfig,
+        evaluate_generative,
+        load_for,
+        train_generative,
+    )
+
+    item = dataclasses.replace(SMALL, layout="item", num_layers=2)
+    init = train_generative(tiny_dataset, tmp_path / "sft", _sft(sid_dir, max_epochs=15, model=item), progress=False)
+    model = load_for(tiny_dataset, init)
+    assert isinstance(model, ItemGenerativeRecommender)
+    test = tiny_dataset.eval_examples("test")
+    targets = [t[0] for t in test.targets]
+    m = evaluate_generative(model, test.histories, targets, beam=10, progress=False)
+    untrained = GenerativeRecommender.build(model.codes_np, np.arange(1, 41), item, seed=1)
+    chance = evaluate_generative(untrained, test.histories, targets, beam=10, progress=False)
+    assert m["ndcg@10"] > chance["ndcg@10"] + 0.15
+    cfg = GenerativeTrainConfig(algo="vstar", model=item, init=str(init), max_steps=2, val_every=1, prompts_per_step=3,
+                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true")
+    train_generative(tiny_dataset, tmp_path / "vstar", cfg, progress=False)
+    last = torch.load(tmp_path / "vstar" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name in ("code_head.mlp.0.0.weight", "value_head.mlp.0.weight"):
+        assert not torch.equal(model.state_dict()[name], last[f"model.{name}"]), name
 
 
 def test_cli_train_generative_and_recommend(tiny_dataset, sid_dir, tmp_path, capsys):

@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--sft-minutes", type=float, default=25.0)
+    p.add_argument("--layout", choices=["token", "item"], default="item",
+                   help="model layout (recsys.generative.model.GenerativeConfig.layout)")
+    p.add_argument("--max-items", type=int, default=200, help="history items the model reads")
     p.add_argument("--rl-steps", type=int, default=100)
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--sft-batches", type=int, help="SFT batches per epoch (smoke runs; default all)")
@@ -184,7 +187,8 @@ def main() -> None:
         build_semantic_ids(PreparedDataset.load(a.data), "cf", sid, SemanticIDConfig(levels=3, codebook_size=32),
                            a.sasrec)
     sid_stats = json.loads((sid / "semantic_ids.json").read_text())["stats"]
-    sft = {"model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_items": 50},
+    sft = {"model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_items": a.max_items,
+                     "layout": a.layout},
            "batch_size": 32, "lr": 1e-3, "max_epochs": 200, "patience": 5, "max_minutes": a.sft_minutes,
            "val_users": 1000, "val_beam": 20, "limit_train_batches": a.sft_batches}
     rl = {"max_steps": a.rl_steps, "val_every": max(1, a.rl_steps // 4), "prompts_per_step": 16, "group_size": 16,
@@ -209,6 +213,7 @@ def main() -> None:
     write_result("generative", provenance, {
         "dataset": "ml-1m", "split": "test", "test_users": a.test_users or "all",
         "backbone": "tiny (Llama architecture built in code, 2 layers, hidden 128; random init)",
+        "layout": a.layout,
         "semantic_ids": {"source": f"cf ({a.sasrec})", "levels": 3, "codebook_size": 32, "stats": sid_stats},
         "evaluation": "beam search width 50 over the catalog, history excluded; miss = target not in the beam",
         "settings": {"sft": sft, "rl": rl, "seeds": a.seeds, "reward": "1 for the target, else 0.1 x matching "

@@ -7,8 +7,9 @@ prefix has no allowed child keeps score -inf and item 0.
 
 Shapes: B users, W beams or samples per user, D code levels, K codes, V vocabulary.
 
-Cost: one prefill of the histories, then per level one pass of the W prefixes over the cached history
-(:class:`PrefixScorer`). For the
+Cost, ``token`` layout: one prefill of the histories, then per level one pass of the W prefixes over the
+cached history (:class:`PrefixScorer`); ``item`` layout: one backbone pass per user, then per level one
+code-head MLP per prefix (:class:`ItemPrefixScorer`). For the
 forward-call accounting of value-guided decoding (V-STAR eq. 10), beam width W costs
 ``1 + (D - 1) * W`` calls per user: the root and every kept prefix whose next-code distribution is
 computed.
@@ -20,7 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from recsys.generative.model import GenerativeRecommender, positions
+from recsys.generative.model import (
+    GenerativeRecommender,
+    ItemGenerativeRecommender,
+    positions,
+)
 
 
 @dataclass
@@ -54,11 +59,12 @@ class PrefixScorer:
         self.pos = positions(self.mask)
         out = model(ids, self.mask, position_ids=self.pos, use_cache=True, output_hidden_states=values)
         self.cache, self.T = out.past_key_values, ids.shape[1]
-        self.root_logits = out.logits[:, -1].float()                                   # (B, V)
+        self.root_logits = model.vocab_to_codes(out.logits[:, -1], 0)                 # (B, K)
         self.hidden = out.hidden_states[-1] if values else None                       # (B, T, H)
 
     def __call__(self, prefixes: torch.Tensor, lengths: torch.Tensor | None = None):
-        """Logits (B, W, V) after each prefix and, with ``values``, V(prefix) (B, W).
+        """Code logits (B, W, K) of the next level after each prefix (level = its length; a full-depth
+        prefix gets the last level's) and, with ``values``, V(prefix) (B, W).
 
         ``prefixes`` (B, W, l) codes; ``lengths`` (B, W) how many of them count (default: all l; 0 = root).
         """
@@ -83,6 +89,7 @@ class PrefixScorer:
         last = (lengths - 1).clamp(min=0)                                               # (B, W)
         pick = (torch.arange(W, device=device) * l)[None] + last                        # (B, W) token index
         logits = out.logits.float().gather(1, pick[..., None].expand(-1, -1, out.logits.shape[-1]))
+        logits = model.vocab_to_codes(logits, lengths.clamp(max=model.depth - 1))        # (B, W, K)
         logits = torch.where((lengths == 0)[..., None], self.root_logits[:, None], logits)
         values = None
         if self.hidden is not None:
@@ -103,6 +110,36 @@ class PrefixScorer:
         return v.gather(1, last[:, None])[:, 0].view(B, W)
 
 
+class ItemPrefixScorer:
+    """:class:`PrefixScorer` for the ``item`` layout (:class:`ItemGenerativeRecommender`): the history is
+    encoded once into the user state h (B, H); a prefix's next-code logits are the level's code head on
+    ``h + sum of the prefix's code embeddings``, so a "forward call" on a prefix is one small MLP."""
+
+    def __init__(self, model: ItemGenerativeRecommender, histories, values: bool = False):
+        self.model, self.with_values = model, values
+        codes, self.mask = model.item_batch(histories)
+        self.state = model.encode(codes, self.mask)[:, -1]                                 # (B, H)
+
+    def __call__(self, prefixes: torch.Tensor, lengths: torch.Tensor | None = None):
+        model, (B, W, l) = self.model, prefixes.shape
+        device = self.state.device
+        lengths = torch.full((B, W), l, device=device) if lengths is None else lengths.to(device)
+        q = model.queries(self.state[:, None].expand(B, W, -1), prefixes.to(device))       # (B, W, l+1, H)
+        q = q.gather(2, lengths[..., None, None].expand(B, W, 1, q.shape[-1]))[:, :, 0]   # (B, W, H)
+        level = lengths.clamp(max=model.depth - 1)
+        logits = torch.empty(B, W, model.trie.n_codes, device=device)
+        for d in level.unique().tolist():
+            at = level == d
+            logits[at] = model.code_logits(q[at], d)
+        return logits, (model.values(q) if self.with_values else None)
+
+
+def prefix_scorer(model: GenerativeRecommender, histories, values: bool = False):
+    """The prefix scorer of the model's layout (:class:`PrefixScorer` or :class:`ItemPrefixScorer`)."""
+    cls = ItemPrefixScorer if isinstance(model, ItemGenerativeRecommender) else PrefixScorer
+    return cls(model, histories, values)
+
+
 @torch.no_grad()
 def decode(model: GenerativeRecommender, histories, width: int, *, sample: bool = False, temperature: float = 1.0,
            generator: torch.Generator | None = None, exclude: torch.Tensor | None = None) -> Decoded:
@@ -110,7 +147,7 @@ def decode(model: GenerativeRecommender, histories, width: int, *, sample: bool 
     per user from the constrained policy at ``temperature``. ``exclude`` (B, n_items + 1) bool bans items."""
     D, K = model.depth, model.trie.n_codes
     B, W = len(histories), width
-    scorer = PrefixScorer(model, histories)
+    scorer = prefix_scorer(model, histories)
     device = scorer.mask.device
     excl = exclude.to(device).repeat_interleave(W, 0) if exclude is not None else None
     nodes = torch.zeros(B * W, dtype=torch.long, device=device)
@@ -119,7 +156,7 @@ def decode(model: GenerativeRecommender, histories, width: int, *, sample: bool 
     if not sample:
         score[:, 1:] = -torch.inf                   # all beams start equal: keep one so beams stay distinct
     for level in range(D):
-        last = scorer(codes.view(B, W, D)[..., :level])[0].reshape(B * W, -1)            # (B*W, V)
+        last = scorer(codes.view(B, W, D)[..., :level])[0].reshape(B * W, -1)            # (B*W, K)
         # beams rank by the model's likelihood of each unbanned item; samples follow the constrained policy
         logp = model.level_log_probs(last, level, nodes, excl, renormalise_bans=sample)    # (B*W, K)
         if sample:
@@ -185,11 +222,10 @@ def generate_list(model: GenerativeRecommender, histories, n: int, *, beam: int 
             exclude[row, torch.as_tensor(banned, dtype=torch.long)] = True
         stop = torch.zeros(len(alive), dtype=torch.bool)
         if end_id is not None and end_id != model.tokenizer.unk_token_id:
-            ids, mask = model.batch(hists)
-            logits = model(ids, mask).logits[:, -1].float()
-            first = logits.gather(1, model.code_token[0].expand(len(ids), -1))
-            first = first.masked_fill(~model.trie.valid(torch.zeros(len(ids), dtype=torch.long)), -torch.inf)
-            both = torch.cat([first, logits[:, end_id:end_id + 1]], 1)
+            first, end = model.first_logits(hists, end_id)
+            first = first.masked_fill(~model.trie.valid(torch.zeros(len(hists), dtype=torch.long,
+                                                                    device=first.device)), -torch.inf)
+            both = torch.cat([first, end[:, None]], 1)
             if sample:
                 pick = torch.multinomial((both / max(temperature, 1e-6)).softmax(-1), 1, generator=generator)[:, 0]
                 stop = pick == both.shape[1] - 1

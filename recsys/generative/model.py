@@ -38,6 +38,8 @@ from torch import nn
 from recsys.errors import RecsysError
 from recsys.generative.trie import CodeTrie
 
+LAYOUTS = ("token", "item")
+
 
 @dataclass(frozen=True)
 class GenerativeConfig:
@@ -56,6 +58,20 @@ class GenerativeConfig:
     value_dropout: float = 0.1
     value_context: int = 16
     """The value head reads the last this many hidden states only (4 items of 4 codes)."""
+    layout: str = "token"
+    """``token``: the history is its items' code tokens, D positions per item (TIGER's layout), and the LM
+    writes the next item's codes as tokens. ``item``: one position per history item (the sum of its D
+    code-token embeddings) and a per-level code head on the last hidden state
+    (:class:`ItemGenerativeRecommender`): D times shorter sequences, one backbone pass per user."""
+    head_inner: int = 4
+    """``item`` layout: hidden width of each level's code-head MLP, in multiples of the hidden size."""
+    dropout: float = 0.0
+    """``item`` layout: dropout on the item input embeddings and inside the code-head MLPs (SASRec uses 0.2
+    on ML-1M; the backbone itself has none)."""
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise RecsysError(f"model.layout must be one of {LAYOUTS}, got {self.layout!r}")
 
 
 class ValueHead(nn.Module):
@@ -110,10 +126,11 @@ class GenerativeRecommender(nn.Module):
         by_idx[torch.from_numpy(item_idx)] = torch.from_numpy(np.asarray(codes, dtype=np.int64))
         self.register_buffer("idx_codes", by_idx, persistent=False)                 # (n_items + 1, D)
         self.codes_np = np.asarray(codes)
-        hidden = lm.config.hidden_size
-        self.value_head = ValueHead(hidden, config.value_layers, config.value_heads, config.value_dropout,
-                                    config.value_context) \
-            if value_head else None
+        self.value_head = self._value_head(lm.config.hidden_size) if value_head else None
+
+    def _value_head(self, hidden: int) -> ValueHead:
+        c = self.config
+        return ValueHead(hidden, c.value_layers, c.value_heads, c.value_dropout, c.value_context)
 
     # ------------------------------------------------------------------ building and saving
     @classmethod
@@ -123,7 +140,8 @@ class GenerativeRecommender(nn.Module):
         from recsys.llm.backbone import build_tiny, load_backbone
 
         sizes = [int(codes[:, level].max()) + 1 for level in range(codes.shape[1])]
-        max_position = 1 + codes.shape[1] * (config.max_items + 1) + 8
+        per_item = codes.shape[1] if config.layout == "token" else 1
+        max_position = 1 + per_item * (config.max_items + 1) + 8
         if config.backbone == "tiny":
             bb = build_tiny(0, sizes, config.hidden_size, config.num_layers, config.num_heads, max_position, seed)
         else:
@@ -134,7 +152,7 @@ class GenerativeRecommender(nn.Module):
                 torch.manual_seed(seed)
                 bb.model.resize_token_embeddings(len(bb.tokenizer))
         torch.manual_seed(seed)
-        return cls(bb.model, bb.tokenizer, codes, item_idx, config)
+        return LAYOUT_CLASSES[config.layout](bb.model, bb.tokenizer, codes, item_idx, config)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -142,8 +160,9 @@ class GenerativeRecommender(nn.Module):
         self.tokenizer.save_pretrained(directory)
         np.save(directory / "codes.npy", self.codes_np)
         np.save(directory / "item_idx.npy", self.item_idx.cpu().numpy())
-        if self.value_head is not None:
-            torch.save(self.value_head.state_dict(), directory / "value_head.pt")
+        for name in ("value_head", "code_head"):
+            if getattr(self, name, None) is not None:
+                torch.save(getattr(self, name).state_dict(), directory / f"{name}.pt")
         (directory / "generative.json").write_text(json.dumps({"model_type": "generative",
                                                                "config": dataclasses.asdict(self.config)}, indent=2))
         return directory
@@ -159,9 +178,11 @@ class GenerativeRecommender(nn.Module):
         config = GenerativeConfig(**json.loads((directory / "generative.json").read_text())["config"])
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls(lm, tokenizer, np.load(directory / "codes.npy"), np.load(directory / "item_idx.npy"), config)
-        if (directory / "value_head.pt").exists():
-            model.value_head.load_state_dict(torch.load(directory / "value_head.pt", weights_only=True))
+        model = LAYOUT_CLASSES[config.layout](lm, tokenizer, np.load(directory / "codes.npy"),
+                                              np.load(directory / "item_idx.npy"), config)
+        for name in ("value_head", "code_head"):
+            if (directory / f"{name}.pt").exists() and getattr(model, name, None) is not None:
+                getattr(model, name).load_state_dict(torch.load(directory / f"{name}.pt", weights_only=True))
         return model
 
     # ------------------------------------------------------------------ tokens and forward passes
@@ -195,17 +216,42 @@ class GenerativeRecommender(nn.Module):
                        past_key_values=past_key_values, use_cache=use_cache,
                        output_hidden_states=output_hidden_states)
 
-    def lm_loss(self, input_ids, attention_mask) -> torch.Tensor:
+    def train_batch(self, sequences) -> dict:
+        """An SFT batch of item sequences (each a window of at most ``max_items + 1`` items)."""
+        ids, mask = self.batch(sequences)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def sft_loss(self, input_ids, attention_mask) -> torch.Tensor:
         """Next-token cross-entropy over every real token after ``<bos>`` (all items of the sequence)."""
         logits = self(input_ids, attention_mask).logits[:, :-1].float()
         labels = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                            ignore_index=-100)
 
+    def vocab_to_codes(self, logits: torch.Tensor, levels: torch.Tensor | int) -> torch.Tensor:
+        """Code logits (..., K) of ``levels`` (int or (...,) long) from vocabulary logits (..., V)."""
+        index = self.code_token[levels]
+        return logits.float().gather(-1, index.expand(*logits.shape[:-1], index.shape[-1]))
+
+    def teacher_forced(self, histories, codes: torch.Tensor, values: bool = False):
+        """Code logits (R, D, K) of every level of ``codes`` (R, D) after its history, one forward pass;
+        with ``values`` also V(s_0..s_D) (R, D + 1) from the value head (else None)."""
+        D = self.depth
+        ids, mask = self.batch(histories, codes.tolist())
+        out = self(ids, mask, output_hidden_states=values)
+        logits = self.vocab_to_codes(out.logits[:, -D - 1:-1], torch.arange(D, device=ids.device))
+        return logits, (self.value_head(out.hidden_states[-1], mask)[:, -D - 1:] if values else None)
+
+    def first_logits(self, histories, end_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Level-0 code logits (B, K) after each history and, with ``end_id``, that token's logit (B,)."""
+        ids, mask = self.batch(histories)
+        logits = self(ids, mask).logits[:, -1].float()
+        return self.vocab_to_codes(logits, 0), (logits[:, end_id] if end_id is not None else None)
+
     def level_log_probs(self, logits: torch.Tensor, level: int, nodes: torch.Tensor,
                         exclude: torch.Tensor | None = None, renormalise_bans: bool = True) -> torch.Tensor:
-        """Log-probs (R, K) over the codes of ``level`` given the prefixes at ``nodes`` (R,); -inf for
-        invalid codes. ``exclude`` (R, n_items + 1) bool bans items: at every level a code stays open
+        """Log-probs (R, K) over the codes of ``level`` from its code logits (R, K) given the prefixes at
+        ``nodes`` (R,); -inf for invalid codes. ``exclude`` (R, n_items + 1) bool bans items: at every level a code stays open
         only if some unbanned item lies below it (:meth:`CodeTrie.open_children`), so no search or
         sample reaches a dead end.
 
@@ -215,7 +261,7 @@ class GenerativeRecommender(nn.Module):
         renormalising would lift items that share a prefix with many banned ones)."""
         trie_valid = self.trie.valid(nodes)
         valid = trie_valid if exclude is None else self.trie.open_children(nodes, exclude.to(nodes.device)[:, self.item_idx])
-        scores = logits.float().gather(1, self.code_token[level].expand(len(logits), -1))
+        scores = logits.float()
         norm = valid if renormalise_bans else trie_valid
         # a row with nothing valid is all -inf (log_softmax would give nan); invalid codes stay exactly -inf
         return scores.masked_fill(~norm, -torch.inf).log_softmax(-1).masked_fill(~valid, -torch.inf)
@@ -228,6 +274,158 @@ class GenerativeRecommender(nn.Module):
         return out
 
 
+class CodeHead(nn.Module):
+    """Per-level code head of the ``item`` layout: a query (..., H) -> the vector (..., H) whose dot products
+    with the level's code-token embeddings are its logits.
+
+    ``z = q + MLP_l(RMSNorm_l(q))``, then ``RMSNorm'_l(z)``; one pre-norm residual MLP (H -> inner -> H,
+    GELU) per level, the output tied to the input embeddings (as the backbone's LM head is)."""
+
+    def __init__(self, hidden: int, depth: int, inner: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(depth))
+        self.mlp = nn.ModuleList(nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(dropout),
+                                               nn.Linear(inner, hidden)) for _ in range(depth))
+        self.out = nn.ModuleList(nn.RMSNorm(hidden) for _ in range(depth))
+
+    def forward(self, q: torch.Tensor, level: int) -> torch.Tensor:
+        return self.out[level](q + self.mlp[level](self.norm[level](q)))
+
+
+class ItemGenerativeRecommender(GenerativeRecommender):
+    """The ``item`` layout: one backbone position per history item, a per-level code head for the next item.
+
+    Input of history item i (RPG-style item-level input, Hou et al. 2025, arXiv 2506.05781, over TIGER's
+    semantic IDs): ``x_i = sum_l E[token(l, c_l(i))]``, the sum of the embeddings of its D code tokens
+    (the same tokens and table as the ``token`` layout), after ``<bos>``; so the sequence is 1 + n
+    positions instead of 1 + D * n. The backbone's last hidden state h (after its final norm) is the
+    user state; the next item is written level by level with the query
+    ``q_l = h + sum_{j<l} E[token(j, c_j)]`` through :class:`CodeHead` level l, logits over the level's
+    codes by the tied code-token embeddings. So ``p(item) = prod_l p(c_l | h, c_<l)`` as in TIGER, but
+    every prefix after the first costs one small MLP, not a backbone pass, and SFT predicts the next
+    item at every position of a sequence at once (as SASRec does). The value head (V-STAR) reads the
+    detached query ``q_l`` of a prefix (an MLP: ``value_layers`` is ignored).
+
+    Shapes: B histories, T items, D levels, K codes, H hidden.
+    """
+
+    def __init__(self, lm, tokenizer, codes: np.ndarray, item_idx: np.ndarray, config: GenerativeConfig,
+                 value_head: bool = True):
+        super().__init__(lm, tokenizer, codes, item_idx, config, value_head)
+        hidden = lm.config.hidden_size
+        self.code_head = CodeHead(hidden, self.depth, config.head_inner * hidden, config.dropout)
+        self.dropout = config.dropout
+        sizes = torch.tensor([int(codes[:, level].max()) + 1 for level in range(self.depth)])
+        self.register_buffer("code_valid", torch.arange(self.trie.n_codes)[None] < sizes[:, None],
+                             persistent=False)                                           # (D, K)
+
+    def _value_head(self, hidden: int) -> ValueHead:
+        return ValueHead(hidden, 0, 1, 0.0, context=1)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout of the inputs and code heads (RL sets 0: its log-prob ratios and KL compare
+        deterministic policies)."""
+        self.dropout = p
+        for m in self.code_head.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+
+    # ------------------------------------------------------------------ inputs
+    def item_batch(self, histories, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded codes (B, T, D) of the last ``window`` (default ``max_items``) items of each history,
+        and the mask (B, T); T >= 1."""
+        window = window or self.config.max_items
+        rows = [np.asarray(h, dtype=np.int64)[-window:] for h in histories]
+        for r in rows:
+            if len(r) and (r.min() < 1 or r.max() >= len(self.idx_codes)):
+                raise RecsysError(f"history holds item indices outside 1..{len(self.idx_codes) - 1}")
+        T = max(1, max(len(r) for r in rows))
+        items = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            items[i, T - len(r):] = torch.from_numpy(r)
+        device = self.code_token.device
+        items = items.to(device)
+        return self.idx_codes[items], (items > 0).long()
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """Embeddings (..., D', H) of the code tokens of ``codes`` (..., D'), level j at position j."""
+        levels = torch.arange(codes.shape[-1], device=codes.device)
+        return self.lm.get_input_embeddings()(self.code_token[levels, codes])
+
+    def encode(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T + 1, H) of ``<bos>`` + the left-padded items ``codes`` (B, T, D), ``mask``
+        (B, T). ``<bos>`` sits just before each row's first item, so column t holds the state after the
+        items of columns < t (``<bos>`` alone at the first item's column): column T is the user state."""
+        B, T = mask.shape
+        x = nn.functional.dropout(self.code_embeddings(codes).sum(2), self.dropout, self.training)  # (B, T, H)
+        x = torch.cat([x.new_zeros(B, 1, x.shape[-1]), x], 1)                            # room for <bos>
+        mask = torch.cat([mask.new_zeros(B, 1), mask], 1)
+        first = T - mask.sum(1)                                                          # (B,) column of <bos>
+        rows = torch.arange(B, device=mask.device)
+        bos = self.lm.get_input_embeddings().weight[self.tokenizer.bos_token_id]
+        x = x.index_put((rows, first), bos.expand(B, -1).to(x.dtype))
+        mask = mask.index_put((rows, first), torch.ones_like(first))
+        out = self.lm.model(inputs_embeds=x, attention_mask=mask, position_ids=positions(mask))
+        return out.last_hidden_state
+
+    def queries(self, state: torch.Tensor, prefixes: torch.Tensor) -> torch.Tensor:
+        """Queries (..., l + 1, H) of the prefixes of length 0..l of ``prefixes`` (..., l); ``state`` (..., H)."""
+        e = self.code_embeddings(prefixes)                                               # (..., l, H)
+        cum = torch.cat([e.new_zeros(*e.shape[:-2], 1, e.shape[-1]), e.cumsum(-2)], -2)   # (..., l + 1, H)
+        return state[..., None, :] + cum
+
+    def code_logits(self, q: torch.Tensor, level: int, mask: bool = True) -> torch.Tensor:
+        """Logits (..., K) of the codes of ``level`` for queries (..., H); -inf past the level's codebook
+        (``mask=False``: left as computed, for export; no trie ever allows those codes)."""
+        table = self.lm.get_input_embeddings()(self.code_token[level])                   # (K, H)
+        logits = (self.code_head(q, level) @ table.T).float()
+        return logits.masked_fill(~self.code_valid[level], -torch.inf) if mask else logits
+
+    def values(self, q: torch.Tensor) -> torch.Tensor:
+        """V(s) (...,) of the prefixes with queries ``q`` (..., H)."""
+        flat = q.reshape(-1, 1, q.shape[-1])
+        return self.value_head(flat, torch.ones(len(flat), 1, device=q.device))[:, 0].view(q.shape[:-1])
+
+    # ------------------------------------------------------------------ the common interface
+    def train_batch(self, sequences) -> dict:
+        codes, mask = self.item_batch(sequences, window=max(len(s) for s in sequences))
+        return {"codes": codes, "mask": mask}
+
+    def sft_loss(self, codes, mask) -> torch.Tensor:
+        """Cross-entropy of every level of every item after ``<bos>`` and the items before it, averaged over
+        the real items and levels: (B, T, D) codes, (B, T) mask."""
+        state = self.encode(codes, mask)[:, :-1]                # (B, T, H): column t predicts item t
+        q = self.queries(state, codes)                                                    # (B, T, D+1, H)
+        loss, real = 0.0, mask.bool()
+        for level in range(self.depth):
+            logits = self.code_logits(q[..., level, :], level)                            # (B, T, K)
+            loss = loss + nn.functional.cross_entropy(logits[real], codes[..., level][real])
+        return loss / self.depth
+
+    def teacher_forced(self, histories, codes: torch.Tensor, values: bool = False):
+        # a group's rollouts repeat one history object: encode each distinct object once
+        slot = {}
+        for h in histories:
+            slot.setdefault(id(h), (len(slot), h))
+        index = torch.tensor([slot[id(h)][0] for h in histories], device=self.code_token.device)
+        state = self.user_state([h for _, h in slot.values()])[index]                    # (R, H)
+        q = self.queries(state, codes.to(state.device))                                   # (R, D+1, H)
+        logits = torch.stack([self.code_logits(q[:, level], level) for level in range(self.depth)], 1)
+        return logits, (self.values(q) if values else None)
+
+    def first_logits(self, histories, end_id: int | None = None):
+        state = self.user_state(histories)
+        end = None
+        if end_id is not None:
+            end = (self.code_head(state, 0) @ self.lm.get_input_embeddings().weight[end_id]).float()
+        return self.code_logits(state, 0), end
+
+    def user_state(self, histories) -> torch.Tensor:
+        """h (B, H): the last hidden state after each history (``<bos>`` alone for an empty one)."""
+        codes, mask = self.item_batch(histories)
+        return self.encode(codes, mask)[:, -1]
+
+
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: 0 at each row's first real token."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -235,3 +433,6 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def load_generative(directory: str | Path) -> GenerativeRecommender:
     return GenerativeRecommender.from_pretrained(directory)
+
+
+LAYOUT_CLASSES = {"token": GenerativeRecommender, "item": ItemGenerativeRecommender}

@@ -25,6 +25,9 @@ every leaf is at full depth, so widening must happen at internal nodes); a selec
 already evaluated full-depth leaf spends no call, and a user stops after ``4 * budget`` selections.
 Without a value head V = 0 and VED is guided by entropy and visit counts only.
 
+With the ``item`` layout a call is one code-head (and value-head) MLP on the prefix's query, not a backbone
+pass: the accounting is the same, the cost per call far lower.
+
 Calls are batched across users: every round, each active user selects one node and all selected nodes
 are evaluated in one pass over the users' cached histories (:class:`recsys.generative.decoding.PrefixScorer`).
 """
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from recsys.generative.decoding import Decoded, PrefixScorer
+from recsys.generative.decoding import Decoded, PrefixScorer, prefix_scorer
 from recsys.generative.model import GenerativeRecommender
 
 
@@ -198,7 +201,7 @@ def ved(model: GenerativeRecommender, histories, cfg: VEDConfig = VEDConfig(), *
     rng = np.random.default_rng(seed)
     trees = [Tree(np.asarray(h), Node((), None, 0.0, 0.0, 0.0), exclude[i].cpu().numpy() if exclude is not None
                   else None) for i, h in enumerate(histories)]
-    scorer = PrefixScorer(model, histories, values=model.value_head is not None)
+    scorer = prefix_scorer(model, histories, values=model.value_head is not None)
     _init_beam(scorer, trees, cfg)
     active = [t for t in trees if t.calls < budget]
     while active:
