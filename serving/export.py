@@ -103,16 +103,17 @@ class _GenerativeStep(torch.nn.Module):
 
 class _ItemGenerativeStep(torch.nn.Module):
     """Item layout: code logits of every level after each history and code prefix,
-    ``(codes (B, T, D), attention_mask (B, T), prefix (B, D)) -> (B, D, K)``; level l reads prefix[:, :l]
+    ``(items (B, T), attention_mask (B, T), prefix (B, D)) -> (B, D, K)`` (left-padded item indices, 0 =
+    padding); level l reads prefix[:, :l]
     only, so one graph serves every level (the runtime passes the prefix padded with zeros)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, codes, attention_mask, prefix):
+    def forward(self, items, attention_mask, prefix):
         m = self.model
-        q = m.queries(m.encode(codes, attention_mask)[:, -1], prefix)                      # (B, D + 1, H)
+        q = m.queries(m.encode(items, attention_mask)[:, -1], prefix)                      # (B, D + 1, H)
         return torch.stack([m.code_logits(q[:, level], level, mask=False) for level in range(m.depth)], 1)
 
 
@@ -250,11 +251,11 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
     if model.config.layout == "item":
         step = _ItemGenerativeStep(model)
-        codes, mask = model.item_batch(histories)
+        items, mask = model.item_batch(histories)
         prefix = torch.zeros(len(histories), model.depth, dtype=torch.long)
         prefix[1] = torch.from_numpy(model.codes_np[0])
-        args, names = (codes, mask, prefix), ["codes", "attention_mask", "prefix"]
-        dyn = {"codes": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "prefix": {0: batch}}
+        args, names = (items, mask, prefix), ["items", "attention_mask", "prefix"]
+        dyn = {"items": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "prefix": {0: batch}}
     else:
         step = _GenerativeStep(model)
         ids, mask = model.batch(histories, [[], [0], []])

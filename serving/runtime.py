@@ -244,22 +244,21 @@ class GenerativeRuntime:
         return [self.bos, *hist.tolist(), *(int(self.code_token[level, c]) for level, c in enumerate(prefix))]
 
     def _item_feeds(self, histories, prefixes) -> dict[str, np.ndarray]:
-        """Item layout: the last ``max_items`` items' codes (R, T, D) left-padded, their mask, and the
+        """Item layout: the last ``max_items`` item indices (R, T) left-padded with 0, their mask, and the
         prefixes padded with zeros to (R, D) (level l of the output reads prefix[:, :l] only)."""
-        D = self.trie.depth
-        rows = [self.row_of[np.asarray(h, dtype=np.int64)[-self.max_items:]] for h in histories]
-        for h, r in zip(histories, rows):
-            if (r < 0).any():
-                raise RecsysError(f"history holds item indices without a semantic ID: {np.asarray(h)[-len(r):][r < 0]}")
+        rows = [np.asarray(h, dtype=np.int64)[-self.max_items:] for h in histories]
+        for r in rows:
+            known = (r >= 1) & (r < len(self.row_of))
+            known[known] = self.row_of[r[known]] >= 0
+            if not known.all():
+                raise RecsysError(f"history holds item indices without a semantic ID: {r[~known].tolist()}")
         T = max(2, max(len(r) for r in rows))
-        codes = np.zeros((len(rows), T, D), dtype=np.int64)
-        mask = np.zeros((len(rows), T), dtype=np.int64)
-        prefix = np.zeros((len(rows), D), dtype=np.int64)
+        items = np.zeros((len(rows), T), dtype=np.int64)
+        prefix = np.zeros((len(rows), self.trie.depth), dtype=np.int64)
         for i, (r, p) in enumerate(zip(rows, prefixes)):
-            if len(r):
-                codes[i, T - len(r):], mask[i, T - len(r):] = self.trie.codes[r], 1
+            items[i, T - len(r):] = r
             prefix[i, :len(p)] = p
-        return {"codes": codes, "attention_mask": mask, "prefix": prefix}
+        return {"items": items, "attention_mask": (items > 0).astype(np.int64), "prefix": prefix}
 
     def code_logits(self, histories, prefixes) -> np.ndarray:
         """(R, D, K) float32 code logits after each history + code prefix (left-padded batch)."""

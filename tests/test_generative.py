@@ -46,10 +46,11 @@ def catalog(n=30, seed=0):
     return np.concatenate([codes, dedup[:, None]], 1)
 
 
-@pytest.fixture(params=["token", "item"])
+@pytest.fixture(params=["token", "item", "item+ids"])
 def model(request):
     codes = catalog()
-    config = dataclasses.replace(SMALL, layout=request.param)
+    config = dataclasses.replace(SMALL, layout=request.param.removesuffix("+ids"),
+                                 item_embeddings=request.param.endswith("+ids"))
     return GenerativeRecommender.build(codes, np.arange(1, len(codes) + 1), config, seed=0).eval()
 
 
@@ -62,8 +63,8 @@ def next_code_logits(model, history, prefix) -> torch.Tensor:
         if model.config.layout == "token":
             ids, mask = model.batch([history], [list(prefix)])
             return model.vocab_to_codes(model(ids, mask).logits[0, -1], level)
-        codes = model.idx_codes[torch.tensor(history, dtype=torch.long)][None]            # (1, T, D)
-        q = model.encode(codes, torch.ones(codes.shape[:2], dtype=torch.long))[0, -1]
+        items = torch.tensor(history, dtype=torch.long)[None]                              # (1, T)
+        q = model.encode(items, torch.ones_like(items))[0, -1]
         for j, c in enumerate(prefix):
             q = q + model.lm.get_input_embeddings().weight[model.code_token[j, int(c)]]
         return model.code_logits(q, level)
@@ -205,9 +206,10 @@ def test_item_sft_loss_is_next_item_cross_entropy_at_every_position():
 
 def test_item_layout_saves_and_loads_its_heads(tmp_path):
     codes = catalog()
-    model = GenerativeRecommender.build(codes, np.arange(1, 31), dataclasses.replace(SMALL, layout="item")).eval()
+    config = dataclasses.replace(SMALL, layout="item", item_embeddings=True)
+    model = GenerativeRecommender.build(codes, np.arange(1, 31), config).eval()
     with torch.no_grad():
-        for p in model.code_head.parameters():
+        for p in [*model.code_head.parameters(), model.item_embedding.weight]:
             p.normal_(0, 0.5)
     model.save_pretrained(tmp_path / "m")
     loaded = GenerativeRecommender.from_pretrained(tmp_path / "m").eval()

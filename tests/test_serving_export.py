@@ -123,7 +123,7 @@ def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
     assert [a["items"] for a in whole] == [b["items"] for b in parts]
 
 
-@pytest.mark.parametrize("layout", ["token", "item"])
+@pytest.mark.parametrize("layout", ["token", "item", "item+ids"])
 def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path, layout):
     """The exported next-token step passes its parity check, and the torch-free numpy beam search over it
     returns torch's items and scores: history excluded, extra bans propagated up the trie, and every item
@@ -136,7 +136,8 @@ def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path, layout):
     rng = np.random.default_rng(0)
     codes = np.stack([rng.permutation(30) // 8, rng.permutation(30) % 4, np.zeros(30, np.int64)], 1)
     codes[:, 2] = [sum((codes[:i, :2] == codes[i, :2]).all(1)) for i in range(30)]          # de-duplication level
-    config = GenerativeConfig(hidden_size=32, num_layers=1, num_heads=2, max_items=6, value_layers=0, layout=layout)
+    config = GenerativeConfig(hidden_size=32, num_layers=1, num_heads=2, max_items=6, value_layers=0,
+                              layout=layout.removesuffix("+ids"), item_embeddings=layout.endswith("+ids"))
     model = GenerativeRecommender.build(codes, np.arange(1, 31), config, seed=0).eval()
     model.save_pretrained(tmp_path / "gen")
     out = tmp_path / "serve"

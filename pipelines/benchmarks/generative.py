@@ -5,7 +5,7 @@
 Semantic IDs: 3 residual k-means levels of 32 codes (+ de-duplication level) over the item embeddings
 of the SASRec run passed as ``--sasrec`` (trained on the training split; ``cf`` source). Per seed
 (seeds run in parallel, one process each): SFT from scratch on the training sequences (every window of
-50 + 1 items, consecutive windows sharing one item; ``--sft-minutes`` of one thread), then GRPO and
+``--max-items`` + 1 items, consecutive windows sharing one item; ``--sft-minutes`` of one thread), then GRPO and
 V-STAR from that SFT model with the same prompts, group size and steps. Every row is evaluated on the
 test split with full-ranking semantics: beam search of width 50 over the whole catalog, history
 excluded, target rank = its position in the beam (a miss when absent). The ``sasrec`` row is the
@@ -14,6 +14,12 @@ same SASRec run, evaluated here by the library's full-ranking protocol on the sa
 After the seeds: VED vs beam search at the same forward-call budget on the seed-0 V-STAR model
 (``1 + 3 x 16 = 49`` calls per user: beam width 16 vs VED with ``init_beam 8``), and users per
 second of beam search at widths 20 and 50 (this machine, nothing else running in this process).
+
+Model (defaults): the ``item`` layout (one position per history item, per-level code heads; see
+:class:`recsys.generative.model.ItemGenerativeRecommender`) reading the last 200 items, hidden 64, 2 layers,
+2 heads, dropout 0.2 (SASRec's recipe size), with item-ID embeddings added to the history's inputs
+(``--no-item-embeddings``: semantic IDs only). ``--layout token --max-items 50 --hidden-size 128 --num-heads 4``
+is the earlier recorded configuration.
 ``--eval-only`` re-evaluates the models already in ``--out`` (after a change to decoding), training nothing.
 """
 
@@ -167,6 +173,11 @@ def main() -> None:
     p.add_argument("--layout", choices=["token", "item"], default="item",
                    help="model layout (recsys.generative.model.GenerativeConfig.layout)")
     p.add_argument("--max-items", type=int, default=200, help="history items the model reads")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--num-heads", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.2, help="item layout: input and code-head dropout")
+    p.add_argument("--item-embeddings", action=argparse.BooleanOptionalAction, default=True,
+                   help="item layout: add a learned item-ID embedding to each history item's input")
     p.add_argument("--rl-steps", type=int, default=100)
     p.add_argument("--rl-lr", type=float, default=1e-4)
     p.add_argument("--sft-batches", type=int, help="SFT batches per epoch (smoke runs; default all)")
@@ -187,8 +198,11 @@ def main() -> None:
         build_semantic_ids(PreparedDataset.load(a.data), "cf", sid, SemanticIDConfig(levels=3, codebook_size=32),
                            a.sasrec)
     sid_stats = json.loads((sid / "semantic_ids.json").read_text())["stats"]
-    sft = {"model": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "max_items": a.max_items,
-                     "layout": a.layout},
+    model = {"hidden_size": a.hidden_size, "num_layers": 2, "num_heads": a.num_heads, "max_items": a.max_items,
+             "layout": a.layout}
+    if a.layout == "item":
+        model |= {"dropout": a.dropout, "item_embeddings": a.item_embeddings}
+    sft = {"model": model,
            "batch_size": 32, "lr": 1e-3, "max_epochs": 200, "patience": 5, "max_minutes": a.sft_minutes,
            "val_users": 1000, "val_beam": 20, "limit_train_batches": a.sft_batches}
     rl = {"max_steps": a.rl_steps, "val_every": max(1, a.rl_steps // 4), "prompts_per_step": 16, "group_size": 16,
@@ -212,7 +226,7 @@ def main() -> None:
     means = {n: {m: mean(n, m) for m in METRICS} for n in names}
     write_result("generative", provenance, {
         "dataset": "ml-1m", "split": "test", "test_users": a.test_users or "all",
-        "backbone": "tiny (Llama architecture built in code, 2 layers, hidden 128; random init)",
+        "backbone": f"tiny (Llama architecture built in code, 2 layers, hidden {a.hidden_size}; random init)",
         "layout": a.layout,
         "semantic_ids": {"source": f"cf ({a.sasrec})", "levels": 3, "codebook_size": 32, "stats": sid_stats},
         "evaluation": "beam search width 50 over the catalog, history excluded; miss = target not in the beam",

@@ -117,8 +117,8 @@ class ItemPrefixScorer:
 
     def __init__(self, model: ItemGenerativeRecommender, histories, values: bool = False):
         self.model, self.with_values = model, values
-        codes, self.mask = model.item_batch(histories)
-        self.state = model.encode(codes, self.mask)[:, -1]                                 # (B, H)
+        items, self.mask = model.item_batch(histories)
+        self.state = model.encode(items, self.mask)[:, -1]                                 # (B, H)
 
     def __call__(self, prefixes: torch.Tensor, lengths: torch.Tensor | None = None):
         model, (B, W, l) = self.model, prefixes.shape

@@ -65,6 +65,9 @@ class GenerativeConfig:
     (:class:`ItemGenerativeRecommender`): D times shorter sequences, one backbone pass per user."""
     head_inner: int = 4
     """``item`` layout: hidden width of each level's code-head MLP, in multiples of the hidden size."""
+    item_embeddings: bool = False
+    """``item`` layout: add a learned embedding per item to each history item's input (a hybrid of
+    semantic IDs and item IDs on the input side only; the output stays the semantic ID under the trie)."""
     dropout: float = 0.0
     """``item`` layout: dropout on the item input embeddings and inside the code-head MLPs (SASRec uses 0.2
     on ML-1M; the backbone itself has none)."""
@@ -160,7 +163,7 @@ class GenerativeRecommender(nn.Module):
         self.tokenizer.save_pretrained(directory)
         np.save(directory / "codes.npy", self.codes_np)
         np.save(directory / "item_idx.npy", self.item_idx.cpu().numpy())
-        for name in ("value_head", "code_head"):
+        for name in ("value_head", "code_head", "item_embedding"):
             if getattr(self, name, None) is not None:
                 torch.save(getattr(self, name).state_dict(), directory / f"{name}.pt")
         (directory / "generative.json").write_text(json.dumps({"model_type": "generative",
@@ -180,7 +183,7 @@ class GenerativeRecommender(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = LAYOUT_CLASSES[config.layout](lm, tokenizer, np.load(directory / "codes.npy"),
                                               np.load(directory / "item_idx.npy"), config)
-        for name in ("value_head", "code_head"):
+        for name in ("value_head", "code_head", "item_embedding"):
             if (directory / f"{name}.pt").exists() and getattr(model, name, None) is not None:
                 getattr(model, name).load_state_dict(torch.load(directory / f"{name}.pt", weights_only=True))
         return model
@@ -315,6 +318,10 @@ class ItemGenerativeRecommender(GenerativeRecommender):
         hidden = lm.config.hidden_size
         self.code_head = CodeHead(hidden, self.depth, config.head_inner * hidden, config.dropout)
         self.dropout = config.dropout
+        self.item_embedding = nn.Embedding(len(self.idx_codes), hidden, padding_idx=0) \
+            if config.item_embeddings else None
+        if self.item_embedding is not None:
+            nn.init.normal_(self.item_embedding.weight[1:], std=lm.config.initializer_range)
         sizes = torch.tensor([int(codes[:, level].max()) + 1 for level in range(self.depth)])
         self.register_buffer("code_valid", torch.arange(self.trie.n_codes)[None] < sizes[:, None],
                              persistent=False)                                           # (D, K)
@@ -332,8 +339,8 @@ class ItemGenerativeRecommender(GenerativeRecommender):
 
     # ------------------------------------------------------------------ inputs
     def item_batch(self, histories, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded codes (B, T, D) of the last ``window`` (default ``max_items``) items of each history,
-        and the mask (B, T); T >= 1."""
+        """Left-padded item indices (B, T) of the last ``window`` (default ``max_items``) items of each
+        history (0: padding), and the mask (B, T); T >= 1."""
         window = window or self.config.max_items
         rows = [np.asarray(h, dtype=np.int64)[-window:] for h in histories]
         for r in rows:
@@ -343,21 +350,23 @@ class ItemGenerativeRecommender(GenerativeRecommender):
         items = torch.zeros(len(rows), T, dtype=torch.long)
         for i, r in enumerate(rows):
             items[i, T - len(r):] = torch.from_numpy(r)
-        device = self.code_token.device
-        items = items.to(device)
-        return self.idx_codes[items], (items > 0).long()
+        items = items.to(self.code_token.device)
+        return items, (items > 0).long()
 
     def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """Embeddings (..., D', H) of the code tokens of ``codes`` (..., D'), level j at position j."""
         levels = torch.arange(codes.shape[-1], device=codes.device)
         return self.lm.get_input_embeddings()(self.code_token[levels, codes])
 
-    def encode(self, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T + 1, H) of ``<bos>`` + the left-padded items ``codes`` (B, T, D), ``mask``
+    def encode(self, items: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T + 1, H) of ``<bos>`` + the left-padded item indices ``items`` (B, T), ``mask``
         (B, T). ``<bos>`` sits just before each row's first item, so column t holds the state after the
         items of columns < t (``<bos>`` alone at the first item's column): column T is the user state."""
         B, T = mask.shape
-        x = nn.functional.dropout(self.code_embeddings(codes).sum(2), self.dropout, self.training)  # (B, T, H)
+        x = self.code_embeddings(self.idx_codes[items]).sum(2)                            # (B, T, H)
+        if self.item_embedding is not None:
+            x = x + self.item_embedding(items)
+        x = nn.functional.dropout(x, self.dropout, self.training)
         x = torch.cat([x.new_zeros(B, 1, x.shape[-1]), x], 1)                            # room for <bos>
         mask = torch.cat([mask.new_zeros(B, 1), mask], 1)
         first = T - mask.sum(1)                                                          # (B,) column of <bos>
@@ -388,13 +397,14 @@ class ItemGenerativeRecommender(GenerativeRecommender):
 
     # ------------------------------------------------------------------ the common interface
     def train_batch(self, sequences) -> dict:
-        codes, mask = self.item_batch(sequences, window=max(len(s) for s in sequences))
-        return {"codes": codes, "mask": mask}
+        items, mask = self.item_batch(sequences, window=max(len(s) for s in sequences))
+        return {"items": items, "mask": mask}
 
-    def sft_loss(self, codes, mask) -> torch.Tensor:
+    def sft_loss(self, items, mask) -> torch.Tensor:
         """Cross-entropy of every level of every item after ``<bos>`` and the items before it, averaged over
-        the real items and levels: (B, T, D) codes, (B, T) mask."""
-        state = self.encode(codes, mask)[:, :-1]                # (B, T, H): column t predicts item t
+        the real items and levels: (B, T) left-padded item indices, (B, T) mask."""
+        state = self.encode(items, mask)[:, :-1]                # (B, T, H): column t predicts item t
+        codes = self.idx_codes[items]                                                     # (B, T, D)
         q = self.queries(state, codes)                                                    # (B, T, D+1, H)
         loss, real = 0.0, mask.bool()
         for level in range(self.depth):
@@ -422,8 +432,8 @@ class ItemGenerativeRecommender(GenerativeRecommender):
 
     def user_state(self, histories) -> torch.Tensor:
         """h (B, H): the last hidden state after each history (``<bos>`` alone for an empty one)."""
-        codes, mask = self.item_batch(histories)
-        return self.encode(codes, mask)[:, -1]
+        items, mask = self.item_batch(histories)
+        return self.encode(items, mask)[:, -1]
 
 
 def positions(attention_mask: torch.Tensor) -> torch.Tensor:
