@@ -17,7 +17,10 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   every level's semantic-ID tokens at the last position (the runtime reads the level it decodes).
   Dynamic batch and sequence axes. ``generative.npz`` holds the codes, the code-token map and the
   special tokens, everything :class:`serving.runtime.GenerativeRuntime` needs for trie-constrained beam
-  search in numpy (one full forward pass per level: no KV cache in the exported graph).
+  search in numpy (one full forward pass per level: no KV cache in the exported graph). A model of the
+  ``item`` layout exports ``items``, ``attention_mask`` (B, T) int64 (left-padded item indices, 0 =
+  padding) and ``prefix`` (B, D) int64 (the codes written so far, zero-padded) -> the same ``code_logits``
+  (level l reads ``prefix[:, :l]`` only); the manifest's ``layout`` tells the runtime which inputs to build.
 - ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
 

@@ -305,9 +305,15 @@ def render_serving(result: dict) -> list[str]:
 
 
 def render_generative(result: dict) -> list[str]:
-    out = _provenance("## Generative recommender on ML-1M (`generative`)", result)
+    layout = result.get("layout", "token")
+    out = _provenance(f"## Generative recommender on ML-1M, {layout} layout (`generative`)", result)
     sid = result["semantic_ids"]
-    out += [f"- backbone: {result['backbone']}", (f"- semantic IDs: {sid['source']}, {sid['levels']} levels x "
+    model = result["settings"]["sft"]["model"]
+    out += [f"- backbone: {result['backbone']}",
+            "- model: " + ", ".join(f"{k} {v}" for k, v in model.items()) + (
+                f"; SFT {result['settings']['sft']['max_minutes']:g} min per seed" if result['settings']['sft'].get(
+                    'max_minutes') else ""),
+            (f"- semantic IDs: {sid['source']}, {sid['levels']} levels x "
             f"{sid['codebook_size']} codes + de-duplication level (collision rate {sid['stats']['collision_rate']:.3f})"),
             f"- evaluation: {result['evaluation']}; test users: {result['test_users']}",
             (f"- RL: {result['settings']['rl']['max_steps']} steps x {result['settings']['rl']['prompts_per_step']} prompts x "

@@ -16,6 +16,13 @@ every result), or any Hugging Face causal LM (``smollm2-135m`` or a local checkp
 tokens ``<c{level}_{code}>`` are added with an embedding resize. Departure: titles are not added to
 the history for text backbones (the history is semantic-ID tokens only).
 
+Two layouts (``GenerativeConfig.layout``): ``token`` is the one above; ``item``
+(:class:`ItemGenerativeRecommender`) gives the backbone one position per history item (its code embeddings
+summed, optionally plus an item-ID embedding: a departure from semantic-ID-only inputs, labelled in every
+result) and writes the next item's codes with small per-level heads on the last hidden state, so the
+sequence is D times shorter, SFT trains on the next item at every position, and decoding runs the
+backbone once per user.
+
 The optional value head (V-STAR section "value model", ALGORITHMS.md section 3) reads the LM's last
 hidden states through a small causal Transformer (``value_layers`` layers, ``value_heads`` heads,
 dropout 0.1) and an MLP to one scalar per position. Departures, documented: its input is detached, so
