@@ -18,9 +18,11 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   Dynamic batch and sequence axes. ``generative.npz`` holds the codes, the code-token map and the
   special tokens, everything :class:`serving.runtime.GenerativeRuntime` needs for trie-constrained beam
   search in numpy (one full forward pass per level: no KV cache in the exported graph). A model of the
-  ``item`` layout exports ``items``, ``attention_mask`` (B, T) int64 (left-padded item indices, 0 =
-  padding) and ``prefix`` (B, D) int64 (the codes written so far, zero-padded) -> the same ``code_logits``
-  (level l reads ``prefix[:, :l]`` only); the manifest's ``layout`` tells the runtime which inputs to build.
+  ``item`` layout exports two graphs: ``generative.onnx``, ``items``, ``attention_mask`` (B, T) int64
+  (left-padded item indices, 0 = padding) -> ``state`` (B, H) float32, run once per history, and
+  ``generative_head.onnx``, ``state`` (B, H) + ``prefix`` (B, D) int64 (the codes written so far,
+  zero-padded) -> the same ``code_logits`` (level l reads ``prefix[:, :l]`` only), run per level on the
+  beams; the manifest's ``layout`` tells the runtime which to use.
 - ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
 
@@ -104,19 +106,29 @@ class _GenerativeStep(torch.nn.Module):
         return logits[:, self.code_token]
 
 
-class _ItemGenerativeStep(torch.nn.Module):
-    """Item layout: code logits of every level after each history and code prefix,
-    ``(items (B, T), attention_mask (B, T), prefix (B, D)) -> (B, D, K)`` (left-padded item indices, 0 =
-    padding); level l reads prefix[:, :l]
-    only, so one graph serves every level (the runtime passes the prefix padded with zeros)."""
+class _ItemEncoder(torch.nn.Module):
+    """Item layout, graph 1: ``(items (B, T), attention_mask (B, T)) -> state (B, H)``, the user state after
+    each left-padded history of item indices (0 = padding). Run once per request."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, items, attention_mask, prefix):
+    def forward(self, items, attention_mask):
+        return self.model.encode(items, attention_mask)[:, -1]
+
+
+class _ItemCodeHeads(torch.nn.Module):
+    """Item layout, graph 2: ``(state (B, H), prefix (B, D)) -> code_logits (B, D, K)``, every level's code
+    logits given the codes written so far (level l reads ``prefix[:, :l]`` only; the runtime zero-pads)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, state, prefix):
         m = self.model
-        q = m.queries(m.encode(items, attention_mask)[:, -1], prefix)                      # (B, D + 1, H)
+        q = m.queries(state, prefix)                                                       # (B, D + 1, H)
         return torch.stack([m.code_logits(q[:, level], level, mask=False) for level in range(m.depth)], 1)
 
 
@@ -252,21 +264,23 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
     histories = [g.integers(1, n + 1, size).tolist() for size in (1, 3, model.config.max_items)]
     path = out / "generative.onnx"
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
+    head = None
     if model.config.layout == "item":
-        step = _ItemGenerativeStep(model)
+        step = _ItemEncoder(model)
         items, mask = model.item_batch(histories)
-        prefix = torch.zeros(len(histories), model.depth, dtype=torch.long)
-        prefix[1] = torch.from_numpy(model.codes_np[0])
-        args, names = (items, mask, prefix), ["items", "attention_mask", "prefix"]
-        dyn = {"items": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "prefix": {0: batch}}
+        args, names = (items, mask), ["items", "attention_mask"]
+        dyn = {name: {0: batch, 1: seq} for name in names}
+        output = "state"
+        head = _ItemCodeHeads(model)
     else:
         step = _GenerativeStep(model)
         ids, mask = model.batch(histories, [[], [0], []])
         args, names = (ids, mask, positions(mask)), ["input_ids", "attention_mask", "position_ids"]
         dyn = {name: {0: batch, 1: seq} for name in names}
+        output = "code_logits"
     with torch.no_grad():
         reference = step(*args).numpy()
-    fusions = _export(step, args, path, names, "code_logits", dyn, fuse)
+    fusions = _export(step, args, path, names, output, dyn, fuse)
     tok = model.tokenizer
     np.savez(out / "generative.npz", codes=model.codes_np.astype(np.int64), item_idx=model.item_idx.numpy(),
              code_token=model.code_token.numpy(), special=np.array([tok.bos_token_id, tok.pad_token_id]),
@@ -278,6 +292,20 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
              "parity_max_abs": _parity(path, feeds, reference)}
     if quantize:
         entry["int8"] = _quantize(path, feeds, reference)
+    if head is not None:                        # the code heads, fed the encoder's reference states
+        head_path = out / "generative_head.onnx"
+        prefix = torch.zeros(len(histories), model.depth, dtype=torch.long)
+        prefix[1] = torch.from_numpy(model.codes_np[0])
+        head_args = (torch.from_numpy(reference), prefix)
+        with torch.no_grad():
+            head_reference = head(*head_args).numpy()
+        _export(head, head_args, head_path, ["state", "prefix"], "code_logits",
+                {"state": {0: batch}, "prefix": {0: batch}}, fuse=False)
+        head_feeds = {"state": reference, "prefix": prefix.numpy()}
+        entry["head"] = {"file": head_path.name, "sha256": sha256(head_path),
+                         "parity_max_abs": _parity(head_path, head_feeds, head_reference)}
+        if quantize:
+            entry["head"]["int8"] = _quantize(head_path, head_feeds, head_reference)
     return entry
 
 

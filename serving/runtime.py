@@ -214,8 +214,9 @@ class GenerativeRuntime:
 
     The same search as :func:`recsys.generative.decoding.decode` (tested equal): per level, every beam's
     open codes (bans propagated up the trie, :class:`recsys.generative.trie_tables.TrieTables`) are
-    renormalised, and the ``width`` best (beam score + code log-prob) continuations survive. Level 0 runs
-    one row per user (all beams share the history); each later level runs B * width rows.
+    renormalised, and the ``width`` best (beam score + code log-prob) continuations survive. Token layout:
+    level 0 runs one row per user (all beams share the history), each later level B * width full rows.
+    Item layout: the encoder runs once per user, then each level only the code heads on B * width states.
     """
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
@@ -232,6 +233,9 @@ class GenerativeRuntime:
         self.bos, self.pad = (int(v) for v in z["special"])
         self.max_items = int(z["max_items"])
         self.layout = self.meta.get("layout", "token")
+        if self.layout == "item":
+            head = self.meta["head"]
+            self.head = session(directory / (head["int8"]["file"] if int8 else head["file"]), threads)
         self.row_of = np.full(int(self.item_idx.max()) + 1, -1, dtype=np.int64)           # item idx -> trie row
         self.row_of[self.item_idx] = np.arange(len(self.item_idx))
 
@@ -243,9 +247,8 @@ class GenerativeRuntime:
         hist = self.code_token[levels, self.trie.codes[rows]].reshape(-1)
         return [self.bos, *hist.tolist(), *(int(self.code_token[level, c]) for level, c in enumerate(prefix))]
 
-    def _item_feeds(self, histories, prefixes) -> dict[str, np.ndarray]:
-        """Item layout: the last ``max_items`` item indices (R, T) left-padded with 0, their mask, and the
-        prefixes padded with zeros to (R, D) (level l of the output reads prefix[:, :l] only)."""
+    def states(self, histories) -> np.ndarray:
+        """Item layout: the user state (B, H) after the last ``max_items`` items of each history."""
         rows = [np.asarray(h, dtype=np.int64)[-self.max_items:] for h in histories]
         for r in rows:
             known = (r >= 1) & (r < len(self.row_of))
@@ -254,16 +257,23 @@ class GenerativeRuntime:
                 raise RecsysError(f"history holds item indices without a semantic ID: {r[~known].tolist()}")
         T = max(2, max(len(r) for r in rows))
         items = np.zeros((len(rows), T), dtype=np.int64)
-        prefix = np.zeros((len(rows), self.trie.depth), dtype=np.int64)
-        for i, (r, p) in enumerate(zip(rows, prefixes)):
+        for i, r in enumerate(rows):
             items[i, T - len(r):] = r
-            prefix[i, :len(p)] = p
-        return {"items": items, "attention_mask": (items > 0).astype(np.int64), "prefix": prefix}
+        return self.session.run(None, {"items": items, "attention_mask": (items > 0).astype(np.int64)})[0]
+
+    def head_logits(self, states: np.ndarray, prefixes: np.ndarray) -> np.ndarray:
+        """Item layout: (R, D, K) code logits from states (R, H) and code prefixes (R, l), l < D."""
+        prefix = np.zeros((len(states), self.trie.depth), dtype=np.int64)
+        prefix[:, :prefixes.shape[1]] = prefixes
+        return self.head.run(None, {"state": states, "prefix": prefix})[0]
 
     def code_logits(self, histories, prefixes) -> np.ndarray:
         """(R, D, K) float32 code logits after each history + code prefix (left-padded batch)."""
         if self.layout == "item":
-            return self.session.run(None, self._item_feeds(histories, prefixes))[0]
+            prefix = np.zeros((len(histories), self.trie.depth), dtype=np.int64)
+            for i, p in enumerate(prefixes):
+                prefix[i, :len(p)] = p
+            return self.head_logits(self.states(histories), prefix)
         rows = [self._tokens(h, p) for h, p in zip(histories, prefixes)]
         T = max(2, max(len(r) for r in rows))
         ids = np.full((len(rows), T), self.pad, dtype=np.int64)
@@ -288,8 +298,11 @@ class GenerativeRuntime:
         codes = np.zeros((B * W, D), dtype=np.int64)
         score = np.zeros((B, W))
         score[:, 1:] = -np.inf                                   # beams start equal: keep one, so they stay distinct
+        states = np.repeat(self.states(histories), W, 0) if self.layout == "item" else None   # once per request
         for level in range(D):
-            if level == 0:
+            if states is not None:
+                logits = self.head_logits(states, codes[:, :level])[:, level]
+            elif level == 0:
                 logits = np.repeat(self.code_logits(histories, [()] * B)[:, 0], W, 0)
             else:
                 hists = [histories[r // W] for r in range(B * W)]

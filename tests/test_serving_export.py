@@ -143,7 +143,10 @@ def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path, layout):
     out = tmp_path / "serve"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"models": {"generative": export_generative(tmp_path / "gen", out)}}))
-    assert json.loads((out / "manifest.json").read_text())["models"]["generative"]["parity_max_abs"] <= TOLERANCE
+    entry = json.loads((out / "manifest.json").read_text())["models"]["generative"]
+    assert entry["parity_max_abs"] <= TOLERANCE
+    if layout != "token":                          # item layout: encoder once per history + code-head graph
+        assert entry["head"]["parity_max_abs"] <= TOLERANCE and (out / entry["head"]["file"]).exists()
 
     runtime = GenerativeRuntime(out)
     histories, extra = [[3, 7, 1], [12], list(range(1, 9))], [[2, 5], [], [20, 21, 22, 23, 24, 25]]
