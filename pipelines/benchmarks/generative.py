@@ -13,7 +13,8 @@ same SASRec run, evaluated here by the library's full-ranking protocol on the sa
 
 After the seeds: VED vs beam search at the same forward-call budget on the seed-0 V-STAR model
 (``1 + 3 x 16 = 49`` calls per user: beam width 16 vs VED with ``init_beam 8``), and users per
-second of beam search at widths 20 and 50 (this machine, nothing else running in this process).
+second of beam search at widths 20 and 50 (this machine, nothing else running in this process), and the
+seed-0 SFT model exported to ONNX and served by the torch-free runtime (one request per user) against torch.
 
 Model (defaults): the ``item`` layout (one position per history item, per-level code heads; see
 :class:`recsys.generative.model.ItemGenerativeRecommender`) reading the last 200 items, hidden 64, 2 layers,
@@ -145,6 +146,46 @@ def decoding_speed(model_dir: str, data: str, users: int) -> list[dict]:
     return rows
 
 
+def onnx_serving(model_dir: str, data: str, users: int, out: str, beam: int = 20) -> dict:
+    """The exported model served by :class:`serving.runtime.GenerativeRuntime` (numpy beam search, one request
+    per user, 1 thread) vs torch beam search on the same users in batches of 20 (1 thread), timed in turns
+    per slice of 20 users; and how many users get the same top 10 from both."""
+    import numpy as np
+    import torch
+
+    from pipelines.generative import load_for
+    from recsys.data import PreparedDataset
+    from recsys.generative.decoding import recommend_batch
+    from serving.export import export_generative
+    from serving.runtime import GenerativeRuntime
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ds = PreparedDataset.load(data)
+    model = load_for(ds, model_dir).eval()
+    serve = Path(out)
+    serve.mkdir(parents=True, exist_ok=True)
+    entry = export_generative(model_dir, serve)
+    (serve / "manifest.json").write_text(json.dumps({"models": {"generative": entry}}))
+    runtime = GenerativeRuntime(serve, threads=1)
+    hist, _ = _test(ds, users)
+    torch_s = onnx_s = 0.0
+    same = 0
+    for start in range(0, len(hist), 20):
+        part = hist[start:start + 20]
+        began = time.perf_counter()
+        want = recommend_batch(model, part, 10, beam).items.numpy()
+        mid = time.perf_counter()
+        got = np.concatenate([runtime.recommend([h], k=10, beam=beam)[0] for h in part])
+        onnx_s += time.perf_counter() - mid
+        torch_s += mid - began
+        same += int((want == got).all(1).sum())
+    torch.set_num_threads(threads)
+    return {"users": len(hist), "beam": beam, "threads": 1, "graphs": [entry["file"], entry.get("head", {}).get("file")],
+            "onnx_ms_per_user_one_request_each": 1000 * onnx_s / len(hist),
+            "torch_ms_per_user_batches_of_20": 1000 * torch_s / len(hist), "same_top10_users": same}
+
+
 def sasrec_row(data: str, run: str, limit) -> dict:
 
     from recsys.data import PreparedDataset
@@ -217,6 +258,8 @@ def main() -> None:
     vstar0 = str(out / f"seed{a.seeds[0]}" / "vstar" / "model")
     compare = beam_vs_ved(vstar0, a.data, a.compare_users)
     speed = decoding_speed(str(out / f"seed{a.seeds[0]}" / "sft" / "model"), a.data, a.compare_users)
+    serving = onnx_serving(str(out / f"seed{a.seeds[0]}" / "sft" / "model"), a.data, min(a.compare_users, 500),
+                           str(out / "serve-onnx"))
 
     def mean(name: str, metric: str) -> float | None:
         values = [r["metrics"][metric] for r in rows if r["name"] == name]
@@ -237,7 +280,7 @@ def main() -> None:
                   f"reused from {out} (--eval-only: trained by an earlier run of this benchmark, evaluated now)",
         "targets": {"sft_ndcg@10 >= sasrec": means["generative-sft"]["ndcg@10"] >= means["sasrec"]["ndcg@10"],
                     "vstar_ndcg@10 > grpo": means["generative-vstar"]["ndcg@10"] > means["generative-grpo"]["ndcg@10"]},
-        "beam_vs_ved": compare, "speed": speed,
+        "beam_vs_ved": compare, "speed": speed, "onnx_serving": serving,
     })
 
 

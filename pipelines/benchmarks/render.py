@@ -331,6 +331,13 @@ def render_generative(result: dict) -> list[str]:
             for r in result["beam_vs_ved"]]
     out += ["", "Decoding speed (top-10 by beam search, history excluded, this CPU, precision auto): " + ", ".join(
         f"beam {r['beam']}: {r['users_per_second']:.1f} users/s" for r in result["speed"]) + ".", ""]
+    if result.get("onnx_serving"):
+        o = result["onnx_serving"]
+        out += [(f"ONNX Runtime serving of the seed-0 SFT model ({', '.join(g for g in o['graphs'] if g)}; numpy beam "
+                 f"search, beam {o['beam']}, one request per user, {o['threads']} thread): "
+                 f"{o['onnx_ms_per_user_one_request_each']:.2f} ms per user vs torch "
+                 f"{o['torch_ms_per_user_batches_of_20']:.2f} ms per user in batches of 20; same top 10 for "
+                 f"{o['same_top10_users']} of {o['users']} users."), ""]
     return out
 
 
