@@ -47,6 +47,7 @@ from pipelines.callbacks import (
     checkpoint_callbacks,
     resume_checkpoint,
 )
+from pipelines.optim import plateau
 from pipelines.rl import StreamSampler
 from pipelines.sasrec import LengthBucketSampler
 from pipelines.trainer import Runtime, make_trainer
@@ -87,6 +88,11 @@ class GenerativeTrainConfig:
     weight_decay: float = 0.0
     max_epochs: int = 50
     patience: int = 5
+    """SFT: stop after this many validations without a new best NDCG@10."""
+    lr_decay: float | None = None
+    """SFT: multiply the learning rate by this factor after ``lr_patience`` validations without a new best
+    (``ReduceLROnPlateau``); None keeps it constant."""
+    lr_patience: int = 1
     max_minutes: float | None = None
     limit_train_batches: int | None = None
     """SFT: at most this many batches per epoch (quick runs; default: all)."""
@@ -219,17 +225,45 @@ class _Validated(L.LightningModule):
         m = compute_metrics(r, np.ones_like(r), ["ndcg@10", "hr@10"])
         self.log("val/ndcg@10", m["ndcg@10"], prog_bar=True)
         self.log("val/hr@10", m["hr@10"], prog_bar=True)
+        self.after_validation(m["ndcg@10"])
+
+    def after_validation(self, ndcg: float) -> None:
+        """Runs after each validation, before its checkpoint is written."""
 
 
 class GenerativeSFTModule(_Validated):
+    """Next-item SFT; with ``lr_decay`` the rate is cut on validation plateaus (stepped here, not by
+    Lightning, so that each checkpoint holds the scheduler state of its own validation)."""
+
+    def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
+        super().__init__(model, config)
+        self.plateau, self._plateau_state = None, None
+
     def training_step(self, batch, batch_idx):
         loss = self.model.sft_loss(**batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(next(iter(batch.values()))))
         return loss
 
+    def after_validation(self, ndcg: float) -> None:
+        if self.plateau is not None and not self.trainer.sanity_checking and self.trainer.state.fn == "fit":
+            self.plateau.step(ndcg)
+            self.log("train/lr", self.plateau.get_last_lr()[0])
+
     def configure_optimizers(self):
         params = [p for n, p in self.model.named_parameters() if not n.startswith("value_head.")]
-        return torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.98), weight_decay=self.cfg.weight_decay)
+        if self.cfg.lr_decay is not None:
+            self.plateau = plateau(opt, self.cfg.lr_decay, self.cfg.lr_patience)
+            if self._plateau_state is not None:                  # resuming: on_load_checkpoint ran first
+                self.plateau.load_state_dict(self._plateau_state)
+        return opt
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.plateau is not None:
+            checkpoint["plateau"] = self.plateau.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._plateau_state = checkpoint.get("plateau")
 
 
 def code_log_probs(model: GenerativeRecommender, histories, codes: torch.Tensor, exclude: torch.Tensor | None = None,

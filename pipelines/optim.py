@@ -2,6 +2,8 @@
 
 ``warmup_cosine`` is the schedule of most transformer recipes (linear warmup, then half a cosine
 down to ``floor`` x the peak rate, e.g. Loshchilov & Hutter, "SGDR", ICLR 2017, without restarts).
+``plateau_scheduler`` cuts the rate when a validation metric stops improving: the schedule for runs
+bounded by a time budget, where the number of steps a cosine would need is unknown in advance.
 """
 
 from __future__ import annotations
@@ -37,3 +39,15 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: i
         raise ValueError(f"lr schedule must be one of {SCHEDULES}, got {schedule!r}")
     fn = lambda step: warmup_cosine(step, total_steps, warmup_steps, floor)
     return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, fn), "interval": "step"}
+
+
+def plateau(optimizer: torch.optim.Optimizer, factor: float, patience: int, mode: str = "max"):
+    """``ReduceLROnPlateau``: the rate is multiplied by ``factor`` after more than ``patience`` validations
+    in a row without a new best (relative threshold 1e-4).
+
+    The caller steps it with the metric right after each validation (``scheduler.step(value)``) and keeps
+    its ``state_dict`` in the checkpoint: Lightning's own epoch-interval stepping runs after the
+    checkpoint of that validation is written, so a run resumed from it would miss one step."""
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"plateau factor must be in (0, 1), got {factor}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)

@@ -379,6 +379,31 @@ def test_sft_learns_the_ring_and_resumes_exactly(tiny_dataset, sid_dir, tmp_path
                          progress=False)
 
 
+def test_plateau_decay_cuts_the_rate_after_each_stalled_validation_and_resumes_exactly(tiny_dataset, sid_dir,
+                                                                                       tmp_path):
+    import polars as pl
+
+    from pipelines.generative import train_generative
+
+    cfg = _sft(sid_dir, max_epochs=5, lr_decay=0.5, lr_patience=0)
+    train_generative(tiny_dataset, tmp_path / "a", cfg, progress=False)
+    val = pl.read_csv(tmp_path / "a" / "logs" / "version_0" / "metrics.csv")["val/ndcg@10"].drop_nulls().to_list()
+    best, stalls = -1.0, 0
+    for v in val:                     # ReduceLROnPlateau, mode max, relative threshold 1e-4, patience 0
+        if v > best * (1 + 1e-4):
+            best = v
+        else:
+            stalls += 1
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert len(val) == 5
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(3e-3 * 0.5 ** stalls)
+    train_generative(tiny_dataset, tmp_path / "b", dataclasses.replace(cfg, max_epochs=2), progress=False)
+    train_generative(tiny_dataset, tmp_path / "b", cfg, progress=False)
+    resumed = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["plateau"] == last["plateau"] and last["plateau"]["last_epoch"] == 5
+    assert all(torch.equal(last["state_dict"][k], resumed["state_dict"][k]) for k in last["state_dict"])
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "vstar"])
 def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
     from pipelines.generative import GenerativeTrainConfig, load_for, train_generative

@@ -6,7 +6,10 @@ Semantic IDs: 3 residual k-means levels of 32 codes (+ de-duplication level) ove
 of the SASRec run passed as ``--sasrec`` (trained on the training split; ``cf`` source). Per seed
 (seeds run in parallel, one process each): SFT from scratch on the training sequences (every window of
 ``--max-items`` + 1 items, consecutive windows sharing one item; ``--sft-minutes`` of one thread), then GRPO and
-V-STAR from that SFT model with the same prompts, group size and steps. Every row is evaluated on the
+V-STAR from that SFT model with the same prompts, group size and steps. SFT cuts its learning rate by
+``--sft-lr-decay`` when validation NDCG@10 stalls (``ReduceLROnPlateau``) and stops after ``--sft-patience``
+validations without a new best. A run that an earlier invocation finished with the same config is reused,
+not retrained (a crashed or extended benchmark picks up where it stopped). Every row is evaluated on the
 test split with full-ranking semantics: beam search of width 50 over the whole catalog, history
 excluded, target rank = its position in the beam (a miss when absent). The ``sasrec`` row is the
 same SASRec run, evaluated here by the library's full-ranking protocol on the same test users.
@@ -27,6 +30,7 @@ is the earlier recorded configuration.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -70,7 +74,9 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
                                                           seed=seed, **rl)) for algo in ("grpo", "vstar")]
     for name, cfg in runs:
         run_dir = out / name.removeprefix("generative-")
-        model_dir = train_generative(ds, run_dir, cfg, progress=False) if train else run_dir / "model"
+        done = (run_dir / "train.json").exists() and json.loads((run_dir / "train.json").read_text())["config"] \
+            == json.loads(json.dumps(dataclasses.asdict(cfg)))                # finished by an earlier invocation
+        model_dir = train_generative(ds, run_dir, cfg, progress=False) if train and not done else run_dir / "model"
         if not (model_dir / "generative.json").exists():
             raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         summary = json.loads((run_dir / "train.json").read_text())
@@ -211,6 +217,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--sft-minutes", type=float, default=25.0)
+    p.add_argument("--sft-lr-decay", type=float, default=0.3,
+                   help="SFT: multiply the rate by this after --sft-lr-patience + 1 validations without a new best "
+                        "(0: constant rate)")
+    p.add_argument("--sft-lr-patience", type=int, default=2)
+    p.add_argument("--sft-patience", type=int, default=6, help="SFT: early stopping patience (validations)")
     p.add_argument("--layout", choices=["token", "item"], default="item",
                    help="model layout (recsys.generative.model.GenerativeConfig.layout)")
     p.add_argument("--max-items", type=int, default=200, help="history items the model reads")
@@ -244,7 +255,8 @@ def main() -> None:
     if a.layout == "item":
         model |= {"dropout": a.dropout, "item_embeddings": a.item_embeddings}
     sft = {"model": model,
-           "batch_size": 32, "lr": 1e-3, "max_epochs": 200, "patience": 5, "max_minutes": a.sft_minutes,
+           "batch_size": 32, "lr": 1e-3, "max_epochs": 200, "patience": a.sft_patience, "max_minutes": a.sft_minutes,
+           "lr_decay": a.sft_lr_decay or None, "lr_patience": a.sft_lr_patience,
            "val_users": 1000, "val_beam": 20, "limit_train_batches": a.sft_batches}
     rl = {"max_steps": a.rl_steps, "val_every": max(1, a.rl_steps // 4), "prompts_per_step": 16, "group_size": 16,
           "lr": a.rl_lr, "beta": 1e-3, "val_users": 1000, "val_beam": 20}
