@@ -339,7 +339,10 @@ class RecommendQuery:
 
 
 class Recommender:
-    """SASRec + FAISS retrieval, then reranking of the top window (FIRST, or the groupwise scorer)."""
+    """SASRec + FAISS retrieval, then reranking of the top window (FIRST, or the groupwise scorer).
+
+    ``threads``: ONNX Runtime intra-op threads of every session, and FAISS's OpenMP threads (a process-wide
+    setting); None leaves both libraries' defaults."""
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
         import faiss
@@ -359,6 +362,8 @@ class Recommender:
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
         self.item_idx = {v: k for k, v in self.item_ids.items()}
         vectors = np.ascontiguousarray(self.sasrec.items[1:], dtype=np.float32)
+        if threads:            # FAISS's OpenMP pool is process-wide; spinning idle threads cost a server CPU
+            faiss.omp_set_num_threads(threads)
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)
         self.n_items = len(vectors)

@@ -102,10 +102,11 @@ def test_quant_probe_picks_the_projections_and_counts_flops_by_hand():
     assert llama_gflop(cfg, 3) * 1e9 == pytest.approx(1008)
 
 
-@pytest.mark.parametrize("status", [200, 503])
-def test_load_generator_sends_exactly_the_requested_count(status):
+@pytest.mark.parametrize(("status", "endpoint"), [(200, "recommend"), (503, "recommend"), (200, "generate")])
+def test_load_generator_sends_exactly_the_requested_count(status, endpoint):
     """The serving benchmark's load generator: `total` timed requests split over the connections
-    (10 over 3 is 4 + 3 + 3, not 3 x 3), warm-up requests and their errors kept apart."""
+    (10 over 3 is 4 + 3 + 3, not 3 x 3), warm-up requests and their errors kept apart; the body
+    matches the endpoint's schema."""
     import json
     import subprocess
     import sys
@@ -131,13 +132,15 @@ def test_load_generator_sends_exactly_the_requested_count(status):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{server.server_port}",
-                              json.dumps(["u1", "u2"]), "3", "10", "7"], capture_output=True, text=True, check=True)
+                              json.dumps(["u1", "u2"]), "3", "10", "7", endpoint], capture_output=True, text=True,
+                             check=True)
     finally:
         server.shutdown()
     r = json.loads(out.stdout)
     assert len(r["lat"]) == 10 and len(seen) == 10 + 3 * 20
-    assert {p for p, _ in seen} == {"/v1/recommend"} and {b["user_id"] for _, b in seen} <= {"u1", "u2"}
-    assert all(b["k"] == 10 and b["candidates"] == 7 for _, b in seen)
+    assert {p for p, _ in seen} == {f"/v1/{endpoint}"} and {b["user_id"] for _, b in seen} <= {"u1", "u2"}
+    extra = {"candidates": 7} if endpoint == "recommend" else {"beam": 20}
+    assert all(b == {"user_id": b["user_id"], "k": 10} | extra for _, b in seen)
     assert (r["errors"], r["warmup_errors"]) == ((0, 0) if status == 200 else (10, 60))
 
 

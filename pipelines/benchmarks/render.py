@@ -265,6 +265,9 @@ def render_serving(result: dict) -> list[str]:
     out += [f"- server: {result['server']}", f"- ONNX parity (max abs vs torch fp32): {result['parity_max_abs']}"]
     if "smollm2_reranker" in result:
         out += [f"- smollm2 rows: reranker {result['smollm2_reranker']} (`zero-shot`: the converted model, not fine-tuned)"]
+    if result.get("generative", "-") != "-":
+        out += [(f"- generate rows: `POST /v1/generate` (numpy beam search, width 20, top 10) with the generative model "
+                f"{result['generative']}")]
     out += [""]
     s, r = result["onnx_vs_torch"], result["ratios"]
     out += [f"ONNX Runtime vs eager torch (fp32, {s['threads']} threads), ms per user over {s['users']} test users:", "",
@@ -289,7 +292,7 @@ def render_serving(result: dict) -> list[str]:
     out += [("| row | connections | micro-batching | candidates | requests | p50 ms | p95 ms | p99 ms | rps | errors "
             "| p99 ms per repeat | rps per repeat | server CPU ms / request |"),
             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|"]
-    out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x.get('candidates', 50)} | {x['requests']} | {x['p50_ms']:.1f} | "
+    out += [f"| {x['name']} | {x['connections']} | {x['micro_batching']} | {x.get('candidates', 50) or '-'} | {x['requests']} | {x['p50_ms']:.1f} | "
             f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {x['rps']:.1f} | {x['errors']} | "
             f"{' / '.join(f'{v:.1f}' for v in x.get('repeats_p99_ms', [])) or '-'} | "
             f"{' / '.join(f'{v:.0f}' for v in x.get('repeats_rps', [])) or '-'} | "

@@ -20,6 +20,9 @@
 5. With ``--smollm2 RUN/model``: the same server with the ``smollm2-135m`` listwise reranker instead,
    ``--smollm2-requests`` requests at 8 connections (row ``recommend-smollm2-c8``), and its FIRST
    scorer ONNX vs torch on 8 users, one per call.
+6. With ``--generative RUN/model``: the generative recommender exported beside SASRec and served by its
+   numpy beam search (width 20, top 10), ``--generative-requests`` ``POST /v1/generate`` requests at 8
+   connections per repeat (row ``generate-generative-c8``).
 Run it on an otherwise idle machine: latency is what it measures.
 """
 
@@ -159,14 +162,16 @@ LOADGEN = r'''
 import asyncio, json, random, sys, time
 import aiohttp
 url, users, conc, total, candidates = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+endpoint = sys.argv[6]
 lat, errors = [], 0
 async def worker(session, n):
     global errors
     for _ in range(n):
         t = time.perf_counter()
         try:
-            body = {"user_id": random.choice(users), "k": 10, "candidates": candidates}
-            async with session.post(url + "/v1/recommend", json=body) as r:
+            body = {"user_id": random.choice(users), "k": 10}
+            body |= {"candidates": candidates} if endpoint == "recommend" else {"beam": 20}
+            async with session.post(url + "/v1/" + endpoint, json=body) as r:
                 await r.read()
                 ok = r.status == 200
         except Exception:
@@ -191,14 +196,15 @@ asyncio.run(main())
 
 def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool | None,
               candidates: int = 50, threads: int | None = None, model: str = "tiny", workers: int = 1,
-              repeats: int = 1) -> list[dict]:
+              repeats: int = 1, endpoint: str = "recommend") -> list[dict]:
     """``recsys serve`` in a subprocess (``workers`` uvicorn processes); per level, ``repeats`` runs of a
     load generator process with that many connections, ``requests`` each. A row pools the latencies of
     its repeats (percentiles over all of them) and lists each repeat's p99 and throughput: on a shared
     2-core machine throughput drifts by a third from one minute to the next, and a single run's p99
     follows it. ``server_cpu_ms_per_request``: the server process's CPU time per request (one worker
     only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say when
-    it is forced."""
+    it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's beam
+    search, width 20, k 10) instead."""
     port = free_port()
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port), "--workers", str(workers)]
     cmd += ["--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching]]
@@ -224,15 +230,16 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
             for _ in range(repeats):
                 before = _cpu_seconds(server.pid) if workers == 1 else None
                 out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users),
-                                      str(c), str(requests), str(candidates)], capture_output=True, text=True, check=True)
+                                      str(c), str(requests), str(candidates), endpoint],
+                                     capture_output=True, text=True, check=True)
                 runs.append(json.loads(out.stdout))
                 after = _cpu_seconds(server.pid) if before is not None else None
                 cpu = None if cpu is None or after is None else cpu + after - before
             lat = np.concatenate([r["lat"] for r in runs])
             suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
-            rows.append({"name": f"recommend-{model}-c{c}{suffix}", "connections": c,
+            rows.append({"name": f"{endpoint}-{model}-c{c}{suffix}", "connections": c,
                          "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
-                         "candidates": candidates, "ort_threads": threads or "auto", "workers": workers,
+                         "candidates": candidates if endpoint == "recommend" else None, "ort_threads": threads or "auto", "workers": workers,
                          "requests": len(lat), "repeats": repeats,
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / sum(r["seconds"] for r in runs),
@@ -310,6 +317,9 @@ def main() -> None:
                                      "for the converted model as is: also export and load-test it (8 connections, "
                                      "--smollm2-requests requests)")
     p.add_argument("--smollm2-requests", type=int, default=200)
+    p.add_argument("--generative", help="a generative recommender (RUN/model, item or token layout): exported beside "
+                                        "SASRec and load-tested on POST /v1/generate at 8 connections")
+    p.add_argument("--generative-requests", type=int, default=3000)
     p.add_argument("--int8-users", type=int, default=6040, help="test users of the int8 quality rows (tiny)")
     p.add_argument("--smollm2-int8-users", type=int, default=100, help="the same for smollm2 (~1 s per user)")
     a = p.parse_args()
@@ -341,6 +351,11 @@ def main() -> None:
         rows += load_test(smol_dir, users, [8], a.smollm2_requests, None, a.candidates, model="smollm2")
         int8["smollm2"] = {"first": int8_quality(ds, smol_dir, a.smollm2_int8_users, first_batch=4)["first"],
                            "users": a.smollm2_int8_users}
+    if a.generative:                        # the trie-constrained beam search (width 20) behind /v1/generate
+        gen_dir = export(ds, Path(a.sasrec) / "model", out / "serve-generative", generative_dir=a.generative)
+        manifest["models"]["generative"] = json.loads((gen_dir / "manifest.json").read_text())["models"]["generative"]
+        rows += load_test(gen_dir, users, [8], a.generative_requests, None, model="generative", endpoint="generate",
+                          repeats=a.load_repeats)
     write_result("serving", provenance, {
         "dataset": "ml-1m", "device": "cpu", "server": f"{a.workers} uvicorn worker(s) (uvloop, httptools) for tiny, 1 for "
                                                       "smollm2, ONNX Runtime CPU provider; "
@@ -351,6 +366,7 @@ def main() -> None:
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
         "int8_quality": int8,
         "onnx_vs_torch": speed, "rows": rows, "rescore": job, "smollm2_reranker": str(a.smollm2 or "-"),
+        "generative": str(a.generative or "-"),
         "ratios": {**{"onnx_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_ms_per_user"]
                       for key, x in speed.items() if isinstance(x, dict)},
                    **{"onnx_int8_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_int8_ms_per_user"]
