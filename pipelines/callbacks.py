@@ -39,6 +39,21 @@ class EpochShuffle(Sampler[int]):
         return self.per_epoch
 
 
+def early_stopping(monitor: str, patience: int, mode: str = "max"):
+    """Lightning's ``EarlyStopping`` whose ``patience`` is the one configured now, also on resume.
+
+    Lightning restores the patience saved in the checkpoint, so a run resumed with a larger patience (a
+    resumable change of every training config here) would stop at the old one. The counters (validations
+    since the best, the best score) are still restored."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    class _EarlyStopping(EarlyStopping):
+        def load_state_dict(self, state_dict: dict) -> None:
+            super().load_state_dict({**state_dict, "patience": self.patience})
+
+    return _EarlyStopping(monitor, mode=mode, patience=patience)
+
+
 def budget_timer(max_minutes: float | None):
     """A Lightning ``Timer`` that stops training after ``max_minutes`` (None: never).
 

@@ -45,6 +45,7 @@ from pipelines.callbacks import (
     RNGState,
     budget_timer,
     checkpoint_callbacks,
+    early_stopping,
     resume_checkpoint,
 )
 from pipelines.optim import plateau
@@ -425,8 +426,6 @@ def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> Gene
 def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,
                      progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
     """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches",
@@ -443,7 +442,7 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
     timer = budget_timer(config.max_minutes)
     callbacks = [best, latest, RNGState(), timer]
     if sft:
-        callbacks.append(EarlyStopping("val/ndcg@10", mode="max", patience=config.patience))
+        callbacks.append(early_stopping("val/ndcg@10", config.patience))
     epochs = config.max_epochs if sft else -(-config.max_steps // config.val_every)
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
                            callbacks=callbacks, log_every_n_steps=1 if not sft else 10,

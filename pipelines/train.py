@@ -98,12 +98,12 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     continues from it exactly.
     """
     import lightning as L
-    from lightning.pytorch.callbacks import EarlyStopping
 
     from pipelines.callbacks import (
         RNGState,
         budget_timer,
         checkpoint_callbacks,
+        early_stopping,
         resume_checkpoint,
     )
     from pipelines.sasrec import SASRecModule, SequenceDataModule
@@ -124,7 +124,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     data = SequenceDataModule(dataset, model_config.max_len, config.batch_size, config.seed)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
     timer = budget_timer(config.max_minutes)
-    callbacks = [best, latest, EarlyStopping("val/ndcg@10", mode="max", patience=config.patience), RNGState(), timer]
+    callbacks = [best, latest, early_stopping("val/ndcg@10", config.patience), RNGState(), timer]
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
                            callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10)
     trainer.fit(module, data, ckpt_path=str(last) if last else None)

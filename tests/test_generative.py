@@ -404,6 +404,23 @@ def test_plateau_decay_cuts_the_rate_after_each_stalled_validation_and_resumes_e
     assert all(torch.equal(last["state_dict"][k], resumed["state_dict"][k]) for k in last["state_dict"])
 
 
+def test_a_resumed_run_stops_at_the_patience_configured_now(tiny_dataset, sid_dir, tmp_path):
+    """Lightning restores EarlyStopping's saved patience; ours keeps the configured one (patience is a
+    resumable change). lr 0: validation never improves after the first, so the run stops after
+    1 + patience validations."""
+    import polars as pl
+
+    from pipelines.generative import train_generative
+
+    def validations():
+        return sum(pl.read_csv(f)["val/ndcg@10"].drop_nulls().len() for f in (tmp_path / "logs").glob("*/metrics.csv"))
+
+    train_generative(tiny_dataset, tmp_path, _sft(sid_dir, max_epochs=20, lr=0.0, patience=1), progress=False)
+    assert validations() == 2
+    train_generative(tiny_dataset, tmp_path, _sft(sid_dir, max_epochs=20, lr=0.0, patience=3), progress=False)
+    assert validations() == 4
+
+
 @pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "vstar"])
 def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
     from pipelines.generative import GenerativeTrainConfig, load_for, train_generative

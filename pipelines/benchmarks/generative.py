@@ -9,7 +9,8 @@ of the SASRec run passed as ``--sasrec`` (trained on the training split; ``cf`` 
 V-STAR from that SFT model with the same prompts, group size and steps. SFT cuts its learning rate by
 ``--sft-lr-decay`` when validation NDCG@10 stalls (``ReduceLROnPlateau``) and stops after ``--sft-patience``
 validations without a new best. A run that an earlier invocation finished with the same config is reused,
-not retrained (a crashed or extended benchmark picks up where it stopped). Every row is evaluated on the
+not retrained; one with other resumable settings (minutes, patience) resumes from its last checkpoint, and
+the RL runs of a seed whose SFT model was (re)trained start over. Every row is evaluated on the
 test split with full-ranking semantics: beam search of width 50 over the whole catalog, history
 excluded, target rank = its position in the beam (a miss when absent). The ``sasrec`` row is the
 same SASRec run, evaluated here by the library's full-ranking protocol on the same test users.
@@ -34,6 +35,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -72,11 +74,18 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
     runs = [("generative-sft", GenerativeTrainConfig(model=model_cfg, semantic_ids=sid, seed=seed, **sft))]
     runs += [(f"generative-{algo}", GenerativeTrainConfig(algo=algo, model=model_cfg, init=str(out / "sft" / "model"),
                                                           seed=seed, **rl)) for algo in ("grpo", "vstar")]
+    sft_trained = False
     for name, cfg in runs:
         run_dir = out / name.removeprefix("generative-")
         done = (run_dir / "train.json").exists() and json.loads((run_dir / "train.json").read_text())["config"] \
             == json.loads(json.dumps(dataclasses.asdict(cfg)))                # finished by an earlier invocation
-        model_dir = train_generative(ds, run_dir, cfg, progress=False) if train and not done else run_dir / "model"
+        if train and cfg.algo != "sft" and sft_trained and run_dir.exists():
+            shutil.rmtree(run_dir)                                            # RL from an SFT model that changed
+            done = False
+        if train and not done:
+            train_generative(ds, run_dir, cfg, progress=False)
+            sft_trained |= cfg.algo == "sft"
+        model_dir = run_dir / "model"
         if not (model_dir / "generative.json").exists():
             raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         summary = json.loads((run_dir / "train.json").read_text())
@@ -221,7 +230,8 @@ def main() -> None:
                    help="SFT: multiply the rate by this after --sft-lr-patience + 1 validations without a new best "
                         "(0: constant rate)")
     p.add_argument("--sft-lr-patience", type=int, default=2)
-    p.add_argument("--sft-patience", type=int, default=6, help="SFT: early stopping patience (validations)")
+    p.add_argument("--sft-patience", type=int, default=10,
+                   help="SFT: early stopping patience (validations); leave room for the decays")
     p.add_argument("--layout", choices=["token", "item"], default="item",
                    help="model layout (recsys.generative.model.GenerativeConfig.layout)")
     p.add_argument("--max-items", type=int, default=200, help="history items the model reads")
