@@ -48,6 +48,10 @@ def early_stopping(monitor: str, patience: int, mode: str = "max"):
     from lightning.pytorch.callbacks import EarlyStopping
 
     class _EarlyStopping(EarlyStopping):
+        @property
+        def state_key(self) -> str:             # Lightning's own key: checkpoints of either class restore
+            return "EarlyStopping" + repr({"monitor": self.monitor, "mode": self.mode})
+
         def load_state_dict(self, state_dict: dict) -> None:
             super().load_state_dict({**state_dict, "patience": self.patience})
 

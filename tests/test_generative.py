@@ -419,6 +419,12 @@ def test_a_resumed_run_stops_at_the_patience_configured_now(tiny_dataset, sid_di
     assert validations() == 2
     train_generative(tiny_dataset, tmp_path, _sft(sid_dir, max_epochs=20, lr=0.0, patience=3), progress=False)
     assert validations() == 4
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from pipelines.callbacks import early_stopping
+
+    # the checkpoint key of Lightning's own class: runs saved before this callback existed resume with their counters
+    assert early_stopping("val/ndcg@10", 3).state_key == EarlyStopping("val/ndcg@10", mode="max").state_key
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "vstar"])
