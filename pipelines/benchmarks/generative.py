@@ -13,7 +13,8 @@ not retrained; one with other resumable settings (minutes, patience) resumes fro
 the RL runs of a seed whose SFT model was (re)trained start over. Every row is evaluated on the
 test split with full-ranking semantics: beam search of width 50 over the whole catalog, history
 excluded, target rank = its position in the beam (a miss when absent). The ``sasrec`` row is the
-same SASRec run, evaluated here by the library's full-ranking protocol on the same test users.
+same SASRec run, evaluated here by the library's full-ranking protocol on the same test users (one row per
+run passed to ``--sasrec``, e.g. the seeds of the same recipe: the SFT target compares the means).
 
 After the seeds: VED vs beam search at the same forward-call budget on the seed-0 V-STAR model
 (``1 + 3 x 16 = 49`` calls per user: beam width 16 vs VED with ``init_beam 8``), and users per
@@ -221,7 +222,9 @@ def sasrec_row(data: str, run: str, limit) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="artifacts/bench/data/ml-1m")
-    p.add_argument("--sasrec", default="artifacts/bench/runs/sasrec-seed0", help="SASRec run: codes and the sasrec row")
+    p.add_argument("--sasrec", nargs="+", default=["artifacts/bench/runs/sasrec-seed0"],
+                   help="SASRec run(s): the first gives the semantic IDs; each gives a `sasrec` row, and the SFT "
+                        "target compares against their mean")
     p.add_argument("--out", default="artifacts/generative")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--workers", type=int, default=2)
@@ -258,7 +261,7 @@ def main() -> None:
     sid = out / "sid-cf"
     if not (sid / "semantic_ids.json").exists():
         build_semantic_ids(PreparedDataset.load(a.data), "cf", sid, SemanticIDConfig(levels=3, codebook_size=32),
-                           a.sasrec)
+                           a.sasrec[0])
     sid_stats = json.loads((sid / "semantic_ids.json").read_text())["stats"]
     model = {"hidden_size": a.hidden_size, "num_layers": 2, "num_heads": a.num_heads, "max_items": a.max_items,
              "layout": a.layout}
@@ -271,7 +274,7 @@ def main() -> None:
     rl = {"max_steps": a.rl_steps, "val_every": max(1, a.rl_steps // 4), "prompts_per_step": 16, "group_size": 16,
           "lr": a.rl_lr, "beta": 1e-3, "val_users": 1000, "val_beam": 20}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
-    rows = [sasrec_row(a.data, a.sasrec, a.test_users)]
+    rows = [sasrec_row(a.data, run, a.test_users) for run in a.sasrec]
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_seed, a.data, str(sid), str(out / f"seed{s}"), s, threads, json.loads(json.dumps(sft)),
                             rl, a.test_users, not a.eval_only) for s in a.seeds]
@@ -293,7 +296,7 @@ def main() -> None:
         "dataset": "ml-1m", "split": "test", "test_users": a.test_users or "all",
         "backbone": f"tiny (Llama architecture built in code, 2 layers, hidden {a.hidden_size}; random init)",
         "layout": a.layout,
-        "semantic_ids": {"source": f"cf ({a.sasrec})", "levels": 3, "codebook_size": 32, "stats": sid_stats},
+        "semantic_ids": {"source": f"cf ({a.sasrec[0]})", "levels": 3, "codebook_size": 32, "stats": sid_stats},
         "evaluation": "beam search width 50 over the catalog, history excluded; miss = target not in the beam",
         "settings": {"sft": sft, "rl": rl, "seeds": a.seeds, "reward": "1 for the target, else 0.1 x matching "
                      "code prefix / 4", "vstar": {"init_beam": 8, "budget_multiplier": 2.0, "lam": 0.1, "ucb_beta": 1.0}},
