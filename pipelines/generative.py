@@ -423,9 +423,17 @@ def build_model(dataset: PreparedDataset, config: GenerativeTrainConfig) -> Gene
     return GenerativeRecommender.build(sid.codes, sid.item_ids, config.model, config.seed)
 
 
+def _save(model: GenerativeRecommender, path: Path, meta: dict) -> None:
+    model.save_pretrained(path)
+    (path / "dataset.json").write_text(json.dumps(meta))
+
+
 def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfig = GenerativeTrainConfig(), *,
                      progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
-    """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``."""
+    """Train (SFT or RL) and save the best model by validation NDCG@10 to ``out/model``.
+
+    RL: the SFT start is validated too (step 0); when no RL checkpoint beats it, ``out/model`` is the start
+    itself (``kept_start`` in ``train.json``), and the final RL weights go to ``out/last-model`` either way."""
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches",
@@ -455,18 +463,25 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
             (out / "start.json").write_text(json.dumps({"val/ndcg@10": start_score}))
         else:
             start_score = json.loads((out / "start.json").read_text())["val/ndcg@10"]
+    start_state = None if sft else {k: v.detach().clone() for k, v in module.state_dict().items()}   # step 0
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     if not best.best_model_path:
         raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or max_steps")
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
-    module.model.save_pretrained(out / "model")
     meta = {"dataset_fingerprint": dataset.fingerprint}
-    (out / "model" / "dataset.json").write_text(json.dumps(meta))
+    best_score, kept_start = float(best.best_model_score), None
+    if not sft:                                   # the final weights, whatever validation says
+        _save(module.model, out / "last-model", meta)
+        kept_start = start_score >= best_score    # RL never beat its starting point on validation: keep it
+        best_score = max(best_score, start_score)
+    state = start_state if kept_start else torch.load(best.best_model_path, map_location="cpu",
+                                                      weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    _save(module.model, out / "model", meta)
     (out / "train.json").write_text(json.dumps({
         "model_type": "generative", "algo": config.algo, "seconds": timer.time_elapsed("train"),
         "epochs": trainer.current_epoch, "steps": trainer.global_step, "start_val_ndcg@10": start_score,
-        "best_val_ndcg@10": float(best.best_model_score), "config": dataclasses.asdict(config),
+        "best_val_ndcg@10": best_score, "kept_start": kept_start,
+        "config": dataclasses.asdict(config),
         "dataset": str(dataset.directory), "dataset_fingerprint": dataset.fingerprint}, indent=2))
     return out / "model"
 

@@ -437,6 +437,7 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
     path = train_generative(tiny_dataset, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 2 and summary["start_val_ndcg@10"] is not None
+    assert summary["best_val_ndcg@10"] >= summary["start_val_ndcg@10"] and isinstance(summary["kept_start"], bool)
     before = load_for(tiny_dataset, init)
     assert load_for(tiny_dataset, path).depth == before.depth                 # the saved model loads
     # the last step's weights moved (the saved model is the best by validation, which may be the start)
@@ -447,6 +448,22 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
         assert not torch.equal(before.value_head.mlp[0].weight, last["model.value_head.mlp.0.weight"])
     with pytest.raises(RecsysError, match="starts from an SFT model"):
         train_generative(tiny_dataset, tmp_path / "x", GenerativeTrainConfig(algo=algo), progress=False)
+
+
+def test_generative_rl_that_never_beats_its_start_keeps_the_start(tiny_dataset, sid_dir, tmp_path):
+    """lr 0: every RL checkpoint scores what the SFT start scored, so ``model`` is the start bit for bit,
+    ``train.json`` says ``kept_start``, and the final weights are written to ``last-model`` all the same."""
+    from pipelines.generative import GenerativeTrainConfig, load_for, train_generative
+
+    init = train_generative(tiny_dataset, tmp_path / "sft", _sft(sid_dir, max_epochs=2), progress=False)
+    cfg = GenerativeTrainConfig(algo="grpo", model=SMALL, init=str(init), max_steps=2, val_every=1, prompts_per_step=3,
+                                group_size=4, init_beam=2, val_beam=8, lr=0.0, precision="32-true")
+    path = train_generative(tiny_dataset, tmp_path / "flat", cfg, progress=False)
+    summary = json.loads((tmp_path / "flat" / "train.json").read_text())
+    assert summary["kept_start"] is True and summary["best_val_ndcg@10"] == summary["start_val_ndcg@10"]
+    start, saved = load_for(tiny_dataset, init).state_dict(), load_for(tiny_dataset, path).state_dict()
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
+    assert load_for(tiny_dataset, tmp_path / "flat" / "last-model").depth == load_for(tiny_dataset, init).depth
 
 
 def test_item_layout_learns_the_ring_and_runs_vstar(tiny_dataset, sid_dir, tmp_path):

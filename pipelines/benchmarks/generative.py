@@ -6,7 +6,9 @@ Semantic IDs: 3 residual k-means levels of 32 codes (+ de-duplication level) ove
 of the SASRec run passed as ``--sasrec`` (trained on the training split; ``cf`` source). Per seed
 (seeds run in parallel, one process each): SFT from scratch on the training sequences (every window of
 ``--max-items`` + 1 items, consecutive windows sharing one item; ``--sft-minutes`` of one thread), then GRPO and
-V-STAR from that SFT model with the same prompts, group size and steps. SFT cuts its learning rate by
+V-STAR from that SFT model with the same prompts, group size and steps (an RL row is the validation-selected
+model, the SFT start itself when no RL checkpoint beat it on validation: ``kept_start``; ``last_metrics`` are
+the final RL weights). SFT cuts its learning rate by
 ``--sft-lr-decay`` when validation NDCG@10 stalls (``ReduceLROnPlateau``) and stops after ``--sft-patience``
 validations without a new best. A run that an earlier invocation finished with the same config is reused,
 not retrained; one with other resumable settings (minutes, patience) resumes from its last checkpoint, and
@@ -71,6 +73,14 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
     ds = PreparedDataset.load(data)
     hist, targets = _test(ds, limit)
     rows, out = [], Path(out)
+
+    def evaluate(model_dir: Path) -> dict:
+        if not (model_dir / "generative.json").exists():
+            raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
+        with autocast("cpu"):
+            m = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False)
+        return {k: m[k] for k in METRICS}
+
     model_cfg = GenerativeConfig(**sft.pop("model"))
     runs = [("generative-sft", GenerativeTrainConfig(model=model_cfg, semantic_ids=sid, seed=seed, **sft))]
     runs += [(f"generative-{algo}", GenerativeTrainConfig(algo=algo, model=model_cfg, init=str(out / "sft" / "model"),
@@ -80,6 +90,7 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
         run_dir = out / name.removeprefix("generative-")
         done = (run_dir / "train.json").exists() and json.loads((run_dir / "train.json").read_text())["config"] \
             == json.loads(json.dumps(dataclasses.asdict(cfg)))                # finished by an earlier invocation
+        done &= cfg.algo == "sft" or (run_dir / "last-model").exists()       # RL runs from before the keep-start rule
         if train and cfg.algo != "sft" and sft_trained and run_dir.exists():
             shutil.rmtree(run_dir)                                            # RL from an SFT model that changed
             done = False
@@ -87,15 +98,14 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
             train_generative(ds, run_dir, cfg, progress=False)
             sft_trained |= cfg.algo == "sft"
         model_dir = run_dir / "model"
-        if not (model_dir / "generative.json").exists():
-            raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         summary = json.loads((run_dir / "train.json").read_text())
-        with autocast("cpu"):
-            m = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False)
-        rows.append({"name": name, "seed": seed, "metrics": {k: m[k] for k in METRICS},
-                     "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"], "steps": summary["steps"],
-                     "start_val_ndcg@10": summary["start_val_ndcg@10"], "best_val_ndcg@10": summary["best_val_ndcg@10"],
-                     "curve": reward_curve(run_dir) if cfg.algo != "sft" else None})
+        row = {"name": name, "seed": seed, "metrics": evaluate(model_dir),
+               "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"], "steps": summary["steps"],
+               "start_val_ndcg@10": summary["start_val_ndcg@10"], "best_val_ndcg@10": summary["best_val_ndcg@10"],
+               "curve": reward_curve(run_dir) if cfg.algo != "sft" else None}
+        if cfg.algo != "sft":           # the validation-selected model may be the start: the final weights too
+            row |= {"kept_start": summary["kept_start"], "last_metrics": evaluate(run_dir / "last-model")}
+        rows.append(row)
     return rows
 
 

@@ -220,6 +220,20 @@ def render_quant_probe(result: dict) -> list[str]:
     return out + [""]
 
 
+def _final_weights(rows: list[dict], metrics: list[str]) -> list[str]:
+    """The RL runs' final weights (``last_metrics``) beside the validation-selected rows, with their means."""
+    last = [{**r, "metrics": r["last_metrics"]} for r in rows if "last_metrics" in r]
+    if not last:
+        return []
+    out = [("The final RL weights, whatever validation said (the rows above are the validation-selected "
+            "model, the start itself when `kept_start`):"), ""]
+    out += _table(last, metrics, ["kept_start"])
+    names = dict.fromkeys(r["name"] for r in last)
+    return out + ["", "Means over seeds of the final weights (NDCG@10): " + ", ".join(
+        f"{n} {sum(v := [r['metrics']['ndcg@10'] for r in last if r['name'] == n]) / len(v):.4f}"
+        for n in names) + "."]
+
+
 def render_rl(result: dict) -> list[str]:
     out = _provenance(f"## RL for rerankers on ML-1M (`{result['benchmark']}`)", result)
     out += [f"- backbone: {result['backbone']}; candidates: {result['candidates']}",
@@ -231,15 +245,8 @@ def render_rl(result: dict) -> list[str]:
         out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["seconds", "steps"])
         out += ["", "Means over seeds (NDCG@10): " + ", ".join(
             f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v.get("ndcg@10") is not None) + ".", ""]
-        last = [{**r, "metrics": r["last_metrics"]} for r in ranking if "last_metrics" in r]
-        if last:
-            out += [("The final RL weights, whatever validation said (the rows above are the validation-selected "
-                     "model, the start itself when `kept_start`):"), ""]
-            out += _table(last, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["kept_start"])
-            names = dict.fromkeys(r["name"] for r in last)
-            out += ["", "Means over seeds of the final weights (NDCG@10): " + ", ".join(
-                f"{n} {sum(v := [r['metrics']['ndcg@10'] for r in last if r['name'] == n]) / len(v):.4f}"
-                for n in names) + "."]
+        last = _final_weights(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"])
+        out += last
         paired = _paired(ranking, "ndcg10_vs_sft", "Selected model's per-user NDCG@10 minus the SFT start's")
         paired += _paired(ranking, "last_ndcg10_vs_sft", "Final weights' per-user NDCG@10 minus the SFT start's")
         out += paired + ([""] if last or paired else [])
@@ -325,7 +332,9 @@ def render_generative(result: dict) -> list[str]:
     out += _table(result["rows"], ["hr@5", "hr@10", "ndcg@5", "ndcg@10"], ["seconds", "epochs", "steps"])
     out += ["", "Means over seeds (NDCG@10): " + ", ".join(
         f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v["ndcg@10"] is not None) + ".",
-        "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in result["targets"].items()) + ".", "",
+        "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in result["targets"].items()) + ".", ""]
+    final = _final_weights(result["rows"], ["hr@5", "hr@10", "ndcg@5", "ndcg@10"])
+    out += final + ([""] if final else []) + [
         "VED vs beam search, same forward-call budget, seed-0 V-STAR model:", "",
         ("| decoder | users | budget (calls) | mean calls | candidate hit rate | within-group reward std | distinct items "
         "| users/s |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
