@@ -464,6 +464,10 @@ def test_generative_rl_that_never_beats_its_start_keeps_the_start(tiny_dataset, 
     start, saved = load_for(tiny_dataset, init).state_dict(), load_for(tiny_dataset, path).state_dict()
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in start)
     assert load_for(tiny_dataset, tmp_path / "flat" / "last-model").depth == load_for(tiny_dataset, init).depth
+    train_generative(tiny_dataset, tmp_path / "flat", cfg, progress=False)      # a finished run, run again
+    again = json.loads((tmp_path / "flat" / "train.json").read_text())
+    assert {k: again[k] for k in ("kept_start", "best_val_ndcg@10", "steps")} == \
+        {k: summary[k] for k in ("kept_start", "best_val_ndcg@10", "steps")}
 
 
 def test_item_layout_learns_the_ring_and_runs_vstar(tiny_dataset, sid_dir, tmp_path):
