@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from recsys.errors import RecsysError
+
 
 class EpochShuffle(Sampler[int]):
     """Shuffled passes over 0..n-1, fixed by (seed, pass): a resumed run replays the same epochs.
@@ -101,6 +103,19 @@ def checkpoint_callbacks(directory, monitor: str, mode: str = "max"):
     last = ModelCheckpoint(directory, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
                            enable_version_counter=False)
     return best, last
+
+
+def best_checkpoint(best) -> tuple[str, float]:
+    """Path and score of the checkpoint kept by the ``best`` callback of :func:`checkpoint_callbacks`,
+    with a clear error when there is none or when its score was not restored on resume."""
+    if not best.best_model_path:
+        raise RecsysError(f"{best.dirpath}: training produced no checkpoint (no validation ran); raise max_epochs "
+                          "or max_steps, or lower val_every")
+    if best.best_model_score is None:       # Lightning restores it only into the directory it was written to
+        raise RecsysError(f"{best.dirpath}: the best checkpoint's score was not restored on resume (was the run "
+                          "directory moved since its checkpoints were written?); run it where it was written, "
+                          "or start over with --no-resume")
+    return best.best_model_path, float(best.best_model_score)
 
 
 def same_run(previous: dict, record: dict, defaults: dict) -> bool:

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from pipelines.callbacks import (
     RNGState,
+    best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
     early_stopping,
@@ -465,16 +466,13 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
             start_score = json.loads((out / "start.json").read_text())["val/ndcg@10"]
     start_state = None if sft else {k: v.detach().clone() for k, v in module.state_dict().items()}   # step 0
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
-    if not best.best_model_path:
-        raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or max_steps")
-    meta = {"dataset_fingerprint": dataset.fingerprint}
-    best_score, kept_start = float(best.best_model_score), None
+    best_path, best_score = best_checkpoint(best)
+    meta, kept_start = {"dataset_fingerprint": dataset.fingerprint}, None
     if not sft:                                   # the final weights, whatever validation says
         _save(module.model, out / "last-model", meta)
         kept_start = start_score >= best_score    # RL never beat its starting point on validation: keep it
         best_score = max(best_score, start_score)
-    state = start_state if kept_start else torch.load(best.best_model_path, map_location="cpu",
-                                                      weights_only=False)["state_dict"]
+    state = start_state if kept_start else torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
     _save(module.model, out / "model", meta)
     (out / "train.json").write_text(json.dumps({

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from pipelines.callbacks import (
     EpochShuffle,
     RNGState,
+    best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
     resume_checkpoint,
@@ -415,8 +416,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
                            callbacks=callbacks, log_every_n_steps=5)
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
-    state = torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    best_path, best_score = best_checkpoint(best)
+    module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
     prior, prior_table = config.retriever_prior or 0.0, None
     if config.kind == "listwise" and config.retriever_prior is None:
         unseen = data.unseen_valid if config.prior_users is None else data.unseen_valid.head(config.prior_users)
@@ -430,7 +431,7 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
         "retriever_prior": prior, "dataset_fingerprint": dataset.fingerprint}, indent=2))
     (out / "train.json").write_text(json.dumps({
         "kind": config.kind, "algo": "sft", "seconds": timer.time_elapsed("train"), "epochs": trainer.current_epoch,
-        "best_val_cand_ndcg@10": float(best.best_model_score), "retriever_prior": prior,
+        "best_val_cand_ndcg@10": best_score, "retriever_prior": prior,
         "val_cand_ndcg@10_by_retriever_prior": prior_table, "config": dataclasses.asdict(config),
         "dataset_fingerprint": dataset.fingerprint, "train_examples": len(data.rows)}, indent=2))
     return out / "model"

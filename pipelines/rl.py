@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipelines.callbacks import (
     RNGState,
+    best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
     resume_checkpoint,
@@ -495,12 +496,12 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     (out / "start.json").write_text(json.dumps({metric: start_score}))
     start_state = {k: v.detach().clone() for k, v in module.state_dict().items()}     # the SFT model, step 0
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
-    best_score = float(best.best_model_score)
+    best_path, best_score = best_checkpoint(best)
     kept_start = start_score >= best_score            # RL never beat its starting point on validation: keep it
     init_meta = json.loads((Path(config.init) / "reranker.json").read_text())
     save_model(module, out / "last-model", init_meta)   # the final weights, unselected (the start's prior)
     module.load_state_dict(start_state if kept_start else
-                           torch.load(best.best_model_path, map_location="cpu", weights_only=False)["state_dict"])
+                           torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
     prior_table = None
     if module.listwise and not module.slate and "retriever_prior" in init_meta and not kept_start:
         # re-chosen for the RL'd weights; a kept start keeps its own (chosen on its own validation users)

@@ -101,6 +101,7 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
 
     from pipelines.callbacks import (
         RNGState,
+        best_checkpoint,
         budget_timer,
         checkpoint_callbacks,
         early_stopping,
@@ -129,12 +130,11 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
                            callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10)
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
     seconds = timer.time_elapsed("train")
-    if not best.best_model_path:
-        raise RecsysError("training produced no checkpoint (no validation ran); raise max_epochs or lower val_every")
-    best_module = SASRecModule.load_from_checkpoint(best.best_model_path, config=model_config, weights_only=False)
+    best_path, best_score = best_checkpoint(best)
+    best_module = SASRecModule.load_from_checkpoint(best_path, config=model_config, weights_only=False)
     best_module.model.save_pretrained(out / "model")
     summary = {"model_type": "sasrec", "seconds": seconds, "epochs": trainer.current_epoch,
-               "best_val_ndcg@10": float(best.best_model_score), "dataset": str(dataset.directory),
+               "best_val_ndcg@10": best_score, "dataset": str(dataset.directory),
                "dataset_fingerprint": dataset.fingerprint, "config": dataclasses.asdict(config)}
     (out / "train.json").write_text(json.dumps(summary, indent=2))
     return out / "model"

@@ -51,6 +51,15 @@ def test_resume_refuses_a_different_run(tiny_dataset, tmp_path):
                      progress=False)
 
 
+def test_a_finished_run_moved_elsewhere_fails_clearly_on_resume(tiny_dataset, tmp_path):
+    """Lightning restores the best checkpoint's score only into the directory it was written to: a run
+    directory moved and run again must say so, not crash on ``float(None)``."""
+    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**TINY, max_epochs=1), progress=False)
+    (tmp_path / "r").rename(tmp_path / "moved")
+    with pytest.raises(RecsysError, match="moved"):
+        train_sasrec(tiny_dataset, tmp_path / "moved", SASRecTrainConfig(**TINY, max_epochs=1), progress=False)
+
+
 def test_evaluate_refuses_a_model_of_other_data(tiny_dataset, tmp_path):
     model = SASRec(SASRecConfig(n_items=tiny_dataset.n_items, max_len=8, hidden_size=8), dataset_fingerprint="0000")
     model.save_pretrained(tmp_path / "m")
