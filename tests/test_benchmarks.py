@@ -147,7 +147,7 @@ def test_load_generator_sends_exactly_the_requested_count(status, endpoint):
 def test_every_rl_result_name_finds_the_rl_renderer():
     from pipelines.benchmarks import render
 
-    assert render.renderer_for("rl_distill_grpo_lr3e-5") is render.render_rl is render.renderer_for("rl")
+    assert render.renderer_for("rl_distill_lr3e-5") is render.render_rl is render.renderer_for("rl")
     assert render.renderer_for("rl_throughput") is render.render_rl_throughput
     assert render.renderer_for("nothing_known") is None
 
