@@ -267,8 +267,10 @@ def cmd_serve(a):
 
     import uvicorn
 
-    settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms, "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
-                "api_key": a.api_key or os.environ.get("RECSYS_API_KEY"), "threads": a.threads}
+    settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms,
+                "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
+                "rerank_timeout_ms": a.rerank_timeout_ms, "api_key": a.api_key or os.environ.get("RECSYS_API_KEY"),
+                "threads": a.threads}
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
     uvicorn.run("serving.app:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers,
@@ -518,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="group concurrent requests into one ONNX call (auto: on with CUDA, off on CPU)")
     sv.add_argument("--max-batch", type=int, default=32)
     sv.add_argument("--max-wait-ms", type=float, default=2.0)
+    sv.add_argument("--rerank-timeout-ms", type=float, default=1000.0,
+                    help="past this the retrieval order is returned, flagged `fallback: timeout` (a smollm2-135m "
+                         "prompt takes ~1 s on a 2-core CPU: raise it to serve that reranker there)")
     sv.add_argument("--api-key", help="require this x-api-key on /v1/* (default: $RECSYS_API_KEY, else none)")
     sv.set_defaults(func=cmd_serve)
 

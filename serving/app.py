@@ -16,7 +16,9 @@ Behaviour a client can rely on:
   ``max_wait_ms``) when ``micro_batching`` is on (default: on with CUDA, off on CPU, where each
   request is served on its own, side by side);
 - if the reranker fails or exceeds ``rerank_timeout_ms``, the retrieval order is returned with
-  ``reranked: false`` and ``fallback`` saying why;
+  ``reranked: false`` and ``fallback`` saying why; a late reranker is told to stop (ONNX Runtime's
+  ``RunOptions.terminate``, checked between graph nodes) rather than left computing an answer nobody
+  awaits, which under load would make every later request late too;
 - bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``.
 """
 
@@ -37,7 +39,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
-from serving.runtime import Recommender, RecommendQuery
+from serving.runtime import Recommender, RecommendQuery, run_options
 
 log = logging.getLogger("recsys.serving")
 
@@ -54,6 +56,8 @@ class ServeSettings:
     one batch at a time, while separate requests run side by side on the cores (2-core CPU, 8
     connections: p99 74 ms batched vs 39 ms unbatched, BENCHMARKS.md "Serving")."""
     rerank_timeout_ms: float = 1000.0
+    """Past this the reranker's answer is not awaited: the retrieval order comes back with ``reranked: false``
+    and ``fallback: "timeout"``."""
     max_body_bytes: int = 64_000
     api_key: str | None = None
     threads: int | None = None
@@ -227,11 +231,13 @@ class Batcher:
             for i in todo:
                 results[i]["fallback"] = "no reranker loaded"
             return results
+        options = run_options()
         try:
             reranked = await asyncio.wait_for(asyncio.to_thread(
-                self.rec.rerank_windows, [queries[i].history for i in todo], [retrieved[i][0] for i in todo]),
-                self.settings.rerank_timeout_ms / 1000)
+                self.rec.rerank_windows, [queries[i].history for i in todo], [retrieved[i][0] for i in todo],
+                options), self.settings.rerank_timeout_ms / 1000)
         except Exception as e:                                       # noqa: BLE001 - degrade, never fail
+            options.terminate = True       # a late reranker stops at its next ONNX node instead of holding a core
             reason = "timeout" if isinstance(e, TimeoutError) else f"error: {type(e).__name__}"
             self.metrics.fallbacks[reason.split(":")[0]] += 1
             log.warning(json.dumps({"event": "rerank_fallback", "reason": reason, "batch": len(todo)}))

@@ -38,6 +38,15 @@ def session(path: Path, threads: int | None = None):
     return ort.InferenceSession(str(path), sess_options=opts, providers=providers())
 
 
+def run_options():
+    """A fresh ``onnxruntime.RunOptions`` for one scoring call: setting its ``terminate`` from another
+    thread stops every ``run`` that uses it at its next graph node, with an error (how the API abandons a
+    reranker past its deadline instead of letting it hold a core)."""
+    import onnxruntime as ort
+
+    return ort.RunOptions()
+
+
 def read_manifest(directory) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.exists():
@@ -149,11 +158,11 @@ class FirstRuntime(_PromptScorer):
                                  self.identifiers) for h, w in zip(histories, windows)]
         return _left_pad(self._encode_texts(texts), self.pad_id)
 
-    def scores(self, histories, windows) -> np.ndarray:
+    def scores(self, histories, windows, run_options=None) -> np.ndarray:
         """(B, n) FIRST scores of windows of equal length n <= window: identifier logits minus the
-        retriever prior (:mod:`recsys.rerank.listwise`)."""
+        retriever prior (:mod:`recsys.rerank.listwise`). ``run_options``: see :func:`run_options`."""
         n = len(windows[0])
-        logits = self.session.run(None, self.encode(histories, windows))[0]
+        logits = self.session.run(None, self.encode(histories, windows), run_options)[0]
         if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
             cols = np.array([[self.token(f"<i{int(c)}>") for c in w] for w in windows])
             logits = np.take_along_axis(logits, cols, 1)
@@ -181,8 +190,9 @@ class GroupwiseRuntime(_PromptScorer):
         self.colon, self.separator = self.token(":"), self.token("\n")
         self.digits = np.array([self.token(d) for d in DIGITS])
 
-    def scores(self, histories, windows) -> np.ndarray:
-        """(B, n) expected 0-9 scores of groups of equal length n <= group size."""
+    def scores(self, histories, windows, run_options=None) -> np.ndarray:
+        """(B, n) expected 0-9 scores of groups of equal length n <= group size. ``run_options``: see
+        :func:`run_options` (one terminate stops all n passes)."""
         from recsys.rerank.groupwise import groupwise_prompt
 
         texts = [groupwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
@@ -191,7 +201,7 @@ class GroupwiseRuntime(_PromptScorer):
         out = np.zeros((len(windows), len(windows[0])))
         for j in range(len(windows[0])):
             seqs = [s + [self.letters[j], self.colon] for s in seqs]
-            logits = self.session.run(None, _left_pad(seqs, self.pad_id))[0].astype(np.float64)     # (B, 10)
+            logits = self.session.run(None, _left_pad(seqs, self.pad_id), run_options)[0].astype(np.float64)  # (B, 10)
             p = np.exp(logits - logits.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
             out[:, j] = p @ np.arange(10)
@@ -386,10 +396,10 @@ class Recommender:
             out.append((items.tolist(), s.astype(np.float64).tolist()))
         return out
 
-    def rerank_windows(self, histories, candidate_lists) -> list[tuple[list[int], list[float]]]:
+    def rerank_windows(self, histories, candidate_lists, run_options=None) -> list[tuple[list[int], list[float]]]:
         """Rerank the first ``window`` candidates of each list; the rest keep their order. Scores:
         reranked items get the reranker's scores (FIRST logits or expected digits), the tail items
-        ranks below them."""
+        ranks below them. ``run_options`` (:func:`run_options`) lets another thread stop the scoring."""
         if self.reranker is None:
             raise RecsysError("this serving directory has no reranker")
         w = self.reranker.window
@@ -403,7 +413,7 @@ class Recommender:
                 for i in members:
                     out[i] = ([], [])
                 continue
-            s = self.reranker.scores([histories[i] for i in members], [heads[i] for i in members])
+            s = self.reranker.scores([histories[i] for i in members], [heads[i] for i in members], run_options)
             for i, row in zip(members, s):
                 order = np.argsort(-row, kind="stable")
                 items = [heads[i][j] for j in order] + list(candidate_lists[i][w:])

@@ -61,7 +61,22 @@ def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
               "rescore": {"job_rows_per_s": 10, "rows": 5, "loop_rows_per_s": 5, "loop_rows": 5},
               "ratios": {"onnx_speedup_sasrec": 2.0, "rescore_job/loop rows_per_s": 2.0}}
     text = "\n".join(render.render_serving(result))
-    assert "| recommend-tiny-c8 | 8 | auto | 50 | 15000 | 20.0 | 30.0 | 40.0 | 300.0 | 0 | 38.0 / 41.3 / 40.0 | 310 / 290 / 300 | 3.3 |" in text
+    assert "| recommend-tiny-c8 | 8 | auto | 50 | 15000 | 20.0 | 30.0 | 40.0 | 300.0 | 0 | - | 38.0 / 41.3 / 40.0 | 310 / 290 / 300 | 3.3 |" in text
+    assert ("Targets (issue 7): onnx_speedup_sasrec >= 1.5: met (2.00); recommend-tiny-c8 p99 <= 50 ms: met (40.0); "
+            "0 errors at every level: met (0)") in text
+    result["rows"].append(result["rows"][0] | {"name": "recommend-smollm2-c8", "p99_ms": 900.0, "errors": 2,
+                                               "fallbacks": 1})
+    result["ratios"] |= {"onnx_speedup_first_smollm2": 1.07, "onnx_speedup_first_smollm2_b32": 1.6,
+                         "onnx_speedup_bound_first_smollm2": 1.31}
+    result["fp32_roofline_first_smollm2"] = {
+        "prompt_tokens": 586.0, "gflop_per_prompt": 136.0, "floor_ms_per_user": 751.4, "onnx_speedup_bound": 1.31,
+        "gemm_gflop_per_s": {"n": 2048, "threads": 2, "torch": 181.0, "onnx": 173.0},
+        "torch_gflop_per_s": 138.0, "onnx_gflop_per_s": 147.7}
+    text = "\n".join(render.render_serving(result))
+    assert "| 2 | 1 | 38.0 / 41.3 / 40.0 |" in text and "onnx_speedup_first_smollm2 >= 1.5: missed (1.07)" in text
+    assert "0 errors at every level: missed (2)" in text and "b32" not in text.split("Targets")[1]
+    assert "is 181 GFLOP/s (torch 181, ONNX Runtime 173; 2048^3, 2 threads), so a prompt takes at least 751 ms" in text
+    assert "by more than **1.31x**" in text
     assert "| sasrec | 1 | 2.00 | 1.00 | 0.50 | 2.00 |" in text
     assert "| tiny | sasrec | 4 | 0.1234 | 0.1111 | 0.2500 | 0.2500 |" in text
 
@@ -90,8 +105,9 @@ def test_smollm2_reranker_renderer_compares_each_row_with_the_retriever_on_its_u
 def test_quant_probe_picks_the_projections_and_counts_flops_by_hand():
     """Seven projections per layer (q k v o gate up down); the exporter names the first ``node_linear``.
     FLOPs: hidden 4, MLP 8, 1 layer, 2 heads with 1 KV head (kv width 2): weights 2*16 + 2*8 + 3*32 = 144;
-    2 * 144 * 3 tokens + 4 * 9 * 4 = 864 + 144 = 1008 FLOP."""
-    from pipelines.benchmarks.quant_probe import excluded_matmuls, llama_gflop
+    2 * 144 * 3 tokens + 4 * 9 * 4 = 864 + 144 = 1008 FLOP (causal: 864 + 72)."""
+    from pipelines.benchmarks.common import llama_gflop
+    from pipelines.benchmarks.quant_probe import excluded_matmuls
 
     names = ["node_linear"] + [f"node_linear_{i}" for i in range(1, 14)]
     assert excluded_matmuls(names, ("down",)) == ["node_linear_6", "node_linear_13"]
@@ -100,48 +116,53 @@ def test_quant_probe_picks_the_projections_and_counts_flops_by_hand():
     cfg = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
            "num_key_value_heads": 1}
     assert llama_gflop(cfg, 3) * 1e9 == pytest.approx(1008)
+    assert llama_gflop(cfg, 3, causal=True) * 1e9 == pytest.approx(864 + 72)     # half the attention
 
 
 @pytest.mark.parametrize(("status", "endpoint"), [(200, "recommend"), (503, "recommend"), (200, "generate")])
 def test_load_generator_sends_exactly_the_requested_count(status, endpoint):
     """The serving benchmark's load generator: `total` timed requests split over the connections
     (10 over 3 is 4 + 3 + 3, not 3 x 3), warm-up requests and their errors kept apart; the body
-    matches the endpoint's schema."""
+    matches the endpoint's schema; answers in retrieval order (a `fallback`) are counted, here every
+    second one; the server's CPU time is read over the timed part."""
     import json
+    import os
     import subprocess
     import sys
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from pipelines.benchmarks.serving import LOADGEN
 
     seen = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            answer = json.dumps({"fallback": "timeout" if len(seen) % 2 else None}).encode()
             self.send_response(status)
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", str(len(answer)))
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(answer)
 
         def log_message(self, *args):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = {"url": f"http://127.0.0.1:{server.server_port}", "users": ["u1", "u2"], "connections": 3,
+              "requests": 10, "endpoint": endpoint, "candidates": 7, "warmup": 4, "server_pid": os.getpid()}
     try:
-        out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{server.server_port}",
-                              json.dumps(["u1", "u2"]), "3", "10", "7", endpoint], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, "-m", "pipelines.benchmarks.loadgen", json.dumps(config)],
+                             capture_output=True, text=True, check=True)
     finally:
         server.shutdown()
     r = json.loads(out.stdout)
-    assert len(r["lat"]) == 10 and len(seen) == 10 + 3 * 20
+    assert len(r["lat"]) == 10 and len(seen) == 10 + 3 * 4
     assert {p for p, _ in seen} == {f"/v1/{endpoint}"} and {b["user_id"] for _, b in seen} <= {"u1", "u2"}
     extra = {"candidates": 7} if endpoint == "recommend" else {"beam": 20}
     assert all(b == {"user_id": b["user_id"], "k": 10} | extra for _, b in seen)
-    assert (r["errors"], r["warmup_errors"]) == ((0, 0) if status == 200 else (10, 60))
+    assert (r["errors"], r["warmup_errors"]) == ((0, 0) if status == 200 else (10, 12))
+    assert (r["fallbacks"], r["warmup_fallbacks"]) == ((5, 6) if status == 200 else (0, 0))
+    assert r["server_cpu_s"] >= 0
 
 
 def test_every_rl_result_name_finds_the_rl_renderer():
@@ -156,13 +177,14 @@ def test_cpu_seconds_of_a_process_grow_with_its_work():
     import os
     import time
 
-    from pipelines.benchmarks.serving import _cpu_seconds
+    from pipelines.benchmarks.loadgen import cpu_seconds
 
-    before, t = _cpu_seconds(os.getpid()), time.process_time()
+    before, t = cpu_seconds(os.getpid()), time.process_time()
     while time.process_time() - t < 0.3:                # burn 0.3 s of CPU in this process
         pass
-    assert _cpu_seconds(os.getpid()) - before >= 0.2
-    assert _cpu_seconds(2 ** 22 + 12345) is None       # no such process
+    assert cpu_seconds(os.getpid()) - before >= 0.2
+    assert cpu_seconds(2 ** 22 + 12345) is None        # no such process
+    assert cpu_seconds(None) is None
 
 
 def test_per_user_ms_times_the_engines_in_turns_on_the_same_inputs():

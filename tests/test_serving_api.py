@@ -190,6 +190,34 @@ def test_api_key_and_reranker_fallback(exported, monkeypatch):
         assert len(r.json()["items"]) == 3                                      # the retrieval order, not an error
 
 
+def test_a_late_reranker_is_answered_around_and_told_to_stop(exported, monkeypatch):
+    """Past ``rerank_timeout_ms`` the retrieval order comes back flagged ``timeout`` without waiting for
+    the reranker, and the reranker's run options are terminated, so it stops instead of holding a core."""
+    from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender
+
+    stopped = threading.Event()
+
+    def slow(self, histories, candidate_lists, run_options=None):
+        deadline = time.time() + 20
+        while not run_options.terminate and time.time() < deadline:      # an ONNX run checks between nodes
+            time.sleep(0.005)
+        if run_options.terminate:
+            stopped.set()
+        raise RuntimeError("terminated")
+
+    monkeypatch.setattr(Recommender, "rerank_windows", slow)
+    with Server(create_app(exported[0], ServeSettings(rerank_timeout_ms=50))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        t = time.perf_counter()
+        r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3})
+        took = time.perf_counter() - t
+        assert r.status_code == 200 and r.json()["fallback"] == "timeout" and not r.json()["reranked"]
+        assert took < 10 and stopped.wait(10)
+        assert 'recsys_rerank_fallbacks_total{reason="timeout"} 1' in client.get("/metrics").text
+
+
 def test_generate_endpoint_writes_catalog_items_and_501_without_a_model(exported, tiny_dataset, tmp_path):
     """POST /v1/generate over a deployment exported with a generative model: k distinct catalog items,
     none from the history or ``exclude``, scores log-probs in decreasing order, unknown ids listed; the

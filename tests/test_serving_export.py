@@ -172,6 +172,22 @@ def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path, layout):
     assert abs(total - 1.0) < 1e-4 and history_mass > 0
 
 
+def test_terminated_run_options_stop_the_reranker(exported):
+    """RunOptions reach ONNX Runtime through Recommender.rerank_windows: with ``terminate`` set the call
+    fails instead of scoring, and the same call with fresh options scores (how the API stops a late
+    reranker, tests/test_serving_api.py)."""
+    from serving.runtime import Recommender, run_options
+
+    rec = Recommender(exported[0])
+    histories, candidates = [[3, 4, 5]], [[1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    stop = run_options()
+    stop.terminate = True
+    with pytest.raises(Exception, match="(?i)terminat"):
+        rec.rerank_windows(histories, candidates, stop)
+    items, scores = rec.rerank_windows(histories, candidates, run_options())[0]
+    assert sorted(items) == candidates[0] and scores == sorted(scores, reverse=True)
+
+
 def test_groupwise_export_scores_match_the_eager_scorer_and_rerank_when_alone(tiny_dataset, tmp_path):
     """The exported digit step passes parity; the runtime's expected digits (greedy digits written for
     earlier candidates) equal GroupwiseReranker.sample at temperature 0; a deployment with only the

@@ -43,6 +43,59 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({cpu}, {simd}, {amx}), no GPU"
 
 
+def llama_gflop(config: dict, tokens: float, causal: bool = False) -> float:
+    """Dense GFLOP of one prefill of ``tokens`` tokens through a Llama-architecture decoder (``config``: its
+    ``config.json``): 2 x (the projection and MLP weights of every layer) x tokens, plus the attention scores
+    and values, 4 x tokens^2 x hidden per layer; ``causal`` counts half of the latter, the least a kernel
+    that skips the masked triangle must do. The LM head at one position and the norms are left out (< 0.1%
+    of a 500-token prompt through SmolLM2-135M)."""
+    d, f, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    kv = d // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
+    weights = L * (2 * d * d + 2 * d * kv + 3 * d * f)
+    return (2 * weights * tokens + (2 if causal else 4) * tokens ** 2 * d * L) / 1e9
+
+
+def fp32_gemm_gflop_per_s(threads: int, n: int = 2048, repeats: int = 5) -> dict:
+    """The practical fp32 ceiling of this machine: GFLOP/s of an ``n`` x ``n`` by ``n`` x ``n`` matrix product
+    with ``threads`` threads, in torch (its BLAS) and in ONNX Runtime (MLAS), the best of ``repeats`` after a
+    warm-up. A scorer whose FLOPs, all run at this rate, would take T seconds cannot run faster than T in
+    fp32, whatever the runtime."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper
+
+    a = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    flop = 2 * n ** 3 / 1e9
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return flop / min(times)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, y = torch.from_numpy(a[0]), torch.from_numpy(a[1])
+        rate_torch = best(lambda: x @ y)
+    finally:
+        torch.set_num_threads(before)
+    spec = [helper.make_tensor_value_info(k, TensorProto.FLOAT, [n, n]) for k in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "gemm", spec[:2], spec[2:])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString(),
+                                sess_options=opts, providers=["CPUExecutionProvider"])
+    rate_onnx = best(lambda: sess.run(None, {"A": a[0], "B": a[1]}))
+    return {"n": n, "threads": threads, "torch": rate_torch, "onnx": rate_onnx}
+
+
 class Provenance:
     """Command, commit and date captured when a benchmark starts (not when it ends an hour later)."""
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, llama_gflop, write_result
 
 VARIANTS = ("int8", "int8-per-channel", "int8-fp32-down", "int8-fp32-down-o", "nbits8", "nbits4")
 
@@ -66,15 +66,6 @@ def quantise(src: Path, dst: Path, variant: str) -> None:
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def llama_gflop(config: dict, tokens: float) -> float:
-    """Dense GFLOP of one prefill of ``tokens`` tokens: 2 x (projection and MLP weights of every layer) x
-    tokens, plus the attention scores and values (4 x tokens^2 x hidden per layer, no causal saving)."""
-    d, f, L = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    kv = d // config["num_attention_heads"] * config.get("num_key_value_heads", config["num_attention_heads"])
-    weights = L * (2 * d * d + 2 * d * kv + 3 * d * f)
-    return (2 * weights * tokens + 4 * tokens ** 2 * d * L) / 1e9
 
 
 def main() -> None:

@@ -17,9 +17,13 @@
    ``recommend-tiny-c8`` / ``-c32`` with the server's defaults (on CPU: micro-batching off, 1 ONNX
    Runtime thread per call) and ``...-batched`` with micro-batching forced on.
 4. ``recsys rescore`` on ``--rescore-rows`` requests vs a loop that scores one row per call.
-5. With ``--smollm2 RUN/model``: the same server with the ``smollm2-135m`` listwise reranker instead,
-   ``--smollm2-requests`` requests at 8 connections (row ``recommend-smollm2-c8``), and its FIRST
-   scorer ONNX vs torch on 8 users, one per call.
+5. With ``--smollm2 RUN/model``: its FIRST scorer ONNX vs torch on 8 users, one per call, and the fp32
+   roofline of that comparison (``fp32_roofline_first_smollm2``: the prompts' FLOPs at the best large-GEMM
+   rate measured in the same run, so ``ratios["onnx_speedup_bound_first_smollm2"]`` is the most any fp32
+   runtime could gain over torch here); then the same server with the ``smollm2-135m`` listwise reranker,
+   ``--smollm2-requests`` requests per level (``--smollm2-levels``, 8 and 32 connections; micro-batching
+   off and on), under a reranker deadline long enough that every answer is reranked (each row counts its
+   ``fallbacks``: answers in retrieval order, which would time the fallback, not the reranker).
 6. With ``--generative RUN/model``: the generative recommender exported beside SASRec and served by its
    numpy beam search (width 20, top 10), ``--generative-requests`` ``POST /v1/generate`` requests at 8
    connections per repeat (row ``generate-generative-c8``).
@@ -40,7 +44,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import (
+    Provenance,
+    fp32_gemm_gflop_per_s,
+    llama_gflop,
+    write_result,
+)
 
 
 def free_port() -> int:
@@ -117,6 +126,27 @@ def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int, users: 
     return out
 
 
+def fp32_roofline(model_dir, serve_dir, hists, windows, row: dict, threads: int) -> dict:
+    """How much faster than eager torch any fp32 runtime could score these prompts on this machine.
+
+    The floor: each prompt's dense FLOPs (:func:`llama_gflop`, causal attention, the least any kernel must
+    do) at the best large-GEMM rate of torch or ONNX Runtime measured now with ``threads`` threads, a rate
+    no whole model reaches. ``row``: the :func:`per_user_ms` row of the same prompts (batch 1);
+    ``onnx_speedup_bound`` = torch's measured time / the floor."""
+    from serving.runtime import FirstRuntime
+
+    first = FirstRuntime(serve_dir)
+    tokens = [first.encode([h], [w])["input_ids"].shape[1] for h, w in zip(hists, windows)]
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    gflop = float(np.mean([llama_gflop(config, t, causal=True) for t in tokens]))
+    gemm = fp32_gemm_gflop_per_s(threads)
+    floor_ms = 1000 * gflop / max(gemm["torch"], gemm["onnx"])
+    return {"prompt_tokens": float(np.mean(tokens)), "gflop_per_prompt": gflop, "gemm_gflop_per_s": gemm,
+            "torch_gflop_per_s": gflop / row["torch_ms_per_user"] * 1000,
+            "onnx_gflop_per_s": gflop / row["onnx_ms_per_user"] * 1000,
+            "floor_ms_per_user": floor_ms, "onnx_speedup_bound": row["torch_ms_per_user"] / floor_ms}
+
+
 def int8_quality(ds, serve_dir, users: int, first_batch: int = 32) -> dict:
     """What int8 costs in ranking quality, fp32 vs int8 graphs on the first ``users`` test users:
     SASRec's full ranking (history excluded), and SASRec's fp32 top window (20) reordered by FIRST (a
@@ -158,59 +188,26 @@ def int8_quality(ds, serve_dir, users: int, first_batch: int = 32) -> dict:
     return result
 
 
-LOADGEN = r'''
-import asyncio, json, random, sys, time
-import aiohttp
-url, users, conc, total, candidates = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-endpoint = sys.argv[6]
-lat, errors = [], 0
-async def worker(session, n):
-    global errors
-    for _ in range(n):
-        t = time.perf_counter()
-        try:
-            body = {"user_id": random.choice(users), "k": 10}
-            body |= {"candidates": candidates} if endpoint == "recommend" else {"beam": 20}
-            async with session.post(url + "/v1/" + endpoint, json=body) as r:
-                await r.read()
-                ok = r.status == 200
-        except Exception:
-            ok = False
-        lat.append((time.perf_counter() - t) * 1000)
-        errors += not ok
-async def main():
-    global errors
-    connector = aiohttp.TCPConnector(limit=conc)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        await asyncio.gather(*[worker(session, 20) for _ in range(conc)])          # warm-up
-        warmup_errors, errors = errors, 0
-        lat.clear()
-        t = time.perf_counter()
-        # exactly `total` requests: the first total % conc connections send one more
-        await asyncio.gather(*[worker(session, total // conc + (i < total % conc)) for i in range(conc)])
-        print(json.dumps({"seconds": time.perf_counter() - t, "lat": lat, "errors": errors,
-                          "warmup_errors": warmup_errors}))
-asyncio.run(main())
-'''
-
-
 def load_test(serve_dir, users: list[str], levels: list[int], requests: int, micro_batching: bool | None,
               candidates: int = 50, threads: int | None = None, model: str = "tiny", workers: int = 1,
-              repeats: int = 1, endpoint: str = "recommend") -> list[dict]:
+              repeats: int = 1, endpoint: str = "recommend", warmup: int = 20, rerank_timeout_ms: float = 1000.0,
+              client_timeout_s: float = 30.0) -> list[dict]:
     """``recsys serve`` in a subprocess (``workers`` uvicorn processes); per level, ``repeats`` runs of a
-    load generator process with that many connections, ``requests`` each. A row pools the latencies of
-    its repeats (percentiles over all of them) and lists each repeat's p99 and throughput: on a shared
-    2-core machine throughput drifts by a third from one minute to the next, and a single run's p99
-    follows it. ``server_cpu_ms_per_request``: the server process's CPU time per request (one worker
-    only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say when
-    it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's beam
-    search, width 20, k 10) instead."""
+    load generator process with that many connections, ``requests`` each after ``warmup`` per connection.
+    A row pools the latencies of its repeats (percentiles over all of them) and lists each repeat's p99 and
+    throughput: on a shared 2-core machine throughput drifts by a third from one minute to the next, and a
+    single run's p99 follows it. ``fallbacks``: answers that came back in retrieval order because the
+    reranker missed ``rerank_timeout_ms`` (or failed): a row with fallbacks measured the fallback, not the
+    reranker. ``server_cpu_ms_per_request``: the server process's CPU time over the timed requests (one
+    worker only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say
+    when it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's
+    beam search, width 20, k 10) instead."""
     port = free_port()
     cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port), "--workers", str(workers)]
     cmd += ["--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching]]
+    cmd += ["--rerank-timeout-ms", str(rerank_timeout_ms)]
     cmd += ["--threads", str(threads)] if threads else []
-    server = subprocess.Popen(cmd,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
     try:
         import httpx
@@ -226,40 +223,32 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
                 raise RuntimeError("server did not become ready")
             time.sleep(0.2)
         for c in levels:
-            runs, cpu = [], 0.0
-            for _ in range(repeats):
-                before = _cpu_seconds(server.pid) if workers == 1 else None
-                out = subprocess.run([sys.executable, "-c", LOADGEN, f"http://127.0.0.1:{port}", json.dumps(users),
-                                      str(c), str(requests), str(candidates), endpoint],
-                                     capture_output=True, text=True, check=True)
-                runs.append(json.loads(out.stdout))
-                after = _cpu_seconds(server.pid) if before is not None else None
-                cpu = None if cpu is None or after is None else cpu + after - before
+            config = {"url": f"http://127.0.0.1:{port}", "users": users, "connections": c, "requests": requests,
+                      "endpoint": endpoint, "candidates": candidates, "warmup": warmup, "timeout_s": client_timeout_s,
+                      "server_pid": server.pid if workers == 1 else None}
+            runs = [json.loads(subprocess.run([sys.executable, "-m", "pipelines.benchmarks.loadgen", json.dumps(config)],
+                                              capture_output=True, text=True, check=True).stdout) for _ in range(repeats)]
             lat = np.concatenate([r["lat"] for r in runs])
+            cpu = [r["server_cpu_s"] for r in runs]
             suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
             rows.append({"name": f"{endpoint}-{model}-c{c}{suffix}", "connections": c,
                          "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
-                         "candidates": candidates if endpoint == "recommend" else None, "ort_threads": threads or "auto", "workers": workers,
+                         "candidates": candidates if endpoint == "recommend" else None,
+                         "ort_threads": threads or "auto", "workers": workers,
+                         "rerank_timeout_ms": rerank_timeout_ms if endpoint == "recommend" else None,
                          "requests": len(lat), "repeats": repeats,
                          "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                          "p99_ms": float(np.percentile(lat, 99)), "rps": len(lat) / sum(r["seconds"] for r in runs),
                          "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
                          "repeats_rps": [round(len(r["lat"]) / r["seconds"], 1) for r in runs],
-                         "server_cpu_ms_per_request": None if cpu is None else round(1000 * cpu / len(lat), 3),
-                         "errors": sum(r["errors"] for r in runs), "warmup_errors": sum(r["warmup_errors"] for r in runs)})
+                         "server_cpu_ms_per_request": None if None in cpu else round(1000 * sum(cpu) / len(lat), 3),
+                         "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs),
+                         "warmup_errors": sum(r["warmup_errors"] for r in runs),
+                         "warmup_fallbacks": sum(r["warmup_fallbacks"] for r in runs)})
     finally:
         server.terminate()
         server.wait(10)
     return rows
-
-
-def _cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process so far (Linux ``/proc``; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
@@ -314,9 +303,12 @@ def main() -> None:
     p.add_argument("--rescore-rows", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smollm2", help="a listwise smollm2-135m reranker directory (RUN/model), or `zero-shot` "
-                                     "for the converted model as is: also export and load-test it (8 connections, "
-                                     "--smollm2-requests requests)")
-    p.add_argument("--smollm2-requests", type=int, default=200)
+                                     "for the converted model as is: also export and load-test it (--smollm2-levels "
+                                     "connections, micro-batching off and on, --smollm2-requests requests each)")
+    p.add_argument("--smollm2-requests", type=int, default=128, help="per level and micro-batching setting")
+    p.add_argument("--smollm2-levels", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--smollm2-rerank-timeout-ms", type=float, default=600_000.0,
+                   help="the smollm2 server's reranker deadline: long enough that every answer is reranked")
     p.add_argument("--generative", help="a generative recommender (RUN/model, item or token layout): exported beside "
                                         "SASRec and load-tested on POST /v1/generate at 8 connections")
     p.add_argument("--generative-requests", type=int, default=3000)
@@ -339,7 +331,7 @@ def main() -> None:
     rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates, workers=a.workers,  # micro-batching
                       repeats=a.load_repeats)
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
-    int8 = {"tiny": int8_quality(ds, serve_dir, a.int8_users)}
+    int8, roofline = {"tiny": int8_quality(ds, serve_dir, a.int8_users)}, None
     if a.smollm2:                           # a ~1.7 s forward per request on this CPU: few requests, batch 1 only
         a.smollm2 = zero_shot_smollm2(ds, out) if a.smollm2 == "zero-shot" else a.smollm2
         smol_dir = export(ds, Path(a.sasrec) / "model", out / "serve-smollm2", a.smollm2, quantize=True)
@@ -348,7 +340,11 @@ def main() -> None:
         windows = [list(range(1 + 20 * i, 21 + 20 * i)) for i in range(8)]
         for key, row in per_user_ms(first_engines(ds, a.smollm2, smol_dir), (hists, windows), 1, (1,)).items():
             speed[f"first_smollm2_{key}"] = row
-        rows += load_test(smol_dir, users, [8], a.smollm2_requests, None, a.candidates, model="smollm2")
+        roofline = fp32_roofline(a.smollm2, smol_dir, hists, windows, speed["first_smollm2_b1"], speed["threads"])
+        slow = {"model": "smollm2", "warmup": 1, "rerank_timeout_ms": a.smollm2_rerank_timeout_ms,
+                "client_timeout_s": 900.0}           # the reranker measured, not the retrieval-order fallback
+        for batching in (None, True):
+            rows += load_test(smol_dir, users, a.smollm2_levels, a.smollm2_requests, batching, a.candidates, **slow)
         int8["smollm2"] = {"first": int8_quality(ds, smol_dir, a.smollm2_int8_users, first_batch=4)["first"],
                            "users": a.smollm2_int8_users}
     if a.generative:                        # the trie-constrained beam search (width 20) behind /v1/generate
@@ -365,12 +361,14 @@ def main() -> None:
         "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items() if "int8" in v},
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},
         "int8_quality": int8,
-        "onnx_vs_torch": speed, "rows": rows, "rescore": job, "smollm2_reranker": str(a.smollm2 or "-"),
+        "onnx_vs_torch": speed, "fp32_roofline_first_smollm2": roofline, "rows": rows, "rescore": job,
+        "smollm2_reranker": str(a.smollm2 or "-"),
         "generative": str(a.generative or "-"),
         "ratios": {**{"onnx_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_ms_per_user"]
                       for key, x in speed.items() if isinstance(x, dict)},
                    **{"onnx_int8_speedup_" + key.removesuffix("_b1"): x["torch_ms_per_user"] / x["onnx_int8_ms_per_user"]
                       for key, x in speed.items() if isinstance(x, dict) and "onnx_int8_ms_per_user" in x},
+                   **({"onnx_speedup_bound_first_smollm2": roofline["onnx_speedup_bound"]} if roofline else {}),
                    "rescore_job/loop rows_per_s": job["job_rows_per_s"] / job["loop_rows_per_s"]},
     })
 
