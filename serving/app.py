@@ -19,7 +19,10 @@ Behaviour a client can rely on:
   ``reranked: false`` and ``fallback`` saying why; a late reranker is told to stop (ONNX Runtime's
   ``RunOptions.terminate``, checked between graph nodes) rather than left computing an answer nobody
   awaits, which under load would make every later request late too;
-- bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``.
+- bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``;
+- ``/readyz`` turns 200 after one warm-up query has gone through retrieval and the reranker; its timings
+  are in ``/v1/models`` (``warmup``), and a reranker slower than its deadline is logged at start-up
+  (``reranker_will_fall_back``) rather than discovered in the answers.
 """
 
 from __future__ import annotations
@@ -287,6 +290,27 @@ class LimitsAndLogs:
             log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status, "ms": round(ms, 2)}))
 
 
+def warm_up(rec: Recommender, histories: dict | None) -> dict:
+    """One query through retrieval and the reranker before the server reports ready: an ONNX Runtime
+    session's first run allocates its buffers (no user pays for that), and the timings say whether the
+    reranker fits its deadline. Returns ``retrieve_ms`` and ``rerank_ms`` (or ``rerank_error``); a
+    retrieval failure raises (nothing can be served), a reranker failure is recorded (answers will fall
+    back to retrieval order, as they would per request)."""
+    history = list(next(iter(histories.values()))) if histories else [1]
+    query = RecommendQuery(history, k=10)
+    t = time.perf_counter()
+    candidates = rec.retrieve([query])[0][0]
+    out = {"retrieve_ms": round(1000 * (time.perf_counter() - t), 2)}
+    if rec.reranker is not None and candidates:
+        t = time.perf_counter()
+        try:
+            rec.rerank_windows([history], [candidates], run_options())
+            out["rerank_ms"] = round(1000 * (time.perf_counter() - t), 2)
+        except Exception as e:                                       # noqa: BLE001 - the API degrades
+            out["rerank_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """The API over ``directory`` (written by ``recsys export``); models load in the lifespan."""
     from serving.runtime import providers
@@ -306,15 +330,22 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
                 df = await asyncio.to_thread(pl.read_parquet, histories)
                 state["users"] = dict(zip(df["user_id"].to_list(), df["history"].to_list()))
+            state["warmup"] = await asyncio.to_thread(warm_up, rec, state.get("users"))
         except Exception as e:                                       # noqa: BLE001 - reported by /readyz
             state["error"] = f"{type(e).__name__}: {e}"
             log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": state["error"]}))
             return
+        warm = state["warmup"]
+        if "rerank_error" in warm or warm.get("rerank_ms", 0.0) > settings.rerank_timeout_ms:
+            log.warning(json.dumps({"event": "reranker_will_fall_back", **warm,
+                                    "rerank_timeout_ms": settings.rerank_timeout_ms,
+                                    "hint": "answers will come back in retrieval order; raise rerank_timeout_ms "
+                                            "(recsys serve --rerank-timeout-ms) or serve a faster reranker"}))
         state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics)
         state["batcher"].start()
         state["ready"] = True
         log.info(json.dumps({"event": "loaded", "directory": str(directory), "version": rec.version,
-                             "seconds": round(time.perf_counter() - t, 3)}))
+                             "seconds": round(time.perf_counter() - t, 3), "warmup": warm}))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -365,7 +396,8 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     async def models():
         rec = ready()
         return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
-                "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None, "items": rec.n_items}
+                "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None,
+                "items": rec.n_items, "warmup": state["warmup"], "rerank_timeout_ms": settings.rerank_timeout_ms}
 
     def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
         """The request's history in item idx and its unknown item ids (exclude included); 4xx when unusable."""

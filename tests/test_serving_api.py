@@ -141,7 +141,26 @@ def test_metrics_and_models(served):
     assert 'recsys_requests_total{path="/v1/recommend",status="200"}' in text
     assert 'recsys_requests_total{path="/v1/recommend",status="404"}' in text     # the status the endpoint sent
     assert "recsys_request_latency_ms_bucket" in text and "recsys_batch_size_count" in text
-    assert client.get("/v1/models").json()["reranker"] == "first"
+    models = client.get("/v1/models").json()
+    assert models["reranker"] == "first" and models["warmup"]["retrieve_ms"] > 0 and models["warmup"]["rerank_ms"] > 0
+
+
+def test_a_reranker_slower_than_its_deadline_is_reported_at_start_up(exported, caplog):
+    """The warm-up query times the reranker before /readyz turns green; slower than ``rerank_timeout_ms``
+    is a start-up warning naming both figures, not a surprise in every answer."""
+    import json
+    import logging
+
+    from serving.app import ServeSettings, create_app
+
+    caplog.set_level(logging.WARNING, logger="recsys.serving")
+    with Server(create_app(exported[0], ServeSettings(rerank_timeout_ms=1e-6))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        warm = client.get("/v1/models").json()["warmup"]
+    events = [json.loads(r.getMessage()) for r in caplog.records if "reranker_will_fall_back" in r.getMessage()]
+    assert len(events) == 1 and events[0]["rerank_ms"] == warm["rerank_ms"] > 1e-6
+    assert events[0]["rerank_timeout_ms"] == 1e-6
 
 
 def test_concurrent_requests_are_micro_batched(exported):
@@ -196,9 +215,11 @@ def test_a_late_reranker_is_answered_around_and_told_to_stop(exported, monkeypat
     from serving.app import ServeSettings, create_app
     from serving.runtime import Recommender
 
-    stopped = threading.Event()
+    stopped, armed = threading.Event(), threading.Event()
 
     def slow(self, histories, candidate_lists, run_options=None):
+        if not armed.is_set():                                             # the start-up warm-up query
+            raise RuntimeError("not armed yet")
         deadline = time.time() + 20
         while not run_options.terminate and time.time() < deadline:      # an ONNX run checks between nodes
             time.sleep(0.005)
@@ -210,6 +231,7 @@ def test_a_late_reranker_is_answered_around_and_told_to_stop(exported, monkeypat
     with Server(create_app(exported[0], ServeSettings(rerank_timeout_ms=50))) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:
         server.wait_ready(client)
+        armed.set()
         t = time.perf_counter()
         r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3})
         took = time.perf_counter() - t
