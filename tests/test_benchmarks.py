@@ -41,7 +41,13 @@ def test_renderers_on_minimal_results(tmp_path, monkeypatch):
                       {"variant": "int8", "ms_per_prompt": 900.0, "speedup_vs_fp32": 1.333, "max_abs_change": 3.6,
                        "mean_abs_change": 0.8, "top1_agreement": 0.75, "spearman": 0.78}]}
     text = "\n".join(render.render_quant_probe(probe))
-    assert "| int8 | 900 | 1.33x | 3.60 / 0.800 | 0.75 | 0.780 |" in text and "148.0 GFLOP per prompt" in text
+    assert "| int8 | 900 | 1.33x | 3.60 / 0.800 | 0.75 | 0.780 | - | - |" in text and "148.0 GFLOP per prompt" in text
+    probe["sasrec_window_ndcg@10"] = 0.15
+    probe["rows"][0]["ndcg@10"] = 0.1531
+    probe["rows"][1] |= {"ndcg@10": 0.1240, "ndcg@10_change": -0.0291, "ndcg@10_change_se": 0.0123}
+    text = "\n".join(render.render_quant_probe(probe))
+    assert "| fp32 | 1200 | 1.00x | | | | 0.1531 | |" in text and "| 0.780 | 0.1240 | -0.0291 +- 0.0123 |" in text
+    assert "SASRec's own window order: 0.1500" in text
 
 
 def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
@@ -171,6 +177,7 @@ def test_every_rl_result_name_finds_the_rl_renderer():
     assert render.renderer_for("rl_distill_lr3e-5") is render.render_rl is render.renderer_for("rl")
     assert render.renderer_for("rl_throughput") is render.render_rl_throughput
     assert render.renderer_for("nothing_known") is None
+    assert render.renderer_for("quant_probe_ndcg") is render.render_quant_probe is render.renderer_for("quant_probe")
 
 
 def test_cpu_seconds_of_a_process_grow_with_its_work():
@@ -204,3 +211,21 @@ def test_moving_average_by_hand():
 
     assert moving_average([1.0, 3.0, 5.0], 2) == [1.0, 2.0, 4.0]
     assert moving_average([2.0, 4.0], 10) == [2.0, 3.0]
+
+
+def test_window_ndcg_and_its_paired_change_by_hand():
+    """Windows of 3: user 0's target ranked first by its scores (NDCG 1), user 1's second (1/log2 3), user 2's
+    target not in the window (0); ties keep window order. The change from a reference is paired per user."""
+    import numpy as np
+
+    from pipelines.benchmarks.quant_probe import ndcg_change, window_ndcg10
+
+    windows = np.array([[5, 6, 7], [1, 2, 3], [4, 8, 9]])
+    scores = np.array([[0.0, 0.0, 1.0], [2.0, 1.0, 1.0], [1.0, 2.0, 3.0]])
+    got = window_ndcg10(windows, scores, np.array([7, 2, 11]))
+    np.testing.assert_allclose(got, [1.0, 1 / np.log2(3), 0.0])
+    ties = window_ndcg10(windows, np.zeros((3, 3)), np.array([6, 1, 9]))         # window order: ranks 1, 0, 2
+    np.testing.assert_allclose(ties, [1 / np.log2(3), 1.0, 0.5])
+    c = ndcg_change(np.array([1.0, 0.5, 0.0]), np.array([0.5, 0.5, 0.5]))
+    assert c["ndcg@10"] == 0.5 and c["ndcg@10_change"] == 0.0
+    assert c["ndcg@10_change_se"] == np.std([0.5, 0.0, -0.5], ddof=1) / np.sqrt(3)

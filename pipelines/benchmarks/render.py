@@ -209,14 +209,19 @@ def render_quant_probe(result: dict) -> list[str]:
     if result.get("fp32_flops"):
         f = result["fp32_flops"]
         out += [f"- fp32: {f['gflop_per_prompt']:.1f} GFLOP per prompt, {f['fp32_gflop_per_s']:.0f} GFLOP/s achieved"]
-    out += ["", "| variant | ms per prompt | vs fp32 | max / mean abs score change | top-1 agrees | Spearman |",
-            "|---|---:|---:|---:|---:|---:|"]
+    if "sasrec_window_ndcg@10" in result:
+        out += [f"- NDCG@10 of the held-out item in SASRec's own window order: {result['sasrec_window_ndcg@10']:.4f}"]
+    out += ["", ("| variant | ms per prompt | vs fp32 | max / mean abs score change | top-1 agrees | Spearman "
+                 "| NDCG@10 | change vs fp32 (+- SE) |"), "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        ndcg = f"{r['ndcg@10']:.4f}" if "ndcg@10" in r else "-"
         if r["variant"] == "fp32":
-            out.append(f"| fp32 | {r['ms_per_prompt']:.0f} | 1.00x | | | |")
+            out.append(f"| fp32 | {r['ms_per_prompt']:.0f} | 1.00x | | | | {ndcg} | |")
         else:
+            change = f"{r['ndcg@10_change']:+.4f} +- {r['ndcg@10_change_se']:.4f}" if "ndcg@10_change" in r else "-"
             out.append(f"| {r['variant']} | {r['ms_per_prompt']:.0f} | {r['speedup_vs_fp32']:.2f}x | "
-                       f"{r['max_abs_change']:.2f} / {r['mean_abs_change']:.3f} | {r['top1_agreement']:.2f} | {r['spearman']:.3f} |")
+                       f"{r['max_abs_change']:.2f} / {r['mean_abs_change']:.3f} | {r['top1_agreement']:.2f} | {r['spearman']:.3f} "
+                       f"| {ndcg} | {change} |")
     return out + [""]
 
 
@@ -427,7 +432,9 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
 
 
 def renderer_for(name: str):
-    return RENDERERS.get(name) or (render_rl if name.startswith("rl_") else None)
+    if name in RENDERERS:
+        return RENDERERS[name]
+    return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 
 def main() -> None:
