@@ -229,3 +229,14 @@ def test_window_ndcg_and_its_paired_change_by_hand():
     c = ndcg_change(np.array([1.0, 0.5, 0.0]), np.array([0.5, 0.5, 0.5]))
     assert c["ndcg@10"] == 0.5 and c["ndcg@10_change"] == 0.0
     assert c["ndcg@10_change_se"] == np.std([0.5, 0.0, -0.5], ddof=1) / np.sqrt(3)
+
+
+def test_gpu_check_on_a_cpu_machine_says_what_it_skipped_and_writes_nothing(capsys, monkeypatch, tmp_path):
+    from pipelines.benchmarks import common, gpu_check
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert gpu_check.main(["--only", "retrieval", "onnx"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA device" in out[0] and "skipped retrieval, onnx" in out[0]
+    assert not list(tmp_path.iterdir())

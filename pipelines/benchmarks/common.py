@@ -14,7 +14,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def git_commit() -> str:
-    """Short SHA of HEAD, with ``-dirty`` when tracked files differ from it."""
+    """Short SHA of HEAD, with ``-dirty`` when tracked files differ from it; ``$RECSYS_COMMIT`` (suffixed
+    ``(given)``) where the tree is a copy without its git directory, e.g. on a lent GPU machine."""
+    if os.environ.get("RECSYS_COMMIT") and not (Path(__file__).parents[2] / ".git").exists():
+        return os.environ["RECSYS_COMMIT"] + " (given)"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent).stdout.strip()
