@@ -261,6 +261,18 @@ def cmd_export(a):
     print(f"exported to {out}; serve it with: recsys serve {out}")
 
 
+def read_api_key(path) -> str:
+    """The key in ``path`` (its first line, stripped): a key on the command line would be visible to every
+    user of the machine in ``ps``."""
+    try:
+        key = Path(path).read_text().splitlines()[0].strip() if Path(path).stat().st_size else ""
+    except OSError as e:
+        raise RecsysError(f"--api-key-file {path}: {e.strerror}") from e
+    if not key:
+        raise RecsysError(f"--api-key-file {path}: the file is empty; expected the key on its first line")
+    return key
+
+
 def cmd_serve(a):
     import json
     import os
@@ -269,8 +281,8 @@ def cmd_serve(a):
 
     settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms,
                 "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
-                "rerank_timeout_ms": a.rerank_timeout_ms, "api_key": a.api_key or os.environ.get("RECSYS_API_KEY"),
-                "threads": a.threads}
+                "rerank_timeout_ms": a.rerank_timeout_ms, "threads": a.threads, "max_in_flight": a.max_in_flight,
+                "api_key": (read_api_key(a.api_key_file) if a.api_key_file else os.environ.get("RECSYS_API_KEY"))}
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
     uvicorn.run("serving.app:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers,
@@ -523,7 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--rerank-timeout-ms", type=float, default=1000.0,
                     help="past this the retrieval order is returned, flagged `fallback: timeout` (a smollm2-135m "
                          "prompt takes ~1 s on a 2-core CPU: raise it to serve that reranker there)")
-    sv.add_argument("--api-key", help="require this x-api-key on /v1/* (default: $RECSYS_API_KEY, else none)")
+    sv.add_argument("--api-key-file", help="require the key on this file's first line as x-api-key on /v1/* "
+                                          "(default: $RECSYS_API_KEY, else no key)")
+    sv.add_argument("--max-in-flight", type=int, default=64,
+                    help="requests inside the app at once per worker; more get 503 with Retry-After")
     sv.set_defaults(func=cmd_serve)
 
     rs = sub.add_parser("rescore", help="batch re-scoring of a parquet file of requests (resumable)",

@@ -19,7 +19,17 @@ Behaviour a client can rely on:
   ``reranked: false`` and ``fallback`` saying why; a late reranker is told to stop (ONNX Runtime's
   ``RunOptions.terminate``, checked between graph nodes) rather than left computing an answer nobody
   awaits, which under load would make every later request late too;
-- bodies above ``max_body_bytes`` get 413; with ``api_key`` set, ``/v1/*`` need ``x-api-key``;
+- what a client can cost the server before it is authenticated is bounded (:class:`Guard`): at most
+  ``max_in_flight`` requests are inside the app at once (beyond that 503 with ``Retry-After``, nothing
+  read); with ``api_key`` set, ``/v1/*`` without the right ``x-api-key`` get 401 before a byte of the body
+  is read; a body is read up to ``max_body_bytes`` whatever its transfer encoding (chunked included) and
+  within ``body_timeout_s``, else 413 / 408 and the connection is closed. Bodies in memory are therefore
+  at most ``max_in_flight * max_body_bytes`` (64 x 64 KB = 4 MB by default);
+- requests are strict: unknown fields, non-finite numbers (``NaN``, ``Infinity``, ``1e400``) and repeated
+  candidates are a 422; every error, whoever raises it, has one shape,
+  ``{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}``, documented in the OpenAPI spec per status;
+- ``/metrics`` is ``prometheus_client``'s exposition: route templates (never raw paths) as labels,
+  latency in seconds; with ``PROMETHEUS_MULTIPROC_DIR`` set, it sums every uvicorn worker;
 - ``/readyz`` turns 200 after one warm-up query has gone through retrieval and the reranker; its timings
   are in ``/v1/models`` (``warmup``), and a reranker slower than its deadline is logged at start-up
   (``reranker_will_fall_back``) rather than discovered in the answers.
@@ -29,18 +39,22 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import logging
 import os
 import time
-from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.runtime import Recommender, RecommendQuery, run_options
 
@@ -62,7 +76,13 @@ class ServeSettings:
     """Past this the reranker's answer is not awaited: the retrieval order comes back with ``reranked: false``
     and ``fallback: "timeout"``."""
     max_body_bytes: int = 64_000
+    """Largest request body read, counted on the bytes received (any transfer encoding); beyond it 413."""
+    max_in_flight: int = 64
+    """Most requests inside the app at once; more get 503 with ``Retry-After`` before anything is read."""
+    body_timeout_s: float = 10.0
+    """Longest time a client may take to send its body (a slow sender holds an in-flight slot); then 408."""
     api_key: str | None = None
+    """Required as ``x-api-key`` on ``/v1/*``; checked before the body is read."""
     threads: int | None = None
     """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching
     (concurrent requests already fill the cores; more threads per call only contend), else ORT's default."""
@@ -76,26 +96,37 @@ class ServeSettings:
 
 
 # ---------------------------------------------------------------- schemas
-class RecommendRequest(BaseModel):
-    user_id: str | None = Field(None, description="a known user: their whole history is used")
-    history: list[str] | None = Field(None, max_length=1000, description="item ids, oldest first")
+ItemId = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Strict(BaseModel):
+    """Request models: unknown fields and non-finite numbers are a 422, not ignored or a 500."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class RecommendRequest(Strict):
+    user_id: str | None = Field(None, max_length=256, description="a known user: their whole history is used")
+    history: list[ItemId] | None = Field(None, max_length=1000, description="item ids, oldest first")
     k: int = Field(10, ge=1, le=100)
-    exclude: list[str] = Field(default_factory=list, max_length=1000)
+    exclude: list[ItemId] = Field(default_factory=list, max_length=1000)
     candidates: int = Field(50, ge=1, le=500, description="retrieved before reranking")
     rerank: bool = True
 
 
-class GenerateRequest(BaseModel):
-    user_id: str | None = Field(None, description="a known user: their whole history is used")
-    history: list[str] | None = Field(None, max_length=1000, description="item ids, oldest first")
+class GenerateRequest(Strict):
+    user_id: str | None = Field(None, max_length=256, description="a known user: their whole history is used")
+    history: list[ItemId] | None = Field(None, max_length=1000, description="item ids, oldest first")
     k: int = Field(10, ge=1, le=100)
-    exclude: list[str] = Field(default_factory=list, max_length=1000, description="never returned (nor is the history)")
+    exclude: list[ItemId] = Field(default_factory=list, max_length=1000,
+                                  description="never returned (nor is the history)")
     beam: int = Field(20, ge=1, le=100, description="beam width (at least k is used)")
 
 
-class RerankRequest(BaseModel):
-    history: list[str] = Field(..., max_length=1000)
-    candidates: list[str] = Field(..., min_length=1, max_length=100)
+class RerankRequest(Strict):
+    history: list[ItemId] = Field(..., max_length=1000)
+    candidates: list[ItemId] = Field(..., min_length=1, max_length=100,
+                                     description="distinct item ids (a repeated id is a 422)")
     k: int | None = Field(None, ge=1, le=100)
 
 
@@ -120,59 +151,97 @@ class RerankResponse(BaseModel):
     latency_ms: float
 
 
+class GenerateResponse(BaseModel):
+    items: list[ScoredItemOut] = Field(description="scores are the items' log-probabilities under the model")
+    unknown_items: list[str] = []
+    model_version: str
+    latency_ms: float
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description="where the problem is: header, body field path, path")
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API returns, whatever raised it (the validation shape FastAPI uses for 422)."""
+
+    detail: list[ErrorItem]
+
+
+def error_body(msg: str, loc: tuple = ("body",), kind: str = "value_error") -> dict:
+    return {"detail": [{"loc": list(loc), "msg": msg, "type": kind}]}
+
+
+def api_error(status: int, msg: str, loc: tuple = ("body",), kind: str = "value_error") -> HTTPException:
+    """An HTTPException whose body is :class:`ErrorResponse`."""
+    return HTTPException(status, error_body(msg, loc, kind)["detail"])
+
+
+ERRORS = {status: {"model": ErrorResponse, "description": text} for status, text in {
+    400: "malformed request framing (content-length)", 401: "missing or wrong x-api-key",
+    404: "unknown user_id", 408: "body not received within body_timeout_s", 413: "body above max_body_bytes",
+    422: "invalid request", 501: "the deployment lacks this model",
+    503: "models loading, or max_in_flight requests already in progress (Retry-After)"}.items()}
+
+
 # ---------------------------------------------------------------- metrics
 class Metrics:
-    """Counters and histograms in the Prometheus text format (no client library needed)."""
+    """The API's Prometheus metrics (``prometheus_client``), in a registry of this app's own so that several
+    apps in one process stay apart. Paths become labels only as route templates: a request to any other
+    path counts as ``unmatched``, so no client can add series or text to ``/metrics``.
 
-    BUCKETS = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+    With ``PROMETHEUS_MULTIPROC_DIR`` set before start-up (several uvicorn workers), values live in that
+    directory's files and :meth:`render` sums every worker's (``prometheus_client.multiprocess``)."""
+
+    LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
-    def __init__(self):
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
-        self.latency = {path: [0] * (len(self.BUCKETS) + 1) for path in ("/v1/recommend", "/v1/rerank", "/v1/generate")}
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.batches = [0] * (len(self.BATCH_BUCKETS) + 1)
-        self.batch_sum = 0
-        self.errors = 0
-        self.fallbacks: dict[str, int] = defaultdict(int)
+    def __init__(self, routes=()):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    @staticmethod
-    def _observe(counts: list[int], buckets, value: float) -> None:
-        counts[next((i for i, b in enumerate(buckets) if value <= b), len(buckets))] += 1
+        self.routes = frozenset(routes)
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("recsys_requests", "HTTP requests by route template and status",
+                                ["path", "status"], registry=r)
+        self.errors = Counter("recsys_errors", "responses with status >= 500", registry=r)
+        self.refused = Counter("recsys_refused", "requests answered before the app: overload (503), "
+                               "unauthorised (401), too_large (413), bad_length (400), body_timeout (408)",
+                               ["reason"], registry=r)
+        self.latency = Histogram("recsys_request_duration_seconds", "time from the request's first byte "
+                                 "handled to its response, by route template", ["path"],
+                                 buckets=self.LATENCY_BUCKETS, registry=r)
+        self.batches = Histogram("recsys_batch_size", "queries per ONNX call of /v1/recommend",
+                                 buckets=self.BATCH_BUCKETS, registry=r)
+        self.fallbacks = Counter("recsys_rerank_fallbacks", "answers in retrieval order because the reranker "
+                                 "was late (timeout) or failed (error)", ["reason"], registry=r)
+        self.in_flight = Gauge("recsys_in_flight_requests", "requests inside the app now", registry=r,
+                               multiprocess_mode="livesum")
 
-    def observe_request(self, path: str, status: int, ms: float) -> None:
-        self.requests[(path, status)] += 1
+    def route(self, path: str) -> str:
+        return path if path in self.routes else "unmatched"
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        route = self.route(path)
+        self.requests.labels(route, str(status)).inc()
         if status >= 500:
-            self.errors += 1
-        if path in self.latency:
-            self._observe(self.latency[path], self.BUCKETS, ms)
-            self.latency_sum[path] += ms
+            self.errors.inc()
+        self.latency.labels(route).observe(seconds)
 
     def observe_batch(self, size: int) -> None:
-        self._observe(self.batches, self.BATCH_BUCKETS, size)
-        self.batch_sum += size
+        self.batches.observe(size)
 
-    @staticmethod
-    def _histogram(name: str, labels: str, counts, buckets, total: float) -> list[str]:
-        lines, cum = [], 0
-        for b, c in zip([*buckets, "+Inf"], counts):
-            cum += c
-            lines.append(f'{name}_bucket{{{labels}le="{b}"}} {cum}')
-        return lines + [f"{name}_sum{{{labels.rstrip(',')}}} {total}", f"{name}_count{{{labels.rstrip(',')}}} {cum}"]
+    def render(self) -> bytes:
+        from prometheus_client import CollectorRegistry, generate_latest
 
-    def render(self) -> str:
-        out = ["# TYPE recsys_requests_total counter"]
-        out += [f'recsys_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.requests.items())]
-        out += ["# TYPE recsys_errors_total counter", f"recsys_errors_total {self.errors}",
-                "# TYPE recsys_rerank_fallbacks_total counter"]
-        out += [f'recsys_rerank_fallbacks_total{{reason="{r}"}} {n}' for r, n in sorted(self.fallbacks.items())]
-        out += ["# TYPE recsys_request_latency_ms histogram"]
-        for path, counts in self.latency.items():
-            out += self._histogram("recsys_request_latency_ms", f'path="{path}",', counts, self.BUCKETS,
-                                   self.latency_sum[path])
-        out += ["# TYPE recsys_batch_size histogram"]
-        out += self._histogram("recsys_batch_size", "", self.batches, self.BATCH_BUCKETS, self.batch_sum)
-        return "\n".join(out) + "\n"
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------- micro-batching
@@ -180,10 +249,23 @@ class Batcher:
     """Collects concurrent queries into batches of at most ``max_batch``, waiting at most ``max_wait_ms``
     after the first, and runs each batch in a worker thread (ONNX Runtime releases the GIL)."""
 
+    LOG_EVERY_S = 60.0
+    """Fallbacks are logged once per this many seconds with the count since the last line (every one is in
+    ``recsys_rerank_fallbacks_total``): a reranker late on every request must not write a line per request."""
+
     def __init__(self, recommender: Recommender, settings: ServeSettings, metrics: Metrics):
         self.rec, self.settings, self.metrics = recommender, settings, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
+        self.unlogged, self.logged_at = 0, -float("inf")
+
+    def _log_fallback(self, reason: str, batch: int) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.LOG_EVERY_S:
+            log.warning(json.dumps({"event": "rerank_fallback", "reason": reason, "batch": batch,
+                                    "fallbacks_since_last_line": self.unlogged}))
+            self.unlogged, self.logged_at = 0, now
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop())
@@ -242,8 +324,8 @@ class Batcher:
         except Exception as e:                                       # noqa: BLE001 - degrade, never fail
             options.terminate = True       # a late reranker stops at its next ONNX node instead of holding a core
             reason = "timeout" if isinstance(e, TimeoutError) else f"error: {type(e).__name__}"
-            self.metrics.fallbacks[reason.split(":")[0]] += 1
-            log.warning(json.dumps({"event": "rerank_fallback", "reason": reason, "batch": len(todo)}))
+            self.metrics.fallbacks.labels(reason.split(":")[0]).inc()
+            self._log_fallback(reason, len(todo))
             for i in todo:
                 results[i]["fallback"] = reason
             return results
@@ -254,21 +336,59 @@ class Batcher:
 
 
 # ---------------------------------------------------------------- app
-class LimitsAndLogs:
-    """Body-size limit (413 from ``content-length``), request metrics and one structured log line per request.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and the scrape: never counted against ``max_in_flight`` (an overloaded server must still say so)."""
 
-    A plain ASGI middleware, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs the
-    endpoint in a separate task and streams its response through a memory channel, a cost paid on every
-    request of a hot path that takes a few milliseconds."""
 
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app, self.max_body_bytes, self.metrics = app, max_body_bytes, metrics
+class Guard:
+    """What every HTTP request meets before the app, cheapest check first, so that a client without a key
+    costs the server a bounded amount of memory and CPU:
+
+    1. ``max_in_flight``: beyond that many requests inside the app (probes excepted) the answer is 503 with
+       ``Retry-After: 1``, sent before anything of the body is read;
+    2. with an API key, ``/v1/*`` requests without the right ``x-api-key`` get 401, also before the body;
+    3. the body is read here, counting the bytes received, whatever the transfer encoding
+       (``content-length`` or chunked): past ``max_body_bytes`` 413, slower than ``body_timeout_s`` 408,
+       a malformed ``content-length`` 400; each closes the connection, so the rest is never read. The app
+       receives the body already read.
+
+    Then the response status and latency go to :class:`Metrics` and one JSON log line is written. A plain
+    ASGI middleware, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs the endpoint in a
+    separate task and streams its response through a memory channel, a cost paid on every request."""
+
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self.in_flight = 0
+
+    async def _refuse(self, scope, send, status: int, reason: str, msg: str, loc: tuple, headers: dict | None = None):
+        self.metrics.refused.labels(reason).inc()
+        await JSONResponse(error_body(msg, loc, reason), status_code=status,
+                           headers={"connection": "close", **(headers or {})})(scope, None, send)
+
+    async def _read_body(self, receive) -> bytes | tuple[int, str, str] | None:
+        """The whole body, or (status, reason, message) when it is too large or too slow, or None when the
+        client went away."""
+        limit, chunks, size = self.settings.max_body_bytes, [], 0
+        deadline = time.monotonic() + self.settings.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                return 408, "body_timeout", f"request body not received within {self.settings.body_timeout_s} s"
+            if message["type"] == "http.disconnect":
+                return None
+            size += len(message.get("body", b""))
+            if size > limit:
+                return 413, "too_large", f"request body exceeds {limit} bytes"
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        t, status = time.perf_counter(), 500
+        t, status, path = time.perf_counter(), 500, scope["path"]
 
         async def send_status(message):
             nonlocal status
@@ -276,18 +396,64 @@ class LimitsAndLogs:
                 status = message["status"]
             await send(message)
 
+        counted = path not in OPEN_PATHS
         try:
-            length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
-            if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-                detail = (f"request body of {length.decode(errors='replace')} bytes exceeds {self.max_body_bytes}"
-                          if length.isdigit() else f"content-length {length.decode(errors='replace')!r} is not a byte count")
-                await JSONResponse({"detail": detail}, status_code=413 if length.isdigit() else 400)(scope, receive, send_status)
-            else:
-                await self.app(scope, receive, send_status)
+            if counted and self.in_flight >= self.settings.max_in_flight:
+                await self._refuse(scope, send_status, 503, "overload", f"more than {self.settings.max_in_flight} requests "
+                                   "in progress; retry later", ("server",), {"retry-after": "1"})
+                return
+            headers = dict(scope["headers"])
+            key = self.settings.api_key
+            if key and path.startswith("/v1/") and not hmac.compare_digest(
+                    headers.get(b"x-api-key", b""), key.encode()):
+                await self._refuse(scope, send_status, 401, "unauthorised", "missing or wrong x-api-key",
+                                   ("header", "x-api-key"))
+                return
+            length = headers.get(b"content-length")
+            if length is not None and not length.isdigit():
+                await self._refuse(scope, send_status, 400, "bad_length", f"content-length "
+                                   f"{length.decode(errors='replace')[:40]!r} is not a byte count",
+                                   ("header", "content-length"))
+                return
+            if length is not None and int(length) > self.settings.max_body_bytes:
+                await self._refuse(scope, send_status, 413, "too_large", f"request body of {int(length)} bytes exceeds "
+                                   f"{self.settings.max_body_bytes}", ("header", "content-length"))
+                return
+            if counted:
+                self.in_flight += 1
+                self.metrics.in_flight.inc()
+            try:
+                body = await self._read_body(receive)
+                if body is None:
+                    return
+                if isinstance(body, tuple):
+                    await self._refuse(scope, send_status, body[0], body[1], body[2], ("body",))
+                    return
+                await self.app(scope, _replay(body, receive), send_status)
+            finally:
+                if counted:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
         finally:
-            ms = (time.perf_counter() - t) * 1000
-            self.metrics.observe_request(scope["path"], status, ms)
-            log.info(json.dumps({"method": scope["method"], "path": scope["path"], "status": status, "ms": round(ms, 2)}))
+            seconds = time.perf_counter() - t
+            self.metrics.observe_request(path, status, seconds)
+            log.info(json.dumps({"method": scope["method"], "path": self.metrics.route(path), "status": status,
+                                 "ms": round(1000 * seconds, 2)}))
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that hands the app the body read by :class:`Guard`, then the client's later
+    messages (a disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
 
 
 def warm_up(rec: Recommender, histories: dict | None) -> dict:
@@ -318,7 +484,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     directory = Path(directory)
     settings = settings.resolved(cuda="CUDAExecutionProvider" in providers())
     state: dict = {"ready": False}
-    metrics = Metrics()
+    metrics = Metrics()                                     # its route templates are filled in below
 
     async def load() -> None:
         t = time.perf_counter()
@@ -332,8 +498,8 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
                 state["users"] = dict(zip(df["user_id"].to_list(), df["history"].to_list()))
             state["warmup"] = await asyncio.to_thread(warm_up, rec, state.get("users"))
         except Exception as e:                                       # noqa: BLE001 - reported by /readyz
-            state["error"] = f"{type(e).__name__}: {e}"
-            log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": state["error"]}))
+            state["error"] = type(e).__name__             # the message (paths, ...) goes to the log only
+            log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": f"{type(e).__name__}: {e}"}))
             return
         warm = state["warmup"]
         if "rerank_error" in warm or warm.get("rerank_ms", 0.0) > settings.rerank_timeout_ms:
@@ -359,15 +525,32 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
                   description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")
 
-    app.add_middleware(LimitsAndLogs, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
 
-    def authorised(request: Request) -> None:
-        if settings.api_key and request.headers.get("x-api-key") != settings.api_key:
-            raise HTTPException(401, "missing or wrong x-api-key")
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        # Only loc, msg and type: the offending input may be NaN or Infinity, which JSON cannot carry.
+        return JSONResponse({"detail": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                                        for e in exc.errors()]}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, list) else error_body(str(exc.detail), ("path",),
+                                                                             "http_error")["detail"]
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    key_header = APIKeyHeader(name="x-api-key", auto_error=False,
+                              description="required on /v1/* when the server has an API key")
+
+    def authorised(key: str | None = Depends(key_header)) -> None:
+        # Guard has already refused a wrong key before the body was read; this declares the scheme in the
+        # OpenAPI spec and holds if the app is mounted without Guard.
+        if settings.api_key and not hmac.compare_digest((key or "").encode(), settings.api_key.encode()):
+            raise api_error(401, "missing or wrong x-api-key", ("header", "x-api-key"), "unauthorised")
 
     def ready() -> Recommender:
         if not state["ready"]:
-            raise HTTPException(503, "models are still loading")
+            raise api_error(503, "models are still loading", ("server",), "loading")
         return state["rec"]
 
     def to_idx(rec: Recommender, ids: list[str]) -> tuple[list[int], list[str]]:
@@ -384,15 +567,19 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @app.get("/readyz")
     async def readyz():
         if not state["ready"]:
-            return JSONResponse({"status": "failed", "error": state["error"]} if "error" in state
-                                else {"status": "loading"}, status_code=503)
+            return JSONResponse({"status": "failed", "error": state["error"] + " (details in the server log)"}
+                                if "error" in state else {"status": "loading"}, status_code=503)
         return {"status": "ready", "model_version": state["rec"].version}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus():
-        return metrics.render()
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-    @app.get("/v1/models", dependencies=[Depends(authorised)])
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    auth_errors = {s: ERRORS[s] for s in (401, 408, 413, 503)}
+
+    @app.get("/v1/models", dependencies=[Depends(authorised)], responses=auth_errors)
     async def models():
         rec = ready()
         return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
@@ -402,21 +589,26 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
         """The request's history in item idx and its unknown item ids (exclude included); 4xx when unusable."""
         if (body.user_id is None) == (body.history is None):
-            raise HTTPException(422, "give exactly one of user_id or history")
+            raise api_error(422, "give exactly one of user_id or history", ("body",))
         unknown: list[str] = []
         if body.user_id is not None:
             if body.user_id not in state.get("users", {}):
                 example = next(iter(state.get("users", {})), None)
-                raise HTTPException(404, f"unknown user_id {body.user_id!r}"
-                                         + (f" (ids of this model look like {example!r})" if example else ""))
+                raise api_error(404, f"unknown user_id {body.user_id!r}"
+                                + (f" (ids of this model look like {example!r})" if example else ""),
+                                ("body", "user_id"), "unknown_user")
             history = list(state["users"][body.user_id])
         else:
             history, unknown = to_idx(rec, body.history)
         if not history:
-            raise HTTPException(422, "empty history" + (f" (unknown item ids {unknown})" if unknown else ""))
+            raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
+                            ("body", "history"))
         return history, unknown
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)])
+    user_errors = {s: ERRORS[s] for s in (400, 401, 404, 408, 413, 422, 503)}
+
+    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)],
+              responses=user_errors)
     async def recommend(body: RecommendRequest):
         t = time.perf_counter()
         rec = ready()
@@ -428,39 +620,50 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
                                  fallback=result["fallback"], unknown_items=unknown + unknown_ex,
                                  model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
-    @app.post("/v1/generate", response_model=RerankResponse, dependencies=[Depends(authorised)])
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
+              responses=user_errors | {501: ERRORS[501]})
     async def generate(body: GenerateRequest):
         """The generative recommender writes the top k items itself (trie-constrained beam search);
         scores are the items' log-probabilities under the model, history and ``exclude`` banned."""
         t = time.perf_counter()
         rec = ready()
         if rec.generative is None:
-            raise HTTPException(501, "this deployment has no generative model (recsys export --generative)")
+            raise api_error(501, "this deployment has no generative model (recsys export --generative)",
+                            ("path",), "not_deployed")
         history, unknown = user_history(rec, body)
         exclude, unknown_ex = to_idx(rec, body.exclude)
         items, scores = await asyncio.to_thread(rec.generative.recommend, [history], body.k, body.beam,
                                                 [history + exclude])
         keep = [(int(i), float(s)) for i, s in zip(items[0], scores[0]) if i > 0]
-        return RerankResponse(items=items_out(rec, [i for i, _ in keep], [s for _, s in keep]),
-                              unknown_items=unknown + unknown_ex, model_version=rec.version,
-                              latency_ms=round((time.perf_counter() - t) * 1000, 3))
+        return GenerateResponse(items=items_out(rec, [i for i, _ in keep], [s for _, s in keep]),
+                                unknown_items=unknown + unknown_ex, model_version=rec.version,
+                                latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
-    @app.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(authorised)])
+    @app.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(authorised)],
+              responses={s: ERRORS[s] for s in (400, 401, 408, 413, 422, 501, 503)})
     async def rerank(body: RerankRequest):
         t = time.perf_counter()
         rec = ready()
         if rec.reranker is None:
-            raise HTTPException(501, "this deployment has no reranker")
+            raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
+        seen: set[str] = set()
+        for i, item in enumerate(body.candidates):
+            if item in seen:
+                raise api_error(422, f"candidate {item!r} is repeated; candidates must be distinct",
+                                ("body", "candidates", i))
+            seen.add(item)
         history, unknown = to_idx(rec, body.history)
         cands, unknown_c = to_idx(rec, body.candidates)
         if unknown_c:
-            raise HTTPException(422, f"unknown candidate item ids {unknown_c}")
+            raise api_error(422, f"unknown candidate item ids {unknown_c}", ("body", "candidates"), "unknown_item")
         if not history:
-            raise HTTPException(422, "empty history" + (f" (unknown item ids {unknown})" if unknown else ""))
+            raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
+                            ("body", "history"))
         out = (await asyncio.to_thread(rec.rerank_batch, [history], [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
+    metrics.routes = frozenset(route.path for route in app.routes)
     return app
 
 

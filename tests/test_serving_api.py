@@ -1,5 +1,6 @@
 """The ranking API against a real uvicorn server on 127.0.0.1, driven with an HTTP client."""
 
+import json
 import socket
 import threading
 import time
@@ -140,7 +141,7 @@ def test_metrics_and_models(served):
     text = client.get("/metrics").text
     assert 'recsys_requests_total{path="/v1/recommend",status="200"}' in text
     assert 'recsys_requests_total{path="/v1/recommend",status="404"}' in text     # the status the endpoint sent
-    assert "recsys_request_latency_ms_bucket" in text and "recsys_batch_size_count" in text
+    assert "recsys_request_duration_seconds_bucket" in text and "recsys_batch_size_count" in text
     models = client.get("/v1/models").json()
     assert models["reranker"] == "first" and models["warmup"]["retrieve_ms"] > 0 and models["warmup"]["rerank_ms"] > 0
 
@@ -176,7 +177,7 @@ def test_concurrent_requests_are_micro_batched(exported):
                                   .status_code, range(64)))
         assert codes == [200] * 64
         text = client.get("/metrics").text
-    count = int(next(l for l in text.splitlines() if l.startswith("recsys_batch_size_count")).split()[-1])
+    count = float(next(l for l in text.splitlines() if l.startswith("recsys_batch_size_count")).split()[-1])
     assert count < 64                                                           # some requests shared a batch
 
 
@@ -237,7 +238,7 @@ def test_a_late_reranker_is_answered_around_and_told_to_stop(exported, monkeypat
         took = time.perf_counter() - t
         assert r.status_code == 200 and r.json()["fallback"] == "timeout" and not r.json()["reranked"]
         assert took < 10 and stopped.wait(10)
-        assert 'recsys_rerank_fallbacks_total{reason="timeout"} 1' in client.get("/metrics").text
+        assert 'recsys_rerank_fallbacks_total{reason="timeout"} 1.0' in client.get("/metrics").text
 
 
 def test_generate_endpoint_writes_catalog_items_and_501_without_a_model(exported, tiny_dataset, tmp_path):
@@ -273,32 +274,178 @@ def test_generate_endpoint_writes_catalog_items_and_501_without_a_model(exported
         assert client.post("/v1/generate", json={"history": ids[:2]}).status_code == 501
 
 
-def test_limits_middleware_answers_before_the_app_and_records_every_status():
-    """The ASGI middleware on its own: an oversized or malformed content-length never reaches the app
-    (413 / 400), an allowed request passes through, and each status lands in the metrics."""
+def test_guard_answers_before_the_app_and_records_every_status():
+    """The ASGI guard on its own: an oversized or malformed content-length never reaches the app (413 / 400),
+    nor a chunked body that grows past the limit (413 after reading just past it, the rest never asked for);
+    an allowed request passes through with its body; each status lands in the metrics under its route."""
     import asyncio
 
-    from serving.app import LimitsAndLogs, Metrics
+    from serving.app import Guard, Metrics, ServeSettings
 
     reached = []
 
     async def app(scope, receive, send):
-        reached.append(scope["path"])
+        reached.append((await receive())["body"])
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    async def call(length: bytes) -> int:
-        sent = []
+    async def call(headers, chunks=(b"",)) -> tuple[int, int]:
+        sent, asked = [], 0
+
+        async def receive():
+            nonlocal asked
+            asked += 1
+            return {"type": "http.request", "body": chunks[asked - 1], "more_body": asked < len(chunks)}
 
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": "/v1/rerank", "headers": [(b"content-length", length)]}
-        await LimitsAndLogs(app, 10, metrics)(scope, None, send)
-        return sent[0]["status"]
+        scope = {"type": "http", "method": "POST", "path": "/v1/rerank", "headers": headers}
+        await Guard(app, ServeSettings(max_body_bytes=10), metrics)(scope, receive, send)
+        return sent[0]["status"], asked
 
-    metrics = Metrics()
-    assert asyncio.run(call(b"11")) == 413 and asyncio.run(call(b"ten")) == 400 and not reached
-    assert asyncio.run(call(b"10")) == 204 and reached == ["/v1/rerank"]
-    text = metrics.render()
-    assert all(f'path="/v1/rerank",status="{s}"' in text for s in (413, 400, 204))
+    metrics = Metrics(["/v1/rerank"])
+    assert asyncio.run(call([(b"content-length", b"11")]))[0] == 413
+    assert asyncio.run(call([(b"content-length", b"ten")]))[0] == 400 and not reached
+    chunked = [(b"transfer-encoding", b"chunked")]
+    assert asyncio.run(call(chunked, [b"abcd"] * 1000)) == (413, 3) and not reached    # 12 bytes > 10: stop
+    assert asyncio.run(call(chunked, [b"abcd", b"efghij"]))[0] == 204 and reached == [b"abcdefghij"]
+    text = metrics.render().decode()
+    assert all(f'recsys_requests_total{{path="/v1/rerank",status="{s}"}}' in text for s in (413, 400, 204))
+
+
+def send_chunked(port: int, path: str, total: int, headers: dict | None = None, chunk: int = 65536) -> tuple[int, int]:
+    """POST ``total`` bytes with ``Transfer-Encoding: chunked`` over a raw socket, stopping as soon as the
+    server answers or closes; returns (status or 0 when closed without an answer, bytes of body sent)."""
+    import select
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = [f"POST {path} HTTP/1.1", f"host: 127.0.0.1:{port}", "content-type: application/json",
+            "transfer-encoding: chunked", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    sent, data = 0, b"[" + b"1," * (chunk // 2)
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            piece = data[:min(chunk, total - sent)]
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sent += len(piece)
+        if sent >= total:
+            sock.sendall(b"0\r\n\r\n")                              # the last chunk
+        sock.settimeout(10)
+        answer = sock.recv(4096)
+    except OSError:                                     # reset by the server after it answered and closed
+        answer = b""
+    finally:
+        sock.close()
+    return (int(answer.split()[1]) if answer.startswith(b"HTTP/1.1") else 0), sent
+
+
+def test_a_chunked_body_is_cut_at_the_limit_and_an_unkeyed_one_is_never_read(exported):
+    """The body limit holds on the bytes received, not on content-length: a 50 MB chunked body gets 413
+    after little more than the limit was sent; with an API key, a request without it gets 401 before its
+    body is read at all."""
+    from serving.app import ServeSettings, create_app
+
+    with Server(create_app(exported[0], ServeSettings(max_body_bytes=4000))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        status, sent = send_chunked(server.port, "/v1/recommend", 50_000_000)
+        assert status == 413 and sent < 5_000_000, (status, sent)
+        assert client.post("/v1/recommend", json={"history": ["m1"], "k": 2}).status_code == 200
+    with Server(create_app(exported[0], ServeSettings(api_key="s3cret"))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        status, sent = send_chunked(server.port, "/v1/recommend", 50_000_000)
+        assert status == 401 and sent < 5_000_000, (status, sent)
+        text = client.get("/metrics").text
+        assert 'recsys_refused_total{reason="unauthorised"} 1.0' in text
+
+
+def test_metrics_take_route_templates_only_so_no_client_can_write_into_them(served):
+    client, _ = served
+    assert client.get("/%22%7D%201%0Arecsys_errors_total%20999999%0A%23").status_code == 404
+    client.get("/metrics")                                                      # its own series exists
+    before = client.get("/metrics").text
+    for i in range(200):
+        client.get(f"/random-{i}")
+    after = client.get("/metrics").text
+    assert "999999" not in after and "random-" not in after
+    assert 'recsys_requests_total{path="unmatched",status="404"} 201.0' in after
+    assert len(after.splitlines()) == len(before.splitlines())               # no new series per path
+    assert "# HELP recsys_request_duration_seconds" in after and "# TYPE recsys_requests_total counter" in after
+
+
+@pytest.mark.parametrize("path", ["/v1/recommend", "/v1/rerank", "/v1/generate"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_a_422_not_a_server_error(served, path, number):
+    client, _ = served
+    body = f'{{"history": ["m1"], "candidates": ["m2"], "k": {number}}}'
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "k"]
+
+
+def test_strict_requests_and_one_error_shape(served):
+    """Unknown fields and repeated candidates are 422s; every error, from validation, the endpoints, the
+    guard or the router, is {"detail": [{"loc", "msg", "type"}]}; the spec declares the key and each status."""
+    import polars as pl
+
+    client, out = served
+    known = pl.read_parquet(out / "catalog.parquet")["item_id"].to_list()
+    answers = [client.post("/v1/recommend", json={"history": ["m1"], "top_k": 3}),
+               client.post("/v1/rerank", json={"history": known[:2], "candidates": [known[3], known[4], known[3]]}),
+               client.post("/v1/recommend", json={"user_id": "nobody"}),
+               client.post("/v1/recommend", json={"history": ["m1"] * 2000}),
+               client.get("/no/such/path")]
+    assert [r.status_code for r in answers] == [422, 422, 404, 413, 404]
+    for r in answers:
+        assert set(r.json()) == {"detail"}, r.text
+        assert all(set(e) == {"loc", "msg", "type"} and isinstance(e["loc"], list) for e in r.json()["detail"])
+    assert answers[0].json()["detail"][0]["loc"] == ["body", "top_k"]
+    assert answers[1].json()["detail"][0]["loc"] == ["body", "candidates", 2] and "repeated" in answers[1].text
+    spec = client.get("/openapi.json").json()
+    assert "x-api-key" in json.dumps(spec["components"]["securitySchemes"])
+    assert set(spec["paths"]["/v1/recommend"]["post"]["responses"]) >= {"200", "401", "404", "413", "422", "503"}
+    generate = spec["paths"]["/v1/generate"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert generate["$ref"].endswith("/GenerateResponse")
+
+
+def test_requests_beyond_max_in_flight_get_503_with_retry_after(exported, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender
+
+    original, armed = Recommender.rerank_windows, threading.Event()
+
+    def slow(self, *a, **kw):
+        if armed.is_set():
+            time.sleep(1.0)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(Recommender, "rerank_windows", slow)
+    with Server(create_app(exported[0], ServeSettings(max_in_flight=2))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        armed.set()
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda _: client.post("/v1/recommend", json={"history": ["m1"], "k": 2}),
+                                    range(6)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+        refused = next(r for r in answers if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1" and refused.json()["detail"][0]["type"] == "overload"
+        assert client.get("/readyz").status_code == 200                        # probes are never refused
+
+
+def test_readyz_names_no_paths_when_loading_failed(tmp_path):
+    from serving.app import ServeSettings, create_app
+
+    missing = tmp_path / "secret-location" / "serve"
+    with Server(create_app(missing, ServeSettings())) as server, httpx.Client(base_url=server.url) as client:
+        deadline = time.time() + 30
+        while client.get("/readyz").json()["status"] == "loading":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "secret-location" not in r.text and r.json()["status"] == "failed"

@@ -15,8 +15,9 @@ RESULTS = Path(__file__).parent / "results"
 
 def git_commit() -> str:
     """Short SHA of HEAD, with ``-dirty`` when tracked files differ from it; ``$RECSYS_COMMIT`` (suffixed
-    ``(given)``) where the tree is a copy without its git directory, e.g. on a lent GPU machine."""
-    if os.environ.get("RECSYS_COMMIT") and not (Path(__file__).parents[2] / ".git").exists():
+    ``(given)``) when set, for a copy of a tree whose own git directory does not describe it (a lent GPU
+    machine receives the working tree with a stale ``.git``)."""
+    if os.environ.get("RECSYS_COMMIT"):
         return os.environ["RECSYS_COMMIT"] + " (given)"
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
