@@ -47,16 +47,16 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.runtime import Recommender, RecommendQuery, run_options
+from serving.schemas import GenerateRequest, RecommendRequest, RerankRequest
 
 log = logging.getLogger("recsys.serving")
 
@@ -95,41 +95,7 @@ class ServeSettings:
         return dataclasses.replace(self, micro_batching=batching, threads=threads)
 
 
-# ---------------------------------------------------------------- schemas
-ItemId = Annotated[str, Field(min_length=1, max_length=256)]
-
-
-class Strict(BaseModel):
-    """Request models: unknown fields and non-finite numbers are a 422, not ignored or a 500."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class RecommendRequest(Strict):
-    user_id: str | None = Field(None, max_length=256, description="a known user: their whole history is used")
-    history: list[ItemId] | None = Field(None, max_length=1000, description="item ids, oldest first")
-    k: int = Field(10, ge=1, le=100)
-    exclude: list[ItemId] = Field(default_factory=list, max_length=1000)
-    candidates: int = Field(50, ge=1, le=500, description="retrieved before reranking")
-    rerank: bool = True
-
-
-class GenerateRequest(Strict):
-    user_id: str | None = Field(None, max_length=256, description="a known user: their whole history is used")
-    history: list[ItemId] | None = Field(None, max_length=1000, description="item ids, oldest first")
-    k: int = Field(10, ge=1, le=100)
-    exclude: list[ItemId] = Field(default_factory=list, max_length=1000,
-                                  description="never returned (nor is the history)")
-    beam: int = Field(20, ge=1, le=100, description="beam width (at least k is used)")
-
-
-class RerankRequest(Strict):
-    history: list[ItemId] = Field(..., max_length=1000)
-    candidates: list[ItemId] = Field(..., min_length=1, max_length=100,
-                                     description="distinct item ids (a repeated id is a 422)")
-    k: int | None = Field(None, ge=1, le=100)
-
-
+# ---------------------------------------------------------------- responses
 class ScoredItemOut(BaseModel):
     item_id: str
     score: float
@@ -646,12 +612,6 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         rec = ready()
         if rec.reranker is None:
             raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
-        seen: set[str] = set()
-        for i, item in enumerate(body.candidates):
-            if item in seen:
-                raise api_error(422, f"candidate {item!r} is repeated; candidates must be distinct",
-                                ("body", "candidates", i))
-            seen.add(item)
         history, unknown = to_idx(rec, body.history)
         cands, unknown_c = to_idx(rec, body.candidates)
         if unknown_c:

@@ -4,8 +4,11 @@
     recsys rescore ... --engine ray --workers 8        # the same chunks on Ray Data
 
 Input columns: ``request_id`` (string, unique), and either ``user_id`` or ``history`` (list of item
-ids); optional ``candidates`` (list of item ids: rerank them) and ``k`` (default 10). Without
-candidates the request is a recommendation (retrieval + reranker), as ``POST /v1/recommend``.
+ids); optional ``candidates`` (list of distinct item ids: rerank them) and ``k`` (default 10). Without
+candidates the request is a recommendation (retrieval + reranker), as ``POST /v1/recommend``. Each row is
+validated by the API's request model with the API's limits (:class:`serving.schemas.RescoreRow`); a row
+that fails, repeats an earlier ``request_id``, or that the scorer cannot take goes to the rejects with its
+reason and never stops the job. Unknown columns and invalid options are refused before any work.
 
 Output: ``part-00000.parquet``, ... (``request_id``, ``items``, ``scores``), one per chunk of
 ``chunk_size`` input rows, and ``rejects/part-00000.parquet`` (``request_id``, ``row``, ``reason``)
@@ -22,66 +25,99 @@ import os
 from pathlib import Path
 
 import polars as pl
+from pydantic import ValidationError
 
 from recsys.assets import sha256
 from recsys.errors import RecsysError
 from serving.runtime import Recommender, RecommendQuery
+from serving.schemas import COLUMNS, RescoreRow
 
 OUT_SCHEMA = {"request_id": pl.String, "items": pl.List(pl.String), "scores": pl.List(pl.Float32)}
 REJECT_SCHEMA = {"request_id": pl.String, "row": pl.Int64, "reason": pl.String}
 
 
+def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int], list[int] | None, int]:
+    """(request_id, history idx, candidate idx or None, k) of one input row, validated by the API's own
+    request model (:class:`serving.schemas.RescoreRow`); a ValueError says what is wrong."""
+    try:
+        row = RescoreRow.model_validate({k: v for k, v in raw.items() if v is not None})
+    except ValidationError as e:
+        raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
+    if (row.user_id is None) == (row.history is None):
+        raise ValueError("give exactly one of user_id or history")
+    if row.user_id is not None:
+        if row.user_id not in users:
+            raise ValueError(f"unknown user_id {row.user_id!r}")
+        history = list(users[row.user_id])
+    else:
+        history = [rec.item_idx[i] for i in row.history if i in rec.item_idx]
+    if not history:
+        raise ValueError("empty history (or only unknown item ids)")
+    candidates = None
+    if row.candidates is not None:
+        unknown = [c for c in row.candidates if c not in rec.item_idx]
+        if unknown:
+            raise ValueError(f"unknown candidate item ids {unknown[:5]}")
+        candidates = [rec.item_idx[c] for c in row.candidates]
+    return row.request_id, history, candidates, row.k or 10
+
+
+def _score_each(fn, jobs: list, rejects: list) -> list:
+    """``fn(jobs)``; if that raises, each job alone, so that one row the scorer cannot take costs only that
+    row (rejected with the error) and never the chunk. ``jobs``: (request_id, row, ...) tuples."""
+    try:
+        return list(zip(jobs, fn(jobs)))
+    except Exception:                                              # noqa: BLE001 - isolate the row below
+        done = []
+        for job in jobs:
+            try:
+                done.append((job, fn([job])[0]))
+            except Exception as e:                                 # noqa: BLE001 - the row's reason
+                rejects.append({"request_id": job[0], "row": job[1], "reason": f"scoring failed: "
+                                f"{type(e).__name__}: {e}"})
+        return done
+
+
 def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int = 0,
-                  batch_size: int = 64) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Score request rows; returns (results, rejects). ``offset`` = input row of ``df[0]``. The scorers
-    run on sub-batches of ``batch_size`` rows of similar history length (:meth:`Recommender.recommend_batch`)."""
-    ok, rejects, queries, reranks = [], [], [], []
-    cols = set(df.columns)
-    for j, r in enumerate(df.iter_rows(named=True)):
-        row, rid = offset + j, r.get("request_id")
+                  batch_size: int = 64, duplicates: dict[int, int] | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Score request rows; returns (results, rejects). ``offset`` = input row of ``df[0]``; ``duplicates``
+    maps an input row to the earlier row with the same ``request_id`` (rejected). No row, however malformed,
+    stops the batch: it goes to the rejects with its reason. The scorers run on sub-batches of
+    ``batch_size`` rows of similar history length (:meth:`Recommender.recommend_batch`)."""
+    rejects, queries, reranks = [], [], []
+    duplicates = duplicates or {}
+    for j, raw in enumerate(df.iter_rows(named=True)):
+        row = offset + j
+        rid = raw.get("request_id")
         try:
-            if rid is None:
-                raise ValueError("request_id is missing")
-            k = int(r.get("k") or 10)
-            if not 1 <= k <= 1000:
-                raise ValueError(f"k={k} outside 1..1000")
-            if r.get("user_id") is not None:
-                if r["user_id"] not in users:
-                    raise ValueError(f"unknown user_id {r['user_id']!r}")
-                history = list(users[r["user_id"]])
-            elif r.get("history") is not None:
-                history = [rec.item_idx[i] for i in r["history"] if i in rec.item_idx]
-            else:
-                raise ValueError("neither user_id nor history")
-            if not history:
-                raise ValueError("empty history (or only unknown item ids)")
-            if "candidates" in cols and r.get("candidates") is not None:
-                unknown = [c for c in r["candidates"] if c not in rec.item_idx]
-                if unknown or not r["candidates"]:
-                    raise ValueError(f"unknown candidate item ids {unknown[:5]}" if unknown else "no candidates")
-                reranks.append((rid, history, [rec.item_idx[c] for c in r["candidates"]], k))
-            else:
-                queries.append((rid, RecommendQuery(history, k, candidates=max(50, k))))
-        except (ValueError, TypeError) as e:
-            rejects.append({"request_id": rid, "row": row, "reason": str(e)})
-    if queries:
-        for (rid, _), res in zip(queries, rec.recommend_batch([q for _, q in queries], batch_size)):
-            ok.append({"request_id": rid, "items": [rec.item_ids[i] for i in res["items"]], "scores": res["scores"]})
-    if reranks:
-        results = rec.rerank_batch([h for _, h, _, _ in reranks], [c for _, _, c, _ in reranks],
-                                   batch_size=batch_size)
-        for (rid, _, _, k), res in zip(reranks, results):
-            ok.append({"request_id": rid, "items": [rec.item_ids[i] for i in res["items"][:k]],
-                       "scores": res["scores"][:k]})
-    return pl.DataFrame(ok, schema=OUT_SCHEMA), pl.DataFrame(rejects, schema=REJECT_SCHEMA)
+            if row in duplicates:
+                raise ValueError(f"duplicate request_id (first at row {duplicates[row]})")
+            rid, history, candidates, k = parse_row(rec, users, raw)
+        except Exception as e:                                     # noqa: BLE001 - every bad row is a reject
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            rejects.append({"request_id": rid if isinstance(rid, str) else None, "row": row, "reason": reason})
+            continue
+        if candidates is None:
+            queries.append((rid, row, RecommendQuery(history, k, candidates=max(50, k))))
+        else:
+            reranks.append((rid, row, history, candidates, k))
+    ok = [{"request_id": rid, "items": [rec.item_ids[i] for i in res["items"]], "scores": res["scores"]}
+          for (rid, _, _), res in _score_each(lambda jobs: rec.recommend_batch([q for *_, q in jobs], batch_size),
+                                              queries, rejects)]
+    ok += [{"request_id": rid, "items": [rec.item_ids[i] for i in res["items"][:k]], "scores": res["scores"][:k]}
+           for (rid, _, _, _, k), res in _score_each(
+               lambda jobs: rec.rerank_batch([j[2] for j in jobs], [j[3] for j in jobs], batch_size=batch_size),
+               reranks, rejects)]
+    return pl.DataFrame(ok, schema=OUT_SCHEMA), pl.DataFrame(sorted(rejects, key=lambda r: r["row"]),
+                                                             schema=REJECT_SCHEMA)
 
 
 def score_chunk(rec: Recommender, users: dict, input_path: Path, output: Path, c: int, chunk_size: int,
-                batch_size: int = 64) -> dict:
+                batch_size: int = 64, duplicates: dict[int, int] | None = None) -> dict:
     """Score input rows [c * chunk_size, (c + 1) * chunk_size) and write their part and rejects
     atomically; returns the chunk's manifest entry. The unit of work of every engine."""
     chunk = pl.scan_parquet(input_path).slice(c * chunk_size, chunk_size).collect()
-    results, rejects = process_batch(rec, users, chunk, c * chunk_size, batch_size)
+    results, rejects = process_batch(rec, users, chunk, c * chunk_size, batch_size, duplicates)
     _write_atomic(results, Path(output) / f"part-{c:05d}.parquet")
     _write_atomic(rejects, Path(output) / "rejects" / f"part-{c:05d}.parquet")
     return {"rows": chunk.height, "scored": results.height, "rejected": rejects.height}
@@ -106,6 +142,9 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     """
     if engine not in ("local", "ray"):
         raise RecsysError(f"engine must be 'local' or 'ray', got {engine!r}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size), ("workers", workers)):
+        if not isinstance(value, int) or value < 1:
+            raise RecsysError(f"{name} must be a whole number >= 1, got {value!r}")
     from tqdm.auto import tqdm
 
     input_path, output = Path(input_path), Path(output)
@@ -116,6 +155,9 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     if "request_id" not in columns or not ({"user_id", "history"} & set(columns)):
         raise RecsysError(f"{input_path}: needs a request_id column and a user_id or history column, "
                           f"has {list(columns)}")
+    unknown = [c for c in columns if c not in COLUMNS]
+    if unknown:
+        raise RecsysError(f"{input_path}: unknown columns {unknown}; a request has {list(COLUMNS)}")
     identity = {"input": str(input_path.resolve()), "input_sha256": sha256(input_path), "rows": n_rows,
                 "chunk_size": chunk_size}
     manifest_path = output / "manifest.json"
@@ -125,7 +167,8 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     output.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-n_rows // chunk_size)
     todo = [c for c in range(n_chunks) if str(c) not in manifest["chunks"]][:stop_after]
-    args = (str(serve_dir), str(input_path), str(output), chunk_size, batch_size)
+    args = (str(serve_dir), str(input_path), str(output), chunk_size, batch_size,
+            duplicate_rows(input_path) if todo else {})
     finished = _ray_chunks(todo, args, workers) if engine == "ray" else _local_chunks(todo, args)
     for c, entry in tqdm(finished, total=len(todo), desc="rescore", unit="chunk", disable=not progress):
         manifest["chunks"][str(c)] = entry
@@ -138,13 +181,31 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
 class ChunkScorer:
     """Holds one :class:`Recommender` and the user histories; scores chunks by number."""
 
-    def __init__(self, serve_dir: str, input_path: str, output: str, chunk_size: int, batch_size: int):
+    def __init__(self, serve_dir: str, input_path: str, output: str, chunk_size: int, batch_size: int,
+                 duplicates: dict[int, int]):
         self.rec = Recommender(serve_dir)
         self.users = load_users(serve_dir)
         self.input_path, self.output, self.chunk_size, self.batch_size = Path(input_path), Path(output), chunk_size, batch_size
+        self.duplicates = duplicates
 
     def __call__(self, c: int) -> dict:
-        return score_chunk(self.rec, self.users, self.input_path, self.output, c, self.chunk_size, self.batch_size)
+        return score_chunk(self.rec, self.users, self.input_path, self.output, c, self.chunk_size, self.batch_size,
+                           self.duplicates)
+
+
+def duplicate_rows(input_path) -> dict[int, int]:
+    """Input row -> the first row with the same ``request_id``, for every later occurrence of an id (those
+    rows are rejected, so that each id has one answer)."""
+    repeated = (pl.scan_parquet(input_path).select("request_id").with_row_index("row")
+                .filter(pl.col("request_id").is_not_null() & pl.col("request_id").is_duplicated()).collect())
+    first: dict[str, int] = {}
+    out = {}
+    for row, rid in repeated.iter_rows():
+        if rid in first:
+            out[row] = first[rid]
+        else:
+            first[rid] = row
+    return out
 
 
 def load_users(serve_dir) -> dict:

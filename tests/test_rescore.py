@@ -79,3 +79,55 @@ def test_ray_engine_matches_local_and_resumes_a_local_job(exported, tmp_path):
     assert a.equals(b) and ra.equals(rb)
     with pytest.raises(RecsysError, match="engine"):
         rescore(out, tmp_path / "req.parquet", tmp_path / "x", engine="spark", progress=False)
+
+
+def test_bad_rows_are_rejected_with_their_reason_and_never_stop_the_job(exported, tmp_path, monkeypatch):
+    """k = inf / NaN / 0 / 1000, a repeated request_id, repeated candidates, a null id and a row the scorer
+    raises on: each goes to the rejects with its reason, every other row is scored, once; a rerun changes
+    nothing."""
+    from serving.runtime import Recommender
+
+    out = exported[0]
+    users = pl.read_parquet(out / "histories.parquet")["user_id"].to_list()
+    items = pl.read_parquet(out / "catalog.parquet")["item_id"].to_list()
+    ks = [3.0, float("inf"), float("nan"), 0.0, 1000.0, 2.0, 4.0, 5.0, 3.0, 3.0]
+    ids = ["a", "b", "c", "d", "e", "a", None, "g", "h", "boom"]
+    cands = [None] * 7 + [[items[3], items[4], items[3]], None, None]
+    df = pl.DataFrame({"request_id": ids, "user_id": [users[i % len(users)] for i in range(10)], "k": ks,
+                       "candidates": cands}, schema={"request_id": pl.String, "user_id": pl.String, "k": pl.Float64,
+                                                     "candidates": pl.List(pl.String)})
+    df.write_parquet(tmp_path / "req.parquet")
+    boom_history = list(pl.read_parquet(out / "histories.parquet").filter(pl.col("user_id") == users[9 % len(users)])
+                        ["history"][0])
+    original = Recommender.recommend_batch
+
+    def fragile(self, queries, batch_size=64):
+        if any(list(q.history) == boom_history for q in queries):
+            raise RuntimeError("scorer exploded")
+        return original(self, queries, batch_size)
+
+    monkeypatch.setattr(Recommender, "recommend_batch", fragile)
+    m = rescore(out, tmp_path / "req.parquet", tmp_path / "o", chunk_size=4, progress=False)
+    done, rejects = read_output(tmp_path / "o")
+    assert m["complete"] and sorted(done["request_id"].to_list()) == ["a", "h"]
+    reasons = dict(zip(rejects["row"].to_list(), rejects["reason"].to_list()))
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 9]
+    assert "finite number" in reasons[1] and "finite number" in reasons[2]
+    assert "greater than or equal to 1" in reasons[3] and "less than or equal to 100" in reasons[4]
+    assert reasons[5] == "duplicate request_id (first at row 0)" and "request_id" in reasons[6]
+    assert "repeated" in reasons[7] and "scoring failed: RuntimeError: scorer exploded" in reasons[9]
+    assert done.filter(pl.col("request_id") == "a")["items"][0].len() == 3
+    rescore(out, tmp_path / "req.parquet", tmp_path / "o", chunk_size=4, progress=False)
+    assert read_output(tmp_path / "o")[0].equals(done)
+
+
+@pytest.mark.parametrize("option, value", [("chunk_size", 0), ("batch_size", -1), ("workers", 0)])
+def test_invalid_options_and_unknown_columns_are_refused_before_any_work(exported, tmp_path, option, value):
+    out = exported[0]
+    requests(out, 5).write_parquet(tmp_path / "req.parquet")
+    with pytest.raises(RecsysError, match=f"{option} must be a whole number >= 1"):
+        rescore(out, tmp_path / "req.parquet", tmp_path / "o", progress=False, **{option: value})
+    requests(out, 5).with_columns(top_k=pl.lit(3)).write_parquet(tmp_path / "extra.parquet")
+    with pytest.raises(RecsysError, match=r"unknown columns \['top_k'\]"):
+        rescore(out, tmp_path / "extra.parquet", tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

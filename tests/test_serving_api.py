@@ -402,7 +402,7 @@ def test_strict_requests_and_one_error_shape(served):
         assert set(r.json()) == {"detail"}, r.text
         assert all(set(e) == {"loc", "msg", "type"} and isinstance(e["loc"], list) for e in r.json()["detail"])
     assert answers[0].json()["detail"][0]["loc"] == ["body", "top_k"]
-    assert answers[1].json()["detail"][0]["loc"] == ["body", "candidates", 2] and "repeated" in answers[1].text
+    assert answers[1].json()["detail"][0]["loc"] == ["body", "candidates"] and "position 2 is repeated" in answers[1].text
     spec = client.get("/openapi.json").json()
     assert "x-api-key" in json.dumps(spec["components"]["securitySchemes"])
     assert set(spec["paths"]["/v1/recommend"]["post"]["responses"]) >= {"200", "401", "404", "413", "422", "503"}

@@ -33,27 +33,31 @@ def test_generated_requests_get_no_server_error_and_conform_to_the_spec(fuzzed):
     server, _ = fuzzed
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     calls = []
+
+    def check_operation(operation, mode):
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(generation_mode=mode))
+        def check(case):
+            response = case.call(base_url=server.url, headers={"x-api-key": KEY})
+            calls.append((operation.label, response.status_code))
+            # 501: a deployment without a generative model says so (documented), not a server error.
+            assert response.status_code < 500 or response.status_code == 501, (case.as_curl_command(),
+                                                                               response.text)
+            # Schema-valid requests may still be refused by rules the spec cannot state (item ids that the
+            # catalogue lacks, exactly one of user_id / history): a 4xx with a reason, checked elsewhere.
+            # 413 (the body limit, counted in bytes) answers before any schema rule is looked at; 501 is
+            # checked above (schemathesis counts every 5xx as a server error).
+            if response.status_code not in (413, 501):
+                case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+        check()
+
     for result in schema.get_all_operations():
         operation = result.ok()
-        modes = [GenerationMode.POSITIVE] + [GenerationMode.NEGATIVE] * (operation.method.upper() == "POST")
-        for mode in modes:                                  # a GET without parameters has no invalid form
-            @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def check(case):
-                response = case.call(base_url=server.url, headers={"x-api-key": KEY})
-                calls.append((operation.label, response.status_code))
-                # 501: a deployment without a generative model says so (documented), not a server error.
-                assert response.status_code < 500 or response.status_code == 501, (case.as_curl_command(),
-                                                                                   response.text)
-                # Schema-valid requests may still be refused by rules the spec cannot state (item ids that the
-                # catalogue lacks, exactly one of user_id / history): a 4xx with a reason, checked elsewhere.
-                # 413 (the body limit, counted in bytes) answers before any schema rule is looked at; 501 is
-                # checked above (schemathesis counts every 5xx as a server error).
-                if response.status_code not in (413, 501):
-                    case.validate_response(response, excluded_checks=[positive_data_acceptance])
-
-            check()
+        # Valid inputs everywhere; invalid ones where there is a body (a GET without parameters has none).
+        for mode in [GenerationMode.POSITIVE] + [GenerationMode.NEGATIVE] * (operation.method.upper() == "POST"):
+            check_operation(operation, mode)
     assert len(calls) >= 100 and {label for label, _ in calls} >= {"POST /v1/recommend", "POST /v1/rerank"}
 
 

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,9 @@ from pipelines.benchmarks.common import Provenance, write_result
 SECTIONS = ("cuda-tests", "sasrec-train", "retrieval", "onnx", "smollm2-sft-step-bf16")
 REPO = Path(__file__).resolve().parents[2]
 # SmolLM2-135M's architecture (its config.json), for a step with random weights when the real ones are absent.
-SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-               num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
-               rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+           "rope_theta": 100000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True}
 
 
 def _timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
@@ -64,6 +65,22 @@ def _timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def _train_step(loss_fn, opt, device: str, bf16: bool) -> float:
+    """One optimiser step on ``loss_fn()`` under bf16 autocast when ``bf16``; returns the loss."""
+    import torch
+
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
 
 
 def cuda_tests() -> list[dict]:
@@ -93,15 +110,7 @@ def sasrec_train(quick: bool) -> list[dict]:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(0)
         seq = torch.randint(1, config.n_items + 1, (batch, config.max_len + 1), generator=g).to(device)
-        inputs, labels = seq[:, :-1], seq[:, 1:]
-
-        def step():
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model.loss(inputs, labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = partial(_train_step, partial(model.loss, seq[:, :-1], seq[:, 1:]), opt, device, precision == "bf16")
         cuda = device == "cuda"
         seconds = _timed(step, 3 if cuda else 1, (5 if quick else 30) if cuda else (3 if quick else 8), cuda)
         rows.append({"name": f"sasrec-train-{device}-{precision}-b{batch}",
@@ -211,8 +220,8 @@ def onnx(quick: bool) -> list[dict]:
                 t = time.perf_counter()
                 sess = ort.InferenceSession(str(path), providers=[provider])
                 one = {k: v[:1] for k, v in feeds.items()}
-                ms1 = 1000 * _timed(lambda: sess.run(None, one), 3, 10 if quick else 50, False)
-                ms32 = 1000 * _timed(lambda: sess.run(None, feeds), 2, 5 if quick else 20, False)
+                ms1 = 1000 * _timed(partial(sess.run, None, one), 3, 10 if quick else 50, False)
+                ms32 = 1000 * _timed(partial(sess.run, None, feeds), 2, 5 if quick else 20, False)
                 outputs[provider] = sess.run(None, feeds)[0]
                 rows.append({"name": label, "metrics": {"ms_batch1": round(ms1, 3), "ms_batch32": round(ms32, 3),
                              "providers": sess.get_providers()}, "seconds": round(time.perf_counter() - t, 1)})
@@ -242,15 +251,7 @@ def smollm2_step(quick: bool) -> list[dict]:
     for tokens in (64, 600):
         t = time.perf_counter()
         ids = torch.randint(0, model.config.vocab_size, (8, tokens), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(input_ids=ids, labels=ids).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-
+        step = partial(_train_step, partial(_lm_loss, model, ids), opt, "cuda", True)
         torch.cuda.reset_peak_memory_stats()
         seconds = _timed(step, 2, 3 if quick else 10, True)
         loss = float(step())
