@@ -240,3 +240,19 @@ def test_gpu_check_on_a_cpu_machine_says_what_it_skipped_and_writes_nothing(caps
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA device" in out[0] and "skipped retrieval, onnx" in out[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_row_results_render_every_metric_and_every_skip_with_its_reason():
+    from pipelines.benchmarks.render import renderer_for
+
+    result = {"benchmark": "gpu_check", "command": "python -m x", "commit": "abc", "date": "2026-12-04",
+              "machine": "NVIDIA H200 (CUDA)", "environment": {"torch": "2.11"},
+              "rows": [{"name": "sasrec-train-cuda-fp32-b32", "metrics": {"samples_per_s": 5843.6, "threads": None},
+                        "seconds": 0.7},
+                       {"name": "onnx-sasrec-cuda", "skipped": "no CUDAExecutionProvider"},
+                       {"name": "smollm2-sft-step-bf16-8x64", "weights": "random", "metrics": {"step_ms": 123.4},
+                        "seconds": 3.2}]}
+    text = "\n".join(renderer_for("gpu_check")(result))
+    assert "| sasrec-train-cuda-fp32-b32 | samples_per_s 5844 | 0.7 |" in text and "threads" not in text
+    assert "| onnx-sasrec-cuda | skipped: no CUDAExecutionProvider |" in text
+    assert "smollm2-sft-step-bf16-8x64 (random weights) | step_ms 123.4" in text and "torch 2.11" in text

@@ -8,6 +8,8 @@ import time
 import httpx
 import pytest
 
+from pipelines.benchmarks.abuse import send_chunked
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -312,32 +314,6 @@ def test_guard_answers_before_the_app_and_records_every_status():
     assert asyncio.run(call(chunked, [b"abcd", b"efghij"]))[0] == 204 and reached == [b"abcdefghij"]
     text = metrics.render().decode()
     assert all(f'recsys_requests_total{{path="/v1/rerank",status="{s}"}}' in text for s in (413, 400, 204))
-
-
-def send_chunked(port: int, path: str, total: int, headers: dict | None = None, chunk: int = 65536) -> tuple[int, int]:
-    """POST ``total`` bytes with ``Transfer-Encoding: chunked`` over a raw socket, stopping as soon as the
-    server answers or closes; returns (status or 0 when closed without an answer, bytes of body sent)."""
-    import select
-
-    sock = socket.create_connection(("127.0.0.1", port))
-    head = [f"POST {path} HTTP/1.1", f"host: 127.0.0.1:{port}", "content-type: application/json",
-            "transfer-encoding: chunked", *(f"{k}: {v}" for k, v in (headers or {}).items())]
-    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-    sent, data = 0, b"[" + b"1," * (chunk // 2)
-    try:
-        while sent < total and not select.select([sock], [], [], 0)[0]:
-            piece = data[:min(chunk, total - sent)]
-            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-            sent += len(piece)
-        if sent >= total:
-            sock.sendall(b"0\r\n\r\n")                              # the last chunk
-        sock.settimeout(10)
-        answer = sock.recv(4096)
-    except OSError:                                     # reset by the server after it answered and closed
-        answer = b""
-    finally:
-        sock.close()
-    return (int(answer.split()[1]) if answer.startswith(b"HTTP/1.1") else 0), sent
 
 
 def test_a_chunked_body_is_cut_at_the_limit_and_an_unkeyed_one_is_never_read(exported):

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serving_api import Server, send_chunked
+from pipelines.benchmarks.abuse import send_chunked
+from tests.test_serving_api import Server
 
 KEY = "fuzz-key"
 EXAMPLES = 25

@@ -425,9 +425,41 @@ def render_rl_throughput(result: dict) -> list[str]:
     return out
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return str(value)
+
+
+def render_rows(title: str, intro: str = ""):
+    """A renderer for results of ``{name, metrics, seconds}`` rows (or ``skipped`` / ``error`` with a reason):
+    one line per row, every metric named."""
+    def render(result: dict) -> list[str]:
+        out = _provenance(title, result) + ([f"- {intro}"] if intro else [])
+        if result.get("environment"):
+            out.append("- environment: " + _cell(result["environment"]))
+        out += ["", "| row | measured | seconds |", "|---|---|---:|"]
+        for row in result["rows"]:
+            measured = ("skipped: " + row["skipped"] if "skipped" in row else "error: " + row["error"] if "error" in row
+                        else "; ".join(f"{k} {_cell(v)}" for k, v in row["metrics"].items() if v is not None))
+            label = row["name"] + (f" ({row['weights']} weights)" if row.get("weights") else "")
+            out.append(f"| {label} | {measured.replace('|', '/')} | {row.get('seconds', '')} |")
+        return out + [""]
+    return render
+
+
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
-             "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe}
+             "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe,
+             "gpu_check": render_rows("## GPU check (`gpu_check`)", "every CUDA path once on a lent GPU; a skipped row "
+                                      "names what the machine lacked"),
+             "abuse": render_rows("## What a hostile client costs the API (`abuse`)", "a real uvicorn process over "
+                                  "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
+                                  "closed before the client read the answer"),
+             "abuse_before": render_rows("## The same probe before the API's guard (`abuse_before`)",
+                                         "the previous serving code; same command, fewer clients")}
 """Renderers by result name; any other ``rl_*`` result (``--result`` of the RL benchmark) renders as ``rl``."""
 
 
