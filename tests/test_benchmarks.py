@@ -255,4 +255,4 @@ def test_row_results_render_every_metric_and_every_skip_with_its_reason():
     text = "\n".join(renderer_for("gpu_check")(result))
     assert "| sasrec-train-cuda-fp32-b32 | samples_per_s 5844 | 0.7 |" in text and "threads" not in text
     assert "| onnx-sasrec-cuda | skipped: no CUDAExecutionProvider |" in text
-    assert "smollm2-sft-step-bf16-8x64 (random weights) | step_ms 123.4" in text and "torch 2.11" in text
+    assert "smollm2-sft-step-bf16-8x64 [weights: random] | step_ms 123.4" in text and "torch 2.11" in text

@@ -427,7 +427,7 @@ def render_rl_throughput(result: dict) -> list[str]:
 
 def _cell(value) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items())
     return str(value)
@@ -444,7 +444,7 @@ def render_rows(title: str, intro: str = ""):
         for row in result["rows"]:
             measured = ("skipped: " + row["skipped"] if "skipped" in row else "error: " + row["error"] if "error" in row
                         else "; ".join(f"{k} {_cell(v)}" for k, v in row["metrics"].items() if v is not None))
-            label = row["name"] + (f" ({row['weights']} weights)" if row.get("weights") else "")
+            label = row["name"] + (f" [weights: {row['weights']}]" if row.get("weights") else "")
             out.append(f"| {label} | {measured.replace('|', '/')} | {row.get('seconds', '')} |")
         return out + [""]
     return render
