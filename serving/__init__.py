@@ -1,4 +1,5 @@
-"""Serving layer: ONNX export, torch-free ONNX Runtime scorers, the FastAPI app, batch re-scoring.
+"""Serving layer: ONNX export (``export``), torch-free ONNX Runtime scorers (``runtime``), the request models
+(``schemas``), the FastAPI app (``app``) and batch re-scoring (``rescore``).
 
-Not built yet (issue 7). Only ``serving/export.py`` will import torch; the rest must not (tested).
+Only ``serving/export.py`` imports torch; importing the others does not load it (tested).
 """

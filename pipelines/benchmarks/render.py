@@ -325,7 +325,7 @@ def render_serving(result: dict) -> list[str]:
         out += ["", ("fallbacks: 200 answers in retrieval order because the reranker missed its deadline "
                      "(`rerank_timeout_ms`, 1 s by default; the smollm2 rows run with a deadline long enough to "
                      "rerank every answer) or failed; their latency is not the reranker's.")]
-    out += ["", "Targets (issue 7): " + "; ".join(f"{name}: {verdict}" for name, verdict in serving_targets(result))]
+    out += ["", "Targets: " + "; ".join(f"{name}: {verdict}" for name, verdict in serving_targets(result))]
     j = result["rescore"]
     out += ["", (f"Batch re-scoring: {j['job_rows_per_s']:.0f} rows/s ({j['rows']} rows) vs a per-row loop "
                 f"{j['loop_rows_per_s']:.0f} rows/s ({j['loop_rows']} rows): ratio {r['rescore_job/loop rows_per_s']:.2f}."),
