@@ -39,26 +39,12 @@ def tiny_dataset(tmp_path):
 @pytest.fixture(scope="session")
 def _exported_once(tmp_path_factory):
     """Built once per session (the export with int8 quantisation takes ~12 s): a tiny SASRec, a tiny
-    listwise reranker and their deployment, over the ring dataset prepared as ``tiny_dataset`` prepares it."""
-    import json
-
-    from recsys.data import prepare, read_dataset
-    from recsys.llm.backbone import build_tiny
-    from recsys.models.sasrec import SASRec, SASRecConfig
-    from serving.export import export
+    listwise reranker and their deployment, over the ring dataset prepared as ``tiny_dataset`` prepares it
+    (the deployment the abuse benchmark serves)."""
+    from pipelines.benchmarks.abuse import deploy
 
     root = tmp_path_factory.mktemp("exported")
-    dataset = prepare(read_dataset(FIXTURES / "tiny"), root / "prepared")
-    torch.manual_seed(0)
-    sas = SASRec(SASRecConfig(n_items=dataset.n_items, max_len=12, hidden_size=16, num_layers=2), dataset.fingerprint)
-    sas.save_pretrained(root / "sas")
-    bb = build_tiny(n_items=dataset.n_items, hidden_size=32, num_layers=1)
-    bb.model.save_pretrained(root / "rr")
-    bb.tokenizer.save_pretrained(root / "rr")
-    (root / "rr" / "reranker.json").write_text(json.dumps({
-        "kind": "listwise", "prompt": "tiny", "window": 8, "group_size": 8, "max_history": 10,
-        "dataset_fingerprint": dataset.fingerprint}))
-    export(dataset, root / "sas", root / "serve", root / "rr", quantize=True)
+    deploy(root, quantize=True)
     return root
 
 

@@ -72,8 +72,9 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def deploy(root: Path) -> Path:
-    """The tiny deployment the test suite serves (built in code, exported to ONNX)."""
+def deploy(root: Path, quantize: bool = False) -> Path:
+    """The tiny deployment the test suite serves (built in code, exported to ONNX): ``root/prepared`` (the ring
+    fixture), ``root/sas`` (SASRec), ``root/rr`` (a FIRST reranker) and ``root/serve``, which it returns."""
     import torch
 
     from recsys.data import prepare, read_dataset
@@ -91,7 +92,7 @@ def deploy(root: Path) -> Path:
     (root / "rr" / "reranker.json").write_text(json.dumps({
         "kind": "listwise", "prompt": "tiny", "window": 8, "group_size": 8, "max_history": 10,
         "dataset_fingerprint": dataset.fingerprint}))
-    return export(dataset, root / "sas", root / "serve", root / "rr")
+    return export(dataset, root / "sas", root / "serve", root / "rr", quantize=quantize)
 
 
 def free_port() -> int:
