@@ -81,4 +81,6 @@ def test_raw_non_finite_numbers_and_chunked_bodies_get_no_server_error(fuzzed):
     raw()
     for size in (10, 3999, 4001, 100_000):
         status, _ = send_chunked(server.port, "/v1/recommend", size, {"x-api-key": KEY})
-        assert status == (413 if size > 4000 else 422), (size, status)      # a truncated JSON list is a 422
+        # A truncated JSON list is a 422; past the limit 413, or a reset (0) when the server closed while the
+        # client was still sending.
+        assert status in ((413, 0) if size > 4000 else (422,)), (size, status)
