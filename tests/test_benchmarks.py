@@ -68,7 +68,7 @@ def test_serving_renderer_shows_speed_ups_and_what_int8_costs():
               "ratios": {"onnx_speedup_sasrec": 2.0, "rescore_job/loop rows_per_s": 2.0}}
     text = "\n".join(render.render_serving(result))
     assert "| recommend-tiny-c8 | 8 | auto | 50 | 15000 | 20.0 | 30.0 | 40.0 | 300.0 | 0 | - | 38.0 / 41.3 / 40.0 | 310 / 290 / 300 | 3.3 |" in text
-    assert ("Targets (issue 7): onnx_speedup_sasrec >= 1.5: met (2.00); recommend-tiny-c8 p99 <= 50 ms: met (40.0); "
+    assert ("Targets: onnx_speedup_sasrec >= 1.5: met (2.00); recommend-tiny-c8 p99 <= 50 ms: met (40.0); "
             "0 errors at every level: met (0)") in text
     result["rows"].append(result["rows"][0] | {"name": "recommend-smollm2-c8", "p99_ms": 900.0, "errors": 2,
                                                "fallbacks": 1})
