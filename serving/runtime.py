@@ -80,6 +80,51 @@ class SASRecRuntime:
         return self.session.run(None, {"input_ids": self.pad(histories)})[0]
 
 
+class ChatTemplate:
+    """A saved tokenizer's chat template, rendered with jinja2 as ``transformers`` renders it (sandboxed,
+    ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception`` and ``strftime_now`` available, the special
+    tokens as variables), so the runtime builds the training prompts without transformers (tested equal).
+    ``chat_template`` is None when the tokenizer has none: prompts are then plain text."""
+
+    def __init__(self, template: str | None, special_tokens: dict[str, str]):
+        self.chat_template, self.special_tokens = template, special_tokens
+        self._compiled = None
+        if template:
+            import datetime
+
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message):
+                raise RecsysError(f"chat template: {message}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+            self._compiled = env.from_string(template)
+
+    @classmethod
+    def load(cls, directory: Path) -> ChatTemplate:
+        """From ``tokenizer_config.json`` (its ``chat_template``, or ``chat_template.jinja`` beside it)."""
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        template = config.get("chat_template")
+        if (directory / "chat_template.jinja").exists():
+            template = (directory / "chat_template.jinja").read_text()
+        if isinstance(template, list):                      # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        special = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()
+                   if k.endswith("_token") and isinstance(v, (str, dict))}
+        return cls(template, special)
+
+    def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = False) -> str:
+        if tokenize or self._compiled is None:
+            raise RecsysError("ChatTemplate renders text only, and needs a template")
+        return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                     documents=None, **self.special_tokens)
+
+
 @dataclass
 class _PromptSpec:
     """What :func:`recsys.rerank.prompts.listwise_prompt` needs from a backbone."""
@@ -125,11 +170,7 @@ class _PromptScorer:
 
     @staticmethod
     def _text_spec(directory: Path) -> _PromptSpec:
-        from transformers import (
-            AutoTokenizer,  # chat templates; transformers runs without torch
-        )
-
-        return _PromptSpec("text", AutoTokenizer.from_pretrained(directory / "tokenizer"))
+        return _PromptSpec("text", ChatTemplate.load(directory / "tokenizer"))
 
     def token(self, text: str) -> int:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -193,7 +234,7 @@ class GroupwiseRuntime(_PromptScorer):
     def scores(self, histories, windows, run_options=None) -> np.ndarray:
         """(B, n) expected 0-9 scores of groups of equal length n <= group size. ``run_options``: see
         :func:`run_options` (one terminate stops all n passes)."""
-        from recsys.rerank.groupwise import groupwise_prompt
+        from recsys.rerank.prompts import groupwise_prompt
 
         texts = [groupwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
                  for h, w in zip(histories, windows)]

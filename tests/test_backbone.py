@@ -46,7 +46,7 @@ def test_checkpoints_that_pad_on_the_right_are_batched_like_single_rows(tmp_path
 
 
 def test_gguf_conversion_recipe_on_a_stand_in(tmp_path):
-    """ASSETS.md's conversion (drop quantization_config, fresh model, load weights, tie, save) on a tiny
+    """The GGUF conversion (drop quantization_config, fresh model, load weights, tie, save) on a tiny
     Llama standing in for the GGUF-loaded SmolLM2 (tests download nothing)."""
     bb = build_tiny(n_items=3)
     bb.model.config.quantization_config = {"quant_method": "gguf"}          # what a GGUF load leaves behind

@@ -1,4 +1,4 @@
-"""Layer boundaries (STYLE.md §8): the library never imports lightning or fastapi."""
+"""Layer boundaries: the library never imports lightning or fastapi."""
 
 import ast
 from pathlib import Path

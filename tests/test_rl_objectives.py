@@ -191,7 +191,7 @@ def test_rank_log_ratio_is_the_mean_within_each_rank():
 
 
 def test_rank_grpo_on_policy_equals_token_grpo_with_per_rank_advantages():
-    """ALGORITHMS.md section 1, pitfall 2: with old = current, the rank ratio is 1 and the gradient is token GRPO's."""
+    """Rank-GRPO (arXiv 2510.20150), rank-level importance ratio: with old = current, the rank ratio is 1 and the gradient is token GRPO's."""
     torch.manual_seed(0)
     bins = torch.tensor([[0, 0, 1, 1, END], [0, 0, 1, 1, END]])
     rank_adv = torch.tensor([[1.0, -1.0], [-0.5, 0.5]])

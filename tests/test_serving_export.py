@@ -94,14 +94,34 @@ def test_int8_quality_rows_score_both_graphs_like_the_library(exported, tiny_dat
     assert q["first"]["fp32"]["hr@10"] == q["first"]["int8"]["hr@10"] == library["hr@8"]
 
 
-def test_only_export_imports_torch():
-    """The serving runtime and app run where torch is not installed."""
+BLOCKER = """
+import sys
+for name in ('torch', 'transformers', 'lightning', 'pytorch_lightning'):
+    sys.modules[name] = None     # as if not installed: importing raises ImportError, find_spec returns None
+"""
+
+
+def torch_free(code: str):
+    """Run ``code`` in a fresh interpreter where importing torch, transformers or lightning fails; returns
+    what it printed last, parsed as JSON."""
     import subprocess
     import sys
 
-    code = ("import sys; import serving.runtime, serving.app, serving.rescore; "
-            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:3]")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run = subprocess.run([sys.executable, "-c", BLOCKER + code], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_the_runtime_app_and_rescore_serve_without_torch(exported):
+    """Where torch, transformers and lightning cannot be imported, the app and batch jobs import and the
+    exported SASRec + FIRST deployment answers (the serve image installs none of them)."""
+    out, _, _ = exported
+    got = torch_free(f"""
+import json, serving.app, serving.rescore
+from serving.runtime import Recommender, RecommendQuery
+rec = Recommender({str(out)!r})
+print(json.dumps(rec.recommend_batch([RecommendQuery([3, 4, 5], k=5, candidates=8)])[0]))""")
+    assert got["reranked"] and len(got["items"]) == 5
 
 
 def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
@@ -208,6 +228,9 @@ def test_groupwise_export_scores_match_the_eager_scorer_and_rerank_when_alone(ti
     _, _, _, want = GroupwiseReranker(bb, None, 6, max_history=10).sample(histories, groups, temperature=0.0)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
     assert got.std() > 0                                     # a random model does not score everything alike
+    alone = torch_free(f"from serving.runtime import GroupwiseRuntime; import json; "
+                       f"print(json.dumps(GroupwiseRuntime({str(out)!r}).scores({histories}, {groups}).tolist()))")
+    np.testing.assert_allclose(alone, got, atol=1e-6)
 
     rec = Recommender(out)
     assert rec.first is None and rec.reranker is rec.groupwise
@@ -231,14 +254,49 @@ def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(export
     _, _, rr_dir = exported
     meta = json.loads((rr_dir / "reranker.json").read_text()) | {"prompt": "text"}
     (rr_dir / "reranker.json").write_text(json.dumps(meta))
+    tokenizer_config = json.loads((rr_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = CHATML                     # as SmolLM2's: the prompt is wrapped in it
+    (rr_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve-text", rr_dir)
     assert json.loads((out / "titles.json").read_text())["3"] == item_titles(tiny_dataset)[3]
     histories, windows = [np.array([3, 4, 5]), np.array([7])], [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     runtime = FirstRuntime(out)
     eager = ListwiseReranker(load_backbone(rr_dir), item_titles(tiny_dataset), 8, max_history=10, bf16=False)
     assert eager.bb.name != "tiny" and runtime.spec.name == "text"
-    np.testing.assert_allclose(runtime.scores(histories, windows),
-                               torch.stack(eager.first_scores(histories, windows)).numpy(), atol=1e-4)
+    assert eager.bb.tokenizer.chat_template == CHATML and runtime.spec.tokenizer.chat_template == CHATML
+    want = torch.stack(eager.first_scores(histories, windows)).numpy()
+    np.testing.assert_allclose(runtime.scores(histories, windows), want, atol=1e-4)
+    lists = [h.tolist() for h in histories]
+    alone = torch_free(f"from serving.runtime import FirstRuntime; import json, numpy as np; print(json.dumps("
+                       f"FirstRuntime({str(out)!r}).scores([np.array(h) for h in {lists}], {windows}).tolist()))")
+    np.testing.assert_allclose(alone, want, atol=1e-4)
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_template_renders_as_transformers_does(tmp_path):
+    """The runtime's jinja2 rendering of a saved tokenizer's chat template equals transformers'
+    ``apply_chat_template``, with and without a system turn, with the special tokens in scope."""
+    from transformers import AutoTokenizer
+
+    from recsys.llm.backbone import build_tiny
+    from serving.runtime import ChatTemplate
+
+    tokenizer = build_tiny(n_items=5).tokenizer
+    tokenizer.chat_template = "{{ bos_token }}" + CHATML
+    tokenizer.save_pretrained(tmp_path)
+    ours, theirs = ChatTemplate.load(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    for messages in ([{"role": "user", "content": "rank A, B"}],
+                     [{"role": "system", "content": "You rank."}, {"role": "user", "content": "A\nB"}]):
+        for generation in (True, False):
+            want = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+            assert ours.apply_chat_template(messages, add_generation_prompt=generation) == want
+    assert tokenizer.bos_token in ours.apply_chat_template([{"role": "user", "content": "x"}])
+    assert ChatTemplate.load(tmp_path / "nothing-here").chat_template is None
 
 
 def test_item_identifier_reranker_is_served_with_its_retriever_prior(tiny_dataset, tmp_path):

@@ -1,1 +1,1 @@
-"""Benchmarks: each script writes ``results/<name>.json`` (format in DESIGN.md); ``render`` updates BENCHMARKS.md."""
+"""Benchmarks: each script writes ``results/<name>.json`` (command, commit, machine and date first: :func:`common.write_result`); ``render`` updates BENCHMARKS.md."""

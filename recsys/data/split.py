@@ -4,7 +4,7 @@
 - :func:`order_interactions`: per-user chronological position ``pos`` with deterministic tie-breaking.
   ML-1M has many ratings in the same second; ``"file"`` keeps the file's order among ties (what the
   SASRec/HSTU preprocessing does with a stable sort), ``"hash"`` orders ties by a seeded hash of the
-  item id, which cannot leak an ID ordering (a pitfall of ASIN-sorted Amazon files, ALGORITHMS.md §8).
+  item id, which cannot leak an ID ordering (a pitfall of ASIN-sorted Amazon files).
 - :func:`leave_one_out`: last interaction = test, second to last = valid, the rest train.
 - :func:`temporal_split`: one global time cut for valid and one for test.
 """

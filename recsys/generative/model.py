@@ -23,7 +23,7 @@ result) and writes the next item's codes with small per-level heads on the last 
 sequence is D times shorter, SFT trains on the next item at every position, and decoding runs the
 backbone once per user.
 
-The optional value head (V-STAR section "value model", ALGORITHMS.md section 3) reads the LM's last
+The optional value head (V-STAR, arXiv 2602.10699, the value model of eqs. 11-12 and 15-16) reads the LM's last
 hidden states through a small causal Transformer (``value_layers`` layers, ``value_heads`` heads,
 dropout 0.1) and an MLP to one scalar per position. Departures, documented: its input is detached, so
 the value loss does not move the policy (V-STAR trains both jointly with weight 1.0), and it reads only

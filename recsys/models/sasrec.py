@@ -3,7 +3,7 @@
 Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018 (arXiv 1808.09781).
 Trained by default with full softmax cross-entropy over all items, following Klenitskiy & Vasilev,
 "Turning Dross Into Gold Loss: is BERT4Rec really better than SASRec?", RecSys 2023: that loss is
-what makes SASRec reach the published full-ranking numbers on ML-1M (ALGORITHMS.md §8).
+what makes SASRec reach the published full-ranking numbers on ML-1M (arXiv 2309.07602).
 
 Departures from the original paper, all deliberate:
 - pre-LayerNorm blocks with a final LayerNorm (as in the pmixer reproduction), scaled dot-product

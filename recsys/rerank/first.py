@@ -2,7 +2,6 @@
 
 Reddy et al., "FIRST: Faster Improved Listwise Reranking with Single Token Decoding", EMNLP 2024
 (arXiv 2406.15657); Chen, Pradeep, Lin, "An Early FIRST Reproduction...", arXiv 2411.05508.
-ALGORITHMS.md §5.
 
 - :func:`first_scores`: the logits of the candidates' identifier tokens at the first output position;
   candidates are ranked by them (one forward pass instead of generating the whole list).

@@ -2,7 +2,7 @@
 average over reshuffled groupings (test-time scaling).
 
 Sun et al., "GroupRank: A Groupwise Reranking Paradigm Driven by Reinforcement Learning",
-arXiv 2511.11653 (ALGORITHMS.md §4). Departures: the paper's answer is JSON with 0-10 integer scores
+arXiv 2511.11653 (eq. 1: the groupwise paradigm). Departures: the paper's answer is JSON with 0-10 integer scores
 after free-text reasoning; ours is one line per candidate, ``A: 7``, with single-digit scores 0..9
 (single tokens in both vocabularies), and the score of a candidate is the *expected* digit under the
 model, read right after its ``X:``, with the model's own greedy digits written for earlier lines
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recsys.llm.backbone import LETTERS, Backbone
-from recsys.rerank.prompts import templates
+from recsys.rerank.prompts import groupwise_prompt
 
 
 def make_groups(n: int, c: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:
@@ -41,24 +41,6 @@ def merge_scores(n: int, groupings: list[list[np.ndarray]], group_scores: list[l
             total[g] += s
             count[g] += 1
     return total / np.maximum(count, 1)
-
-
-def groupwise_prompt(backbone: Backbone, history: list[int], group: list[int], titles=None, max_history: int = 20) -> str:
-    kind = "tiny" if backbone.name == "tiny" else "text"
-    t = templates()[f"groupwise_{kind}"]
-
-    def fields(idx: int) -> dict:
-        return {"token": f"<i{idx}>", "title": titles[idx] if titles else f"<i{idx}>"}
-
-    sep = " " if kind == "tiny" else "\n"
-    hist = sep.join(t["history_item"].format(**fields(i)) for i in history[-max_history:])
-    cands = sep.join(t["candidate"].format(id=LETTERS[j], **fields(i)) for j, i in enumerate(group))
-    user = t["user"].format(history=hist, candidates=cands)
-    if kind == "text" and getattr(backbone.tokenizer, "chat_template", None):
-        return backbone.tokenizer.apply_chat_template([{"role": "system", "content": t["system"]},
-                                                       {"role": "user", "content": user}],
-                                                      tokenize=False, add_generation_prompt=True)
-    return user + ("\n" if kind == "text" else " ")
 
 
 def answer_ids(backbone: Backbone, scores: list[int]) -> list[int]:

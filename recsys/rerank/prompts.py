@@ -95,3 +95,23 @@ def items_as_letters(text: str, candidates: list[int]) -> str:
     end = text.find(END)
     body, tail = (text, "") if end < 0 else (text[:end], text[end:])
     return "\n".join(letter.get(w.strip(), LETTERS[-1] if w.strip().startswith("<i") else w) for w in body.split("\n")) + tail
+
+
+def groupwise_prompt(backbone: Backbone, history: list[int], group: list[int], titles=None, max_history: int = 20) -> str:
+    """The GroupRank prompt of one group (``groupwise_tiny`` or ``groupwise_text`` template), in the
+    backbone's chat template when it has one; torch-free, shared by training and the serving runtime."""
+    kind = "tiny" if backbone.name == "tiny" else "text"
+    t = templates()[f"groupwise_{kind}"]
+
+    def fields(idx: int) -> dict:
+        return {"token": f"<i{idx}>", "title": titles[idx] if titles else f"<i{idx}>"}
+
+    sep = " " if kind == "tiny" else "\n"
+    hist = sep.join(t["history_item"].format(**fields(i)) for i in history[-max_history:])
+    cands = sep.join(t["candidate"].format(id=LETTERS[j], **fields(i)) for j, i in enumerate(group))
+    user = t["user"].format(history=hist, candidates=cands)
+    if kind == "text" and getattr(backbone.tokenizer, "chat_template", None):
+        return backbone.tokenizer.apply_chat_template([{"role": "system", "content": t["system"]},
+                                                       {"role": "user", "content": user}],
+                                                      tokenize=False, add_generation_prompt=True)
+    return user + ("\n" if kind == "text" else " ")

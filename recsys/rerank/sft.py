@@ -1,6 +1,6 @@
 """Supervised fine-tuning examples for the listwise reranker (behaviour cloning of teacher lists).
 
-Teacher list (DESIGN.md, ALGORITHMS.md §5): the held-out item first, then the other candidates in
+Teacher list (FIRST, arXiv 2406.15657, trains on teacher rankings): the held-out item first, then the other candidates in
 the retriever's order. If the retriever missed the held-out item, it replaces the last candidate
 (``target_missing="insert"``), the example is skipped (``"skip"``), or the list is kept and the
 teacher is the retriever's order (``"keep"``: the model learns when not to move anything).
@@ -23,7 +23,7 @@ against the retriever. ``insert`` vs ``skip`` made no difference; ``skip`` match
 Groupwise (GroupRank) examples score every candidate of a group 0..9: the held-out item 9, the others
 a prior from the retriever's rank (``prior_max`` for the first candidate down to 0 for the last),
 so the scores carry both the label and the retriever's opinion (our stand-in for the paper's
-teacher pseudo-labels, ALGORITHMS.md section 4).
+teacher pseudo-labels, GroupRank arXiv 2511.11653).
 
 Token labels: -100 on the prompt, the answer's ids on the answer (identifiers, newlines, end token),
 so the language-model loss covers exactly what the model must write. ``first_ranks`` gives each

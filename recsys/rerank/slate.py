@@ -1,6 +1,6 @@
 """Slate-then-rank answers (F-GRPO's task): choose a slate of S candidates, then rank R of them.
 
-The answer is one completion in two phases (ALGORITHMS.md section 2; :mod:`recsys.rl.f_grpo`)::
+The answer is one completion in two phases (F-GRPO, arXiv 2605.12995; :mod:`recsys.rl.f_grpo`)::
 
     C\\nA\\nQ\\n ... (S identifiers)  <rank>  A\\nC\\n ... (R identifiers of the slate)  <eor>
 

@@ -1,7 +1,7 @@
 """Semantic IDs: residual k-means codes for items, a de-duplication level, and a prefix trie.
 
 TIGER (Rajput et al., NeurIPS 2023, arXiv 2305.05065) learns codes with an RQ-VAE; we use the
-residual k-means (RQ-KMeans) alternative named in ALGORITHMS.md §8: k-means with K codes on the
+residual k-means (RQ-KMeans) alternative that later generative recommenders use in place of the RQ-VAE: k-means with K codes on the
 embeddings, then k-means on the residuals, for L levels (FAISS k-means). Items whose L codes
 collide get an extra level holding their index among the colliding items, so every item has a
 unique code and the trie reaches every item.
@@ -10,7 +10,7 @@ Departures / options:
 - ``balanced=True`` assigns points to centroids greedily under a capacity of ceil(N / K) per code,
   which spreads items over codes (a fix for skewed code usage); off by default.
 - Embeddings are standardised (zero mean, unit variance per dimension) before the first level, one of
-  the fixes for code collapse reported by reproductions (ALGORITHMS.md §8, pitfalls).
+  the fixes for code collapse reported by TIGER reproductions.
 
 Shapes: N items, d embedding dimension, L levels, K codes per level.
 """

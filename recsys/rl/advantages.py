@@ -2,11 +2,11 @@
 
 Rollouts are laid out prompt-major: rows ``b*G .. b*G+G-1`` are the G rollouts of prompt b. Each
 reward is compared with the other rollouts of its own prompt; for 2-D rewards ``(B*G, N)`` every
-column (for Rank-GRPO: every rank) is normalised on its own (ALGORITHMS.md section 1).
+column (for Rank-GRPO: every rank) is normalised on its own (Rank-GRPO, arXiv 2510.20150: per-rank advantages).
 
 Departures: none. ``scale="std"`` divides by the unbiased standard deviation plus ``eps`` (1e-4, the
 Rank-GRPO code's value), so a group whose rewards are all equal gets zero advantages, not NaN;
-``scale="none"`` only centres (Dr. GRPO, and F-GRPO's reading in ALGORITHMS.md section 2).
+``scale="none"`` only centres (Dr. GRPO, arXiv 2503.20783; our reading of F-GRPO, arXiv 2605.12995).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """F-GRPO: one rollout, two phases (choose a slate, then rank it), one advantage per phase.
 
 Cite: Surana et al., "F-GRPO: Factorized Group-Relative Policy Optimization for Unified Candidate
-Generation and Ranking", arXiv 2605.12995 (no public code). ALGORITHMS.md section 2.
+Generation and Ranking", arXiv 2605.12995 (no public code).
 
 Output format used here (one completion): the slate identifiers, the rank marker, the ranked
 identifiers, the end token. Tokens up to and including the marker are the slate phase (ending the

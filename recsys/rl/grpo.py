@@ -15,7 +15,7 @@ Aggregation over the completion mask M (B, T):
 An all-zero mask gives a loss of exactly 0 with zero gradient (no division by zero).
 
 Departures: none in the maths. Defaults are PPO's eps_low = eps_high = 0.2 and beta = 0; the
-Rank-GRPO recipe sets eps_low 0.06, eps_high 0.08, beta 1e-3 (ALGORITHMS.md section 1).
+Rank-GRPO recipe sets eps_low 0.06, eps_high 0.08, beta 1e-3 (Rank-GRPO, arXiv 2510.20150, and its public training script).
 """
 
 from __future__ import annotations

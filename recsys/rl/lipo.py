@@ -1,7 +1,7 @@
 """LiPO-lambda: listwise preference optimisation with LambdaLoss weights; DPO is its two-item case.
 
 Cite: Liu et al., "LiPO: Listwise Preference Optimization through Learning-to-Rank", arXiv 2402.01878
-(NAACL 2025); DPO: Rafailov et al., arXiv 2305.18290. ALGORITHMS.md section 6.
+(NAACL 2025); DPO: Rafailov et al., arXiv 2305.18290.
 
 For a list of K responses with labels psi::
 
@@ -13,7 +13,7 @@ tau = the 1-based rank of each response under the current s (recomputed every st
 
 Departures: D uses log2 (LambdaLoss / NDCG convention); the paper's natural log only rescales Delta by
 a constant. The loss is summed over pairs and averaged over lists. Not the IRPO repo's "LiPO"
-baseline (G = 2 psi - 1, unbounded), which ALGORITHMS.md warns against.
+baseline (G = 2 psi - 1, unbounded), which is not the paper's lambda weighting.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Cite: Zhu et al., "Rank-GRPO: Training LLM-based Conversational Recommender Systems with
 Reinforcement Learning" (ConvRec-R1), arXiv 2510.20150; code github.com/yaochenzhu/Rank-GRPO
-(``rank_grpo_trainer.py``, ``reward_funcs.py``). ALGORITHMS.md section 1.
+(``rank_grpo_trainer.py``, ``reward_funcs.py``).
 
 A completion is a list, one item per line, then the end token. Tokens are segmented into ranks (a
 token holding the separator closes its item, so the newline belongs to the item before it); every

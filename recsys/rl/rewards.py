@@ -1,11 +1,11 @@
 """Rewards for generated and scored lists: relevance rows, hit / recall / NDCG, the format gate, GroupRank.
 
-Relevance (ALGORITHMS.md section 1, the Rank-GRPO matching rules): position k of a generated list is
+Relevance (the Rank-GRPO matching rules, arXiv 2510.20150 and its ``reward_funcs.py``): position k of a generated list is
 relevant when it is a held-out item not matched before (each ground-truth item counts once, so a
 duplicate gets 0) and not in the user's history; positions keep their place (an invalid line is a
 0 at its slot, the list is not compacted).
 
-GroupRank (Sun et al., arXiv 2511.11653, eqs. 4-6; ALGORITHMS.md section 4)::
+GroupRank (Sun et al., arXiv 2511.11653, eqs. 4-6)::
 
     R_G = NDCG@10 + gamma * Recall@10 + epsilon * (1 - JS(P || Q)),   gamma = 0.2, epsilon = 0.1
 

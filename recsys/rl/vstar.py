@@ -1,7 +1,7 @@
 """V-STAR's training signals: Sibling-GRPO advantages and loss, dense per-level rewards, TD targets.
 
 Cite: Jiang et al., "Spend Search Where It Pays: Value-Guided Structured Sampling and Optimization
-for Generative Recommendation", arXiv 2602.10699 (KDD 2026), eqs. 15-19; ALGORITHMS.md section 3.
+for Generative Recommendation", arXiv 2602.10699 (KDD 2026), eqs. 15-19.
 
 Candidates of one prompt are G semantic IDs ``codes`` (G, D) with rewards (G,). At depth l the
 candidates sharing the parent prefix h = y_<l form the sibling group; its children are the distinct
@@ -105,7 +105,7 @@ def td_targets(values: torch.Tensor, rewards: torch.Tensor, gamma: float = 0.99)
 def prefix_reward(codes: torch.Tensor, target: torch.Tensor, shaping: float = 0.1) -> torch.Tensor:
     """Policy reward (G,): 1 for the held-out item, else ``shaping`` x (matching leading code levels / D).
 
-    Our choice (ALGORITHMS.md marks MiniOneRec's "ranking" reward UNVERIFIED): the hit is what counts; the
+    Our choice (MiniOneRec's "ranking" reward could not be verified against a paper): the hit is what counts; the
     small prefix term gives groups without a hit a gradient toward the target's region of the catalog.
     Example (D = 4, target [1, 2, 3, 0]): [1, 2, 3, 0] -> 1; [1, 2, 0, 0] -> 0.1 * 2/4 = 0.05; [0, 2, 3, 0] -> 0.
     """
