@@ -469,8 +469,12 @@ def renderer_for(name: str):
     return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 
+FINDINGS = Path(__file__).parent / "findings.md"
+"""The experiment narrative (hand-written, each figure with its command), placed after the header."""
+
+
 def main() -> None:
-    parts = [HEADER]
+    parts = [HEADER] + ([FINDINGS.read_text()] if FINDINGS.exists() else [])
     for path in sorted(RESULTS.glob("*.json")):
         result = json.loads(path.read_text())
         renderer = renderer_for(result["benchmark"])
