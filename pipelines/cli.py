@@ -311,7 +311,7 @@ def cmd_quickstart(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from recsys.evaluation import DEFAULT_METRICS
+    from recsys.metrics import DEFAULT_METRICS
 
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="recsys", description="LLM-based generative recommendation and reranking.",

@@ -19,9 +19,7 @@ from tqdm.auto import tqdm
 
 from recsys.data.prepared import EvalExamples
 from recsys.errors import DataError, RecsysError
-from recsys.metrics import compute_metrics, parse_metric
-
-DEFAULT_METRICS = ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]
+from recsys.metrics import DEFAULT_METRICS, compute_metrics, parse_metric
 
 
 def tie_order(n_items: int, seed: int = 0) -> torch.Tensor:

@@ -26,6 +26,9 @@ import numpy as np
 
 from recsys.errors import RecsysError
 
+DEFAULT_METRICS = ["hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20", "mrr"]
+"""What a full-ranking evaluation reports unless told otherwise."""
+
 PAD = -1
 
 

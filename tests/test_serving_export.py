@@ -113,11 +113,14 @@ def torch_free(code: str):
 
 
 def test_the_runtime_app_and_rescore_serve_without_torch(exported):
-    """Where torch, transformers and lightning cannot be imported, the app and batch jobs import and the
-    exported SASRec + FIRST deployment answers (the serve image installs none of them)."""
+    """Where torch, transformers and lightning cannot be imported, the app, batch jobs and the CLI that starts
+    them (``recsys serve`` / ``rescore``) import, and the exported SASRec + FIRST deployment answers (the serve
+    image installs none of them)."""
     out, _, _ = exported
     got = torch_free(f"""
 import json, serving.app, serving.rescore
+from pipelines.cli import build_parser
+build_parser()
 from serving.runtime import Recommender, RecommendQuery
 rec = Recommender({str(out)!r})
 print(json.dumps(rec.recommend_batch([RecommendQuery([3, 4, 5], k=5, candidates=8)])[0]))""")
