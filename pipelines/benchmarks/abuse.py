@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import select
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,7 +33,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, serve_process, write_result
 
 FIXTURE = Path(__file__).resolve().parents[2] / "data" / "fixtures" / "tiny"
 KEY = "abuse-key"
@@ -95,12 +93,6 @@ def deploy(root: Path, quantize: bool = False) -> Path:
     return export(dataset, root / "sas", root / "serve", root / "rr", quantize=quantize)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def request(url: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
     req = urllib.request.Request(url, data=body, headers={"content-type": "application/json", **(headers or {})})
     try:
@@ -145,22 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         serve = deploy(Path(tmp))
-        port = free_port()
-        env = {**os.environ, "RECSYS_SERVE_DIR": str(serve), "RECSYS_SERVE_SETTINGS": json.dumps({"api_key": KEY})}
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "serving.app:app_from_env",
-                                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.time() + 120
-            while True:
-                try:
-                    if request(url + "/readyz")[0] == 200:
-                        break
-                except OSError:
-                    pass
-                if time.time() > deadline:
-                    raise RuntimeError("the server did not become ready in 120 s")
-                time.sleep(0.2)
+        with serve_process(serve, env={"RECSYS_API_KEY": KEY}) as (url, server):
+            port = int(url.rsplit(":", 1)[1])
             for _ in range(50):                                          # warm: allocator pools in place
                 request(url + "/v1/recommend", b'{"history": ["m1", "m2"], "k": 3}', {"x-api-key": KEY})
             idle = rss_mb(server.pid)
@@ -191,9 +169,6 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"name": "non-finite-numbers", "metrics": {
                 "requests": len(codes), "server_errors": sum(c >= 500 for c in codes),
                 "statuses": sorted(set(codes))}, "seconds": round(time.perf_counter() - t, 1)})
-        finally:
-            server.terminate()
-            server.wait(30)
     path = write_result(args.result, provenance, {"rows": rows})
     print(f"abuse: wrote {path}")
     for row in rows:

@@ -8,6 +8,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -141,3 +143,49 @@ def per_user_ndcg10(eval_dir, column: str = "reranked", depth: int | None = None
     ranks = np.array([[list(items[:depth]).index(t) if t in list(items[:depth]) else np.inf]
                       for items, t in df.select(column, "target").iter_rows()], dtype=np.float64)
     return ndcg(ranks, np.ones_like(ranks), 10)
+
+
+def topk_overlap(found, reference) -> float:
+    """Mean over queries of |found top-k & reference top-k| / k: the recall@k of an ANN (or another engine)
+    against exact search. ``found``, ``reference``: (Q, k) item positions."""
+    import numpy as np
+
+    return float(np.mean([len(set(f) & set(r)) / len(r) for f, r in zip(np.asarray(found).tolist(),
+                                                                       np.asarray(reference).tolist())]))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve_process(serve_dir, *options: str, env: dict | None = None, timeout_s: float = 120.0):
+    """``recsys serve SERVE_DIR OPTIONS`` in a subprocess on a free port; yields ``(url, process)`` once
+    ``/readyz`` answers 200, and stops the server on exit. ``env`` is added to this process's environment."""
+    import urllib.request
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port),
+                               *options], env={**os.environ, **(env or {})},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/readyz", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:                             # not listening yet, or 503 while loading
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server for {serve_dir} did not become ready (exit code {server.poll()})")
+            time.sleep(0.2)
+        yield url, server
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, topk_overlap, write_result
 
 SECTIONS = ("cuda-tests", "sasrec-train", "retrieval", "onnx", "smollm2-sft-step-bf16")
 REPO = Path(__file__).resolve().parents[2]
@@ -123,10 +123,6 @@ def sasrec_train(quick: bool) -> list[dict]:
     return rows
 
 
-def _recall(found: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(r)) / len(r) for f, r in zip(found, reference)]))
-
-
 def retrieval(quick: bool) -> list[dict]:
     import torch
 
@@ -152,7 +148,7 @@ def retrieval(quick: bool) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False                  # exact fp32, comparable with FAISS's CPU scores
     seconds = _timed(lambda: torch.topk(qq @ x.T, k, dim=1), 2, 10, True)
     found = torch.topk(qq @ x.T, k, dim=1).indices.cpu().numpy()
-    rows.append({"name": "retrieval-torch-cuda-exact", "metrics": {"recall@100": round(_recall(found, reference), 4),
+    rows.append({"name": "retrieval-torch-cuda-exact", "metrics": {"recall@100": round(topk_overlap(found, reference), 4),
                  "qps": round(q / seconds), "qps_vs_faiss_cpu": round(seconds and (q / seconds) / rows[0]["metrics"]["qps"], 1)},
                  "seconds": round(time.perf_counter() - t, 1)})
 
@@ -166,7 +162,7 @@ def retrieval(quick: bool) -> list[dict]:
     gpu = faiss.index_cpu_to_gpu(res, 0, flat)
     seconds = _timed(lambda: gpu.search(queries, k), 1, 5, False)
     found = gpu.search(queries, k)[1]
-    rows.append({"name": "retrieval-faiss-gpu-flat", "metrics": {"recall@100": round(_recall(found, reference), 4),
+    rows.append({"name": "retrieval-faiss-gpu-flat", "metrics": {"recall@100": round(topk_overlap(found, reference), 4),
                  "qps": round(q / seconds), "qps_vs_faiss_cpu": round((q / seconds) / rows[0]["metrics"]["qps"], 1)},
                  "seconds": round(time.perf_counter() - t, 1)})
     return rows

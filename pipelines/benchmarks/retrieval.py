@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, topk_overlap, write_result
 
 CONFIGS = {  # factory -> list of search settings
     "ml1m": [("Flat", {}), ("HNSW32,Flat", {"ef_search": 64}), ("HNSW32,Flat", {"ef_search": 128}),
@@ -54,7 +54,7 @@ def ann_rows(name: str, items: np.ndarray, queries: np.ndarray, k: int = 100) ->
         seconds = time.time() - t
         if exact is None:
             exact, flat_qps = found, len(queries) / seconds
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found.tolist(), exact.tolist())]))
+        recall = topk_overlap(found, exact)
         setting = ",".join(f"{key}={v}" for key, v in params.items())
         row = f"{factory}{f'({setting})' if setting else ''}-{name}"
         rows.append({"name": row, "metrics": {"recall@100": recall, "qps": len(queries) / seconds},

@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -48,14 +47,9 @@ from pipelines.benchmarks.common import (
     Provenance,
     fp32_gemm_gflop_per_s,
     llama_gflop,
+    serve_process,
     write_result,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _time(fn, repeats: int) -> float:
@@ -202,28 +196,12 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
     worker only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say
     when it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's
     beam search, width 20, k 10) instead."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port), "--workers", str(workers)]
-    cmd += ["--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching]]
-    cmd += ["--rerank-timeout-ms", str(rerank_timeout_ms)]
-    cmd += ["--threads", str(threads)] if threads else []
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = ["--workers", str(workers), "--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching],
+               "--rerank-timeout-ms", str(rerank_timeout_ms)] + (["--threads", str(threads)] if threads else [])
     rows = []
-    try:
-        import httpx
-
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("server did not become ready")
-            time.sleep(0.2)
+    with serve_process(serve_dir, *options) as (url, server):
         for c in levels:
-            config = {"url": f"http://127.0.0.1:{port}", "users": users, "connections": c, "requests": requests,
+            config = {"url": url, "users": users, "connections": c, "requests": requests,
                       "endpoint": endpoint, "candidates": candidates, "warmup": warmup, "timeout_s": client_timeout_s,
                       "server_pid": server.pid if workers == 1 else None}
             runs = [json.loads(subprocess.run([sys.executable, "-m", "pipelines.benchmarks.loadgen", json.dumps(config)],
@@ -245,9 +223,6 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
                          "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs),
                          "warmup_errors": sum(r["warmup_errors"] for r in runs),
                          "warmup_fallbacks": sum(r["warmup_fallbacks"] for r in runs)})
-    finally:
-        server.terminate()
-        server.wait(10)
     return rows
 
 
