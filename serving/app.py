@@ -56,7 +56,14 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.runtime import Recommender, RecommendQuery, run_options
-from serving.schemas import GenerateRequest, RecommendRequest, RerankRequest
+from serving.schemas import (
+    GenerateRequest,
+    RecommendRequest,
+    RequestError,
+    RerankRequest,
+    known_items,
+    resolve_history,
+)
 
 log = logging.getLogger("recsys.serving")
 
@@ -519,10 +526,6 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
             raise api_error(503, "models are still loading", ("server",), "loading")
         return state["rec"]
 
-    def to_idx(rec: Recommender, ids: list[str]) -> tuple[list[int], list[str]]:
-        known = [rec.item_idx[i] for i in ids if i in rec.item_idx]
-        return known, [i for i in ids if i not in rec.item_idx]
-
     def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[ScoredItemOut]:
         return [ScoredItemOut(item_id=rec.item_ids[i], score=s) for i, s in zip(idx, scores)]
 
@@ -553,23 +556,11 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
                 "items": rec.n_items, "warmup": state["warmup"], "rerank_timeout_ms": settings.rerank_timeout_ms}
 
     def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
-        """The request's history in item idx and its unknown item ids (exclude included); 4xx when unusable."""
-        if (body.user_id is None) == (body.history is None):
-            raise api_error(422, "give exactly one of user_id or history", ("body",))
-        unknown: list[str] = []
-        if body.user_id is not None:
-            if body.user_id not in state.get("users", {}):
-                example = next(iter(state.get("users", {})), None)
-                raise api_error(404, f"unknown user_id {body.user_id!r}"
-                                + (f" (ids of this model look like {example!r})" if example else ""),
-                                ("body", "user_id"), "unknown_user")
-            history = list(state["users"][body.user_id])
-        else:
-            history, unknown = to_idx(rec, body.history)
-        if not history:
-            raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
-                            ("body", "history"))
-        return history, unknown
+        """The request's history in item idx and its unknown item ids; 4xx when unusable."""
+        try:
+            return resolve_history(body.user_id, body.history, state.get("users", {}), rec.item_idx)
+        except RequestError as e:
+            raise api_error(e.status, str(e), e.loc, e.kind) from None
 
     user_errors = {s: ERRORS[s] for s in (400, 401, 404, 408, 413, 422, 503)}
 
@@ -579,7 +570,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         t = time.perf_counter()
         rec = ready()
         history, unknown = user_history(rec, body)
-        exclude, unknown_ex = to_idx(rec, body.exclude)
+        exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank)
         result = await state["batcher"].submit(query)
         return RecommendResponse(items=items_out(rec, result["items"], result["scores"]), reranked=result["reranked"],
@@ -597,7 +588,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
             raise api_error(501, "this deployment has no generative model (recsys export --generative)",
                             ("path",), "not_deployed")
         history, unknown = user_history(rec, body)
-        exclude, unknown_ex = to_idx(rec, body.exclude)
+        exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         items, scores = await asyncio.to_thread(rec.generative.recommend, [history], body.k, body.beam,
                                                 [history + exclude])
         keep = [(int(i), float(s)) for i, s in zip(items[0], scores[0]) if i > 0]
@@ -612,8 +603,8 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         rec = ready()
         if rec.reranker is None:
             raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
-        history, unknown = to_idx(rec, body.history)
-        cands, unknown_c = to_idx(rec, body.candidates)
+        history, unknown = known_items(body.history, rec.item_idx)
+        cands, unknown_c = known_items(body.candidates, rec.item_idx)
         if unknown_c:
             raise api_error(422, f"unknown candidate item ids {unknown_c}", ("body", "candidates"), "unknown_item")
         if not history:

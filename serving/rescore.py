@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from recsys.assets import sha256
 from recsys.errors import RecsysError
 from serving.runtime import Recommender, RecommendQuery
-from serving.schemas import COLUMNS, RescoreRow
+from serving.schemas import COLUMNS, RescoreRow, known_items, resolve_history
 
 OUT_SCHEMA = {"request_id": pl.String, "items": pl.List(pl.String), "scores": pl.List(pl.Float32)}
 REJECT_SCHEMA = {"request_id": pl.String, "row": pl.Int64, "reason": pl.String}
@@ -43,22 +43,12 @@ def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int],
         row = RescoreRow.model_validate({k: v for k, v in raw.items() if v is not None})
     except ValidationError as e:
         raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
-    if (row.user_id is None) == (row.history is None):
-        raise ValueError("give exactly one of user_id or history")
-    if row.user_id is not None:
-        if row.user_id not in users:
-            raise ValueError(f"unknown user_id {row.user_id!r}")
-        history = list(users[row.user_id])
-    else:
-        history = [rec.item_idx[i] for i in row.history if i in rec.item_idx]
-    if not history:
-        raise ValueError("empty history (or only unknown item ids)")
+    history, _ = resolve_history(row.user_id, row.history, users, rec.item_idx)
     candidates = None
     if row.candidates is not None:
-        unknown = [c for c in row.candidates if c not in rec.item_idx]
+        candidates, unknown = known_items(row.candidates, rec.item_idx)
         if unknown:
             raise ValueError(f"unknown candidate item ids {unknown[:5]}")
-        candidates = [rec.item_idx[c] for c in row.candidates]
     return row.request_id, history, candidates, row.k or 10
 
 

@@ -82,3 +82,39 @@ class RescoreRow(Strict):
 
 COLUMNS = tuple(RescoreRow.model_fields)
 """The columns a re-scoring input may have."""
+
+
+class RequestError(ValueError):
+    """A request that passed validation but cannot be served: its HTTP status, where the problem is (``loc``)
+    and a message naming it. The API answers it; a batch job rejects the row with the message."""
+
+    def __init__(self, status: int, msg: str, loc: tuple, kind: str = "value_error"):
+        super().__init__(msg)
+        self.status, self.loc, self.kind = status, loc, kind
+
+
+def known_items(ids: list[str], item_idx: dict[str, int]) -> tuple[list[int], list[str]]:
+    """(the idx of the ids the catalogue has, the ids it lacks), each in input order."""
+    return [item_idx[i] for i in ids if i in item_idx], [i for i in ids if i not in item_idx]
+
+
+def resolve_history(user_id: str | None, history: list[str] | None, users: dict,
+                    item_idx: dict[str, int]) -> tuple[list[int], list[str]]:
+    """The request's history in item idx (a known user's whole history, or the given item ids the catalogue
+    has) and its unknown item ids; :class:`RequestError` when neither or both are given (422), the user is
+    unknown (404) or no known item is left (422)."""
+    if (user_id is None) == (history is None):
+        raise RequestError(422, "give exactly one of user_id or history", ("body",))
+    unknown: list[str] = []
+    if user_id is not None:
+        if user_id not in users:
+            example = next(iter(users), None)
+            raise RequestError(404, f"unknown user_id {user_id!r}" + (
+                f" (ids of this model look like {example!r})" if example else ""), ("body", "user_id"), "unknown_user")
+        idx = list(users[user_id])
+    else:
+        idx, unknown = known_items(history, item_idx)
+    if not idx:
+        raise RequestError(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
+                           ("body", "history"))
+    return idx, unknown
