@@ -459,7 +459,9 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                   "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
                                   "closed before the client read the answer"),
              "abuse_before": render_rows("## The same probe before the API's guard (`abuse_before`)",
-                                         "the previous serving code; same command, fewer clients")}
+                                         "the serving code before the guard (commit 1d24076), probed by this "
+                                         "benchmark module as of 06049b3 copied into a worktree of that commit; "
+                                         "20 clients instead of 100")}
 """Renderers by result name; any other ``rl_*`` result (``--result`` of the RL benchmark) renders as ``rl``."""
 
 
