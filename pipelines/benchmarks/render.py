@@ -446,6 +446,8 @@ def render_rows(title: str, intro: str = ""):
                         else "; ".join(f"{k} {_cell(v)}" for k, v in row["metrics"].items() if v is not None))
             label = row["name"] + (f" [weights: {row['weights']}]" if row.get("weights") else "")
             out.append(f"| {label} | {measured.replace('|', '/')} | {row.get('seconds', '')} |")
+        if result.get("ratios"):
+            out += ["", "Ratios (same run): " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()) + "."]
         return out + [""]
     return render
 
@@ -455,6 +457,10 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe,
              "gpu_check": render_rows("## GPU check (`gpu_check`)", "every CUDA path once on a lent GPU; a skipped row "
                                       "names what the machine lacked"),
+             "sasrec_throughput": render_rows("## SASRec training throughput against the fp32 roofline "
+                                              "(`sasrec_throughput`)", "the ML-1M recipe on real batches; model "
+                                              "GFLOP/s = the step's matrix products / its time; roofline = a "
+                                              "2048^3 fp32 matrix product at the same thread count"),
              "abuse": render_rows("## What a hostile client costs the API (`abuse`)", "a real uvicorn process over "
                                   "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
                                   "closed before the client read the answer"),
