@@ -72,6 +72,8 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--max-minutes", type=float, help="training budget per seed")
     p.add_argument("--threads", type=int, help="torch threads per seed (default: cores / workers)")
+    p.add_argument("--variant", help="a name for a variant of the recipe or code: writes "
+                                     "results/baselines_ml1m_<variant>.json beside the main result")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.baselines_ml1m")
 
@@ -100,8 +102,8 @@ def main() -> None:
 
     sas = [r for r in rows if r["name"] == "sasrec"]
     mean = {m: sum(r["metrics"][m] for r in sas) / len(sas) for m in METRICS}
-    write_result("baselines_ml1m", provenance, {
-        "dataset": "ml-1m", "protocol": "leave-one-out by timestamp (file order among ties), full ranking over "
+    write_result(f"baselines_ml1m_{a.variant}" if a.variant else "baselines_ml1m", provenance, {
+        **({"variant": a.variant} if a.variant else {}), "dataset": "ml-1m", "protocol": "leave-one-out by timestamp (file order among ties), full ranking over "
                                         f"{ds.n_items} items, history masked, ties broken by a fixed random item order",
         "recipe": Path(a.recipe).name, "prepare_seconds": round(prepare_seconds, 2), "rows": rows,
         "sasrec_mean": mean, "published": PUBLISHED,

@@ -474,6 +474,8 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
 def renderer_for(name: str):
     if name in RENDERERS:
         return RENDERERS[name]
+    if name.startswith("baselines_ml1m_"):
+        return render_baselines
     return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 
