@@ -350,6 +350,7 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
                     "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative")
                                         if m in models),
                     "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"),
-                    "parity_tolerance": TOLERANCE}
+                    "parity_tolerance": TOLERANCE,
+                    "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out

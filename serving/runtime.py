@@ -51,7 +51,37 @@ def read_manifest(directory) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.exists():
         raise RecsysError(f"{directory}: no manifest.json; create the directory with `recsys export`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RecsysError(f"{path}: not valid JSON ({e}); re-create the directory with `recsys export`") from None
+
+
+def verify_files(directory, manifest: dict) -> int:
+    """Check every file the manifest lists (``files``: relative path -> SHA-256, written by ``recsys export``)
+    against its hash; returns how many were checked. A missing or changed file is a RecsysError naming it:
+    a deployment whose weights changed after export must not serve under the old ``model_version``.
+    Manifests written before the list existed have their graph, embedding and table hashes checked."""
+    from recsys.assets import sha256
+
+    directory = Path(directory)
+    files = manifest.get("files")
+    if files is None:                                           # older manifests: the hashes they recorded
+        files = {"catalog.parquet": manifest.get("catalog_sha256")}
+        for entry in manifest.get("models", {}).values():
+            for name_key, hash_key in (("file", "sha256"), ("items", "items_sha256"), ("tables", "tables_sha256")):
+                if entry.get(name_key) and entry.get(hash_key):
+                    files[entry[name_key]] = entry[hash_key]
+        files = {k: v for k, v in files.items() if v}
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise RecsysError(f"{path}: listed in manifest.json but missing; re-create the directory with `recsys export`")
+        got = sha256(path)
+        if got != want:
+            raise RecsysError(f"{path}: SHA-256 {got[:16]}... differs from manifest.json's {want[:16]}...: the file "
+                              "changed after `recsys export`; restore it or export again")
+    return len(files)
 
 
 class SASRecRuntime:
@@ -401,6 +431,7 @@ class Recommender:
 
         directory = Path(directory)
         self.manifest = read_manifest(directory)
+        verify_files(directory, self.manifest)
         self.version = self.manifest["version"]
         self.sasrec = SASRecRuntime(directory, threads, int8)
         self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest["models"] else None

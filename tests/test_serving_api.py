@@ -423,3 +423,21 @@ def test_readyz_names_no_paths_when_loading_failed(tmp_path):
             time.sleep(0.05)
         r = client.get("/readyz")
         assert r.status_code == 503 and "secret-location" not in r.text and r.json()["status"] == "failed"
+
+
+def test_a_deployment_whose_weights_changed_never_turns_ready(exported, caplog):
+    import logging
+
+    from serving.app import ServeSettings, create_app
+
+    out = exported[0]
+    data = out / "sasrec.onnx.data"
+    data.write_bytes(data.read_bytes()[:-8] + bytes(8))
+    caplog.set_level(logging.ERROR, logger="recsys.serving")
+    with Server(create_app(out, ServeSettings())) as server, httpx.Client(base_url=server.url) as client:
+        deadline = time.time() + 30
+        while client.get("/readyz").json()["status"] == "loading":
+            assert time.time() < deadline
+            time.sleep(0.05)
+        assert client.get("/readyz").json() == {"status": "failed", "error": "RecsysError (details in the server log)"}
+    assert any("sasrec.onnx.data: SHA-256" in r.getMessage() for r in caplog.records)

@@ -320,3 +320,29 @@ def test_item_identifier_reranker_is_served_with_its_retriever_prior(tiny_datase
     want = ListwiseReranker(bb, None, 6, max_history=10, bf16=False, identifiers="items",
                             retriever_prior=0.3).first_scores(histories, windows)
     np.testing.assert_allclose(got, torch.stack(want).numpy(), atol=1e-4)
+
+
+def test_a_changed_or_missing_artifact_stops_loading_and_names_the_file(exported):
+    """Every exported file is in the manifest with its SHA-256 (the graphs' external weights too) and is checked
+    at load: half of sasrec.onnx.data overwritten, or the catalog gone, is an error naming the file, not a
+    server answering something else under the same model_version."""
+    from recsys.errors import RecsysError
+    from serving.runtime import Recommender, read_manifest, verify_files
+
+    out, _, _ = exported
+    files = read_manifest(out)["files"]
+    assert {"sasrec.onnx", "sasrec.onnx.data", "items.npy", "first.onnx", "catalog.parquet",
+            "histories.parquet", "tokenizer/tokenizer.json"} <= set(files)
+    assert verify_files(out, read_manifest(out)) == len(files)
+    data = out / "sasrec.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2:] = bytes(len(raw) - len(raw) // 2)
+    data.write_bytes(bytes(raw))
+    with pytest.raises(RecsysError, match=r"sasrec\.onnx\.data: SHA-256 .* differs from manifest\.json"):
+        Recommender(out)
+    (out / "catalog.parquet").unlink()
+    with pytest.raises(RecsysError, match=r"catalog\.parquet: listed in manifest\.json but missing"):
+        verify_files(out, read_manifest(out))
+    (out / "manifest.json").write_text('{"truncated": ')
+    with pytest.raises(RecsysError, match=r"manifest\.json: not valid JSON"):
+        Recommender(out)
