@@ -188,3 +188,27 @@ def test_fetch_reports_what_was_tried(monkeypatch):
 def test_prepare_config_rejects_unknown_values():
     with pytest.raises(DataError, match="split must be"):
         PrepareConfig(split="random")
+
+
+def test_a_prepared_dataset_changed_after_prepare_is_refused_naming_the_file(tiny_dataset):
+    """A prepared file rewritten after `recsys data prepare` (here the idx column turned into strings) fails
+    its manifest hash; the column check names the column when the hash is made to match."""
+    import json
+
+    import polars as pl
+    import pytest
+
+    from recsys.data import PreparedDataset
+    from recsys.data.prepared import _sha256
+    from recsys.errors import DataError
+
+    d = tiny_dataset.directory
+    catalog = pl.read_parquet(d / "catalog.parquet").with_columns(pl.col("idx").cast(pl.String))
+    catalog.write_parquet(d / "catalog.parquet")
+    with pytest.raises(DataError, match=r"catalog\.parquet: SHA-256 differs from manifest\.json"):
+        PreparedDataset.load(d)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"]["catalog.parquet"] = _sha256(d / "catalog.parquet")
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"catalog\.parquet: column 'idx' is String, expected Int32"):
+        PreparedDataset.load(d)

@@ -30,6 +30,13 @@ from recsys.io import atomic_directory
 
 FORMAT_VERSION = 1
 FILES = ("catalog.parquet", "users.parquet", "interactions.parquet")
+REQUIRED_COLUMNS = {
+    "catalog.parquet": {"item_id": pl.String, "idx": pl.Int32, "title": pl.String},
+    "users.parquet": {"user_id": pl.String, "uidx": pl.Int32},
+    "interactions.parquet": {"user_id": pl.String, "item_id": pl.String, "timestamp": pl.Int64, "uidx": pl.Int32,
+                             "idx": pl.Int32, "pos": pl.Int32, "split": pl.String},
+}
+"""The columns every stage reads, with their types: checked when a prepared dataset is loaded."""
 
 
 @dataclass(frozen=True)
@@ -94,11 +101,23 @@ class PreparedDataset:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DataError(f"{manifest_path}: format_version {manifest.get('format_version')}, "
                             f"this recsys reads {FORMAT_VERSION}; prepare the dataset again")
+        frames = {}
         for f in FILES:
-            if not (directory / f).exists():
-                raise DataError(f"{directory / f}: missing; prepare the dataset again")
-        return cls(directory, pl.read_parquet(directory / "catalog.parquet"), pl.read_parquet(directory / "users.parquet"),
-                   pl.read_parquet(directory / "interactions.parquet"), manifest)
+            path = directory / f
+            if not path.exists():
+                raise DataError(f"{path}: missing; prepare the dataset again")
+            if _sha256(path) != manifest.get("files", {}).get(f):
+                raise DataError(f"{path}: SHA-256 differs from {manifest_path.name}: the file changed after "
+                                "`recsys data prepare`; prepare the dataset again")
+            try:
+                frames[f] = pl.read_parquet(path)
+            except Exception as e:                                  # noqa: BLE001 - name the file, whatever broke
+                raise DataError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
+            for column, dtype in REQUIRED_COLUMNS[f].items():
+                if frames[f].schema.get(column) != dtype:
+                    raise DataError(f"{path}: column {column!r} is {frames[f].schema.get(column)}, expected {dtype}")
+        return cls(directory, frames["catalog.parquet"], frames["users.parquet"], frames["interactions.parquet"],
+                   manifest)
 
     @property
     def name(self) -> str:
