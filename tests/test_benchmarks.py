@@ -256,3 +256,10 @@ def test_row_results_render_every_metric_and_every_skip_with_its_reason():
     assert "| sasrec-train-cuda-fp32-b32 | samples_per_s 5844 | 0.7 |" in text and "threads" not in text
     assert "| onnx-sasrec-cuda | skipped: no CUDAExecutionProvider |" in text
     assert "smollm2-sft-step-bf16-8x64 [weights: random] | step_ms 123.4" in text and "torch 2.11" in text
+
+
+def test_loadgen_help_and_a_bad_config_answer_instead_of_crashing(capsys):
+    from pipelines.benchmarks import loadgen
+
+    assert loadgen.main(["--help"]) == 0 and "CONFIG (JSON)" in capsys.readouterr().out
+    assert loadgen.main(["{not json"]) == 2 and "CONFIG is not JSON" in capsys.readouterr().err

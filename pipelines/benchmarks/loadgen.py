@@ -77,5 +77,19 @@ async def run(config: dict) -> dict:
             "server_cpu_s": None if cpu is None or after is None else after - cpu}
 
 
+def main(argv: list[str]) -> int:
+    """``CONFIG`` as the one argument; ``--help`` (or no argument) prints the module's documentation."""
+    if len(argv) != 1 or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+    try:
+        config = json.loads(argv[0])
+    except json.JSONDecodeError as e:
+        print(f"error: CONFIG is not JSON ({e}); see --help", file=sys.stderr)
+        return 2
+    print(json.dumps(asyncio.run(run(config))))
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(run(json.loads(sys.argv[1])))))
+    sys.exit(main(sys.argv[1:]))
