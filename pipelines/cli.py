@@ -282,6 +282,7 @@ def cmd_serve(a):
     settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms,
                 "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
                 "rerank_timeout_ms": a.rerank_timeout_ms, "threads": a.threads, "max_in_flight": a.max_in_flight,
+                "access_log": a.access_log,
                 "api_key": (read_api_key(a.api_key_file) if a.api_key_file else os.environ.get("RECSYS_API_KEY"))}
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
@@ -537,6 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "prompt takes ~1 s on a 2-core CPU: raise it to serve that reranker there)")
     sv.add_argument("--api-key-file", help="require the key on this file's first line as x-api-key on /v1/* "
                                           "(default: $RECSYS_API_KEY, else no key)")
+    sv.add_argument("--access-log", action="store_true",
+                    help="one JSON line per request on stderr (method, route, status, ms)")
     sv.add_argument("--max-in-flight", type=int, default=64,
                     help="requests inside the app at once per worker; more get 503 with Retry-After")
     sv.set_defaults(func=cmd_serve)

@@ -94,6 +94,9 @@ class ServeSettings:
     """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching
     (concurrent requests already fill the cores; more threads per call only contend), else ORT's default."""
     int8: bool = False
+    access_log: bool = False
+    """One JSON line per request (method, route template, status, ms) on stderr through the
+    ``recsys.serving`` logger at INFO; off by default (its cost is then one level check per request)."""
 
     def resolved(self, cuda: bool) -> ServeSettings:
         """The settings with every ``None`` (auto) decided for this machine."""
@@ -410,8 +413,9 @@ class Guard:
         finally:
             seconds = time.perf_counter() - t
             self.metrics.observe_request(path, status, seconds)
-            log.info(json.dumps({"method": scope["method"], "path": self.metrics.route(path), "status": status,
-                                 "ms": round(1000 * seconds, 2)}))
+            if log.isEnabledFor(logging.INFO):       # the access log: no JSON built per request when it is off
+                log.info(json.dumps({"method": scope["method"], "path": self.metrics.route(path),
+                                     "status": status, "ms": round(1000 * seconds, 2)}))
 
 
 def _replay(body: bytes, receive):
@@ -456,6 +460,11 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
     directory = Path(directory)
     settings = settings.resolved(cuda="CUDAExecutionProvider" in providers())
+    if settings.access_log and log.getEffectiveLevel() > logging.INFO:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     state: dict = {"ready": False}
     metrics = Metrics()                                     # its route templates are filled in below
 

@@ -441,3 +441,21 @@ def test_a_deployment_whose_weights_changed_never_turns_ready(exported, caplog):
             time.sleep(0.05)
         assert client.get("/readyz").json() == {"status": "failed", "error": "RecsysError (details in the server log)"}
     assert any("sasrec.onnx.data: SHA-256" in r.getMessage() for r in caplog.records)
+
+
+def test_the_access_log_writes_one_json_line_per_request_when_asked(exported, caplog):
+    import logging
+
+    from serving.app import ServeSettings, create_app
+
+    caplog.set_level(logging.INFO, logger="recsys.serving")
+    with Server(create_app(exported[0], ServeSettings(access_log=True))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        client.post("/v1/recommend", json={"history": ["m1"], "k": 2})
+        client.get("/no-such-path-123")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if '"method"' in r.getMessage()]
+    assert {"method": "POST", "path": "/v1/recommend", "status": 200} in [
+        {k: x[k] for k in ("method", "path", "status")} for x in lines]
+    assert any(x["path"] == "unmatched" and x["status"] == 404 for x in lines)
+    assert all("no-such-path" not in r.getMessage() for r in caplog.records)
