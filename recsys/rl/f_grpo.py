@@ -13,8 +13,9 @@ The policy factorises as pi(slate, order | x) = pi_slate(slate | x) pi_rank(orde
 - Advantages per phase within the G rollouts; slate tokens get only A_slate, rank tokens only A_rank.
 - The GRPO baseline of the paper uses one joint reward R_slate + lambda R_rank on every token (lambda 1).
 
-Departures (the paper's details are UNVERIFIED beyond the abstract): advantages are mean-centred by
-default (``scale="none"``, the summary's "Dr. GRPO setting"; ``"std"`` is an option); the clipped
+Departures (the paper's details are UNVERIFIED beyond the abstract): :func:`phase_advantages` only
+centres by default (``scale="none"``, the Dr. GRPO setting, arXiv 2503.20783), while the RL trainer passes
+its ``scale_rewards``, ``"std"`` unless a recipe says otherwise (every recorded F-GRPO run standardised); the clipped
 surrogate and KL are GRPO's (:func:`recsys.rl.grpo.policy_loss`) applied to both phases with one
 normaliser; a missing rank marker makes the whole completion the slate phase (the format reward,
 added by the caller, penalises it).
