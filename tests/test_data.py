@@ -212,3 +212,47 @@ def test_a_prepared_dataset_changed_after_prepare_is_refused_naming_the_file(tin
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"catalog\.parquet: column 'idx' is String, expected Int32"):
         PreparedDataset.load(d)
+
+
+def test_user_features_are_read_from_every_layout_and_kept_beside_the_fingerprint(layouts, tmp_path):
+    """A RecBole ``.user``, an ML-1M ``users.dat`` and an ML-100K ``u.user`` give the same features; prepare
+    writes them per uidx (null for a user the file lacks) without changing the fingerprint; asking for a
+    feature the dataset lacks names it and the file that would hold it."""
+    import shutil
+
+    import polars as pl
+    import pytest
+
+    from recsys.data import prepare, read_dataset
+    from recsys.errors import DataError
+
+    users = sorted(pl.read_csv(layouts["recbole"] / "tiny.inter", separator="\t")["user_id:token"].unique())
+    rows = [(u, str(20 + i), "FM"[i % 2], str(i % 5), f"{i:05d}") for i, u in enumerate(users[:-1])]  # last: none
+    copies = {name: tmp_path / name for name in layouts}
+    for name, src in layouts.items():
+        shutil.copytree(src, copies[name])
+    (copies["recbole"] / "tiny.user").write_text(
+        "user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token\n"
+        + "".join(f"{u}\t{a}\t{g}\t{o}\t{z}\n" for u, a, g, o, z in rows))
+    gl_ids = {u: u.removeprefix("u") for u in users}        # the GroupLens copies use bare numeric ids
+    (copies["grouplens-1m"] / "users.dat").write_text("".join(f"{gl_ids[u]}::{g}::{a}::{o}::{z}\n"
+                                                             for u, a, g, o, z in rows))
+    (copies["grouplens-100k"] / "u.user").write_text("".join(f"{gl_ids[u]}|{a}|{g}|{o}|{z}\n"
+                                                            for u, a, g, o, z in rows))
+    tables = {name: read_dataset(path).user_features for name, path in copies.items()}
+    assert tables["recbole"].columns == ["user_id", "age", "gender", "occupation", "zip_code"]
+    for name in ("grouplens-1m", "grouplens-100k"):
+        assert tables[name].select("age", "gender", "occupation").equals(tables["recbole"].select(
+            "age", "gender", "occupation")), name
+
+    with_features = prepare(read_dataset(copies["recbole"]), tmp_path / "with")
+    without = prepare(read_dataset(layouts["recbole"]), tmp_path / "without")
+    assert with_features.fingerprint == without.fingerprint
+    got = with_features.user_features(["age", "gender"])
+    assert got.columns == ["uidx", "age", "gender"] and got.height == with_features.n_users
+    assert got["uidx"].to_list() == list(range(got.height)) and got["age"].null_count() == 1
+    assert with_features.manifest["user_features"]["users_without"] == 1
+    with pytest.raises(DataError, match=r"user_features\.parquet: no user feature \['income'\] in this dataset"):
+        with_features.user_features(["income"])
+    with pytest.raises(DataError, match=r"it has none"):
+        without.user_features(["age"])

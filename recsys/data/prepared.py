@@ -5,6 +5,8 @@ Layout of ``<out>/``::
     catalog.parquet        item_id, idx (1..n_items; 0 = padding), title, year, genres, text
     users.parquet          user_id, uidx (0..n_users-1)
     interactions.parquet   user_id, item_id, timestamp, rating, uidx, idx, pos, split
+    user_features.parquet  optional: uidx, user_id and the source's user columns (ML-1M: age, gender,
+                           occupation, zip_code) as text; side information, not part of the fingerprint
     manifest.json          config, source, counts, SHA-256 of each file, fingerprint
 
 Every later artifact (a trained model, an index, candidates) records the ``fingerprint`` and refuses
@@ -30,6 +32,9 @@ from recsys.io import atomic_directory
 
 FORMAT_VERSION = 1
 FILES = ("catalog.parquet", "users.parquet", "interactions.parquet")
+USER_FEATURES = "user_features.parquet"
+"""Optional: ``uidx``, ``user_id`` and the source's user columns as text (null where a user has none); not
+part of the fingerprint, so datasets with and without it index users and items alike."""
 REQUIRED_COLUMNS = {
     "catalog.parquet": {"item_id": pl.String, "idx": pl.Int32, "title": pl.String},
     "users.parquet": {"user_id": pl.String, "uidx": pl.Int32},
@@ -118,6 +123,22 @@ class PreparedDataset:
                     raise DataError(f"{path}: column {column!r} is {frames[f].schema.get(column)}, expected {dtype}")
         return cls(directory, frames["catalog.parquet"], frames["users.parquet"], frames["interactions.parquet"],
                    manifest)
+
+    def user_features(self, columns: list[str] | None = None) -> pl.DataFrame:
+        """(n_users, 1 + len(columns)): ``uidx`` and the requested user feature columns (all by default), in
+        uidx order, checked against the manifest's hash. A column the dataset lacks is a DataError naming it
+        and the file that would hold it."""
+        entry = self.manifest.get("user_features")
+        available = entry["columns"] if entry else []
+        missing = [c for c in (columns or []) if c not in available]
+        if entry is None or missing:
+            raise DataError(f"{self.directory / USER_FEATURES}: no user feature{'s' if len(missing) != 1 else ''} "
+                            f"{missing or ''} in this dataset (it has {available or 'none'}); the source needs a "
+                            "user file (<name>.user, users.dat or u.user) with those columns")
+        path = self.directory / entry["file"]
+        if not path.exists() or _sha256(path) != entry["sha256"]:
+            raise DataError(f"{path}: missing or changed after `recsys data prepare`; prepare the dataset again")
+        return pl.read_parquet(path).select("uidx", *(columns or available))
 
     @property
     def name(self) -> str:
@@ -236,5 +257,12 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
             "fingerprint": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16],
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         }
+        if raw.user_features is not None:            # side information: beside the fingerprinted files
+            features = users.join(raw.user_features, on="user_id", how="left").sort("uidx")
+            features.write_parquet(staging / USER_FEATURES)
+            manifest["user_features"] = {"file": USER_FEATURES, "sha256": _sha256(staging / USER_FEATURES),
+                                         "columns": [c for c in features.columns if c not in ("user_id", "uidx")],
+                                         "users_without": int(features.select(pl.exclude("user_id", "uidx"))
+                                                              .null_count().max_horizontal().item())}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return PreparedDataset.load(out)

@@ -33,6 +33,18 @@ class RawDataset:
     interactions: pl.DataFrame
     catalog: pl.DataFrame
     source: str
+    user_features: pl.DataFrame | None = None
+    """``user_id`` and one text column per feature (ML-1M: age, gender, occupation, zip_code), or None when
+    the source has no user file."""
+
+
+def _user_features(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+    """Every column as text, ``user_id`` first and unique (a repeated id is an error naming the file)."""
+    df = df.select(pl.col(c).cast(pl.String).str.strip_chars() for c in df.columns)
+    repeated = df["user_id"].is_duplicated()
+    if repeated.any():
+        raise DataError(f"{path}: user_id {df['user_id'].filter(repeated)[0]!r} appears more than once")
+    return df
 
 
 def _read_text_table(path: Path, separator: str, columns: list[str] | None = None,
@@ -85,7 +97,11 @@ def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") ->
     )
     # The ML-100K item file keys items by "Title (Year)"; 18 keys collide. RecBole's own loader keeps one.
     catalog = validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates)
-    return RawDataset(name, inter, catalog, f"recbole:{directory}")
+    user_path, users = directory / f"{name}.user", None
+    if user_path.exists():
+        users = _read_text_table(user_path, "\t")
+        users = _user_features(users.rename({c: c.split(":")[0] for c in users.columns}), user_path)
+    return RawDataset(name, inter, catalog, f"recbole:{directory}", users)
 
 
 def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: str = "error") -> RawDataset:
@@ -101,8 +117,12 @@ def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: st
         "year": pl.Series([y for _, y in title_year], dtype=pl.Int32),
         "genres": [g.split("|") if g else [] for g in movies["genres"]],
     })
+    users_path, users = directory / "users.dat", None
+    if users_path.exists():
+        users = _user_features(_read_text_table(users_path, "::", ["user_id", "gender", "age", "occupation",
+                                                                   "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(movies_path), on_duplicates=on_duplicates),
-                      f"grouplens:{directory}")
+                      f"grouplens:{directory}", users)
 
 
 def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates: str = "error") -> RawDataset:
@@ -120,8 +140,12 @@ def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates
         "year": pl.Series([y for _, y in title_year], dtype=pl.Int32),
         "genres": [[g for g, f in zip(ML100K_GENRES, row) if f and g != "unknown"] for row in flags],
     })
+    users_path, users = directory / "u.user", None
+    if users_path.exists():
+        users = _user_features(_read_text_table(users_path, "|", ["user_id", "age", "gender", "occupation",
+                                                                  "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates),
-                      f"grouplens:{directory}")
+                      f"grouplens:{directory}", users)
 
 
 def detect_layout(directory: Path) -> str:
