@@ -1,0 +1,164 @@
+"""Hybrid item tokens for pretrained LMs: the retriever's knowledge of an item, inside the prompt.
+
+LLaRA (Liao et al., "LLaRA: Large Language-Recommendation Assistant", SIGIR 2024, arXiv 2312.02445, §3.2):
+every item in a prompt is its title tokens followed by one soft token, a learned projection of the item's
+embedding from a sequential recommender into the LM's input embedding space. The LM reads the title as text and
+the soft token as what the retriever learned from behaviour, which the title does not carry.
+
+Here: the placeholder token ``<item>`` is added to the tokenizer; :func:`encode` renders the listwise prompt of
+:mod:`recsys.rerank.prompts` with each item as ``{title} <item>`` (the title capped at ``title_words`` words,
+or dropped with 0: the soft token then carries the item alone) and records, per position, which item each
+placeholder stands for. :class:`HybridFirst` replaces the placeholders' input embeddings by
+``ItemProjector(retriever vectors)`` and scores the window FIRST-style (arXiv 2406.15657): the logits of the
+candidates' identifier tokens at the last prompt position, computed from that position's hidden state only
+(no (B, T, V) logits). ``keep_layers`` keeps the first N decoder layers (SmolLM2-135M has 30), the cheap way to
+train on a CPU; the projector trains in full, the LM through LoRA (:func:`recsys.llm.backbone.apply_lora`) or in
+full. Departures: LLaRA's curriculum (text-only prompts first, then hybrid) and its next-item generation target
+are not used; the target is the FIRST ranking of the window.
+
+Shapes: B prompts, T tokens, d_r retriever width, D LM width, n candidates per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from recsys.errors import RecsysError
+from recsys.llm.backbone import Backbone
+from recsys.rerank.prompts import listwise_prompt
+
+ITEM_TOKEN = "<item>"
+
+
+def add_item_token(backbone: Backbone) -> int:
+    """Add ``<item>`` to the tokenizer (and an embedding row) if it is not a single token yet; returns its id."""
+    tokenizer = backbone.tokenizer
+    ids = tokenizer.encode(ITEM_TOKEN, add_special_tokens=False)
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        tokenizer.add_special_tokens({"additional_special_tokens": [ITEM_TOKEN]})
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            backbone.model.resize_token_embeddings(len(tokenizer))
+    return backbone.token_id(ITEM_TOKEN)
+
+
+def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: int | None) -> dict[int, str]:
+    """idx -> ``"{title} <item>"`` for ``items``: the title cut to its first ``title_words`` words (None: whole;
+    0 or no titles: the soft token alone)."""
+    out = {}
+    for i in items:
+        words = (titles or {}).get(i, "").split()
+        if title_words is not None:
+            words = words[:title_words]
+        out[i] = " ".join([*words, ITEM_TOKEN])
+    return out
+
+
+@dataclass
+class HybridBatch:
+    """A left-padded batch: ``input_ids``, ``attention_mask``, ``position_ids`` (B, T) and ``item_idx`` (B, T),
+    the retriever item index at each ``<item>`` position and 0 elsewhere."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    item_idx: torch.Tensor
+
+
+def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[int]], titles: dict[int, str] | None,
+           max_history: int = 20, title_words: int | None = 8) -> HybridBatch:
+    """Hybrid listwise prompts of (history, window) pairs, tokenized and aligned with their items. The prompt
+    lists ``history[-max_history:]`` then the window, so the k-th ``<item>`` of a row stands for the k-th item
+    of that sequence; a title that itself tokenizes into ``<item>`` breaks the alignment and is an error."""
+    item_id = backbone.token_id(ITEM_TOKEN)
+    rows, items = [], []
+    for history, window in zip(histories, windows):
+        shown = list(history[-max_history:]) + list(window)
+        text = listwise_prompt(backbone, list(history), list(window), hybrid_titles(titles, shown, title_words),
+                               max_history)
+        ids = backbone.tokenizer.encode(text, add_special_tokens=False)
+        slots = [k for k, t in enumerate(ids) if t == item_id]
+        if len(slots) != len(shown):
+            raise RecsysError(f"hybrid prompt: {len(slots)} {ITEM_TOKEN} tokens for {len(shown)} items; "
+                              "an item title must not contain the placeholder")
+        rows.append(ids)
+        items.append(dict(zip(slots, shown)))
+    T = max(len(r) for r in rows)
+    pad = backbone.tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    item_idx = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, (ids, slots) in enumerate(zip(rows, items)):
+        offset = T - len(ids)                                         # left padding: the last position is real
+        input_ids[b, offset:], mask[b, offset:] = torch.tensor(ids), 1
+        for k, i in slots.items():
+            item_idx[b, offset + k] = i
+    return HybridBatch(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), item_idx)
+
+
+class ItemProjector(nn.Module):
+    """Retriever item vectors (frozen, (N + 1, d_r), row 0 = padding) -> LM input embeddings (D,) through a
+    two-layer MLP (LLaRA's projector)."""
+
+    def __init__(self, item_vectors: torch.Tensor, lm_width: int, hidden: int | None = None):
+        super().__init__()
+        if item_vectors.ndim != 2:
+            raise RecsysError(f"item vectors must be (n_items + 1, d), got shape {tuple(item_vectors.shape)}")
+        self.register_buffer("items", item_vectors.detach().float().clone(), persistent=True)
+        d = item_vectors.shape[1]
+        hidden = hidden or lm_width
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, lm_width))
+
+    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
+        """(...) item indices -> (..., D)."""
+        return self.mlp(self.items[item_idx])
+
+
+class HybridFirst(nn.Module):
+    """A causal LM whose ``<item>`` inputs are projected retriever vectors, scoring windows FIRST-style."""
+
+    def __init__(self, backbone: Backbone, item_vectors: torch.Tensor, keep_layers: int | None = None,
+                 n_items: int | None = None):
+        super().__init__()
+        if n_items is not None and item_vectors.shape[0] != n_items + 1:
+            raise RecsysError(f"retriever item vectors have {item_vectors.shape[0]} rows; the catalog needs "
+                              f"{n_items + 1} ({n_items} items + padding row 0)")
+        self.backbone = backbone
+        self.item_token_id = add_item_token(backbone)
+        self.lm = backbone.model
+        if keep_layers is not None:
+            layers = self.lm.model.layers
+            if not 1 <= keep_layers <= len(layers):
+                raise RecsysError(f"keep_layers must be in 1..{len(layers)}, got {keep_layers}")
+            self.lm.model.layers = layers[:keep_layers]
+            self.lm.config.num_hidden_layers = keep_layers
+        self.projector = ItemProjector(item_vectors, self.lm.get_input_embeddings().embedding_dim)
+
+    def lora(self, r: int = 16, alpha: int = 32, dropout: float = 0.05) -> HybridFirst:
+        """Adapt the LM with LoRA on every linear layer (peft): its own weights freeze, the adapters and the
+        projector train."""
+        from recsys.llm.backbone import apply_lora
+
+        self.lm = apply_lora(self.backbone, r=r, alpha=alpha, dropout=dropout).model
+        return self
+
+    def _decoder(self):
+        return (self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm).model
+
+    def embed(self, input_ids: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, T, D): the token embeddings, with each ``<item>`` position's replaced by its item's
+        projected retriever vector."""
+        text = self.lm.get_input_embeddings()(input_ids)
+        soft = self.projector(item_idx).to(text.dtype)
+        return torch.where((input_ids == self.item_token_id).unsqueeze(-1), soft, text)
+
+    def first_scores(self, batch: HybridBatch, identifier_ids: torch.Tensor) -> torch.Tensor:
+        """(B, n) logits of the n identifier tokens at the last position (the first answer token)."""
+        hidden = self._decoder()(inputs_embeds=self.embed(batch.input_ids, batch.item_idx),
+                               attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        scores = hidden[:, -1] @ head.weight[identifier_ids].T
+        return scores + head.bias[identifier_ids] if getattr(head, "bias", None) is not None else scores
