@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(prog="recsys", description="LLM-based generative recommendation and reranking.",
                                 epilog=EXAMPLES, formatter_class=fmt)
+    from recsys import __version__
+
+    p.add_argument("--version", action="version", version=f"recsys {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(dest="data_command", required=True,

@@ -133,3 +133,14 @@ def test_export_and_rescore_commands(exported, tiny_dataset, tmp_path, capsys):
     code, out, err = run(capsys, "rescore", "--serve-dir", tmp_path / "serve2", "--input", tmp_path / "q.parquet",
                          "--output", tmp_path / "scored")
     assert code == 0 and "5 rows scored, 0 rejected" in out, err
+
+
+def test_version_flag(capsys):
+    import pytest
+
+    from pipelines.cli import main
+    from recsys import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"recsys {__version__}"
