@@ -461,6 +461,9 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                               "(`sasrec_throughput`)", "the ML-1M recipe on real batches; model "
                                               "GFLOP/s = the step's matrix products / its time; roofline = a "
                                               "2048^3 fp32 matrix product at the same thread count"),
+             "hybrid_throughput": render_rows("## Hybrid-token FIRST reranker: training throughput "
+                                              "(`hybrid_throughput`)", "SFT steps of 8 windows (20 history items, 20 "
+                                              "candidates), LoRA r 16 + projector, by kept layers and title words"),
              "abuse": render_rows("## What a hostile client costs the API (`abuse`)", "a real uvicorn process over "
                                   "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
                                   "closed before the client read the answer"),
