@@ -23,6 +23,13 @@ def _coerce(hint, name: str, value, source: str):
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        if typing.get_origin(t) is tuple:                        # a list in YAML, or "a,b,c" on the command line
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (list, tuple)):
+                inner = typing.get_args(t)[0]
+                return tuple(_coerce(inner, f"{name}[{i}]", v.strip() if isinstance(v, str) else v, source)
+                             for i, v in enumerate(items))
+            continue
         if t is bool and isinstance(value, bool):
             return value
         if t in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,0 +1,238 @@
+"""Side features of a retriever's candidates: what a reranker can know that the retriever does not.
+
+A sequential retriever such as SASRec sees item ids in order and nothing else. For each candidate of
+a list this module computes signals from outside that view, fitted on the training interactions only
+(``SideFeatures.fit``) and read per request (``SideFeatures.transform``). Groups, each an option of a
+recipe (:data:`GROUPS`, columns in this order):
+
+=============  =====================================================================================
+retriever      the retriever's own view: score minus the list's top score, ``ln(1 + position)``, and
+               the log-softmax of the scores over the list (3 columns)
+ease           a second retriever: EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse
+               Data", WWW 2019, arXiv 1905.03375, eq. 8: ``B = I - P diagMat(1 / diag P)`` with
+               ``P = (X^T X + lambda I)^-1``, diagonal of B zeroed) scores ``sum_{j in history} B[j, c]``
+               of the whole history and of its last 10 items, each z-scored over the list (2)
+transitions    ``ln(1 + w)`` where w counts training sequences that go from the last history item
+               (weight 1) or the one before it (weight 1/2) to the candidate within 1, 2 or 3 steps
+               (weights 1, 1/2, 1/3): item-to-item succession, which a model of the whole sequence
+               smooths away (1)
+popularity     ``ln(1 + training interactions)`` (1)
+recency        ``ln(1 + training interactions in the 30 days before the request)``: what is popular
+               now, which needs the request's time (1)
+demographics   ``ln P(item | gender, age) - ln P(item)``, add-one smoothed, from the training
+               interactions of users of the same gender and age group (a missing value is a group of
+               its own); needs those user features (1)
+genres         the share of the genre mass of the last 50 history items that the candidate's genres
+               carry; needs the catalogue's ``genres`` (1)
+year           ``|year - median year of the last 50 history items| / 10``; needs ``year`` (1)
+time_gap       ``ln(1 + hours)`` since the last history interaction, the same for every candidate of a
+               list: it only matters through a nonlinear scorer, which can let recency count more
+               after a long absence (1)
+=============  =====================================================================================
+
+Shapes: L candidates per list, F features (``len(names)``); a request is a :class:`Request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from recsys.errors import DataError, RecsysError
+
+GROUPS = {
+    "retriever": ["retriever_gap", "retriever_log_position", "retriever_log_softmax"],
+    "ease": ["ease_history", "ease_last10"],
+    "transitions": ["transitions"],
+    "popularity": ["popularity"],
+    "recency": ["recent_30d"],
+    "demographics": ["demographic_lift"],
+    "genres": ["genre_share"],
+    "year": ["year_distance"],
+    "time_gap": ["hours_since_last"],
+}
+"""Feature group -> the columns it adds, in order."""
+
+RECENT_SECONDS = 30 * 86400
+STEP_WEIGHTS = (1.0, 1 / 2, 1 / 3)
+"""Weight of a succession 1, 2 and 3 steps later in ``transitions``."""
+EASE_MAX_ITEMS = 20000
+"""EASE inverts an (n_items x n_items) matrix: beyond this many items leave the ``ease`` group out."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One candidate list to describe: the user's history (item idx, oldest first), the time of the
+    request and of each history item (Unix seconds), the candidates and the retriever's scores, best first."""
+
+    uidx: int
+    history: np.ndarray
+    history_times: np.ndarray
+    time: int
+    candidates: np.ndarray
+    scores: np.ndarray
+
+
+def ease_weights(X: np.ndarray, lam: float) -> np.ndarray:
+    """EASE's item-item matrix from a binary (users, items) matrix X (arXiv 1905.03375, eq. 8).
+
+    Example: X = [[1, 1], [1, 0]], lambda 1: G = X^T X + I = [[3, 1], [1, 2]], P = G^-1 = [[0.4, -0.2],
+    [-0.2, 0.6]], B = -P / diag(P) by column, diagonal 0 -> [[0, 1/3], [1/2, 0]]."""
+    G = (X.T @ X).astype(np.float64)
+    G[np.diag_indices_from(G)] += lam
+    P = np.linalg.inv(G)
+    B = -P / np.diag(P)[None, :]
+    B[np.diag_indices_from(B)] = 0.0
+    return B.astype(np.float32)
+
+
+def succession_counts(sequences, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse weighted counts of ``a`` followed by ``b`` within 3 steps (weights :data:`STEP_WEIGHTS`) over
+    the sequences: sorted keys ``a * (n_items + 1) + b`` and their weights.
+
+    Example: one sequence [1, 2, 3], n_items 3: (1, 2) 1, (2, 3) 1, (1, 3) 1/2 -> keys [6, 7, 11],
+    weights [1, 0.5, 1]."""
+    keys, weights = [], []
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int64)
+        for step, w in enumerate(STEP_WEIGHTS, 1):
+            if len(seq) > step:
+                keys.append(seq[:-step] * (n_items + 1) + seq[step:])
+                weights.append(np.full(len(seq) - step, w))
+    if not keys:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    keys, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    return keys, np.bincount(inverse, weights=np.concatenate(weights))
+
+
+def lookup(keys: np.ndarray, weights: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """The weight of each query key in a sorted sparse table (0 where absent)."""
+    if not len(keys):
+        return np.zeros(len(query))
+    pos = np.clip(np.searchsorted(keys, query), 0, len(keys) - 1)
+    return np.where(keys[pos] == query, weights[pos], 0.0)
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+class SideFeatures:
+    """Fitted side-feature tables; ``transform`` a :class:`Request` into (L, F) features."""
+
+    def __init__(self, groups: list[str], n_items: int):
+        unknown = [g for g in groups if g not in GROUPS]
+        if unknown or not groups:
+            raise RecsysError(f"unknown feature group(s) {unknown}; known: {', '.join(GROUPS)}")
+        self.groups, self.n_items = list(groups), n_items
+        self.names = [c for g in self.groups for c in GROUPS[g]]
+
+    @classmethod
+    def fit(cls, dataset, groups: list[str], ease_lambda: float = 300.0) -> SideFeatures:
+        """Fit on ``dataset``'s training interactions (a :class:`recsys.data.PreparedDataset`). A group whose
+        data the dataset lacks is a DataError naming the feature and the file that would hold it."""
+        self = cls(groups, dataset.n_items)
+        n = dataset.n_items
+        train = dataset.interactions.filter(pl.col("split") == "train")
+        users, items = train["uidx"].to_numpy(), train["idx"].to_numpy().astype(np.int64)
+        self.popularity = np.bincount(items, minlength=n + 1).astype(np.float64)
+        if "ease" in groups:
+            if n > EASE_MAX_ITEMS:
+                raise RecsysError(f"feature group 'ease' inverts an n_items x n_items matrix; {n} items is over "
+                                  f"{EASE_MAX_ITEMS}: leave 'ease' out of the recipe's features")
+            X = np.zeros((dataset.n_users, n + 1), dtype=np.float32)
+            X[users, items] = 1.0
+            self.ease = ease_weights(X, ease_lambda)
+        if "transitions" in groups:
+            self.succ_keys, self.succ_weights = succession_counts(dataset.train_sequences(), n)
+        if "recency" in groups:
+            order = np.lexsort((train["timestamp"].to_numpy(), items))
+            self.item_times = train["timestamp"].to_numpy()[order]
+            self.item_start = np.searchsorted(items[order], np.arange(n + 2))
+        if "demographics" in groups:
+            uf = dataset.user_features(["gender", "age"]).sort("uidx")
+            labels = (uf["gender"].cast(pl.Utf8).fill_null("?") + "|" + uf["age"].cast(pl.Utf8).fill_null("?")).to_list()
+            names = sorted(set(labels))
+            self.user_group = np.asarray([names.index(x) for x in labels])
+            counts = np.zeros((len(names), n + 1))
+            np.add.at(counts, (self.user_group[users], items), 1.0)
+            p_item = (self.popularity + 1) / (self.popularity.sum() + n)
+            self.lift = np.log((counts + 1) / (counts.sum(1, keepdims=True) + n)) - np.log(p_item)[None]
+        if "genres" in groups or "year" in groups:
+            catalog = dataset.catalog.sort("idx")
+            for group, column in (("genres", "genres"), ("year", "year")):
+                if group in groups and column not in catalog.columns:
+                    raise DataError(f"{dataset.directory / 'catalog.parquet'}: feature group {group!r} needs the "
+                                    f"column {column!r}, which this catalogue lacks")
+            if "genres" in groups:
+                genre_lists = catalog["genres"].to_list()
+                vocab = sorted({g for gs in genre_lists if gs for g in gs})
+                self.genre = np.zeros((n + 1, max(len(vocab), 1)), dtype=np.float32)
+                for i, gs in zip(catalog["idx"].to_list(), genre_lists):
+                    for g in gs or []:
+                        self.genre[i, vocab.index(g)] = 1.0
+            if "year" in groups:
+                years = catalog["year"].cast(pl.Float64)
+                self.year = np.full(n + 1, float(years.median() or 0.0))
+                self.year[catalog["idx"].to_numpy()] = years.fill_null(float(years.median() or 0.0)).to_numpy()
+        return self
+
+    def transform(self, r: Request) -> np.ndarray:
+        """(L, F) float32 features of ``r``'s candidates, columns as in :attr:`names`."""
+        c, h = np.asarray(r.candidates, dtype=np.int64), np.asarray(r.history, dtype=np.int64)
+        if not len(h):
+            raise RecsysError(f"user {r.uidx}: side features need a non-empty history")
+        cols = []
+        for g in self.groups:
+            if g == "retriever":
+                s = np.asarray(r.scores, dtype=np.float64)
+                top = s.max()
+                cols += [s - top, np.log1p(np.arange(len(c))), s - top - np.log(np.exp(s - top).sum())]
+            elif g == "ease":
+                cols += [zscore(self.ease[h].sum(0)[c]), zscore(self.ease[h[-10:]].sum(0)[c])]
+            elif g == "transitions":
+                w = sum(weight * lookup(self.succ_keys, self.succ_weights, prev * (self.n_items + 1) + c)
+                        for prev, weight in zip(h[::-1][:2], (1.0, 0.5)))
+                cols.append(np.log1p(w))
+            elif g == "popularity":
+                cols.append(np.log1p(self.popularity[c]))
+            elif g == "recency":
+                lo, hi = self.item_start[c], self.item_start[c + 1]
+                times = self.item_times
+                recent = [np.searchsorted(times[a:b], r.time, "left") - np.searchsorted(times[a:b], r.time - RECENT_SECONDS)
+                          for a, b in zip(lo, hi)]
+                cols.append(np.log1p(np.asarray(recent, dtype=np.float64)))
+            elif g == "demographics":
+                cols.append(self.lift[self.user_group[r.uidx], c])
+            elif g == "genres":
+                mass = self.genre[h[-50:]].sum(0)
+                cols.append(self.genre[c] @ mass / max(mass.sum(), 1.0))
+            elif g == "year":
+                cols.append(np.abs(self.year[c] - np.median(self.year[h[-50:]])) / 10.0)
+            elif g == "time_gap":
+                last = r.history_times[-1] if len(r.history_times) else r.time
+                cols.append(np.full(len(c), np.log1p(max(r.time - last, 0) / 3600.0)))
+        return np.stack(cols, 1).astype(np.float32)
+
+    def transform_many(self, requests) -> np.ndarray:
+        """(R, L, F) features of requests whose lists all have L candidates."""
+        return np.stack([self.transform(r) for r in requests])
+
+
+def requests_from_candidates(dataset, rows: pl.DataFrame, depth: int | None = None) -> list[Request]:
+    """A :class:`Request` per row of a candidates parquet (``uidx``, ``history_length``, ``candidates``,
+    ``scores``): the history is the user's first ``history_length`` items, the request time that of the
+    next one (the held-out item's: the moment the recommendation was asked for); the top ``depth``
+    candidates (default all)."""
+    df = dataset.interactions.sort(["uidx", "pos"])
+    counts = np.bincount(df["uidx"].to_numpy(), minlength=dataset.n_users)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    idx, times = df["idx"].to_numpy().astype(np.int64), df["timestamp"].to_numpy()
+    out = []
+    for u, n, cands, scores in rows.select("uidx", "history_length", "candidates", "scores").iter_rows():
+        s = starts[u]
+        out.append(Request(int(u), idx[s:s + n], times[s:s + n], int(times[s + n]), np.asarray(cands)[:depth],
+                           np.asarray(scores, dtype=np.float64)[:depth]))
+    return out

@@ -1,0 +1,171 @@
+"""Side features and the fusion reranker: the maths by hand, the tables against brute force, training on a
+signal it must find, the job and the strong-retriever pipeline end to end on the fixture."""
+
+import shutil
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from recsys.errors import DataError, RecsysError
+from recsys.rerank.features import (
+    GROUPS,
+    RECENT_SECONDS,
+    Request,
+    SideFeatures,
+    ease_weights,
+    lookup,
+    requests_from_candidates,
+    succession_counts,
+)
+from recsys.rerank.fusion import FusionConfig, FusionRanker, ndcg10_at, train_fusion
+from tests.conftest import FIXTURES
+
+
+def test_ease_weights_match_the_hand_worked_example():
+    B = ease_weights(np.array([[1, 1], [1, 0]], dtype=np.float32), lam=1.0)
+    assert np.allclose(B, [[0, 1 / 3], [1 / 2, 0]], atol=1e-6)
+
+
+def test_succession_counts_and_lookup_match_the_hand_worked_example():
+    keys, weights = succession_counts([np.array([1, 2, 3])], n_items=3)
+    assert keys.tolist() == [6, 7, 11] and np.allclose(weights, [1.0, 0.5, 1.0])
+    assert np.allclose(lookup(keys, weights, np.array([7, 8, 11, 0])), [0.5, 0.0, 1.0, 0.0])
+    keys, weights = succession_counts([np.array([1, 2]), np.array([1, 2, 1, 2])], n_items=3)
+    assert lookup(keys, weights, np.array([1 * 4 + 2]))[0] == pytest.approx(1 + 1 + 1 + 1 / 3)   # 1->2 at steps 1, 1, 1, 3
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The tiny fixture with a user file (gender and age for every user but the last)."""
+    from recsys.data import prepare, read_dataset
+
+    root = tmp_path_factory.mktemp("fusion")
+    src = root / "tiny"
+    shutil.copytree(FIXTURES / "tiny", src)
+    users = sorted(pl.read_csv(src / "tiny.inter", separator="\t")["user_id:token"].unique())
+    (src / "tiny.user").write_text("user_id:token\tage:float\tgender:token\toccupation:float\n" + "".join(
+        f"{u}\t{(18, 25, 35)[i % 3]}\t{'FM'[i % 2]}\t{i % 4}\n" for i, u in enumerate(users[:-1])))
+    return prepare(read_dataset(src), root / "prepared")
+
+
+def _request(ds, uidx: int, n: int = 8) -> Request:
+    df = ds.interactions.filter(pl.col("uidx") == uidx).sort("pos")
+    idx, times = df["idx"].to_numpy().astype(np.int64), df["timestamp"].to_numpy()
+    cands = np.array([i for i in range(1, ds.n_items + 1) if i not in set(idx[:-1])][:n])
+    return Request(uidx, idx[:-1], times[:-1], int(times[-1]), cands, np.linspace(3.0, 1.0, n))
+
+
+def test_side_features_match_brute_force_on_the_fixture(prepared):
+    ds = prepared
+    side = SideFeatures.fit(ds, list(GROUPS))
+    r = _request(ds, 3)
+    f = side.transform(r)
+    assert f.shape == (8, len(side.names)) and side.names[:3] == GROUPS["retriever"]
+    col = {n: f[:, i] for i, n in enumerate(side.names)}
+    assert np.allclose(col["retriever_gap"], r.scores - 3.0) and np.allclose(col["retriever_log_position"], np.log1p(np.arange(8)))
+    assert np.allclose(np.exp(col["retriever_log_softmax"]).sum(), 1.0, atol=1e-5)
+    train = ds.interactions.filter(pl.col("split") == "train")
+    for j, c in enumerate(r.candidates):
+        times = train.filter(pl.col("idx") == int(c))["timestamp"].to_numpy()
+        recent = ((times >= r.time - RECENT_SECONDS) & (times < r.time)).sum()
+        assert col["recent_30d"][j] == pytest.approx(np.log1p(recent))
+        assert col["popularity"][j] == pytest.approx(np.log1p(len(times)))
+    # transitions: brute force over the training sequences, from the last (weight 1) and second-to-last (1/2) item
+    seqs = ds.train_sequences()
+    for j, c in enumerate(r.candidates):
+        w = 0.0
+        for prev, pw in ((r.history[-1], 1.0), (r.history[-2], 0.5)):
+            for s in seqs:
+                for a in range(len(s)):
+                    for step, sw in ((1, 1.0), (2, 0.5), (3, 1 / 3)):
+                        if a + step < len(s) and s[a] == prev and s[a + step] == c:
+                            w += pw * sw
+        assert col["transitions"][j] == pytest.approx(np.log1p(w), rel=1e-5)
+    ease = SideFeatures.fit(ds, ["ease"]).ease
+    raw = ease[r.history].sum(0)[r.candidates]
+    assert np.allclose(col["ease_history"], (raw - raw.mean()) / (raw.std() + 1e-6), atol=1e-4)
+    assert np.all(col["hours_since_last"] == col["hours_since_last"][0])
+
+
+def test_demographic_features_need_user_features_and_name_the_file(tmp_path):
+    from recsys.data import prepare, read_dataset
+
+    ds = prepare(read_dataset(FIXTURES / "tiny"), tmp_path / "p")
+    with pytest.raises(DataError, match=r"user_features\.parquet: no user features \['gender', 'age'\]"):
+        SideFeatures.fit(ds, ["retriever", "demographics"])
+    with pytest.raises(RecsysError, match="unknown feature group"):
+        SideFeatures.fit(ds, ["retriever", "weather"])
+
+
+def test_requests_from_candidates_read_the_history_and_the_request_time(prepared):
+    ds = prepared
+    seq = ds.interactions.filter(pl.col("uidx") == 2).sort("pos")
+    rows = pl.DataFrame({"uidx": [2], "history_length": [5], "candidates": [[1, 2, 3]], "scores": [[0.3, 0.2, 0.1]]})
+    (r,) = requests_from_candidates(ds, rows, depth=2)
+    assert r.history.tolist() == seq["idx"].to_list()[:5] and r.time == seq["timestamp"][5]
+    assert r.candidates.tolist() == [1, 2] and r.scores.tolist() == [0.3, 0.2]
+
+
+def test_ndcg10_at_matches_the_hand_worked_example_and_breaks_ties_by_position():
+    assert ndcg10_at(torch.tensor([[0.1, 0.9, 0.5]]), torch.tensor([2])).item() == pytest.approx(1 / np.log2(3))
+    assert ndcg10_at(torch.tensor([[1.0, 1.0]]), torch.tensor([1])).item() == pytest.approx(1 / np.log2(3))
+    assert ndcg10_at(torch.tensor([[1.0, 2.0]]), torch.tensor([-1])).item() == 0.0
+
+
+def test_fusion_learns_a_signal_the_retriever_order_lacks_and_round_trips(tmp_path):
+    """Column 1 marks the target with noise, column 0 is noise: the trained scorer must rank by column 1."""
+    rng = np.random.default_rng(0)
+    N, L = 600, 10
+    targets = rng.integers(0, L, N)
+    x = rng.standard_normal((N, L, 2)).astype(np.float32)
+    x[np.arange(N), targets, 1] += 3.0
+    targets[:30] = -1                                          # lists without their target are dropped
+    model, summary = train_fusion(x, targets, ["noise", "signal"], FusionConfig(hidden=8, epochs=15))
+    assert summary["holdout_ndcg@10"] > 0.75 > summary["holdout_retriever_ndcg@10"] + 0.3
+    assert summary["fit_lists"] < N - summary["holdout_lists"]
+    model.save_pretrained(tmp_path / "m")
+    again = FusionRanker.from_pretrained(tmp_path / "m")
+    assert np.allclose(model.score(x[:5]), again.score(x[:5])) and again.names == ["noise", "signal"]
+    with pytest.raises(RecsysError, match=r"features must be \(N, L, 2\)"):
+        train_fusion(x[..., :1], targets, ["noise", "signal"])
+
+
+def test_feature_groups_come_from_yaml_lists_or_comma_separated_overrides(tmp_path):
+    from pipelines.config import load_config
+    from pipelines.fusion import FusionTrainConfig
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("features: [retriever, ease]\nhidden: 0\n")
+    assert load_config(FusionTrainConfig, recipe).features == ("retriever", "ease")
+    assert load_config(FusionTrainConfig, None, {"features": "retriever, recency"}).features == ("retriever", "recency")
+    with pytest.raises(RecsysError, match=r"features: unknown group\(s\) \['weather'\]"):
+        load_config(FusionTrainConfig, None, {"features": "retriever,weather"})
+
+
+def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_date(prepared, tmp_path):
+    """Retriever, candidates, features, every fusion row, the item-token LM and its rows, the end-to-end row;
+    a rerun redoes nothing."""
+    from pipelines.benchmarks.rerankers_strong import run
+
+    source = prepared.directory.parent / "tiny"
+    kwargs = dict(dataset=str(source), sasrec_overrides={"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
+                  lm_overrides={"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
+                                "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
+                  lm_seeds=(0,), depth=10)
+    lines = []
+    result = run(tmp_path / "art", log=lines.append, **kwargs)
+    names = [r["name"] for r in result["rows"]]
+    assert names[0] == "retriever-order" and names[-1] == "end-to-end"
+    assert {"fusion-mlp", "fusion-linear", "fusion-retriever-only", "fusion-mlp-without-ease", "fusion-retriever+recency",
+            "listwise-tiny-items", "fusion-mlp+lm", "fusion-retriever+lm"} <= set(names)
+    for r in result["rows"][1:]:
+        low, high = r["paired"]["ndcg@10"]
+        assert low <= r["paired"]["mean_diff"] <= high
+        assert 0.0 <= r["metrics"]["ndcg@10"] <= r["metrics"]["hr@10"] <= 1.0
+    assert sum(1 for r in result["rows"] if r["name"] == "fusion-mlp") == 2
+    lines.clear()
+    run(tmp_path / "art", log=lines.append, **kwargs)
+    ran = [line for line in lines if line.endswith("running ...")]
+    assert not ran, ran
