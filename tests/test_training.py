@@ -106,7 +106,7 @@ def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
 
     lines = []
     summary = quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)
-    assert list(summary["seconds"]) == ["data", "popularity", "sasrec", "candidates", "reranker", "generative",
+    assert list(summary["seconds"]) == ["data", "popularity", "sasrec", "candidates", "fusion", "reranker", "generative",
                                         "evaluate", "export"]
     names = list(summary["results"])
     assert names[:2] == ["popularity", "sasrec"] and any("listwise" in n for n in names) and any(
@@ -119,7 +119,7 @@ def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
     assert any(line.startswith("serve it:") for line in "\n".join(lines).splitlines())
     lines.clear()
     quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)
-    assert sum("up to date" in line for line in lines) == 8
+    assert sum("up to date" in line for line in lines) == 9
 
     from pipelines.report import write_report
 

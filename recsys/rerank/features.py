@@ -152,7 +152,10 @@ class SideFeatures:
             self.item_times = train["timestamp"].to_numpy()[order]
             self.item_start = np.searchsorted(items[order], np.arange(n + 2))
         if "demographics" in groups:
-            uf = dataset.user_features(["gender", "age"]).sort("uidx")
+            try:
+                uf = dataset.user_features(["gender", "age"]).sort("uidx")
+            except DataError as e:
+                raise DataError(f"feature group 'demographics' needs the user features gender and age: {e}") from None
             labels = (uf["gender"].cast(pl.Utf8).fill_null("?") + "|" + uf["age"].cast(pl.Utf8).fill_null("?")).to_list()
             names = sorted(set(labels))
             self.user_group = np.asarray([names.index(x) for x in labels])
@@ -219,6 +222,16 @@ class SideFeatures:
     def transform_many(self, requests) -> np.ndarray:
         """(R, L, F) features of requests whose lists all have L candidates."""
         return np.stack([self.transform(r) for r in requests])
+
+
+def supported_groups(dataset) -> list[str]:
+    """The groups of :data:`GROUPS` that ``dataset`` has the data for (user features for ``demographics``,
+    catalogue columns for ``genres`` and ``year``, at most :data:`EASE_MAX_ITEMS` items for ``ease``)."""
+    entry = dataset.manifest.get("user_features") or {}
+    has = {"demographics": {"gender", "age"} <= set(entry.get("columns", [])),
+           "genres": "genres" in dataset.catalog.columns, "year": "year" in dataset.catalog.columns,
+           "ease": dataset.n_items <= EASE_MAX_ITEMS}
+    return [g for g in GROUPS if has.get(g, True)]
 
 
 def requests_from_candidates(dataset, rows: pl.DataFrame, depth: int | None = None) -> list[Request]:
