@@ -388,7 +388,7 @@ class RerankerRLModule(L.LightningModule):
         with torch.no_grad():
             old_logp, entropy = self._log_probs(self.model, roll)
             ref_logp, _ = self._log_probs(self.ref, roll)
-        shaping = COMPLETED_SHAPING if cfg.complete_lists else {}
+        shaping = COMPLETED_SHAPING | {"end_sums_handed_ranks": cfg.reward == "exp_inf"} if cfg.complete_lists else {}
         if cfg.algo == "rank-grpo":
             bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
             adv = rank_advantages(rank_rewards(roll["rel"], cfg.reward), G, cfg.scale_rewards)

@@ -150,10 +150,10 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     from pipelines.benchmarks.rerankers_strong import run
 
     source = prepared.directory.parent / "tiny"
-    kwargs = dict(dataset=str(source), sasrec_overrides={"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
-                  lm_overrides={"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
+    kwargs = {"dataset": str(source), "sasrec_overrides": {"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
+                  "lm_overrides": {"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
                                 "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
-                  lm_seeds=(0,), depth=10)
+                  "lm_seeds": (0,), "depth": 10}
     lines = []
     result = run(tmp_path / "art", log=lines.append, **kwargs)
     names = [r["name"] for r in result["rows"]]

@@ -184,6 +184,25 @@ def test_end_token_of_a_completed_list_takes_the_next_rank():
                                              [0.5, 0.5, -0.2, -0.2, 0.3, 0.3, 0.0]]))
 
 
+def test_under_exp_inf_the_end_token_of_a_completed_list_carries_every_rank_it_hands_over():
+    """N=4, G=2: rollout 0 writes "A <eor>" and the completed ranking serves the target at rank 3; rollout 1
+    hits at rank 1. Rank 3's advantage for rollout 0 is +0.707; it is an end-token decision, so the end token
+    must carry it (the next rank alone, rank 2, has advantage 0)."""
+    rel = torch.tensor([[0, 0, 1, 0], [1, 0, 0, 0]])
+    adv = rank_advantages(rank_rewards(rel, "exp_inf"), group_size=2)
+    assert adv[0, 2].item() == pytest.approx(0.7071, abs=1e-3) and adv[0, 1].item() == 0.0
+    bins = torch.tensor([[0, 0, END, PAD, PAD, PAD, PAD, PAD, PAD],
+                         [0, 0, 1, 1, 2, 2, 3, 3, END]])
+    shaping = {"early_stop_penalty": 0.0, "end_of_list_reward": 0.0, "end_takes_next_rank": True}
+    summed = token_advantages(adv, bins, **shaping, end_sums_handed_ranks=True)
+    assert summed[0, 2].item() == pytest.approx(adv[0, 1:].sum().item()) == pytest.approx(0.7071, abs=1e-3)
+    assert summed[1, 8].item() == 0.0                            # a full list's end hands nothing over
+    assert token_advantages(adv, bins, **shaping)[0, 2].item() == 0.0     # the next rank alone: the hit is lost
+    # under log_decay rank 2's reward already holds rank 3's gain, so the next rank's advantage carries it
+    adv_ld = rank_advantages(rank_rewards(rel, "log_decay"), group_size=2)
+    assert token_advantages(adv_ld, bins, **shaping)[0, 2].item() > 0.5
+
+
 def test_rank_log_ratio_is_the_mean_within_each_rank():
     bins = torch.tensor([[0, 0, 1, 1, 2, 2, END, PAD]])
     lr = torch.tensor([[0.2, 0.4, 0.0, 0.0, 1.0, 1.0, 0.7, 5.0]])

@@ -413,6 +413,59 @@ def render_quickstart(result: dict) -> list[str]:
     return out + [""]
 
 
+def render_rerankers_strong(result: dict) -> list[str]:
+    out = _provenance("## Rerankers over the strong retriever (`rerankers_strong`)", result)
+    out += [f"- protocol: {result['protocol']}", f"- {result['labels']}", "",
+            ("| row | seed | features | ndcg@10 | hr@10 | ndcg@5 | ndcg@20 | mrr | minus the retriever, NDCG@10, 95% "
+             "| users whose test item is later than their history | seconds |"),
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        m, p, later = r["metrics"], r.get("paired"), r["later_than_history"]
+        ci = f"{p['ndcg@10'][0]:+.4f} to {p['ndcg@10'][1]:+.4f}" if p else ""
+        later_cell = (f"{later['ndcg@10']:.4f} vs {later['retriever_ndcg@10']:.4f}"
+                      + (f" ({later['paired']['ndcg@10'][0]:+.4f} to {later['paired']['ndcg@10'][1]:+.4f})"
+                         if "paired" in later else ""))
+        name = f"**{r['name']}** ({r['pipeline']})" if r["name"] == "end-to-end" else r["name"]
+        out.append(f"| {name} | {r['seed']} | {', '.join(r.get('features', [])) or 'SASRec'} | {m['ndcg@10']:.4f} | "
+                   f"{m['hr@10']:.4f} | {m['ndcg@5']:.4f} | {m['ndcg@20']:.4f} | {m['mrr']:.4f} | {ci} | "
+                   f"{later_cell} | {r.get('seconds', '')} |")
+    recall = result.get("candidate_recall", {}).get("test", {})
+    if recall:
+        out += ["", "Retriever recall on test: " + ", ".join(f"{k} {v:.4f}" for k, v in recall.items()) +
+                " (the ceiling of HR at any depth a reranker reaches)."]
+    plot = plot_paired(result)
+    if plot:
+        out += ["", f"![NDCG@10 minus the retriever's order, 95% paired intervals]({plot})"]
+    return out + [""]
+
+
+def plot_paired(result: dict) -> str | None:
+    """PNG of each row's paired 95% interval of NDCG@10 minus the retriever's order; path relative to the root."""
+    rows = [r for r in result["rows"] if r.get("paired") and r["name"] != "end-to-end"]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(rows) + 1.2))
+    for y, r in enumerate(rows):
+        low, high = r["paired"]["ndcg@10"]
+        ax.plot([low, high], [y, y], color="tab:blue", lw=2)
+        ax.plot([r["paired"]["mean_diff"]], [y], "o", color="tab:blue", ms=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), [f"{r['name']} (seed {r['seed']})" for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="NDCG@10 minus the retriever's order (all test users)")
+    ax.grid(alpha=0.3, axis="x")
+    path = RESULTS / f"{result['benchmark']}_paired.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path.relative_to(ROOT))
+
+
 def render_rl_throughput(result: dict) -> list[str]:
     out = _provenance("## RL trainer throughput vs trl (`rl_throughput`)", result)
     st = result["setting"]
@@ -453,6 +506,7 @@ def render_rows(title: str, intro: str = ""):
 
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
+             "rerankers_strong": render_rerankers_strong,
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
              "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe,
              "gpu_check": render_rows("## GPU check (`gpu_check`)", "every CUDA path once on a lent GPU; a skipped row "

@@ -21,8 +21,9 @@ Departures from the paper and code, all documented options:
   exp-Gamma family; ``exp_inf`` is its limit);
 - completed lists (``end_takes_next_rank`` in :func:`token_advantages`): a reranker serves the ranks
   after a short list from the window's given order, so relevance is that of the completed ranking and
-  the end token is credited with the first rank it hands over, instead of the length shaping (in the
-  paper a list is the recommendation; unnamed items are not recommended).
+  the end token is credited with the ranks it hands over (all of them under ``exp_inf``, the next one under
+  rewards-to-go), instead of the length shaping (in the paper a list is the recommendation; unnamed items are
+  not recommended).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def list_lengths(bins: torch.Tensor, n_ranks: int) -> tuple[torch.Tensor, torch.
 
 def token_advantages(rank_adv: torch.Tensor, bins: torch.Tensor, extra_token_penalty: float = -0.1,
                      end_of_list_reward: float = 0.1, early_stop_penalty: float = -0.1,
-                     end_takes_next_rank: bool = False) -> torch.Tensor:
+                     end_takes_next_rank: bool = False, end_sums_handed_ranks: bool = False) -> torch.Tensor:
     """Spread per-rank advantages (B, N) over tokens (B, T), plus the length shaping of the code.
 
     Item tokens get their rank's advantage; overflow tokens get ``extra_token_penalty``; the end token
@@ -104,6 +105,12 @@ def token_advantages(rank_adv: torch.Tensor, bins: torch.Tensor, extra_token_pen
     L+1 onward, so the end token gets rank L+1's advantage instead of the shaping (a full list's end
     token, the only allowed token, still gets ``end_of_list_reward``). Example, N = 4, rank advantages
     [a0, a1, a2, a3], ``A \n B \n <eor>``: bins [0, 0, 1, 1, -1] -> [a0, a0, a1, a1, a2].
+
+    ``end_sums_handed_ranks`` (with ``end_takes_next_rank``): the end token gets the *sum* of the advantages of
+    every rank it hands over, ranks L+1..N. This is the credit under ``exp_inf`` rewards, where rank k's reward
+    is rank k's relevance alone: a hit at a handed-over rank past L+1 would otherwise reach no token. Under
+    rewards-to-go (``exp``, ``log_decay``) rank L+1's advantage already carries the later ranks, so the next
+    rank's advantage is the credit. Same example: the end token gets a2 + a3.
     """
     n = rank_adv.shape[1]
     gathered = rank_adv.gather(1, bins.clamp(0, n - 1))
@@ -113,7 +120,11 @@ def token_advantages(rank_adv: torch.Tensor, bins: torch.Tensor, extra_token_pen
     value = torch.tensor([early_stop_penalty, 0.0, end_of_list_reward], dtype=out.dtype, device=out.device)
     end_value = value[torch.where(items < n, 0, torch.where(overflowed, 1, 2))]            # (B,)
     if end_takes_next_rank:
-        next_rank = rank_adv.gather(1, items.clamp(max=n - 1)[:, None])[:, 0]
+        if end_sums_handed_ranks:
+            handed = torch.arange(n, device=out.device)[None, :] >= items[:, None]               # (B, N)
+            next_rank = (rank_adv * handed).sum(1)
+        else:
+            next_rank = rank_adv.gather(1, items.clamp(max=n - 1)[:, None])[:, 0]
         end_value = torch.where(items < n, next_rank, end_value)
     return torch.where(bins == END, end_value[:, None].expand_as(out), out)
 
