@@ -162,6 +162,24 @@ def test_tree_attention_equals_independent_forward_passes(model):
             torch.testing.assert_close(values[b, w], v, atol=1e-4, rtol=1e-4)
 
 
+def test_value_of_a_prefix_is_the_same_in_td_training_and_in_decoding(model):
+    """V(prefix) read by TD training (teacher forcing, a window ending at the full code) equals V(prefix) read
+    by value-guided decoding (a window ending at the prefix), also when the history is longer than the value
+    head's context."""
+    if model.config.layout == "item":
+        pytest.skip("token layout only (the item layout's value reads one query per prefix)")
+    model.eval()
+    D = model.depth
+    history = list(range(1, model.config.max_items + 1))               # max_items * D tokens: past the context
+    assert len(history) * D > model.config.value_context
+    code = torch.tensor([[1, 0, 2][:D]])
+    with torch.no_grad():
+        _, trained = model.teacher_forced([history], code, values=True)          # (1, D + 1): V(s_0..s_D)
+        scorer = PrefixScorer(model, [history], values=True)
+        decoded = [scorer(code[:, None, :max(level, 1)], torch.tensor([[level]]))[1][0, 0] for level in range(D)]
+    torch.testing.assert_close(trained[0, :D], torch.stack(decoded), atol=1e-4, rtol=1e-4)
+
+
 def test_item_prefix_scorer_equals_unbatched_computation(model):
     """Item layout: padded batches of histories, mixed prefix lengths (full depth included) give the
     logits and values of each history and prefix computed alone."""

@@ -27,8 +27,9 @@ The optional value head (V-STAR, arXiv 2602.10699, the value model of eqs. 11-12
 hidden states through a small causal Transformer (``value_layers`` layers, ``value_heads`` heads,
 dropout 0.1) and an MLP to one scalar per position. Departures, documented: its input is detached, so
 the value loss does not move the policy (V-STAR trains both jointly with weight 1.0), and it reads only
-the last ``value_context`` (16) hidden states, which already summarise the history: value-guided
-decoding calls it once per tree node, and over the whole 200-token history it cost 10x the backbone.
+a band of the last ``value_context`` (16) hidden states at each position (which already summarise the
+history): value-guided decoding calls it once per tree node, and over the whole 200-token history it cost
+10x the backbone.
 """
 
 from __future__ import annotations
@@ -95,18 +96,26 @@ class ValueHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T) values; only the last ``context`` positions are computed (earlier ones are 0)."""
+        """(B, T) values; only the last ``context`` positions are computed (earlier ones are 0).
+
+        Position t attends to the ``context`` positions ending at t (a causal band), so V at t depends on
+        the hidden states at t - L * (context - 1) .. t alone (L layers), wherever the input window ends:
+        TD training reads V(prefix) from a sequence ending at the full code, decoding from one ending at the
+        prefix, and both get the same value. The input is cut to that receptive field before the last
+        ``context`` positions."""
         full_T = hidden.shape[1]
-        x = hidden[:, -self.context:].detach().float()
-        attention_mask = attention_mask[:, -self.context:]
+        layers = len(self.encoder.layers) if self.encoder is not None else 0
+        n = min(full_T, layers * (self.context - 1) + self.context)
+        x = hidden[:, -n:].detach().float()
+        attention_mask = attention_mask[:, -n:]
         if self.encoder is not None:
-            T = attention_mask.shape[1]
-            # allowed: earlier real tokens and oneself (a padded row sees only itself: no empty softmax)
-            eye = torch.eye(T, dtype=torch.bool, device=x.device)
-            allowed = (~torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1) & attention_mask.bool()[:, None, :]) | eye
+            i = torch.arange(n, device=x.device)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.context)
+            # allowed: real tokens in the band, and oneself (a padded row sees only itself: no empty softmax)
+            allowed = (band & attention_mask.bool()[:, None, :]) | torch.eye(n, dtype=torch.bool, device=x.device)
             heads = self.encoder.layers[0].self_attn.num_heads
             x = self.encoder(x, mask=(~allowed).repeat_interleave(heads, 0))
-        v = self.mlp(x)[..., 0]
+        v = self.mlp(x[:, -self.context:])[..., 0]
         return torch.nn.functional.pad(v, (full_T - v.shape[1], 0))
 
 
