@@ -308,6 +308,10 @@ def test_js_divergence_hand_examples():
     assert js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(1.0)
     assert js_divergence(torch.tensor([3.0, 1.0]), torch.tensor([6.0, 2.0])).item() == pytest.approx(0.0, abs=1e-7)
     assert js_divergence(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(0.3113, abs=1e-4)
+    # all-zero scores prefer nothing: uniform, so the divergence depends on the target
+    zero = torch.zeros(2)
+    assert js_divergence(zero, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.3113, abs=1e-4)
+    assert js_divergence(zero, torch.tensor([1.0, 1.0])).item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_grouprank_reward_hand_example():

@@ -109,12 +109,16 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-12) -> torch
 
     Example: p = [1, 0], q = [0, 1] -> 1 bit; p = q -> 0; p = [1, 1], q = [1, 0]: M = [0.75, 0.25],
     KL(P||M) = 0.5 log2(0.5/0.75) + 0.5 log2(0.5/0.25) = 0.2075, KL(Q||M) = log2(1/0.75) = 0.4150,
-    JS = 0.3113.
+    JS = 0.3113. An all-zero score vector prefers no candidate: it is read as uniform, so p = [0, 0] against
+    q = [1, 0] is the 0.3113 of the example (not a fixed 0.5 whatever q is).
     """
-    p = p.float().clamp(min=0)
-    q = q.float().clamp(min=0)
-    p = p / p.sum(-1, keepdim=True).clamp(min=eps)
-    q = q / q.sum(-1, keepdim=True).clamp(min=eps)
+
+    def normalise(x):
+        x = x.float().clamp(min=0)
+        total = x.sum(-1, keepdim=True)
+        return torch.where(total > 0, x / total.clamp(min=eps), torch.full_like(x, 1.0 / x.shape[-1]))
+
+    p, q = normalise(p), normalise(q)
     m = (p + q) / 2
 
     def kl(a, b):
