@@ -66,6 +66,16 @@ class FusionTrainConfig:
                             self.seed)
 
 
+def fit_side_features(dataset: PreparedDataset, groups: list[str], ease_lambda: float = 300.0) -> SideFeatures:
+    """:meth:`SideFeatures.fit`, with MiniLM's title embeddings (cached) when the ``text`` group is asked for."""
+    vectors = None
+    if "text" in groups:
+        from pipelines.retrieval import text_vectors
+
+        vectors = text_vectors(dataset)[0]
+    return SideFeatures.fit(dataset, groups, ease_lambda, vectors)
+
+
 def lm_logits(dataset: PreparedDataset, lm_dir: str | Path, requests, window: int = 20,
               batch_size: int = 32) -> np.ndarray:
     """(R, L) FIRST logits of every candidate under a listwise item-token reranker (no retriever prior),
@@ -122,7 +132,7 @@ def train_fusion_reranker(dataset: PreparedDataset, candidates_dir, out, config:
     save to ``out/model``; return the training summary (also ``out/train.json``)."""
     out = Path(out)
     start = time.time()
-    side = SideFeatures.fit(dataset, list(config.features), config.ease_lambda)
+    side = fit_side_features(dataset, list(config.features), config.ease_lambda)
     features, targets, names = feature_lists(dataset, candidates_dir, config.train_split, side, config.depth, config.lm)
     return fit_fusion(dataset, features, targets, names, out, config, start, str(candidates_dir), log)
 
@@ -156,7 +166,7 @@ def load_fusion(model_dir, dataset: PreparedDataset) -> tuple[FusionRanker, Side
     meta = json.loads(meta_path.read_text())
     if meta["dataset_fingerprint"] != dataset.fingerprint:
         raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
-    return FusionRanker.from_pretrained(model_dir), SideFeatures.fit(dataset, meta["groups"], meta["ease_lambda"]), meta
+    return FusionRanker.from_pretrained(model_dir), fit_side_features(dataset, meta["groups"], meta["ease_lambda"]), meta
 
 
 def list_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:

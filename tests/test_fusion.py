@@ -59,7 +59,8 @@ def _request(ds, uidx: int, n: int = 8) -> Request:
 
 def test_side_features_match_brute_force_on_the_fixture(prepared):
     ds = prepared
-    side = SideFeatures.fit(ds, list(GROUPS))
+    rng = np.random.default_rng(0)
+    side = SideFeatures.fit(ds, list(GROUPS), text_vectors=rng.standard_normal((ds.n_items, 4)))
     r = _request(ds, 3)
     f = side.transform(r)
     assert f.shape == (8, len(side.names)) and side.names[:3] == GROUPS["retriever"]
@@ -87,6 +88,11 @@ def test_side_features_match_brute_force_on_the_fixture(prepared):
     raw = ease[r.history].sum(0)[r.candidates]
     assert np.allclose(col["ease_history"], (raw - raw.mean()) / (raw.std() + 1e-6), atol=1e-4)
     assert np.all(col["hours_since_last"] == col["hours_since_last"][0])
+    v = side.text[1:] / np.linalg.norm(side.text[1:], axis=1, keepdims=True)
+    q = v[r.history[-10:] - 1].mean(0)
+    assert np.allclose(col["text_cosine"], v[r.candidates - 1] @ q / np.linalg.norm(q), atol=1e-5)
+    with pytest.raises(RecsysError, match="feature group 'text' needs item text vectors"):
+        SideFeatures.fit(ds, ["text"])
 
 
 def test_demographic_features_need_user_features_and_name_the_file(tmp_path):
@@ -153,7 +159,8 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     kwargs = {"dataset": str(source), "sasrec_overrides": {"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
                   "lm_overrides": {"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
                                 "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
-                  "lm_seeds": (0,), "depth": 10}
+                  "lm_seeds": (0,), "depth": 10,
+              "groups": tuple(g for g in GROUPS if g != "text")}
     lines = []
     result = run(tmp_path / "art", log=lines.append, **kwargs)
     names = [r["name"] for r in result["rows"]]

@@ -68,9 +68,11 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, retriever_users: np
 
 
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
-        lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH, log=print) -> dict:
+        lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
+        groups: tuple[str, ...] | None = None, log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
-    (``ml-1m``) or a directory; the overrides update the retriever's and the LM's recipes."""
+    (``ml-1m``) or a directory; the overrides update the retriever's and the LM's recipes; ``groups``: the
+    side-feature groups (default all, ``retriever`` first)."""
     from pipelines.config import load_config
     from pipelines.fusion import (
         ALL_GROUPS,
@@ -78,6 +80,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         FusionTrainConfig,
         feature_lists,
         fit_fusion,
+        fit_side_features,
         lm_logits,
     )
     from pipelines.quickstart import Stages
@@ -85,7 +88,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     from pipelines.retrieval import candidates
     from pipelines.train import SASRecTrainConfig, train_sasrec
     from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
-    from recsys.rerank.features import GROUPS, SideFeatures, requests_from_candidates
+    from recsys.rerank.features import GROUPS, requests_from_candidates
     from recsys.rerank.fusion import FusionRanker
 
     stages = Stages(out, log)
@@ -99,6 +102,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     ds = PreparedDataset.load(data_dir)
     base = {"fingerprint": ds.fingerprint}
     runs = out / "runs"
+    everything = list(groups or ALL_GROUPS)
 
     # The retriever and its candidates.
     sas_dir = runs / f"sasrec-seed{seed}"
@@ -120,14 +124,14 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     feat_dir = runs / f"features-seed{seed}"
 
     def features():
-        side = SideFeatures.fit(ds, list(ALL_GROUPS))
+        side = fit_side_features(ds, everything)
         for split in ("valid", "test"):
             f, t, names = feature_lists(ds, cands, split, side, depth)
             feat_dir.mkdir(parents=True, exist_ok=True)
             np.savez(feat_dir / f"{split}.npz", features=f, targets=t)
         return {"names": names}
 
-    names = stages.run("features", base | {"groups": list(ALL_GROUPS)}, features)["names"]
+    names = stages.run("features", base | {"groups": everything}, features)["names"]
     split_data = {s: dict(np.load(feat_dir / f"{s}.npz")) for s in ("valid", "test")}
     test_requests = requests_from_candidates(ds, load_candidates(cands, "test"), depth)
     later = np.asarray([r.time > r.history_times[-1] for r in test_requests])
@@ -171,7 +175,6 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
         return stages.run(f"{name}-seed{row_seed}", base | {"config": config.__dict__}, train_and_test)
 
-    everything = list(ALL_GROUPS)
     for s in SEEDS:
         rows.append(fusion_row("fusion-mlp", everything, row_seed=s))
     rows.append(fusion_row("fusion-linear", everything, hidden=0))

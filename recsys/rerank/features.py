@@ -28,6 +28,9 @@ year           ``|year - median year of the last 50 history items| / 10``; needs
 time_gap       ``ln(1 + hours)`` since the last history interaction, the same for every candidate of a
                list: it only matters through a nonlinear scorer, which can let recency count more
                after a long absence (1)
+text           a text retriever's view: the cosine of the candidate's text embedding with the mean of
+               the last 10 history items' (unit-norm item vectors given to ``fit``, e.g. MiniLM on the
+               titles) (1)
 =============  =====================================================================================
 
 Shapes: L candidates per list, F features (``len(names)``); a request is a :class:`Request`.
@@ -52,6 +55,7 @@ GROUPS = {
     "genres": ["genre_share"],
     "year": ["year_distance"],
     "time_gap": ["hours_since_last"],
+    "text": ["text_cosine"],
 }
 """Feature group -> the columns it adds, in order."""
 
@@ -130,9 +134,11 @@ class SideFeatures:
         self.names = [c for g in self.groups for c in GROUPS[g]]
 
     @classmethod
-    def fit(cls, dataset, groups: list[str], ease_lambda: float = 300.0) -> SideFeatures:
+    def fit(cls, dataset, groups: list[str], ease_lambda: float = 300.0,
+            text_vectors: np.ndarray | None = None) -> SideFeatures:
         """Fit on ``dataset``'s training interactions (a :class:`recsys.data.PreparedDataset`). A group whose
-        data the dataset lacks is a DataError naming the feature and the file that would hold it."""
+        data the dataset lacks is a DataError naming the feature and the file that would hold it.
+        ``text_vectors`` (n_items, d), row i = item idx i + 1: the item embeddings of the ``text`` group."""
         self = cls(groups, dataset.n_items)
         n = dataset.n_items
         train = dataset.interactions.filter(pl.col("split") == "train")
@@ -163,6 +169,13 @@ class SideFeatures:
             np.add.at(counts, (self.user_group[users], items), 1.0)
             p_item = (self.popularity + 1) / (self.popularity.sum() + n)
             self.lift = np.log((counts + 1) / (counts.sum(1, keepdims=True) + n)) - np.log(p_item)[None]
+        if "text" in groups:
+            if text_vectors is None or len(text_vectors) != n:
+                raise RecsysError(f"feature group 'text' needs item text vectors for the {n} items, got "
+                                  f"{None if text_vectors is None else len(text_vectors)}")
+            v = np.asarray(text_vectors, dtype=np.float32)
+            v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+            self.text = np.concatenate([np.zeros((1, v.shape[1]), dtype=np.float32), v])
         if "genres" in groups or "year" in groups:
             catalog = dataset.catalog.sort("idx")
             for group, column in (("genres", "genres"), ("year", "year")):
@@ -214,6 +227,9 @@ class SideFeatures:
                 cols.append(self.genre[c] @ mass / max(mass.sum(), 1.0))
             elif g == "year":
                 cols.append(np.abs(self.year[c] - np.median(self.year[h[-50:]])) / 10.0)
+            elif g == "text":
+                query = self.text[h[-10:]].mean(0)
+                cols.append(self.text[c] @ (query / max(float(np.linalg.norm(query)), 1e-12)))
             elif g == "time_gap":
                 last = r.history_times[-1] if len(r.history_times) else r.time
                 cols.append(np.full(len(c), np.log1p(max(r.time - last, 0) / 3600.0)))
@@ -226,11 +242,12 @@ class SideFeatures:
 
 def supported_groups(dataset) -> list[str]:
     """The groups of :data:`GROUPS` that ``dataset`` has the data for (user features for ``demographics``,
-    catalogue columns for ``genres`` and ``year``, at most :data:`EASE_MAX_ITEMS` items for ``ease``)."""
+    catalogue columns for ``genres`` and ``year``, at most :data:`EASE_MAX_ITEMS` items for ``ease``), without
+    ``text``, which needs a text encoder's vectors."""
     entry = dataset.manifest.get("user_features") or {}
     has = {"demographics": {"gender", "age"} <= set(entry.get("columns", [])),
            "genres": "genres" in dataset.catalog.columns, "year": "year" in dataset.catalog.columns,
-           "ease": dataset.n_items <= EASE_MAX_ITEMS}
+           "ease": dataset.n_items <= EASE_MAX_ITEMS, "text": False}
     return [g for g in GROUPS if has.get(g, True)]
 
 
