@@ -70,12 +70,13 @@ def test_evaluate_refuses_a_model_of_other_data(tiny_dataset, tmp_path):
 def test_recipes_load_into_the_config(tmp_path):
     from pathlib import Path
 
+    from pipelines.fusion import FusionTrainConfig
     from pipelines.generative import GenerativeTrainConfig
     from pipelines.reranker import RerankerSFTConfig
     from pipelines.rl import RLConfig
 
     kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig, "groupwise": RerankerSFTConfig,
-             "rl": RLConfig, "generative": GenerativeTrainConfig, "fusion": FusionTrainConfig}                                                 # recipe name prefix -> config
+             "rl": RLConfig, "generative": GenerativeTrainConfig, "fusion": FusionTrainConfig}  # recipe name prefix -> config
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
     assert len(recipes) >= 2, "no recipes shipped"
     for recipe in recipes:
