@@ -329,9 +329,9 @@ def cmd_report(a):
 
 
 def cmd_quickstart(a):
-    from pipelines.quickstart import quickstart
+    from pipelines.quickstart import FIXTURE, quickstart
 
-    quickstart(a.out, a.dataset, a.preset, a.seed)
+    quickstart(a.out, a.dataset or (FIXTURE if a.preset == "small" else "ml-1m"), a.preset, a.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -603,13 +603,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="the main job: every stage on real data, the results table, a serving dir",
                        description="Fetch and prepare the dataset, train popularity and SASRec, build FAISS candidates, "
-                                   "train the listwise reranker (SFT, then a short Rank-GRPO) and the generative "
-                                   "recommender, evaluate everything on test, export to ONNX and print the table and "
+                                   "train the fusion reranker (side features, seconds), the listwise reranker (SFT, "
+                                   "then a short Rank-GRPO) and the generative recommender, evaluate everything on "
+                                   "test with paired intervals against SASRec, export to ONNX and print the table and "
                                    "the `recsys serve` command. Stages that are up to date are skipped; an interrupted "
-                                   "run resumes. Presets: small (seconds, for tests), default (about 20 minutes on a "
+                                   "run resumes. Presets: small (under a minute on the bundled synthetic fixture "
+                                   "unless --dataset is given; for tests), default (ML-1M, about 20 minutes on a "
                                    "2-core CPU), full (the benchmark recipes; hours on CPU).")
     q.add_argument("--out", default="artifacts", help="artifacts directory (default ./artifacts)")
-    q.add_argument("--dataset", default="ml-1m", help="ml-1m, ml-100k, or a directory of dataset files")
+    q.add_argument("--dataset", help="ml-1m, ml-100k, or a directory of dataset files (default: ml-1m; with --preset "
+                                     "small, the bundled fixture data/fixtures/tiny)")
     q.add_argument("--preset", choices=["small", "default", "full"], default="default")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_quickstart)
