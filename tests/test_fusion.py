@@ -154,19 +154,27 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     """Retriever, candidates, features, every fusion row, the item-token LM and its rows, the end-to-end row;
     a rerun redoes nothing."""
     from pipelines.benchmarks.rerankers_strong import run
+    from recsys.llm.backbone import build_tiny
 
     source = prepared.directory.parent / "tiny"
+    lm = build_tiny(n_items=prepared.n_items, hidden_size=32, num_layers=1, seed=3)
+    lm.model.save_pretrained(tmp_path / "lm")
+    lm.tokenizer.save_pretrained(tmp_path / "lm")
     kwargs = {"dataset": str(source), "sasrec_overrides": {"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
                   "lm_overrides": {"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
                                 "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
                   "lm_seeds": (0,), "depth": 10,
-              "groups": tuple(g for g in GROUPS if g != "text")}
+              "groups": tuple(g for g in GROUPS if g != "text"),
+              "hybrid_overrides": {"backbone": str(tmp_path / "lm"), "keep_layers": 1, "window": 10, "max_history": 10,
+                                   "examples_per_epoch": 16, "batch_size": 4, "val_users": 10, "max_epochs": 1,
+                                   "max_minutes": None}}
     lines = []
     result = run(tmp_path / "art", log=lines.append, **kwargs)
     names = [r["name"] for r in result["rows"]]
     assert names[0] == "retriever-order" and names[-1] == "end-to-end"
     assert {"fusion-mlp", "fusion-linear", "fusion-retriever-only", "fusion-mlp-without-ease", "fusion-retriever+recency",
-            "listwise-tiny-items", "fusion-mlp+lm", "fusion-retriever+lm"} <= set(names)
+            "listwise-tiny-items", "fusion-mlp+lm", "fusion-retriever+lm", "hybrid-smollm2",
+            "hybrid-smollm2-scratch"} <= set(names)
     for r in result["rows"][1:]:
         low, high = r["paired"]["ndcg@10"]
         assert low <= r["paired"]["mean_diff"] <= high

@@ -1,5 +1,8 @@
 """Hybrid item tokens (LLaRA-style soft tokens from the retriever) on a tiny Llama built in code."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -94,3 +97,77 @@ def test_lora_trains_adapters_and_projector_only_and_the_soft_tokens_carry_the_a
     # well under chance (ln 4 = 1.386), means the soft tokens carried each row's answer
     assert fitted == 1.0 and F.cross_entropy(scores, targets).item() < 1.0, losses[::10]
     assert torch.equal(model.projector.items, vectors)
+
+
+@pytest.fixture(scope="module")
+def hybrid_setup(tmp_path_factory):
+    """The fixture dataset, a SASRec retriever trained for one epoch, its candidates at each user's last 3
+    training items, and a tiny Llama saved as a local checkpoint (the stand-in for a pretrained LM)."""
+    from pipelines.retrieval import candidates
+    from pipelines.train import SASRecTrainConfig, train_sasrec
+    from recsys.data import prepare, read_dataset
+    from recsys.models import SASRecConfig
+    from tests.conftest import FIXTURES
+
+    root = tmp_path_factory.mktemp("hybrid")
+    ds = prepare(read_dataset(FIXTURES / "tiny"), root / "data")
+    sasrec = train_sasrec(ds, root / "sasrec", SASRecTrainConfig(model=SASRecConfig(hidden_size=8, max_len=20),
+                                                                 max_epochs=1), progress=False)
+    candidates(ds, "sasrec", root / "cands", n=10, sasrec=root / "sasrec", train_targets_per_user=3)
+    bb = build_tiny(n_items=ds.n_items, hidden_size=32, num_layers=2, seed=7)
+    bb.model.save_pretrained(root / "lm")
+    bb.tokenizer.save_pretrained(root / "lm")
+    return ds, sasrec, root
+
+
+def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_path):
+    from pipelines.hybrid import (
+        HybridTrainConfig,
+        Window,
+        hybrid_logits,
+        load_hybrid,
+        train_hybrid,
+    )
+    from pipelines.reranker import load_candidates
+    from recsys.rerank.features import requests_from_candidates
+
+    ds, sasrec, root = hybrid_setup
+    config = HybridTrainConfig(retriever=str(sasrec), backbone=str(root / "lm"), keep_layers=1, window=10,
+                               max_history=10, examples_per_epoch=32, batch_size=4, val_users=20, max_epochs=2,
+                               max_minutes=None)
+    model_dir = train_hybrid(ds, root / "cands", tmp_path / "run", config, progress=False)
+    summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    assert summary["epochs"] == 2 and 0.0 <= summary["best_val_cand_ndcg@10"] <= 1.0
+    model, loaded_config = load_hybrid(model_dir, ds)
+    assert loaded_config == config and len(model._decoder().layers) == 1
+    requests = requests_from_candidates(ds, load_candidates(root / "cands", "test").head(3))
+    logits = hybrid_logits(model, config, ds, requests)
+    again = hybrid_logits(load_hybrid(model_dir, ds)[0], config, ds, requests)
+    assert logits.shape == (3, 10) and np.allclose(logits, again, atol=1e-5)
+    assert not np.allclose(logits[:, 0], logits[:, 1])
+    assert Window([1], [2, 3], 1).target == 1
+
+
+def test_scratch_control_has_the_architecture_but_not_the_weights(hybrid_setup):
+    from pipelines.hybrid import HybridTrainConfig, build_model
+
+    ds, sasrec, root = hybrid_setup
+    base = {"retriever": str(sasrec), "backbone": str(root / "lm"), "keep_layers": 2}
+    pretrained = build_model(HybridTrainConfig(**base), ds)
+    scratch = build_model(HybridTrainConfig(**base, pretrained=False), ds)
+    a, b = pretrained.lm.state_dict(), scratch.lm.state_dict()
+    assert a.keys() == b.keys()
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert a[weight].shape == b[weight].shape and not torch.equal(a[weight], b[weight])
+
+
+def test_hybrid_job_names_a_retriever_of_another_catalogue(hybrid_setup, tmp_path):
+    from pipelines.hybrid import HybridTrainConfig, build_model
+    from recsys.models import SASRec, SASRecConfig
+
+    ds, _, root = hybrid_setup
+    SASRec(SASRecConfig(n_items=ds.n_items + 5, hidden_size=8, max_len=20)).save_pretrained(tmp_path / "other")
+    with pytest.raises(RecsysError, match=rf"{ds.n_items + 5} item embeddings, but dataset .* has {ds.n_items} items"):
+        build_model(HybridTrainConfig(retriever=str(tmp_path / "other"), backbone=str(root / "lm")), ds)
+    with pytest.raises(RecsysError, match="needs retriever"):
+        HybridTrainConfig()

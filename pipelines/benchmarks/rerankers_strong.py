@@ -16,7 +16,11 @@ so the run may span several sittings: rerun the same command to continue):
     candidates-t30      the retriever's top-20 at each user's last 30 training items (LM training windows)
     listwise-tiny-items the item-token listwise LM (``listwise_items_tiny.yaml``, tiny backbone built in
                         code, item tokens from the retriever), then its FIRST logits over every list as
-                        one more feature (rows ``...+lm``)
+                        one more feature (rows ``...+lm``); seed 0, then the hybrid rows, then seed 1
+    hybrid-smollm2      SmolLM2-135M (its first 4 layers) reading each item as a soft token, the retriever's
+                        item vector projected into the LM (:mod:`pipelines.hybrid`, LLaRA), FIRST over the
+                        top-20 with a retriever prior chosen on validation; ``-scratch``: the same
+                        architecture and training from random weights
 
 Every row is evaluated on all 6,040 test users with the full-ranking protocol: the held-out item ranked
 over the whole catalogue, a target outside the retriever's top-50 is a miss. ``paired`` is the 95%
@@ -67,9 +71,36 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, retriever_users: np
                                    "paired": _paired(retriever_users[later], users[later])}}
 
 
+PRIOR_USERS = 1000
+"""Validation users on which the hybrid reranker's retriever prior is chosen (a pretrained LM on CPU scores
+a few windows a second)."""
+PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 1000.0)
+"""Retriever priors tried on validation (1000 reproduces the retriever's order)."""
+
+
+def first_then_retriever(first: np.ndarray, beta: float, depth: int) -> np.ndarray:
+    """(R, depth) list scores: the (R, w) FIRST logits of the top-w minus ``beta * ln(1 + position)`` order the
+    top-w, the other candidates follow in the retriever's order."""
+    w = first.shape[1]
+    pos = np.arange(depth, dtype=np.float64)
+    head = first - beta * np.log1p(pos[:w])
+    return np.concatenate([head - head.min(1, keepdims=True) + 1.0, -pos[None, w:].repeat(len(first), 0) / depth], 1)
+
+
+def choose_prior(first: np.ndarray, targets: np.ndarray, window: int, depth: int) -> tuple[float, dict]:
+    """The retriever prior of :data:`PRIOR_GRID` with the best NDCG@10 on these (validation) lists, and the
+    NDCG@10 of each."""
+    from pipelines.fusion import list_ranks, ranking_metrics
+
+    by_beta = {b: ranking_metrics(list_ranks(first_then_retriever(first, b, depth), targets), ["ndcg@10"])[0]["ndcg@10"]
+               for b in PRIOR_GRID}
+    return max(by_beta, key=by_beta.get), {str(b): round(v, 5) for b, v in by_beta.items()}
+
+
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
         lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
-        groups: tuple[str, ...] | None = None, log=print) -> dict:
+        groups: tuple[str, ...] | None = None, hybrid: bool = True, hybrid_overrides: dict | None = None,
+        log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
     (``ml-1m``) or a directory; the overrides update the retriever's and the LM's recipes; ``groups``: the
     side-feature groups (default all, ``retriever`` first)."""
@@ -82,6 +113,12 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         fit_fusion,
         fit_side_features,
         lm_logits,
+    )
+    from pipelines.hybrid import (
+        HybridTrainConfig,
+        hybrid_logits,
+        load_hybrid,
+        train_hybrid,
     )
     from pipelines.quickstart import Stages
     from pipelines.reranker import RerankerSFTConfig, load_candidates, train_reranker
@@ -186,7 +223,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     # The item-token listwise LM: trained on windows from the last 30 training items of every user.
     t30 = runs / f"candidates-t30-seed{seed}"
     window = load_config(RerankerSFTConfig, CONFIGS / "listwise_items_tiny.yaml", lm_overrides).window
-    if lm_seeds:
+    if lm_seeds or hybrid:
         stages.run(f"candidates-t30-seed{seed}", base | {"sasrec": str(sas_dir), "n": window, "per_user": 30},
                    lambda: candidates(ds, "sasrec", t30, n=window, sasrec=sas_dir, train_targets_per_user=30)["recall"])
 
@@ -215,26 +252,66 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
         def lm_alone():
             beta = trained["retriever_prior"] or 0.0
-            pos = np.arange(depth, dtype=np.float64)
-            first = lm_cols["test"][:, :window] - beta * np.log1p(pos[:window])
-            scores = np.concatenate([first - first.min(1, keepdims=True) + 1.0,
-                                     -pos[None, window:].repeat(len(first), 0) / depth], 1)
             return {"name": "listwise-tiny-items", "seed": s, "features": ["lm"], "retriever_prior": beta,
                     "scorer": f"FIRST over the top-{window} minus the retriever prior (the rest in the retriever's order)",
-                    **evaluate_scores(scores, targets, retriever_users, later), "seconds": trained["seconds"]}
+                    **evaluate_scores(first_then_retriever(lm_cols["test"][:, :window], beta, depth), targets,
+                                      retriever_users, later), "seconds": trained["seconds"]}
 
         return [stages.run(f"listwise-tiny-items-eval-seed{s}", base | {"lm": trained}, lm_alone),
                 fusion_row("fusion-mlp+lm", everything, row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols),
                 fusion_row("fusion-retriever+lm", ["retriever"], row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols)]
 
 
-    for s in lm_seeds:
+    def hybrid_rows(pretrained: bool) -> list[dict]:
+        """The hybrid-token SmolLM2 reranker (soft tokens from the retriever), pretrained or ``-scratch``."""
+        name = "hybrid-smollm2" + ("" if pretrained else "-scratch")
+        run_dir = runs / f"{name}-seed0"
+        config = load_config(HybridTrainConfig, None, {**(hybrid_overrides or {}), "pretrained": pretrained,
+                                                       "retriever": str(sas_dir / "model")})
+
+        def train():
+            start = time.time()
+            train_hybrid(ds, t30, run_dir, config, progress=False)
+            return {"seconds": round(time.time() - start, 1),
+                    **{k: v for k, v in json.loads((run_dir / "train.json").read_text()).items() if k != "config"}}
+
+        trained = stages.run(f"{name}-seed0", base | {"config": config.__dict__}, train)
+        logit_file = runs / f"{name}-logits-seed0.npz"
+
+        def logits():
+            model, _ = load_hybrid(run_dir / "model", ds)
+            reqs = {"valid": requests_from_candidates(ds, load_candidates(cands, "valid").head(PRIOR_USERS), depth),
+                    "test": test_requests}
+            np.savez(logit_file, **{k: hybrid_logits(model, config, ds, v) for k, v in reqs.items()})
+            return str(logit_file)
+
+        stages.run(f"{name}-logits-seed0", base | {"trained": trained}, logits)
+        got = dict(np.load(logit_file))
+
+        def evaluate():
+            w = config.window
+            beta, by_beta = choose_prior(got["valid"], split_data["valid"]["targets"][:PRIOR_USERS], w, depth)
+            return {"name": name, "seed": 0, "features": ["lm"], "retriever_prior": beta, "prior_on_validation": by_beta,
+                    "scorer": f"FIRST over the top-{w} minus the retriever prior chosen on {PRIOR_USERS} validation "
+                              "users (the rest in the retriever's order)", "backbone": "SmolLM2-135M, first "
+                    f"{config.keep_layers} layers, {'pretrained' if pretrained else 'random init'}",
+                    "best_val_cand_ndcg@10": trained["best_val_cand_ndcg@10"], "train_windows_seen": trained.get("epochs"),
+                    **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later),
+                    "seconds": trained["seconds"]}
+
+        return [stages.run(f"{name}-eval-seed0", base | {"trained": trained}, evaluate)]
+
+    for s in lm_seeds[:1]:
+        rows += lm_rows(s)
+    if hybrid:
+        rows += hybrid_rows(True) + hybrid_rows(False)
+    for s in lm_seeds[1:]:
         rows += lm_rows(s)
 
     learned = [r for r in rows if "holdout_ndcg@10" in r]
     best = max(learned, key=lambda r: r["holdout_ndcg@10"])
     rows.append({**best, "name": "end-to-end", "pipeline": f"SASRec top-{depth} -> {best['name']} (seed {best['seed']})",
-                 "chosen_by": "best validation-holdout NDCG@10 of the learned rows"})
+                 "chosen_by": "the best validation-holdout NDCG@10 among the fusion rows"})
     return {"rows": rows, "candidate_recall": recall, "seconds": stages.seconds}
 
 
@@ -245,10 +322,13 @@ def main() -> None:
     p.add_argument("--sasrec-minutes", type=float, default=60.0, help="the retriever's training budget")
     p.add_argument("--lm-minutes", type=float, default=20.0, help="each listwise LM's training budget")
     p.add_argument("--lm-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the listwise LM")
+    p.add_argument("--hybrid-minutes", type=float, default=20.0, help="each hybrid SmolLM2 reranker's budget")
+    p.add_argument("--no-hybrid", action="store_true", help="leave out the hybrid SmolLM2 rows")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rerankers_strong")
     result = run(Path(a.out), seed=a.seed, sasrec_overrides={"max_minutes": a.sasrec_minutes},
-                 lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds))
+                 lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds), hybrid=not a.no_hybrid,
+                 hybrid_overrides={"max_minutes": a.hybrid_minutes})
     throughput = RESULTS / "sasrec_throughput.json"
     if throughput.exists():
         t = json.loads(throughput.read_text())

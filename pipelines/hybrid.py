@@ -1,0 +1,289 @@
+"""The hybrid-token FIRST reranker job (:mod:`recsys.rerank.hybrid`, LLaRA's soft item tokens in a pretrained
+LM): Lightning training on retriever windows, and the scorer it saves.
+
+Each training window is a user's history (its last ``max_history`` items) and ``window`` candidates in a
+seeded random order: the retriever's list at one of the user's last training items, or, for a
+``random_negatives`` share, the held-out item among catalogue items drawn uniformly. The loss is the
+cross-entropy of the held-out item's identifier among the window's (FIRST's first-token target,
+arXiv 2406.15657). Validation: candidate-set NDCG@10 of the model's FIRST order on the last ``val_users``
+validation windows that hold their target; the best checkpoint is kept.
+
+A run directory holds::
+
+    model/hybrid.safetensors   the trained weights (projector, and the LM's trained layers or adapters)
+    model/hybrid.json          what rebuilds the model: the config, the retriever, the dataset fingerprint
+    checkpoints/, logs/        Lightning's (a rerun resumes from checkpoints/last.ckpt)
+    train.json                 seconds, epochs, examples, the best validation score
+
+``pretrained: false`` builds the same architecture with random weights (the ``-scratch`` control: does the
+language pretraining help, or only the architecture and the soft tokens?).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from pipelines.callbacks import (
+    EpochShuffle,
+    RNGState,
+    best_checkpoint,
+    budget_timer,
+    checkpoint_callbacks,
+    resume_checkpoint,
+)
+from pipelines.trainer import Runtime, make_trainer
+from recsys.data import PreparedDataset
+from recsys.errors import RecsysError
+from recsys.rerank.first import first_order
+
+
+@dataclass(frozen=True)
+class HybridTrainConfig:
+    """A hybrid-token reranker run."""
+
+    retriever: str = ""
+    """SASRec model directory whose item embeddings the projector maps into the LM (required)."""
+    backbone: str = "smollm2-135m"
+    """``smollm2-135m`` or a local Hugging Face causal-LM checkpoint directory."""
+    pretrained: bool = True
+    """False: the same architecture with random weights (the ``-scratch`` control)."""
+    keep_layers: int | None = 4
+    """Keep the first N decoder layers (None = all)."""
+    title_words: int | None = 0
+    """Title words before each soft token (0 = the soft token alone, None = whole titles)."""
+    lora_r: int = 0
+    """LoRA rank on every linear layer (peft); 0 = train the kept layers in full."""
+    window: int = 20
+    max_history: int = 20
+    random_negatives: float = 0.5
+    """Share of training windows whose other candidates are random catalogue items."""
+    train_users: int | None = None
+    """Use only the first N training rows (CPU budgets); None = all."""
+    examples_per_epoch: int | None = 4000
+    """Validate and checkpoint every N training windows."""
+    val_users: int = 300
+    batch_size: int = 8
+    lr: float = 1e-4
+    """AdamW learning rate of the LM's trainable weights."""
+    projector_lr: float = 1e-3
+    max_epochs: int = 100
+    max_minutes: float | None = 20.0
+    seed: int = 0
+    precision: str = "32-true"
+
+    def __post_init__(self):
+        if not self.retriever:
+            raise RecsysError("a hybrid reranker needs retriever: the SASRec model directory of its item vectors")
+        if not 0.0 <= self.random_negatives <= 1.0:
+            raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
+
+
+def item_vectors(dataset: PreparedDataset, retriever: str | Path) -> torch.Tensor:
+    """(n_items + 1, d) the retriever's item embeddings; a catalogue of another size is an error naming both."""
+    from recsys.models.sasrec import SASRec
+
+    vectors = SASRec.from_pretrained(retriever).item_emb.weight.detach().float()
+    if vectors.shape[0] != dataset.n_items + 1:
+        raise RecsysError(f"{retriever}: {vectors.shape[0] - 1} item embeddings, but dataset {dataset.name} has "
+                          f"{dataset.n_items} items; train the retriever on this dataset")
+    return vectors
+
+
+def build_model(config: HybridTrainConfig, dataset: PreparedDataset):
+    """The :class:`recsys.rerank.hybrid.HybridFirst` of ``config`` (untrained projector)."""
+    from recsys.llm.backbone import Backbone, load_backbone
+    from recsys.rerank.hybrid import HybridFirst
+
+    bb = load_backbone(config.backbone)
+    if not config.pretrained:                           # the same config and vocabulary, fresh random weights
+        from transformers import AutoModelForCausalLM
+
+        with torch.random.fork_rng():
+            torch.manual_seed(config.seed)
+            lm = AutoModelForCausalLM.from_config(bb.model.config, dtype=torch.float32)
+        bb = Backbone(lm, bb.tokenizer, f"{bb.name}-scratch")
+    model = HybridFirst(bb, item_vectors(dataset, config.retriever), keep_layers=config.keep_layers,
+                        n_items=dataset.n_items)
+    if config.lora_r:
+        model.lora(r=config.lora_r, alpha=2 * config.lora_r)
+    return model
+
+
+@dataclass
+class Window:
+    history: list[int]
+    candidates: list[int]
+    target: int
+    """Position of the held-out item in ``candidates`` (-1 if the window lacks it)."""
+
+
+def windows(rows, sequences: dict[int, np.ndarray], config: HybridTrainConfig, n_items: int, seed: int,
+            random_share: float) -> list[Window]:
+    """A shuffled :class:`Window` per candidate row (history from ``sequences``); a ``random_share`` of them
+    with uniformly drawn negatives instead of the retriever's list."""
+    from pipelines.reranker import random_candidates
+
+    rng = np.random.default_rng([seed, 29])
+    out = []
+    for r in rows.iter_rows(named=True):
+        history = sequences[r["uidx"]][:r["history_length"]]
+        cands = [int(c) for c in r["candidates"][:config.window]]
+        if rng.random() < random_share:
+            cands = random_candidates(rng, n_items, history, r["target"], config.window)
+        elif r["target"] not in cands:
+            cands[-1] = int(r["target"])
+        rng.shuffle(cands)
+        out.append(Window([int(h) for h in history[-config.max_history:]], cands, cands.index(int(r["target"]))))
+    return out
+
+
+class HybridDataModule(L.LightningDataModule):
+    def __init__(self, dataset: PreparedDataset, candidates_dir, config: HybridTrainConfig):
+        super().__init__()
+        from pipelines.reranker import load_candidates, user_sequences
+
+        self.cfg = config
+        sequences = user_sequences(dataset)
+        train = load_candidates(candidates_dir, "train")
+        train = train.head(config.train_users) if config.train_users else train
+        self.train = windows(train, sequences, config, dataset.n_items, config.seed, config.random_negatives)
+        valid = load_candidates(candidates_dir, "valid").tail(config.val_users)
+        self.valid = [w for w in windows(valid, sequences, config, dataset.n_items, config.seed + 1, 0.0)
+                      if w.target >= 0]
+
+    def train_dataloader(self):
+        sampler = EpochShuffle(len(self.train), self.cfg.seed, self.cfg.examples_per_epoch)
+        return DataLoader(self.train, batch_size=self.cfg.batch_size, sampler=sampler, collate_fn=list)
+
+    def val_dataloader(self):
+        return DataLoader(self.valid, batch_size=16, collate_fn=list)
+
+
+def window_scores(model, windows_: list[Window], titles, config) -> torch.Tensor:
+    """(B, n) FIRST scores of each window's candidates (identifiers A.. in presentation order)."""
+    from recsys.rerank.hybrid import encode
+
+    batch = encode(model.backbone, [w.history for w in windows_], [w.candidates for w in windows_], titles,
+                   config.max_history, config.title_words)
+    return model.first_scores(batch, model.backbone.identifier_ids(len(windows_[0].candidates)))
+
+
+class HybridModule(L.LightningModule):
+    def __init__(self, model, config: HybridTrainConfig, titles):
+        super().__init__()
+        self.model, self.cfg, self.titles = model, config, titles
+
+    def training_step(self, batch: list[Window], batch_idx):
+        scores = window_scores(self.model, batch, self.titles, self.cfg)
+        loss = F.cross_entropy(scores.float(), torch.tensor([w.target for w in batch], device=scores.device))
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+        return loss
+
+    def validation_step(self, batch: list[Window], batch_idx):
+        order = first_order(window_scores(self.model, batch, self.titles, self.cfg).float())
+        target = torch.tensor([w.target for w in batch], device=order.device)
+        rank = (order == target[:, None]).float().argmax(1)
+        ndcg = torch.where(rank < 10, 1.0 / torch.log2(rank + 2.0), torch.zeros_like(rank))
+        self.log("val/cand_ndcg@10", ndcg.mean(), prog_bar=True, batch_size=len(batch))
+
+    def configure_optimizers(self):
+        projector = list(self.model.projector.parameters())
+        ids = {id(p) for p in projector}
+        lm = [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]
+        return torch.optim.AdamW([{"params": projector, "lr": self.cfg.projector_lr},
+                                  {"params": lm, "lr": self.cfg.lr}])
+
+
+def trained_state(model) -> dict[str, torch.Tensor]:
+    """The model's weights without the retriever vectors (``build_model`` reloads them) and with each tied
+    tensor once (the LM head shares the input embedding)."""
+    out, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=False).items():
+        if k.startswith("projector.items") or v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTrainConfig, progress: bool = True,
+                 resume: bool = True, runtime: Runtime | None = None) -> Path:
+    """Train; save the best model to ``out/model``; return that directory."""
+    from recsys.rerank.prompts import item_titles
+
+    out = Path(out)
+    defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
+                                   "candidates": str(Path(candidates_dir).resolve())}, resume)
+    L.seed_everything(config.seed, verbose=False)
+    start = time.time()
+    model = build_model(config, dataset)
+    titles = item_titles(dataset) if config.title_words != 0 else None
+    data = HybridDataModule(dataset, candidates_dir, config)
+    module = HybridModule(model, config, titles)
+    best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
+    timer = budget_timer(config.max_minutes)
+    trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
+                           callbacks=[best, latest, RNGState(), timer], log_every_n_steps=10)
+    trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    best_path, best_score = best_checkpoint(best)
+    module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
+    (out / "model").mkdir(parents=True, exist_ok=True)
+    save_file(trained_state(module.model), str(out / "model" / "hybrid.safetensors"))
+    (out / "model" / "hybrid.json").write_text(json.dumps({"config": dataclasses.asdict(config),
+                                                           "dataset_fingerprint": dataset.fingerprint}, indent=2))
+    (out / "train.json").write_text(json.dumps({
+        "seconds": round(time.time() - start, 1), "train_seconds": timer.time_elapsed("train"),
+        "epochs": trainer.current_epoch, "best_val_cand_ndcg@10": best_score, "train_windows": len(data.train),
+        "config": dataclasses.asdict(config), "dataset_fingerprint": dataset.fingerprint}, indent=2))
+    return out / "model"
+
+
+def load_hybrid(model_dir, dataset: PreparedDataset):
+    """(the trained model in eval mode, its config) from ``RUN/model``."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "hybrid.json"
+    if not meta_path.exists():
+        raise RecsysError(f"{model_dir}: not a hybrid reranker (no hybrid.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta["dataset_fingerprint"] != dataset.fingerprint:
+        raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
+    config = HybridTrainConfig(**meta["config"])
+    model = build_model(config, dataset)
+    saved = load_file(str(model_dir / "hybrid.safetensors"))
+    missing, unexpected = model.load_state_dict(saved, strict=False)
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in saved}
+    if unexpected or [k for k in missing if not k.startswith("projector.items") and state[k].data_ptr() not in loaded]:
+        raise RecsysError(f"{model_dir}: weights do not match the model ({len(missing)} missing, {len(unexpected)} "
+                          "unexpected)")
+    return model.eval(), config
+
+
+@torch.no_grad()
+def hybrid_logits(model, config: HybridTrainConfig, dataset: PreparedDataset, requests, batch_size: int = 16,
+                  progress: bool = False) -> np.ndarray:
+    """(R, window) FIRST logits of each request's top-``window`` candidates, presented in the retriever's order
+    (``requests``: :class:`recsys.rerank.features.Request`)."""
+    from tqdm.auto import tqdm
+
+    from recsys.rerank.prompts import item_titles
+
+    titles = item_titles(dataset) if config.title_words != 0 else None
+    out = []
+    for i in tqdm(range(0, len(requests), batch_size), desc="hybrid scores", disable=not progress):
+        chunk = [Window([int(h) for h in r.history[-config.max_history:]], [int(c) for c in r.candidates[:config.window]],
+                        -1) for r in requests[i:i + batch_size]]
+        out.append(window_scores(model, chunk, titles, config).float().numpy())
+    return np.concatenate(out)
