@@ -183,6 +183,7 @@ class HybridModule(L.LightningModule):
     def __init__(self, model, config: HybridTrainConfig, titles):
         super().__init__()
         self.model, self.cfg, self.titles = model, config, titles
+        self.model.train()                         # a loaded checkpoint comes in eval mode
 
     def training_step(self, batch: list[Window], batch_idx):
         scores = window_scores(self.model, batch, self.titles, self.cfg)
