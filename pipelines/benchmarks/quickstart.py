@@ -31,7 +31,8 @@ def main() -> None:
         "rows": [{"stage": k, "seconds": v} for k, v in summary["seconds"].items()],
         "total_seconds": summary["total_seconds"], "target_seconds": 1200 if a.preset == "default" else None,
         "met": summary["total_seconds"] <= 1200 if a.preset == "default" else None,
-        "results": summary["results"], "candidate_recall": summary["candidate_recall"], "serve": summary["serve"],
+        "results": summary["results"], "paired_ndcg@10": summary["paired_ndcg@10"],
+        "candidate_recall": summary["candidate_recall"], "serve": summary["serve"],
     })
 
 

@@ -410,6 +410,10 @@ def render_quickstart(result: dict) -> list[str]:
     out += ["| model | hr@10 | ndcg@10 | hr@20 | ndcg@20 |", "|---|---:|---:|---:|---:|"]
     out += [f"| {n} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | {m['ndcg@20']:.4f} |"
             for n, m in result["results"].items()]
+    paired = result.get("paired_ndcg@10", {})
+    if paired:
+        out += ["", "NDCG@10 minus SASRec's order, paired bootstrap 95% over all test users: " + "; ".join(
+            f"{n}: {b['mean_diff']:+.4f} ({b['ci_low']:+.4f} to {b['ci_high']:+.4f})" for n, b in paired.items()) + "."]
     return out + [""]
 
 
