@@ -192,7 +192,8 @@ def cmd_train_fusion(a):
     from recsys.data import PreparedDataset
     from recsys.metrics import paired_bootstrap
 
-    config = load_config(FusionTrainConfig, a.config, {"features": a.features, "seed": a.seed, **_overrides(a.set)})
+    config = load_config(FusionTrainConfig, a.config, {"features": a.features, "scorer.seed": a.seed,
+                                                       **_overrides(a.set)})
     ds = PreparedDataset.load(a.data)
     train_fusion_reranker(ds, a.candidates, a.out, config)
     if a.evaluate:

@@ -45,14 +45,9 @@ class FusionTrainConfig:
     train_split: str = "valid"
     """Whose candidate lists teach the scorer: ``valid`` (targets the retriever never trained on)."""
     ease_lambda: float = 300.0
-    hidden: int = 32
-    """MLP width; 0 = linear."""
-    epochs: int = 60
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    holdout: float = 0.1
-    seed: int = 0
+    """EASE's L2 weight (lambda of arXiv 1905.03375, eq. 8)."""
+    scorer: FusionConfig = dataclasses.field(default_factory=FusionConfig)
+    """The MLP and its training (:class:`recsys.rerank.fusion.FusionConfig`)."""
 
     def __post_init__(self):
         unknown = [g for g in self.features if g not in GROUPS]
@@ -60,10 +55,6 @@ class FusionTrainConfig:
             raise RecsysError(f"features: unknown group(s) {unknown}; known: {', '.join(GROUPS)}")
         if self.train_split not in ("train", "valid"):
             raise RecsysError(f"train_split must be 'train' or 'valid', got {self.train_split!r}")
-
-    def scorer_config(self) -> FusionConfig:
-        return FusionConfig(self.hidden, self.epochs, self.lr, self.weight_decay, self.batch_size, self.holdout,
-                            self.seed)
 
 
 def fit_side_features(dataset: PreparedDataset, groups: list[str], ease_lambda: float = 300.0) -> SideFeatures:
@@ -143,7 +134,7 @@ def fit_fusion(dataset: PreparedDataset, features: np.ndarray, targets: np.ndarr
     (what :func:`train_fusion_reranker` does after computing them; benchmarks that train many scorers on
     column subsets of the same features call it directly)."""
     out, start = Path(out), start or time.time()
-    model, summary = train_fusion(features, targets, names, config.scorer_config())
+    model, summary = train_fusion(features, targets, names, config.scorer)
     model.save_pretrained(out / "model")
     (out / "model" / "features.json").write_text(json.dumps(
         {"groups": list(config.features), "ease_lambda": config.ease_lambda, "lm": config.lm, "depth": config.depth,
@@ -159,13 +150,9 @@ def fit_fusion(dataset: PreparedDataset, features: np.ndarray, targets: np.ndarr
 def load_fusion(model_dir, dataset: PreparedDataset) -> tuple[FusionRanker, SideFeatures, dict]:
     """The scorer, its side features refitted on ``dataset`` (which must be the one it was trained on)
     and its ``features.json``."""
-    model_dir = Path(model_dir)
-    meta_path = model_dir / "features.json"
-    if not meta_path.exists():
-        raise RecsysError(f"{model_dir}: no features.json; pass the model/ directory of a fusion run")
-    meta = json.loads(meta_path.read_text())
-    if meta["dataset_fingerprint"] != dataset.fingerprint:
-        raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
+    from pipelines.jobs import read_model_meta
+
+    meta = read_model_meta(model_dir, "features.json", dataset, "a fusion reranker")
     return FusionRanker.from_pretrained(model_dir), fit_side_features(dataset, meta["groups"], meta["ease_lambda"]), meta
 
 

@@ -253,14 +253,10 @@ def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTr
 
 def load_hybrid(model_dir, dataset: PreparedDataset):
     """(the trained model in eval mode, its config) from ``RUN/model``."""
+    from pipelines.jobs import read_model_meta
+
     model_dir = Path(model_dir)
-    meta_path = model_dir / "hybrid.json"
-    if not meta_path.exists():
-        raise RecsysError(f"{model_dir}: not a hybrid reranker (no hybrid.json)")
-    meta = json.loads(meta_path.read_text())
-    if meta["dataset_fingerprint"] != dataset.fingerprint:
-        raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
-    config = HybridTrainConfig(**meta["config"])
+    config = HybridTrainConfig(**read_model_meta(model_dir, "hybrid.json", dataset, "a hybrid reranker")["config"])
     model = build_model(config, dataset)
     saved = load_file(str(model_dir / "hybrid.safetensors"))
     missing, unexpected = model.load_state_dict(saved, strict=False)

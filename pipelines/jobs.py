@@ -23,6 +23,21 @@ def resolve_model_dir(path: str | Path) -> Path:
     raise RecsysError(f"{path}: neither a run directory (with model/) nor a model directory (with config.json)")
 
 
+def read_model_meta(model_dir: str | Path, filename: str, dataset: PreparedDataset, what: str) -> dict:
+    """The JSON ``filename`` of a saved model directory (``RUN/model``), checked to belong to ``dataset``'s
+    fingerprint; errors name the directory and what it should have been (``what``: e.g. "a fusion reranker")."""
+    import json
+
+    model_dir = Path(model_dir)
+    path = model_dir / filename
+    if not path.exists():
+        raise RecsysError(f"{model_dir}: not {what} (no {filename}); pass the model/ directory of its run")
+    meta = json.loads(path.read_text())
+    if meta["dataset_fingerprint"] != dataset.fingerprint:
+        raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
+    return meta
+
+
 def evaluate_model(dataset: PreparedDataset, model_path: str | Path, split: str = "test",
                    metrics: list[str] = DEFAULT_METRICS, users: list[str] | None = None,
                    progress: bool = True) -> dict:

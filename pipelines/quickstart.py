@@ -164,7 +164,7 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
                         lambda: candidates(ds, "sasrec", cands, n=p["candidates"], sasrec=runs / "sasrec")["recall"])
 
     fu_cfg = load_config(FusionTrainConfig, CONFIGS / "fusion_ml1m.yaml",
-                         {"features": ",".join(supported_groups(ds)), "depth": p["candidates"], "seed": seed})
+                         {"features": ",".join(supported_groups(ds)), "depth": p["candidates"], "scorer.seed": seed})
     stages.run("fusion", settings | {"n": p["candidates"], "config": fu_cfg.__dict__},
                lambda: train_fusion_reranker(ds, cands, runs / "fusion", fu_cfg, log=log)["holdout_ndcg@10"])
 

@@ -143,8 +143,9 @@ def test_feature_groups_come_from_yaml_lists_or_comma_separated_overrides(tmp_pa
     from pipelines.fusion import FusionTrainConfig
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("features: [retriever, ease]\nhidden: 0\n")
-    assert load_config(FusionTrainConfig, recipe).features == ("retriever", "ease")
+    recipe.write_text("features: [retriever, ease]\nscorer:\n  hidden: 0\n")
+    config = load_config(FusionTrainConfig, recipe, {"scorer.seed": "3"})
+    assert config.features == ("retriever", "ease") and config.scorer.hidden == 0 and config.scorer.seed == 3
     assert load_config(FusionTrainConfig, None, {"features": "retriever, recency"}).features == ("retriever", "recency")
     with pytest.raises(RecsysError, match=r"features: unknown group\(s\) \['weather'\]"):
         load_config(FusionTrainConfig, None, {"features": "retriever,weather"})

@@ -126,7 +126,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     from pipelines.train import SASRecTrainConfig, train_sasrec
     from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
     from recsys.rerank.features import GROUPS, requests_from_candidates
-    from recsys.rerank.fusion import FusionRanker
+    from recsys.rerank.fusion import FusionConfig, FusionRanker
 
     stages = Stages(out, log)
     data_dir = out / "data" / Path(dataset).name
@@ -190,7 +190,8 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
     def fusion_row(name: str, groups, hidden: int = 32, row_seed: int = 0, lm: str | None = None,
                    lm_cols: dict | None = None) -> dict:
-        config = FusionTrainConfig(features=tuple(groups), hidden=hidden, seed=row_seed, lm=lm, depth=depth)
+        config = FusionTrainConfig(features=tuple(groups), scorer=FusionConfig(hidden=hidden, seed=row_seed), lm=lm,
+                                   depth=depth)
         run_dir = runs / f"{name}-seed{row_seed}"
 
         def train_and_test():
