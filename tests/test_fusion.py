@@ -181,6 +181,9 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
         assert low <= r["paired"]["mean_diff"] <= high
         assert 0.0 <= r["metrics"]["ndcg@10"] <= r["metrics"]["hr@10"] <= 1.0
     assert sum(1 for r in result["rows"] if r["name"] == "fusion-mlp") == 2
+    compared = {(c["row"], c["against"]) for c in result["comparisons"]}
+    assert ("fusion-mlp-without-ease-seed0", "fusion-mlp-seed0") in compared
+    assert ("fusion-mlp+lm-seed0", "fusion-mlp-seed0") in compared
     lines.clear()
     run(tmp_path / "art", log=lines.append, **kwargs)
     ran = [line for line in lines if line.endswith("running ...")]

@@ -433,6 +433,10 @@ def render_rerankers_strong(result: dict) -> list[str]:
         out.append(f"| {name} | {r['seed']} | {', '.join(r.get('features', [])) or 'SASRec'} | {m['ndcg@10']:.4f} | "
                    f"{m['hr@10']:.4f} | {m['ndcg@5']:.4f} | {m['ndcg@20']:.4f} | {m['mrr']:.4f} | {ci} | "
                    f"{later_cell} | {r.get('seconds', '')} |")
+    if result.get("comparisons"):
+        out += ["", "Between rows (paired bootstrap 95% of the per-user NDCG@10 difference, all test users): " + "; ".join(
+            f"{c['row']} minus {c['against']} {c['mean_diff']:+.4f} ({c['ndcg@10'][0]:+.4f} to {c['ndcg@10'][1]:+.4f})"
+            for c in result["comparisons"]) + "."]
     recall = result.get("candidate_recall", {}).get("test", {})
     if recall:
         out += ["", "Retriever recall on test: " + ", ".join(f"{k} {v:.4f}" for k, v in recall.items()) +

@@ -58,12 +58,17 @@ def _paired(before: np.ndarray, after: np.ndarray) -> dict:
             "better": b["better"], "worse": b["worse"]}
 
 
-def evaluate_scores(scores: np.ndarray, targets: np.ndarray, retriever_users: np.ndarray, later: np.ndarray) -> dict:
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray, retriever_users: np.ndarray, later: np.ndarray,
+                    save_to: Path | None = None) -> dict:
     """Metrics of the lists ordered by (R, L) ``scores``, the paired interval against the retriever, and the
-    same comparison on the users whose test item comes strictly after their last history item."""
+    same comparison on the users whose test item comes strictly after their last history item; ``save_to``
+    keeps the per-user NDCG@10 (.npy) for comparisons between rows."""
     from pipelines.fusion import list_ranks, ranking_metrics
 
     metrics, users = ranking_metrics(list_ranks(scores, targets), METRICS)
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_to, users)
     return {"metrics": {m: round(metrics[m], 5) for m in METRICS}, "num_users": metrics["num_queries"],
             "paired": _paired(retriever_users, users),
             "later_than_history": {"users": int(later.sum()), "ndcg@10": round(float(users[later].mean()), 5),
@@ -139,6 +144,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     ds = PreparedDataset.load(data_dir)
     base = {"fingerprint": ds.fingerprint}
     runs = out / "runs"
+    per_user = runs / "per-user-ndcg10"
     everything = list(groups or ALL_GROUPS)
 
     # The retriever and its candidates.
@@ -208,7 +214,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             scores = FusionRanker.from_pretrained(run_dir / "model").score(part("test"))
             return {"name": name, "seed": row_seed, "features": list(groups) + (["lm"] if lm else []),
                     "scorer": f"MLP, hidden {hidden}" if hidden else "linear",
-                    **evaluate_scores(scores, targets, retriever_users, later),
+                    **evaluate_scores(scores, targets, retriever_users, later, per_user / f"{name}-seed{row_seed}.npy"),
                     "holdout_ndcg@10": round(summary["holdout_ndcg@10"], 5), "seconds": summary["seconds"]}
 
         return stages.run(f"{name}-seed{row_seed}", base | {"config": config.__dict__}, train_and_test)
@@ -309,11 +315,23 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     for s in lm_seeds[1:]:
         rows += lm_rows(s)
 
+    def compare(row: str, against: str) -> dict | None:
+        """Paired interval of one row's per-user NDCG@10 minus another's (both seeds' stages named)."""
+        a, b = per_user / f"{row}.npy", per_user / f"{against}.npy"
+        if not (a.exists() and b.exists()):
+            return None
+        return {"row": row, "against": against, **_paired(np.load(b), np.load(a))}
+
+    pairs = [(f"fusion-mlp-without-{g}-seed0", "fusion-mlp-seed0") for g in everything[1:]]
+    pairs += [p for s in lm_seeds for p in ((f"fusion-mlp+lm-seed{s}", f"fusion-mlp-seed{s}"),
+                                              (f"fusion-retriever+lm-seed{s}", "fusion-retriever-only-seed0"))]
+    comparisons = [c for c in (compare(a, b) for a, b in pairs) if c]
+
     learned = [r for r in rows if "holdout_ndcg@10" in r]
     best = max(learned, key=lambda r: r["holdout_ndcg@10"])
     rows.append({**best, "name": "end-to-end", "pipeline": f"SASRec top-{depth} -> {best['name']} (seed {best['seed']})",
                  "chosen_by": "the best validation-holdout NDCG@10 among the fusion rows"})
-    return {"rows": rows, "candidate_recall": recall, "seconds": stages.seconds}
+    return {"rows": rows, "comparisons": comparisons, "candidate_recall": recall, "seconds": stages.seconds}
 
 
 def main() -> None:
