@@ -205,6 +205,18 @@ def cmd_train_fusion(a):
     print(f"saved the fusion reranker to {Path(a.out) / 'model'}")
 
 
+def cmd_train_hybrid(a):
+    from pipelines.config import load_config
+    from pipelines.hybrid import HybridTrainConfig, train_hybrid
+    from recsys.data import PreparedDataset
+
+    config = load_config(HybridTrainConfig, a.config, {"retriever": a.retriever, "backbone": a.backbone,
+                                                       "seed": a.seed, **_overrides(a.set)})
+    path = train_hybrid(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
+    print(f"saved the hybrid-token reranker ({config.backbone}, "
+          f"{'pretrained' if config.pretrained else 'random init'}) to {path}")
+
+
 def cmd_train_generative(a):
     from pipelines.config import load_config
     from pipelines.generative import GenerativeTrainConfig, train_generative
@@ -433,6 +445,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                                   "interval against the retriever's order")
     fu.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     fu.set_defaults(func=cmd_train_fusion)
+
+    hy = train.add_parser("hybrid", help="train a hybrid-token reranker: a pretrained LM reading retriever item vectors",
+                          description="LLaRA-style soft item tokens (arXiv 2312.02445): every item in the prompt is its "
+                                      "title (capped, or dropped) and one soft token, the retriever's item vector "
+                                      "projected into the LM; FIRST scores the window. The projector trains, the LM's "
+                                      "first keep_layers layers train in full or through LoRA (--set lora_r=16). "
+                                      "--set pretrained=false trains the same architecture from random weights. "
+                                      "Saves OUT/model; re-running resumes.")
+    hy.add_argument("--data", required=True, help="prepared dataset directory")
+    hy.add_argument("--candidates", required=True, help="candidates with train targets, e.g. --train-targets-per-user 30")
+    hy.add_argument("--retriever", help="the SASRec model directory whose item vectors become soft tokens")
+    hy.add_argument("--out", required=True, help="run directory")
+    hy.add_argument("--backbone", help="smollm2-135m (default) or a local Hugging Face causal-LM checkpoint")
+    hy.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/hybrid_smollm2.yaml")
+    hy.add_argument("--seed", type=int)
+    hy.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    add_runtime_args(hy)
+    hy.set_defaults(func=cmd_train_hybrid)
 
     gn = train.add_parser("generative", help="train the generative recommender over semantic IDs",
                           description="SFT of a causal LM on next-item semantic IDs (--algo sft, needs "

@@ -83,8 +83,6 @@ class HybridTrainConfig:
     precision: str = "32-true"
 
     def __post_init__(self):
-        if not self.retriever:
-            raise RecsysError("a hybrid reranker needs retriever: the SASRec model directory of its item vectors")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
 
@@ -93,6 +91,8 @@ def item_vectors(dataset: PreparedDataset, retriever: str | Path) -> torch.Tenso
     """(n_items + 1, d) the retriever's item embeddings; a catalogue of another size is an error naming both."""
     from recsys.models.sasrec import SASRec
 
+    if not retriever:
+        raise RecsysError("a hybrid reranker needs retriever: the SASRec model directory of its item vectors")
     vectors = SASRec.from_pretrained(retriever).item_emb.weight.detach().float()
     if vectors.shape[0] != dataset.n_items + 1:
         raise RecsysError(f"{retriever}: {vectors.shape[0] - 1} item embeddings, but dataset {dataset.name} has "

@@ -170,4 +170,4 @@ def test_hybrid_job_names_a_retriever_of_another_catalogue(hybrid_setup, tmp_pat
     with pytest.raises(RecsysError, match=rf"{ds.n_items + 5} item embeddings, but dataset .* has {ds.n_items} items"):
         build_model(HybridTrainConfig(retriever=str(tmp_path / "other"), backbone=str(root / "lm")), ds)
     with pytest.raises(RecsysError, match="needs retriever"):
-        HybridTrainConfig()
+        build_model(HybridTrainConfig(backbone=str(root / "lm")), ds)

@@ -72,11 +72,13 @@ def test_recipes_load_into_the_config(tmp_path):
 
     from pipelines.fusion import FusionTrainConfig
     from pipelines.generative import GenerativeTrainConfig
+    from pipelines.hybrid import HybridTrainConfig
     from pipelines.reranker import RerankerSFTConfig
     from pipelines.rl import RLConfig
 
     kinds = {"sasrec": SASRecTrainConfig, "listwise": RerankerSFTConfig, "groupwise": RerankerSFTConfig,
-             "rl": RLConfig, "generative": GenerativeTrainConfig, "fusion": FusionTrainConfig}  # recipe name prefix -> config
+             "rl": RLConfig, "generative": GenerativeTrainConfig, "fusion": FusionTrainConfig,
+             "hybrid": HybridTrainConfig}  # recipe name prefix -> config
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
     assert len(recipes) >= 2, "no recipes shipped"
     for recipe in recipes:
