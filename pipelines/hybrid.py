@@ -64,6 +64,10 @@ class HybridTrainConfig:
     """Title words before each soft token (0 = the soft token alone, None = whole titles)."""
     lora_r: int = 0
     """LoRA rank on every linear layer (peft); 0 = train the kept layers in full."""
+    identifiers: str = "items"
+    """How FIRST names a candidate: ``items`` (its own soft token is its output row; the last hidden state is
+    scored against it) or ``letters`` (A, B, ...: the model must learn to point from a letter to the item; at
+    chance, 0.225 validation NDCG@10, after 4,000 windows with SmolLM2's first 4 layers)."""
     window: int = 20
     max_history: int = 20
     random_negatives: float = 0.5
@@ -83,6 +87,8 @@ class HybridTrainConfig:
     precision: str = "32-true"
 
     def __post_init__(self):
+        if self.identifiers not in ("items", "letters"):
+            raise RecsysError(f"identifiers must be 'items' or 'letters', got {self.identifiers!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
 
@@ -171,11 +177,14 @@ class HybridDataModule(L.LightningDataModule):
 
 
 def window_scores(model, windows_: list[Window], titles, config) -> torch.Tensor:
-    """(B, n) FIRST scores of each window's candidates (identifiers A.. in presentation order)."""
+    """(B, n) FIRST scores of each window's candidates, in presentation order (``config.identifiers``)."""
     from recsys.rerank.hybrid import encode
 
     batch = encode(model.backbone, [w.history for w in windows_], [w.candidates for w in windows_], titles,
                    config.max_history, config.title_words)
+    if config.identifiers == "items":
+        items = torch.tensor([w.candidates for w in windows_], device=batch.input_ids.device)
+        return model.item_scores(batch, items)
     return model.first_scores(batch, model.backbone.identifier_ids(len(windows_[0].candidates)))
 
 

@@ -57,6 +57,21 @@ def test_first_scores_equal_the_full_models_last_logits_and_ignore_padding():
     assert torch.allclose(scores[1], single[0], atol=1e-5)                    # padding changes nothing
 
 
+def test_item_scores_read_each_candidates_own_soft_token_and_ignore_padding():
+    torch.manual_seed(0)
+    model = HybridFirst(text_backbone(), torch.randn(N_ITEMS + 1, D_RETRIEVER)).eval()
+    both = encode(model.backbone, [[3, 4, 5, 6, 7, 8], [9]], [[1, 2, 10], [11, 12, 13]], None)
+    alone = encode(model.backbone, [[9]], [[11, 12, 13]], None)
+    items = torch.tensor([[1, 2, 10], [11, 12, 13]])
+    with torch.no_grad():
+        scores = model.item_scores(both, items)
+        h = model.lm(inputs_embeds=model.embed(both.input_ids, both.item_idx), attention_mask=both.attention_mask,
+                     position_ids=both.position_ids, output_hidden_states=True).hidden_states[-1][:, -1]
+        want = torch.stack([h[b] @ model.projector(items[b]).T for b in range(2)])
+        single = model.item_scores(alone, items[1:])
+    assert torch.allclose(scores, want, atol=1e-5) and torch.allclose(scores[1], single[0], atol=1e-5)
+
+
 def test_keep_layers_truncates_and_bad_shapes_are_named():
     model = HybridFirst(text_backbone(layers=3), torch.zeros(N_ITEMS + 1, 4), keep_layers=1)
     assert len(model.lm.model.layers) == 1 and model.lm.config.num_hidden_layers == 1

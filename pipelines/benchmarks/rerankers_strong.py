@@ -104,8 +104,8 @@ def choose_prior(first: np.ndarray, targets: np.ndarray, window: int, depth: int
 
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
         lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
-        groups: tuple[str, ...] | None = None, hybrid: bool = True, hybrid_overrides: dict | None = None,
-        log=print) -> dict:
+        groups: tuple[str, ...] | None = None, hybrid: tuple[str, ...] = ("pretrained", "scratch"),
+        hybrid_overrides: dict | None = None, log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
     (``ml-1m``) or a directory; the overrides update the retriever's and the LM's recipes; ``groups``: the
     side-feature groups (default all, ``retriever`` first)."""
@@ -310,8 +310,8 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
     for s in lm_seeds[:1]:
         rows += lm_rows(s)
-    if hybrid:
-        rows += hybrid_rows(True) + hybrid_rows(False)
+    for variant in hybrid:
+        rows += hybrid_rows(variant == "pretrained")
     for s in lm_seeds[1:]:
         rows += lm_rows(s)
 
@@ -342,11 +342,12 @@ def main() -> None:
     p.add_argument("--lm-minutes", type=float, default=20.0, help="each listwise LM's training budget")
     p.add_argument("--lm-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the listwise LM")
     p.add_argument("--hybrid-minutes", type=float, default=20.0, help="each hybrid SmolLM2 reranker's budget")
-    p.add_argument("--no-hybrid", action="store_true", help="leave out the hybrid SmolLM2 rows")
+    p.add_argument("--hybrid", nargs="*", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
+                   help="which hybrid SmolLM2 rows to train (none: leave them out)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rerankers_strong")
     result = run(Path(a.out), seed=a.seed, sasrec_overrides={"max_minutes": a.sasrec_minutes},
-                 lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds), hybrid=not a.no_hybrid,
+                 lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds), hybrid=tuple(a.hybrid),
                  hybrid_overrides={"max_minutes": a.hybrid_minutes})
     throughput = RESULTS / "sasrec_throughput.json"
     if throughput.exists():

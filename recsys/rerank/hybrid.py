@@ -9,9 +9,9 @@ Here: the placeholder token ``<item>`` is added to the tokenizer; :func:`encode`
 :mod:`recsys.rerank.prompts` with each item as ``{title} <item>`` (the title capped at ``title_words`` words,
 or dropped with 0: the soft token then carries the item alone) and records, per position, which item each
 placeholder stands for. :class:`HybridFirst` replaces the placeholders' input embeddings by
-``ItemProjector(retriever vectors)`` and scores the window FIRST-style (arXiv 2406.15657): the logits of the
-candidates' identifier tokens at the last prompt position, computed from that position's hidden state only
-(no (B, T, V) logits). ``keep_layers`` keeps the first N decoder layers (SmolLM2-135M has 30), the cheap way to
+``ItemProjector(retriever vectors)`` and scores the window FIRST-style (arXiv 2406.15657) from the last prompt
+position's hidden state only (no (B, T, V) logits): against the candidates' identifier tokens (letters,
+:meth:`HybridFirst.first_scores`) or against the candidates' own soft tokens (:meth:`HybridFirst.item_scores`). ``keep_layers`` keeps the first N decoder layers (SmolLM2-135M has 30), the cheap way to
 train on a CPU; the projector trains in full, the LM through LoRA (:func:`recsys.llm.backbone.apply_lora`) or in
 full. Departures: LLaRA's curriculum (text-only prompts first, then hybrid) and its next-item generation target
 are not used; the target is the FIRST ranking of the window.
@@ -155,10 +155,21 @@ class HybridFirst(nn.Module):
         soft = self.projector(item_idx).to(text.dtype)
         return torch.where((input_ids == self.item_token_id).unsqueeze(-1), soft, text)
 
+    def last_hidden(self, batch: HybridBatch) -> torch.Tensor:
+        """(B, D) the decoder's final hidden state at the last prompt position."""
+        return self._decoder()(inputs_embeds=self.embed(batch.input_ids, batch.item_idx),
+                               attention_mask=batch.attention_mask,
+                               position_ids=batch.position_ids).last_hidden_state[:, -1]
+
     def first_scores(self, batch: HybridBatch, identifier_ids: torch.Tensor) -> torch.Tensor:
         """(B, n) logits of the n identifier tokens at the last position (the first answer token)."""
-        hidden = self._decoder()(inputs_embeds=self.embed(batch.input_ids, batch.item_idx),
-                               attention_mask=batch.attention_mask, position_ids=batch.position_ids).last_hidden_state
         head = self.lm.get_output_embeddings()
-        scores = hidden[:, -1] @ head.weight[identifier_ids].T
+        scores = self.last_hidden(batch) @ head.weight[identifier_ids].T
         return scores + head.bias[identifier_ids] if getattr(head, "bias", None) is not None else scores
+
+    def item_scores(self, batch: HybridBatch, items: torch.Tensor) -> torch.Tensor:
+        """(B, n) scores of the window's items (B, n) as the next item: the last hidden state against each
+        item's soft token, the same projected vector the prompt shows it by. FIRST with item identifiers:
+        an item's own embedding is its output row, as with tied item tokens, so the model need not learn to
+        point from a letter back to the item it labels."""
+        return torch.einsum("bd,bnd->bn", self.last_hidden(batch), self.projector(items).to(self.lm.dtype))
