@@ -263,3 +263,27 @@ def test_loadgen_help_and_a_bad_config_answer_instead_of_crashing(capsys):
 
     assert loadgen.main(["--help"]) == 0 and "CONFIG (JSON)" in capsys.readouterr().out
     assert loadgen.main(["{not json"]) == 2 and "CONFIG is not JSON" in capsys.readouterr().err
+
+
+def test_strong_reranker_renderer_shows_intervals_subsets_comparisons_and_a_plot(tmp_path, monkeypatch):
+    from pipelines.benchmarks import render
+
+    monkeypatch.setattr(render, "RESULTS", tmp_path)
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    m = {k: 0.1 for k in ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "ndcg@20", "hr@20", "mrr"]}
+    later = {"users": 5, "ndcg@10": 0.12, "retriever_ndcg@10": 0.1}
+    fusion = {"name": "fusion-mlp", "seed": 0, "features": ["retriever", "ease"], "metrics": {**m, "ndcg@10": 0.2},
+              "paired": {"ndcg@10": [0.02, 0.04], "mean_diff": 0.03, "better": 3, "worse": 1},
+              "later_than_history": {**later, "paired": {"ndcg@10": [0.01, 0.02]}}, "holdout_ndcg@10": 0.3, "seconds": 9}
+    result = {"benchmark": "rerankers_strong", "command": "c", "commit": "x", "date": "d", "machine": "m",
+              "protocol": "p", "labels": "tiny = built in code",
+              "rows": [{"name": "retriever-order", "seed": 0, "metrics": m, "later_than_history": later, "seconds": 60},
+                       fusion, {**fusion, "name": "end-to-end", "pipeline": "SASRec top-50 -> fusion-mlp (seed 0)"}],
+              "comparisons": [{"row": "fusion-mlp-without-ease-seed0", "against": "fusion-mlp-seed0",
+                               "ndcg@10": [-0.02, -0.01], "mean_diff": -0.015, "better": 1, "worse": 4}],
+              "candidate_recall": {"test": {"recall@50": 0.55}}}
+    text = "\n".join(render.render_rerankers_strong(result))
+    assert "| fusion-mlp | 0 | retriever, ease | 0.2000 |" in text and "+0.0200 to +0.0400" in text
+    assert "0.1200 vs 0.1000 (+0.0100 to +0.0200)" in text and "**end-to-end** (SASRec top-50 -> fusion-mlp" in text
+    assert "fusion-mlp-without-ease-seed0 minus fusion-mlp-seed0 -0.0150 (-0.0200 to -0.0100)" in text
+    assert "recall@50 0.5500" in text and (tmp_path / "rerankers_strong_paired.png").stat().st_size > 1000
