@@ -428,7 +428,7 @@ def render_rerankers_strong(result: dict) -> list[str]:
         ci = f"{p['ndcg@10'][0]:+.4f} to {p['ndcg@10'][1]:+.4f}" if p else ""
         later_cell = (f"{later['ndcg@10']:.4f} vs {later['retriever_ndcg@10']:.4f}"
                       + (f" ({later['paired']['ndcg@10'][0]:+.4f} to {later['paired']['ndcg@10'][1]:+.4f})"
-                         if "paired" in later else ""))
+                         if p and "paired" in later else ""))
         name = f"**{r['name']}** ({r['pipeline']})" if r["name"] == "end-to-end" else r["name"]
         out.append(f"| {name} | {r['seed']} | {', '.join(r.get('features', [])) or 'SASRec'} | {m['ndcg@10']:.4f} | "
                    f"{m['hr@10']:.4f} | {m['ndcg@5']:.4f} | {m['ndcg@20']:.4f} | {m['mrr']:.4f} | {ci} | "
