@@ -18,6 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from recsys.rerank.prompts import check_identifiers
+
+
+def identifier_ids(backbone, candidates: list[int], identifiers: str = "letters") -> torch.Tensor:
+    """(n,) token ids that name the window's candidates: ``A``.. or the candidates' item tokens."""
+    check_identifiers(backbone, identifiers)
+    if identifiers == "letters":
+        return backbone.identifier_ids(len(candidates))
+    return torch.tensor([backbone.token_id(f"<i{int(c)}>") for c in candidates])
+
 
 def first_scores(logits: torch.Tensor, identifier_ids: torch.Tensor) -> torch.Tensor:
     """logits (B, V) at the first answer position -> (B, n) scores of the n identifiers; identifier_ids

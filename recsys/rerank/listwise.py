@@ -22,9 +22,9 @@ import torch
 
 from recsys.llm.backbone import Backbone
 from recsys.precision import autocast
-from recsys.rerank.first import ListConstraint, first_scores
+from recsys.rerank.first import ListConstraint, first_scores, identifier_ids
 from recsys.rerank.parse import ParsedList, parse_ranking
-from recsys.rerank.prompts import identifier_ids, items_as_letters, listwise_prompt
+from recsys.rerank.prompts import items_as_letters, listwise_prompt
 from recsys.rerank.window import sliding_window_rerank
 
 

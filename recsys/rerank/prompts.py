@@ -41,7 +41,7 @@ def item_titles(dataset) -> dict[int, str]:
     return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
 
 
-def _check_identifiers(backbone: Backbone, identifiers: str) -> None:
+def check_identifiers(backbone: Backbone, identifiers: str) -> None:
     if identifiers not in IDENTIFIERS:
         raise RecsysError(f"identifiers must be one of {IDENTIFIERS}, got {identifiers!r}")
     if identifiers == "items" and backbone.name != "tiny":
@@ -51,7 +51,7 @@ def _check_identifiers(backbone: Backbone, identifiers: str) -> None:
 def listwise_prompt(backbone: Backbone, history: list[int], candidates: list[int], titles: dict[int, str] | None = None,
                     max_history: int = 20, identifiers: str = "letters") -> str:
     """The prompt text for one window. ``history`` / ``candidates``: item idx; ``titles``: idx -> text."""
-    _check_identifiers(backbone, identifiers)
+    check_identifiers(backbone, identifiers)
     kind = "tiny" if backbone.name == "tiny" else "text"
     t = templates()["tiny_items" if identifiers == "items" else kind]
     if kind == "text" and titles is None:
@@ -75,16 +75,6 @@ def answer_text(order: list[int], candidates: list[int] | None = None) -> str:
     ``candidates`` (item identifiers) the items' tokens instead: ``<i7>\\n<i3>\\n<i9>\\n<eor>``."""
     words = [LETTERS[i] for i in order] if candidates is None else [f"<i{candidates[i]}>" for i in order]
     return "".join(f"{w}\n" for w in words) + END
-
-
-def identifier_ids(backbone: Backbone, candidates: list[int], identifiers: str = "letters"):
-    """(n,) token ids that name the window's candidates: ``A``.. or the candidates' item tokens."""
-    import torch
-
-    _check_identifiers(backbone, identifiers)
-    if identifiers == "letters":
-        return backbone.identifier_ids(len(candidates))
-    return torch.tensor([backbone.token_id(f"<i{int(c)}>") for c in candidates])
 
 
 def items_as_letters(text: str, candidates: list[int]) -> str:

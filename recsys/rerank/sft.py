@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 from recsys.llm.backbone import Backbone
-from recsys.rerank.prompts import answer_text, identifier_ids, listwise_prompt
+from recsys.rerank.first import identifier_ids
+from recsys.rerank.prompts import answer_text, listwise_prompt
 
 
 @dataclass(frozen=True)
