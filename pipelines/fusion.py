@@ -25,7 +25,7 @@ from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
 from recsys.rerank.features import GROUPS, SideFeatures, requests_from_candidates
-from recsys.rerank.fusion import FusionConfig, FusionRanker, train_fusion
+from recsys.rerank.fusion import FusionConfig, FusionRanker, list_ranks, train_fusion
 
 ALL_GROUPS = tuple(GROUPS)
 LM_COLUMN = "lm_logit"
@@ -154,16 +154,6 @@ def load_fusion(model_dir, dataset: PreparedDataset) -> tuple[FusionRanker, Side
 
     meta = read_model_meta(model_dir, "features.json", dataset, "a fusion reranker")
     return FusionRanker.from_pretrained(model_dir), fit_side_features(dataset, meta["groups"], meta["ease_lambda"]), meta
-
-
-def list_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(R,) 0-based rank of the target when (R, L) ``scores`` order each list (ties: list position), ``inf``
-    where the list lacks it. Example: scores [[0.1, 0.9, 0.5]], targets [2] -> [1.0]."""
-    t = np.clip(targets, 0, None)
-    s_t = np.take_along_axis(scores, t[:, None], 1)
-    pos = np.arange(scores.shape[1])[None]
-    rank = ((scores > s_t) | ((scores == s_t) & (pos < t[:, None]))).sum(1).astype(np.float64)
-    return np.where(targets >= 0, rank, np.inf)
 
 
 def ranking_metrics(ranks: np.ndarray, metrics: list[str]) -> tuple[dict, np.ndarray]:

@@ -154,9 +154,12 @@ class SideFeatures:
         if "transitions" in groups:
             self.succ_keys, self.succ_weights = succession_counts(dataset.train_sequences(), n)
         if "recency" in groups:
-            order = np.lexsort((train["timestamp"].to_numpy(), items))
-            self.item_times = train["timestamp"].to_numpy()[order]
-            self.item_start = np.searchsorted(items[order], np.arange(n + 2))
+            # one sorted key per training interaction, item-major then time: a candidate's interactions in a
+            # time range are one contiguous run, counted with two searchsorted calls for the whole list
+            times = train["timestamp"].to_numpy().astype(np.int64)
+            self.time0 = int(times.min()) if len(times) else 0
+            self.time_span = int(times.max()) - self.time0 + 1 if len(times) else 1
+            self.item_time_keys = np.sort(items * self.time_span + (times - self.time0))
         if "demographics" in groups:
             try:
                 uf = dataset.user_features(["gender", "age"]).sort("uidx")
@@ -207,7 +210,8 @@ class SideFeatures:
                 top = s.max()
                 cols += [s - top, np.log1p(np.arange(len(c))), s - top - np.log(np.exp(s - top).sum())]
             elif g == "ease":
-                cols += [zscore(self.ease[h].sum(0)[c]), zscore(self.ease[h[-10:]].sum(0)[c])]
+                block = self.ease[np.ix_(h, c)]                                  # (history, L): only the candidates
+                cols += [zscore(block.sum(0)), zscore(block[-10:].sum(0))]
             elif g == "transitions":
                 w = sum(weight * lookup(self.succ_keys, self.succ_weights, prev * (self.n_items + 1) + c)
                         for prev, weight in zip(h[::-1][:2], (1.0, 0.5)))
@@ -215,11 +219,12 @@ class SideFeatures:
             elif g == "popularity":
                 cols.append(np.log1p(self.popularity[c]))
             elif g == "recency":
-                lo, hi = self.item_start[c], self.item_start[c + 1]
-                times = self.item_times
-                recent = [np.searchsorted(times[a:b], r.time, "left") - np.searchsorted(times[a:b], r.time - RECENT_SECONDS)
-                          for a, b in zip(lo, hi)]
-                cols.append(np.log1p(np.asarray(recent, dtype=np.float64)))
+                def key(t: int) -> np.ndarray:      # first key at or after time t of each candidate, clipped to its run
+                    return c * self.time_span + np.clip(t - self.time0, 0, self.time_span)
+
+                recent = np.searchsorted(self.item_time_keys, key(r.time)) - np.searchsorted(
+                    self.item_time_keys, key(r.time - RECENT_SECONDS))
+                cols.append(np.log1p(recent.astype(np.float64)))
             elif g == "demographics":
                 cols.append(self.lift[self.user_group[r.uidx], c])
             elif g == "genres":

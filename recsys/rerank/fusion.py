@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from recsys.errors import RecsysError
+from recsys.metrics import ndcg
 
 
 @dataclass(frozen=True)
@@ -78,18 +79,21 @@ class FusionRanker(torch.nn.Module):
         return model
 
 
-def ndcg10_at(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """(B,) NDCG@10 of the target at position ``target`` (-1 = absent: 0) when (B, L) ``scores`` order the
-    list; ties broken by list position (the retriever's order).
+def list_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """(R,) 0-based rank of the target when (R, L) ``scores`` order each list (ties: list position), ``inf``
+    where the list lacks it (target -1). Example: scores [[0.1, 0.9, 0.5]], targets [2] -> [1.0]."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    t = np.clip(targets, 0, None)
+    s_t = np.take_along_axis(scores, t[:, None], 1)
+    pos = np.arange(scores.shape[1])[None]
+    rank = ((scores > s_t) | ((scores == s_t) & (pos < t[:, None]))).sum(1).astype(np.float64)
+    return np.where(targets >= 0, rank, np.inf)
 
-    Example: scores [[0.1, 0.9, 0.5]], target [2] -> rank 1 -> 1 / log2(3) = 0.6309."""
-    L = scores.shape[1]
-    t = target.clamp(min=0)
-    s_t = scores.gather(1, t[:, None])
-    pos = torch.arange(L, device=scores.device)[None]
-    rank = ((scores > s_t) | ((scores == s_t) & (pos < t[:, None]))).sum(1)
-    gain = 1.0 / torch.log2(rank.float() + 2.0)
-    return torch.where((target >= 0) & (rank < 10), gain, torch.zeros_like(gain))
+
+def ndcg10(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Mean NDCG@10 of one target per list (:func:`list_ranks`, :func:`recsys.metrics.ndcg`)."""
+    ranks = list_ranks(scores, targets)[:, None]
+    return float(ndcg(ranks, np.ones_like(ranks), 10).mean())
 
 
 def train_fusion(features: np.ndarray, targets: np.ndarray, names: list[str], config: FusionConfig = FusionConfig(),
@@ -102,6 +106,7 @@ def train_fusion(features: np.ndarray, targets: np.ndarray, names: list[str], co
                           f"{len(targets)} targets")
     g = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
+    targets = np.asarray(targets)
     X, y = torch.as_tensor(features, dtype=torch.float32), torch.as_tensor(targets, dtype=torch.long)
     order = torch.randperm(len(X), generator=g)
     n_hold = round(config.holdout * len(X))
@@ -125,7 +130,7 @@ def train_fusion(features: np.ndarray, targets: np.ndarray, names: list[str], co
             opt.step()
         model.eval()
         with torch.no_grad():
-            score = ndcg10_at(model(X[hold]), y[hold]).mean().item()
+            score = ndcg10(model(X[hold]).numpy(), targets[hold.numpy()])
         curve.append(round(score, 5))
         if score > best:
             best, best_epoch = score, epoch
@@ -135,7 +140,7 @@ def train_fusion(features: np.ndarray, targets: np.ndarray, names: list[str], co
     model.load_state_dict(best_state)
     model.eval()
     with torch.no_grad():
-        retriever = ndcg10_at(-torch.arange(X.shape[1], dtype=torch.float32).expand(len(hold), -1), y[hold]).mean().item()
+        retriever = ndcg10(-np.arange(X.shape[1], dtype=np.float64)[None].repeat(len(hold), 0), targets[hold.numpy()])
     return model, {"holdout_ndcg@10": best, "holdout_retriever_ndcg@10": retriever, "best_epoch": best_epoch,
                    "curve": curve, "lists": len(X), "fit_lists": len(fit), "holdout_lists": len(hold),
                    "config": asdict(config)}
