@@ -66,8 +66,8 @@ class HybridTrainConfig:
     """LoRA rank on every linear layer (peft); 0 = train the kept layers in full."""
     identifiers: str = "items"
     """How FIRST names a candidate: ``items`` (its own soft token is its output row; the last hidden state is
-    scored against it) or ``letters`` (A, B, ...: the model must learn to point from a letter to the item; at
-    chance, 0.225 validation NDCG@10, after 4,000 windows with SmolLM2's first 4 layers)."""
+    scored against it) or ``letters`` (A, B, ...: the model must first learn to point from a letter to the
+    item, which SmolLM2's first 4 layers had not after 4,000 windows)."""
     window: int = 20
     max_history: int = 20
     random_negatives: float = 0.5

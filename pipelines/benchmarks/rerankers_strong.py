@@ -302,7 +302,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                     "scorer": f"FIRST over the top-{w} minus the retriever prior chosen on {PRIOR_USERS} validation "
                               "users (the rest in the retriever's order)", "backbone": "SmolLM2-135M, first "
                     f"{config.keep_layers} layers, {'pretrained' if pretrained else 'random init'}",
-                    "best_val_cand_ndcg@10": trained["best_val_cand_ndcg@10"], "train_windows_seen": trained.get("epochs"),
+                    "best_val_cand_ndcg@10": trained["best_val_cand_ndcg@10"], "epochs": trained.get("epochs"),
                     **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later),
                     "seconds": trained["seconds"]}
 
