@@ -49,12 +49,23 @@ def cmd_fetch(a):
     fetch_dataset(a.dataset, a.from_path, force=a.force)
 
 
+COLUMN_ARGS = ("user_col", "item_col", "time_col", "rating_col", "min_rating", "items", "item_id_col", "title_col",
+               "text_cols", "category_col", "users", "user_id_col", "feature_cols", "format")
+"""``recsys data prepare`` options that map your own table's columns (:class:`recsys.data.ColumnMap`)."""
+
+
 def cmd_prepare(a):
-    from recsys.data import PrepareConfig, load_dataset, prepare
+    from recsys.data import ColumnMap, PrepareConfig, load_dataset, prepare
 
     config = PrepareConfig(split=a.split, min_user_interactions=a.min_user_interactions,
                            min_item_interactions=a.min_item_interactions, tie_break=a.tie_break, seed=a.seed)
-    raw = load_dataset(a.dataset, on_duplicates="drop" if a.drop_duplicates else None)
+    given = {k: getattr(a, k) for k in COLUMN_ARGS}
+    for k in ("text_cols", "feature_cols"):
+        if isinstance(given[k], str):
+            given[k] = tuple(c.strip() for c in given[k].split(",") if c.strip())
+    columns = ColumnMap(**given)
+    raw = load_dataset(a.dataset, columns if columns != ColumnMap() else None,
+                       on_duplicates="drop" if a.drop_duplicates else None, log=lambda m: print(m, file=sys.stderr))
     ds = prepare(raw, a.out, config)
     print(json.dumps({"out": str(ds.directory), "fingerprint": ds.fingerprint, **ds.manifest["counts"]}, indent=2))
 
@@ -370,9 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_fetch)
 
     pr = data.add_parser("prepare", help="split a dataset and write parquet + manifest",
-                         description="Read a dataset (a name fetched on demand, or a directory in RecBole or "
-                                     "GroupLens layout), filter, split, index, and write it to --out.")
-    pr.add_argument("dataset", help="ml-1m, ml-100k, or a directory of dataset files")
+                         description="Read a dataset (a name fetched on demand, a MovieLens directory in RecBole or "
+                                     "GroupLens layout, or your own CSV/TSV/Parquet/JSON Lines file or directory of "
+                                     "part files with its columns named below), filter, split, index, and write it "
+                                     "to --out.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("dataset", help="ml-1m, ml-100k, a MovieLens directory, or your interactions file / directory")
     pr.add_argument("--out", required=True, help="output directory of the prepared dataset")
     pr.add_argument("--split", choices=["loo", "temporal"], default="loo",
                     help="leave-one-out by time (default) or global temporal cut")
@@ -383,6 +396,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the hash tie-break")
     pr.add_argument("--drop-duplicates", action="store_true",
                     help="keep the first of repeated (user, item, timestamp) rows instead of failing")
+    own = pr.add_argument_group("your own data (a file or a directory of part files)")
+    own.add_argument("--format", choices=["csv", "tsv", "parquet", "jsonl"], help="every file's format (None: from "
+                     "each file's extension)")
+    own.add_argument("--user-col", default="user_id", help="interactions: user id column")
+    own.add_argument("--item-col", default="item_id", help="interactions: item id column")
+    own.add_argument("--time-col", default="timestamp", help="interactions: time column, Unix s/ms/us/ns or ISO-8601 "
+                     "(detected)")
+    own.add_argument("--rating-col", help="interactions: rating column, kept as explicit feedback")
+    own.add_argument("--min-rating", type=float, help="keep only interactions rated at least this")
+    own.add_argument("--items", metavar="PATH", help="item file or directory (None: every item titled by its id)")
+    own.add_argument("--item-id-col", default="item_id", help="items: id column")
+    own.add_argument("--title-col", help="items: title column (None: 'title' if the file has it)")
+    own.add_argument("--text-cols", metavar="A,B", default="", help="items: more text for encoders and prompts")
+    own.add_argument("--category-col", help="items: categories, a list or text split on '|'")
+    own.add_argument("--users", metavar="PATH", help="user feature file or directory")
+    own.add_argument("--user-id-col", default="user_id", help="users: id column")
+    own.add_argument("--feature-cols", metavar="A,B", help="users: feature columns (None: all but the id)")
     pr.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True,

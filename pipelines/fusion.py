@@ -38,8 +38,12 @@ class FusionTrainConfig:
     features: tuple[str, ...] = ALL_GROUPS
     """Feature groups (:data:`recsys.rerank.features.GROUPS`)."""
     lm: str | None = None
-    """A trained listwise reranker with item-token identifiers (``RUN/model``): its FIRST logit of each
-    candidate (the model alone, no retriever prior) joins the features as ``lm_logit``."""
+    """A trained item-token FIRST model (``RUN/model`` of a listwise reranker with ``identifiers: items``, or
+    of a hybrid-token reranker): its logit of each candidate (the model alone, no retriever prior) joins the
+    features as ``lm_logit``."""
+    lm_depth: int | None = None
+    """Show the LM only the top ``lm_depth`` candidates (its cost grows with them); the rest take the list's
+    lowest LM logit. None: all ``depth``."""
     depth: int = 50
     """Candidates reranked per list (the top ``depth`` of the candidates file)."""
     train_split: str = "valid"
@@ -67,12 +71,24 @@ def fit_side_features(dataset: PreparedDataset, groups: list[str], ease_lambda: 
     return SideFeatures.fit(dataset, groups, ease_lambda, vectors)
 
 
-def lm_logits(dataset: PreparedDataset, lm_dir: str | Path, requests, window: int = 20,
-              batch_size: int = 32) -> np.ndarray:
-    """(R, L) FIRST logits of every candidate under a listwise item-token reranker (no retriever prior),
-    scored in windows of ``window`` candidates: [0, w), [w, 2w), ..., the last window ending at L (it
-    overlaps the one before; the overlapped candidates keep their earlier logit). An item token's logit
-    at the answer position is the model's score for that item as the next one, comparable across windows."""
+def window_scorer(dataset: PreparedDataset, lm_dir: str | Path, window: int):
+    """``score(histories, candidate lists) -> list of (n,) numpy scores`` of a trained item-token FIRST model
+    (no retriever prior): a listwise reranker run's model, or a hybrid-token one (``hybrid.json``,
+    :mod:`pipelines.hybrid`). Both score a candidate by its own item row, so scores compare across windows."""
+    if (Path(lm_dir) / "hybrid.json").exists():
+        import torch
+
+        from pipelines.hybrid import Window, load_hybrid, window_scores
+        from recsys.rerank.prompts import item_titles
+
+        model, config = load_hybrid(lm_dir, dataset)
+        titles = item_titles(dataset) if config.title_words != 0 else None
+
+        def hybrid(histories, cands):
+            with torch.no_grad():
+                w = [Window([int(x) for x in h[-config.max_history:]], c, -1) for h, c in zip(histories, cands)]
+                return list(window_scores(model, w, titles, config).float().numpy())
+        return hybrid
     from pipelines.reranker import load_reranker
 
     scorer = load_reranker(lm_dir, dataset, window=window)
@@ -80,24 +96,44 @@ def lm_logits(dataset: PreparedDataset, lm_dir: str | Path, requests, window: in
         raise RecsysError(f"{lm_dir}: the fusion reads item-token FIRST logits; this reranker names candidates "
                           f"by {scorer.identifiers}")
     scorer.retriever_prior = 0.0
-    L = len(requests[0].candidates)
-    starts = sorted({min(s, max(L - window, 0)) for s in range(0, L, window)})
-    out = np.zeros((len(requests), L), dtype=np.float32)
-    done = np.zeros(L, dtype=bool)
-    for s in starts:
-        cols = [j for j in range(s, min(s + window, L)) if not done[j]]
-        for i in range(0, len(requests), batch_size):
-            chunk = requests[i:i + batch_size]
-            scores = scorer.first_scores([r.history for r in chunk], [[int(c) for c in r.candidates[s:s + window]]
-                                                                      for r in chunk])
-            for k, sc in enumerate(scores):
-                out[i + k, cols] = sc.numpy()[[j - s for j in cols]]
-        done[cols] = True
+    return lambda histories, cands: [s.numpy() for s in scorer.first_scores(list(histories), cands)]
+
+
+def fill_unscored(scores: np.ndarray, length: int) -> np.ndarray:
+    """(R, length) from (R, k <= length) scores of each list's first k candidates: the rest take their
+    list's lowest score (the LM ranks them no higher than anything it saw)."""
+    out = np.repeat(scores.min(1, keepdims=True), length, 1).astype(np.float32)
+    out[:, :scores.shape[1]] = scores
     return out
 
 
+def lm_logits(dataset: PreparedDataset, lm_dir: str | Path, requests, window: int = 20,
+              depth: int | None = None, batch_size: int = 32) -> np.ndarray:
+    """(R, L) FIRST logits of every candidate under an item-token model (:func:`window_scorer`), scored in
+    windows of ``window`` candidates in the retriever's order: [0, w), [w, 2w), ..., the last window ending
+    at ``depth`` (all L by default; it overlaps the one before, whose logits the overlapped candidates
+    keep). Candidates past ``depth`` are not shown to the LM (:func:`fill_unscored`). An item row's logit at
+    the answer position is the model's score for that item as the next one, comparable across windows."""
+    score = window_scorer(dataset, lm_dir, window)
+    L = len(requests[0].candidates)
+    D = min(depth or L, L)
+    starts = sorted({min(s, max(D - window, 0)) for s in range(0, D, window)})
+    out = np.zeros((len(requests), D), dtype=np.float32)
+    done = np.zeros(D, dtype=bool)
+    for s in starts:
+        cols = [j for j in range(s, min(s + window, D)) if not done[j]]
+        for i in range(0, len(requests), batch_size):
+            chunk = requests[i:i + batch_size]
+            scores = score([r.history for r in chunk], [[int(c) for c in r.candidates[s:min(s + window, D)]]
+                                                        for r in chunk])
+            for k, sc in enumerate(scores):
+                out[i + k, cols] = np.asarray(sc)[[j - s for j in cols]]
+        done[cols] = True
+    return fill_unscored(out, L)
+
+
 def feature_lists(dataset: PreparedDataset, candidates_dir, split: str, side: SideFeatures, depth: int,
-                  lm: str | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                  lm: str | None = None, lm_depth: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(R, depth, F) features of every list of ``candidates_<split>.parquet``, (R,) the target's position
     (-1 if the retriever missed it) and the column names."""
     from pipelines.reranker import load_candidates
@@ -110,7 +146,7 @@ def feature_lists(dataset: PreparedDataset, candidates_dir, split: str, side: Si
     features = side.transform_many(requests)
     names = list(side.names)
     if lm:
-        features = np.concatenate([features, lm_logits(dataset, lm, requests)[..., None]], -1)
+        features = np.concatenate([features, lm_logits(dataset, lm, requests, depth=lm_depth)[..., None]], -1)
         names.append(LM_COLUMN)
     targets = np.asarray([int(np.flatnonzero(r.candidates == t)[0]) if t in r.candidates else -1
                           for r, t in zip(requests, rows["target"].to_list())])
@@ -124,7 +160,8 @@ def train_fusion_reranker(dataset: PreparedDataset, candidates_dir, out, config:
     out = Path(out)
     start = time.time()
     side = fit_side_features(dataset, list(config.features), config.ease_lambda)
-    features, targets, names = feature_lists(dataset, candidates_dir, config.train_split, side, config.depth, config.lm)
+    features, targets, names = feature_lists(dataset, candidates_dir, config.train_split, side, config.depth, config.lm,
+                                             config.lm_depth)
     return fit_fusion(dataset, features, targets, names, out, config, start, str(candidates_dir), log)
 
 
@@ -137,7 +174,8 @@ def fit_fusion(dataset: PreparedDataset, features: np.ndarray, targets: np.ndarr
     model, summary = train_fusion(features, targets, names, config.scorer)
     model.save_pretrained(out / "model")
     (out / "model" / "features.json").write_text(json.dumps(
-        {"groups": list(config.features), "ease_lambda": config.ease_lambda, "lm": config.lm, "depth": config.depth,
+        {"groups": list(config.features), "ease_lambda": config.ease_lambda, "lm": config.lm, "lm_depth": config.lm_depth,
+         "depth": config.depth,
          "dataset_fingerprint": dataset.fingerprint}, indent=2))
     summary |= {"seconds": round(time.time() - start, 1), "config": dataclasses.asdict(config),
                 "dataset_fingerprint": dataset.fingerprint, "candidates": candidates}
@@ -170,7 +208,8 @@ def evaluate_fusion(dataset: PreparedDataset, model_dir, candidates_dir, split: 
     """Rerank ``split``'s lists with a fusion run; metrics of the reranked and the retriever's order,
     and the per-user NDCG@10 of both (``per_user``, for a paired bootstrap)."""
     model, side, meta = load_fusion(model_dir, dataset)
-    features, targets, _ = feature_lists(dataset, candidates_dir, split, side, meta["depth"], meta["lm"])
+    features, targets, _ = feature_lists(dataset, candidates_dir, split, side, meta["depth"], meta["lm"],
+                                        meta.get("lm_depth"))
     after, after_users = ranking_metrics(list_ranks(model.score(features), targets), metrics)
     before, before_users = ranking_metrics(np.where(targets >= 0, targets, np.inf).astype(np.float64), metrics)
     return {"reranked": after, "retriever": before, "per_user": {"reranked": after_users, "retriever": before_users}}

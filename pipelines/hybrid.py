@@ -275,21 +275,3 @@ def load_hybrid(model_dir, dataset: PreparedDataset):
         raise RecsysError(f"{model_dir}: weights do not match the model ({len(missing)} missing, {len(unexpected)} "
                           "unexpected)")
     return model.eval(), config
-
-
-@torch.no_grad()
-def hybrid_logits(model, config: HybridTrainConfig, dataset: PreparedDataset, requests, batch_size: int = 16,
-                  progress: bool = False) -> np.ndarray:
-    """(R, window) FIRST logits of each request's top-``window`` candidates, presented in the retriever's order
-    (``requests``: :class:`recsys.rerank.features.Request`)."""
-    from tqdm.auto import tqdm
-
-    from recsys.rerank.prompts import item_titles
-
-    titles = item_titles(dataset) if config.title_words != 0 else None
-    out = []
-    for i in tqdm(range(0, len(requests), batch_size), desc="hybrid scores", disable=not progress):
-        chunk = [Window([int(h) for h in r.history[-config.max_history:]], [int(c) for c in r.candidates[:config.window]],
-                        -1) for r in requests[i:i + batch_size]]
-        out.append(window_scores(model, chunk, titles, config).float().numpy())
-    return np.concatenate(out)

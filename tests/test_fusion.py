@@ -161,9 +161,9 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     lm.model.save_pretrained(tmp_path / "lm")
     lm.tokenizer.save_pretrained(tmp_path / "lm")
     kwargs = {"dataset": str(source), "sasrec_overrides": {"max_epochs": 2, "model.hidden_size": 16, "model.max_len": 20},
-                  "lm_overrides": {"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
-                                "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
-                  "lm_seeds": (0,), "depth": 10,
+              "lm_overrides": {"max_epochs": 1, "window": 10, "max_history": 10, "val_users": 10, "batch_size": 8,
+                               "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
+              "lm_seeds": (0,), "depth": 10,
               "groups": tuple(g for g in GROUPS if g != "text"),
               "hybrid_overrides": {"backbone": str(tmp_path / "lm"), "keep_layers": 1, "window": 10, "max_history": 10,
                                    "examples_per_epoch": 16, "batch_size": 4, "val_users": 10, "max_epochs": 1,
@@ -174,7 +174,7 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     assert names[0] == "retriever-order" and names[-1] == "end-to-end"
     assert {"fusion-mlp", "fusion-linear", "fusion-retriever-only", "fusion-mlp-without-ease", "fusion-retriever+recency",
             "listwise-tiny-items", "fusion-mlp+lm", "fusion-retriever+lm", "hybrid-smollm2",
-            "hybrid-smollm2-scratch"} <= set(names)
+            "hybrid-smollm2-scratch", "fusion-retriever+smollm2", "fusion-mlp+smollm2-scratch"} <= set(names)
     for r in result["rows"][1:]:
         low, high = r["paired"]["ndcg@10"]
         assert low <= r["paired"]["mean_diff"] <= high
@@ -183,6 +183,7 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     compared = {(c["row"], c["against"]) for c in result["comparisons"]}
     assert ("fusion-mlp-without-ease-seed0", "fusion-mlp-seed0") in compared
     assert ("fusion-mlp+lm-seed0", "fusion-mlp-seed0") in compared
+    assert ("fusion-retriever+smollm2-seed0", "fusion-retriever+smollm2-scratch-seed0") in compared
     lines.clear()
     run(tmp_path / "art", log=lines.append, **kwargs)
     ran = [line for line in lines if line.endswith("running ...")]

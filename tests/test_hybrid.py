@@ -136,12 +136,13 @@ def hybrid_setup(tmp_path_factory):
 
 
 def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_path):
+    from pipelines.fusion import lm_logits
     from pipelines.hybrid import (
         HybridTrainConfig,
         Window,
-        hybrid_logits,
         load_hybrid,
         train_hybrid,
+        window_scores,
     )
     from pipelines.reranker import load_candidates
     from recsys.rerank.features import requests_from_candidates
@@ -156,11 +157,19 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
     model, loaded_config = load_hybrid(model_dir, ds)
     assert loaded_config == config and len(model._decoder().layers) == 1
     requests = requests_from_candidates(ds, load_candidates(root / "cands", "test").head(3))
-    logits = hybrid_logits(model, config, ds, requests)
-    again = hybrid_logits(load_hybrid(model_dir, ds)[0], config, ds, requests)
-    assert logits.shape == (3, 10) and np.allclose(logits, again, atol=1e-5)
+    with torch.no_grad():
+        direct = window_scores(model, [Window(list(r.history[-10:]), [int(c) for c in r.candidates], -1)
+                                       for r in requests], None, config).numpy()
+    logits = lm_logits(ds, model_dir, requests, window=10)
+    assert logits.shape == (3, 10) and np.allclose(logits, direct, atol=1e-5)
     assert not np.allclose(logits[:, 0], logits[:, 1])
-    assert Window([1], [2, 3], 1).target == 1
+    # Windows of 4 over the top 6 ([0, 4) then [2, 6)); the last 4 candidates are not shown to the LM.
+    part = lm_logits(ds, model_dir, requests, window=4, depth=6)
+    with torch.no_grad():
+        second = window_scores(model, [Window(list(r.history[-10:]), [int(c) for c in r.candidates[2:6]], -1)
+                                       for r in requests], None, config).numpy()
+    assert np.allclose(part[:, 4:6], second[:, 2:], atol=1e-5)
+    assert np.allclose(part[:, 6:], part[:, :6].min(1, keepdims=True))
 
 
 def test_scratch_control_has_the_architecture_but_not_the_weights(hybrid_setup):

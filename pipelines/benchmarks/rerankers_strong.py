@@ -115,16 +115,12 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         LM_COLUMN,
         FusionTrainConfig,
         feature_lists,
+        fill_unscored,
         fit_fusion,
         fit_side_features,
         lm_logits,
     )
-    from pipelines.hybrid import (
-        HybridTrainConfig,
-        hybrid_logits,
-        load_hybrid,
-        train_hybrid,
-    )
+    from pipelines.hybrid import HybridTrainConfig, train_hybrid
     from pipelines.quickstart import Stages
     from pipelines.reranker import RerankerSFTConfig, load_candidates, train_reranker
     from pipelines.retrieval import candidates
@@ -195,9 +191,10 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         return [names.index(c) for g in groups for c in GROUPS[g]] + ([len(names)] if lm else [])
 
     def fusion_row(name: str, groups, hidden: int = 32, row_seed: int = 0, lm: str | None = None,
-                   lm_cols: dict | None = None) -> dict:
+                   lm_depth: int | None = None, lm_cols: dict | None = None) -> dict:
+        """A fusion scorer over ``groups`` (and the LM logits ``lm_cols`` of the model ``lm``, if given)."""
         config = FusionTrainConfig(features=tuple(groups), scorer=FusionConfig(hidden=hidden, seed=row_seed), lm=lm,
-                                   depth=depth)
+                                   lm_depth=lm_depth, depth=depth)
         run_dir = runs / f"{name}-seed{row_seed}"
 
         def train_and_test():
@@ -285,15 +282,26 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         trained = stages.run(f"{name}-seed0", base | {"config": config.__dict__}, train)
         logit_file = runs / f"{name}-logits-seed0.npz"
 
+        def top_window(requests) -> np.ndarray:
+            """(R, window) the LM's logits of each list's top ``window`` (presented in the retriever's order)."""
+            w = config.window
+            return lm_logits(ds, run_dir / "model", requests, window=w, depth=w)[:, :w]
+
         def logits():
-            model, _ = load_hybrid(run_dir / "model", ds)
-            reqs = {"valid": requests_from_candidates(ds, load_candidates(cands, "valid").head(PRIOR_USERS), depth),
-                    "test": test_requests}
-            np.savez(logit_file, **{k: hybrid_logits(model, config, ds, v) for k, v in reqs.items()})
+            valid = requests_from_candidates(ds, load_candidates(cands, "valid").head(PRIOR_USERS), depth)
+            np.savez(logit_file, valid=top_window(valid), test=top_window(test_requests))
             return str(logit_file)
 
         stages.run(f"{name}-logits-seed0", base | {"trained": trained}, logits)
         got = dict(np.load(logit_file))
+        valid_file = runs / f"{name}-valid-logits-seed0.npy"
+
+        def valid_logits():               # every validation list: the fusion rows train on them
+            np.save(valid_file, top_window(requests_from_candidates(ds, load_candidates(cands, "valid"), depth)))
+            return str(valid_file)
+
+        stages.run(f"{name}-valid-logits-seed0", base | {"trained": trained}, valid_logits)
+        as_feature = {"valid": fill_unscored(np.load(valid_file), depth), "test": fill_unscored(got["test"], depth)}
 
         def evaluate():
             w = config.window
@@ -306,7 +314,11 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                     **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later),
                     "seconds": trained["seconds"]}
 
-        return [stages.run(f"{name}-eval-seed0", base | {"trained": trained}, evaluate)]
+        lm = {"lm": str(run_dir / "model"), "lm_depth": config.window, "lm_cols": as_feature}
+        short = name.removeprefix("hybrid-")
+        return [stages.run(f"{name}-eval-seed0", base | {"trained": trained}, evaluate),
+                fusion_row(f"fusion-retriever+{short}", ["retriever"], **lm),
+                fusion_row(f"fusion-mlp+{short}", everything, **lm)]
 
     for s in lm_seeds[:1]:
         rows += lm_rows(s)
@@ -325,6 +337,10 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     pairs = [(f"fusion-mlp-without-{g}-seed0", "fusion-mlp-seed0") for g in everything[1:]]
     pairs += [p for s in lm_seeds for p in ((f"fusion-mlp+lm-seed{s}", f"fusion-mlp-seed{s}"),
                                               (f"fusion-retriever+lm-seed{s}", "fusion-retriever-only-seed0"))]
+    for short in ("smollm2", "smollm2-scratch"):
+        pairs += [(f"fusion-retriever+{short}-seed0", "fusion-retriever-only-seed0"),
+                  (f"fusion-mlp+{short}-seed0", "fusion-mlp-seed0")]
+    pairs += [(f"fusion-{kind}+smollm2-seed0", f"fusion-{kind}+smollm2-scratch-seed0") for kind in ("retriever", "mlp")]
     comparisons = [c for c in (compare(a, b) for a, b in pairs) if c]
 
     learned = [r for r in rows if "holdout_ndcg@10" in r]

@@ -38,7 +38,7 @@ class RawDataset:
     the source has no user file."""
 
 
-def _user_features(df: pl.DataFrame, path: Path) -> pl.DataFrame:
+def user_features_table(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     """Every column as text, ``user_id`` first and unique (a repeated id is an error naming the file)."""
     df = df.select(pl.col(c).cast(pl.String).str.strip_chars() for c in df.columns)
     repeated = df["user_id"].is_duplicated()
@@ -100,7 +100,7 @@ def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") ->
     user_path, users = directory / f"{name}.user", None
     if user_path.exists():
         users = _read_text_table(user_path, "\t")
-        users = _user_features(users.rename({c: c.split(":")[0] for c in users.columns}), user_path)
+        users = user_features_table(users.rename({c: c.split(":")[0] for c in users.columns}), user_path)
     return RawDataset(name, inter, catalog, f"recbole:{directory}", users)
 
 
@@ -119,7 +119,7 @@ def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: st
     })
     users_path, users = directory / "users.dat", None
     if users_path.exists():
-        users = _user_features(_read_text_table(users_path, "::", ["user_id", "gender", "age", "occupation",
+        users = user_features_table(_read_text_table(users_path, "::", ["user_id", "gender", "age", "occupation",
                                                                    "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(movies_path), on_duplicates=on_duplicates),
                       f"grouplens:{directory}", users)
@@ -142,7 +142,7 @@ def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates
     })
     users_path, users = directory / "u.user", None
     if users_path.exists():
-        users = _user_features(_read_text_table(users_path, "|", ["user_id", "age", "gender", "occupation",
+        users = user_features_table(_read_text_table(users_path, "|", ["user_id", "age", "gender", "occupation",
                                                                   "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates),
                       f"grouplens:{directory}", users)

@@ -11,6 +11,8 @@ a traceback from deep inside polars.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import polars as pl
 
 from recsys.errors import DataError
@@ -26,13 +28,24 @@ def require_columns(df: pl.DataFrame, required: list[str] | tuple[str, ...], sou
         raise DataError(f"{source}: missing column(s) {missing}; found {df.columns}")
 
 
+Locate = Callable[[int], str]
+"""Where a 0-based row of a frame is in its source, for messages: ``row -> "line 12"``."""
+
+
+def lines_after(header_lines: int) -> Locate:
+    """The 1-based line of a row in a text file with ``header_lines`` lines before the first row."""
+    return lambda row: f"line {row + 1 + header_lines}"
+
+
 def cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, source: str, *, header_lines: int = 1,
-                nullable: bool = False) -> pl.DataFrame:
+                nullable: bool = False, locate: Locate | None = None) -> pl.DataFrame:
     """Cast one text column to ``dtype``; name the first line that does not parse (or is empty).
 
-    ``header_lines`` converts a 0-based row index into the 1-based line number of the file.
+    ``header_lines`` converts a 0-based row index into the 1-based line number of the file (``locate``, if
+    given, names the place instead: a row of a Parquet file, a line of one part of several).
     Floats written as integers (``978300760.0``) are accepted for integer columns.
     """
+    locate = locate or lines_after(header_lines)
     raw = df[column]
     text = raw.str.strip_chars() if raw.dtype == pl.String else raw
     empty = text.is_null() | (text == "") if raw.dtype == pl.String else raw.is_null()
@@ -51,27 +64,28 @@ def cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, source: str, 
         row = int(failed.arg_max())
         value = raw[row]
         what = "is empty" if value is None or str(value).strip() == "" else f"has {value!r}"
-        raise DataError(f"{source}: column '{column}' line {row + 1 + header_lines} {what}; expected {dtype}")
+        raise DataError(f"{source}: column '{column}' {locate(row)} {what}; expected {dtype}")
     return df.with_columns(cast.alias(column))
 
 
 def validate_interactions(df: pl.DataFrame, source: str, *, header_lines: int = 1,
-                          on_duplicates: str = "error") -> pl.DataFrame:
+                          on_duplicates: str = "error", locate: Locate | None = None) -> pl.DataFrame:
     """Check and convert a raw interaction frame into the contract above.
 
     ``on_duplicates``: what to do with rows that repeat the same (user, item, timestamp):
     ``"error"`` (default) or ``"drop"`` (keep the first). Repeats at different times are kept:
-    they are real repeat consumption.
+    they are real repeat consumption. ``header_lines`` / ``locate``: as in :func:`cast_column`.
     """
+    locate = locate or lines_after(header_lines)
     if df.height == 0:
         raise DataError(f"{source}: no interactions (the file has a header but no rows)")
     require_columns(df, ["user_id", "item_id", "timestamp"], source)
     if "rating" not in df.columns:
         df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias("rating"))
     for col in ("user_id", "item_id"):
-        df = cast_column(df, col, pl.String, source, header_lines=header_lines)
-    df = cast_column(df, "timestamp", pl.Int64, source, header_lines=header_lines)
-    df = cast_column(df, "rating", pl.Float32, source, header_lines=header_lines, nullable=True)
+        df = cast_column(df, col, pl.String, source, locate=locate)
+    df = cast_column(df, "timestamp", pl.Int64, source, locate=locate)
+    df = cast_column(df, "rating", pl.Float32, source, locate=locate, nullable=True)
     df = df.select(list(INTERACTION_SCHEMA))
     dup = ~df.select(pl.struct("user_id", "item_id", "timestamp").is_first_distinct()).to_series()  # repeats only
     if dup.any():
@@ -81,7 +95,7 @@ def validate_interactions(df: pl.DataFrame, source: str, *, header_lines: int = 
             raise ValueError(f"on_duplicates must be 'error' or 'drop', got {on_duplicates!r}")
         row = int(dup.arg_max())
         r = df.row(row, named=True)
-        raise DataError(f"{source}: duplicate interaction at line {row + 1 + header_lines} "
+        raise DataError(f"{source}: duplicate interaction at {locate(row)} "
                         f"(user_id={r['user_id']!r}, item_id={r['item_id']!r}, timestamp={r['timestamp']}); "
                         f"{int(dup.sum())} rows repeat an earlier (user, item, timestamp). "
                         "Pass --drop-duplicates to keep the first of each.")
