@@ -267,6 +267,7 @@ def cmd_recommend(a):
     model_dir = Path(a.model)
     model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
     names = ds.item_ids(np.arange(1, ds.n_items + 1))
+    titles = dict(zip(ds.catalog["item_id"].cast(str).to_list(), ds.catalog["title"].to_list()))
     if (model_dir / "generative.json").exists():
         from pipelines.generative import load_for
         from recsys.generative.decoding import recommend_batch
@@ -274,7 +275,8 @@ def cmd_recommend(a):
         model = load_for(ds, model_dir).eval()
         out = recommend_batch(model, [q for _, q in queries], a.k, a.beam)
         for (who, _), items, scores in zip(queries, out.items.tolist(), out.scores.tolist()):
-            print(json.dumps({"query": who, "items": [{"item_id": names[i - 1], "score": round(s, 4)}
+            print(json.dumps({"query": who, "items": [{"item_id": names[i - 1], "score": round(s, 4),
+                                                       "title": titles.get(str(names[i - 1]))}
                                                       for i, s in zip(items, scores) if i > 0]}))
         return
     from recsys.models.base import load_model, recommend
@@ -282,7 +284,8 @@ def cmd_recommend(a):
     model = load_model(model_dir)
     for who, hist in queries:
         ranked = recommend(model, hist, a.k, names)
-        print(json.dumps({"query": who, "items": [{"item_id": x.item_id, "score": round(x.score, 4)} for x in ranked.items]}))
+        print(json.dumps({"query": who, "items": [{"item_id": x.item_id, "score": round(x.score, 4),
+                                                   "title": titles.get(str(x.item_id))} for x in ranked.items]}))
 
 
 def cmd_rerank(a):

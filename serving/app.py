@@ -109,6 +109,7 @@ class ServeSettings:
 class ScoredItemOut(BaseModel):
     item_id: str
     score: float
+    title: str | None = Field(None, description="the catalogue's title (the id where the catalogue has none)")
 
 
 class RecommendResponse(BaseModel):
@@ -536,7 +537,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return state["rec"]
 
     def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[ScoredItemOut]:
-        return [ScoredItemOut(item_id=rec.item_ids[i], score=s) for i, s in zip(idx, scores)]
+        return [ScoredItemOut(item_id=rec.item_ids[i], score=s, title=rec.titles.get(i)) for i, s in zip(idx, scores)]
 
     @app.get("/healthz")
     async def healthz():

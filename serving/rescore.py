@@ -1,7 +1,12 @@
-"""Batch re-scoring: the online scorers over a parquet file of requests, in resumable chunks.
+"""Batch re-scoring: the online scorers over a file of requests, in resumable chunks.
 
     recsys rescore --serve-dir artifacts/serve --input requests.parquet --output out/
     recsys rescore ... --engine ray --workers 8        # the same chunks on Ray Data
+
+The input is Parquet, JSON Lines, CSV or TSV (by extension). A text input is converted once into
+``<output>/input-<sha>.parquet``; in CSV/TSV a list cell holds item ids separated by ``|``
+(``history`` = ``"1|2|3"``) and ``k`` is read as a whole number where it is one (any other value is that
+row's reject).
 
 Input columns: ``request_id`` (string, unique), and either ``user_id`` or ``history`` (list of item
 ids); optional ``candidates`` (list of distinct item ids: rerank them) and ``k`` (default 10). Without
@@ -39,8 +44,11 @@ REJECT_SCHEMA = {"request_id": pl.String, "row": pl.Int64, "reason": pl.String}
 def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int], list[int] | None, int]:
     """(request_id, history idx, candidate idx or None, k) of one input row, validated by the API's own
     request model (:class:`serving.schemas.RescoreRow`); a ValueError says what is wrong."""
+    raw = {k: v for k, v in raw.items() if v is not None}
+    if isinstance(raw.get("k"), str) and raw["k"].strip().isdigit():       # text inputs carry k as text
+        raw["k"] = int(raw["k"])
     try:
-        row = RescoreRow.model_validate({k: v for k, v in raw.items() if v is not None})
+        row = RescoreRow.model_validate(raw)
     except ValidationError as e:
         raise ValueError("; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())) from None
     history, _ = resolve_history(row.user_id, row.history, users, rec.item_idx)
@@ -140,15 +148,16 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     input_path, output = Path(input_path), Path(output)
     if not input_path.exists():
         raise RecsysError(f"{input_path}: no such input file")
+    source, input_path = input_path, as_parquet(input_path, output)
     n_rows = pl.scan_parquet(input_path).select(pl.len()).collect().item()
     columns = pl.read_parquet_schema(input_path)
     if "request_id" not in columns or not ({"user_id", "history"} & set(columns)):
-        raise RecsysError(f"{input_path}: needs a request_id column and a user_id or history column, "
+        raise RecsysError(f"{source}: needs a request_id column and a user_id or history column, "
                           f"has {list(columns)}")
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
-        raise RecsysError(f"{input_path}: unknown columns {unknown}; a request has {list(COLUMNS)}")
-    identity = {"input": str(input_path.resolve()), "input_sha256": sha256(input_path), "rows": n_rows,
+        raise RecsysError(f"{source}: unknown columns {unknown}; a request has {list(COLUMNS)}")
+    identity = {"input": str(source.resolve()), "input_sha256": sha256(source), "rows": n_rows,
                 "chunk_size": chunk_size}
     manifest_path = output / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {**identity, "chunks": {}}
@@ -166,6 +175,38 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     manifest["complete"] = len(manifest["chunks"]) == n_chunks
     _write_atomic_text(json.dumps(manifest, indent=2), manifest_path)
     return manifest
+
+
+LIST_SEPARATOR = "|"
+"""Item ids in one CSV/TSV cell of ``history`` or ``candidates``."""
+
+
+def as_parquet(input_path: Path, output: Path) -> Path:
+    """The input itself if it is Parquet; else its Parquet conversion in ``output`` (written once per input
+    content, atomically; ids as text, CSV/TSV list cells split on ``|``)."""
+    from recsys.data.tables import read_table
+
+    if input_path.suffix.lower() in (".parquet", ".pq"):
+        return input_path
+    digest = sha256(input_path)
+    manifest = output / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("input_sha256") != digest:
+        raise RecsysError(f"{output}: holds a job for another input or chunk size; use another --output")
+    converted = output / f"input-{digest[:12]}.parquet"
+    if converted.exists():
+        return converted
+    try:
+        df, _, fmt = read_table(input_path, ["request_id"], keep_all=True)
+    except RecsysError as e:
+        raise RecsysError(f"{e} (rescore reads .parquet, .jsonl, .csv or .tsv)") from None
+    ids = [pl.col(c).cast(pl.String) for c in ("request_id", "user_id") if c in df.columns]
+    lists = [(pl.col(c).cast(pl.String).str.split(LIST_SEPARATOR).list.eval(pl.element().str.strip_chars())
+              if fmt in ("csv", "tsv") else pl.col(c).cast(pl.List(pl.String)))
+             for c in ("history", "candidates") if c in df.columns]
+    df = df.with_columns(*ids, *lists)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_atomic(df, converted)
+    return converted
 
 
 class ChunkScorer:

@@ -443,6 +443,9 @@ class Recommender:
         catalog = pl.read_parquet(directory / "catalog.parquet")
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
         self.item_idx = {v: k for k, v in self.item_ids.items()}
+        self.titles = dict(zip(catalog["idx"].to_list(), catalog["title"].to_list())) \
+            if "title" in catalog.columns else {}
+        """Item idx -> title, for responses."""
         vectors = np.ascontiguousarray(self.sasrec.items[1:], dtype=np.float32)
         if threads:            # FAISS's OpenMP pool is process-wide; spinning idle threads cost a server CPU
             faiss.omp_set_num_threads(threads)

@@ -30,7 +30,7 @@ def test_prepare_train_evaluate(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["data", "prepare", "/no/such/dir", "--out", "x"], "/no/such/dir: not a directory"),
+    (["data", "prepare", "/no/such/dir", "--out", "x"], "/no/such/dir: no such file or directory"),
     (["evaluate", "--data", "/nowhere", "--model", "m"], "not a prepared dataset"),
     (["evaluate-run", "run.txt", "qrels.txt"], "run.txt: file not found"),
 ])

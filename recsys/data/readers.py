@@ -150,6 +150,8 @@ def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates
 
 def detect_layout(directory: Path) -> str:
     """``recbole:<name>``, ``grouplens-1m`` or ``grouplens-100k`` from the files present."""
+    if not directory.exists():
+        raise DataError(f"{directory}: no such file or directory")
     if not directory.is_dir():
         raise DataError(f"{directory}: not a directory")
     inter = sorted(directory.glob("*.inter"))
