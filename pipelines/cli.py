@@ -27,7 +27,7 @@ EXAMPLES = """examples:
   recsys index semantic-ids --data artifacts/data/ml-1m --source cf --sasrec artifacts/runs/sasrec --out sid
   recsys train generative --data artifacts/data/ml-1m --semantic-ids sid --out artifacts/runs/gen-sft
   recsys train generative --data artifacts/data/ml-1m --algo vstar --init artifacts/runs/gen-sft/model --out gen-vstar
-  recsys recommend --data artifacts/data/ml-1m --model artifacts/runs/gen-sft --users 1,2 --k 10
+  recsys recommend --data artifacts/data/ml-1m --model artifacts/runs/gen-sft --users 1m_1,1m_2 --k 10
 """
 
 
@@ -259,7 +259,7 @@ def cmd_recommend(a):
         queries = [(f"user {u}", full.get(int(i), seqs[int(i)])) for u, i in zip(a.users.split(","), uidx)]
     else:
         table = dict(zip(ds.catalog["item_id"].cast(str).to_list(), ds.catalog["idx"].to_list()))
-        ids = [x.strip() for x in a.history.split(",") if x.strip()]
+        ids = [x.strip() for x in a.history.split("|") if x.strip()]
         unknown = [x for x in ids if x not in table]
         if unknown:
             raise DataError(f"--history: unknown item id(s) {unknown[:5]} (not in the catalog of {ds.name})")
@@ -361,12 +361,33 @@ def cmd_quickstart(a):
     quickstart(a.out, a.dataset or (FIXTURE if a.preset == "small" else "ml-1m"), a.preset, a.seed)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default shown, unless it is unset or a flag."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """The ``recsys`` parser and every subcommand's (``add_subparsers`` makes its children of this class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class ExamplesFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The top-level help: its examples kept line by line."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from recsys.metrics import DEFAULT_METRICS
 
-    fmt = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog="recsys", description="LLM-based generative recommendation and reranking.",
-                                epilog=EXAMPLES, formatter_class=fmt)
+    p = Parser(prog="recsys", description="LLM-based generative recommendation and reranking.", epilog=EXAMPLES,
+               formatter_class=ExamplesFormatter)
     from recsys import __version__
 
     p.add_argument("--version", action="version", version=f"recsys {__version__}")
@@ -387,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Read a dataset (a name fetched on demand, a MovieLens directory in RecBole or "
                                      "GroupLens layout, or your own CSV/TSV/Parquet/JSON Lines file or directory of "
                                      "part files with its columns named below), filter, split, index, and write it "
-                                     "to --out.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     "to --out.")
     pr.add_argument("dataset", help="ml-1m, ml-100k, a MovieLens directory, or your interactions file / directory")
     pr.add_argument("--out", required=True, help="output directory of the prepared dataset")
     pr.add_argument("--split", choices=["loo", "temporal"], default="loo",
@@ -523,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--data", required=True, help="prepared dataset directory")
     rc.add_argument("--model", required=True, help="run directory or model directory")
     rc.add_argument("--users", help="comma-separated user ids (their full history is used)")
-    rc.add_argument("--history", help="comma-separated item ids, oldest first")
+    rc.add_argument("--history", help="item ids separated by '|', oldest first (ids may hold commas: "
+                    "'Toy Story (1995)|Heat (1995)')")
     rc.add_argument("--k", type=int, default=10)
     rc.add_argument("--beam", type=int, default=50, help="generative models: beam width")
     rc.set_defaults(func=cmd_recommend)

@@ -67,14 +67,28 @@ def build_config(cls, values: dict, source: str = "config"):
         raise RecsysError(f"{source}: {e}") from None
 
 
+RECIPES = Path(__file__).parent / "configs"
+"""The bundled recipes, found by name (``--config sasrec_ml1m``)."""
+
+
+def find_recipe(path: str | Path) -> Path:
+    """A recipe file, or a bundled recipe named without directory or extension (``sasrec_ml1m``)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    bundled = RECIPES / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and bundled.exists():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
+    raise RecsysError(f"{path}: recipe not found (neither a file nor a bundled recipe: {names})")
+
+
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):
     """Build ``cls`` from a YAML recipe (optional) updated by ``overrides`` (dotted keys; ``None`` ignored)."""
     values: dict = {}
     source = "command line"
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise RecsysError(f"{path}: recipe not found")
+        path = find_recipe(path)
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise RecsysError(f"{path}: a recipe is a mapping of field: value")

@@ -139,7 +139,12 @@ def evaluate_run(run_path: str | Path, qrels_path: str | Path, metrics: list[str
     for m in metrics:
         parse_metric(m)
     run, qrels = _read_table(run_path, "run"), _read_table(qrels_path, "qrels")
-    run = run.unique(subset=["query_id", "item_id"], keep="first", maintain_order=True)
+    repeated = run.select(pl.struct("query_id", "item_id").is_duplicated()).to_series()
+    if repeated.any():
+        row = int(repeated.arg_max())
+        q, item = run["query_id"][row], run["item_id"][row]
+        raise DataError(f"{run_path}: query {q!r} lists document {item!r} more than once "
+                        f"({int(repeated.sum())} rows repeat a document); trec_eval refuses such a run too")
     run = run.sort(["query_id", "score", "item_id"], descending=[False, True, True])
     rel = qrels.filter(pl.col("relevance") > 0)
     judged = set(qrels["query_id"].unique().to_list())

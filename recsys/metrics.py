@@ -102,11 +102,25 @@ METRICS = {"hr": hit_rate, "recall": recall, "precision": precision, "ndcg": ndc
 _NEEDS_K = {"hr", "recall", "precision", "ndcg"}
 
 
+TREC_NAMES = {"ndcg_cut": "ndcg", "p": "precision", "recall": "recall", "map_cut": "map", "success": "hr",
+              "recip_rank": "mrr", "map": "map"}
+"""trec_eval's measure names (``ndcg_cut_10``, ``P_10``, ``recall_10``, ``map_cut_10``, ``success_10``,
+``recip_rank``, ``map``) -> ours."""
+
+
 def parse_metric(name: str) -> tuple[str, int | None]:
-    """``"ndcg@10" -> ("ndcg", 10)``, ``"mrr" -> ("mrr", None)``; raise listing the valid names."""
-    base, _, k = name.strip().lower().partition("@")
+    """``"ndcg@10" -> ("ndcg", 10)``, ``"mrr" -> ("mrr", None)``; trec_eval's names too (``ndcg_cut_10``,
+    ``recip_rank``, ``P_10``); raise listing the valid names."""
+    text = name.strip().lower()
+    trec, _, cut = text.rpartition("_")
+    if text in TREC_NAMES:
+        text = TREC_NAMES[text]
+    elif trec in TREC_NAMES and cut.isdigit():
+        text = f"{TREC_NAMES[trec]}@{cut}"
+    base, _, k = text.partition("@")
     if base not in METRICS:
-        raise RecsysError(f"unknown metric {name!r}; known: {', '.join(METRICS)} (with @k, e.g. ndcg@10)")
+        raise RecsysError(f"unknown metric {name!r}; known: {', '.join(METRICS)} (with @k, e.g. ndcg@10), or "
+                          "trec_eval's ndcg_cut_10, P_10, recall_10, map_cut_10, success_10, recip_rank, map")
     if not k:
         if base in _NEEDS_K:
             raise RecsysError(f"metric {name!r} needs a cut-off, e.g. {base}@10")

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from pipelines.cli import main
+from recsys.errors import RecsysError
 from tests.conftest import FIXTURES
 
 
@@ -144,3 +145,20 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"recsys {__version__}"
+
+
+def test_bundled_recipes_are_found_by_name_and_a_wrong_name_lists_them():
+    from pipelines.config import find_recipe, load_config
+    from pipelines.train import SASRecTrainConfig
+
+    assert load_config(SASRecTrainConfig, "sasrec_ml1m") == load_config(SASRecTrainConfig,
+                                                                       "pipelines/configs/sasrec_ml1m.yaml")
+    with pytest.raises(RecsysError, match="sasrec_ml: recipe not found .*sasrec_ml1m"):
+        find_recipe("sasrec_ml")
+
+
+def test_every_option_default_is_shown_in_help():
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "data", "prepare", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "(default: loo)" in " ".join(out.split()) and "(default: user_id)" in " ".join(out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out

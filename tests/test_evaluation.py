@@ -115,3 +115,23 @@ def test_evaluate_run_bad_files(tmp_path):
     pl.DataFrame({"query_id": ["q1"], "doc": ["d1"]}).write_parquet(tmp_path / "run.parquet")
     with pytest.raises(DataError, match=r"missing column\(s\) \['item_id', 'score'\]"):
         evaluate_run(tmp_path / "run.parquet", tmp_path / "qrels", ["mrr"])
+
+
+def test_trec_eval_measure_names_are_ours_under_their_names(tmp_path):
+    (tmp_path / "run").write_text(RUN)
+    (tmp_path / "qrels").write_text(QRELS)
+    ours = evaluate_run(tmp_path / "run", tmp_path / "qrels", ["ndcg@10", "mrr", "precision@2", "recall@10",
+                                                                "map@10", "hr@1", "map"])
+    trec = evaluate_run(tmp_path / "run", tmp_path / "qrels", ["ndcg_cut_10", "recip_rank", "P_2", "recall_10",
+                                                                "map_cut_10", "success_1", "map"])
+    assert [trec[t] for t in ("ndcg_cut_10", "recip_rank", "P_2", "recall_10", "map_cut_10", "success_1")] == \
+        [ours[o] for o in ("ndcg@10", "mrr", "precision@2", "recall@10", "map@10", "hr@1")]
+    with pytest.raises(RecsysError, match="unknown metric 'ndcg_cutoff_10'.*trec_eval's ndcg_cut_10"):
+        evaluate_run(tmp_path / "run", tmp_path / "qrels", ["ndcg_cutoff_10"])
+
+
+def test_a_run_listing_a_document_twice_is_refused_as_trec_eval_does(tmp_path):
+    (tmp_path / "qrels").write_text(QRELS)
+    (tmp_path / "run").write_text("q1 Q0 d1 1 3.0 t\nq1 Q0 d2 2 2.0 t\nq1 Q0 d1 3 1.0 t\n")
+    with pytest.raises(DataError, match=r"query 'q1' lists document 'd1' more than once"):
+        evaluate_run(tmp_path / "run", tmp_path / "qrels", ["mrr"])
