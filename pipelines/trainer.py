@@ -17,7 +17,9 @@ is evaluated afterwards on all users by ``recsys evaluate``.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +69,21 @@ def make_loggers(out: str | Path, names: tuple[str, ...] = ("csv",), run_name: s
     return loggers
 
 
+class _NoTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def quiet_libraries() -> None:
+    """Drop Lightning's advertising tips and a deprecation warning that Lightning's own code triggers (its
+    pytree helper on torch >= 2.10): noise in every run's output that the user cannot act on."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+
+
+_NO_TIPS = _NoTips()
+
+
 def make_trainer(out: str | Path, runtime: Runtime | None, *, progress: bool, **kwargs):
     """``L.Trainer`` with the runtime's loggers and devices; ``kwargs`` are the job's own settings
     (epochs, precision, callbacks, ...) -> ``lightning.Trainer``. Model summaries and sanity validation are off."""
@@ -74,6 +91,7 @@ def make_trainer(out: str | Path, runtime: Runtime | None, *, progress: bool, **
 
     from recsys.precision import lightning_precision
 
+    quiet_libraries()
     runtime = runtime or Runtime()
     kwargs.setdefault("num_sanity_val_steps", 0)
     if "precision" in kwargs:
