@@ -72,6 +72,10 @@ class HybridTrainConfig:
     max_history: int = 20
     random_negatives: float = 0.5
     """Share of training windows whose other candidates are random catalogue items."""
+    history_lm_weight: float = 0.0
+    """Weight of a next-item cross-entropy at every history ``<item>`` of the prompt against the whole
+    catalogue (:meth:`recsys.rerank.hybrid.HybridFirst.history_loss`, SASRec's objective on the same forward
+    pass), added to the window's loss; 0 = off. Needs ``identifiers: items``."""
     train_users: int | None = None
     """Use only the first N training rows (CPU budgets); None = all."""
     examples_per_epoch: int | None = 4000
@@ -91,6 +95,9 @@ class HybridTrainConfig:
             raise RecsysError(f"identifiers must be 'items' or 'letters', got {self.identifiers!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
+        if self.history_lm_weight < 0 or (self.history_lm_weight and self.identifiers != "items"):
+            raise RecsysError(f"history_lm_weight must be >= 0 and needs identifiers 'items' (got "
+                              f"{self.history_lm_weight}, {self.identifiers!r})")
 
 
 def item_vectors(dataset: PreparedDataset, retriever: str | Path) -> torch.Tensor:
@@ -176,12 +183,17 @@ class HybridDataModule(L.LightningDataModule):
         return DataLoader(self.valid, batch_size=16, collate_fn=list)
 
 
-def window_scores(model, windows_: list[Window], titles, config) -> torch.Tensor:
-    """(B, n) FIRST scores of each window's candidates, in presentation order (``config.identifiers``)."""
+def encode_windows(model, windows_: list[Window], titles, config):
+    """The :class:`recsys.rerank.hybrid.HybridBatch` of the windows' prompts."""
     from recsys.rerank.hybrid import encode
 
-    batch = encode(model.backbone, [w.history for w in windows_], [w.candidates for w in windows_], titles,
-                   config.max_history, config.title_words)
+    return encode(model.backbone, [w.history for w in windows_], [w.candidates for w in windows_], titles,
+                  config.max_history, config.title_words)
+
+
+def window_scores(model, windows_: list[Window], titles, config) -> torch.Tensor:
+    """(B, n) FIRST scores of each window's candidates, in presentation order (``config.identifiers``)."""
+    batch = encode_windows(model, windows_, titles, config)
     if config.identifiers == "items":
         items = torch.tensor([w.candidates for w in windows_], device=batch.input_ids.device)
         return model.item_scores(batch, items)
@@ -195,10 +207,20 @@ class HybridModule(L.LightningModule):
         self.model.train()                         # a loaded checkpoint comes in eval mode
 
     def training_step(self, batch: list[Window], batch_idx):
-        scores = window_scores(self.model, batch, self.titles, self.cfg)
-        loss = F.cross_entropy(scores.float(), torch.tensor([w.target for w in batch], device=scores.device))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
-        return loss
+        target = torch.tensor([w.target for w in batch])
+        if not self.cfg.history_lm_weight:
+            scores = window_scores(self.model, batch, self.titles, self.cfg)
+            loss = F.cross_entropy(scores.float(), target.to(scores.device))
+            self.log("train/loss", loss, prog_bar=True, batch_size=len(batch))
+            return loss
+        encoded = encode_windows(self.model, batch, self.titles, self.cfg)
+        items = torch.tensor([w.candidates for w in batch])
+        scores, history = self.model.window_and_history_scores(encoded, items)
+        first = F.cross_entropy(scores.float(), target.to(scores.device))
+        history_loss = self.model.history_loss(history, encoded)
+        self.log("train/loss", first, prog_bar=True, batch_size=len(batch))
+        self.log("train/history_lm_loss", history_loss, prog_bar=True, batch_size=len(batch))
+        return first + self.cfg.history_lm_weight * history_loss
 
     def validation_step(self, batch: list[Window], batch_idx):
         order = first_order(window_scores(self.model, batch, self.titles, self.cfg).float())

@@ -72,6 +72,30 @@ def test_item_scores_read_each_candidates_own_soft_token_and_ignore_padding():
     assert torch.allclose(scores, want, atol=1e-5) and torch.allclose(scores[1], single[0], atol=1e-5)
 
 
+def test_history_positions_predict_the_next_history_item_over_the_catalogue():
+    torch.manual_seed(0)
+    model = HybridFirst(text_backbone(), torch.randn(N_ITEMS + 1, D_RETRIEVER)).eval()
+    batch = encode(model.backbone, [[3, 4, 5], [9]], [[7, 8], [1, 2]], None, max_history=3)
+    slots = batch.input_ids == model.item_token_id
+    # row 0 shows 3, 4, 5 then 7, 8: the slots of 3 and 4 predict 4 and 5; the last history item and the window
+    # predict nothing; row 1 has one history item, so nothing
+    assert batch.next_item[0][slots[0]].tolist() == [4, 5, 0, 0, 0] and (batch.next_item[1] == 0).all()
+    items = torch.tensor([[7, 8], [1, 2]])
+    with torch.no_grad():
+        window, history = model.window_and_history_scores(batch, items)
+        h = model.lm(inputs_embeds=model.embed(batch.input_ids, batch.item_idx), attention_mask=batch.attention_mask,
+                     position_ids=batch.position_ids, output_hidden_states=True).hidden_states[-1]
+        catalogue = model.projector(torch.arange(N_ITEMS + 1))
+        at_3 = torch.nonzero(slots[0])[0, 0]
+        want = h[0, at_3] @ catalogue[1:].T
+    assert torch.allclose(window, model.item_scores(batch, items), atol=1e-5)
+    assert history.shape == (2, N_ITEMS + 1) and torch.isinf(history[:, 0]).all()
+    assert torch.allclose(history[0, 1:], want, atol=1e-5)
+    loss = model.history_loss(history, batch)
+    by_hand = -(torch.log_softmax(history[0, 1:], -1)[3] + torch.log_softmax(history[1, 1:], -1)[4]) / 2
+    assert torch.allclose(loss, by_hand, atol=1e-5)
+
+
 def test_keep_layers_truncates_and_bad_shapes_are_named():
     model = HybridFirst(text_backbone(layers=3), torch.zeros(N_ITEMS + 1, 4), keep_layers=1)
     assert len(model.lm.model.layers) == 1 and model.lm.config.num_hidden_layers == 1
@@ -150,9 +174,11 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
     ds, sasrec, root = hybrid_setup
     config = HybridTrainConfig(retriever=str(sasrec), backbone=str(root / "lm"), keep_layers=1, window=10,
                                max_history=10, examples_per_epoch=32, batch_size=4, val_users=20, max_epochs=2,
-                               max_minutes=None)
+                               max_minutes=None, history_lm_weight=1.0)
     model_dir = train_hybrid(ds, root / "cands", tmp_path / "run", config, progress=False)
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
+    logged = next((tmp_path / "run" / "logs").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "train/history_lm_loss" in logged                        # the next-item loss trained alongside
     assert summary["epochs"] == 2 and 0.0 <= summary["best_val_cand_ndcg@10"] <= 1.0
     model, loaded_config = load_hybrid(model_dir, ds)
     assert loaded_config == config and len(model._decoder().layers) == 1

@@ -18,8 +18,9 @@ so the run may span several sittings: rerun the same command to continue):
                         code, item tokens from the retriever), then its FIRST logits over every list as
                         one more feature (rows ``...+lm``); seed 0, then the hybrid rows, then seed 1
     hybrid-smollm2      SmolLM2-135M (its first 4 layers) reading each item as a soft token, the retriever's
-                        item vector projected into the LM (:mod:`pipelines.hybrid`, LLaRA), FIRST over the
-                        top-20 with a retriever prior chosen on validation; ``-scratch``: the same
+                        item vector projected into the LM (``hybrid_smollm2.yaml``, :mod:`pipelines.hybrid`,
+                        LLaRA), FIRST over the top-20 with a retriever prior chosen on validation, and its
+                        logit as a fusion feature (rows ``fusion-...+smollm2``); ``-scratch``: the same
                         architecture and training from random weights
 
 Every row is evaluated on all 6,040 test users with the full-ranking protocol: the held-out item ranked
@@ -270,8 +271,8 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         """The hybrid-token SmolLM2 reranker (soft tokens from the retriever), pretrained or ``-scratch``."""
         name = "hybrid-smollm2" + ("" if pretrained else "-scratch")
         run_dir = runs / f"{name}-seed0"
-        config = load_config(HybridTrainConfig, None, {**(hybrid_overrides or {}), "pretrained": pretrained,
-                                                       "retriever": str(sas_dir / "model")})
+        config = load_config(HybridTrainConfig, CONFIGS / "hybrid_smollm2.yaml",
+                             {**(hybrid_overrides or {}), "pretrained": pretrained, "retriever": str(sas_dir / "model")})
 
         def train():
             start = time.time()

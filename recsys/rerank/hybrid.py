@@ -14,7 +14,9 @@ position's hidden state only (no (B, T, V) logits): against the candidates' iden
 :meth:`HybridFirst.first_scores`) or against the candidates' own soft tokens (:meth:`HybridFirst.item_scores`). ``keep_layers`` keeps the first N decoder layers (SmolLM2-135M has 30), the cheap way to
 train on a CPU; the projector trains in full, the LM through LoRA (:func:`recsys.llm.backbone.apply_lora`) or in
 full. Departures: LLaRA's curriculum (text-only prompts first, then hybrid) and its next-item generation target
-are not used; the target is the FIRST ranking of the window.
+are not used; the target is the FIRST ranking of the window, optionally with a next-item cross-entropy at every
+history ``<item>`` against the whole catalogue's soft tokens (:meth:`HybridFirst.history_loss`; SASRec's
+objective, arXiv 1808.09781 §3, on the same forward pass: ``max_history - 1`` labels per window instead of one).
 
 Shapes: B prompts, T tokens, d_r retriever width, D LM width, n candidates per window.
 """
@@ -59,13 +61,15 @@ def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: 
 
 @dataclass
 class HybridBatch:
-    """A left-padded batch: ``input_ids``, ``attention_mask``, ``position_ids`` (B, T) and ``item_idx`` (B, T),
-    the retriever item index at each ``<item>`` position and 0 elsewhere."""
+    """A left-padded batch: ``input_ids``, ``attention_mask``, ``position_ids`` (B, T), ``item_idx`` (B, T),
+    the retriever item index at each ``<item>`` position and 0 elsewhere, and ``next_item`` (B, T), at each
+    history ``<item>`` but the last the history item that follows it, 0 elsewhere."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     item_idx: torch.Tensor
+    next_item: torch.Tensor
 
 
 def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[int]], titles: dict[int, str] | None,
@@ -74,9 +78,10 @@ def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[in
     lists ``history[-max_history:]`` then the window, so the k-th ``<item>`` of a row stands for the k-th item
     of that sequence; a title that itself tokenizes into ``<item>`` breaks the alignment and is an error."""
     item_id = backbone.token_id(ITEM_TOKEN)
-    rows, items = [], []
+    rows, items, nexts = [], [], []
     for history, window in zip(histories, windows):
-        shown = list(history[-max_history:]) + list(window)
+        recent = list(history[-max_history:])
+        shown = recent + list(window)
         text = listwise_prompt(backbone, list(history), list(window), hybrid_titles(titles, shown, title_words),
                                max_history)
         ids = backbone.tokenizer.encode(text, add_special_tokens=False)
@@ -86,17 +91,21 @@ def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[in
                               "an item title must not contain the placeholder")
         rows.append(ids)
         items.append(dict(zip(slots, shown)))
+        nexts.append(dict(zip(slots[:len(recent) - 1], recent[1:])))
     T = max(len(r) for r in rows)
     pad = backbone.tokenizer.pad_token_id or 0
     input_ids = torch.full((len(rows), T), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     item_idx = torch.zeros((len(rows), T), dtype=torch.long)
-    for b, (ids, slots) in enumerate(zip(rows, items)):
+    next_item = torch.zeros((len(rows), T), dtype=torch.long)
+    for b, (ids, slots, follow) in enumerate(zip(rows, items, nexts)):
         offset = T - len(ids)                                         # left padding: the last position is real
         input_ids[b, offset:], mask[b, offset:] = torch.tensor(ids), 1
         for k, i in slots.items():
             item_idx[b, offset + k] = i
-    return HybridBatch(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), item_idx)
+        for k, i in follow.items():
+            next_item[b, offset + k] = i
+    return HybridBatch(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), item_idx, next_item)
 
 
 class ItemProjector(nn.Module):
@@ -155,11 +164,31 @@ class HybridFirst(nn.Module):
         soft = self.projector(item_idx).to(text.dtype)
         return torch.where((input_ids == self.item_token_id).unsqueeze(-1), soft, text)
 
-    def last_hidden(self, batch: HybridBatch) -> torch.Tensor:
-        """(B, D) the decoder's final hidden state at the last prompt position."""
+    def hidden(self, batch: HybridBatch) -> torch.Tensor:
+        """(B, T, D) the decoder's final hidden states."""
         return self._decoder()(inputs_embeds=self.embed(batch.input_ids, batch.item_idx),
                                attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).last_hidden_state[:, -1]
+                               position_ids=batch.position_ids).last_hidden_state
+
+    def last_hidden(self, batch: HybridBatch) -> torch.Tensor:
+        """(B, D) the decoder's final hidden state at the last prompt position."""
+        return self.hidden(batch)[:, -1]
+
+    def window_and_history_scores(self, batch: HybridBatch, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: (B, n) :meth:`item_scores` of the window and (M, N + 1) scores of the whole catalogue
+        (row 0, padding, at -inf) at the M history positions that have a next item (``batch.next_item > 0``)."""
+        h = self.hidden(batch)
+        catalogue = self.projector(torch.arange(self.projector.items.shape[0], device=h.device)).to(h.dtype)
+        window = torch.einsum("bd,bnd->bn", h[:, -1], catalogue[items])
+        at = batch.next_item > 0
+        history = h[at] @ catalogue.T
+        history[:, 0] = float("-inf")
+        return window, history
+
+    @staticmethod
+    def history_loss(history_scores: torch.Tensor, batch: HybridBatch) -> torch.Tensor:
+        """Mean next-item cross-entropy over the history positions (:meth:`window_and_history_scores`)."""
+        return nn.functional.cross_entropy(history_scores.float(), batch.next_item[batch.next_item > 0])
 
     def first_scores(self, batch: HybridBatch, identifier_ids: torch.Tensor) -> torch.Tensor:
         """(B, n) logits of the n identifier tokens at the last position (the first answer token)."""
