@@ -49,7 +49,7 @@ def cmd_fetch(a):
     fetch_dataset(a.dataset, a.from_path, force=a.force)
 
 
-COLUMN_ARGS = ("user_col", "item_col", "time_col", "rating_col", "min_rating", "items", "item_id_col", "title_col",
+COLUMN_ARGS = ("domain", "user_col", "item_col", "time_col", "rating_col", "min_rating", "items", "item_id_col", "title_col",
                "text_cols", "category_col", "users", "user_id_col", "feature_cols", "format")
 """``recsys data prepare`` options that map your own table's columns (:class:`recsys.data.ColumnMap`)."""
 
@@ -385,6 +385,7 @@ class ExamplesFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     from recsys.metrics import DEFAULT_METRICS
+    from recsys.rerank.prompts import templates
 
     p = Parser(prog="recsys", description="LLM-based generative recommendation and reranking.", epilog=EXAMPLES,
                formatter_class=ExamplesFormatter)
@@ -421,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--drop-duplicates", action="store_true",
                     help="keep the first of repeated (user, item, timestamp) rows instead of failing")
     own = pr.add_argument_group("your own data (a file or a directory of part files)")
+    own.add_argument("--domain", default="items", choices=list(templates()["domains"]),
+                     help="what the items are: the words of LLM prompts ('Products the user bought')")
     own.add_argument("--format", choices=["csv", "tsv", "parquet", "jsonl"], help="every file's format (None: from "
                      "each file's extension)")
     own.add_argument("--user-col", default="user_id", help="interactions: user id column")

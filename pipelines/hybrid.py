@@ -261,7 +261,7 @@ def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTr
     L.seed_everything(config.seed, verbose=False)
     start = time.time()
     model = build_model(config, dataset)
-    titles = item_titles(dataset) if config.title_words != 0 else None
+    titles = item_titles(dataset)            # the words are dropped with title_words 0; the domain stays
     data = HybridDataModule(dataset, candidates_dir, config)
     module = HybridModule(model, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")

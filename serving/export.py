@@ -341,8 +341,10 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
                 from recsys.rerank.prompts import item_titles
 
                 titles = tmp / models[name].get("files", "") / "titles.json"
-                titles.write_text(json.dumps({str(i): t for i, t in item_titles(dataset).items()}))
+                text = item_titles(dataset)
+                titles.write_text(json.dumps({str(i): t for i, t in text.items()}))
                 models[name]["titles_sha256"] = sha256(titles)
+                models[name]["domain"] = text.domain
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
         manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,

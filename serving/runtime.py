@@ -196,7 +196,11 @@ class _PromptScorer:
             titles = side / "titles.json"
             if not titles.exists():
                 raise RecsysError(f"{titles}: a text-prompt reranker needs its item titles; re-export it")
-            self.titles = {int(k): v for k, v in json.loads(titles.read_text()).items()}
+            from recsys.rerank.prompts import Titles
+
+            if "domain" not in self.meta:
+                raise RecsysError(f"{directory}: the {self.name} reranker's prompt domain is not recorded; re-export it")
+            self.titles = Titles({int(k): v for k, v in json.loads(titles.read_text()).items()}, self.meta["domain"])
 
     @staticmethod
     def _text_spec(directory: Path) -> _PromptSpec:

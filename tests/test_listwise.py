@@ -105,3 +105,29 @@ def test_generation_follows_the_retriever_prior_like_first():
     rr.retriever_prior = 0.7
     firsts = [c[int(s.argmax())] for s, c in zip(rr.first_scores(hist, cands), cands)]
     assert [o[0] for o in rr.rank_windows(hist, cands, mode="generate")] == firsts
+
+
+def test_text_prompts_speak_the_catalogues_domain_and_movielens_keeps_its_words(tiny_dataset):
+    from types import SimpleNamespace
+
+    import pytest
+
+    from recsys.errors import RecsysError
+    from recsys.rerank.prompts import (
+        Titles,
+        groupwise_prompt,
+        item_titles,
+        listwise_prompt,
+    )
+
+    text_bb = SimpleNamespace(name="smollm2-135m", tokenizer=SimpleNamespace(chat_template=None))
+    titles = item_titles(tiny_dataset)                      # the fixture is MovieLens-shaped (RecBole files)
+    assert tiny_dataset.domain == "movies" and titles.domain == "movies"
+    movie = listwise_prompt(text_bb, [1, 2], [3, 4], titles)
+    assert movie.startswith("Movies the user watched, oldest first:\n- ")
+    neutral = listwise_prompt(text_bb, [1, 2], [3, 4], dict(titles))
+    assert neutral.startswith("Items the user chose, oldest first:") and neutral.split("\n")[1:] == movie.split("\n")[1:]
+    shop = groupwise_prompt(text_bb, [1], [3, 4], Titles(titles, "products"))
+    assert shop.startswith("Products the user bought, oldest first:")
+    with pytest.raises(RecsysError, match="unknown prompt domain 'cars'; known: items, movies, products"):
+        Titles(titles, "cars")

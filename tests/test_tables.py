@@ -191,3 +191,13 @@ def test_the_cli_prepares_a_mapped_csv_and_a_failed_prepare_writes_nothing(tmp_p
     assert main(args[:-2] + ["--category-col", "kind", "--out", str(tmp_path / "failed")]) == 1
     assert "products.csv: missing column(s) ['kind']" in capsys.readouterr().err
     assert not (tmp_path / "failed").exists()
+
+
+def test_own_data_is_neutral_unless_its_domain_is_given(tmp_path):
+    from recsys.rerank.prompts import item_titles
+
+    orders = _write(ORDERS, tmp_path / "orders.csv", "csv")
+    neutral = prepare(read_columns(orders, _map(tmp_path), log=quiet), tmp_path / "neutral")
+    shop = prepare(read_columns(orders, _map(tmp_path, domain="products"), log=quiet), tmp_path / "shop")
+    assert (neutral.domain, shop.domain) == ("items", "products") and item_titles(shop).domain == "products"
+    assert neutral.fingerprint == shop.fingerprint                 # the words of prompts, not the data

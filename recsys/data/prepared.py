@@ -145,6 +145,13 @@ class PreparedDataset:
         return self.manifest["dataset"]
 
     @property
+    def domain(self) -> str:
+        """What the items are, for the words of text prompts (``movies``, ``products``, ``items``, ...: the
+        ``domains`` of ``recsys/rerank/templates.yaml``): as prepared, else ``movies`` for MovieLens sources."""
+        source = self.manifest.get("source", "")
+        return self.manifest.get("domain") or ("movies" if source.startswith(("recbole:", "grouplens:")) else "items")
+
+    @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
@@ -247,6 +254,7 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
             "format_version": FORMAT_VERSION,
             "dataset": raw.name,
             "source": raw.source,
+            "domain": raw.domain,
             "source_files": (source_record or {}).get("files"),
             "config": dataclasses.asdict(config),
             "counts": {"users": users.height, "items": catalog.height, "interactions": df.height,

@@ -36,6 +36,8 @@ class RawDataset:
     user_features: pl.DataFrame | None = None
     """``user_id`` and one text column per feature (ML-1M: age, gender, occupation, zip_code), or None when
     the source has no user file."""
+    domain: str = "items"
+    """What the items are, for the words of text prompts (``recsys/rerank/templates.yaml``, ``domains``)."""
 
 
 def user_features_table(df: pl.DataFrame, path: Path) -> pl.DataFrame:
@@ -101,7 +103,7 @@ def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") ->
     if user_path.exists():
         users = _read_text_table(user_path, "\t")
         users = user_features_table(users.rename({c: c.split(":")[0] for c in users.columns}), user_path)
-    return RawDataset(name, inter, catalog, f"recbole:{directory}", users)
+    return RawDataset(name, inter, catalog, f"recbole:{directory}", users, "movies")
 
 
 def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: str = "error") -> RawDataset:
@@ -122,7 +124,7 @@ def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: st
         users = user_features_table(_read_text_table(users_path, "::", ["user_id", "gender", "age", "occupation",
                                                                    "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(movies_path), on_duplicates=on_duplicates),
-                      f"grouplens:{directory}", users)
+                      f"grouplens:{directory}", users, "movies")
 
 
 def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates: str = "error") -> RawDataset:
@@ -145,7 +147,7 @@ def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates
         users = user_features_table(_read_text_table(users_path, "|", ["user_id", "age", "gender", "occupation",
                                                                   "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates),
-                      f"grouplens:{directory}", users)
+                      f"grouplens:{directory}", users, "movies")
 
 
 def detect_layout(directory: Path) -> str:

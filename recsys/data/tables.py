@@ -68,6 +68,9 @@ class ColumnMap:
     """User feature columns (kept as text); None: every column but the id."""
     format: str | None = None
     """``csv``, ``tsv``, ``parquet`` or ``jsonl`` for every file; None: from each file's extension."""
+    domain: str = "items"
+    """What the items are, for the words of text prompts: ``items``, ``products``, ``movies``, ``music``,
+    ``books``, ``news`` (``domains`` in ``recsys/rerank/templates.yaml``)."""
 
     def __post_init__(self):
         if self.format is not None and self.format not in set(FORMATS.values()):
@@ -280,4 +283,4 @@ def read_columns(path: str | Path, columns: ColumnMap = ColumnMap(), name: str |
         f"{report['items_in_interactions']} items; {columns.time_col}: {detected}"
         + (f"; {report['items_with_metadata']} items described by {columns.items}, {report['items_titled_by_id']} "
            "titled by their id" if columns.items else ""))
-    return RawDataset(name or path.stem, df, catalog, f"columns:{path}", users)
+    return RawDataset(name or path.stem, df, catalog, f"columns:{path}", users, columns.domain)

@@ -30,7 +30,7 @@ from torch import nn
 
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone
-from recsys.rerank.prompts import listwise_prompt
+from recsys.rerank.prompts import Titles, listwise_prompt
 
 ITEM_TOKEN = "<item>"
 
@@ -47,16 +47,16 @@ def add_item_token(backbone: Backbone) -> int:
     return backbone.token_id(ITEM_TOKEN)
 
 
-def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: int | None) -> dict[int, str]:
+def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: int | None) -> Titles:
     """idx -> ``"{title} <item>"`` for ``items``: the title cut to its first ``title_words`` words (None: whole;
-    0 or no titles: the soft token alone)."""
+    0 or no titles: the soft token alone), in the titles' domain (:class:`recsys.rerank.prompts.Titles`)."""
     out = {}
     for i in items:
         words = (titles or {}).get(i, "").split()
         if title_words is not None:
             words = words[:title_words]
         out[i] = " ".join([*words, ITEM_TOKEN])
-    return out
+    return Titles(out, getattr(titles, "domain", "items"))
 
 
 @dataclass

@@ -35,10 +35,31 @@ def templates() -> dict:
     return yaml.safe_load((Path(__file__).parent / "templates.yaml").read_text())
 
 
-def item_titles(dataset) -> dict[int, str]:
-    """item idx -> the text a text backbone reads for it: ``Title (year)``, or the title alone."""
+class Titles(dict):
+    """item idx -> the text a text backbone reads for it, and what the items are: ``domain``, a key of
+    ``domains`` in ``templates.yaml`` whose words the text prompts use ("Movies the user watched", "Items
+    the user chose"). A plain dict of titles is read as the neutral ``items``."""
+
+    def __init__(self, titles: dict[int, str], domain: str = "items"):
+        super().__init__(titles)
+        domain_words(domain)
+        self.domain = domain
+
+
+def domain_words(domain: str) -> dict[str, str]:
+    """The words of a domain (``role``, ``items``, ``Items``, ``consume``, ``consumed``); unknown: an error
+    listing the known ones."""
+    known = templates()["domains"]
+    if domain not in known:
+        raise RecsysError(f"unknown prompt domain {domain!r}; known: {', '.join(known)}")
+    return known[domain]
+
+
+def item_titles(dataset) -> Titles:
+    """item idx -> ``Title (year)`` (or the title alone) of a prepared dataset, in its domain."""
     cat = dataset.catalog
-    return {int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()}
+    return Titles({int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()},
+                  dataset.domain)
 
 
 def check_identifiers(backbone: Backbone, identifiers: str) -> None:
@@ -63,9 +84,10 @@ def listwise_prompt(backbone: Backbone, history: list[int], candidates: list[int
     sep = " " if kind == "tiny" else "\n"
     hist = sep.join(t["history_item"].format(**fields(i)) for i in history[-max_history:])
     cands = sep.join(t["candidate"].format(id=LETTERS[j], **fields(i)) for j, i in enumerate(candidates))
-    user = t["user"].format(history=hist, candidates=cands, end=END)
+    words = domain_words(getattr(titles, "domain", "items")) if kind == "text" else {}
+    user = t["user"].format(history=hist, candidates=cands, end=END, **words)
     if kind == "text" and getattr(backbone.tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": t["system"]}, {"role": "user", "content": user}]
+        messages = [{"role": "system", "content": t["system"].format(**words)}, {"role": "user", "content": user}]
         return backbone.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return user + ("\n" if kind == "text" else " ")
 
@@ -99,9 +121,10 @@ def groupwise_prompt(backbone: Backbone, history: list[int], group: list[int], t
     sep = " " if kind == "tiny" else "\n"
     hist = sep.join(t["history_item"].format(**fields(i)) for i in history[-max_history:])
     cands = sep.join(t["candidate"].format(id=LETTERS[j], **fields(i)) for j, i in enumerate(group))
-    user = t["user"].format(history=hist, candidates=cands)
+    words = domain_words(getattr(titles, "domain", "items")) if kind == "text" else {}
+    user = t["user"].format(history=hist, candidates=cands, **words)
     if kind == "text" and getattr(backbone.tokenizer, "chat_template", None):
-        return backbone.tokenizer.apply_chat_template([{"role": "system", "content": t["system"]},
+        return backbone.tokenizer.apply_chat_template([{"role": "system", "content": t["system"].format(**words)},
                                                        {"role": "user", "content": user}],
                                                       tokenize=False, add_generation_prompt=True)
     return user + ("\n" if kind == "text" else " ")
