@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import sys
+import time
 
 import lightning as L
 import numpy as np
@@ -69,6 +71,34 @@ def budget_timer(max_minutes: float | None):
     from lightning.pytorch.callbacks import Timer
 
     return Timer(duration={"minutes": max_minutes} if max_minutes else None, verbose=False)
+
+
+class TextProgress(L.Callback):
+    """Progress for logs and pipes, where a live progress bar cannot draw: one line every ``every_s`` seconds
+    during training (epoch, step, the logged training metrics) and one after each validation."""
+
+    def __init__(self, every_s: float = 30.0, stream=None):
+        self.every_s, self.stream = every_s, stream or sys.stderr
+        self.last = 0.0
+
+    def _line(self, trainer, text: str) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(("train/", "val/")))
+        print(f"epoch {trainer.current_epoch} step {trainer.global_step}{text} {shown}".rstrip(), file=self.stream,
+              flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        self.last = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if time.monotonic() - self.last >= self.every_s:
+            self.last = time.monotonic()
+            total = trainer.num_training_batches
+            self._line(trainer, f" ({batch_idx + 1}/{total} batches)" if isinstance(total, int) else "")
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._line(trainer, " validated:")
 
 
 class RNGState(L.Callback):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ def quiet_libraries() -> None:
 
 
 _NO_TIPS = _NoTips()
+PROGRESS_SECONDS = float(os.environ.get("RECSYS_PROGRESS_SECONDS", "30"))
+"""Seconds between progress lines when output is not a terminal."""
 
 
 def make_trainer(out: str | Path, runtime: Runtime | None, *, progress: bool, **kwargs):
@@ -96,6 +99,11 @@ def make_trainer(out: str | Path, runtime: Runtime | None, *, progress: bool, **
     kwargs.setdefault("num_sanity_val_steps", 0)
     if "precision" in kwargs:
         kwargs["precision"] = lightning_precision(kwargs["precision"], runtime.accelerator)
+    bar = progress and sys.stderr.isatty()
+    if progress and not bar:                  # a log file or a pipe: a line every PROGRESS_SECONDS instead
+        from pipelines.callbacks import TextProgress
+
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), TextProgress(PROGRESS_SECONDS)]
     return L.Trainer(accelerator=runtime.accelerator, devices=runtime.devices, strategy=runtime.strategy,
-                     logger=make_loggers(out, runtime.loggers), enable_progress_bar=progress,
+                     logger=make_loggers(out, runtime.loggers), enable_progress_bar=bar,
                      enable_model_summary=False, **kwargs)

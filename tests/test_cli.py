@@ -25,9 +25,11 @@ def test_prepare_train_evaluate(tmp_path, capsys):
                        "--out", tmp_path / "m.json")
     assert code == 0 and "hr@10" in out and "60 users" in out
     assert set(json.loads((tmp_path / "m.json").read_text())) >= {"hr@10", "ndcg@10", "num_queries"}
-    code, out, _ = run(capsys, "train", "retriever", "--data", data, "--out", tmp_path / "sas", "--max-epochs", "1",
-                       "--set", "model.hidden_size=16", "--set", "model.max_len=10", "--set", "precision=32-true")
+    code, out, err = run(capsys, "train", "retriever", "--data", data, "--out", tmp_path / "sas", "--max-epochs", "1",
+                         "--set", "model.hidden_size=16", "--set", "model.max_len=10", "--set", "precision=32-true")
     assert code == 0 and (tmp_path / "sas" / "model" / "model.safetensors").exists()
+    # not a terminal: a progress line per validation (and every 30 s) instead of a live bar; no library tips
+    assert "epoch 0 step 2 validated: " in err and "val/ndcg@10=" in err and "Tip:" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
