@@ -5,13 +5,16 @@ titles (real HTTP server) and a batch re-scoring of a CSV of requests."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import httpx
 import numpy as np
 import polars as pl
 
 from pipelines.cli import main
-from tests.test_serving_api import Server
+from tests.test_serving_api import free_port
 
 
 def test_from_a_raw_csv_to_served_and_rescored_recommendations(tmp_path, capsys):
@@ -43,15 +46,28 @@ def test_from_a_raw_csv_to_served_and_rescored_recommendations(tmp_path, capsys)
     assert len(items) == 3 and all(i["title"] == f"Widget {int(i['item_id'][3:])}" for i in items)
     run("export", "--data", tmp_path / "data", "--sasrec", tmp_path / "sasrec" / "model", "--out", tmp_path / "serve")
 
-    from serving.app import ServeSettings, create_app
-
-    with Server(create_app(tmp_path / "serve", ServeSettings(api_key=None))) as server, \
-            httpx.Client(base_url=server.url, timeout=30) as client:
-        server.wait_ready(client)
-        got = client.post("/v1/recommend", json={"user_id": "cust-1", "k": 3})
+    port = free_port()                                   # the README's `recsys serve`, as a process
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(tmp_path / "serve"), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert server.stdout.readline().startswith(f"recsys serve: listening on http://127.0.0.1:{port} (1 worker)")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.time() + 120
+            while True:
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline and server.poll() is None, "server did not become ready"
+                time.sleep(0.2)
+            got = client.post("/v1/recommend", json={"user_id": "cust-1", "k": 3})
         assert got.status_code == 200, got.text
         items = got.json()["items"]
         assert len(items) == 3 and all(i["title"] == f"Widget {int(i['item_id'][3:])}" for i in items)
+    finally:
+        server.terminate()
+        server.wait(30)
 
     (tmp_path / "requests.csv").write_text("request_id,user_id,history,k\n"
                                            "r1,cust-1,,5\n"
