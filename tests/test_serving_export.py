@@ -346,3 +346,31 @@ def test_a_changed_or_missing_artifact_stops_loading_and_names_the_file(exported
     (out / "manifest.json").write_text('{"truncated": ')
     with pytest.raises(RecsysError, match=r"manifest\.json: not valid JSON"):
         Recommender(out)
+
+
+def test_the_serve_image_requirements_cover_every_library_the_runtime_imports(exported):
+    """What the app, rescore and the CLI import while serving an exported deployment comes from distributions
+    pinned in docker/requirements-serve.txt (the serve image installs the package itself with --no-deps)."""
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    out, _, _ = exported
+    loaded = torch_free(f"""
+import json, sys, serving.app, serving.rescore
+from pipelines.cli import build_parser
+build_parser()
+from serving.runtime import Recommender, RecommendQuery
+Recommender({str(out)!r}).recommend_batch([RecommendQuery([3, 4, 5], k=5, candidates=8)])
+print(json.dumps(sorted({{m.split(".")[0] for m, v in sys.modules.items() if v is not None}})))""")
+    requirements = Path(__file__).resolve().parents[1] / "docker" / "requirements-serve.txt"
+    pinned = {line.split("==")[0].strip().lower().replace("_", "-") for line in requirements.read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    owners = packages_distributions()
+    needed = {d.lower().replace("_", "-") for m in loaded for d in owners.get(m, [])} - {"recsys"}
+    # imported by the pinned libraries themselves (their own dependencies, installed with them)
+    transitive = {"annotated-types", "anyio", "click", "h11", "idna", "markupsafe", "pydantic-core", "sniffio",
+                  "starlette", "typing-extensions", "typing-inspection", "packaging", "flatbuffers", "protobuf",
+                  "sympy", "mpmath", "coloredlogs", "humanfriendly", "huggingface-hub", "fsspec", "filelock",
+                  "requests", "urllib3", "charset-normalizer", "certifi", "hf-xet", "annotated-doc", "setuptools",
+                  "pyyaml", "ml-dtypes", "polars-runtime-32", "opentelemetry-api", "importlib-metadata", "zipp"}
+    assert needed - pinned - transitive == set()
