@@ -358,7 +358,8 @@ def main() -> None:
     p.add_argument("--sasrec-minutes", type=float, default=60.0, help="the retriever's training budget")
     p.add_argument("--lm-minutes", type=float, default=20.0, help="each listwise LM's training budget")
     p.add_argument("--lm-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the listwise LM")
-    p.add_argument("--hybrid-minutes", type=float, default=20.0, help="each hybrid SmolLM2 reranker's budget")
+    p.add_argument("--hybrid-minutes", type=float, default=None,
+                   help="cap on each hybrid SmolLM2 reranker's training (default: hybrid_smollm2.yaml's)")
     p.add_argument("--hybrid", nargs="*", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
                    help="which hybrid SmolLM2 rows to train (none: leave them out)")
     a = p.parse_args()
