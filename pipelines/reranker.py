@@ -46,6 +46,7 @@ from recsys.rerank.sft import (
     reorder_teacher,
     teacher_example,
 )
+from recsys.rerank.window import retriever_prior
 
 
 @dataclass(frozen=True)
@@ -366,9 +367,8 @@ def tune_retriever_prior(scorer: ListwiseReranker, rows: list[dict], window: int
     scorer.retriever_prior = saved
     table = {}
     for beta in grid:
-        ranks = [float(((s - beta * torch.log1p(torch.arange(len(s)))) >
-                        (s - beta * torch.log1p(torch.arange(len(s))))[w.index(r["target"])]).sum())
-                 for s, w, r in zip(scores, windows, rows)]
+        blended = [s.numpy() + retriever_prior(len(s), beta) for s in scores]
+        ranks = [float((b > b[w.index(r["target"])]).sum()) for b, w, r in zip(blended, windows, rows)]
         ranks = np.array(ranks)[:, None]
         table[beta] = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
     best = max(grid, key=lambda b: (table[b], -b))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import RecsysError
+from recsys.rerank.window import retriever_prior
 
 
 def providers() -> list[str]:
@@ -241,7 +242,7 @@ class FirstRuntime(_PromptScorer):
         if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
             cols = np.array([[self.token(f"<i{int(c)}>") for c in w] for w in windows])
             logits = np.take_along_axis(logits, cols, 1)
-        return logits[:, :n] - self.retriever_prior * np.log1p(np.arange(n, dtype=logits.dtype))
+        return logits[:, :n] + retriever_prior(n, self.retriever_prior).astype(logits.dtype)
 
 
 class GroupwiseRuntime(_PromptScorer):

@@ -131,3 +131,12 @@ def test_text_prompts_speak_the_catalogues_domain_and_movielens_keeps_its_words(
     assert shop.startswith("Products the user bought, oldest first:")
     with pytest.raises(RecsysError, match="unknown prompt domain 'cars'; known: items, movies, products"):
         Titles(titles, "cars")
+
+
+def test_the_retriever_prior_by_hand():
+    import numpy as np
+
+    from recsys.rerank.window import retriever_prior
+
+    assert np.allclose(retriever_prior(3, 1.0), [0.0, -0.6931472, -1.0986123])
+    assert retriever_prior(4, 0.0).tolist() == [0.0] * 4 and retriever_prior(2, 2.0).dtype == np.float32

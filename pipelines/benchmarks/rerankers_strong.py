@@ -87,9 +87,11 @@ PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 1000.
 def first_then_retriever(first: np.ndarray, beta: float, depth: int) -> np.ndarray:
     """(R, depth) list scores: the (R, w) FIRST logits of the top-w minus ``beta * ln(1 + position)`` order the
     top-w, the other candidates follow in the retriever's order."""
+    from recsys.rerank.window import retriever_prior
+
     w = first.shape[1]
     pos = np.arange(depth, dtype=np.float64)
-    head = first - beta * np.log1p(pos[:w])
+    head = first + retriever_prior(w, beta)
     return np.concatenate([head - head.min(1, keepdims=True) + 1.0, -pos[None, w:].repeat(len(first), 0) / depth], 1)
 
 

@@ -25,7 +25,7 @@ from recsys.precision import autocast
 from recsys.rerank.first import ListConstraint, first_scores, identifier_ids
 from recsys.rerank.parse import ParsedList, parse_ranking
 from recsys.rerank.prompts import items_as_letters, listwise_prompt
-from recsys.rerank.window import sliding_window_rerank
+from recsys.rerank.window import retriever_prior, sliding_window_rerank
 
 
 class ListwiseReranker:
@@ -48,7 +48,7 @@ class ListwiseReranker:
 
     def prior_bias(self, n: int) -> torch.Tensor:
         """(n,) the retriever prior added to the identifier at each window position: -beta ln(1 + j)."""
-        return -self.retriever_prior * torch.log1p(torch.arange(n, dtype=torch.float32))
+        return torch.from_numpy(retriever_prior(n, self.retriever_prior))
 
     def list_constraint(self, candidate_lists) -> ListConstraint:
         """The constraint of a constrained ranking of each window, carrying the retriever prior."""

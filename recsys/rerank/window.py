@@ -10,6 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
+
+def retriever_prior(n: int, beta: float) -> np.ndarray:
+    """(n,) float32 ``-beta * ln(1 + j)`` for window positions j = 0..n-1 in the retriever's order: added to an
+    LM's FIRST logits it blends them with the retriever's ranking (beta 0: the LM alone; a large beta: the
+    retriever's order). ``n = 3, beta = 1`` -> ``[0, -0.693, -1.099]``."""
+    return (-beta * np.log1p(np.arange(n, dtype=np.float64))).astype(np.float32)
+
 
 def window_starts(n: int, window: int = 20, stride: int = 10) -> list[int]:
     """Start positions, back to front. ``n = 100`` -> ``[80, 70, ..., 0]``; ``n = 25`` -> ``[5, 0]``."""
