@@ -50,7 +50,7 @@ def cmd_fetch(a):
 
 
 COLUMN_ARGS = ("domain", "user_col", "item_col", "time_col", "rating_col", "min_rating", "items", "item_id_col", "title_col",
-               "text_cols", "category_col", "users", "user_id_col", "feature_cols", "format")
+               "text_cols", "category_col", "category_sep", "year_col", "users", "user_id_col", "feature_cols", "format")
 """``recsys data prepare`` options that map your own table's columns (:class:`recsys.data.ColumnMap`)."""
 
 
@@ -438,10 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
     own.add_argument("--item-id-col", default="item_id", help="items: id column")
     own.add_argument("--title-col", help="items: title column (None: 'title' if the file has it)")
     own.add_argument("--text-cols", metavar="A,B", default="", help="items: more text for encoders and prompts")
-    own.add_argument("--category-col", help="items: categories, a list or text split on '|'")
+    own.add_argument("--category-col", help="items: categories, a list or text split on --category-sep")
+    own.add_argument("--category-sep", default="|", help="items: what separates categories in one text cell")
+    own.add_argument("--year-col", help="items: year (release, publication), a whole number")
     own.add_argument("--users", metavar="PATH", help="user feature file or directory")
     own.add_argument("--user-id-col", default="user_id", help="users: id column")
-    own.add_argument("--feature-cols", metavar="A,B", help="users: feature columns (None: all but the id)")
+    own.add_argument("--feature-cols", metavar="A,B=NAME", help="users: feature columns, each renamed with =NAME "
+                     "if wanted (None: all but the id)")
     pr.set_defaults(func=cmd_prepare)
 
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True,

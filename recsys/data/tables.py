@@ -35,9 +35,6 @@ from recsys.errors import DataError
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".parquet": "parquet", ".pq": "parquet",
            ".jsonl": "jsonl", ".ndjson": "jsonl"}
 """File extension -> format."""
-CATEGORY_SEPARATOR = "|"
-"""Several categories in one text cell are separated by this (``Action|Comedy``); Parquet and JSON lists
-are read as lists."""
 
 
 @dataclass(frozen=True)
@@ -60,12 +57,17 @@ class ColumnMap:
     text_cols: tuple[str, ...] = ()
     """More item text (description, brand, ...), appended to what text encoders and LM prompts read."""
     category_col: str | None = None
-    """Item categories (``genres`` in the catalogue): a list, or text separated by ``|``."""
+    """Item categories (``genres`` in the catalogue): a list, or text separated by ``category_sep``."""
+    category_sep: str = "|"
+    """What separates several categories in one text cell (``Action|Comedy``)."""
+    year_col: str | None = None
+    """Items' year (release, publication); a value that is not a whole number is left empty."""
     users: str | None = None
     """Optional user file (or directory of parts)."""
     user_id_col: str = "user_id"
     feature_cols: tuple[str, ...] | None = None
-    """User feature columns (kept as text); None: every column but the id."""
+    """User feature columns (kept as text), each ``column`` or ``column=name`` to rename it (the fusion
+    reranker's demographics read ``gender`` and ``age``); None: every column but the id."""
     format: str | None = None
     """``csv``, ``tsv``, ``parquet`` or ``jsonl`` for every file; None: from each file's extension."""
     domain: str = "items"
@@ -109,7 +111,8 @@ def _read_one(path: Path, fmt: str) -> pl.DataFrame:
         raise DataError(f"{path}: file is empty")
     try:
         if fmt in ("csv", "tsv"):
-            return pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema=False)
+            return pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema=False,
+                               quote_char='"' if fmt == "csv" else None)      # TSV has no quoting
         if fmt == "parquet":
             return pl.read_parquet(path)
         return pl.read_ndjson(path, infer_schema_length=None)
@@ -188,15 +191,15 @@ def parse_timestamps(values: pl.Series, source: str, column: str, locate: Locate
     return seconds.alias(column), "ISO-8601 text (times without an offset read as UTC)"
 
 
-def _categories(values: pl.Series) -> list[list[str]]:
-    if values.dtype == pl.List(pl.String) or isinstance(values.dtype, pl.List):
+def _categories(values: pl.Series, separator: str) -> list[list[str]]:
+    if isinstance(values.dtype, pl.List):
         return [[str(c) for c in (v or []) if c is not None and str(c) != ""] for v in values.to_list()]
-    return [[c.strip() for c in (v or "").split(CATEGORY_SEPARATOR) if c.strip()]
-            for v in values.cast(pl.String).to_list()]
+    return [[c.strip() for c in (v or "").split(separator) if c.strip()] for v in values.cast(pl.String).to_list()]
 
 
-def _catalog(columns: ColumnMap, item_ids: pl.Series) -> tuple[pl.DataFrame, dict]:
-    """The catalogue of every interacted item: rows of the items file where it has them, the id as title else."""
+def _catalog(columns: ColumnMap, item_ids: pl.Series, on_duplicates: str = "error") -> tuple[pl.DataFrame, dict]:
+    """The catalogue of every interacted item: rows of the items file where it has them, the id as title else;
+    a repeated item id is an error, or with ``on_duplicates="drop"`` its first row is kept."""
     ids = item_ids.unique().sort()
     report = {"items_in_interactions": len(ids)}
     base = pl.DataFrame({"item_id": ids})
@@ -205,7 +208,7 @@ def _catalog(columns: ColumnMap, item_ids: pl.Series) -> tuple[pl.DataFrame, dic
                                     pl.lit([], pl.List(pl.String)).alias("genres"), pl.lit("").alias("extra"))
     else:
         wanted = [columns.item_id_col] + ([columns.title_col] if columns.title_col else [])
-        wanted += list(columns.text_cols) + ([columns.category_col] if columns.category_col else [])
+        wanted += list(columns.text_cols) + [c for c in (columns.category_col, columns.year_col) if c]
         table, locate, _ = read_table(columns.items, list(dict.fromkeys(wanted)), columns.format,
                                       optional=() if columns.title_col else ("title",))
         source = str(columns.items)
@@ -215,10 +218,13 @@ def _catalog(columns: ColumnMap, item_ids: pl.Series) -> tuple[pl.DataFrame, dic
             raise DataError(f"{source}: column '{columns.item_id_col}' {locate(int(null_id.arg_max()))} is empty; "
                             "expected an item id")
         repeated = ~table["item_id"].is_first_distinct()
-        if repeated.any():
+        if repeated.any() and on_duplicates == "drop":
+            report["item_rows_dropped_as_repeats"] = int(repeated.sum())
+            table = table.filter(~repeated)
+        elif repeated.any():
             row = int(repeated.arg_max())
             raise DataError(f"{source}: item id {table['item_id'][row]!r} appears more than once (first repeat at "
-                            f"{locate(row)}); item ids must be unique")
+                            f"{locate(row)}); item ids must be unique (--drop-duplicates keeps the first)")
         matched = int(table["item_id"].is_in(ids.implode()).sum())
         if matched == 0:
             raise DataError(f"{source}: none of its {table.height} item ids matches an item of the interactions "
@@ -229,14 +235,15 @@ def _catalog(columns: ColumnMap, item_ids: pl.Series) -> tuple[pl.DataFrame, dic
         rows = table.select(
             "item_id",
             (pl.col(title).cast(pl.String).str.strip_chars() if title else pl.lit(None, pl.String)).alias("title"),
-            pl.Series("genres", _categories(table[columns.category_col]) if columns.category_col
+            pl.Series("genres", _categories(table[columns.category_col], columns.category_sep) if columns.category_col
                       else [[] for _ in range(table.height)], dtype=pl.List(pl.String)),
+            (pl.col(columns.year_col).cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+             .cast(pl.Int32, strict=False) if columns.year_col else pl.lit(None, pl.Int32)).alias("year"),
             text.alias("extra"))
         catalog = base.join(rows, on="item_id", how="left").with_columns(
             pl.when(pl.col("title").is_null() | (pl.col("title") == "")).then(pl.col("item_id"))
             .otherwise(pl.col("title")).alias("title"),
-            pl.col("genres").fill_null(pl.lit([], pl.List(pl.String))), pl.col("extra").fill_null(""),
-            pl.lit(None, pl.Int32).alias("year"))
+            pl.col("genres").fill_null(pl.lit([], pl.List(pl.String))), pl.col("extra").fill_null(""))
         report |= {"item_file_rows": table.height, "items_with_metadata": matched,
                    "items_titled_by_id": len(ids) - matched}
     checked = validate_catalog(catalog.select("item_id", "title", "year", "genres"), str(columns.items or "items"))
@@ -271,14 +278,16 @@ def read_columns(path: str | Path, columns: ColumnMap = ColumnMap(), name: str |
         if df.height == 0:
             raise DataError(f"{source}: no interaction has {columns.rating_col} >= {columns.min_rating}")
     df = validate_interactions(df, source, on_duplicates=on_duplicates, locate=lambda r: locate(int(kept[r])))
-    catalog, report = _catalog(columns, df["item_id"])
+    catalog, report = _catalog(columns, df["item_id"], on_duplicates)
     users = None
     if columns.users is not None:
-        users_table, _, _ = read_table(columns.users, [columns.user_id_col, *(columns.feature_cols or ())],
-                                       columns.format, keep_all=columns.feature_cols is None)
-        features = [c for c in (columns.feature_cols or users_table.columns) if c != columns.user_id_col]
-        users = user_features_table(users_table.select(pl.col(columns.user_id_col).alias("user_id"), *features),
-                               Path(columns.users))
+        renamed = dict(f.split("=", 1) if "=" in f else (f, f) for f in columns.feature_cols or ())
+        users_table, _, _ = read_table(columns.users, [columns.user_id_col, *renamed], columns.format,
+                                       keep_all=columns.feature_cols is None)
+        renamed = renamed or {c: c for c in users_table.columns if c != columns.user_id_col}
+        users = user_features_table(users_table.select(pl.col(columns.user_id_col).alias("user_id"),
+                                                       *(pl.col(c).alias(n) for c, n in renamed.items())),
+                                    Path(columns.users))
     log(f"{source}: {df.height} interactions ({fmt}), {df['user_id'].n_unique()} users, "
         f"{report['items_in_interactions']} items; {columns.time_col}: {detected}"
         + (f"; {report['items_with_metadata']} items described by {columns.items}, {report['items_titled_by_id']} "
