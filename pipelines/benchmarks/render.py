@@ -417,8 +417,9 @@ def render_quickstart(result: dict) -> list[str]:
     return out + [""]
 
 
-def render_rerankers_strong(result: dict) -> list[str]:
-    out = _provenance("## Rerankers over the strong retriever (`rerankers_strong`)", result)
+def render_rerankers_strong(result: dict, title: str = "## Rerankers over the strong retriever (`rerankers_strong`)"
+                            ) -> list[str]:
+    out = _provenance(title, result) + [f"- dataset: {result['dataset']}"]
     out += [f"- protocol: {result['protocol']}", f"- {result['labels']}", "",
             ("| row | seed | features | ndcg@10 | hr@10 | ndcg@5 | ndcg@20 | mrr | minus the retriever, NDCG@10, 95% "
              "| users whose test item is later than their history | seconds |"),
@@ -515,6 +516,8 @@ def render_rows(title: str, intro: str = ""):
 
 RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "serving": render_serving, "baselines_ml1m": render_baselines, "retrieval": render_retrieval, "rerankers": render_rerankers,
              "rerankers_strong": render_rerankers_strong,
+             "rerankers_ml100k": lambda r: render_rerankers_strong(
+                 r, "## The same pipeline on MovieLens-100K, read as your own data (`rerankers_ml100k`)"),
              "rerankers_smollm2": render_rerankers_smollm2, "position_probe_smollm2": render_position_probe,
              "rl": render_rl, "rl_throughput": render_rl_throughput, "quant_probe": render_quant_probe,
              "gpu_check": render_rows("## GPU check (`gpu_check`)", "every CUDA path once on a lent GPU; a skipped row "

@@ -108,10 +108,11 @@ def choose_prior(first: np.ndarray, targets: np.ndarray, window: int, depth: int
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
         lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
         groups: tuple[str, ...] | None = None, hybrid: tuple[str, ...] = ("pretrained", "scratch"),
-        hybrid_overrides: dict | None = None, log=print) -> dict:
+        hybrid_overrides: dict | None = None, columns=None, log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
-    (``ml-1m``) or a directory; the overrides update the retriever's and the LM's recipes; ``groups``: the
-    side-feature groups (default all, ``retriever`` first)."""
+    (``ml-1m``), a directory, or a file read with ``columns`` (:class:`recsys.data.ColumnMap`); the overrides
+    update the retriever's and the LM's recipes; ``groups``: the side-feature groups (default all,
+    ``retriever`` first)."""
     from pipelines.config import load_config
     from pipelines.fusion import (
         ALL_GROUPS,
@@ -133,13 +134,15 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     from recsys.rerank.fusion import FusionConfig, FusionRanker
 
     stages = Stages(out, log)
-    data_dir = out / "data" / Path(dataset).name
+    data_dir = out / "data" / (Path(dataset).stem if columns else Path(dataset).name)
 
     def data():
-        ds = prepare(load_dataset(dataset, log=log), data_dir, PrepareConfig())
+        ds = prepare(load_dataset(dataset, columns, on_duplicates="drop" if columns else None, log=log), data_dir,
+                     PrepareConfig())
         return {"users": ds.n_users, "items": ds.n_items, "fingerprint": ds.fingerprint}
 
-    stages.run("data", {"dataset": str(dataset), "prepare": PrepareConfig().__dict__}, data)
+    read = {"columns": columns.__dict__} if columns else {}
+    stages.run("data", {"dataset": str(dataset), "prepare": PrepareConfig().__dict__} | read, data)
     ds = PreparedDataset.load(data_dir)
     base = {"fingerprint": ds.fingerprint}
     runs = out / "runs"
@@ -188,6 +191,23 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
              "best_val_ndcg@10": round(sas["best_val_ndcg@10"], 5), "model": "SASRec, sasrec_ml1m.yaml"}]
     for r in rows:
         r.pop("paired")
+
+    def popularity():                    # the floor: most-interacted training items, full ranking
+        from recsys.evaluation import evaluate_full_ranking
+        from recsys.models.popularity import Popularity
+
+        examples = ds.eval_examples("test")
+        ranks = evaluate_full_ranking(Popularity.fit(ds), examples, ["hr@10"], progress=False, return_ranks=True)[1]
+        order = {int(u): i for i, u in enumerate(examples.users)}
+        at = [order[int(u)] for u in load_candidates(cands, "test")["uidx"].to_list()]   # the candidates' order
+        metrics, users = ranking_metrics(ranks[at, 0], METRICS)
+        return {"name": "popularity", "seed": 0, "features": ["popularity"], "scorer": "full ranking by training count",
+                "metrics": {m: round(metrics[m], 5) for m in METRICS}, "num_users": metrics["num_queries"],
+                "paired": _paired(retriever_users, users),
+                "later_than_history": {"users": int(later.sum()), "ndcg@10": round(float(users[later].mean()), 5),
+                                       "retriever_ndcg@10": round(float(retriever_users[later].mean()), 5)}}
+
+    rows.append(stages.run("popularity", base, popularity))
 
     def columns(groups, lm: bool = False) -> list[int]:
         """Indices of the groups' columns in the cached features; the LM's logit is appended after them."""
