@@ -43,6 +43,12 @@ def _metrics(text: str) -> list[str]:
     return names
 
 
+def model_dir(text: str) -> str:
+    """A model directory argument: a run directory (``RUN``) means its ``RUN/model``."""
+    path = Path(text)
+    return str(path / "model") if (path / "model").is_dir() else text
+
+
 def cmd_fetch(a):
     from recsys.data import fetch_dataset
 
@@ -480,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "f-grpo", "slate-grpo", "grouprank"], default="sft",
                     help="sft, or RL from --init: grpo / rank-grpo (listwise), f-grpo / slate-grpo (listwise model, "
                          "slate-then-rank task: --set slate_size=10 --set rank_size=5), grouprank (groupwise)")
-    rk.add_argument("--init", help="RL only: the SFT run's model/ directory to start from")
+    rk.add_argument("--init", type=model_dir, help="RL only: the SFT run (or its model/) to start from")
     rk.add_argument("--max-steps", type=int, help="RL only: batches of rollouts")
     rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")
     rk.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/listwise_sft_tiny.yaml")
@@ -517,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "Saves OUT/model; re-running resumes.")
     hy.add_argument("--data", required=True, help="prepared dataset directory")
     hy.add_argument("--candidates", required=True, help="candidates with train targets, e.g. --train-targets-per-user 30")
-    hy.add_argument("--retriever", help="the SASRec model directory whose item vectors become soft tokens")
+    hy.add_argument("--retriever", type=model_dir, help="the SASRec run (or its model/) whose item vectors become "
+                    "soft tokens")
     hy.add_argument("--out", required=True, help="run directory")
     hy.add_argument("--backbone", help="smollm2-135m (default) or a local Hugging Face causal-LM checkpoint")
     hy.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/hybrid_smollm2.yaml")
@@ -536,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--out", required=True, help="run directory")
     gn.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "vstar"], help="default: the recipe's, else sft")
     gn.add_argument("--semantic-ids", help="SFT: directory written by `recsys index semantic-ids`")
-    gn.add_argument("--init", help="RL: the SFT run's model/ directory")
+    gn.add_argument("--init", type=model_dir, help="RL: the SFT run (or its model/)")
     gn.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/generative_sft_tiny.yaml")
     gn.add_argument("--seed", type=int)
     gn.add_argument("--max-epochs", type=int, help="SFT epochs")
@@ -630,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "reranked_<split>.parquet and metrics for the retriever order and the reranked "
                                     "order (pipeline = full ranking, cand_ = candidate set).")
     rr.add_argument("--data", required=True)
-    rr.add_argument("--model", required=True, help="reranker model directory (OUT/model of train reranker)")
+    rr.add_argument("--model", required=True, type=model_dir, help="the reranker run (or its model/)")
     rr.add_argument("--candidates", required=True)
     rr.add_argument("--out", required=True)
     rr.add_argument("--split", choices=["valid", "test"], default="test")
@@ -648,10 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and a manifest; the output directory is what `recsys serve` and `recsys rescore` "
                                     "load.")
     ex.add_argument("--data", required=True, help="prepared dataset directory")
-    ex.add_argument("--sasrec", required=True, help="SASRec model directory (RUN/model)")
-    ex.add_argument("--reranker", help="listwise reranker model directory (RUN/model)")
-    ex.add_argument("--groupwise", help="groupwise reranker directory (RUN/model): reranks when no --reranker is given")
-    ex.add_argument("--generative", help="generative recommender directory (RUN/model): served at POST /v1/generate")
+    ex.add_argument("--sasrec", required=True, type=model_dir, help="the SASRec run (or its model/)")
+    ex.add_argument("--reranker", type=model_dir, help="a listwise reranker run (or its model/)")
+    ex.add_argument("--groupwise", type=model_dir, help="a groupwise reranker run (or its model/): reranks when no "
+                    "--reranker is given")
+    ex.add_argument("--generative", type=model_dir, help="a generative recommender run (or its model/): served at "
+                    "POST /v1/generate")
     ex.add_argument("--out", required=True)
     ex.add_argument("--quantize", action="store_true", help="also write int8 dynamic-quantised graphs")
     ex.add_argument("--no-fuse", action="store_true",

@@ -44,7 +44,7 @@ def test_from_a_raw_csv_to_served_and_rescored_recommendations(tmp_path, capsys)
     out = run("recommend", "--data", tmp_path / "data", "--model", tmp_path / "sasrec", "--users", "cust-1", "--k", "3")
     items = json.loads(out)["items"]
     assert len(items) == 3 and all(i["title"] == f"Widget {int(i['item_id'][3:])}" for i in items)
-    run("export", "--data", tmp_path / "data", "--sasrec", tmp_path / "sasrec" / "model", "--out", tmp_path / "serve")
+    run("export", "--data", tmp_path / "data", "--sasrec", tmp_path / "sasrec", "--out", tmp_path / "serve")  # a run dir
 
     port = free_port()                                   # the README's `recsys serve`, as a process
     server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(tmp_path / "serve"), "--port",
