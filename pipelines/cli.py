@@ -342,6 +342,10 @@ def cmd_serve(a):
                 "api_key": (read_api_key(a.api_key_file) if a.api_key_file else os.environ.get("RECSYS_API_KEY"))}
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
+    if a.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics sums every worker
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="recsys-metrics-")
     print(f"recsys serve: listening on http://{a.host}:{a.port} ({a.workers} worker{'s' * (a.workers > 1)}); "
           "GET /readyz answers 200 once the models are loaded and checked", flush=True)
     uvicorn.run("serving.app:app_from_env", factory=True, host=a.host, port=a.port, workers=a.workers,

@@ -459,3 +459,42 @@ def test_the_access_log_writes_one_json_line_per_request_when_asked(exported, ca
         {k: x[k] for k in ("method", "path", "status")} for x in lines]
     assert any(x["path"] == "unmatched" and x["status"] == 404 for x in lines)
     assert all("no-such-path" not in r.getMessage() for r in caplog.records)
+
+
+def test_recsys_serve_with_two_workers_counts_every_request_once_in_metrics(exported, tmp_path):
+    """`recsys serve --workers 2` (two uvicorn processes): /metrics, whichever worker answers it, sums both
+    workers' counters (the CLI gives them a shared prometheus_client multiprocess directory)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    out, _, _ = exported
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(out), "--port", str(port),
+                               "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert "(2 workers)" in server.stdout.readline()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            deadline = time.time() + 120
+            ready = 0
+            while ready < 10:                       # /readyz answered by both workers, most likely, by then
+                try:
+                    ready += client.get("/readyz", headers={"connection": "close"}).status_code == 200
+                except httpx.TransportError:
+                    pass
+                assert time.time() < deadline and server.poll() is None, "server did not become ready"
+                time.sleep(0.1)
+            for _ in range(40):                     # new connections: the kernel spreads them over the workers
+                got = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 2},
+                                  headers={"connection": "close"})
+                assert got.status_code == 200, got.text
+            counts = set()
+            for _ in range(6):
+                text = client.get("/metrics", headers={"connection": "close"}).text
+                counts.add(re.search(r'recsys_requests_total\{path="/v1/recommend",status="200"\} (\S+)', text)[1])
+        assert counts == {"40.0"}
+    finally:
+        server.terminate()
+        server.wait(30)
