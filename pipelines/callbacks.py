@@ -157,13 +157,13 @@ def same_run(previous: dict, record: dict, defaults: dict) -> bool:
     return {**previous, "config": old} == {**record, "config": {k: new[k] for k in old}}
 
 
-def resume_checkpoint(out, record: dict, resume: bool = True, defaults: dict | None = None):
+def resume_checkpoint(out, record: dict, resume: bool | str = True, defaults: dict | None = None):
     """Path of ``out/checkpoints/last.ckpt`` to resume from, or None to start fresh.
 
     ``record`` (the run's defining config and dataset fingerprint) is written to ``out/run.json``; a
-    directory holding a different run is refused rather than silently continued. ``defaults`` (the
-    config class's defaults) lets a run saved before a config field existed resume when the new field
-    is left at its default.
+    directory holding a different run is refused rather than silently continued (``resume="auto"``: started
+    over instead, for pipelines whose stage settings changed). ``defaults`` (the config class's defaults) lets
+    a run saved before a config field existed resume when the new field is left at its default.
     """
     import json
     from pathlib import Path
@@ -177,7 +177,9 @@ def resume_checkpoint(out, record: dict, resume: bool = True, defaults: dict | N
         previous = json.loads(path.read_text()) if path.exists() else None
         if previous is None or not same_run(previous, json.loads(json.dumps(record)),
                                             json.loads(json.dumps(defaults or {}))):
-            raise RecsysError(f"{out}: holds a run with a different config or dataset; "
-                              "use another --out or pass --no-resume to start over")
+            if resume != "auto":
+                raise RecsysError(f"{out}: holds a run with a different config or dataset; "
+                                  "use another --out or pass --no-resume to start over")
+            resume = False
     path.write_text(json.dumps(record, indent=2))
     return last if resume and last.exists() else None

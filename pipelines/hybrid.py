@@ -250,7 +250,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 
 
 def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTrainConfig, progress: bool = True,
-                 resume: bool = True, runtime: Runtime | None = None) -> Path:
+                 resume: bool | str = True, runtime: Runtime | None = None) -> Path:
     """Train; save the best model to ``out/model``; return that directory."""
     from recsys.rerank.prompts import item_titles
 

@@ -395,7 +395,7 @@ def init_item_embeddings(backbone: Backbone, sasrec_dir: str | Path) -> None:
 
 
 def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: RerankerSFTConfig = RerankerSFTConfig(),
-                   progress: bool = True, resume: bool = True, runtime: Runtime | None = None) -> Path:
+                   progress: bool = True, resume: bool | str = True, runtime: Runtime | None = None) -> Path:
     """SFT of a reranker on a candidates directory; saves the best model (HF layout) to ``out/model``."""
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes", "precision")}

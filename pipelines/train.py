@@ -91,7 +91,7 @@ def train_popularity(dataset: PreparedDataset, out: str | Path) -> Path:
 
 
 def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainConfig = SASRecTrainConfig(), *,
-                 resume: bool = True, progress: bool = True, runtime: Runtime | None = None) -> Path:
+                 resume: bool | str = True, progress: bool = True, runtime: Runtime | None = None) -> Path:
     """Train SASRec with early stopping on validation NDCG@10; save the best model to ``out/model``.
 
     With ``resume`` and an existing ``out/checkpoints/last.ckpt`` whose config matches, training

@@ -45,10 +45,15 @@ def test_resume_is_exact(tiny_dataset, tmp_path):
 
 
 def test_resume_refuses_a_different_run(tiny_dataset, tmp_path):
-    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**TINY, max_epochs=1), progress=False)
+    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**TINY, max_epochs=2), progress=False)
     with pytest.raises(RecsysError, match="different config or dataset"):
         train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**{**TINY, "lr": 1e-4}, max_epochs=1),
                      progress=False)
+    # resume="auto" (pipelines whose stage settings changed): the other run is started over, not continued
+    train_sasrec(tiny_dataset, tmp_path / "r", SASRecTrainConfig(**{**TINY, "lr": 1e-4}, max_epochs=1),
+                 progress=False, resume="auto")
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["config"]["lr"] == 1e-4
+    assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0   # not 1
 
 
 def test_a_finished_run_moved_elsewhere_fails_clearly_on_resume(tiny_dataset, tmp_path):

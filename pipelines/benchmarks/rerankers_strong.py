@@ -155,7 +155,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                           {"seed": seed, "num_threads": 1, **(sasrec_overrides or {})})
 
     def sasrec():
-        train_sasrec(ds, sas_dir, sas_cfg, progress=False)
+        train_sasrec(ds, sas_dir, sas_cfg, progress=False, resume="auto")
         return json.loads((sas_dir / "train.json").read_text())
 
     sas = stages.run(f"sasrec-seed{seed}", base | {"config": sas_cfg.__dict__}, sasrec)
@@ -262,7 +262,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
         def train_lm():
             start = time.time()
-            train_reranker(ds, t30, lm_dir, lm_cfg, progress=False)
+            train_reranker(ds, t30, lm_dir, lm_cfg, progress=False, resume="auto")
             meta = json.loads((lm_dir / "model" / "reranker.json").read_text())
             return {"seconds": round(time.time() - start, 1), "retriever_prior": meta.get("retriever_prior")}
 
@@ -298,7 +298,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
         def train():
             start = time.time()
-            train_hybrid(ds, t30, run_dir, config, progress=False)
+            train_hybrid(ds, t30, run_dir, config, progress=False, resume="auto")
             return {"seconds": round(time.time() - start, 1),
                     **{k: v for k, v in json.loads((run_dir / "train.json").read_text()).items() if k != "config"}}
 
