@@ -81,6 +81,24 @@ def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
         assert ((joint - logs["train/reward"]).drop_nulls().abs() < 1e-5).all()
 
 
+def test_off_policy_rank_grpo_updates_twice_per_rollout_batch_and_its_per_rank_clip_engages(tiny_dataset, tmp_path,
+                                                                                          sft_models):
+    """mu = 2 with the paper's clip (0.06 / 0.08): the second update's ratio differs from 1, so some ranks clip;
+    with mu = 1 the ratio is 1 and nothing ever clips."""
+    import polars as pl
+
+    cands, lw, _ = sft_models
+    clip = {"eps_low": 0.06, "eps_high": 0.08, "lr": 3e-3}
+    fractions = {}
+    for mu in (1, 2):
+        cfg = RLConfig(algo="rank-grpo", init=str(lw), mu=mu, **RL, **clip)
+        train_rl(tiny_dataset, cands, tmp_path / f"mu{mu}", cfg, progress=False)
+        logs = pl.read_csv(next((tmp_path / f"mu{mu}" / "logs").glob("version_*/metrics.csv")))
+        fractions[mu] = logs["train/clip_fraction"].drop_nulls()
+        assert json.loads((tmp_path / f"mu{mu}" / "train.json").read_text())["steps"] == 4   # rollout batches
+    assert fractions[1].max() == 0.0 and fractions[2].max() > 0.0
+
+
 def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, tmp_path, sft_models):
     """A rollout batch through the module: slate tokens (4 identifiers, 4 separators, the marker) end at
     the marker, the rank phase has 2 identifiers, 2 separators and the end; each phase's advantages are
