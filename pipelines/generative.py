@@ -116,6 +116,10 @@ class GenerativeTrainConfig:
     beta: float = 1e-3
     """KL weight (k3) toward the SFT model."""
     eps: float = 0.2
+    mu: int = 1
+    """RL: optimiser steps per batch of rollouts. 1: on-policy (the ratio is 1, clipping never engages);
+    >1: off-policy, each later step's ratio against the log-probs of the first, clipped at ``eps`` (per rank
+    for ``rank-grpo``, Rank-GRPO arXiv 2510.20150 §4)."""
     shaping: float = 0.1
     """Reward for a miss: shaping x matching code prefix / D (see recsys.rl.vstar.prefix_reward)."""
     list_length: int = 5
@@ -133,6 +137,8 @@ class GenerativeTrainConfig:
     def __post_init__(self):
         if self.algo not in ALGOS:
             raise RecsysError(f"algo must be one of {ALGOS}, got {self.algo!r}")
+        if self.mu < 1:
+            raise RecsysError(f"mu (optimiser steps per rollout batch) must be >= 1, got {self.mu}")
 
     def ved(self) -> VEDConfig:
         return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
@@ -332,33 +338,39 @@ class GenerativeRLModule(_Validated):
         exclude = self._exclude(hists, G)
         self.model.train()
         vstar = cfg.algo == "vstar"
-        res = code_log_probs(self.model, rep, codes, exclude, values=vstar)
-        logp, values = res if vstar else (res, None)
         with torch.no_grad():
             ref_logp = code_log_probs(self.ref, rep, codes, exclude)
-        logp = torch.where(ok[:, None].to(logp.device), logp, torch.zeros_like(logp))
-        ref_logp = torch.where(ok[:, None].to(logp.device), ref_logp, torch.zeros_like(ref_logp))
-        mask = ok[:, None].expand(-1, D).to(logp.device)
-        loss, stats = policy_loss(logp, logp.detach(), adv[:, None].to(logp.device), mask, ref_logp, cfg.beta,
-                                  cfg.eps, cfg.eps)
-        logs = {"train/reward": reward.mean(), "train/hit": (reward == 1).float().mean(),
-                "train/reward_std": reward.std(1).mean(), "train/distinct": torch.tensor(
-                    np.mean([len(set(r.tolist())) for r in out.items])).float(),
-                "train/calls": torch.tensor(calls), "train/kl": stats.get("kl", torch.tensor(0.0))}
+        on = ok[:, None].to(ref_logp.device)
+        ref_logp = torch.where(on, ref_logp, torch.zeros_like(ref_logp))
+        mask = ok[:, None].expand(-1, D).to(ref_logp.device)
         if vstar:
             sib = [sibling_advantages(c, r) for c, r in zip(out.codes, reward)]
             A, carry = torch.cat([a for a, _ in sib]), torch.cat([c for _, c in sib]) & mask.cpu()
-            loss = loss + cfg.sibling_weight * sibling_loss(logp, A, carry, ref_logp, cfg.beta)
             dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
                                for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
-            target_v = td_targets(values.float(), dense.to(values.device), cfg.gamma)
-            value_loss = ((values.float() - target_v) ** 2)[ok.to(values.device)].mean()
-            loss = loss + cfg.value_weight * value_loss
+        opt, old_logp = self.optimizers(), None
+        for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
+            res = code_log_probs(self.model, rep, codes, exclude, values=vstar)
+            logp, values = res if vstar else (res, None)
+            logp = torch.where(on, logp, torch.zeros_like(logp))
+            old_logp = logp.detach() if old_logp is None else old_logp
+            loss, stats = policy_loss(logp, old_logp, adv[:, None].to(logp.device), mask, ref_logp, cfg.beta,
+                                      cfg.eps, cfg.eps)
+            if vstar:
+                loss = loss + cfg.sibling_weight * sibling_loss(logp, A, carry, ref_logp, cfg.beta)
+                target_v = td_targets(values.float(), dense.to(values.device), cfg.gamma)
+                value_loss = ((values.float() - target_v) ** 2)[ok.to(values.device)].mean()
+                loss = loss + cfg.value_weight * value_loss
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        logs = {"train/reward": reward.mean(), "train/hit": (reward == 1).float().mean(),
+                "train/reward_std": reward.std(1).mean(), "train/distinct": torch.tensor(
+                    np.mean([len(set(r.tolist())) for r in out.items])).float(),
+                "train/calls": torch.tensor(calls), "train/kl": stats.get("kl", torch.tensor(0.0)),
+                "train/clip_fraction": stats["clip_fraction"]}
+        if vstar:
             logs["train/value_loss"] = value_loss.detach()
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
         self.log_dict({k: torch.as_tensor(v).float() for k, v in logs.items()}, batch_size=len(rows))
         self.log("reward", reward.mean(), prog_bar=True, batch_size=len(rows))
 
@@ -392,18 +404,21 @@ class GenerativeRLModule(_Validated):
         token = torch.arange(N * D, device=self.device)
         bins = torch.where(token[None, :] < lengths[:, None] * D, token[None, :] // D, torch.full_like(token, -2))
         self.model.train()
-        logp = self.list_log_probs(self.model, rep, lists)
         with torch.no_grad():
             ref_logp = self.list_log_probs(self.ref, rep, lists)
-        loss, stats = rank_grpo_loss(logp, logp.detach(), adv, bins, ref_logp, cfg.beta, cfg.eps, cfg.eps)
-        opt = self.optimizers()
-        opt.zero_grad()
-        self.manual_backward(loss)
-        opt.step()
+        opt, old_logp = self.optimizers(), None
+        for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
+            logp = self.list_log_probs(self.model, rep, lists)
+            old_logp = logp.detach() if old_logp is None else old_logp
+            loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, cfg.beta, cfg.eps, cfg.eps)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
         hit = rel.amax(1)
         self.log_dict({"train/reward": hit.mean(), "train/hit_rank_mean": rel.argmax(1).float()[hit > 0].mean()
                        if hit.any() else torch.tensor(-1.0), "train/list_length": lengths.float().mean(),
-                       "train/kl": stats.get("kl", torch.tensor(0.0)).float()}, batch_size=len(rows))
+                       "train/kl": stats.get("kl", torch.tensor(0.0)).float(),
+                       "train/clip_fraction": stats["clip_fraction"].float()}, batch_size=len(rows))
         self.log("reward", hit.mean(), prog_bar=True, batch_size=len(rows))
 
     def configure_optimizers(self):

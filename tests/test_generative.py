@@ -468,6 +468,30 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
         train_generative(tiny_dataset, tmp_path / "x", GenerativeTrainConfig(algo=algo), progress=False)
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "vstar"])
+def test_off_policy_generative_rl_clips_its_later_updates_only(tiny_dataset, sid_dir, tmp_path, algo):
+    """mu = 2: the second optimiser step on a rollout batch has a ratio off 1 and clips (tight eps, large lr);
+    mu = 1 never clips. ``max_steps`` counts rollout batches; the trainer's step counter, optimiser steps."""
+    import polars as pl
+
+    from pipelines.generative import GenerativeTrainConfig, train_generative
+
+    init = train_generative(tiny_dataset, tmp_path / "sft", _sft(sid_dir, max_epochs=2), progress=False)
+    clipped = {}
+    for mu in (1, 2):
+        cfg = GenerativeTrainConfig(algo=algo, model=SMALL, init=str(init), max_steps=4, val_every=4,
+                                    prompts_per_step=3, group_size=4, init_beam=2, val_beam=8, lr=2e-2, eps=0.01,
+                                    mu=mu, precision="32-true")
+        train_generative(tiny_dataset, tmp_path / f"{algo}-mu{mu}", cfg, progress=False)
+        logs = pl.read_csv(next((tmp_path / f"{algo}-mu{mu}" / "logs").glob("version_*/metrics.csv")))
+        clipped[mu] = logs["train/clip_fraction"].drop_nulls()
+        assert json.loads((tmp_path / f"{algo}-mu{mu}" / "train.json").read_text())["steps"] == 4 * mu
+    assert clipped[1].len() == clipped[2].len() == 4
+    assert clipped[1].max() == 0.0 and clipped[2].max() > 0.0
+    with pytest.raises(RecsysError, match="mu"):
+        GenerativeTrainConfig(algo=algo, mu=0)
+
+
 def test_generative_rl_that_never_beats_its_start_keeps_the_start(tiny_dataset, sid_dir, tmp_path):
     """lr 0: every RL checkpoint scores what the SFT start scored, so ``model`` is the start bit for bit,
     ``train.json`` says ``kept_start``, and the final weights are written to ``last-model`` all the same."""
