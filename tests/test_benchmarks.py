@@ -276,7 +276,7 @@ def test_strong_reranker_renderer_shows_intervals_subsets_comparisons_and_a_plot
               "paired": {"ndcg@10": [0.02, 0.04], "mean_diff": 0.03, "better": 3, "worse": 1},
               "later_than_history": {**later, "paired": {"ndcg@10": [0.01, 0.02]}}, "holdout_ndcg@10": 0.3, "seconds": 9}
     result = {"benchmark": "rerankers_strong", "command": "c", "commit": "x", "date": "d", "machine": "m",
-              "protocol": "p", "labels": "tiny = built in code",
+              "dataset": "ml-1m", "protocol": "p", "labels": "tiny = built in code",
               "rows": [{"name": "retriever-order", "seed": 0, "metrics": m, "later_than_history": later, "seconds": 60},
                        fusion, {**fusion, "name": "end-to-end", "pipeline": "SASRec top-50 -> fusion-mlp (seed 0)"}],
               "comparisons": [{"row": "fusion-mlp-without-ease-seed0", "against": "fusion-mlp-seed0",
@@ -287,3 +287,4 @@ def test_strong_reranker_renderer_shows_intervals_subsets_comparisons_and_a_plot
     assert "0.1200 vs 0.1000 (+0.0100 to +0.0200)" in text and "**end-to-end** (SASRec top-50 -> fusion-mlp" in text
     assert "fusion-mlp-without-ease-seed0 minus fusion-mlp-seed0 -0.0150 (-0.0200 to -0.0100)" in text
     assert "recall@50 0.5500" in text and (tmp_path / "rerankers_strong_paired.png").stat().st_size > 1000
+    assert "- dataset: ml-1m" in text
