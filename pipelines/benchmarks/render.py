@@ -544,6 +544,8 @@ def renderer_for(name: str):
         return RENDERERS[name]
     if name.startswith("baselines_ml1m_"):
         return render_baselines
+    if name.startswith("quickstart_"):
+        return render_quickstart
     return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 
