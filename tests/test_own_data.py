@@ -41,6 +41,8 @@ def test_from_a_raw_csv_to_served_and_rescored_recommendations(tmp_path, capsys)
         "--title-col", "name", "--category-col", "category")
     run("train", "retriever", "--data", tmp_path / "data", "--out", tmp_path / "sasrec", "--max-epochs", "3",
         "--set", "model.hidden_size=16", "--set", "model.max_len=12", "--set", "precision=32-true")
+    out = run("evaluate", "--data", tmp_path / "data", "--model", tmp_path / "sasrec", "--split", "test")
+    assert "ndcg@10" in out and "40 users" in out
     out = run("recommend", "--data", tmp_path / "data", "--model", tmp_path / "sasrec", "--users", "cust-1", "--k", "3")
     items = json.loads(out)["items"]
     assert len(items) == 3 and all(i["title"] == f"Widget {int(i['item_id'][3:])}" for i in items)
