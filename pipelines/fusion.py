@@ -1,5 +1,6 @@
-"""The fusion reranker job: side features of a retriever's candidates (and optionally a listwise LM's
-logits), a small scorer trained on the validation targets, and its evaluation on test.
+"""The fusion reranker job: side features of a retriever's candidates (and optionally the logits of an
+item-token LM: a tiny listwise reranker or a hybrid-token pretrained one), a small scorer trained on the
+validation targets, and its evaluation on test.
 
 A run directory holds::
 
