@@ -196,6 +196,20 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
                                        for r in requests], None, config).numpy()
     assert np.allclose(part[:, 4:6], second[:, 2:], atol=1e-5)
     assert np.allclose(part[:, 6:], part[:, :6].min(1, keepdims=True))
+    # ... and as the fusion reranker's LM feature, end to end: trained, saved, reloaded, evaluated
+    from pipelines.fusion import (
+        FusionTrainConfig,
+        evaluate_fusion,
+        train_fusion_reranker,
+    )
+    from recsys.rerank.fusion import FusionConfig, FusionRanker
+
+    fusion = FusionTrainConfig(features=("retriever",), lm=str(model_dir), lm_depth=4, depth=10,
+                               scorer=FusionConfig(epochs=2))
+    train_fusion_reranker(ds, root / "cands", tmp_path / "fusion", fusion, log=lambda _: None)
+    assert FusionRanker.from_pretrained(tmp_path / "fusion" / "model").names[-1] == "lm_logit"
+    got = evaluate_fusion(ds, tmp_path / "fusion" / "model", root / "cands", "test", ["ndcg@10"])
+    assert 0.0 <= got["reranked"]["ndcg@10"] <= 1.0
 
 
 def test_scratch_control_has_the_architecture_but_not_the_weights(hybrid_setup):
