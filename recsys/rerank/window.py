@@ -4,6 +4,8 @@ The window moves from the back of the list to the front (window 20, stride 10 by
 items bubble up: with 100 candidates the windows are [80, 100), [70, 90), ..., [0, 20), nine calls.
 Each call reorders the items inside its window; the next window overlaps the first ``window - stride``
 items of the previous one.
+
+Torch-free (numpy only): the serving runtime blends FIRST logits with :func:`retriever_prior` from here too.
 """
 
 from __future__ import annotations
