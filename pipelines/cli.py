@@ -270,15 +270,14 @@ def cmd_recommend(a):
         if unknown:
             raise DataError(f"--history: unknown item id(s) {unknown[:5]} (not in the catalog of {ds.name})")
         queries = [("history", np.array([table[x] for x in ids], dtype=np.int64))]
-    model_dir = Path(a.model)
-    model_dir = model_dir / "model" if (model_dir / "model").is_dir() else model_dir
+    model_path = Path(a.model)
     names = ds.item_ids(np.arange(1, ds.n_items + 1))
     titles = dict(zip(ds.catalog["item_id"].cast(str).to_list(), ds.catalog["title"].to_list()))
-    if (model_dir / "generative.json").exists():
+    if (model_path / "generative.json").exists():
         from pipelines.generative import load_for
         from recsys.generative.decoding import recommend_batch
 
-        model = load_for(ds, model_dir).eval()
+        model = load_for(ds, model_path).eval()
         out = recommend_batch(model, [q for _, q in queries], a.k, a.beam)
         for (who, _), items, scores in zip(queries, out.items.tolist(), out.scores.tolist()):
             print(json.dumps({"query": who, "items": [{"item_id": names[i - 1], "score": round(s, 4),
@@ -287,7 +286,7 @@ def cmd_recommend(a):
         return
     from recsys.models.base import load_model, recommend
 
-    model = load_model(model_dir)
+    model = load_model(model_path)
     for who, hist in queries:
         ranked = recommend(model, hist, a.k, names)
         print(json.dumps({"query": who, "items": [{"item_id": x.item_id, "score": round(x.score, 4),
@@ -561,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Prints one JSON line per query. Works with SASRec, popularity and generative "
                                     "models (beam search under the semantic-ID trie; history items excluded).")
     rc.add_argument("--data", required=True, help="prepared dataset directory")
-    rc.add_argument("--model", required=True, help="run directory or model directory")
+    rc.add_argument("--model", required=True, type=model_dir, help="run directory or model directory")
     rc.add_argument("--users", help="comma-separated user ids (their full history is used)")
     rc.add_argument("--history", help="item ids separated by '|', oldest first (ids may hold commas: "
                     "'Toy Story (1995)|Heat (1995)')")
