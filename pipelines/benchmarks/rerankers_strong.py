@@ -311,12 +311,11 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             return lm_logits(ds, run_dir / "model", requests, window=w, depth=w)[:, :w]
 
         def logits():
-            valid = requests_from_candidates(ds, load_candidates(cands, "valid").head(PRIOR_USERS), depth)
-            np.savez(logit_file, valid=top_window(valid), test=top_window(test_requests))
+            np.savez(logit_file, test=top_window(test_requests))
             return str(logit_file)
 
         stages.run(f"{name}-logits-seed0", base | {"trained": trained}, logits)
-        got = dict(np.load(logit_file))
+        got = {"test": np.load(logit_file)["test"]}
         valid_file = runs / f"{name}-valid-logits-seed0.npy"
 
         def valid_logits():               # every validation list: the fusion rows train on them
@@ -324,11 +323,13 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             return str(valid_file)
 
         stages.run(f"{name}-valid-logits-seed0", base | {"trained": trained}, valid_logits)
-        as_feature = {"valid": fill_unscored(np.load(valid_file), depth), "test": fill_unscored(got["test"], depth)}
+        got["valid"] = np.load(valid_file)
+        as_feature = {split: fill_unscored(got[split], depth) for split in ("valid", "test")}
 
         def evaluate():
             w = config.window
-            beta, by_beta = choose_prior(got["valid"], split_data["valid"]["targets"][:PRIOR_USERS], w, depth)
+            beta, by_beta = choose_prior(got["valid"][:PRIOR_USERS], split_data["valid"]["targets"][:PRIOR_USERS], w,
+                                         depth)
             return {"name": name, "seed": 0, "features": ["lm"], "retriever_prior": beta, "prior_on_validation": by_beta,
                     "scorer": f"FIRST over the top-{w} minus the retriever prior chosen on {PRIOR_USERS} validation "
                               "users (the rest in the retriever's order)", "backbone": "SmolLM2-135M, first "
