@@ -64,6 +64,10 @@ class HybridTrainConfig:
     """Title words before each soft token (0 = the soft token alone, None = whole titles)."""
     lora_r: int = 0
     """LoRA rank on every linear layer (peft); 0 = train the kept layers in full."""
+    text_layers: int | None = None
+    """Give the projector each item's catalogue text as the LM reads it: hidden states after its first N layers,
+    mean-pooled (:func:`recsys.rerank.hybrid.text_states`; the pretrained knowledge's way in when
+    ``title_words`` is 0). None = the retriever vector alone."""
     identifiers: str = "items"
     """How FIRST names a candidate: ``items`` (its own soft token is its output row; the last hidden state is
     scored against it) or ``letters`` (A, B, ...: the model must first learn to point from a letter to the
@@ -126,8 +130,9 @@ def build_model(config: HybridTrainConfig, dataset: PreparedDataset):
             torch.manual_seed(config.seed)
             lm = AutoModelForCausalLM.from_config(bb.model.config, dtype=torch.float32)
         bb = Backbone(lm, bb.tokenizer, f"{bb.name}-scratch")
+    texts = dataset.catalog.sort("idx")["text"].to_list() if config.text_layers else None
     model = HybridFirst(bb, item_vectors(dataset, config.retriever), keep_layers=config.keep_layers,
-                        n_items=dataset.n_items)
+                        n_items=dataset.n_items, item_texts=texts, text_layers=config.text_layers)
     if config.lora_r:
         model.lora(r=config.lora_r, alpha=2 * config.lora_r)
     return model

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, build_tiny
-from recsys.rerank.hybrid import ITEM_TOKEN, HybridFirst, encode, hybrid_titles
+from recsys.rerank.hybrid import ITEM_TOKEN, HybridFirst, encode, hybrid_titles, text_states
 
 N_ITEMS, D_RETRIEVER = 30, 6
 
@@ -40,6 +40,38 @@ def test_each_soft_token_is_its_items_projected_vector_and_text_is_untouched():
     assert torch.allclose(emb[0][slots[0]][0], want, atol=1e-6)
     text = model.lm.get_input_embeddings()(batch.input_ids)
     assert torch.equal(emb[~slots], text[~slots])
+
+
+def test_text_states_are_each_texts_mean_hidden_state_standardised_and_unit_length():
+    bb = text_backbone(layers=3)
+    texts = ["H E A T 1 9 9 5", "F A R G O", "B A B E 1 9 9 5 : C O M E D Y", "U P"]   # the tiny vocabulary
+    got = text_states(bb, texts, layers=2, batch_size=3)       # two batches, padded differently
+    raw = []
+    with torch.no_grad():
+        for t in texts:                                             # one text at a time: no padding at all
+            ids = torch.tensor([bb.tokenizer.encode(t, add_special_tokens=False)])
+            raw.append(bb.model.model(input_ids=ids, output_hidden_states=True).hidden_states[2][0].mean(0))
+    raw = torch.stack(raw)
+    want = F.normalize((raw - raw.mean(0)) / (raw.std(0) + 1e-6), dim=-1)
+    assert got.shape == (4, 32) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, text_states(bb, texts, layers=3))         # another depth reads differently
+    with pytest.raises(RecsysError, match="layers must be in 1..3"):
+        text_states(bb, texts, layers=4)
+
+
+def test_text_states_join_the_retriever_vectors_at_the_projectors_input():
+    torch.manual_seed(0)
+    vectors = torch.randn(N_ITEMS + 1, D_RETRIEVER)
+    texts = [" ".join(f"I T E M {i:02d}") for i in range(1, N_ITEMS + 1)]
+    model = HybridFirst(text_backbone(layers=2), vectors, keep_layers=1, item_texts=texts, text_layers=2)
+    table = model.projector.items
+    assert table.shape == (N_ITEMS + 1, D_RETRIEVER + 32) and torch.equal(table[:, :D_RETRIEVER], vectors)
+    assert (table[0, D_RETRIEVER:] == 0).all()                                  # padding row: no text
+    # the text part is read with both layers (before keep_layers drops one), scaled to the retriever's norms
+    assert torch.allclose(table[1:, D_RETRIEVER:].norm(dim=-1), vectors[1:].norm(dim=-1).mean().expand(N_ITEMS))
+    assert len(model._decoder().layers) == 1
+    with pytest.raises(RecsysError, match=f"{N_ITEMS} items, 2 texts"):
+        HybridFirst(text_backbone(), vectors, item_texts=texts[:2], text_layers=1)
 
 
 def test_first_scores_equal_the_full_models_last_logits_and_ignore_padding():
@@ -174,7 +206,7 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
     ds, sasrec, root = hybrid_setup
     config = HybridTrainConfig(retriever=str(sasrec), backbone=str(root / "lm"), keep_layers=1, window=10,
                                max_history=10, examples_per_epoch=32, batch_size=4, val_users=20, max_epochs=2,
-                               max_minutes=None, history_lm_weight=1.0)
+                               max_minutes=None, history_lm_weight=1.0, text_layers=2)
     model_dir = train_hybrid(ds, root / "cands", tmp_path / "run", config, progress=False)
     summary = json.loads((tmp_path / "run" / "train.json").read_text())
     logged = next((tmp_path / "run" / "logs").rglob("metrics.csv")).read_text().splitlines()[0]
