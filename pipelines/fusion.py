@@ -83,7 +83,7 @@ def window_scorer(dataset: PreparedDataset, lm_dir: str | Path, window: int):
         from recsys.rerank.prompts import item_titles
 
         model, config = load_hybrid(lm_dir, dataset)
-        titles = item_titles(dataset)            # the words are dropped with title_words 0; the domain stays
+        titles = item_titles(dataset, config.domain)   # the words are dropped with title_words 0; the domain stays
 
         def hybrid(histories, cands):
             with torch.no_grad():

@@ -68,6 +68,9 @@ class HybridTrainConfig:
     """Give the projector each item's catalogue text as the LM reads it: hidden states after its first N layers,
     mean-pooled (:func:`recsys.rerank.hybrid.text_states`; the pretrained knowledge's way in when
     ``title_words`` is 0). None = the retriever vector alone."""
+    domain: str | None = None
+    """The prompt's words for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``); None = the
+    dataset's own."""
     identifiers: str = "items"
     """How FIRST names a candidate: ``items`` (its own soft token is its output row; the last hidden state is
     scored against it) or ``letters`` (A, B, ...: the model must first learn to point from a letter to the
@@ -95,6 +98,10 @@ class HybridTrainConfig:
     precision: str = "32-true"
 
     def __post_init__(self):
+        if self.domain is not None:
+            from recsys.rerank.prompts import domain_words
+
+            domain_words(self.domain)
         if self.identifiers not in ("items", "letters"):
             raise RecsysError(f"identifiers must be 'items' or 'letters', got {self.identifiers!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
@@ -262,11 +269,12 @@ def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTr
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}
     last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint,
-                                   "candidates": str(Path(candidates_dir).resolve())}, resume)
+                                   "candidates": str(Path(candidates_dir).resolve())}, resume,
+                              dataclasses.asdict(HybridTrainConfig()))
     L.seed_everything(config.seed, verbose=False)
     start = time.time()
     model = build_model(config, dataset)
-    titles = item_titles(dataset)            # the words are dropped with title_words 0; the domain stays
+    titles = item_titles(dataset, config.domain)   # the words are dropped with title_words 0; the domain stays
     data = HybridDataModule(dataset, candidates_dir, config)
     module = HybridModule(model, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")

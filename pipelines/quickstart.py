@@ -63,8 +63,17 @@ PRESETS = {
 }
 
 
+def same_settings(stored, new) -> bool:
+    """Whether a stage's ``new`` settings are those it ran with (``stored``): equal, except that a setting
+    absent from ``stored`` (added to the code since) matches when it is None, i.e. off."""
+    if isinstance(stored, dict) and isinstance(new, dict):
+        return (set(stored) <= set(new) and all(same_settings(stored[k], new[k]) for k in stored)
+                and all(new[k] is None for k in set(new) - set(stored)))
+    return stored == new
+
+
 class Stages:
-    """Times stages and skips those whose ``done.json`` records the same settings."""
+    """Times stages and skips those whose ``stages/NAME.json`` records the same settings (:func:`same_settings`)."""
 
     def __init__(self, out: Path, log):
         self.out, self.log, self.seconds = out, log, {}
@@ -73,7 +82,7 @@ class Stages:
         marker = self.out / "stages" / f"{name}.json"
         record = json.loads(json.dumps(settings, default=str))
         start = time.time()
-        if marker.exists() and json.loads(marker.read_text())["settings"] == record:
+        if marker.exists() and same_settings(json.loads(marker.read_text())["settings"], record):
             self.log(f"[{name}] up to date")
             result = json.loads(marker.read_text())["result"]
         else:

@@ -38,7 +38,7 @@ from recsys.metrics import compute_metrics
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
 from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.prompts import IDENTIFIERS, item_titles
+from recsys.rerank.prompts import IDENTIFIERS, domain_words, item_titles
 from recsys.rerank.sft import (
     collate,
     encode_example,
@@ -63,6 +63,9 @@ class RerankerSFTConfig:
     """``groupwise`` only: candidates scored per prompt (GroupRank's c)."""
     max_history: int = 20
     """Most recent history items in the prompt."""
+    domain: str | None = None
+    """The words text prompts use for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``:
+    ``items``, ``movies``, ``products``, ``music``, ``books``, ``news``); None = the dataset's own."""
     first_weight: float = 0.0
     """Weight of FIRST's weighted RankNet loss on first-token logits (paper: 10; 0 = off)."""
     supervise: str = "list"
@@ -142,6 +145,8 @@ class RerankerSFTConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise ValueError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
+        if self.domain is not None:
+            domain_words(self.domain)
         if self.random_negatives and not self.shuffle_candidates:
             raise ValueError("random_negatives needs shuffle_candidates: the target leads a random window")
         if self.identifiers == "items" and (self.kind != "listwise" or self.backbone == "smollm2-135m"):
@@ -407,7 +412,7 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     backbone = load_backbone(config.backbone, n_items=dataset.n_items, **(tiny if config.backbone == "tiny" else {}))
     if config.init_items_from:
         init_item_embeddings(backbone, config.init_items_from)
-    titles = None if backbone.name == "tiny" else item_titles(dataset)
+    titles = None if backbone.name == "tiny" else item_titles(dataset, config.domain)
     data = RerankerDataModule(dataset, candidates_dir, backbone, config, titles)
     module = RerankerSFTModule(backbone, config, titles)
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
@@ -428,7 +433,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     (out / "model" / "reranker.json").write_text(json.dumps({
         "kind": config.kind, "prompt": "tiny" if backbone.name == "tiny" else "text", "window": config.window,
         "group_size": config.group_size, "max_history": config.max_history, "identifiers": config.identifiers,
-        "retriever_prior": prior, "dataset_fingerprint": dataset.fingerprint}, indent=2))
+        "retriever_prior": prior, "dataset_fingerprint": dataset.fingerprint}
+        | ({"domain": titles.domain} if titles is not None else {}), indent=2))
     (out / "train.json").write_text(json.dumps({
         "kind": config.kind, "algo": "sft", "seconds": timer.time_elapsed("train"), "epochs": trainer.current_epoch,
         "best_val_cand_ndcg@10": best_score, "retriever_prior": prior,
@@ -475,7 +481,7 @@ def load_reranker(model_dir, dataset: PreparedDataset, window: int = 20, stride:
         raise RecsysError(f"{model_dir} was trained on dataset {meta['dataset_fingerprint']}, not {dataset.fingerprint}")
     bb = load_backbone(model_dir)
     bb.name = meta["prompt"] if meta["prompt"] == "tiny" else bb.name       # the prompt format it was trained on
-    titles = item_titles(dataset) if meta["prompt"] == "text" else None
+    titles = item_titles(dataset, meta.get("domain")) if meta["prompt"] == "text" else None
     scorer = make_scorer(bb, meta.get("kind", "listwise"), titles, window, stride, meta.get("group_size", 20),
                          meta["max_history"], identifiers=meta.get("identifiers", "letters"),
                          retriever_prior=meta.get("retriever_prior", 0.0))

@@ -231,6 +231,7 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
     shutil.copy(Path(model_dir) / "reranker.json", side / "reranker.json")
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
     entry = {"file": path.name, "sha256": sha256(path), "window": meta["window"], "prompt": meta["prompt"],
+             **({"domain": meta["domain"]} if meta.get("domain") else {}),
              "max_history": meta["max_history"], "dataset_fingerprint": meta["dataset_fingerprint"],
              "ort_fusions": fusions, "parity_max_abs": _parity(path, feeds, reference)}
     if kind == "listwise":
@@ -341,7 +342,7 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
                 from recsys.rerank.prompts import item_titles
 
                 titles = tmp / models[name].get("files", "") / "titles.json"
-                text = item_titles(dataset)
+                text = item_titles(dataset, models[name].get("domain"))
                 titles.write_text(json.dumps({str(i): t for i, t in text.items()}))
                 models[name]["titles_sha256"] = sha256(titles)
                 models[name]["domain"] = text.domain

@@ -255,16 +255,19 @@ def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(export
     from serving.runtime import FirstRuntime
 
     _, _, rr_dir = exported
-    meta = json.loads((rr_dir / "reranker.json").read_text()) | {"prompt": "text"}
+    meta = json.loads((rr_dir / "reranker.json").read_text()) | {"prompt": "text", "domain": "products"}
     (rr_dir / "reranker.json").write_text(json.dumps(meta))
     tokenizer_config = json.loads((rr_dir / "tokenizer_config.json").read_text())
     tokenizer_config["chat_template"] = CHATML                     # as SmolLM2's: the prompt is wrapped in it
     (rr_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     out = export(tiny_dataset, tmp_path / "sas", tmp_path / "serve-text", rr_dir)
     assert json.loads((out / "titles.json").read_text())["3"] == item_titles(tiny_dataset)[3]
+    assert json.loads((out / "manifest.json").read_text())["models"]["first"]["domain"] == "products"
     histories, windows = [np.array([3, 4, 5]), np.array([7])], [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     runtime = FirstRuntime(out)
-    eager = ListwiseReranker(load_backbone(rr_dir), item_titles(tiny_dataset), 8, max_history=10, bf16=False)
+    # the trained model's domain (a recipe's override of MovieLens's "movies") is the one served
+    eager = ListwiseReranker(load_backbone(rr_dir), item_titles(tiny_dataset, "products"), 8, max_history=10,
+                             bf16=False)
     assert eager.bb.name != "tiny" and runtime.spec.name == "text"
     assert eager.bb.tokenizer.chat_template == CHATML and runtime.spec.tokenizer.chat_template == CHATML
     want = torch.stack(eager.first_scores(histories, windows)).numpy()

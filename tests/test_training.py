@@ -202,3 +202,29 @@ def test_a_run_saved_before_a_config_field_existed_resumes_only_with_its_default
     assert not same_run(saved, {"config": {"lr": 2e-3, "identifiers": "letters"}, "dataset_fingerprint": "abc"}, defaults)
     assert not same_run(saved, {"config": {"lr": 1e-3, "identifiers": "letters"}, "dataset_fingerprint": "xyz"}, defaults)
     assert not same_run({"config": {"lr": 1e-3, "gone": 0}}, {"config": {"lr": 1e-3}}, defaults)
+
+
+def test_a_pipeline_stage_stays_up_to_date_when_a_setting_added_since_is_off(tmp_path):
+    from pipelines.quickstart import Stages, same_settings
+
+    stored = {"fingerprint": "abc", "config": {"lr": 1e-3, "window": 20}}
+    assert same_settings(stored, {"fingerprint": "abc", "config": {"lr": 1e-3, "window": 20, "domain": None}})
+    assert not same_settings(stored, {"fingerprint": "abc", "config": {"lr": 1e-3, "window": 20, "domain": "books"}})
+    assert not same_settings(stored, {"fingerprint": "abc", "config": {"lr": 1e-3}})            # a setting gone
+    assert not same_settings(stored, {"fingerprint": "abc", "config": {"lr": 1e-3, "window": None}})
+    assert not same_settings(stored, {"fingerprint": "xyz", "config": {"lr": 1e-3, "window": 20}})
+    calls, stages = [], Stages(tmp_path, log=lambda _: None)
+    for settings in (stored, {**stored, "extra": None}, {**stored, "extra": 1}):
+        stages.run("stage", settings, lambda: calls.append(1) or len(calls))
+    assert calls == [1, 1]                                   # run, up to date, run again once a new setting is on
+
+
+def test_a_recipe_names_its_prompt_domain_and_an_unknown_one_is_refused_before_training():
+    from pipelines.hybrid import HybridTrainConfig
+    from pipelines.reranker import RerankerSFTConfig
+    from recsys.errors import RecsysError
+
+    assert RerankerSFTConfig(domain="books").domain == "books" and RerankerSFTConfig().domain is None
+    for config in (RerankerSFTConfig, HybridTrainConfig):
+        with pytest.raises(RecsysError, match="unknown prompt domain 'podcasts'; known: items, movies"):
+            config(domain="podcasts")

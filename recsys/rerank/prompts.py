@@ -55,11 +55,12 @@ def domain_words(domain: str) -> dict[str, str]:
     return known[domain]
 
 
-def item_titles(dataset) -> Titles:
-    """item idx -> ``Title (year)`` (or the title alone) of a prepared dataset, in its domain."""
+def item_titles(dataset, domain: str | None = None) -> Titles:
+    """item idx -> ``Title (year)`` (or the title alone) of a prepared dataset, in ``domain`` (a recipe's
+    override; None: the dataset's own)."""
     cat = dataset.catalog
     return Titles({int(i): f"{t} ({y})" if y is not None else t for i, t, y in cat.select("idx", "title", "year").iter_rows()},
-                  dataset.domain)
+                  domain or dataset.domain)
 
 
 def check_identifiers(backbone: Backbone, identifiers: str) -> None:
