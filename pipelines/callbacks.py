@@ -166,6 +166,7 @@ def resume_checkpoint(out, record: dict, resume: bool | str = True, defaults: di
     a run saved before a config field existed resume when the new field is left at its default.
     """
     import json
+    import shutil
     from pathlib import Path
 
     from recsys.errors import RecsysError
@@ -180,6 +181,7 @@ def resume_checkpoint(out, record: dict, resume: bool | str = True, defaults: di
             if resume != "auto":
                 raise RecsysError(f"{out}: holds a run with a different config or dataset; "
                                   "use another --out or pass --no-resume to start over")
+            shutil.rmtree(out / "checkpoints")       # the other run's; none of them may be taken as this one's best
             resume = False
     path.write_text(json.dumps(record, indent=2))
     return last if resume and last.exists() else None

@@ -56,6 +56,20 @@ def test_resume_refuses_a_different_run(tiny_dataset, tmp_path):
     assert torch.load(tmp_path / "r" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0   # not 1
 
 
+def test_a_run_started_over_never_resumes_the_other_runs_checkpoint(tmp_path):
+    """Started over (``resume="auto"``) and interrupted before its first checkpoint: the next resume must not
+    take the replaced run's last.ckpt as this run's."""
+    from pipelines.callbacks import resume_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"the other run")
+    a, b = {"config": {"lr": 1e-3}}, {"config": {"lr": 1e-4}}
+    assert resume_checkpoint(tmp_path, a, resume=False) is None                  # run a starts, checkpoints
+    assert resume_checkpoint(tmp_path, a) == tmp_path / "checkpoints" / "last.ckpt"
+    assert resume_checkpoint(tmp_path, b, "auto") is None
+    assert resume_checkpoint(tmp_path, b) is None                 # run.json now says b; a's checkpoint is gone
+
+
 def test_a_finished_run_moved_elsewhere_fails_clearly_on_resume(tiny_dataset, tmp_path):
     """Lightning restores the best checkpoint's score only into the directory it was written to: a run
     directory moved and run again must say so, not crash on ``float(None)``."""
