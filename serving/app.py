@@ -16,7 +16,7 @@ Behaviour a client can rely on:
   ``max_wait_ms``) when ``micro_batching`` is on (default: on with CUDA, off on CPU, where each
   request is served on its own, side by side);
 - if the reranker fails or exceeds ``rerank_timeout_ms``, the retrieval order is returned with
-  ``reranked: false`` and ``fallback`` saying why; a late reranker is told to stop (ONNX Runtime's
+  ``reranked: false`` and ``fallback`` saying why; a late reranker is stopped (ONNX Runtime's
   ``RunOptions.terminate``, checked between graph nodes) rather than left computing an answer nobody
   awaits, which under load would make every later request late too;
 - what a client can cost the server before it is authenticated is bounded (:class:`Guard`): at most
@@ -80,8 +80,9 @@ class ServeSettings:
     one batch at a time, while separate requests run side by side on the cores (2-core CPU, 8
     connections: p99 74 ms batched vs 39 ms unbatched, BENCHMARKS.md "Serving")."""
     rerank_timeout_ms: float = 1000.0
-    """Past this the reranker's answer is not awaited: the retrieval order comes back with ``reranked: false``
-    and ``fallback: "timeout"``."""
+    """Counted from the start of a request's model work (retrieval, well under a millisecond, then reranking):
+    past it the reranker's ONNX Runtime run is stopped at its next graph node and the retrieval order comes
+    back with ``reranked: false`` and ``fallback: "timeout"``."""
     max_body_bytes: int = 64_000
     """Largest request body read, counted on the bytes received (any transfer encoding); beyond it 413."""
     max_in_flight: int = 64
@@ -281,35 +282,49 @@ class Batcher:
                         f.set_exception(e)
 
     async def _run(self, queries: list[RecommendQuery]) -> list[dict]:
-        """Retrieval, then reranking under a timeout; a failed or late reranker leaves the retrieval order."""
+        """:meth:`_serve` in one worker thread, under the reranker's deadline: ``rerank_timeout_ms`` after the
+        work began, the reranker's run options are terminated, so its ONNX Runtime run stops at its next
+        graph node and its queries keep the retrieval order (one thread hop per batch, not one per stage)."""
         self.metrics.observe_batch(len(queries))
-        retrieved = await asyncio.to_thread(self.rec.retrieve, queries)
+        options = run_options()
+        timer = asyncio.get_running_loop().call_later(self.settings.rerank_timeout_ms / 1000, setattr, options,
+                                                      "terminate", True)
+        try:
+            results, failure = await asyncio.to_thread(self._serve, queries, options)
+        finally:
+            timer.cancel()
+        if failure:
+            self.metrics.fallbacks.labels(failure.split(":")[0]).inc()
+            self._log_fallback(failure, sum(r["fallback"] == failure for r in results))
+        return results
+
+    def _serve(self, queries: list[RecommendQuery], options) -> tuple[list[dict], str | None]:
+        """Retrieval, then reranking with ``options``; a failed or terminated reranker leaves the retrieval
+        order. Returns the results and the reranker's failure (``timeout`` or ``error: <type>``), if any."""
+        retrieved = self.rec.retrieve(queries)
         results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False, "fallback": None}
                    for q, (items, scores) in zip(queries, retrieved)]
         todo = [i for i, q in enumerate(queries) if q.rerank and retrieved[i][0]]
         if not todo:
-            return results
+            return results, None
         if self.rec.reranker is None:
             for i in todo:
                 results[i]["fallback"] = "no reranker loaded"
-            return results
-        options = run_options()
+            return results, None
         try:
-            reranked = await asyncio.wait_for(asyncio.to_thread(
-                self.rec.rerank_windows, [queries[i].history for i in todo], [retrieved[i][0] for i in todo],
-                options), self.settings.rerank_timeout_ms / 1000)
+            if options.terminate:                          # past the deadline before the reranker started
+                raise TimeoutError
+            reranked = self.rec.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo],
+                                               options)
         except Exception as e:                                       # noqa: BLE001 - degrade, never fail
-            options.terminate = True       # a late reranker stops at its next ONNX node instead of holding a core
-            reason = "timeout" if isinstance(e, TimeoutError) else f"error: {type(e).__name__}"
-            self.metrics.fallbacks.labels(reason.split(":")[0]).inc()
-            self._log_fallback(reason, len(todo))
+            reason = "timeout" if options.terminate else f"error: {type(e).__name__}"
             for i in todo:
                 results[i]["fallback"] = reason
-            return results
+            return results, reason
         for i, (items, scores) in zip(todo, reranked):
             results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True,
                           "fallback": None}
-        return results
+        return results, None
 
 
 # ---------------------------------------------------------------- app
@@ -525,7 +540,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     key_header = APIKeyHeader(name="x-api-key", auto_error=False,
                               description="required on /v1/* when the server has an API key")
 
-    def authorised(key: str | None = Depends(key_header)) -> None:
+    async def authorised(key: str | None = Depends(key_header)) -> None:    # async: no thread hop per request
         # Guard has already refused a wrong key before the body was read; this declares the scheme in the
         # OpenAPI spec and holds if the app is mounted without Guard.
         if settings.api_key and not hmac.compare_digest((key or "").encode(), settings.api_key.encode()):
