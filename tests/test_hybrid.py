@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, build_tiny
-from recsys.rerank.hybrid import ITEM_TOKEN, HybridFirst, encode, hybrid_titles, text_states
+from recsys.rerank.hybrid import (
+    ITEM_TOKEN,
+    HybridFirst,
+    encode,
+    hybrid_titles,
+    text_states,
+)
 
 N_ITEMS, D_RETRIEVER = 30, 6
 
