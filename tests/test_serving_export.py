@@ -377,3 +377,17 @@ print(json.dumps(sorted({{m.split(".")[0] for m, v in sys.modules.items() if v i
                   "requests", "urllib3", "charset-normalizer", "certifi", "hf-xet", "annotated-doc", "setuptools",
                   "pyyaml", "ml-dtypes", "polars-runtime-32", "opentelemetry-api", "importlib-metadata", "zipp"}
     assert needed - pinned - transitive == set()
+
+
+def test_the_benchmarks_are_neither_in_the_wheel_nor_in_the_image_context():
+    """``python -m pipelines.benchmarks.NAME`` runs from a checkout; the wheel and the images leave it out."""
+    import tomllib
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    found = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = set(find_packages(root, include=found["include"], exclude=found.get("exclude", ())))
+    assert {"recsys", "pipelines", "serving"} <= shipped and not any("benchmarks" in p for p in shipped)
+    assert "pipelines/benchmarks" in (root / ".dockerignore").read_text().split()
