@@ -44,9 +44,10 @@ def _metrics(text: str) -> list[str]:
 
 
 def model_dir(text: str) -> str:
-    """A model directory argument: a run directory (``RUN``) means its ``RUN/model``."""
-    path = Path(text)
-    return str(path / "model") if (path / "model").is_dir() else text
+    """A model directory argument (:func:`pipelines.jobs.resolve_model_dir`): ``RUN`` means ``RUN/model``."""
+    from pipelines.config import resolve_model_dir
+
+    return str(resolve_model_dir(text))
 
 
 def cmd_fetch(a):
@@ -111,7 +112,7 @@ def cmd_evaluate(a):
     result = evaluate_model(ds, a.model, a.split, a.metrics, users)
     print(format_table([(str(a.model), result)], a.metrics))
     print(f"({result['num_queries']} users, split {a.split}, full ranking over {ds.n_items} items, history masked)")
-    out = Path(a.out) if a.out else resolve_model_dir(a.model).parent / f"metrics_{a.split}.json"
+    out = Path(a.out) if a.out else resolve_model_dir(a.model, holds="config.json").parent / f"metrics_{a.split}.json"
     out.write_text(json.dumps({"model": str(a.model), "dataset": str(ds.directory), "split": a.split,
                                "users": users, **result}, indent=2))
     print(f"metrics written to {out}")

@@ -1,4 +1,4 @@
-"""Frozen config dataclasses from YAML recipes plus command-line overrides.
+"""Frozen config dataclasses from YAML recipes plus command-line overrides; where a run keeps its model.
 
 A recipe is a YAML mapping whose keys are the dataclass's fields; a field that is itself a dataclass
 (``model:``) is a nested mapping. Overrides use dotted keys (``model.hidden_size``). Unknown keys and
@@ -81,6 +81,17 @@ def find_recipe(path: str | Path) -> Path:
         return bundled
     names = ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
     raise RecsysError(f"{path}: recipe not found (neither a file nor a bundled recipe: {names})")
+
+
+def resolve_model_dir(path: str | Path, holds: str | None = None) -> Path:
+    """The model directory of ``path``: a run directory (holding ``model/``) means ``RUN/model``, any other
+    path is taken as the model directory itself. With ``holds`` (a file name, e.g. ``config.json``) a
+    directory without that file is an error naming both; without, the loader that reads it checks."""
+    path = Path(path)
+    model = path / "model" if (path / "model").is_dir() else path
+    if holds is not None and not (model / holds).exists():
+        raise RecsysError(f"{path}: neither a run directory (with model/) nor a model directory (with {holds})")
+    return model
 
 
 def load_config(cls, path: str | Path | None = None, overrides: dict | None = None):

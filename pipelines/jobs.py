@@ -7,20 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.config import resolve_model_dir
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.evaluation import DEFAULT_METRICS, evaluate_full_ranking
 from recsys.models import load_model
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """Accept a run directory (holding ``model/``) or a model directory."""
-    path = Path(path)
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    if (path / "config.json").exists():
-        return path
-    raise RecsysError(f"{path}: neither a run directory (with model/) nor a model directory (with config.json)")
 
 
 def read_model_meta(model_dir: str | Path, filename: str, dataset: PreparedDataset, what: str) -> dict:
@@ -42,7 +33,7 @@ def evaluate_model(dataset: PreparedDataset, model_path: str | Path, split: str 
                    metrics: list[str] = DEFAULT_METRICS, users: list[str] | None = None,
                    progress: bool = True) -> dict:
     """Full-ranking evaluation of a saved model on ``split``, optionally on a subset of user ids."""
-    model_dir = resolve_model_dir(model_path)
+    model_dir = resolve_model_dir(model_path, holds="config.json")
     model = load_model(model_dir)
     if model.dataset_fingerprint not in (None, dataset.fingerprint):
         raise RecsysError(f"{model_dir} was trained on dataset {model.dataset_fingerprint}, but {dataset.directory} "

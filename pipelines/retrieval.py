@@ -30,7 +30,7 @@ def load_sasrec(dataset: PreparedDataset, run: str | Path | None):
 
     if run is None:
         raise RecsysError("this retriever needs a trained SASRec: pass --sasrec RUN_DIR")
-    model = SASRec.from_pretrained(resolve_model_dir(run))
+    model = SASRec.from_pretrained(resolve_model_dir(run, holds="config.json"))
     if model.dataset_fingerprint not in (None, dataset.fingerprint):
         raise RecsysError(f"{run} was trained on dataset {model.dataset_fingerprint}, not {dataset.fingerprint}")
     return model
