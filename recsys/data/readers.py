@@ -49,9 +49,11 @@ def user_features_table(df: pl.DataFrame, path: Path) -> pl.DataFrame:
     return df
 
 
-def _read_text_table(path: Path, separator: str, columns: list[str] | None = None,
-                     encoding: str = "utf8") -> pl.DataFrame:
-    """Read a delimited file with every column as text. ``columns`` given means the file has no header."""
+def read_delimited(path: Path, separator: str, columns: list[str] | None = None, encoding: str = "utf8",
+                   quote_char: str | None = None) -> pl.DataFrame:
+    """Read a delimited file with every column as text: the one reader of CSV/TSV-like files (MovieLens's
+    ``::`` and ``|`` files, RecBole's atomic files, your own CSV/TSV). ``columns`` given means the file has
+    no header; ``quote_char`` None: quotes are data (TSV, MovieLens), ``'"'``: CSV quoting."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.stat().st_size == 0:
@@ -64,7 +66,7 @@ def _read_text_table(path: Path, separator: str, columns: list[str] | None = Non
         separator = "\x1f"
     try:
         df = pl.read_csv(raw, separator=separator, has_header=columns is None, new_columns=columns,
-                         infer_schema=False, quote_char=None, truncate_ragged_lines=False)
+                         infer_schema=False, quote_char=quote_char, truncate_ragged_lines=False)
     except pl.exceptions.PolarsError as e:
         first = str(e).strip().splitlines()[0]
         raise DataError(f"{path}: not a valid {separator!r}-separated table ({first})") from None
@@ -81,11 +83,11 @@ def _split_title_year(full_title: str) -> tuple[str, int | None]:
 def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") -> RawDataset:
     """Read ``<name>.inter`` and ``<name>.item`` (RecBole atomic format) from ``directory``."""
     inter_path, item_path = directory / f"{name}.inter", directory / f"{name}.item"
-    inter = _read_text_table(inter_path, "\t")
+    inter = read_delimited(inter_path, "\t")
     inter = inter.rename({c: c.split(":")[0] for c in inter.columns})
     inter = validate_interactions(inter, str(inter_path), on_duplicates=on_duplicates)
 
-    items = _read_text_table(item_path, "\t")
+    items = read_delimited(item_path, "\t")
     items = items.rename({c: c.split(":")[0] for c in items.columns})
     genre_col = next((c for c in ("genre", "class", "genres") if c in items.columns), None)
     title_col = "movie_title" if "movie_title" in items.columns else "title"
@@ -101,7 +103,7 @@ def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") ->
     catalog = validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates)
     user_path, users = directory / f"{name}.user", None
     if user_path.exists():
-        users = _read_text_table(user_path, "\t")
+        users = read_delimited(user_path, "\t")
         users = user_features_table(users.rename({c: c.split(":")[0] for c in users.columns}), user_path)
     return RawDataset(name, inter, catalog, f"recbole:{directory}", users, "movies")
 
@@ -109,9 +111,9 @@ def read_recbole(directory: Path, name: str, *, on_duplicates: str = "error") ->
 def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: str = "error") -> RawDataset:
     """Read the original ML-1M ``ratings.dat`` and ``movies.dat`` (``::``-separated, latin-1)."""
     ratings_path, movies_path = directory / "ratings.dat", directory / "movies.dat"
-    inter = _read_text_table(ratings_path, "::", ["user_id", "item_id", "rating", "timestamp"], "latin-1")
+    inter = read_delimited(ratings_path, "::", ["user_id", "item_id", "rating", "timestamp"], "latin-1")
     inter = validate_interactions(inter, str(ratings_path), header_lines=0, on_duplicates=on_duplicates)
-    movies = _read_text_table(movies_path, "::", ["item_id", "full_title", "genres"], "latin-1")
+    movies = read_delimited(movies_path, "::", ["item_id", "full_title", "genres"], "latin-1")
     title_year = [_split_title_year(t) for t in movies["full_title"]]
     catalog = pl.DataFrame({
         "item_id": movies["item_id"],
@@ -121,7 +123,7 @@ def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: st
     })
     users_path, users = directory / "users.dat", None
     if users_path.exists():
-        users = user_features_table(_read_text_table(users_path, "::", ["user_id", "gender", "age", "occupation",
+        users = user_features_table(read_delimited(users_path, "::", ["user_id", "gender", "age", "occupation",
                                                                    "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(movies_path), on_duplicates=on_duplicates),
                       f"grouplens:{directory}", users, "movies")
@@ -130,10 +132,10 @@ def read_grouplens_1m(directory: Path, name: str = "ml-1m", *, on_duplicates: st
 def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates: str = "error") -> RawDataset:
     """Read the original ML-100K ``u.data`` (tab) and ``u.item`` (``|``, latin-1)."""
     data_path, item_path = directory / "u.data", directory / "u.item"
-    inter = _read_text_table(data_path, "\t", ["user_id", "item_id", "rating", "timestamp"])
+    inter = read_delimited(data_path, "\t", ["user_id", "item_id", "rating", "timestamp"])
     inter = validate_interactions(inter, str(data_path), header_lines=0, on_duplicates=on_duplicates)
     cols = ["item_id", "full_title", "release_date", "video_release_date", "url"] + ML100K_GENRES
-    items = _read_text_table(item_path, "|", cols, "latin-1")
+    items = read_delimited(item_path, "|", cols, "latin-1")
     title_year = [_split_title_year(t) for t in items["full_title"]]
     flags = items.select(ML100K_GENRES).to_numpy() == "1"
     catalog = pl.DataFrame({
@@ -144,7 +146,7 @@ def read_grouplens_100k(directory: Path, name: str = "ml-100k", *, on_duplicates
     })
     users_path, users = directory / "u.user", None
     if users_path.exists():
-        users = user_features_table(_read_text_table(users_path, "|", ["user_id", "age", "gender", "occupation",
+        users = user_features_table(read_delimited(users_path, "|", ["user_id", "age", "gender", "occupation",
                                                                   "zip_code"], "latin-1"), users_path)
     return RawDataset(name, inter, validate_catalog(catalog, str(item_path), on_duplicates=on_duplicates),
                       f"grouplens:{directory}", users, "movies")

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.data.readers import RawDataset, user_features_table
+from recsys.data.readers import RawDataset, read_delimited, user_features_table
 from recsys.data.schema import (
     Locate,
     validate_catalog,
@@ -107,12 +107,11 @@ def table_files(path: str | Path, fmt: str | None = None) -> tuple[list[Path], s
 
 
 def _read_one(path: Path, fmt: str) -> pl.DataFrame:
+    if fmt in ("csv", "tsv"):                                               # TSV has no quoting
+        return read_delimited(path, "," if fmt == "csv" else "\t", quote_char='"' if fmt == "csv" else None)
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
-        if fmt in ("csv", "tsv"):
-            return pl.read_csv(path, separator="," if fmt == "csv" else "\t", infer_schema=False,
-                               quote_char='"' if fmt == "csv" else None)      # TSV has no quoting
         if fmt == "parquet":
             return pl.read_parquet(path)
         return pl.read_ndjson(path, infer_schema_length=None)
