@@ -148,7 +148,13 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     input_path, output = Path(input_path), Path(output)
     if not input_path.exists():
         raise RecsysError(f"{input_path}: no such input file")
-    source, input_path = input_path, as_parquet(input_path, output)
+    source = input_path
+    identity = {"input": str(source.resolve()), "input_sha256": sha256(source), "chunk_size": chunk_size}
+    manifest_path = output / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {**identity, "chunks": {}}
+    if {k: manifest.get(k) for k in identity} != identity:                 # checked before any work
+        raise RecsysError(f"{output}: holds a job for another input or chunk size; use another --output")
+    input_path = as_parquet(source, output, identity["input_sha256"])
     n_rows = pl.scan_parquet(input_path).select(pl.len()).collect().item()
     columns = pl.read_parquet_schema(input_path)
     if "request_id" not in columns or not ({"user_id", "history"} & set(columns)):
@@ -157,12 +163,7 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     unknown = [c for c in columns if c not in COLUMNS]
     if unknown:
         raise RecsysError(f"{source}: unknown columns {unknown}; a request has {list(COLUMNS)}")
-    identity = {"input": str(source.resolve()), "input_sha256": sha256(source), "rows": n_rows,
-                "chunk_size": chunk_size}
-    manifest_path = output / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {**identity, "chunks": {}}
-    if {k: manifest.get(k) for k in identity} != identity:
-        raise RecsysError(f"{output}: holds a job for another input or chunk size; use another --output")
+    manifest["rows"] = n_rows
     output.mkdir(parents=True, exist_ok=True)
     n_chunks = -(-n_rows // chunk_size)
     todo = [c for c in range(n_chunks) if str(c) not in manifest["chunks"]][:stop_after]
@@ -181,17 +182,13 @@ LIST_SEPARATOR = "|"
 """Item ids in one CSV/TSV cell of ``history`` or ``candidates``."""
 
 
-def as_parquet(input_path: Path, output: Path) -> Path:
+def as_parquet(input_path: Path, output: Path, digest: str) -> Path:
     """The input itself if it is Parquet; else its Parquet conversion in ``output`` (written once per input
-    content, atomically; ids as text, CSV/TSV list cells split on ``|``)."""
+    content, ``digest`` its SHA-256, atomically; ids as text, CSV/TSV list cells split on ``|``)."""
     from recsys.data.tables import read_table
 
     if input_path.suffix.lower() in (".parquet", ".pq"):
         return input_path
-    digest = sha256(input_path)
-    manifest = output / "manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("input_sha256") != digest:
-        raise RecsysError(f"{output}: holds a job for another input or chunk size; use another --output")
     converted = output / f"input-{digest[:12]}.parquet"
     if converted.exists():
         return converted
