@@ -396,15 +396,26 @@ class ExamplesFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from recsys.metrics import DEFAULT_METRICS
-    from recsys.rerank.prompts import templates
-
+    """The ``recsys`` command line: every subcommand, each group of them added by one function below."""
     p = Parser(prog="recsys", description="LLM-based generative recommendation and reranking.", epilog=EXAMPLES,
                formatter_class=ExamplesFormatter)
     from recsys import __version__
 
     p.add_argument("--version", action="version", version=f"recsys {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _data_commands(sub)
+    train = _train_commands(sub)
+    _lm_train_commands(train)
+    _model_commands(sub)
+    _candidate_commands(sub)
+    _serving_commands(sub)
+    _pipeline_commands(sub)
+    return p
+
+
+def _data_commands(sub) -> None:
+    """``recsys data fetch`` and ``recsys data prepare``."""
+    from recsys.rerank.prompts import templates
 
     data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(dest="data_command", required=True,
                                                                                      metavar="ACTION")
@@ -457,6 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "if wanted (None: all but the id)")
     pr.set_defaults(func=cmd_prepare)
 
+
+
+def _train_commands(sub) -> argparse._SubParsersAction:
+    """``recsys train``: the retriever, LLM rerankers and the fusion reranker; returns the ``train`` group."""
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True,
                                                                         metavar="KIND")
     tr = train.add_parser("retriever", help="train SASRec or popularity on a prepared dataset",
@@ -518,6 +533,11 @@ def build_parser() -> argparse.ArgumentParser:
     fu.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     fu.set_defaults(func=cmd_train_fusion)
 
+    return train
+
+
+def _lm_train_commands(train) -> None:
+    """``recsys train hybrid`` and ``recsys train generative``."""
     hy = train.add_parser("hybrid", help="train a hybrid-token reranker: a pretrained LM reading retriever item vectors",
                           description="LLaRA-style soft item tokens (arXiv 2312.02445): every item in the prompt is its "
                                       "title (capped, or dropped) and one soft token, the retriever's item vector "
@@ -556,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
     add_runtime_args(gn)
     gn.set_defaults(func=cmd_train_generative)
+
+
+
+def _model_commands(sub) -> None:
+    """``recommend``, ``evaluate``, ``evaluate-run`` and ``index``."""
+    from recsys.metrics import DEFAULT_METRICS
 
     rc = sub.add_parser("recommend", help="top-k items for users or a raw history from a trained model",
                         description="Prints one JSON line per query. Works with SASRec, popularity and generative "
@@ -615,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--out", required=True)
     si.set_defaults(func=cmd_semantic_ids)
 
+
+
+def _candidate_commands(sub) -> None:
+    """``candidates`` and ``rerank``."""
     ca = sub.add_parser("candidates", help="write per-user top-N candidates for train/valid/test targets",
                         description="Retrieve each user's top-N items (history excluded) for the train, valid and "
                                     "test targets; training targets use only the history before them. Prints "
@@ -654,6 +684,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--reshuffles", type=int, default=1, help="groupwise: groupings averaged (test-time scaling)")
     rr.set_defaults(func=cmd_rerank)
 
+
+
+def _serving_commands(sub) -> None:
+    """``export``, ``serve`` and ``rescore``."""
     ex = sub.add_parser("export", help="export SASRec (and a listwise reranker) to ONNX for serving",
                         description="ONNX export with a parity check against torch, optional int8 quantisation, "
                                     "and a manifest; the output directory is what `recsys serve` and `recsys rescore` "
@@ -708,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--workers", type=int, default=2, help="ray: concurrent scorer actors")
     rs.set_defaults(func=cmd_rescore)
 
+
+
+def _pipeline_commands(sub) -> None:
+    """``quickstart`` and ``report``."""
     q = sub.add_parser("quickstart", help="the main job: every stage on real data, the results table, a serving dir",
                        description="Fetch and prepare the dataset, train popularity and SASRec, build FAISS candidates, "
                                    "train the fusion reranker (side features, seconds), the listwise reranker (SFT, "
@@ -732,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", help="report directory (default ARTIFACTS/report)")
     rp.add_argument("--latency-requests", type=int, default=200, help="single requests timed for the histogram")
     rp.set_defaults(func=cmd_report)
-    return p
+
 
 
 def main(argv: list[str] | None = None) -> int:
