@@ -470,60 +470,38 @@ def warm_up(rec: Recommender, histories: dict | None) -> dict:
     return out
 
 
-def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
-    """The API over ``directory`` (written by ``recsys export``); models load in the lifespan."""
-    from serving.runtime import providers
+async def load_models(directory: Path, settings: ServeSettings, state: dict, metrics: Metrics) -> None:
+    """Load the deployment into ``state`` (``rec``, ``users``, ``warmup``, ``batcher``, then ``ready``), or
+    record why it failed (``error``, for /readyz; the details go to the log)."""
+    t = time.perf_counter()
+    try:
+        rec = await asyncio.to_thread(Recommender, directory, threads=settings.threads, int8=settings.int8)
+        histories = directory / "histories.parquet"
+        if histories.exists():
+            import polars as pl
 
-    directory = Path(directory)
-    settings = settings.resolved(cuda="CUDAExecutionProvider" in providers())
-    if settings.access_log and log.getEffectiveLevel() > logging.INFO:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-    state: dict = {"ready": False}
-    metrics = Metrics()                                     # its route templates are filled in below
+            df = await asyncio.to_thread(pl.read_parquet, histories)
+            state["users"] = dict(zip(df["user_id"].to_list(), df["history"].to_list()))
+        state["warmup"] = await asyncio.to_thread(warm_up, rec, state.get("users"))
+    except Exception as e:                                       # noqa: BLE001 - reported by /readyz
+        state["error"] = type(e).__name__             # the message (paths, ...) goes to the log only
+        log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": f"{type(e).__name__}: {e}"}))
+        return
+    warm = state["warmup"]
+    if "rerank_error" in warm or warm.get("rerank_ms", 0.0) > settings.rerank_timeout_ms:
+        log.warning(json.dumps({"event": "reranker_will_fall_back", **warm,
+                                "rerank_timeout_ms": settings.rerank_timeout_ms,
+                                "hint": "answers will come back in retrieval order; raise rerank_timeout_ms "
+                                        "(recsys serve --rerank-timeout-ms) or serve a faster reranker"}))
+    state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics)
+    state["batcher"].start()
+    state["ready"] = True
+    log.info(json.dumps({"event": "loaded", "directory": str(directory), "version": rec.version,
+                         "seconds": round(time.perf_counter() - t, 3), "warmup": warm}))
 
-    async def load() -> None:
-        t = time.perf_counter()
-        try:
-            rec = await asyncio.to_thread(Recommender, directory, threads=settings.threads, int8=settings.int8)
-            histories = directory / "histories.parquet"
-            if histories.exists():
-                import polars as pl
 
-                df = await asyncio.to_thread(pl.read_parquet, histories)
-                state["users"] = dict(zip(df["user_id"].to_list(), df["history"].to_list()))
-            state["warmup"] = await asyncio.to_thread(warm_up, rec, state.get("users"))
-        except Exception as e:                                       # noqa: BLE001 - reported by /readyz
-            state["error"] = type(e).__name__             # the message (paths, ...) goes to the log only
-            log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": f"{type(e).__name__}: {e}"}))
-            return
-        warm = state["warmup"]
-        if "rerank_error" in warm or warm.get("rerank_ms", 0.0) > settings.rerank_timeout_ms:
-            log.warning(json.dumps({"event": "reranker_will_fall_back", **warm,
-                                    "rerank_timeout_ms": settings.rerank_timeout_ms,
-                                    "hint": "answers will come back in retrieval order; raise rerank_timeout_ms "
-                                            "(recsys serve --rerank-timeout-ms) or serve a faster reranker"}))
-        state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics)
-        state["batcher"].start()
-        state["ready"] = True
-        log.info(json.dumps({"event": "loaded", "directory": str(directory), "version": rec.version,
-                             "seconds": round(time.perf_counter() - t, 3), "warmup": warm}))
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        # Load in the background: the server answers /healthz at once and /readyz turns 200 when ready.
-        task = asyncio.create_task(load())
-        yield
-        task.cancel()
-        if state.get("batcher"):
-            await state["batcher"].stop()
-
-    app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
-                  description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")
-
-    app.add_middleware(Guard, settings=settings, metrics=metrics)
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error, whoever raises it, in one shape: ``{"detail": [{"loc", "msg", "type"}]}``."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
@@ -537,22 +515,29 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
                                                                              "http_error")["detail"]
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
-    key_header = APIKeyHeader(name="x-api-key", auto_error=False,
-                              description="required on /v1/* when the server has an API key")
 
-    async def authorised(key: str | None = Depends(key_header)) -> None:    # async: no thread hop per request
-        # Guard has already refused a wrong key before the body was read; this declares the scheme in the
-        # OpenAPI spec and holds if the app is mounted without Guard.
-        if settings.api_key and not hmac.compare_digest((key or "").encode(), settings.api_key.encode()):
-            raise api_error(401, "missing or wrong x-api-key", ("header", "x-api-key"), "unauthorised")
+def ready(state: dict) -> Recommender:
+    """The loaded recommender, or 503 while loading."""
+    if not state["ready"]:
+        raise api_error(503, "models are still loading", ("server",), "loading")
+    return state["rec"]
 
-    def ready() -> Recommender:
-        if not state["ready"]:
-            raise api_error(503, "models are still loading", ("server",), "loading")
-        return state["rec"]
 
-    def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[ScoredItemOut]:
-        return [ScoredItemOut(item_id=rec.item_ids[i], score=s, title=rec.titles.get(i)) for i, s in zip(idx, scores)]
+def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[ScoredItemOut]:
+    """Response items: catalogue ids, scores and titles."""
+    return [ScoredItemOut(item_id=rec.item_ids[i], score=s, title=rec.titles.get(i)) for i, s in zip(idx, scores)]
+
+
+def user_history(rec: Recommender, body, users: dict) -> tuple[list[int], list[str]]:
+    """The request's history in item idx and its unknown item ids; 4xx when unusable."""
+    try:
+        return resolve_history(body.user_id, body.history, users, rec.item_idx)
+    except RequestError as e:
+        raise api_error(e.status, str(e), e.loc, e.kind) from None
+
+
+def add_probe_routes(app: FastAPI, state: dict, metrics: Metrics) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics``: open to all, never counted against ``max_in_flight``."""
 
     @app.get("/healthz")
     async def healthz():
@@ -571,21 +556,26 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+
+def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
+    """The ranking endpoints under ``/v1``, behind the API key when the server has one."""
+    key_header = APIKeyHeader(name="x-api-key", auto_error=False,
+                              description="required on /v1/* when the server has an API key")
+
+    async def authorised(key: str | None = Depends(key_header)) -> None:    # async: no thread hop per request
+        # Guard has already refused a wrong key before the body was read; this declares the scheme in the
+        # OpenAPI spec and holds if the app is mounted without Guard.
+        if settings.api_key and not hmac.compare_digest((key or "").encode(), settings.api_key.encode()):
+            raise api_error(401, "missing or wrong x-api-key", ("header", "x-api-key"), "unauthorised")
+
     auth_errors = {s: ERRORS[s] for s in (401, 408, 413, 503)}
 
     @app.get("/v1/models", dependencies=[Depends(authorised)], responses=auth_errors)
     async def models():
-        rec = ready()
+        rec = ready(state)
         return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
                 "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None,
                 "items": rec.n_items, "warmup": state["warmup"], "rerank_timeout_ms": settings.rerank_timeout_ms}
-
-    def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
-        """The request's history in item idx and its unknown item ids; 4xx when unusable."""
-        try:
-            return resolve_history(body.user_id, body.history, state.get("users", {}), rec.item_idx)
-        except RequestError as e:
-            raise api_error(e.status, str(e), e.loc, e.kind) from None
 
     user_errors = {s: ERRORS[s] for s in (400, 401, 404, 408, 413, 422, 503)}
 
@@ -593,8 +583,8 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
               responses=user_errors)
     async def recommend(body: RecommendRequest):
         t = time.perf_counter()
-        rec = ready()
-        history, unknown = user_history(rec, body)
+        rec = ready(state)
+        history, unknown = user_history(rec, body, state.get("users", {}))
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank)
         result = await state["batcher"].submit(query)
@@ -608,11 +598,11 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         """The generative recommender writes the top k items itself (trie-constrained beam search);
         scores are the items' log-probabilities under the model, history and ``exclude`` banned."""
         t = time.perf_counter()
-        rec = ready()
+        rec = ready(state)
         if rec.generative is None:
             raise api_error(501, "this deployment has no generative model (recsys export --generative)",
                             ("path",), "not_deployed")
-        history, unknown = user_history(rec, body)
+        history, unknown = user_history(rec, body, state.get("users", {}))
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         items, scores = await asyncio.to_thread(rec.generative.recommend, [history], body.k, body.beam,
                                                 [history + exclude])
@@ -625,7 +615,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
               responses={s: ERRORS[s] for s in (400, 401, 408, 413, 422, 501, 503)})
     async def rerank(body: RerankRequest):
         t = time.perf_counter()
-        rec = ready()
+        rec = ready(state)
         if rec.reranker is None:
             raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
         history, unknown = known_items(body.history, rec.item_idx)
@@ -639,6 +629,37 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
+
+def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
+    """The API over ``directory`` (written by ``recsys export``); models load in the lifespan."""
+    from serving.runtime import providers
+
+    directory = Path(directory)
+    settings = settings.resolved(cuda="CUDAExecutionProvider" in providers())
+    if settings.access_log and log.getEffectiveLevel() > logging.INFO:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    state: dict = {"ready": False}
+    metrics = Metrics()                                     # its route templates are filled in below
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background: the server answers /healthz at once and /readyz turns 200 when ready.
+        task = asyncio.create_task(load_models(directory, settings, state, metrics))
+        yield
+        task.cancel()
+        if state.get("batcher"):
+            await state["batcher"].stop()
+
+    app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
+                  description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")
+
+    app.add_middleware(Guard, settings=settings, metrics=metrics)
+
+    add_error_handlers(app)
+    add_probe_routes(app, state, metrics)
+    add_v1_routes(app, settings, state)
     metrics.routes = frozenset(route.path for route in app.routes)
     return app
 
