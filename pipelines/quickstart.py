@@ -72,6 +72,11 @@ def same_settings(stored, new) -> bool:
     return stored == new
 
 
+PROTOCOL = ("leave-one-out, full ranking, history masked; reranker: SASRec top-N reordered, a target outside the "
+            "candidates is a miss; generative: beam search, a target outside the beam is a miss")
+"""How every quickstart figure is measured (written into ``quickstart.json``)."""
+
+
 class Stages:
     """Times stages and skips those whose ``stages/NAME.json`` records the same settings (:func:`same_settings`)."""
 
@@ -109,32 +114,80 @@ def _ranks(rerank_dir: Path, cands: Path) -> tuple[list[float], list[float]]:
     return before, after
 
 
+def evaluate_stages(ds, runs: Path, cands: Path, p: dict, window: int) -> dict:
+    """Every model of a quickstart run on the test split (the ``evaluate`` stage): popularity, SASRec, the
+    fusion and listwise rerankers over SASRec's candidates with paired intervals, the generative model."""
+    from pipelines.fusion import evaluate_fusion
+    from pipelines.generative import evaluate_generative, load_for
+    from pipelines.jobs import evaluate_model
+    from pipelines.reranker import candidate_set_metrics, rerank_candidates
+
+    metrics = [f"{m}@{k}" for k in (1, 5, 10, 20) for m in ("hr", "ndcg")]
+    results = {"popularity": evaluate_model(ds, runs / "popularity", "test", metrics),
+               "sasrec": evaluate_model(ds, runs / "sasrec", "test", metrics)}
+    fu = evaluate_fusion(ds, runs / "fusion" / "model", cands, "test", metrics)
+    fusion_name = f"sasrec -> fusion (side features, top {p['candidates']})"
+    results[fusion_name] = fu["reranked"]
+    paired = {fusion_name: paired_bootstrap(fu["per_user"]["retriever"], fu["per_user"]["reranked"])}
+    rerank_candidates(ds, runs / "reranker-rank-grpo" / "model", cands, runs / "rerank-eval", "test",
+                           window=window, depth=p["depth"], mode="first")
+    before, after = _ranks(runs / "rerank-eval", cands)
+    rr = candidate_set_metrics(before, after, metrics)
+    listwise_name = f"sasrec -> listwise-tiny (rank-grpo, top {p['depth']})"
+    results[listwise_name] = {m: rr["reranked"][m] for m in metrics}
+    paired[listwise_name] = paired_bootstrap(*(ndcg(np.asarray(r)[:, None], np.ones((len(r), 1)), 10)
+                                               for r in (before, after)))
+    test = ds.eval_examples("test")
+    with autocast("cpu"):
+        g = evaluate_generative(load_for(ds, runs / "generative-sft" / "model"), test.histories,
+                                [int(t[0]) for t in test.targets], beam=p["beam"], metrics=metrics)
+    results[f"generative-tiny (sft, beam {p['beam']})"] = {m: g[m] for m in metrics}
+    return {"results": {name: {m: float(r[m]) for m in metrics} for name, r in results.items()},
+            "paired_ndcg@10": paired}
+
+
+def print_summary(summary: dict, out: Path, log=print) -> None:
+    """The results table, each reranker's paired interval, the stage times and what to run next."""
+    from pipelines.jobs import format_table
+
+    results, serve_dir = summary["results"], summary["serve"].removeprefix("recsys serve ")
+    log("\n" + format_table(list(results.items()), ["hr@10", "ndcg@10", "hr@5", "ndcg@5"]))
+    for name, b in summary["paired_ndcg@10"].items():
+        log(f"{name}: NDCG@10 minus SASRec's order {b['mean_diff']:+.4f}, 95% paired bootstrap interval "
+            f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}] over {b['queries']} test users "
+            f"({b['better']} better, {b['worse']} worse)")
+    log("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["seconds"].items())
+        + f" (total {summary['total_seconds'] / 60:.1f} min)")
+    log("published anchor (SASRec, ML-1M full ranking): hr@10 0.2853, ndcg@10 0.1603")
+    log(f"\nserve it:  recsys serve {serve_dir}")
+    log(f"report:    recsys report {out}")
+
+
+def prepared(dataset, data_dir: Path, log=print) -> dict:
+    """The ``data`` stage: ``dataset`` prepared into ``data_dir`` with the default split, unless it already is
+    (a directory prepared with other settings is prepared again)."""
+    from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
+
+    try:
+        ds = PreparedDataset.load(data_dir)
+        if ds.manifest["config"] == PrepareConfig().__dict__:
+            return {"users": ds.n_users, "items": ds.n_items}
+    except RecsysError:
+        pass
+    ds = prepare(load_dataset(dataset, log=log), data_dir, PrepareConfig())
+    return {"users": ds.n_users, "items": ds.n_items}
+
+
 def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: int = 0, log=print) -> dict:
     """Run every stage (see the module docstring); returns and writes ``out/quickstart.json``."""
-
     from pipelines.config import load_config
-    from pipelines.fusion import (
-        FusionTrainConfig,
-        evaluate_fusion,
-        train_fusion_reranker,
-    )
-    from pipelines.generative import (
-        GenerativeTrainConfig,
-        evaluate_generative,
-        load_for,
-        train_generative,
-    )
-    from pipelines.jobs import evaluate_model, format_table
-    from pipelines.reranker import (
-        RerankerSFTConfig,
-        candidate_set_metrics,
-        rerank_candidates,
-        train_reranker,
-    )
+    from pipelines.fusion import FusionTrainConfig, train_fusion_reranker
+    from pipelines.generative import GenerativeTrainConfig, train_generative
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
     from pipelines.retrieval import build_semantic_ids, candidates
     from pipelines.rl import RLConfig, train_rl
     from pipelines.train import SASRecTrainConfig, train_popularity, train_sasrec
-    from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
+    from recsys.data import PreparedDataset
     from recsys.rerank.features import supported_groups
     from recsys.retrieval.semantic_ids import SemanticIDConfig
     from serving.export import export
@@ -142,27 +195,16 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
     if preset not in PRESETS:
         raise RecsysError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     p, out = PRESETS[preset], Path(out)
-    full = preset == "full"
     stages = Stages(out, log)
     data_dir = out / "data" / Path(str(dataset)).name
     runs = out / "runs" / f"{preset}-seed{seed}"
 
-    def data():
-        try:
-            ds = PreparedDataset.load(data_dir)
-            if ds.manifest["config"] == PrepareConfig().__dict__:
-                return {"users": ds.n_users, "items": ds.n_items}
-        except RecsysError:
-            pass
-        ds = prepare(load_dataset(dataset, log=log), data_dir, PrepareConfig())
-        return {"users": ds.n_users, "items": ds.n_items}
-
-    stages.run("data", {"dataset": str(dataset)}, data)
+    stages.run("data", {"dataset": str(dataset)}, lambda: prepared(dataset, data_dir, log))
     ds = PreparedDataset.load(data_dir)
     settings = {"fingerprint": ds.fingerprint, "preset": preset, "seed": seed}
 
     stages.run("popularity", settings, lambda: str(train_popularity(ds, runs / "popularity")))
-    sas_cfg = load_config(SASRecTrainConfig, CONFIGS / "sasrec_ml1m.yaml" if full else None,
+    sas_cfg = load_config(SASRecTrainConfig, CONFIGS / "sasrec_ml1m.yaml" if preset == "full" else None,
                           {**p["sasrec"], "seed": seed})
     stages.run("sasrec", settings | {"config": sas_cfg.__dict__},
                lambda: json.loads((train_sasrec(ds, runs / "sasrec", sas_cfg).parent / "train.json").read_text())
@@ -200,53 +242,19 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
 
     stages.run("generative", settings | {"sid": sid_cfg.__dict__, "config": repr(gen_cfg)}, generative)
 
-    def evaluate():
-        metrics = [f"{m}@{k}" for k in (1, 5, 10, 20) for m in ("hr", "ndcg")]
-        results = {"popularity": evaluate_model(ds, runs / "popularity", "test", metrics),
-                   "sasrec": evaluate_model(ds, runs / "sasrec", "test", metrics)}
-        fu = evaluate_fusion(ds, runs / "fusion" / "model", cands, "test", metrics)
-        fusion_name = f"sasrec -> fusion (side features, top {p['candidates']})"
-        results[fusion_name] = fu["reranked"]
-        paired = {fusion_name: paired_bootstrap(fu["per_user"]["retriever"], fu["per_user"]["reranked"])}
-        rerank_candidates(ds, runs / "reranker-rank-grpo" / "model", cands, runs / "rerank-eval", "test",
-                               window=rr_cfg.window, depth=p["depth"], mode="first")
-        before, after = _ranks(runs / "rerank-eval", cands)
-        rr = candidate_set_metrics(before, after, metrics)
-        listwise_name = f"sasrec -> listwise-tiny (rank-grpo, top {p['depth']})"
-        results[listwise_name] = {m: rr["reranked"][m] for m in metrics}
-        paired[listwise_name] = paired_bootstrap(*(ndcg(np.asarray(r)[:, None], np.ones((len(r), 1)), 10)
-                                                   for r in (before, after)))
-        test = ds.eval_examples("test")
-        with autocast("cpu"):
-            g = evaluate_generative(load_for(ds, runs / "generative-sft" / "model"), test.histories,
-                                    [int(t[0]) for t in test.targets], beam=p["beam"], metrics=metrics)
-        results[f"generative-tiny (sft, beam {p['beam']})"] = {m: g[m] for m in metrics}
-        return {"results": {name: {m: float(r[m]) for m in metrics} for name, r in results.items()},
-                "paired_ndcg@10": paired}
-
     evaluated = stages.run("evaluate", settings | {"depth": p["depth"], "beam": p["beam"], "at_k": [1, 5, 10, 20],
-                                                   "n": p["candidates"]}, evaluate)
+                                                   "n": p["candidates"]},
+                           lambda: evaluate_stages(ds, runs, cands, p, rr_cfg.window))
     results = evaluated["results"]
     serve_dir = runs / "serve"
     stages.run("export", settings, lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model",
                                                       generative_dir=runs / "generative-sft" / "model")))
 
     summary = {"dataset": str(dataset), "preset": preset, "seed": seed, "split": "test",
-               "protocol": "leave-one-out, full ranking, history masked; reranker: SASRec top-N reordered, a target "
-                           "outside the candidates is a miss; generative: beam search, a target outside the beam is a miss",
+               "protocol": PROTOCOL,
                "candidate_recall": recall, "results": results, "paired_ndcg@10": evaluated["paired_ndcg@10"],
                "seconds": stages.seconds,
                "total_seconds": round(sum(stages.seconds.values()), 1), "serve": f"recsys serve {serve_dir}"}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quickstart.json").write_text(json.dumps(summary, indent=2))
-    log("\n" + format_table(list(results.items()), ["hr@10", "ndcg@10", "hr@5", "ndcg@5"]))
-    for name, b in evaluated["paired_ndcg@10"].items():
-        log(f"{name}: NDCG@10 minus SASRec's order {b['mean_diff']:+.4f}, 95% paired bootstrap interval "
-            f"[{b['ci_low']:+.4f}, {b['ci_high']:+.4f}] over {b['queries']} test users "
-            f"({b['better']} better, {b['worse']} worse)")
-    log("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.seconds.items())
-        + f" (total {summary['total_seconds'] / 60:.1f} min)")
-    log("published anchor (SASRec, ML-1M full ranking): hr@10 0.2853, ndcg@10 0.1603")
-    log(f"\nserve it:  recsys serve {serve_dir}")
-    log(f"report:    recsys report {out}")
+    (out / "quickstart.json").write_text(json.dumps(summary, indent=2))         # out/stages/ made it
+    print_summary(summary, out, log)
     return summary
