@@ -82,7 +82,8 @@ class GenerativeTrainConfig:
     algo: str = "sft"
     model: GenerativeConfig = field(default_factory=GenerativeConfig)
     semantic_ids: str | None = None
-    """Directory written by ``recsys index semantic-ids`` (SFT); RL reads the codes saved with ``init``."""
+    """Directory written by ``recsys index semantic-ids``: SFT's codes; V-STAR's dense reward reads the
+    embeddings saved there (``dense_reward: embeddings``). Other RL reads the codes saved with ``init``."""
     init: str | None = None
     """RL: the SFT run's ``model/`` directory."""
     batch_size: int = 64
@@ -127,6 +128,14 @@ class GenerativeTrainConfig:
     rank_reward: str = "exp_inf"
     """``rank-grpo``: per-rank reward, ``exp_inf`` (hit at that rank) or ``log_decay`` (DCG from it on)."""
     sibling_weight: float = 1.0
+    sibling_credit: str = "visits"
+    """``vstar``: which candidates through a node carry its Sibling-GRPO advantage: ``visits`` (every one, so a
+    node weighs by its visit count, as V-STAR's code does) or ``first`` (the first through it: each node once,
+    eq. 18 read literally). :func:`recsys.rl.vstar.sibling_advantages`."""
+    dense_reward: str = "embeddings"
+    """``vstar``: the value head's per-level reward compares the candidates sharing a prefix with the target by
+    ``embeddings`` (the vectors the semantic IDs were built from: V-STAR's choice; needs ``semantic_ids``) or
+    ``codes`` (one-hot codes: the cosine is the share of code levels in common)."""
     value_weight: float = 1.0
     gamma: float = 0.99
     init_beam: int = 8
@@ -139,6 +148,10 @@ class GenerativeTrainConfig:
             raise RecsysError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.mu < 1:
             raise RecsysError(f"mu (optimiser steps per rollout batch) must be >= 1, got {self.mu}")
+        for name, value, allowed in (("sibling_credit", self.sibling_credit, ("visits", "first")),
+                                     ("dense_reward", self.dense_reward, ("embeddings", "codes"))):
+            if value not in allowed:
+                raise RecsysError(f"{name} must be one of {allowed}, got {value!r}")
 
     def ved(self) -> VEDConfig:
         return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
@@ -299,10 +312,7 @@ class GenerativeRLModule(_Validated):
             model.set_dropout(0.0)
         self.ref = copy.deepcopy(model).eval().requires_grad_(False)
         self.automatic_optimization = False
-        D, K = model.depth, model.trie.n_codes
-        # item vectors for the dense level rewards: one-hot codes per level (cos = shared code levels / D)
-        self.register_buffer("vectors", torch.nn.functional.one_hot(model.idx_codes, K).float().view(-1, D * K),
-                             persistent=False)
+        self.register_buffer("vectors", reward_vectors(model, config), persistent=False)
 
     def _exclude(self, histories, repeat: int = 1) -> torch.Tensor:
         ex = torch.zeros(len(histories), len(self.model.idx_codes), dtype=torch.bool)
@@ -344,7 +354,7 @@ class GenerativeRLModule(_Validated):
         ref_logp = torch.where(on, ref_logp, torch.zeros_like(ref_logp))
         mask = ok[:, None].expand(-1, D).to(ref_logp.device)
         if vstar:
-            sib = [sibling_advantages(c, r) for c, r in zip(out.codes, reward)]
+            sib = [sibling_advantages(c, r, credit=cfg.sibling_credit) for c, r in zip(out.codes, reward)]
             A, carry = torch.cat([a for a, _ in sib]), torch.cat([c for _, c in sib]) & mask.cpu()
             dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
                                for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
@@ -423,6 +433,30 @@ class GenerativeRLModule(_Validated):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
+
+
+def reward_vectors(model: GenerativeRecommender, config: GenerativeTrainConfig) -> torch.Tensor:
+    """(n_items + 1, d) the item vectors V-STAR's dense level reward compares (row 0: padding).
+
+    ``dense_reward: embeddings`` (V-STAR, arXiv 2602.10699 §4.3: the semantic similarity of the items): the
+    vectors ``config.semantic_ids`` saved beside the codes, which must be the model's codes. ``codes``: one-hot
+    codes per level, whose cosine is the share of levels two items have in common."""
+    codes = model.idx_codes
+    if config.algo != "vstar" or config.dense_reward == "codes":
+        D, K = model.depth, model.trie.n_codes
+        return torch.nn.functional.one_hot(codes, K).float().view(-1, D * K)
+    if not config.semantic_ids:
+        raise RecsysError("V-STAR's dense reward compares items by the embeddings their semantic IDs were built from: "
+                          "set semantic_ids to that directory (recsys index semantic-ids), or dense_reward: codes")
+    sid = SemanticIDs.load(config.semantic_ids)
+    if sid.vectors is None:
+        raise RecsysError(f"{config.semantic_ids}: no vectors.npy (built before they were saved); build the semantic "
+                          "IDs again, or set dense_reward: codes")
+    if len(sid.codes) != len(codes) - 1 or not np.array_equal(sid.codes[np.argsort(sid.item_ids)], codes[1:].cpu().numpy()):
+        raise RecsysError(f"{config.semantic_ids}: its codes are not the ones the model {config.init} was trained on")
+    vectors = torch.zeros(len(codes), sid.vectors.shape[1])
+    vectors[torch.as_tensor(sid.item_ids, dtype=torch.long)] = torch.from_numpy(sid.vectors).float()
+    return vectors
 
 
 # ---------------------------------------------------------------------------------------------- jobs

@@ -293,11 +293,29 @@ def test_ved_spends_exactly_its_budget_and_returns_valid_candidates(model):
 
 def test_sibling_advantages_docstring_tree():
     codes = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 0]])
-    adv, carry = sibling_advantages(codes, torch.tensor([1.0, 0, 0, 0]))
     a0, a1 = 0.25 / (0.25 + 1e-4), 0.5 / (0.5 + 1e-4)
-    expected = torch.tensor([[a0, a1], [0, -a1], [-a0, 0], [0, 0]])
-    torch.testing.assert_close(adv, expected)
+    # visits (the default, V-STAR's code): every candidate through a node carries its advantage
+    adv, carry = sibling_advantages(codes, torch.tensor([1.0, 0, 0, 0]))
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1], [a0, -a1], [-a0, 0], [-a0, 0]]))
+    assert carry.tolist() == [[True, True], [True, True], [True, False], [True, False]]
+    # first: the first candidate through a node only, each node once
+    adv, carry = sibling_advantages(codes, torch.tensor([1.0, 0, 0, 0]), credit="first")
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1], [0, -a1], [-a0, 0], [0, 0]]))
     assert carry.tolist() == [[True, True], [False, True], [True, False], [False, False]]
+
+
+def test_sibling_loss_weighs_a_node_by_its_visits_under_visit_credit():
+    """Node 0 at depth 0 is visited by 3 candidates, node 1 by 1: under ``visits`` node 0's advantage enters
+    the mean 3 times out of 4 (plus the depth-1 nodes), under ``first`` once, like node 1's."""
+    codes = torch.tensor([[0, 0], [0, 1], [0, 1], [1, 0]])
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    logp = torch.zeros(4, 2, requires_grad=True)
+    for credit, carried in (("visits", 4 + 3), ("first", 2 + 2)):
+        adv, carry = sibling_advantages(codes, rewards, credit=credit)
+        assert int(carry.sum()) == carried
+        logp.grad = None
+        sibling_loss(logp, adv, carry, beta=0.0).backward()
+        torch.testing.assert_close(logp.grad[carry], -adv[carry] / carried)
 
 
 def test_single_child_groups_give_no_signal():
@@ -363,6 +381,31 @@ def sid_dir(tiny_dataset, tmp_path):
     emb = np.random.default_rng(0).normal(size=(tiny_dataset.n_items, 8)).astype(np.float32)
     sid = SemanticIDs.fit(np.arange(1, tiny_dataset.n_items + 1), emb, SemanticIDConfig(levels=2, codebook_size=4))
     return sid.save(tmp_path / "sid")
+
+
+def test_vstar_dense_reward_compares_items_by_the_vectors_their_codes_were_built_from(tiny_dataset, sid_dir,
+                                                                                     tmp_path):
+    from pipelines.generative import GenerativeTrainConfig, reward_vectors
+    from recsys.generative.model import GenerativeRecommender
+    from recsys.retrieval.semantic_ids import SemanticIDConfig, SemanticIDs
+
+    sid = SemanticIDs.load(sid_dir)
+    model = GenerativeRecommender.build(sid.codes, sid.item_ids, SMALL, seed=0)
+    vstar = {"algo": "vstar", "init": "sft/model"}
+    got = reward_vectors(model, GenerativeTrainConfig(**vstar, semantic_ids=str(sid_dir)))
+    assert (got[0] == 0).all() and torch.equal(got[1:], torch.from_numpy(sid.vectors[np.argsort(sid.item_ids)]))
+    onehot = reward_vectors(model, GenerativeTrainConfig(**vstar, dense_reward="codes"))
+    a, b = onehot[1], onehot[2]            # cosine of one-hot codes = the share of code levels in common
+    shared = float((model.idx_codes[1] == model.idx_codes[2]).float().mean())
+    assert abs(float(a @ b / (a.norm() * b.norm())) - shared) < 1e-6
+    with pytest.raises(RecsysError, match="set semantic_ids to that directory"):
+        reward_vectors(model, GenerativeTrainConfig(**vstar))
+    other = SemanticIDs.fit(sid.item_ids, np.random.default_rng(5).normal(size=(len(sid.item_ids), 8)),
+                            SemanticIDConfig(levels=2, codebook_size=4)).save(tmp_path / "other")
+    with pytest.raises(RecsysError, match="not the ones the model"):
+        reward_vectors(model, GenerativeTrainConfig(**vstar, semantic_ids=str(other)))
+    with pytest.raises(RecsysError, match="dense_reward must be one of"):
+        GenerativeTrainConfig(**vstar, dense_reward="cosine")
 
 
 def _sft(sid_dir, **kw):
@@ -451,7 +494,8 @@ def test_rl_steps_write_a_model(tiny_dataset, sid_dir, tmp_path, algo):
 
     init = train_generative(tiny_dataset, tmp_path / "sft", _sft(sid_dir, max_epochs=2), progress=False)
     cfg = GenerativeTrainConfig(algo=algo, model=SMALL, init=str(init), max_steps=2, val_every=1, prompts_per_step=3,
-                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true")
+                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true",
+                                semantic_ids=str(sid_dir))
     path = train_generative(tiny_dataset, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 2 and summary["start_val_ndcg@10"] is not None
@@ -481,7 +525,7 @@ def test_off_policy_generative_rl_clips_its_later_updates_only(tiny_dataset, sid
     for mu in (1, 2):
         cfg = GenerativeTrainConfig(algo=algo, model=SMALL, init=str(init), max_steps=4, val_every=4,
                                     prompts_per_step=3, group_size=4, init_beam=2, val_beam=8, lr=2e-2, eps=0.01,
-                                    mu=mu, precision="32-true")
+                                    mu=mu, precision="32-true", semantic_ids=str(sid_dir))
         train_generative(tiny_dataset, tmp_path / f"{algo}-mu{mu}", cfg, progress=False)
         logs = pl.read_csv(next((tmp_path / f"{algo}-mu{mu}" / "logs").glob("version_*/metrics.csv")))
         clipped[mu] = logs["train/clip_fraction"].drop_nulls()
@@ -533,7 +577,8 @@ def test_item_layout_learns_the_ring_and_runs_vstar(tiny_dataset, sid_dir, tmp_p
     chance = evaluate_generative(untrained, test.histories, targets, beam=10, progress=False)
     assert m["ndcg@10"] > chance["ndcg@10"] + 0.15
     cfg = GenerativeTrainConfig(algo="vstar", model=item, init=str(init), max_steps=2, val_every=1, prompts_per_step=3,
-                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true")
+                                group_size=4, init_beam=2, val_beam=8, lr=1e-3, precision="32-true",
+                                semantic_ids=str(sid_dir))
     train_generative(tiny_dataset, tmp_path / "vstar", cfg, progress=False)
     last = torch.load(tmp_path / "vstar" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name in ("code_head.mlp.0.0.weight", "value_head.mlp.0.weight"):

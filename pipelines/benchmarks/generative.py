@@ -84,7 +84,7 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
     model_cfg = GenerativeConfig(**sft.pop("model"))
     runs = [("generative-sft", GenerativeTrainConfig(model=model_cfg, semantic_ids=sid, seed=seed, **sft))]
     runs += [(f"generative-{algo}", GenerativeTrainConfig(algo=algo, model=model_cfg, init=str(out / "sft" / "model"),
-                                                          seed=seed, **rl)) for algo in ("grpo", "vstar")]
+                                                          semantic_ids=sid, seed=seed, **rl)) for algo in ("grpo", "vstar")]
     sft_trained = False
     for name, cfg in runs:
         run_dir = out / name.removeprefix("generative-")
@@ -255,6 +255,10 @@ def main() -> None:
                    help="item layout: add a learned item-ID embedding to each history item's input")
     p.add_argument("--rl-steps", type=int, default=100)
     p.add_argument("--rl-lr", type=float, default=1e-4)
+    p.add_argument("--vstar-reward", choices=["embeddings", "codes"], default="embeddings",
+                   help="V-STAR's dense reward: the semantic IDs' source vectors (the paper's) or one-hot codes")
+    p.add_argument("--sibling-credit", choices=["visits", "first"], default="visits",
+                   help="Sibling-GRPO: a node's advantage on every candidate through it, or on the first only")
     p.add_argument("--sft-batches", type=int, help="SFT batches per epoch (smoke runs; default all)")
     p.add_argument("--test-users", type=int, help="first N test users only (default: all)")
     p.add_argument("--compare-users", type=int, default=1000, help="users for VED vs beam and the speed rows")
@@ -269,7 +273,7 @@ def main() -> None:
 
     out = Path(a.out)
     sid = out / "sid-cf"
-    if not (sid / "semantic_ids.json").exists():
+    if not (sid / "vectors.npy").exists():      # deterministic: the same codes (V-STAR's reward checks them)
         build_semantic_ids(PreparedDataset.load(a.data), "cf", sid, SemanticIDConfig(levels=3, codebook_size=32),
                            a.sasrec[0])
     sid_stats = json.loads((sid / "semantic_ids.json").read_text())["stats"]
@@ -282,7 +286,8 @@ def main() -> None:
            "lr_decay": a.sft_lr_decay or None, "lr_patience": a.sft_lr_patience,
            "val_users": 1000, "val_beam": 20, "limit_train_batches": a.sft_batches}
     rl = {"max_steps": a.rl_steps, "val_every": max(1, a.rl_steps // 4), "prompts_per_step": 16, "group_size": 16,
-          "lr": a.rl_lr, "beta": 1e-3, "val_users": 1000, "val_beam": 20}
+          "lr": a.rl_lr, "beta": 1e-3, "val_users": 1000, "val_beam": 20, "dense_reward": a.vstar_reward,
+          "sibling_credit": a.sibling_credit}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     rows = [sasrec_row(a.data, run, a.test_users) for run in a.sasrec]
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:

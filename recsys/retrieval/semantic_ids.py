@@ -112,8 +112,12 @@ class PrefixTrie:
 class SemanticIDs:
     """Codes (N, L + 1) for items: L residual k-means levels and one de-duplication level."""
 
-    def __init__(self, item_ids: np.ndarray, codes: np.ndarray, config: SemanticIDConfig, stats: dict, source: str):
+    def __init__(self, item_ids: np.ndarray, codes: np.ndarray, config: SemanticIDConfig, stats: dict, source: str,
+                 vectors: np.ndarray | None = None):
         self.item_ids, self.codes, self.config, self.stats, self.source = np.asarray(item_ids), codes, config, stats, source
+        self.vectors = vectors
+        """(N, d) the standardised embeddings the codes were built from (``vectors.npy``; None if not saved):
+        V-STAR's dense reward compares items by them."""
         self.trie = PrefixTrie(codes)
 
     @classmethod
@@ -145,12 +149,14 @@ class SemanticIDs:
             "perplexity": [perplexity(codes[:, l]) for l in range(config.levels)],
             "relative_reconstruction_error": float(((x - reconstruction) ** 2).sum() / (x ** 2).sum()),
         }
-        return cls(item_ids, full, config, stats, source)
+        return cls(item_ids, full, config, stats, source, x)
 
     def save(self, directory: str | Path) -> Path:
         with atomic_directory(directory) as tmp:
             np.save(tmp / "codes.npy", self.codes)
             np.save(tmp / "item_ids.npy", self.item_ids)
+            if self.vectors is not None:
+                np.save(tmp / "vectors.npy", self.vectors.astype(np.float32))
             (tmp / "semantic_ids.json").write_text(json.dumps({"config": asdict(self.config), "stats": self.stats,
                                                                "source": self.source}, indent=2))
         return Path(directory)
@@ -164,4 +170,7 @@ class SemanticIDs:
         codes, ids = np.load(directory / "codes.npy"), np.load(directory / "item_ids.npy", allow_pickle=False)
         if len(codes) != len(ids) or codes.shape[1] != meta["config"]["levels"] + 1:
             raise RecsysError(f"{directory}: codes {codes.shape} do not match {len(ids)} items and the config")
-        return cls(ids, codes, SemanticIDConfig(**meta["config"]), meta["stats"], meta["source"])
+        vectors = np.load(directory / "vectors.npy") if (directory / "vectors.npy").exists() else None
+        if vectors is not None and len(vectors) != len(ids):
+            raise RecsysError(f"{directory}: vectors.npy has {len(vectors)} rows for {len(ids)} items")
+        return cls(ids, codes, SemanticIDConfig(**meta["config"]), meta["stats"], meta["source"], vectors)

@@ -12,9 +12,10 @@ the mean and *population* std of the child scores::
 
     J_sib = (1/|C|) sum_l sum_h sum_{v in S(h)} A_node(h, v) * rho(v | x, h)
 
-Each node (h, v) counts once: its advantage sits on the l-th token of the first candidate through it.
-The per-token loss is ``-(exp(logp - sg(logp)) * A - beta * min(KL_k3, 100))`` averaged over the tokens
-that carry a node (V-STAR's code), added to the GRPO loss with weight 1.0.
+A node's advantage sits on the l-th token of every candidate through it (``credit="visits"``), so that
+the per-token loss ``-(exp(logp - sg(logp)) * A - beta * min(KL_k3, 100))``, averaged over the tokens that
+carry a node, weighs each node by its visit count, as V-STAR's code does; ``credit="first"`` puts it on the
+first candidate through it only (each node once). Added to the GRPO loss with weight 1.0.
 
 Worked example (G = 4, D = 2; checked by hand in the tests)::
 
@@ -23,7 +24,8 @@ Worked example (G = 4, D = 2; checked by hand in the tests)::
              A = +0.25 / 0.2501 = +0.9996 on candidate 0, -0.9996 on candidate 2
     depth 1: prefix (0,) children 0 -> 1, 1 -> 0;  mu 0.5, sigma 0.5: A = +0.9998 (cand 0), -0.9998 (cand 1)
              prefix (1,) has one child (0): no signal
-    A = [[0.9996, 0.9998], [0, -0.9998], [-0.9996, 0], [0, 0]]
+    visits: A = [[0.9996, 0.9998], [0.9996, -0.9998], [-0.9996, 0], [-0.9996, 0]]   (carried: all but [2|3, 1])
+    first:  A = [[0.9996, 0.9998], [0, -0.9998], [-0.9996, 0], [0, 0]]
 
 Dense per-level reward for the value model only [3P note], weights w = (0.3, 0.5, 1.0) for three
 levels (we append 1.0 for the de-duplication level)::
@@ -43,8 +45,15 @@ import torch
 from recsys.rl.grpo import kl_k3
 
 
-def sibling_advantages(codes: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Node advantages (G, D) and a bool mask (G, D) of the tokens that carry a node with signal."""
+def sibling_advantages(codes: torch.Tensor, rewards: torch.Tensor, eps: float = 1e-4,
+                       credit: str = "visits") -> tuple[torch.Tensor, torch.Tensor]:
+    """Node advantages (G, D) and a bool mask (G, D) of the tokens that carry a node with signal.
+
+    ``credit``: ``visits`` puts a node's advantage on the level-l token of every candidate through it (the
+    loss, a mean over carrying tokens, then weighs a node by its visit count); ``first`` on the first
+    candidate through it only (every node once)."""
+    if credit not in ("visits", "first"):
+        raise ValueError(f"credit must be 'visits' or 'first', got {credit!r}")
     G, D = codes.shape
     adv = torch.zeros(G, D)
     carry = torch.zeros(G, D, dtype=torch.bool)
@@ -60,7 +69,8 @@ def sibling_advantages(codes: torch.Tensor, rewards: torch.Tensor, eps: float = 
             scores = torch.stack([rewards[idx].mean() for idx in children.values()])
             a = (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
             for value, idx in zip(a, children.values()):
-                adv[idx[0], level], carry[idx[0], level] = value, True
+                at = idx if credit == "visits" else idx[:1]
+                adv[at, level], carry[at, level] = value, True
     return adv, carry
 
 
