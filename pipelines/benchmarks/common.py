@@ -163,14 +163,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(serve_dir, *options: str, env: dict | None = None, timeout_s: float = 120.0):
+def serve_process(serve_dir, *options: str, env: dict | None = None, timeout_s: float = 120.0, code: Path | None = None):
     """``recsys serve SERVE_DIR OPTIONS`` in a subprocess on a free port; yields ``(url, process)`` once
-    ``/readyz`` answers 200, and stops the server on exit. ``env`` is added to this process's environment."""
+    ``/readyz`` answers 200, and stops the server on exit. ``env`` is added to this process's environment;
+    ``code``: a checkout whose ``recsys``, ``serving`` and ``pipelines`` packages the server imports instead of
+    this one's (another revision, measured side by side)."""
     import urllib.request
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(serve_dir), "--port", str(port),
-                               *options], env={**os.environ, **(env or {})},
+    if code is not None:
+        env = {**(env or {}), "PYTHONPATH": str(code)}
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(Path(serve_dir).resolve()),
+                               "--port", str(port), *options], env={**os.environ, **(env or {})}, cwd=code,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

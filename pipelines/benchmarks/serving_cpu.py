@@ -1,0 +1,101 @@
+"""The request path's cost: server CPU per ``POST /v1/recommend`` and latency under load, beside another
+revision's serving code on the same deployment in the same run.
+
+    recsys quickstart                                   # the README's main job: writes artifacts/
+    python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20
+
+The deployment is the quickstart's ``runs/default-seed0/serve`` (SASRec + FAISS retrieval of 50 candidates,
+the tiny FIRST reranker over the first 20). ``--baseline REV`` checks that revision out into a git worktree
+under ``--out`` and serves the same directory with its code. Both servers run at once with the server's CPU
+defaults (1 worker, micro-batching off, 1 ONNX Runtime thread per call); for every connection level the two
+take turns, ``--repeats`` load-generator runs each (``pipelines.benchmarks.loadgen``: random known users,
+``k`` 10), so that the drift of a shared machine falls on both alike. Per row: requests per second, p50 / p99
+latency and ``server_cpu_ms_per_request`` (the server process's user + system CPU over the timed requests);
+``ratios``: baseline / current CPU per request at each level.
+Run it on an otherwise idle machine: latency is what it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.benchmarks.common import Provenance, serve_process, write_result
+
+
+def load(url: str, pid: int, users: list[str], connections: int, requests: int) -> dict:
+    config = {"url": url, "users": users, "connections": connections, "requests": requests, "endpoint": "recommend",
+              "candidates": 50, "warmup": 20, "server_pid": pid}
+    return json.loads(subprocess.run([sys.executable, "-m", "pipelines.benchmarks.loadgen", json.dumps(config)],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
+def row(name: str, connections: int, runs: list[dict]) -> dict:
+    """One variant at one level: the runs' latencies pooled, their CPU summed over their requests."""
+    lat = np.concatenate([r["lat"] for r in runs])
+    return {"name": name, "connections": connections, "requests": len(lat), "repeats": len(runs),
+            "rps": len(lat) / sum(r["seconds"] for r in runs),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
+            "server_cpu_ms_per_request": round(1000 * sum(r["server_cpu_s"] for r in runs) / len(lat), 3),
+            "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs)}
+
+
+def worktree(rev: str, out: Path) -> Path:
+    """A checkout of ``rev`` (made once) whose serving code the baseline server runs."""
+    path = (out / f"baseline-{rev}").resolve()
+    if not path.exists():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quickstart", default="artifacts", help="a `recsys quickstart` --out directory")
+    p.add_argument("--serve-dir", help="a deployment to serve instead of the quickstart's")
+    p.add_argument("--baseline", help="a git revision whose serving code is measured beside this one's")
+    p.add_argument("--levels", type=int, nargs="+", default=[8, 32, 64])
+    p.add_argument("--requests", type=int, default=3000, help="timed requests per load-generator run")
+    p.add_argument("--repeats", type=int, default=3, help="load-generator runs per variant and level")
+    p.add_argument("--out", default="artifacts/serving-cpu")
+    a = p.parse_args()
+    provenance = Provenance("pipelines.benchmarks.serving_cpu")
+    import polars as pl
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    serve_dir = Path(a.serve_dir or Path(a.quickstart) / "runs" / "default-seed0" / "serve")
+    if not (serve_dir / "manifest.json").exists():
+        raise SystemExit(f"{serve_dir}: no deployment; run `recsys quickstart --out {a.quickstart}` first")
+    users = pl.read_parquet(serve_dir / "histories.parquet")["user_id"].to_list()
+    variants = {"current": None} | ({f"baseline-{a.baseline}": worktree(a.baseline, out)} if a.baseline else {})
+    runs = {(name, c): [] for name in variants for c in a.levels}
+    with ExitStack() as stack:
+        servers = {name: stack.enter_context(serve_process(serve_dir, code=code)) for name, code in variants.items()}
+        for c in a.levels:
+            for _ in range(a.repeats):
+                for name, (url, process) in servers.items():
+                    runs[name, c].append(load(url, process.pid, users, c, a.requests))
+                    print(f"{name} c{c}: {len(runs[name, c])} runs", flush=True)
+    rows = [row(name, c, runs[name, c]) for name in variants for c in a.levels]
+    cpu = {(r["name"], r["connections"]): r["server_cpu_ms_per_request"] for r in rows}
+    ratios = {f"cpu_baseline_over_current_c{c}": cpu[f"baseline-{a.baseline}", c] / cpu["current", c]
+              for c in a.levels} if a.baseline else {}
+    write_result("serving_cpu", provenance, {
+        "deployment": str(serve_dir), "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
+        "server": "recsys serve defaults: 1 uvicorn worker (uvloop, httptools), micro-batching off, 1 ONNX Runtime "
+                  "thread per call; POST /v1/recommend, k 10, 50 candidates, FIRST over the first 20",
+        "baseline": a.baseline, "rows": rows, "ratios": ratios})
+    for r in rows:
+        print(f"{r['name']:>22} c{r['connections']:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
+              f"p99 {r['p99_ms']:6.1f} ms  cpu {r['server_cpu_ms_per_request']:.3f} ms/req  errors {r['errors']}")
+
+
+if __name__ == "__main__":
+    main()
