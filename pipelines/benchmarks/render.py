@@ -529,6 +529,11 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "hybrid_throughput": render_rows("## Hybrid-token FIRST reranker: training throughput "
                                               "(`hybrid_throughput`)", "SFT steps of 8 windows (20 history items, 20 "
                                               "candidates), LoRA r 16 + projector, by kept layers and title words"),
+             "serving_cpu": render_rows("## The request path: server CPU and latency per `/v1/recommend` "
+                                        "(`serving_cpu`)", "the quickstart's deployment (SASRec + FAISS, 50 "
+                                        "candidates, tiny FIRST over 20) under `recsys serve` defaults; the baseline "
+                                        "row serves the same directory with an earlier revision's code, in turns "
+                                        "with the current one at every level"),
              "abuse": render_rows("## What a hostile client costs the API (`abuse`)", "a real uvicorn process over "
                                   "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
                                   "closed before the client read the answer"),

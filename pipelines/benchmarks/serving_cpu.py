@@ -39,12 +39,12 @@ def load(url: str, pid: int, users: list[str], connections: int, requests: int) 
 def row(name: str, connections: int, runs: list[dict]) -> dict:
     """One variant at one level: the runs' latencies pooled, their CPU summed over their requests."""
     lat = np.concatenate([r["lat"] for r in runs])
-    return {"name": name, "connections": connections, "requests": len(lat), "repeats": len(runs),
-            "rps": len(lat) / sum(r["seconds"] for r in runs),
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-            "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
-            "server_cpu_ms_per_request": round(1000 * sum(r["server_cpu_s"] for r in runs) / len(lat), 3),
-            "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs)}
+    return {"name": f"{name}-c{connections}", "variant": name, "connections": connections, "metrics": {
+        "server_cpu_ms_per_request": round(1000 * sum(r["server_cpu_s"] for r in runs) / len(lat), 3),
+        "rps": round(len(lat) / sum(r["seconds"] for r in runs), 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+        "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
+        "requests": len(lat), "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs)}}
 
 
 def worktree(rev: str, out: Path) -> Path:
@@ -84,8 +84,8 @@ def main() -> None:
                     runs[name, c].append(load(url, process.pid, users, c, a.requests))
                     print(f"{name} c{c}: {len(runs[name, c])} runs", flush=True)
     rows = [row(name, c, runs[name, c]) for name in variants for c in a.levels]
-    cpu = {(r["name"], r["connections"]): r["server_cpu_ms_per_request"] for r in rows}
-    ratios = {f"cpu_baseline_over_current_c{c}": cpu[f"baseline-{a.baseline}", c] / cpu["current", c]
+    cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows}
+    ratios = {f"cpu_baseline_over_current_c{c}": round(cpu[f"baseline-{a.baseline}", c] / cpu["current", c], 3)
               for c in a.levels} if a.baseline else {}
     write_result("serving_cpu", provenance, {
         "deployment": str(serve_dir), "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
@@ -93,9 +93,9 @@ def main() -> None:
                   "thread per call; POST /v1/recommend, k 10, 50 candidates, FIRST over the first 20",
         "baseline": a.baseline, "rows": rows, "ratios": ratios})
     for r in rows:
-        print(f"{r['name']:>22} c{r['connections']:<3} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.1f} ms  "
-              f"p99 {r['p99_ms']:6.1f} ms  cpu {r['server_cpu_ms_per_request']:.3f} ms/req  errors {r['errors']}")
-
+        m = r["metrics"]
+        print(f"{r['name']:>26} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.1f} ms  p99 {m['p99_ms']:6.1f} ms  "
+              f"cpu {m['server_cpu_ms_per_request']:.3f} ms/req  errors {m['errors']}")
 
 if __name__ == "__main__":
     main()
