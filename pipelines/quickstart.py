@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import RecsysError
-from recsys.metrics import ndcg, paired_bootstrap
+from recsys.metrics import ndcg, paired_bootstrap, target_rank
 from recsys.precision import autocast
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -108,9 +108,8 @@ def _ranks(rerank_dir: Path, cands: Path) -> tuple[list[float], list[float]]:
     before, after = [], []
     for row in df.iter_rows(named=True):
         depth = len(row["reranked"])
-        for order, ranks in ((row["candidates"][:depth], before), (row["reranked"], after)):
-            order = list(order)
-            ranks.append(float(order.index(row["target"])) if row["target"] in order else float("inf"))
+        before.append(target_rank(row["candidates"][:depth], row["target"]))
+        after.append(target_rank(row["reranked"], row["target"]))
     return before, after
 
 

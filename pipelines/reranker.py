@@ -34,7 +34,7 @@ from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
-from recsys.metrics import compute_metrics
+from recsys.metrics import compute_metrics, target_rank
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
 from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
@@ -336,7 +336,7 @@ class RerankerSFTModule(L.LightningModule):
         windows = [[int(c) for c in r["candidates"][:self.cfg.window]] for r in rows]
         if rows:
             for r, ranked in zip(rows, self.scorer.rank_windows([r["history"] for r in rows], windows)):
-                self._ranks.append(float(ranked.index(r["target"])))
+                self._ranks.append(target_rank(ranked, r["target"]))
 
     def on_validation_epoch_end(self):
         # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target.
@@ -540,8 +540,8 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
         reranked = [rerank(h, c) for h, c in tqdm(list(zip(histories, lists)), desc=f"rerank {split} ({mode})",
                                                     disable=not progress)]
     seconds = time.perf_counter() - t
-    before = [c.index(r["target"]) if r["target"] in c else np.inf for c, r in zip(lists, rows)]
-    after = [n.index(r["target"]) if r["target"] in n else np.inf for n, r in zip(reranked, rows)]
+    before = [target_rank(c, r["target"]) for c, r in zip(lists, rows)]
+    after = [target_rank(n, r["target"]) for n, r in zip(reranked, rows)]
     result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(lists[0]),
                                                       "batched": one_window}
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -60,7 +60,7 @@ from pipelines.reranker import (
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.errors import RecsysError
-from recsys.metrics import compute_metrics
+from recsys.metrics import compute_metrics, target_rank
 from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.sft import SFTExample, teacher_scores
@@ -212,7 +212,7 @@ def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, spl
                                   constraint=slate_constraint(scorer, list(windows), slate_size, rank_size))[1]
         for a, w, t in zip(answers, windows, targets):
             slate, ranking = slate_items(scorer, a, w)
-            ranks.append(float(ranking.index(t)) if t in ranking else np.inf)
+            ranks.append(target_rank(ranking, t))
             in_slate.append(t in slate)
             answers_out.append((slate, ranking))
     if out is not None:
@@ -445,7 +445,7 @@ class RerankerRLModule(L.LightningModule):
             orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):
             if r["target"] in r["window"]:
-                self._val.append(float(o.index(r["target"])) if r["target"] in o else np.inf)
+                self._val.append(target_rank(o, r["target"]))
 
     def on_validation_epoch_end(self):
         ranks = np.array(self._val)[:, None]

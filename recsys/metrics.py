@@ -45,6 +45,13 @@ def relevant_ranks(ranked: np.ndarray, relevant: np.ndarray, pad: int = PAD) -> 
     return np.where(match.any(-1), first, np.inf)
 
 
+def target_rank(ranking, target) -> float:
+    """0-based position of ``target`` in one ranking (any sequence of item ids), ``inf`` when it is absent:
+    the rank the metrics below read (:func:`relevant_ranks` is the same for padded (Q, L) arrays)."""
+    ranking = list(ranking)
+    return float(ranking.index(target)) if target in ranking else float("inf")
+
+
 def _check_k(k: int | None) -> None:
     if k is not None and k < 1:
         raise RecsysError(f"cut-off k must be >= 1, got {k}")

@@ -164,3 +164,13 @@ def test_paired_bootstrap_by_hand_and_a_constant_shift():
     assert noisy["ci_low"] < noisy["mean_diff"] < noisy["ci_high"]
     with pytest.raises(RecsysError, match="same queries"):
         paired_bootstrap(a, a[:10])
+
+
+def test_target_rank_is_the_0_based_position_or_inf_like_relevant_ranks():
+    from recsys.metrics import relevant_ranks, target_rank
+
+    lists, targets = [[5, 3, 9], [5, 3, 9], [7]], [9, 4, 7]
+    assert [target_rank(lst, t) for lst, t in zip(lists, targets)] == [2.0, float("inf"), 0.0]
+    assert target_rank(np.array([5, 3, 9]), 3) == 1.0 and target_rank([], 3) == float("inf")
+    padded = np.array([[5, 3, 9], [5, 3, 9], [7, -1, -1]])
+    assert relevant_ranks(padded, np.array(targets)[:, None])[:, 0].tolist() == [2.0, float("inf"), 0.0]
