@@ -32,6 +32,7 @@ import torch
 
 from recsys.rl.advantages import group_advantages
 from recsys.rl.grpo import policy_loss
+from recsys.rl.rewards import dcg_discounts
 
 END, PAD = -1, -2
 KINDS = ("exp_inf", "exp", "log_decay")
@@ -51,7 +52,7 @@ def rank_rewards(relevance: torch.Tensor, kind: str = "exp_inf", gamma: float = 
     if kind == "exp_inf":
         return rel.clone()
     if kind == "log_decay":
-        gains = rel / torch.log2(torch.arange(2, rel.shape[1] + 2, dtype=rel.dtype, device=rel.device))
+        gains = rel * dcg_discounts(rel.shape[1], rel.device).to(rel.dtype)
         return gains.flip(1).cumsum(1).flip(1)
     if kind == "exp":
         out = torch.zeros_like(rel)

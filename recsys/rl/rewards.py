@@ -54,6 +54,12 @@ def recall_at_k(rel: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Te
     return rel[:, :k].float().sum(1) / n_relevant.float().clamp(min=1)
 
 
+def dcg_discounts(k: int, device=None) -> torch.Tensor:
+    """(k,) the DCG discount of each 0-based position q: 1 / log2(q + 2), i.e. [1, 0.6309, 0.5, ...]; the
+    torch twin of :func:`recsys.metrics.ndcg`'s (the rewards and the reported metric discount alike)."""
+    return 1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float32, device=device))
+
+
 def ndcg_at_k(rel: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Tensor:
     """(M,) binary NDCG@k of relevance rows (M, N) with ``n_relevant`` (M,) relevant items per row.
 
@@ -61,7 +67,7 @@ def ndcg_at_k(rel: torch.Tensor, n_relevant: torch.Tensor, k: int) -> torch.Tens
     IDCG = 1 + 0.6309 = 1.6309; NDCG = 0.6934.
     """
     k = min(k, rel.shape[1])
-    discounts = 1 / torch.log2(torch.arange(2, k + 2, dtype=torch.float32, device=rel.device))
+    discounts = dcg_discounts(k, rel.device)
     dcg = (rel[:, :k].float() * discounts).sum(1)
     ideal_cum = torch.cat([torch.zeros(1, device=rel.device), discounts.cumsum(0)])
     idcg = ideal_cum[n_relevant.long().clamp(0, k)]
@@ -91,7 +97,7 @@ def expected_ndcg_recall_at_k(scores: torch.Tensor, relevant: torch.Tensor, k: i
     rel = relevant.float()
     n_rel = rel.sum(1)
     kk = min(k, c)
-    discounts = 1 / torch.log2(torch.arange(2, kk + 2, dtype=torch.float32, device=s.device))
+    discounts = dcg_discounts(kk, s.device)
     idcg = torch.cat([torch.zeros(1, device=s.device), discounts.cumsum(0)])[n_rel.long().clamp(0, kk)]
     ndcg = torch.where(idcg > 0, (rel * gain).sum(1) / idcg.clamp(min=1e-12), torch.zeros_like(idcg))
     return ndcg, (rel * hit).sum(1) / n_rel.clamp(min=1)
