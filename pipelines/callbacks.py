@@ -103,16 +103,32 @@ class TextProgress(L.Callback):
 
 class RNGState(L.Callback):
     """Save the torch / numpy / python RNG states in every checkpoint and restore them on resume, so a
-    run resumed from an epoch-end checkpoint continues exactly like the uninterrupted run. Plain lists
-    and tensors only: checkpoints load with ``torch.load(weights_only=True)``."""
+    run resumed from an epoch-end checkpoint continues exactly like the uninterrupted run. Under data
+    parallelism every process's states are gathered into the checkpoint (``ranks``) and each process
+    restores its own. Plain lists and tensors only: checkpoints load with ``torch.load(weights_only=True)``."""
 
-    def state_dict(self) -> dict:
+    @staticmethod
+    def _mine() -> dict:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         version, state, gauss_next = random.getstate()
         return {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
                 "python": [version, list(state), gauss_next]}
 
+    def state_dict(self) -> dict:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self._mine()
+        ranks = [None] * dist.get_world_size()            # every process takes part in a checkpoint's dump
+        dist.all_gather_object(ranks, self._mine())
+        return {"ranks": ranks}
+
     def load_state_dict(self, state: dict) -> None:
+        import torch.distributed as dist
+
+        if "ranks" in state:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            state = state["ranks"][rank]
         torch.set_rng_state(state["torch"])
         name, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

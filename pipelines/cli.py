@@ -79,6 +79,7 @@ def cmd_prepare(a):
 
 def cmd_train_retriever(a):
     from pipelines.config import load_config
+    from pipelines.trainer import main_process
     from pipelines.train import (
         PRESETS,
         SASRecTrainConfig,
@@ -97,7 +98,8 @@ def cmd_train_retriever(a):
         overrides.update(_overrides(a.set))
         config = load_config(SASRecTrainConfig, a.config, overrides)
         path = train_sasrec(ds, a.out, config, resume=not a.no_resume, runtime=_runtime(a))
-    print(f"saved {a.model} to {path}")
+    if main_process():
+        print(f"saved {a.model} to {path}")
 
 
 def cmd_evaluate(a):

@@ -26,11 +26,15 @@ class LengthBucketSampler(Sampler[list[int]]):
     """Batches of similar length (less padding), in an order fixed by (seed, epoch).
 
     Users are shuffled, cut into chunks of 50 batches, sorted by length within a chunk, batched,
-    and the batches shuffled again.
+    and the batches shuffled again. Under data parallelism (``world_size`` processes) every process builds
+    the same batches and keeps every ``world_size``-th from its ``rank``; the batches left over at the end
+    are pooled and split into one per process, so that each process takes as many steps as the others and
+    together they see every sequence once.
     """
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.seed, self.epoch = np.asarray(lengths), batch_size, seed, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
         self.epoch = epoch
@@ -44,13 +48,31 @@ class LengthBucketSampler(Sampler[list[int]]):
             part = order[start:start + chunk]
             part = part[np.argsort(-self.lengths[part], kind="stable")]
             batches += [part[i:i + self.batch_size].tolist() for i in range(0, len(part), self.batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+        return shard_batches(batches, self.rank, self.world_size)
 
     def __iter__(self):
         return iter(self._batches())
 
     def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size) if len(self.lengths) else 0
+        n = -(-len(self.lengths) // self.batch_size) if len(self.lengths) else 0
+        return n // self.world_size + (n % self.world_size > 0)
+
+
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Process ``rank``'s share of ``batches``: every ``world_size``-th batch, then its part of the leftover
+    batches' items pooled and split ``world_size`` ways (as evenly as possible). Disjoint across ranks, their
+    union every item; each rank gets the same number of batches while the leftover items are at least
+    ``world_size`` (a rank would otherwise get an empty last batch, which is dropped)."""
+    if world_size == 1:
+        return batches
+    whole = len(batches) - len(batches) % world_size
+    mine = batches[rank:whole:world_size]
+    rest = [i for b in batches[whole:] for i in b]
+    if rest:
+        part = np.array_split(np.asarray(rest, dtype=np.int64), world_size)[rank].tolist()
+        mine += [part] if part else []
+    return mine
 
 
 def left_pad(rows: list[np.ndarray]) -> torch.Tensor:
@@ -86,12 +108,35 @@ class SequenceDataModule(L.LightningDataModule):
         targets = torch.as_tensor(np.stack([self.valid.targets[i][:1] for i in idx]))
         return {"input_ids": left_pad([h[-self.max_len:] for h in hist]), "targets": targets, "exclude": exclude}
 
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
-        sampler = LengthBucketSampler(np.array([len(s) for s in self.train_seqs]), self.batch_size, self.seed)
+        sampler = LengthBucketSampler(np.array([len(s) for s in self.train_seqs]), self.batch_size, self.seed,
+                                      *self._rank())
         return DataLoader(range(len(self.train_seqs)), batch_sampler=sampler, collate_fn=self._collate_train)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(range(len(self.valid.users)), batch_size=self.eval_batch_size, collate_fn=self._collate_eval)
+        """Each process's validation users: every ``world_size``-th (all of them in one process)."""
+        rank, world = self._rank()
+        return DataLoader(range(rank, len(self.valid.users), world), batch_size=self.eval_batch_size,
+                          collate_fn=self._collate_eval)
+
+
+def gather_rows(module: L.LightningModule, rows: np.ndarray) -> np.ndarray:
+    """(N, ...) float rows of every process, concatenated (this process's alone without data parallelism),
+    so that a validation metric is computed on all users, equal to one process's evaluation of the same
+    weights. Processes may hold different row counts: padded with NaN rows for the gather, then dropped."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(len(rows)))
+    width = int(counts.max())
+    padded = np.full((width, *rows.shape[1:]), np.nan)
+    padded[:len(rows)] = rows
+    everything = module.all_gather(torch.from_numpy(padded))                  # (world_size, width, ...)
+    return np.concatenate([everything[r, :int(n)].cpu().numpy() for r, n in enumerate(counts)])
 
 
 class SASRecModule(L.LightningModule):
@@ -122,7 +167,7 @@ class SASRecModule(L.LightningModule):
                                                   self.order.cpu()))
 
     def on_validation_epoch_end(self):
-        ranks = np.concatenate(self._val_ranks)
+        ranks = gather_rows(self, np.concatenate(self._val_ranks))
         self._val_ranks.clear()
         m = compute_metrics(ranks, np.isfinite(ranks).astype(np.float64), ["ndcg@10", "hr@10"])
         self.log("val/ndcg@10", m["ndcg@10"], prog_bar=True)

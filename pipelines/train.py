@@ -126,9 +126,13 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/ndcg@10")
     timer = budget_timer(config.max_minutes)
     callbacks = [best, latest, early_stopping("val/ndcg@10", config.patience), RNGState(), timer]
+    # use_distributed_sampler off: the datamodule shards its own batches and validation users by rank
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
-                           callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10)
+                           callbacks=callbacks, check_val_every_n_epoch=config.val_every, log_every_n_steps=10,
+                           use_distributed_sampler=False)
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    if not trainer.is_global_zero:                    # data parallel: the first process writes the model
+        return out / "model"
     seconds = timer.time_elapsed("train")
     best_path, best_score = best_checkpoint(best)
     best_module = SASRecModule.load_from_checkpoint(best_path, config=model_config, weights_only=False)

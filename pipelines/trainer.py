@@ -76,10 +76,18 @@ class _NoTips(logging.Filter):
 
 
 def quiet_libraries() -> None:
-    """Drop Lightning's advertising tips and a deprecation warning that Lightning's own code triggers (its
-    pytree helper on torch >= 2.10): noise in every run's output that the user cannot act on."""
+    """Drop Lightning's advertising tips and warnings that Lightning's own code triggers (its pytree helper on
+    torch >= 2.10; its all_gather under data parallelism) or that do not apply (``sync_dist`` advice for
+    validation metrics this project gathers itself): noise in every run's output that the user cannot act on."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NO_TIPS)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)
+    warnings.filterwarnings("ignore", message=r".*distributed\.nn\.functional\.all_gather is deprecated")
+    warnings.filterwarnings("ignore", message=r".*It is recommended to use `self\.log\('val/.*sync_dist=True")
+
+
+def main_process() -> bool:
+    """False in the extra processes Lightning starts for data parallelism (they must not report or write)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
 _NO_TIPS = _NoTips()

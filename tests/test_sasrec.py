@@ -149,3 +149,17 @@ def test_sasrec_training_loss_is_the_same_with_and_without_chunks():
     assert torch.allclose(losses[0], losses[1], atol=1e-6)
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_data_parallel_shards_are_disjoint_complete_and_equally_long():
+    from pipelines.sasrec import LengthBucketSampler, shard_batches
+
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]                   # 5 batches over 2 processes
+    assert shard_batches(batches, 0, 2) == [[0, 1], [4, 5], [8]]           # the 5th batch is split between them
+    assert shard_batches(batches, 1, 2) == [[2, 3], [6, 7], [9]]
+    assert shard_batches(batches, 0, 1) == batches
+    lengths = np.random.default_rng(0).integers(2, 50, size=103)
+    shards = [list(LengthBucketSampler(lengths, 8, seed=3, rank=r, world_size=3)) for r in range(3)]
+    seen = [i for shard in shards for b in shard for i in b]
+    assert sorted(seen) == list(range(103))                                # every sequence once
+    assert {len(s) for s in shards} == {len(LengthBucketSampler(lengths, 8, 3, 0, 3))} == {5}   # 13 batches / 3
