@@ -79,13 +79,13 @@ def cmd_prepare(a):
 
 def cmd_train_retriever(a):
     from pipelines.config import load_config
-    from pipelines.trainer import main_process
     from pipelines.train import (
         PRESETS,
         SASRecTrainConfig,
         train_popularity,
         train_sasrec,
     )
+    from pipelines.trainer import main_process
     from recsys.data import PreparedDataset
 
     ds = PreparedDataset.load(a.data)
