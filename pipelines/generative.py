@@ -80,23 +80,31 @@ class GenerativeTrainConfig:
     """A generative-recommender run: SFT from scratch, or RL (``grpo``/``rank-grpo``/``vstar``) from an SFT model."""
 
     algo: str = "sft"
+    """``sft`` (next-code cross-entropy from scratch), or RL from ``init``: ``grpo``, ``rank-grpo``, ``vstar``."""
     model: GenerativeConfig = field(default_factory=GenerativeConfig)
+    """The model's shape (SFT builds it; RL reads the one saved with ``init``)."""
     semantic_ids: str | None = None
     """Directory written by ``recsys index semantic-ids``: SFT's codes; V-STAR's dense reward reads the
     embeddings saved there (``dense_reward: embeddings``). Other RL reads the codes saved with ``init``."""
     init: str | None = None
     """RL: the SFT run's ``model/`` directory."""
     batch_size: int = 64
+    """SFT: training windows per step."""
     lr: float = 1e-3
+    """AdamW learning rate (SFT and RL)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     max_epochs: int = 50
+    """SFT: at most this many epochs (early stopping may end sooner)."""
     patience: int = 5
     """SFT: stop after this many validations without a new best NDCG@10."""
     lr_decay: float | None = None
     """SFT: multiply the learning rate by this factor after ``lr_patience`` validations without a new best
     (``ReduceLROnPlateau``); None keeps it constant."""
     lr_patience: int = 1
+    """SFT: validations without a new best before ``lr_decay`` applies."""
     max_minutes: float | None = None
+    """Stop training after this many minutes (the best checkpoint is kept); None: no cap."""
     limit_train_batches: int | None = None
     """SFT: at most this many batches per epoch (quick runs; default: all)."""
     all_windows: bool = True
@@ -104,19 +112,28 @@ class GenerativeTrainConfig:
     val_users: int = 1000
     """Validation users (the first ones of the validation split, fixed across epochs)."""
     val_beam: int = 20
+    """Beam width of the validation NDCG@10 (trie-constrained beam search)."""
     seed: int = 0
+    """Seeds the weights, the data order and the rollouts."""
     precision: str = "auto"
+    """``auto`` (bf16 autocast on GPUs and AMX CPUs, else fp32), ``32-true`` or ``bf16-mixed``; not part of a run's identity."""
     num_threads: int | None = None
+    """torch intra-op threads (None: torch's default); not part of a run's identity."""
     # ---- RL
     max_steps: int = 100
+    """RL: batches of rollouts (each followed by ``mu`` optimiser steps)."""
     val_every: int = 25
     """RL: validation and checkpoints every this many steps."""
     prompts_per_step: int = 16
+    """RL: users (prompts) per batch of rollouts."""
     group_size: int = 16
+    """RL: rollouts per prompt (G; ``vstar``: candidates value-guided decoding returns)."""
     temperature: float = 1.0
+    """RL: sampling temperature of the rollouts."""
     beta: float = 1e-3
     """KL weight (k3) toward the SFT model."""
     eps: float = 0.2
+    """RL: clipping range of the importance ratio (engages only with ``mu`` > 1)."""
     mu: int = 1
     """RL: optimiser steps per batch of rollouts. 1: on-policy (the ratio is 1, clipping never engages);
     >1: off-policy, each later step's ratio against the log-probs of the first, clipped at ``eps`` (per rank
@@ -128,6 +145,7 @@ class GenerativeTrainConfig:
     rank_reward: str = "exp_inf"
     """``rank-grpo``: per-rank reward, ``exp_inf`` (hit at that rank) or ``log_decay`` (DCG from it on)."""
     sibling_weight: float = 1.0
+    """``vstar``: weight of the Sibling-GRPO loss added to the GRPO loss."""
     sibling_credit: str = "visits"
     """``vstar``: which candidates through a node carry its Sibling-GRPO advantage: ``visits`` (every one, so a
     node weighs by its visit count, as V-STAR's code does) or ``first`` (the first through it: each node once,
@@ -137,11 +155,17 @@ class GenerativeTrainConfig:
     ``embeddings`` (the vectors the semantic IDs were built from: V-STAR's choice; needs ``semantic_ids``) or
     ``codes`` (one-hot codes: the cosine is the share of code levels in common)."""
     value_weight: float = 1.0
+    """``vstar``: weight of the value head's TD loss."""
     gamma: float = 0.99
+    """``vstar``: discount of the value head's TD targets (:func:`recsys.rl.vstar.td_targets`)."""
     init_beam: int = 8
+    """``vstar``: width of value-guided decoding's initial beam (:class:`recsys.generative.ved.VEDConfig`)."""
     budget_multiplier: float = 2.0
+    """``vstar``: decoding's forward-call budget as a multiple of the initial beam's calls."""
     lam: float = 0.1
+    """``vstar``: entropy weight in decoding's node priority V + lam * H."""
     ucb_beta: float = 1.0
+    """``vstar``: UCB exploration weight when decoding picks a node to expand."""
 
     def __post_init__(self):
         if self.algo not in ALGOS:

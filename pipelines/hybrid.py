@@ -76,7 +76,9 @@ class HybridTrainConfig:
     scored against it) or ``letters`` (A, B, ...: the model must first learn to point from a letter to the
     item, which SmolLM2's first 4 layers had not after 4,000 windows)."""
     window: int = 20
+    """Candidates per prompt (the FIRST window)."""
     max_history: int = 20
+    """Most recent history items in the prompt."""
     random_negatives: float = 0.5
     """Share of training windows whose other candidates are random catalogue items."""
     history_lm_weight: float = 0.0
@@ -88,14 +90,21 @@ class HybridTrainConfig:
     examples_per_epoch: int | None = 4000
     """Validate and checkpoint every N training windows."""
     val_users: int = 300
+    """Validation windows (the last validation rows that hold their target)."""
     batch_size: int = 8
+    """Training windows per step."""
     lr: float = 1e-4
     """AdamW learning rate of the LM's trainable weights."""
     projector_lr: float = 1e-3
+    """AdamW learning rate of the projector (and its text-state input)."""
     max_epochs: int = 100
+    """At most this many epochs of ``examples_per_epoch`` windows."""
     max_minutes: float | None = 20.0
+    """Stop after this many minutes of training (the best checkpoint is kept); None: no cap."""
     seed: int = 0
+    """Seeds the window order and, with ``pretrained: false``, the random weights."""
     precision: str = "32-true"
+    """Lightning precision; not part of a run's identity."""
 
     def __post_init__(self):
         if self.domain is not None:

@@ -123,12 +123,17 @@ class RerankerSFTConfig:
     val_users: int = 500
     """Validation examples scored each epoch (the last N users of the validation split)."""
     batch_size: int = 16
+    """Training examples (windows) per step."""
     lr: float = 1e-3
     """AdamW learning rate (1e-3 suits tiny; use ~5e-5 for pretrained backbones)."""
     max_epochs: int = 3
+    """At most this many epochs (passes, or ``examples_per_epoch`` chunks)."""
     max_minutes: float | None = None
+    """Stop after this many minutes (the best checkpoint is kept); None: no cap."""
     seed: int = 0
+    """Seeds the weights (tiny), the example order and the shuffles."""
     precision: str = "auto"
+    """``auto``, ``32-true`` or ``bf16-mixed``; not part of a run's identity."""
     tiny_hidden_size: int = 128
     """``tiny`` only: width of the model built from config."""
     tiny_layers: int = 2

@@ -102,20 +102,26 @@ class RLConfig:
     """``rank-grpo`` only: ``exp_inf`` or ``log_decay``."""
     grpo_reward_depth: int | None = None
     """``grpo``: the sequence reward is NDCG at this depth of the served ranking; None: the whole list (N),
-    as in Rank-GRPO's vanilla GRPO (its rank-1 log_decay reward). Before 2026-11-23 it was 10: ranks 11-20
-    earned nothing, while both Rank-GRPO rewards read all N ranks."""
+    as in Rank-GRPO's vanilla GRPO (its rank-1 log_decay reward), reading all N ranks as both Rank-GRPO rewards
+    do."""
     group_size: int = 8
     """Rollouts per prompt (G)."""
     prompts_per_step: int = 8
+    """Prompts (users' windows) per batch of rollouts."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
     mu: int = 1
     """Optimiser steps per batch of rollouts (>1: off-policy, old log-probs stored)."""
     lr: float = 1e-4
+    """AdamW learning rate."""
     beta: float = 1e-3
     """KL weight against the starting model (k3 estimator)."""
     eps_low: float = 0.2
+    """Lower clipping range of the importance ratio (1 - eps_low)."""
     eps_high: float = 0.28
+    """Upper clipping range (1 + eps_high; DAPO's clip-higher, arXiv 2503.14476)."""
     aggregation: str = "token_mean"
+    """How per-token losses become one: TRL's ``loss_type`` names (:data:`recsys.rl.grpo.AGGREGATIONS`)."""
     scale_rewards: str = "std"
     """``std`` or ``none`` (advantages only centred)."""
     max_steps: int = 200
@@ -123,7 +129,9 @@ class RLConfig:
     val_every: int = 50
     """Steps per "epoch": validation and checkpoints at its end."""
     max_minutes: float | None = None
+    """Stop after this many minutes (the best checkpoint is kept); None: no cap."""
     val_users: int = 500
+    """Validation windows scored at every validation."""
     train_split: str = "valid"
     """Prompts from ``valid`` (minus the held-out selection users, as in SFT) or ``train`` candidates."""
     complete_lists: bool = True
@@ -147,12 +155,15 @@ class RLConfig:
     differences into full-size ones whenever the ranking terms tie within a group (measured: the digits
     collapse and validation falls, README)."""
     window: int = 20
+    """Candidates per prompt."""
     slate_size: int = 10
     """``f-grpo`` / ``slate-grpo``: candidates chosen in the slate phase."""
     rank_size: int = 5
     """``f-grpo`` / ``slate-grpo``: slate items ranked in the rank phase."""
     seed: int = 0
+    """Seeds the prompt order and the rollouts."""
     precision: str = "auto"
+    """``auto``, ``32-true`` or ``bf16-mixed``; not part of a run's identity."""
 
     @property
     def val_metric(self) -> str:

@@ -95,6 +95,7 @@ class ServeSettings:
     """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching
     (concurrent requests already fill the cores; more threads per call only contend), else ORT's default."""
     int8: bool = False
+    """Serve the int8 graphs ``recsys export --quantize`` wrote beside the fp32 ones (faster on CPU, a measured quality cost)."""
     access_log: bool = False
     """One JSON line per request (method, route template, status, ms) on stderr through the
     ``recsys.serving`` logger at INFO; off by default (its cost is then one level check per request)."""

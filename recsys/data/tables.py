@@ -42,7 +42,9 @@ class ColumnMap:
     """Which columns of which files hold what (``recsys data prepare FILE --user-col ...``)."""
 
     user_col: str = "user_id"
+    """The interactions' user id column (read as text)."""
     item_col: str = "item_id"
+    """The interactions' item id column (read as text)."""
     time_col: str = "timestamp"
     """Unix seconds / milliseconds / microseconds / nanoseconds, or ISO-8601 text (detected)."""
     rating_col: str | None = None
@@ -52,6 +54,7 @@ class ColumnMap:
     items: str | None = None
     """Optional item file (or directory of parts)."""
     item_id_col: str = "item_id"
+    """The items file's id column (matched against ``item_col``)."""
     title_col: str | None = None
     """The items' title column; None: ``title`` if the file has one, else the id."""
     text_cols: tuple[str, ...] = ()
@@ -65,6 +68,7 @@ class ColumnMap:
     users: str | None = None
     """Optional user file (or directory of parts)."""
     user_id_col: str = "user_id"
+    """The users file's id column (matched against ``user_col``)."""
     feature_cols: tuple[str, ...] | None = None
     """User feature columns (kept as text), each ``column`` or ``column=name`` to rename it (the fusion
     reranker's demographics read ``gender`` and ``age``); None: every column but the id."""

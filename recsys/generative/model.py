@@ -56,14 +56,19 @@ class GenerativeConfig:
     backbone: str = "tiny"
     """``tiny``, ``smollm2-135m`` or a local Hugging Face checkpoint directory."""
     hidden_size: int = 128
+    """Width of the tiny backbone built in code (ignored for a pretrained one)."""
     num_layers: int = 2
+    """Decoder layers of the tiny backbone."""
     num_heads: int = 4
+    """Attention heads of the tiny backbone."""
     max_items: int = 50
     """History items fed to the model (the most recent ones); the sequence is 1 + D * max_items tokens."""
     value_layers: int = 2
     """Transformer layers of the value head (0: an MLP on the hidden state only)."""
     value_heads: int = 4
+    """Attention heads of the value head's layers."""
     value_dropout: float = 0.1
+    """Dropout in the value head."""
     value_context: int = 16
     """The value head reads the last this many hidden states only (4 items of 4 codes)."""
     layout: str = "token"
