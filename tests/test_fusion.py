@@ -165,9 +165,9 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
                                "examples_per_epoch": None, "tiny_hidden_size": 32, "max_minutes": None},
               "lm_seeds": (0,), "depth": 10,
               "groups": tuple(g for g in GROUPS if g != "text"),
-              "hybrid_overrides": {"backbone": str(tmp_path / "lm"), "keep_layers": 1, "window": 10, "max_history": 10,
-                                   "examples_per_epoch": 16, "batch_size": 4, "val_users": 10, "max_epochs": 1,
-                                   "max_minutes": None}}
+              "hybrid_overrides": {"backbone": str(tmp_path / "lm"), "keep_layers": 1, "text_layers": 1, "window": 10,
+                                   "max_history": 10, "examples_per_epoch": 16, "batch_size": 4, "val_users": 10,
+                                   "max_epochs": 1, "max_minutes": None}}
     lines = []
     result = run(tmp_path / "art", log=lines.append, **kwargs)
     names = [r["name"] for r in result["rows"]]
@@ -188,3 +188,10 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     run(tmp_path / "art", log=lines.append, **kwargs)
     ran = [line for line in lines if line.endswith("running ...")]
     assert not ran, ran
+    # a hybrid trained again (another setting) retrains the fusion rows that read its logits, and only those
+    lines.clear()
+    kwargs["hybrid_overrides"] |= {"projector_lr": 3e-3}
+    run(tmp_path / "art", log=lines.append, hybrid=("pretrained",), **{k: v for k, v in kwargs.items()})
+    ran = {line.split("]")[0][1:] for line in lines if line.endswith("running ...")}
+    assert {"hybrid-smollm2-seed0", "fusion-retriever+smollm2-seed0", "fusion-mlp+smollm2-seed0"} <= ran
+    assert not {"fusion-mlp-seed0", "fusion-retriever+lm-seed0", "listwise-tiny-items-seed0"} & ran, ran

@@ -214,8 +214,9 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         return [names.index(c) for g in groups for c in GROUPS[g]] + ([len(names)] if lm else [])
 
     def fusion_row(name: str, groups, hidden: int = 32, row_seed: int = 0, lm: str | None = None,
-                   lm_depth: int | None = None, lm_cols: dict | None = None) -> dict:
-        """A fusion scorer over ``groups`` (and the LM logits ``lm_cols`` of the model ``lm``, if given)."""
+                   lm_depth: int | None = None, lm_cols: dict | None = None, lm_trained: dict | None = None) -> dict:
+        """A fusion scorer over ``groups`` (and the LM logits ``lm_cols`` of the model ``lm``, if given; the
+        LM's training record ``lm_trained`` is part of the stage's settings: a retrained LM retrains the row)."""
         config = FusionTrainConfig(features=tuple(groups), scorer=FusionConfig(hidden=hidden, seed=row_seed), lm=lm,
                                    lm_depth=lm_depth, depth=depth)
         run_dir = runs / f"{name}-seed{row_seed}"
@@ -237,7 +238,8 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                     **evaluate_scores(scores, targets, retriever_users, later, per_user / f"{name}-seed{row_seed}.npy"),
                     "holdout_ndcg@10": round(summary["holdout_ndcg@10"], 5), "seconds": summary["seconds"]}
 
-        return stages.run(f"{name}-seed{row_seed}", base | {"config": config.__dict__}, train_and_test)
+        return stages.run(f"{name}-seed{row_seed}", base | {"config": config.__dict__, "lm_trained": lm_trained},
+                          train_and_test)
 
     for s in SEEDS:
         rows.append(fusion_row("fusion-mlp", everything, row_seed=s))
@@ -285,8 +287,10 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                                       retriever_users, later), "seconds": trained["seconds"]}
 
         return [stages.run(f"listwise-tiny-items-eval-seed{s}", base | {"lm": trained}, lm_alone),
-                fusion_row("fusion-mlp+lm", everything, row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols),
-                fusion_row("fusion-retriever+lm", ["retriever"], row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols)]
+                fusion_row("fusion-mlp+lm", everything, row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols,
+                           lm_trained=trained),
+                fusion_row("fusion-retriever+lm", ["retriever"], row_seed=s, lm=str(lm_dir / "model"), lm_cols=lm_cols,
+                           lm_trained=trained)]
 
 
     def hybrid_rows(pretrained: bool) -> list[dict]:
@@ -338,7 +342,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                     **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later),
                     "seconds": trained["seconds"]}
 
-        lm = {"lm": str(run_dir / "model"), "lm_depth": config.window, "lm_cols": as_feature}
+        lm = {"lm": str(run_dir / "model"), "lm_depth": config.window, "lm_cols": as_feature, "lm_trained": trained}
         short = name.removeprefix("hybrid-")
         return [stages.run(f"{name}-eval-seed0", base | {"trained": trained}, evaluate),
                 fusion_row(f"fusion-retriever+{short}", ["retriever"], **lm),
