@@ -529,6 +529,10 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "hybrid_throughput": render_rows("## Hybrid-token FIRST reranker: training throughput "
                                               "(`hybrid_throughput`)", "SFT steps of 8 windows (20 history items, 20 "
                                               "candidates), LoRA r 16 + projector, by kept layers and title words"),
+             "text_state_probe": render_rows("## What an LM's reading of the item texts knows about behaviour "
+                                             "(`text_state_probe`)", "ridge R^2 from mean-pooled text states "
+                                             "(`text_layers`) to SASRec's item vectors on held-out items; "
+                                             "pretrained SmolLM2 against the same layers at random init"),
              "serving_cpu": render_rows("## The request path: server CPU and latency per `/v1/recommend` "
                                         "(`serving_cpu`)", "the quickstart's deployment (SASRec + FAISS, 50 "
                                         "candidates, tiny FIRST over 20) under `recsys serve` defaults; the baseline "
