@@ -24,7 +24,8 @@ text (title, year, categories) once through the LM's first layers and mean-pools
 projector then maps ``[retriever vector, text state]`` (one soft token per item still). It plays the part of
 LLaRA's title tokens at no cost per prompt; with random weights (the ``-scratch`` control) the same states carry
 no knowledge of the items (a ridge probe from the states to SASRec's ML-1M item vectors, held-out items: R^2
-0.14 from SmolLM2's first 8 layers, 0.00 from the same layers at random init).
+0.14 from SmolLM2's first 8 layers, 0.00 from the same layers at random init;
+``python -m pipelines.benchmarks.text_state_probe``).
 
 Shapes: B prompts, T tokens, d_r retriever width, D LM width, n candidates per window.
 """
@@ -116,10 +117,15 @@ def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[in
     return HybridBatch(input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), item_idx, next_item)
 
 
+class _Enough(Exception):
+    """Raised by :func:`text_states`' hook once the layer it reads has run."""
+
+
 @torch.no_grad()
 def text_states(backbone: Backbone, texts: list[str], layers: int, batch_size: int = 64) -> torch.Tensor:
-    """(N, D) each text's hidden states after the backbone's first ``layers`` decoder layers, averaged over its
-    tokens; then standardised per dimension over the N texts and scaled to unit length per row.
+    """(N, D) each text's hidden states after the backbone's first ``layers`` decoder layers (the residual
+    stream; only those layers run), averaged over its tokens; then standardised per dimension over the N texts
+    and scaled to unit length per row.
 
     Read before :class:`HybridFirst` drops layers (``layers`` may exceed ``keep_layers``). Deterministic: the
     same weights and texts give the same states, so a trained model's are recomputed at load, not saved."""
@@ -131,17 +137,31 @@ def text_states(backbone: Backbone, texts: list[str], layers: int, batch_size: i
     was_training = model.training
     model.eval()
     rows = []
-    for start in range(0, len(texts), batch_size):
-        ids = [tokenizer.encode(t or " ", add_special_tokens=False) for t in texts[start:start + batch_size]]
-        T = max(len(i) for i in ids)
-        input_ids = torch.zeros((len(ids), T), dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, i in enumerate(ids):                 # right padding: positions start at 0 for every text
-            input_ids[b, :len(i)], mask[b, :len(i)] = torch.tensor(i), 1
-        hidden = decoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states[layers]
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        rows.append((hidden * m).sum(1) / m.sum(1))
-    model.train(was_training)
+    captured = []
+
+    def stop(_module, _inputs, output):            # the layers after the ``layers``-th are never run
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Enough
+
+    handle = decoder.layers[layers - 1].register_forward_hook(stop)
+    try:
+        for start in range(0, len(texts), batch_size):
+            ids = [tokenizer.encode(t or " ", add_special_tokens=False) for t in texts[start:start + batch_size]]
+            T = max(len(i) for i in ids)
+            input_ids = torch.zeros((len(ids), T), dtype=torch.long)
+            mask = torch.zeros((len(ids), T), dtype=torch.long)
+            for b, i in enumerate(ids):                 # right padding: positions start at 0 for every text
+                input_ids[b, :len(i)], mask[b, :len(i)] = torch.tensor(i), 1
+            try:
+                decoder(input_ids=input_ids, attention_mask=mask)
+            except _Enough:
+                pass
+            hidden = captured.pop()
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            rows.append((hidden * m).sum(1) / m.sum(1))
+    finally:
+        handle.remove()
+        model.train(was_training)
     x = torch.cat(rows).float()
     x = (x - x.mean(0)) / (x.std(0) + 1e-6) if len(x) > 1 else x
     return nn.functional.normalize(x, dim=-1)
