@@ -11,7 +11,8 @@ defaults (1 worker, micro-batching off, 1 ONNX Runtime thread per call); for eve
 take turns, ``--repeats`` load-generator runs each (``pipelines.benchmarks.loadgen``: random known users,
 ``k`` 10), so that the drift of a shared machine falls on both alike. Per row: requests per second, p50 / p99
 latency and ``server_cpu_ms_per_request`` (the server process's user + system CPU over the timed requests);
-``ratios``: baseline / current CPU per request at each level.
+``ratios``: baseline / current CPU per request at each level. The ``model-path-in-process`` row is the model
+work alone (:func:`model_path`): what the HTTP rows spend beyond it is the web stack's.
 Run it on an otherwise idle machine: latency is what it measures.
 """
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -45,6 +47,35 @@ def row(name: str, connections: int, runs: list[dict]) -> dict:
         "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
         "repeats_p99_ms": [round(float(np.percentile(r["lat"], 99)), 2) for r in runs],
         "requests": len(lat), "errors": sum(r["errors"] for r in runs), "fallbacks": sum(r["fallbacks"] for r in runs)}}
+
+
+def model_path(serve_dir: Path, users: list[str], requests: int) -> dict:
+    """The model work alone, in this process, the way the server runs it per request (1 ONNX Runtime thread,
+    one query per call): CPU and wall milliseconds per request of ``Recommender.recommend_batch`` (SASRec,
+    FAISS, FIRST over the first 20 of 50 candidates), without HTTP, JSON or threads."""
+    import resource
+
+    import polars as pl
+
+    from serving.runtime import Recommender, RecommendQuery
+
+    rec = Recommender(serve_dir, threads=1)
+    table = pl.read_parquet(serve_dir / "histories.parquet")
+    histories = dict(zip(table["user_id"].to_list(), table["history"].to_list()))
+    queries = [RecommendQuery(list(histories[users[i % len(users)]]), 10, candidates=50) for i in range(requests)]
+    for q in queries[:50]:                                                  # warm-up
+        rec.recommend_batch([q])
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    wall, start = time.perf_counter(), cpu()
+    for q in queries:
+        rec.recommend_batch([q])
+    return {"name": "model-path-in-process", "metrics": {
+        "server_cpu_ms_per_request": round(1000 * (cpu() - start) / requests, 3),
+        "wall_ms_per_request": round(1000 * (time.perf_counter() - wall) / requests, 3), "requests": requests}}
 
 
 def worktree(rev: str, out: Path) -> Path:
@@ -84,7 +115,8 @@ def main() -> None:
                     runs[name, c].append(load(url, process.pid, users, c, a.requests))
                     print(f"{name} c{c}: {len(runs[name, c])} runs", flush=True)
     rows = [row(name, c, runs[name, c]) for name in variants for c in a.levels]
-    cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows}
+    rows.append(model_path(serve_dir, users, a.requests))
+    cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows if "variant" in r}
     ratios = {f"cpu_baseline_over_current_c{c}": round(cpu[f"baseline-{a.baseline}", c] / cpu["current", c], 3)
               for c in a.levels} if a.baseline else {}
     write_result("serving_cpu", provenance, {
@@ -94,8 +126,8 @@ def main() -> None:
         "baseline": a.baseline, "rows": rows, "ratios": ratios})
     for r in rows:
         m = r["metrics"]
-        print(f"{r['name']:>26} {m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.1f} ms  p99 {m['p99_ms']:6.1f} ms  "
-              f"cpu {m['server_cpu_ms_per_request']:.3f} ms/req  errors {m['errors']}")
+        print(f"{r['name']:>26} " + ("in process" if "rps" not in m else f"{m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.1f} "
+              f"ms  p99 {m['p99_ms']:6.1f} ms") + f"  cpu {m['server_cpu_ms_per_request']:.3f} ms/req")
 
 if __name__ == "__main__":
     main()
