@@ -391,3 +391,37 @@ def test_the_benchmarks_are_neither_in_the_wheel_nor_in_the_image_context():
     shipped = set(find_packages(root, include=found["include"], exclude=found.get("exclude", ())))
     assert {"recsys", "pipelines", "serving"} <= shipped and not any("benchmarks" in p for p in shipped)
     assert "pipelines/benchmarks" in (root / ".dockerignore").read_text().split()
+
+
+def test_no_serving_module_but_export_reaches_torch_even_through_a_lazy_or_type_only_import():
+    """Static: every import statement (top level, inside functions, under TYPE_CHECKING) of the serving modules
+    and of the project modules they reach, followed transitively; none names torch, transformers or lightning."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def imported(module: str) -> list[str]:
+        path = root.joinpath(*module.split("."))
+        path = path.with_suffix(".py") if path.with_suffix(".py").exists() else path / "__init__.py"
+        if not path.exists():
+            return []
+        out = []
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                out.append(node.module)
+        return out
+
+    for start in ("serving.runtime", "serving.app", "serving.rescore", "serving.schemas"):
+        seen, todo = set(), [(start, start)]
+        while todo:
+            module, via = todo.pop()
+            if module in seen:
+                continue
+            seen.add(module)
+            for name in imported(module):
+                assert name.split(".")[0] not in ("torch", "transformers", "lightning"), f"{via} -> {name}"
+                if name.split(".")[0] in ("recsys", "serving") and name != "serving.export":
+                    todo.append((name, f"{via} -> {name}"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import yaml
 
@@ -26,8 +26,14 @@ from recsys.llm.vocab import END, LETTERS
 
 IDENTIFIERS = ("letters", "items")
 
-if TYPE_CHECKING:
-    from recsys.llm.backbone import Backbone
+
+class Backbone(Protocol):
+    """What a prompt needs of a backbone (:class:`recsys.llm.backbone.Backbone`, or the serving runtime's
+    tokenizer spec): its ``name`` (``tiny`` picks the item-token format) and its ``tokenizer`` (a chat
+    template, if any). A protocol, so that this module stays torch-free for the serving runtime."""
+
+    name: str
+    tokenizer: Any
 
 
 @lru_cache
