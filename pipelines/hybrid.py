@@ -71,6 +71,10 @@ class HybridTrainConfig:
     domain: str | None = None
     """The prompt's words for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``); None = the
     dataset's own."""
+    prompt: str = "listwise"
+    """``listwise``: the chat prompt with the candidates' identifiers; ``compact``: the items' soft tokens with a
+    few words around them (:func:`recsys.rerank.hybrid.compact_prompt`, about a fifth of the tokens; needs
+    ``identifiers: items``)."""
     identifiers: str = "items"
     """How FIRST names a candidate: ``items`` (its own soft token is its output row; the last hidden state is
     scored against it) or ``letters`` (A, B, ...: the model must first learn to point from a letter to the
@@ -113,6 +117,9 @@ class HybridTrainConfig:
             domain_words(self.domain)
         if self.identifiers not in ("items", "letters"):
             raise RecsysError(f"identifiers must be 'items' or 'letters', got {self.identifiers!r}")
+        if self.prompt not in ("listwise", "compact") or (self.prompt == "compact" and self.identifiers != "items"):
+            raise RecsysError(f"prompt must be 'listwise' or 'compact' (which needs identifiers 'items'), got "
+                              f"{self.prompt!r} with identifiers {self.identifiers!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
         if self.history_lm_weight < 0 or (self.history_lm_weight and self.identifiers != "items"):
@@ -209,7 +216,7 @@ def encode_windows(model, windows_: list[Window], titles, config):
     from recsys.rerank.hybrid import encode
 
     return encode(model.backbone, [w.history for w in windows_], [w.candidates for w in windows_], titles,
-                  config.max_history, config.title_words)
+                  config.max_history, config.title_words, config.prompt)
 
 
 def window_scores(model, windows_: list[Window], titles, config) -> torch.Tensor:

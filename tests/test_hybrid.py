@@ -12,6 +12,7 @@ from recsys.llm.backbone import Backbone, build_tiny
 from recsys.rerank.hybrid import (
     ITEM_TOKEN,
     HybridFirst,
+    compact_prompt,
     encode,
     hybrid_titles,
     text_states,
@@ -132,6 +133,31 @@ def test_history_positions_predict_the_next_history_item_over_the_catalogue():
     loss = model.history_loss(history, batch)
     by_hand = -(torch.log_softmax(history[0, 1:], -1)[3] + torch.log_softmax(history[1, 1:], -1)[4]) / 2
     assert torch.allclose(loss, by_hand, atol=1e-5)
+
+
+def test_compact_prompt_holds_the_same_items_in_a_fraction_of_the_tokens():
+    from recsys.rerank.prompts import Titles
+
+    torch.manual_seed(0)
+    model = HybridFirst(text_backbone(), torch.randn(N_ITEMS + 1, D_RETRIEVER)).eval()
+    histories, windows = [[3, 4, 5], [9]], [[7, 8, 1], [1, 2, 6]]
+    compact = encode(model.backbone, histories, windows, None, max_history=2, prompt="compact")
+    listwise = encode(model.backbone, histories, windows, None, max_history=2)
+    for a, b in zip((compact.item_idx, compact.next_item), (listwise.item_idx, listwise.next_item)):
+        slots_a, slots_b = compact.input_ids == model.item_token_id, listwise.input_ids == model.item_token_id
+        assert [r[m].tolist() for r, m in zip(a, slots_a)] == [r[m].tolist() for r, m in zip(b, slots_b)]
+    assert compact.attention_mask.sum() * 2 < listwise.attention_mask.sum()
+    # one position per soft token alone; title words sit before their item's soft token, in the domain's words
+    text = compact_prompt([3, 4, 5], [7], Titles({4: "A <item>", 5: "<item>", 7: "B C <item>"}, "movies"), 2)
+    assert text == "Movies the user watched: A <item><item>\nCandidates: B C <item>\nNext:"
+    ids = model.backbone.tokenizer.encode(text.split("\n")[0].split(": ")[1][2:], add_special_tokens=False)
+    assert ids == [model.item_token_id] * 2
+    with pytest.raises(RecsysError, match="compact"):
+        encode(model.backbone, histories, windows, None, prompt="short")
+    from pipelines.hybrid import HybridTrainConfig
+
+    with pytest.raises(RecsysError, match="compact.*letters"):
+        HybridTrainConfig(prompt="compact", identifiers="letters")
 
 
 def test_keep_layers_truncates_and_bad_shapes_are_named():

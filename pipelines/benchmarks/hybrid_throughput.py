@@ -4,12 +4,13 @@ costs per example on this machine, by depth and prompt length.
     python -m pipelines.benchmarks.hybrid_throughput --data artifacts/data/ml-1m          # SmolLM2-135M
     python -m pipelines.benchmarks.hybrid_throughput --backbone tiny --keep-layers 2      # the tiny Llama
 
-For each ``--keep-layers`` x ``--title-words`` setting: ``--steps`` timed SFT steps (after one warm-up) of
+For each ``--keep-layers`` x ``--title-words`` x ``--prompts`` setting: ``--steps`` timed SFT steps (after one warm-up) of
 ``--batch`` windows: the hybrid prompt of a 20-item history and a 20-candidate window (the ML-1M titles when
 ``--data`` is given, cut to ``title_words`` words, 0 = soft tokens alone), FIRST scores from the last hidden
-state, the cross-entropy of the held-out candidate's identifier, backward through LoRA (r 16 on every linear
+state (against the identifier letters with the ``listwise`` prompt, against the candidates' own soft tokens with
+``compact``), the cross-entropy of the held-out candidate, backward through LoRA (r 16 on every linear
 layer) and the projector, one AdamW step. The retriever vectors are random (d 64): their values do not change
-the cost. Rows ``hybrid-<backbone>-L<layers>-w<title_words>``: examples/s, seconds per step, prompt tokens,
+the cost. Rows ``hybrid-<backbone>-L<layers>-w<title_words>`` (``-compact`` for that prompt): examples/s, seconds per step, prompt tokens,
 trainable parameters; the machine and threads are in the result.
 """
 
@@ -22,7 +23,7 @@ from pipelines.benchmarks.common import Provenance, write_result
 
 
 def measure(backbone_name: str, keep_layers: int, title_words: int, titles, n_items: int, batch: int,
-            steps: int, seed: int = 0) -> dict:
+            steps: int, seed: int = 0, prompt: str = "listwise") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -43,8 +44,10 @@ def measure(backbone_name: str, keep_layers: int, title_words: int, titles, n_it
     def step() -> int:
         histories = [torch.randint(1, n_items + 1, (20,), generator=g).tolist() for _ in range(batch)]
         windows = [torch.randperm(n_items, generator=g)[:20].add(1).tolist() for _ in range(batch)]
-        enc = encode(bb, histories, windows, titles, max_history=20, title_words=title_words)
-        loss = F.cross_entropy(model.first_scores(enc, ids), torch.zeros(batch, dtype=torch.long))
+        enc = encode(bb, histories, windows, titles, max_history=20, title_words=title_words, prompt=prompt)
+        scores = (model.item_scores(enc, torch.tensor(windows)) if prompt == "compact"
+                  else model.first_scores(enc, ids))
+        loss = F.cross_entropy(scores, torch.zeros(batch, dtype=torch.long))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="a prepared dataset whose titles fill the prompts (default: no titles)")
     parser.add_argument("--keep-layers", type=int, nargs="+", default=[30, 12, 4])
     parser.add_argument("--title-words", type=int, nargs="+", default=[0, 8])
+    parser.add_argument("--prompts", nargs="+", default=["listwise"], choices=["listwise", "compact"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -86,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for layers in args.keep_layers:
         for words in args.title_words:
-            t = time.perf_counter()
-            metrics = measure(args.backbone, layers, words, titles, n_items, args.batch, args.steps)
-            rows.append({"name": f"hybrid-{args.backbone}-L{layers}-w{words}", "metrics": metrics,
-                         "seconds": round(time.perf_counter() - t, 1)})
-            print(rows[-1], flush=True)
+            for prompt in args.prompts:
+                t = time.perf_counter()
+                metrics = measure(args.backbone, layers, words, titles, n_items, args.batch, args.steps, prompt=prompt)
+                suffix = "-compact" if prompt == "compact" else ""
+                rows.append({"name": f"hybrid-{args.backbone}-L{layers}-w{words}{suffix}", "metrics": metrics,
+                             "seconds": round(time.perf_counter() - t, 1)})
+                print(rows[-1], flush=True)
     path = write_result(args.result, provenance, {"threads": torch.get_num_threads(), "rows": rows})
     print(f"hybrid_throughput: wrote {path}")
     return 0

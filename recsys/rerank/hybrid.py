@@ -39,9 +39,10 @@ from torch import nn
 
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone
-from recsys.rerank.prompts import Titles, listwise_prompt
+from recsys.rerank.prompts import Titles, domain_words, listwise_prompt, templates
 
 ITEM_TOKEN = "<item>"
+PROMPTS = ("listwise", "compact")
 
 
 def add_item_token(backbone: Backbone) -> int:
@@ -68,6 +69,17 @@ def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: 
     return Titles(out, getattr(titles, "domain", "items"))
 
 
+def compact_prompt(history: list[int], window: list[int], titles: Titles, max_history: int = 20) -> str:
+    """The ``hybrid_compact`` prompt of ``recsys/rerank/templates.yaml``: the history's last ``max_history``
+    items then the window, each as its ``titles`` entry (``"{title words} <item>"``), in one line each and
+    without the chat frame or identifiers (the window is scored against its own soft tokens). Items are joined
+    without a separator: ``<item>`` is a token of its own, so a soft token alone costs one position."""
+    t = templates()["hybrid_compact"]
+    hist = "".join(t["history_item"].format(title=titles[i]) for i in history[-max_history:])
+    cands = "".join(t["candidate"].format(title=titles[i]) for i in window)
+    return t["user"].format(history=hist, candidates=cands, **domain_words(titles.domain))
+
+
 @dataclass
 class HybridBatch:
     """A left-padded batch: ``input_ids``, ``attention_mask``, ``position_ids`` (B, T), ``item_idx`` (B, T),
@@ -82,17 +94,22 @@ class HybridBatch:
 
 
 def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[int]], titles: dict[int, str] | None,
-           max_history: int = 20, title_words: int | None = 8) -> HybridBatch:
-    """Hybrid listwise prompts of (history, window) pairs, tokenized and aligned with their items. The prompt
-    lists ``history[-max_history:]`` then the window, so the k-th ``<item>`` of a row stands for the k-th item
-    of that sequence; a title that itself tokenizes into ``<item>`` breaks the alignment and is an error."""
+           max_history: int = 20, title_words: int | None = 8, prompt: str = "listwise") -> HybridBatch:
+    """Hybrid prompts of (history, window) pairs, tokenized and aligned with their items: ``listwise`` (the
+    chat prompt of :func:`recsys.rerank.prompts.listwise_prompt`, candidates with identifiers) or ``compact``
+    (:func:`compact_prompt`). The prompt lists ``history[-max_history:]`` then the window, so the k-th
+    ``<item>`` of a row stands for the k-th item of that sequence; a title that itself tokenizes into
+    ``<item>`` breaks the alignment and is an error."""
+    if prompt not in PROMPTS:
+        raise RecsysError(f"hybrid prompt must be one of {', '.join(PROMPTS)}, got {prompt!r}")
     item_id = backbone.token_id(ITEM_TOKEN)
     rows, items, nexts = [], [], []
     for history, window in zip(histories, windows):
         recent = list(history[-max_history:])
         shown = recent + list(window)
-        text = listwise_prompt(backbone, list(history), list(window), hybrid_titles(titles, shown, title_words),
-                               max_history)
+        shown_titles = hybrid_titles(titles, shown, title_words)
+        text = (compact_prompt(list(history), list(window), shown_titles, max_history) if prompt == "compact"
+                else listwise_prompt(backbone, list(history), list(window), shown_titles, max_history))
         ids = backbone.tokenizer.encode(text, add_special_tokens=False)
         slots = [k for k, t in enumerate(ids) if t == item_id]
         if len(slots) != len(shown):
