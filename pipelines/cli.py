@@ -357,7 +357,8 @@ def cmd_serve(a):
 def cmd_rescore(a):
     from serving.rescore import rescore
 
-    m = rescore(a.serve_dir, a.input, a.output, a.chunk_size, engine=a.engine, workers=a.workers)
+    m = rescore(a.serve_dir, a.input, a.output, a.chunk_size, engine=a.engine, workers=a.workers,
+                address=a.ray_address)
     scored = sum(c["scored"] for c in m["chunks"].values())
     rejected = sum(c["rejected"] for c in m["chunks"].values())
     print(f"{scored} rows scored, {rejected} rejected (see {a.output}/rejects), complete: {m['complete']}")
@@ -740,8 +741,10 @@ def _serving_commands(sub) -> None:
     rs.add_argument("--chunk-size", type=int, default=10_000)
     rs.add_argument("--engine", choices=["local", "ray"], default="local",
                     help="ray: the same per-chunk function on Ray Data (local Ray instance, or the cluster "
-                         "that RAY_ADDRESS names)")
+                         "--ray-address names)")
     rs.add_argument("--workers", type=int, default=2, help="ray: concurrent scorer actors")
+    rs.add_argument("--ray-address", help="ray: the cluster to run on (default: $RAY_ADDRESS; neither: a local "
+                                          "instance); its nodes must see --serve-dir, --input and --output")
     rs.set_defaults(func=cmd_rescore)
 
 

@@ -2,6 +2,7 @@
 
     recsys rescore --serve-dir artifacts/serve --input requests.parquet --output out/
     recsys rescore ... --engine ray --workers 8        # the same chunks on Ray Data
+    RAY_ADDRESS=head:6379 recsys rescore ... --engine ray   # ... on a running Ray cluster
 
 The input is Parquet, JSON Lines, CSV or TSV (by extension). A text input is converted once into
 ``<output>/input-<sha>.parquet``; in CSV/TSV a list cell holds item ids separated by ``|``
@@ -20,7 +21,14 @@ Output: ``part-00000.parquet``, ... (``request_id``, ``items``, ``scores``), one
 for rows that cannot be scored. Each part is written to a temporary name and renamed, then recorded
 in ``manifest.json``; a killed job restarts at the first chunk without a part, so every input row
 lands exactly once in the parts or the rejects. A different input (size or content hash) or chunk
-size in an existing output directory is refused.
+size in an existing output directory is refused. :func:`audit` counts, for a finished output, the input
+rows that have no answer and those with more than one.
+
+On a Ray cluster of several machines the actors write the parts themselves and this process writes the
+manifest, so the serving directory, the input and ``--output`` must be paths every node can read (and the
+output one every node can write): a shared filesystem (NFS, a mounted bucket). A node that dies takes its
+unfinished chunks with it; Ray Data restarts its actors elsewhere, and if the job itself stops, the rerun
+scores exactly the chunks the manifest does not hold.
 """
 
 from __future__ import annotations
@@ -130,12 +138,13 @@ def _write_atomic(df: pl.DataFrame, path: Path) -> None:
 
 def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size: int = 64,
             progress: bool = True, stop_after: int | None = None, engine: str = "local",
-            workers: int = 2) -> dict:
+            workers: int = 2, address: str | None = None) -> dict:
     """Run (or resume) a re-scoring job; returns the manifest. ``stop_after`` chunks: for tests.
 
     ``engine="local"`` scores the chunks one after another in this process; ``engine="ray"`` runs the
-    same :func:`score_chunk` on Ray Data, ``workers`` actors each holding one :class:`Recommender`
-    (a local Ray instance unless ``ray.init`` was called with an address). Either way this process
+    same :func:`score_chunk` on Ray Data, ``workers`` actors each holding one :class:`Recommender`, on
+    the cluster at ``address`` (default: ``$RAY_ADDRESS``; neither: a local Ray instance of ``workers``
+    CPUs; one this process already joined with ``ray.init`` is used as it is). Either way this process
     records each finished chunk in the manifest, so a killed job of either engine resumes with the other.
     """
     if engine not in ("local", "ray"):
@@ -169,13 +178,43 @@ def rescore(serve_dir, input_path, output, chunk_size: int = 10_000, batch_size:
     todo = [c for c in range(n_chunks) if str(c) not in manifest["chunks"]][:stop_after]
     args = (str(serve_dir), str(input_path), str(output), chunk_size, batch_size,
             duplicate_rows(input_path) if todo else {})
-    finished = _ray_chunks(todo, args, workers) if engine == "ray" else _local_chunks(todo, args)
+    finished = _ray_chunks(todo, args, workers, address) if engine == "ray" else _local_chunks(todo, args)
     for c, entry in tqdm(finished, total=len(todo), desc="rescore", unit="chunk", disable=not progress):
         manifest["chunks"][str(c)] = entry
         _write_atomic_text(json.dumps(manifest, indent=2), manifest_path)
     manifest["complete"] = len(manifest["chunks"]) == n_chunks
     _write_atomic_text(json.dumps(manifest, indent=2), manifest_path)
     return manifest
+
+
+def audit(input_path, output) -> dict:
+    """Every input row against a job's output: ``rows`` (input rows), ``answered`` (rows in the parts and the
+    rejects), ``lost`` (input rows whose request has no answer or reject), ``duplicated`` (answers beyond the
+    first per input row). A complete job of either engine has 0 and 0. Rows are told apart by their
+    ``request_id``; a repeated id is one answer and one reject per repetition, so it counts as answered."""
+    output = Path(output)
+    source = Path(input_path)
+    if source.suffix.lower() not in (".parquet", ".pq"):
+        source = as_parquet(source, output, sha256(source))
+    wanted = _request_keys(source, input_rows=True)
+    got = [pl.read_parquet(f, columns=["request_id"])["request_id"] for f in sorted(output.glob("part-*.parquet"))]
+    got += [_request_keys(f) for f in sorted(output.glob("rejects/part-*.parquet"))]
+    answered = pl.concat(got) if got else pl.Series("request_id", [], pl.String)
+    want, have = wanted.value_counts(), answered.value_counts()
+    joined = (want.join(have, on="request_id", how="full", suffix="_out", coalesce=True).fill_null(0)
+              .with_columns(pl.col("count", "count_out").cast(pl.Int64)))
+    lost = int((joined["count"] - joined["count_out"]).clip(lower_bound=0).sum())
+    duplicated = int((joined["count_out"] - joined["count"]).clip(lower_bound=0).sum())
+    return {"rows": len(wanted), "answered": len(answered), "lost": lost, "duplicated": duplicated}
+
+
+def _request_keys(path, input_rows: bool = False) -> pl.Series:
+    """One key per row of the input or a rejects file: its ``request_id``, or for a null id (always a reject)
+    its input row (the file's own row order with ``input_rows``, else its ``row`` column)."""
+    df = pl.scan_parquet(path)
+    df = df.with_row_index("row") if input_rows else df
+    key = pl.coalesce(pl.col("request_id").cast(pl.String), pl.format("\0row {}", pl.col("row")))
+    return df.select(key.alias("request_id")).collect()["request_id"]
 
 
 LIST_SEPARATOR = "|"
@@ -264,15 +303,19 @@ class _RayChunkScorer:
         return {"chunk": list(batch["chunk"]), "entry": [json.dumps(e) for e in entries]}
 
 
-def _ray_chunks(todo: list[int], args: tuple, workers: int):
+def _ray_chunks(todo: list[int], args: tuple, workers: int, address: str | None = None):
     try:
         import ray
     except ImportError as e:
         raise RecsysError("--engine ray needs Ray Data: pip install 'ray[data]'") from e
     if not todo:
         return
+    address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     ds = ray.data.from_items([{"chunk": c} for c in todo], override_num_blocks=len(todo))
     out = ds.map_batches(_RayChunkScorer, fn_constructor_args=args, batch_size=1, concurrency=workers, num_cpus=1)
     for row in out.iter_rows():                      # streamed as chunks finish: the manifest follows

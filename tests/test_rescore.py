@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from recsys.errors import RecsysError
-from serving.rescore import rescore
+from serving.rescore import audit, rescore
 
 
 def requests(out, n: int = 50) -> pl.DataFrame:
@@ -119,6 +119,24 @@ def test_bad_rows_are_rejected_with_their_reason_and_never_stop_the_job(exported
     assert done.filter(pl.col("request_id") == "a")["items"][0].len() == 3
     rescore(out, tmp_path / "req.parquet", tmp_path / "o", chunk_size=4, progress=False)
     assert read_output(tmp_path / "o")[0].equals(done)
+    # a repeated id is one answer plus one reject, a null id a reject keyed by its row: nothing lost or doubled
+    assert audit(tmp_path / "req.parquet", tmp_path / "o") == {"rows": 10, "answered": 10, "lost": 0, "duplicated": 0}
+
+
+def test_audit_counts_rows_without_an_answer_and_answers_given_twice(exported, tmp_path):
+    out = exported[0]
+    requests(out, 20).write_parquet(tmp_path / "req.parquet")
+    rescore(out, tmp_path / "req.parquet", tmp_path / "o", chunk_size=7, progress=False)
+    assert audit(tmp_path / "req.parquet", tmp_path / "o") == {"rows": 20, "answered": 20, "lost": 0, "duplicated": 0}
+    part = tmp_path / "o" / "part-00000.parquet"
+    answers = pl.read_parquet(part).height + pl.read_parquet(tmp_path / "o" / "rejects" / "part-00000.parquet").height
+    part.rename(tmp_path / "o" / "part-00099.parquet")          # the same answers under a second name
+    (tmp_path / "o" / "part-00098.parquet").write_bytes((tmp_path / "o" / "part-00099.parquet").read_bytes())
+    (tmp_path / "o" / "rejects" / "part-00001.parquet").unlink()                    # a chunk's rejects gone
+    lost = 7 - pl.read_parquet(tmp_path / "o" / "part-00001.parquet").height
+    got = audit(tmp_path / "req.parquet", tmp_path / "o")
+    assert got["lost"] == lost > 0 and got["duplicated"] == pl.read_parquet(part.with_name("part-00099.parquet")).height
+    assert answers == 7 and got["answered"] == 20 - lost + got["duplicated"]
 
 
 @pytest.mark.parametrize("option, value", [("chunk_size", 0), ("batch_size", -1), ("workers", 0)])

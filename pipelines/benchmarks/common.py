@@ -193,3 +193,71 @@ def serve_process(serve_dir, *options: str, env: dict | None = None, timeout_s: 
     finally:
         server.terminate()
         server.wait(30)
+
+
+class RayCluster:
+    """A real Ray cluster on this machine (see :func:`ray_cluster`): ``address`` to join it, ``env`` for the
+    processes that do, the worker nodes' raylet process ids."""
+
+    def __init__(self, root: Path, address: str, env: dict):
+        self.root, self.address, self.env = root, address, env
+        self.worker_raylets: list[int] = []
+
+    def processes(self, name: str = "") -> set[int]:
+        """Process ids whose command line mentions this cluster's directory (and ``name``)."""
+        import psutil
+
+        found = set()
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            line = " ".join(p.info["cmdline"] or [])
+            if str(self.root) in line and name in line:
+                found.add(p.info["pid"])
+        return found
+
+    def add_node(self, cpus: int = 1) -> int:
+        """``ray start --address ...``: one more node (its own raylet); returns its raylet's process id."""
+        before = self.processes("raylet/raylet")
+        subprocess.run(["ray", "start", "--address", self.address, "--num-cpus", str(cpus),
+                        "--node-ip-address", "127.0.0.1"], env=self.env, check=True, capture_output=True, timeout=120)
+        (pid,) = self.processes("raylet/raylet") - before
+        self.worker_raylets.append(pid)
+        return pid
+
+    def kill_node(self, pid: int) -> None:
+        """SIGKILL a worker node's raylet (its workers go with it), as a machine that dies."""
+        import psutil
+
+        os.kill(pid, 9)
+        psutil.wait_procs([psutil.Process(pid)] if psutil.pid_exists(pid) else [], timeout=30)
+        self.worker_raylets.remove(pid)
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = [psutil.Process(pid) for pid in self.processes() if psutil.pid_exists(pid)]
+        for p in procs:
+            p.kill()
+        psutil.wait_procs(procs, timeout=30)
+
+
+@contextmanager
+def ray_cluster(workers: int = 1, cpus: int = 1):
+    """``ray start --head`` plus ``workers`` worker nodes on this machine, each its own raylet with ``cpus``
+    CPUs, token authentication on (Ray's default for ``ray start``); every process of the cluster is killed on
+    exit. The head has no CPUs, so that work runs on the worker nodes only."""
+    import shutil
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))     # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token"}
+    cluster = RayCluster(root, f"127.0.0.1:{free_port()}", env)
+    try:
+        subprocess.run(["ray", "start", "--head", "--port", cluster.address.split(":")[1], "--num-cpus", "0",
+                        "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--temp-dir", str(root),
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+        for _ in range(workers):
+            cluster.add_node(cpus)
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
