@@ -63,6 +63,7 @@ def ray_rows(serve_dir: Path, out: Path, rows: int, chunk_size: int, kill_after:
     from serving.rescore import audit, rescore
 
     shutil.rmtree(out / "rescore", ignore_errors=True)
+    (out / "rescore").mkdir(parents=True)
     requests = request_file(serve_dir, rows, (out / "rescore").joinpath("requests.parquet"))
     start = time.perf_counter()
     rescore(serve_dir, requests, out / "rescore" / "local", chunk_size, progress=False)
