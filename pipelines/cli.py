@@ -505,9 +505,11 @@ def _train_commands(sub) -> argparse._SubParsersAction:
     rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
     rk.add_argument("--out", required=True, help="run directory")
     rk.add_argument("--kind", choices=["listwise", "groupwise"], help="default: the recipe's, else listwise")
-    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "f-grpo", "slate-grpo", "grouprank"], default="sft",
+    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "f-grpo", "slate-grpo", "grouprank", "lipo", "dpo"],
+                    default="sft",
                     help="sft, or RL from --init: grpo / rank-grpo (listwise), f-grpo / slate-grpo (listwise model, "
-                         "slate-then-rank task: --set slate_size=10 --set rank_size=5), grouprank (groupwise)")
+                         "slate-then-rank task: --set slate_size=10 --set rank_size=5), grouprank (groupwise), "
+                         "lipo / dpo (preferences among each prompt's scored rollouts, either kind)")
     rk.add_argument("--init", type=model_dir, help="RL only: the SFT run (or its model/) to start from")
     rk.add_argument("--max-steps", type=int, help="RL only: batches of rollouts")
     rk.add_argument("--backbone", help="tiny, smollm2-135m, or a local checkpoint directory")

@@ -73,7 +73,8 @@ from recsys.rl.f_grpo import (
     phase_advantages,
     phase_masks,
 )
-from recsys.rl.grpo import policy_loss
+from recsys.rl.grpo import kl_k3, policy_loss
+from recsys.rl.lipo import PREFERENCE_ALGOS, group_preference_loss
 from recsys.rl.rank_grpo import (
     PAD,
     rank_advantages,
@@ -86,7 +87,7 @@ from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
 
 COMPLETED_SHAPING = {"early_stop_penalty": 0.0, "end_of_list_reward": 0.0, "end_takes_next_rank": True}
 """Rank-GRPO on completed lists: a short list is no failure, its end token chooses the ranks after it."""
-ALGOS = ("grpo", "rank-grpo", "grouprank", "slate-grpo", "f-grpo")
+ALGOS = ("grpo", "rank-grpo", "grouprank", "slate-grpo", "f-grpo", *PREFERENCE_ALGOS)
 SLATE_ALGOS = ("slate-grpo", "f-grpo")
 
 
@@ -95,7 +96,9 @@ class RLConfig:
     """An RL run on a reranker started from an SFT checkpoint."""
 
     algo: str = "rank-grpo"
-    """``grpo``, ``rank-grpo``, ``slate-grpo``, ``f-grpo`` (listwise models) or ``grouprank`` (groupwise)."""
+    """``grpo``, ``rank-grpo``, ``slate-grpo``, ``f-grpo`` (listwise models), ``grouprank`` (groupwise), or the
+    preference objectives over the G scored rollouts of a prompt, ``lipo`` (LiPO-lambda) and ``dpo`` (its best
+    against its worst; :func:`recsys.rl.lipo.group_preference_loss`), for either kind."""
     init: str = ""
     """The starting model: OUT/model of ``recsys train reranker --algo sft``."""
     reward: str = "exp_inf"
@@ -122,6 +125,8 @@ class RLConfig:
     """Upper clipping range (1 + eps_high; DAPO's clip-higher, arXiv 2503.14476)."""
     aggregation: str = "token_mean"
     """How per-token losses become one: TRL's ``loss_type`` names (:data:`recsys.rl.grpo.AGGREGATIONS`)."""
+    preference_beta: float = 0.05
+    """``lipo`` / ``dpo``: beta of the implicit reward beta * (log pi - log ref) (LiPO's default 0.05)."""
     scale_rewards: str = "std"
     """``std`` or ``none`` (advantages only centred)."""
     max_steps: int = 200
@@ -315,7 +320,7 @@ class RerankerRLModule(L.LightningModule):
         self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.listwise = isinstance(scorer, ListwiseReranker)
         self.slate = config.algo in SLATE_ALGOS
-        if self.listwise == (config.algo == "grouprank"):
+        if config.algo not in PREFERENCE_ALGOS and self.listwise == (config.algo == "grouprank"):
             raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
         self.automatic_optimization = False
         self._val: list[float] = []
@@ -408,10 +413,11 @@ class RerankerRLModule(L.LightningModule):
             slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], G, cfg.scale_rewards)
             slate_mask, rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
             scored, token_adv = slate_mask | rank_mask, slate_adv[:, None] * slate_mask + rank_adv[:, None] * rank_mask
-        else:
+        else:                                # grpo, grouprank; lipo / dpo log the advantages they would have
             adv = group_advantages(reward, G, cfg.scale_rewards)[:, None]
             scored, token_adv = mask.bool(), adv.expand_as(mask)
         opt = self.optimizers()
+        B = len(rows)
         for _ in range(cfg.mu):
             logp, _ = self._log_probs(self.model, roll)
             clip = (cfg.beta, cfg.eps_low, cfg.eps_high, cfg.aggregation)
@@ -419,12 +425,16 @@ class RerankerRLModule(L.LightningModule):
                 loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip, **shaping)
             elif cfg.algo == "f-grpo":
                 loss, stats = f_grpo_loss(logp, old_logp, slate_adv, rank_adv, slate_mask, rank_mask, ref_logp, *clip)
+            elif cfg.algo in PREFERENCE_ALGOS:
+                sequence = (logp * mask).sum(1).reshape(B, G)
+                loss, stats = group_preference_loss(sequence, (ref_logp * mask).sum(1).reshape(B, G),
+                                                    reward.reshape(B, G).to(sequence), cfg.preference_beta, cfg.algo)
+                stats["kl"] = (kl_k3(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)     # logged only
             else:
                 loss, stats = policy_loss(logp, old_logp, adv, mask, ref_logp, *clip)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
-        B = len(rows)
         lengths = mask.float().sum(1)
         logs = {"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
                 "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],

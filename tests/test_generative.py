@@ -3,6 +3,7 @@ passes, VED budget accounting, V-STAR maths by hand, SFT learning + exact resume
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -289,6 +290,50 @@ def test_ved_spends_exactly_its_budget_and_returns_valid_candidates(model):
         assert model.codes_np[item - 1].tolist() == code
     _, init_only = ved(model, [[1]], cfg, budget=1 + 2 * 3)               # the initial beam alone
     assert init_only.tolist() == [7]
+
+
+def ved_tree(c0_visits: int):
+    """A hand-built VED tree of depth 2 over 4 codes: the root (V 0, next codes 0.5 / 0.3 / 0.2 / 0, visited 4
+    times) with two evaluated children, c0 (V 0.2, H 1.0) and c1 (V 0.5, H 0.0, next codes 0 / 0.6 / 0.4 / 0)."""
+    from recsys.generative.ved import Node, Tree
+
+    root = Node((), None, 0.0, 0.0, 0.0, evaluated=True, visits=4, probs=np.array([0.5, 0.3, 0.2, 0.0]))
+    root.entropy = float(-(root.probs[:3] * np.log(root.probs[:3])).sum())           # 1.0297
+    c0 = Node((0,), root, math.log(0.5), 0.2, 1.0, evaluated=True, visits=c0_visits, probs=np.array([1.0, 0, 0, 0]))
+    c1 = Node((1,), root, math.log(0.3), 0.5, 0.0, evaluated=True, visits=1, probs=np.array([0.0, 0.6, 0.4, 0.0]))
+    root.children = {0: c0, 1: c1}
+    tree = Tree(np.array([1]), root, None)
+    # sums of G = V + lam * H per depth over the evaluated nodes (lam 0.1): depth 0 the root, depth 1: 0.3 + 0.5
+    tree.depth_sum = {0: [0.1 * root.entropy, 1], 1: [0.3 + 0.5, 2]}
+    return tree, c0, c1
+
+
+def test_ved_selection_by_hand_worked_ucb_scores_and_gates():
+    """eq. 13: U(c) = G(c) + beta * sqrt(ln(N_root + 1) / (N(c) + 1)), the new-child option at G(s) with 0 visits,
+    offered only when G(s) >= the mean G of the evaluated nodes at s's depth (eq. 14); lam 0.1, beta 1."""
+    from recsys.generative.ved import _select
+
+    cfg = VEDConfig(lam=0.1, beta=1.0)
+    ln5 = math.log(5)                                                    # N_root = 4
+    # c0 visited 3 times: U(c0) = 0.3 + sqrt(ln5 / 4) = 0.934, U(c1) = 0.5 + sqrt(ln5 / 2) = 1.397, a new root
+    # child 0.103 + sqrt(ln5) = 1.372 (the root's gate holds: it is its depth's only node) -> c1. At c1: no
+    # children, its G 0.5 >= the depth-1 mean 0.4 -> the gate holds: a new child, code 1 or 2 from the policy
+    tree, c0, c1 = ved_tree(c0_visits=3)
+    assert 0.3 + math.sqrt(ln5 / 4) < 0.1 * tree.root.entropy + math.sqrt(ln5) < 0.5 + math.sqrt(ln5 / 2)
+    node, path = _select(tree, cfg, 2, np.random.default_rng(0))
+    assert path[:2] == [tree.root, c1] and node is path[2] and node.parent is c1 and not node.evaluated
+    assert node.prefix in ((1, 1), (1, 2)) and node.logp == pytest.approx(math.log(0.3) + math.log(c1.probs[node.prefix[1]]))
+    assert node.value == c1.value and node.entropy == c1.entropy               # inherited until evaluated
+    picks = [_select(ved_tree(3)[0], cfg, 2, np.random.default_rng(s))[0].prefix[1] for s in range(400)]
+    assert abs(np.mean(np.array(picks) == 1) - 0.6) < 0.08                     # sampled from the policy (0.6 / 0.4)
+    # c0 never visited: U(c0) = 0.3 + sqrt(ln5) = 1.569 wins; at c0, G 0.3 < the depth-1 mean 0.4: the gate
+    # refuses a new child and c0 has none to descend to -> nothing to evaluate this round
+    tree, c0, _ = ved_tree(c0_visits=0)
+    node, path = _select(tree, cfg, 2, np.random.default_rng(0))
+    assert node is None and path == [tree.root, c0] and not c0.children
+    # an unevaluated node on the way is the one evaluated
+    c0.evaluated = False
+    assert _select(tree, cfg, 2, np.random.default_rng(0))[0] is c0
 
 
 def test_sibling_advantages_docstring_tree():

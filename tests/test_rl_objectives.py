@@ -19,7 +19,7 @@ from recsys.rl.f_grpo import (
     phase_masks,
 )
 from recsys.rl.grpo import aggregate, clipped_surrogate, kl_k3, policy_loss
-from recsys.rl.lipo import dpo_loss, lambda_weights, lipo_lambda_loss
+from recsys.rl.lipo import dpo_loss, group_preference_loss, lambda_weights, lipo_lambda_loss
 from recsys.rl.rank_grpo import (
     END,
     PAD,
@@ -387,3 +387,17 @@ def test_lipo_gradient_raises_the_preferred_response():
     assert pol.grad[0, 0] < 0 and pol.grad[0, 1] > 0          # descent raises item 0, lowers item 1
     equal = lipo_lambda_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long))
     assert equal.item() == 0                                    # no preferred pair, no loss
+
+
+def test_group_preference_loss_hand_examples():
+    pol, ref = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]]), torch.full((2, 3), -2.0)
+    rewards = torch.tensor([[0.2, 1.0, 0.0], [0.5, 0.5, 0.5]])
+    # dpo: prompt 0 prefers rollout 1 (s = 0) to rollout 2 (s = -1): log(1 + e^-1); prompt 1 ties: no pair
+    loss, stats = group_preference_loss(pol, ref, rewards, beta=1.0, algo="dpo")
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)) / 2)
+    assert stats["clip_fraction"] == 0
+    # lipo: the rewards are the labels; only prompt 0 has ordered pairs
+    lipo, _ = group_preference_loss(pol, ref, rewards, beta=1.0, algo="lipo")
+    assert lipo.item() == pytest.approx(lipo_lambda_loss(pol[:1], ref[:1], rewards[:1], beta=1.0).item() / 2)
+    with pytest.raises(ValueError, match="lipo"):
+        group_preference_loss(pol, ref, rewards, algo="ipo")

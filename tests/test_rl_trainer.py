@@ -55,11 +55,11 @@ def test_rl_trains_an_item_identifier_reranker(tiny_dataset, tmp_path, sft_model
     assert logs["train/slate_reward"].drop_nulls().is_between(0, 1).all()
 
 
-@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank", "f-grpo", "slate-grpo"])
+@pytest.mark.parametrize("algo", ["grpo", "rank-grpo", "grouprank", "f-grpo", "slate-grpo", "lipo", "dpo"])
 def test_rl_runs_and_writes_a_model(tiny_dataset, tmp_path, sft_models, algo):
     cands, lw, gw = sft_models
     slate = {"slate_size": 4, "rank_size": 2} if algo in ("f-grpo", "slate-grpo") else {}
-    cfg = RLConfig(algo=algo, init=str(gw if algo == "grouprank" else lw), **RL, **slate)
+    cfg = RLConfig(algo=algo, init=str(gw if algo in ("grouprank", "dpo") else lw), **RL, **slate)
     model = train_rl(tiny_dataset, cands, tmp_path / algo, cfg, progress=False)
     summary = json.loads((tmp_path / algo / "train.json").read_text())
     assert summary["steps"] == 4 and summary["algo"] == algo and (model / "reranker.json").exists()

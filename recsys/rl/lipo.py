@@ -60,3 +60,33 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     """DPO: -log sigmoid(beta ((pi_w - ref_w) - (pi_l - ref_l))), averaged over the batch (B,)."""
     margin = (chosen_logps - ref_chosen_logps.detach()) - (rejected_logps - ref_rejected_logps.detach())
     return F.softplus(-beta * margin).mean()
+
+
+PREFERENCE_ALGOS = ("lipo", "dpo")
+
+
+def group_preference_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, rewards: torch.Tensor,
+                          beta: float = 0.05, algo: str = "lipo") -> tuple[torch.Tensor, dict]:
+    """A preference loss over G scored rollouts of each prompt: sequence log-probs (B, G) under the policy
+    and the reference, rewards (B, G) (e.g. each rollout's NDCG).
+
+    ``lipo``: LiPO-lambda (:func:`lipo_lambda_loss`) over the G rollouts with the rewards as labels psi.
+    ``dpo``: DPO on each prompt's best vs worst rollout (the first of equals), a prompt whose rollouts all
+    earn the same reward giving no pair (it adds 0 to the mean over prompts, as a list without ordered pairs
+    does in LiPO). Returns (loss, stats): ``clip_fraction`` 0 (no ratio is clipped).
+
+    Example (dpo, beta 1): log-probs [[-1, -2, -3]], ref [[-2, -2, -2]], rewards [[0.2, 1.0, 0.0]]: chosen
+    rollout 1 (s = 0), rejected rollout 2 (s = -1): loss = log(1 + e^-1) = 0.3133.
+    """
+    if algo == "lipo":
+        loss = lipo_lambda_loss(policy_logps, ref_logps, rewards, beta)
+    elif algo == "dpo":
+        rows = torch.arange(rewards.shape[0], device=rewards.device)
+        best, worst = rewards.argmax(1), rewards.argmin(1)
+        pair = torch.stack([policy_logps[rows, best], policy_logps[rows, worst]], 1)
+        ref_pair = torch.stack([ref_logps[rows, best], ref_logps[rows, worst]], 1)
+        labels = torch.stack([rewards[rows, best], rewards[rows, worst]], 1)
+        loss = lipo_lambda_loss(pair, ref_pair, labels, beta, weighting="none")
+    else:
+        raise ValueError(f"algo must be one of {PREFERENCE_ALGOS}, got {algo!r}")
+    return loss, {"clip_fraction": torch.tensor(0.0)}
