@@ -19,7 +19,12 @@ from recsys.rl.f_grpo import (
     phase_masks,
 )
 from recsys.rl.grpo import aggregate, clipped_surrogate, kl_k3, policy_loss
-from recsys.rl.lipo import dpo_loss, group_preference_loss, lambda_weights, lipo_lambda_loss
+from recsys.rl.lipo import (
+    dpo_loss,
+    group_preference_loss,
+    lambda_weights,
+    lipo_lambda_loss,
+)
 from recsys.rl.rank_grpo import (
     END,
     PAD,
