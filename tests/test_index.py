@@ -111,6 +111,28 @@ def test_mips_to_l2_reduction_by_hand():
     np.testing.assert_allclose(((xa - qa) ** 2).sum(1), [20, 24], rtol=1e-6)
 
 
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,PQ8"])
+def test_ivf_takes_the_l2_reduction_when_asked_and_survives_a_reload(factory, tmp_path):
+    """``mips=True`` on IVF (and IVF-PQ: the augmented width padded to a multiple of its 8 sub-quantizers):
+    with every list probed a Flat store returns the exact top-20 with their true inner products, PQ a part of
+    it; the same after save and load. ``auto`` leaves IVF in inner product."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4000, 32)).astype(np.float32) * rng.uniform(0.5, 3.5, (4000, 1)).astype(np.float32)
+    q = x[rng.integers(4000, size=50)] + 0.3 * rng.standard_normal((50, 32)).astype(np.float32)
+    assert ItemIndex.build(np.arange(4000), x, factory, "ip").meta.mips_norm is None
+    index = ItemIndex.build(np.arange(4000), x, factory, "ip", mips=True).set_params(nprobe=16)   # every list
+    assert index.meta.mips_norm is not None and index.index.d == (33 if "PQ" not in factory else 40)
+    s, got = index.search(q, 20)
+    if "PQ" not in factory:
+        np.testing.assert_allclose(s, np.einsum("qd,qkd->qk", q, x[got]), rtol=1e-3, atol=1e-3)
+    _, ref = brute_force_topk(q, x, 20, "ip")
+    recall = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(got.tolist(), ref.tolist())])
+    assert recall > (0.99 if "PQ" not in factory else 0.25)        # every list probed: exact, or PQ's error
+    index.save(tmp_path / "ix")
+    _, again = ItemIndex.load(tmp_path / "ix").set_params(nprobe=16).search(q, 20)
+    np.testing.assert_array_equal(again, got)
+
+
 def test_hnsw_inner_product_returns_exact_inner_products():
     """Inner product on HNSW goes through the reduction; the scores it returns are the true inner
     products of the returned items, and with a wide search it finds the exact top-k."""

@@ -18,6 +18,17 @@ the manifest; whatever that run does, a node is added back and the command is ru
 :func:`serving.rescore.audit` counts the input rows without an answer (``lost``) and those answered twice
 (``duplicated``). The cluster is stopped at the end, every process of it.
 
+``index``: a catalogue of ``--index-vectors`` (10M) item vectors shaped like a real one: each is one of the
+SASRec item vectors of the quickstart (``runs/default-seed0/sasrec``) plus Gaussian noise of ``--index-noise``
+times their mean norm, the items drawn with Zipf(1.1) popularity (heavy-tailed cluster sizes, nothing like
+the separated clusters IVF partitions exactly); 1,000 queries drawn the same way. Flat (exact inner product)
+gives the true top-100; each row: recall@100 against it, queries per second (one batched call, all cores),
+build seconds and ``memory_mb`` (the serialised index). Rows ``<factory>[-mips]-10m``: HNSW, IVF-Flat, IVF-PQ
+with exact re-ranking of 4x the candidates (``RFlat``), IVF-PQ alone (codes only: the small one), and the
+IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over machines looks like);
+``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index._augment_items` (what
+``ItemIndex.build(..., mips=True)`` does), the others in inner product.
+
 ``ddp``: the ML-1M SASRec recipe (``sasrec_ml1m.yaml``) for ``--ddp-epochs`` epochs on the quickstart's
 prepared data, once with one process and once with two (``--devices 2 --strategy ddp``, gloo, one thread
 each), the same seed: validation NDCG@10 (gathered over both processes' users) and samples per second.
@@ -32,6 +43,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from pipelines.benchmarks.common import RESULTS, Provenance, ray_cluster, write_result
 
@@ -142,15 +155,126 @@ def ddp_rows(data_dir: Path, out: Path, epochs: int) -> list[dict]:
     return result
 
 
+INDEXES = [("HNSW32,Flat", {"efSearch": 256}, True), ("IVF4096,Flat", {"nprobe": 32}, False),
+           ("IVF4096,Flat", {"nprobe": 32}, True), ("IVF4096,PQ16,RFlat", {"nprobe": 32, "k_factor": 4}, True),
+           ("IVF4096,PQ32", {"nprobe": 32}, True), ("IVF4096,Flat[2 shards]", {"nprobe": 32}, True)]
+"""(factory, search parameters, through the L2 reduction of inner product) of the ``index`` part;
+``[2 shards]``: the factory built twice, over the two halves of the catalogue."""
+
+
+def zipf_catalogue(anchors: np.ndarray, n: int, noise: float, rng) -> np.ndarray:
+    """(n, d) float32 vectors: anchors drawn with Zipf(1.1) weights, plus N(0, (noise * mean norm)^2 / d)."""
+    weights = 1.0 / np.arange(1, len(anchors) + 1) ** 1.1
+    order = rng.permutation(len(anchors))
+    sigma = noise * float(np.linalg.norm(anchors, axis=1).mean()) / np.sqrt(anchors.shape[1])
+    out = np.empty((n, anchors.shape[1]), dtype=np.float32)
+    for start in range(0, n, 1_000_000):                     # in blocks: the noise of 10M rows at once is 2.5 GB
+        m = min(1_000_000, n - start)
+        picks = order[rng.choice(len(anchors), size=m, p=weights / weights.sum())]
+        out[start:start + m] = anchors[picks] + sigma * rng.standard_normal((m, anchors.shape[1]), dtype=np.float32)
+    return out
+
+
+def build_index(factory: str, vectors: np.ndarray, metric: int, rng):
+    """A trained and filled FAISS index (``[2 shards]``: an ``IndexShards`` of two, one per half)."""
+    import faiss
+
+    d = vectors.shape[1]
+    if factory.endswith("[2 shards]"):
+        shards = faiss.IndexShards(d, True, True)                # threaded, successive ids
+        for half in np.array_split(vectors, 2):
+            shards.add_shard(build_index(factory.removesuffix("[2 shards]"), half, metric, rng))   # faiss keeps it
+        return shards
+    index = faiss.index_factory(d, factory, metric)
+    index.train(vectors[rng.choice(len(vectors), size=min(len(vectors), 256 * 1024), replace=False)])
+    for start in range(0, len(vectors), 1_000_000):
+        index.add(vectors[start:start + 1_000_000])
+    return index
+
+
+def set_search(index, params: dict) -> None:
+    import faiss
+
+    parts = [faiss.downcast_index(index.at(i)) for i in range(index.count())] \
+        if isinstance(index, faiss.IndexShards) else [index]
+    for part in parts:
+        for key, value in params.items():
+            if key == "k_factor":
+                faiss.downcast_index(part).k_factor = value
+            else:
+                faiss.ParameterSpace().set_index_parameter(part, key, value)
+
+
+def index_bytes(index) -> int:
+    import faiss
+
+    if isinstance(index, faiss.IndexShards):
+        return sum(index_bytes(faiss.downcast_index(index.at(i))) for i in range(index.count()))
+    return int(faiss.serialize_index(index).nbytes)
+
+
+def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: int = 100) -> list[dict]:
+    """The ``index`` part: Flat, then every :data:`INDEXES` row, on one catalogue (module docstring)."""
+    import faiss
+    from safetensors.numpy import load_file
+
+    from recsys.retrieval.index import _augment_items, _pad_queries, mips_width
+
+    rng = np.random.default_rng(0)
+    anchors = load_file(str(sasrec_dir / "model.safetensors"))["item_emb.weight"][1:].astype(np.float32)  # no padding
+    vectors = zipf_catalogue(anchors, n, noise, rng)
+    q = zipf_catalogue(anchors, queries, noise, rng)
+    scale = f"{n // 1_000_000}m" if n >= 1_000_000 else f"{n // 1000}k"
+    start = time.perf_counter()
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    build = time.perf_counter() - start
+    start = time.perf_counter()
+    _, exact = flat.search(q, k)
+    flat_s = time.perf_counter() - start
+    rows = [{"name": f"Flat-{scale}", "metrics": {"recall@100": 1.0, "qps": round(queries / flat_s, 1),
+                                                  "memory_mb": round(index_bytes(flat) / 2**20, 1),
+                                                  "build_seconds": round(build, 1), "qps_vs_flat": 1.0},
+             "seconds": round(build + flat_s, 1), "mips": False}]
+    del flat
+    max_norm = float(np.linalg.norm(vectors, axis=1).max())
+    for factory, params, mips in INDEXES:
+        width = mips_width(vectors.shape[1], factory)
+        data = _augment_items(vectors, max_norm, width) if mips else vectors
+        start = time.perf_counter()
+        index = build_index(factory, data, faiss.METRIC_L2 if mips else faiss.METRIC_INNER_PRODUCT, rng)
+        build = time.perf_counter() - start
+        del data
+        set_search(index, params)
+        query = _pad_queries(q, width) if mips else q
+        index.search(query[:10], k)                                            # warm-up
+        start = time.perf_counter()
+        _, found = index.search(query, k)
+        seconds = time.perf_counter() - start
+        recall = float(np.mean([len(set(f) & set(e)) / k for f, e in zip(found, exact)]))
+        rows.append({"name": f"{factory}{'-mips' if mips else ''}-{scale}", "search": params, "mips": mips,
+                     "metrics": {"recall@100": round(recall, 4), "qps": round(queries / seconds, 1),
+                                 "memory_mb": round(index_bytes(index) / 2**20, 1), "build_seconds": round(build, 1),
+                                 "qps_vs_flat": round(flat_s / seconds, 2)}, "seconds": round(build + seconds, 1)})
+        print(rows[-1], flush=True)
+        del index
+    for r in rows:
+        r |= {"vectors": n, "dim": int(vectors.shape[1]), "queries": queries, "anchors": len(anchors),
+              "threads": faiss.omp_get_max_threads()}
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=["ray", "ddp"], default=["ray", "ddp"])
+    p.add_argument("--parts", nargs="+", choices=["ray", "ddp", "index"], default=["ray", "ddp", "index"])
     p.add_argument("--quickstart", default="artifacts", help="output directory of `recsys quickstart`")
     p.add_argument("--rows", type=int, default=6000, help="ray: requests to re-score")
     p.add_argument("--chunk-size", type=int, default=500, help="ray: rows per chunk")
     p.add_argument("--kill-after", type=int, default=3, help="ray: chunks in the manifest before a node is killed")
     p.add_argument("--ddp-epochs", type=int, default=3, help="ddp: epochs of each run")
+    p.add_argument("--index-vectors", type=int, default=10_000_000, help="index: catalogue size")
+    p.add_argument("--index-noise", type=float, default=0.5, help="index: noise norm / mean item vector norm")
     p.add_argument("--out", default="artifacts/scale")
     a = p.parse_args(argv)
     provenance = Provenance("pipelines.benchmarks.scale")
@@ -167,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += ray_rows(serve_dir, out, a.rows, a.chunk_size, a.kill_after)
     if "ddp" in a.parts:
         rows += ddp_rows(Path(a.quickstart) / "data" / "ml-1m", out, a.ddp_epochs)
+    if "index" in a.parts:
+        rows += index_rows(Path(a.quickstart) / "runs" / "default-seed0" / "sasrec" / "model", a.index_vectors,
+                           a.index_noise)
     previous = RESULTS / "scale.json"
     kept = [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in {r["name"] for r in rows}] \
         if previous.exists() else []

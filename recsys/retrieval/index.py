@@ -10,12 +10,16 @@
 - Exclusion of each query's seen items: over-fetch ``k + |excluded|`` and filter. An approximate index
   may still come back short (an IVF probe that holds too few items); those queries are answered by
   the exact scan, so ``k`` items always come back when ``k`` non-excluded items exist.
-- Inner product on a graph index (HNSW), ``mips="auto"``: when item norms differ (largest / median
-  norm > 1.5) the graph is built in L2 on vectors augmented with ``sqrt(M^2 - |x|^2)`` (M = the largest
-  norm) and queries with 0, which turns maximum inner product into nearest neighbour (Bachrach et al.,
-  RecSys 2014); scores are mapped back to inner products. Measured recall@100 of HNSW32 (efSearch
-  128): ML-1M SASRec items (norm ratio 3.4) 0.49 without, 0.998 with; a 1M Gaussian mixture with even
-  norms (ratio about 1.2) 0.92 without, 0.75 with, hence the rule. ``mips=True/False`` forces it.
+- Inner product through L2 (Bachrach et al., RecSys 2014): the index is built in L2 on vectors augmented
+  with ``sqrt(M^2 - |x|^2)`` (M = the largest norm; zero-padded to a multiple of the product quantizer's
+  sub-quantizer count) and queries with 0, which turns maximum inner product into nearest neighbour; scores are
+  mapped back to inner products. ``mips="auto"`` does it for a graph index (HNSW) when item norms differ
+  (largest / median norm > 1.5): recall@100 of HNSW32 (efSearch 128) on ML-1M SASRec items (norm ratio
+  3.4) 0.49 without, 0.998 with; on a 1M Gaussian mixture with even norms (ratio about 1.2) 0.92 without,
+  0.75 with. ``mips=True`` forces it for any factory: for IVF it depends on the data (IVF1024,Flat at
+  nprobe 64 on 200k vectors drawn around SASRec's items with Zipf popularity: 0.47 without, 0.999 with;
+  on the 4,000 clustered vectors of ``tests/test_index.py``: 1.0 without, 0.88 with), so measure it on
+  yours (``pipelines/benchmarks/scale.py`` does for a 10M catalogue). ``mips=False`` never.
 - GPU: with a CUDA build of FAISS and a visible GPU the index is copied to the GPU for search
   (``device="auto"``); results agree with the CPU index up to float error.
 """
@@ -53,10 +57,29 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def _augment_items(x: np.ndarray, max_norm: float) -> np.ndarray:
-    """(N, d) -> (N, d + 1): append sqrt(M^2 - |x|^2) so that L2 nearest = maximum inner product."""
+def _augment_items(x: np.ndarray, max_norm: float, width: int | None = None) -> np.ndarray:
+    """(N, d) -> (N, d + 1): append sqrt(M^2 - |x|^2) so that L2 nearest = maximum inner product
+    (Bachrach et al. 2014, "Speeding up the Xbox recommender system using a Euclidean transformation for
+    inner-product spaces", §3); ``width`` > d + 1 pads with zeros (a product quantizer needs a multiple of its
+    sub-quantizer count), which changes no distance."""
     extra = np.sqrt(np.maximum(max_norm ** 2 - (x * x).sum(1), 0.0))
-    return np.hstack([x, extra[:, None]]).astype(np.float32)
+    pad = np.zeros((len(x), (width or x.shape[1] + 1) - x.shape[1] - 1), np.float32)
+    return np.hstack([x, extra[:, None], pad]).astype(np.float32)
+
+
+def mips_width(dim: int, factory: str) -> int:
+    """Width of :func:`_augment_items` vectors for a factory: d + 1, rounded up to a multiple of the product
+    quantizer's sub-quantizer count M when the factory has one (``PQ{M}``)."""
+    import re
+
+    pq = re.search(r"PQ(\d+)", factory)
+    m = int(pq.group(1)) if pq else 1
+    return dim + 1 + (-(dim + 1) % m)
+
+
+def _pad_queries(q: np.ndarray, width: int) -> np.ndarray:
+    """(Q, d) -> (Q, width) with zeros: a query against :func:`_augment_items` vectors."""
+    return np.hstack([q, np.zeros((len(q), width - q.shape[1]), np.float32)])
 
 
 def brute_force_topk(queries: np.ndarray, vectors: np.ndarray, k: int, metric: str = "ip",
@@ -122,9 +145,9 @@ class ItemIndex:
             x = _normalise(x)
         norms = np.linalg.norm(x, axis=1)
         uneven = norms.max() > 1.5 * max(float(np.median(norms)), 1e-12)
-        use_mips = metric == "ip" and "HNSW" in factory and (uneven if mips == "auto" else bool(mips))
+        use_mips = metric == "ip" and ("HNSW" in factory and uneven if mips == "auto" else bool(mips))
         mips_norm = float(norms.max()) if use_mips else None
-        x_index = _augment_items(x, mips_norm) if mips_norm is not None else x
+        x_index = _augment_items(x, mips_norm, mips_width(x.shape[1], factory)) if mips_norm is not None else x
         faiss_metric = faiss.METRIC_L2 if metric == "l2" or mips_norm is not None else faiss.METRIC_INNER_PRODUCT
         try:
             index = faiss.index_factory(x_index.shape[1], factory, faiss_metric)
@@ -211,7 +234,7 @@ class ItemIndex:
         fetch = min(self.meta.count, k + max((len(e) for e in excl), default=0))
         M = self.meta.mips_norm
         if M is not None:   # L2 on augmented vectors: |q|^2 + M^2 - 2 q.x = dist  ->  q.x
-            dist, found = self._search_index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), fetch)
+            dist, found = self._search_index.search(_pad_queries(q, self._search_index.d), fetch)
             score = ((q * q).sum(1, keepdims=True) + M * M - dist) / 2
         else:
             dist, found = self._search_index.search(q, fetch)
@@ -261,7 +284,9 @@ class ItemIndex:
         index = faiss.read_index(str(directory / "index.faiss"))
         ids, vectors = np.load(directory / "ids.npy", allow_pickle=False), np.load(directory / "vectors.npy")
         problems = [f"{name} {got} != {want}" for name, got, want in [
-            ("dimension", index.d, meta.dim + (meta.mips_norm is not None)), ("index size", index.ntotal, meta.count), ("id count", len(ids), meta.count),
+            ("dimension", index.d if meta.mips_norm is None else min(index.d, meta.dim + 1),
+             meta.dim + (meta.mips_norm is not None)), ("index size", index.ntotal, meta.count),
+            ("id count", len(ids), meta.count),
             ("vectors hash", hashlib.sha256(np.ascontiguousarray(vectors).tobytes()).hexdigest()[:16], meta.vectors_sha256)]
             if got != want]
         if problems:
