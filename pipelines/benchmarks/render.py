@@ -507,6 +507,7 @@ def render_rows(title: str, intro: str = ""):
             measured = ("skipped: " + row["skipped"] if "skipped" in row else "error: " + row["error"] if "error" in row
                         else "; ".join(f"{k} {_cell(v)}" for k, v in row["metrics"].items() if v is not None))
             label = row["name"] + (f" [weights: {row['weights']}]" if row.get("weights") else "")
+            label += f" (commit {row['commit']}, {row['date']})" if row.get("commit") else ""
             out.append(f"| {label} | {measured.replace('|', '/')} | {row.get('seconds', '')} |")
         if result.get("ratios"):
             out += ["", "Ratios (same run): " + ", ".join(f"{k} {v}" for k, v in result["ratios"].items()) + "."]
@@ -528,7 +529,13 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                               "2048^3 fp32 matrix product at the same thread count"),
              "hybrid_throughput": render_rows("## Hybrid-token FIRST reranker: training throughput "
                                               "(`hybrid_throughput`)", "SFT steps of 8 windows (20 history items, 20 "
-                                              "candidates), LoRA r 16 + projector, by kept layers and title words"),
+                                              "candidates), LoRA r 16 + projector, by kept layers, title words and "
+                                              "prompt (`-compact`: soft tokens and a few words, no chat frame)"),
+             "scale": render_rows("## Beyond one process: a Ray cluster, data-parallel training, a 10M-item index "
+                                  "(`scale`)", "each part recorded on its own (the commit and date of each row); "
+                                  "the rescore rows re-score the quickstart deployment's users, the cluster row on "
+                                  "a 3-node Ray cluster started on this machine with one worker node killed "
+                                  "mid-job"),
              "text_state_probe": render_rows("## What an LM's reading of the item texts knows about behaviour "
                                              "(`text_state_probe`)", "ridge R^2 from mean-pooled text states "
                                              "(`text_layers`) to SASRec's item vectors on held-out items; "
