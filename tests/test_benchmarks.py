@@ -288,3 +288,32 @@ def test_strong_reranker_renderer_shows_intervals_subsets_comparisons_and_a_plot
     assert "fusion-mlp-without-ease-seed0 minus fusion-mlp-seed0 -0.0150 (-0.0200 to -0.0100)" in text
     assert "recall@50 0.5500" in text and (tmp_path / "rerankers_strong_paired.png").stat().st_size > 1000
     assert "- dataset: ml-1m" in text
+
+
+def test_scale_index_part_builds_every_kind_and_finds_the_exact_answer_when_it_probes_everything(tmp_path):
+    """The 10M-index code path on 4,000 vectors: Zipf-drawn copies of the anchors (the most popular anchor holds
+    the most copies), inner-product and L2-reduced IVF, 2 shards and PQ; with every list probed a Flat store
+    finds the exact top-100 and reports its own size."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from pipelines.benchmarks.scale import index_rows, zipf_catalogue
+
+    rng = np.random.default_rng(0)
+    anchors = rng.standard_normal((50, 16)).astype(np.float32) * rng.uniform(0.5, 3, (50, 1)).astype(np.float32)
+    x = zipf_catalogue(anchors, 20_000, 0.3, np.random.default_rng(1))
+    nearest = np.argmin(((x[:, None] - anchors[None]) ** 2).sum(-1), 1)
+    counts = np.bincount(nearest, minlength=50)
+    assert counts.max() > 20 * np.median(counts) and counts.sum() == 20_000          # heavy-tailed sizes
+    save_file({"item_emb.weight": np.vstack([np.zeros((1, 16), np.float32), anchors])},
+              str(tmp_path / "model.safetensors"))
+    every = {"nprobe": 16}
+    rows = index_rows(tmp_path, 4000, 0.3, queries=50, indexes=[
+        ("IVF16,Flat", every, False), ("IVF16,Flat", every, True), ("IVF16,Flat[2 shards]", every, True),
+        ("IVF16,PQ8", every, True)])
+    got = {r["name"]: r["metrics"] for r in rows}
+    assert list(got) == ["Flat-4k", "IVF16,Flat-4k", "IVF16,Flat-mips-4k", "IVF16,Flat[2 shards]-mips-4k",
+                         "IVF16,PQ8-mips-4k"]
+    assert all(got[name]["recall@100"] == 1.0 for name in list(got)[:4])
+    assert 0 < got["IVF16,PQ8-mips-4k"]["recall@100"] < 1
+    assert got["Flat-4k"]["memory_mb"] == round(4000 * 16 * 4 / 2**20, 1) > got["IVF16,PQ8-mips-4k"]["memory_mb"]

@@ -29,6 +29,13 @@ IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue 
 ``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index._augment_items` (what
 ``ItemIndex.build(..., mips=True)`` does), the others in inner product.
 
+``plan``: what 1M items and 100M users would cost, per stage, computed from per-unit costs measured on this
+machine and recorded in ``results/``: memory per indexed vector from this file's ``index`` rows (the
+largest catalogue recorded), SASRec training samples/s (``sasrec_throughput``), retrieval queries/s at 1M
+vectors (``retrieval``), re-scored rows/s per process (this file's ``rescore-local``) and server CPU per
+online request (``serving_cpu``). Each ``plan-*`` row names its inputs; nothing in it is measured at that
+scale.
+
 ``ddp``: the ML-1M SASRec recipe (``sasrec_ml1m.yaml``) for ``--ddp-epochs`` epochs on the quickstart's
 prepared data, once with one process and once with two (``--devices 2 --strategy ddp``, gloo, one thread
 each), the same seed: validation NDCG@10 (gathered over both processes' users) and samples per second.
@@ -213,8 +220,10 @@ def index_bytes(index) -> int:
     return int(faiss.serialize_index(index).nbytes)
 
 
-def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: int = 100) -> list[dict]:
-    """The ``index`` part: Flat, then every :data:`INDEXES` row, on one catalogue (module docstring)."""
+def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: int = 100,
+               indexes: list[tuple] = INDEXES) -> list[dict]:
+    """The ``index`` part: Flat, then every row of ``indexes`` (:data:`INDEXES`), on one catalogue (module
+    docstring)."""
     import faiss
     from safetensors.numpy import load_file
 
@@ -238,7 +247,7 @@ def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: i
              "seconds": round(build + flat_s, 1), "mips": False}]
     del flat
     max_norm = float(np.linalg.norm(vectors, axis=1).max())
-    for factory, params, mips in INDEXES:
+    for factory, params, mips in indexes:
         width = mips_width(vectors.shape[1], factory)
         data = _augment_items(vectors, max_norm, width) if mips else vectors
         start = time.perf_counter()
@@ -264,10 +273,63 @@ def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: i
     return rows
 
 
+def plan_rows(rows: list[dict], items: int = 1_000_000, users: int = 100_000_000, dim: int = 64,
+              history: int = 200) -> list[dict]:
+    """The ``plan`` part (module docstring) from the ``index`` and ``rescore-local`` rows in ``rows`` and the
+    other result files."""
+    def result(name: str) -> dict:
+        return json.loads((RESULTS / f"{name}.json").read_text())
+
+    def row(source: list[dict], name: str) -> dict:
+        return next(r for r in source if r["name"] == name)
+
+    MB = 2**20
+    sasrec = max(result("sasrec_throughput")["rows"], key=lambda r: r["metrics"]["samples_per_s"])
+    retrieval = result("retrieval")["rows"]
+    hnsw = row(retrieval, "HNSW32,Flat(ef_search=128)-synthetic1m")
+    ivfpq = row(retrieval, "IVF1024,PQ16(nprobe=32)-synthetic1m")
+    rescore = row(rows, "rescore-local")
+    online = row(result("serving_cpu")["rows"], "current-c32")
+    largest = max(r["vectors"] for r in rows if "vectors" in r)
+    out = [{"name": "plan-tables", "metrics": {
+        "item_table_mb": round(items * dim * 4 / MB), "item_table_training_mb": round(4 * items * dim * 4 / MB),
+        "histories_mb": round(users * history * 4 / MB)},
+        "inputs": f"{items:,} items x {dim} fp32 (x4 with gradients and AdamW's two moments); {users:,} users x "
+                  f"{history} int32 history ids (SASRec reads histories, it keeps no user table)"}]
+    for r in rows:
+        if r.get("vectors") == largest and r["name"].startswith(("Flat", "HNSW", "IVF")):
+            per_vector = r["metrics"]["memory_mb"] * MB / largest
+            out.append({"name": "plan-index-" + r["name"].rsplit("-", 1)[0], "metrics": {
+                "memory_mb": round(per_vector * items / MB), "recall@100_measured": r["metrics"]["recall@100"]},
+                "inputs": f"{per_vector:.0f} bytes per vector measured on {largest:,} vectors (row {r['name']})"})
+    out += [
+        {"name": "plan-sasrec-epoch", "metrics": {
+            "node_hours_per_epoch": round(users / sasrec["metrics"]["samples_per_s"] / 3600, 1)},
+         "inputs": f"{sasrec['metrics']['samples_per_s']} training sequences/s on this 2-core machine "
+                   f"(sasrec_throughput row {sasrec['name']}); data-parallel over N nodes divides it by N"},
+        {"name": "plan-candidates", "metrics": {
+            "node_hours_hnsw": round(users / hnsw["metrics"]["qps"] / 3600, 2),
+            "node_hours_ivfpq": round(users / ivfpq["metrics"]["qps"] / 3600, 2)},
+         "inputs": f"top-100 searches of 1M vectors per second on this machine: {hnsw['metrics']['qps']:.0f} "
+                   f"(HNSW32, recall {hnsw['metrics']['recall@100']:.2f}), {ivfpq['metrics']['qps']:.0f} "
+                   f"(IVF1024,PQ16, recall {ivfpq['metrics']['recall@100']:.2f}); retrieval only, not the user "
+                   f"state"},
+        {"name": "plan-rescore", "metrics": {
+            "process_hours": round(users / rescore["metrics"]["rows_per_s"] / 3600, 1)},
+         "inputs": f"{rescore['metrics']['rows_per_s']} rows/s per rescore process (row rescore-local: SASRec + "
+                   f"FAISS + FIRST over 20, one user each); a Ray cluster runs one process per CPU"},
+        {"name": "plan-online", "metrics": {
+            "requests_per_core_s": round(1000 / online["metrics"]["server_cpu_ms_per_request"])},
+         "inputs": f"{online['metrics']['server_cpu_ms_per_request']} ms of server CPU per /v1/recommend "
+                   f"(serving_cpu row {online['name']}); replicas behind a load balancer add cores"}]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--parts", nargs="+", choices=["ray", "ddp", "index"], default=["ray", "ddp", "index"])
+    p.add_argument("--parts", nargs="+", choices=["ray", "ddp", "index", "plan"],
+                   default=["ray", "ddp", "index", "plan"])
     p.add_argument("--quickstart", default="artifacts", help="output directory of `recsys quickstart`")
     p.add_argument("--rows", type=int, default=6000, help="ray: requests to re-score")
     p.add_argument("--chunk-size", type=int, default=500, help="ray: rows per chunk")
@@ -297,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = RESULTS / "scale.json"
     kept = [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in {r["name"] for r in rows}] \
         if previous.exists() else []
+    if "plan" in a.parts:                                  # from the rows just measured and those kept
+        planned = plan_rows(kept + rows)
+        kept = [r for r in kept if not r["name"].startswith("plan-")]
+        rows += planned
     for r in rows:
         r |= {"commit": provenance.commit, "date": provenance.date}        # parts are recorded at different times
     path = write_result("scale", provenance, {"rows": kept + rows})
