@@ -43,6 +43,70 @@ class EpochShuffle(Sampler[int]):
         return self.per_epoch
 
 
+def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """Process ``rank``'s share of ``batches``: every ``world_size``-th batch, then its part of the leftover
+    batches' items pooled and split ``world_size`` ways (as evenly as possible). Disjoint across ranks, their
+    union every item; each rank gets the same number of batches while the leftover items are at least
+    ``world_size``; fewer go one each onto the last batch of the first ranks, so that every rank still takes the
+    same number of steps (data-parallel steps wait for each other)."""
+    if world_size == 1:
+        return batches
+    whole = len(batches) - len(batches) % world_size
+    mine = [list(b) for b in batches[rank:whole:world_size]]
+    rest = [i for b in batches[whole:] for i in b]
+    if len(rest) >= world_size:
+        mine.append(np.array_split(np.asarray(rest, dtype=np.int64), world_size)[rank].tolist())
+    elif rank < len(rest):
+        if mine:
+            mine[-1].append(rest[rank])
+        else:
+            mine.append([rest[rank]])
+    return mine
+
+
+def gather_rows(module: L.LightningModule, rows: np.ndarray) -> np.ndarray:
+    """(N, ...) float rows of every process, concatenated (this process's alone without data parallelism),
+    so that a validation metric is computed on all users, equal to one process's evaluation of the same
+    weights. Processes may hold different row counts: padded with NaN rows for the gather, then dropped."""
+    trainer = module._trainer
+    if trainer is None or trainer.world_size == 1:
+        return rows
+    counts = module.all_gather(torch.tensor(len(rows)))
+    width = int(counts.max())
+    padded = np.full((width, *rows.shape[1:]), np.nan)
+    padded[:len(rows)] = rows
+    everything = module.all_gather(torch.from_numpy(padded))                  # (world_size, width, ...)
+    return np.concatenate([everything[r, :int(n)].cpu().numpy() for r, n in enumerate(counts)])
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` consecutive indices of ``sampler`` (an :class:`EpochShuffle`), and of them this
+    process's share under data parallelism (:func:`shard_batches`): disjoint across the ``world_size``
+    processes, together every index, the same number of batches in each. Lightning sets the epoch on
+    ``sampler``."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int = 0, world_size: int = 1):
+        self.sampler, self.batch_size, self.rank, self.world_size = sampler, batch_size, rank, world_size
+
+    def _batches(self, indices: list[int]) -> list[list[int]]:
+        return shard_batches([indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)],
+                             self.rank, self.world_size)
+
+    def __iter__(self):
+        # a generator: the sampler is read at the first batch, after Lightning has set the epoch (it may
+        # create the iterator before, e.g. when it resumes a run), as a DataLoader's own batching does
+        yield from self._batches(list(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self._batches(list(range(len(self.sampler)))))
+
+
+def process_rank(module: L.LightningModule | L.LightningDataModule) -> tuple[int, int]:
+    """(rank, world size) of this process in the module's trainer; (0, 1) outside one."""
+    trainer = module._trainer if isinstance(module, L.LightningModule) else module.trainer
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 def early_stopping(monitor: str, patience: int, mode: str = "max"):
     """Lightning's ``EarlyStopping`` whose ``patience`` is the one configured now, also on resume.
 

@@ -199,7 +199,10 @@ def cmd_train_reranker(a):
     config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
                                                        "max_epochs": a.max_epochs, **_overrides(a.set)})
     path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
-    print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
+    from pipelines.trainer import main_process
+
+    if main_process():
+        print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
 
 
 def cmd_train_fusion(a):

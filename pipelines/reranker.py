@@ -25,9 +25,12 @@ from torch.utils.data import DataLoader
 from pipelines.callbacks import (
     EpochShuffle,
     RNGState,
+    ShardedBatches,
     best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
+    gather_rows,
+    process_rank,
     resume_checkpoint,
 )
 from pipelines.trainer import Runtime, make_trainer
@@ -264,11 +267,16 @@ class RerankerDataModule(L.LightningDataModule):
         return self.sequences[row["uidx"]][:row["history_length"]]
 
     def train_dataloader(self):
-        return DataLoader(self.rows, batch_size=self.cfg.batch_size, sampler=EpochShuffle(len(self.rows), self.cfg.seed, self.cfg.examples_per_epoch),
+        """Under data parallelism each process takes its share of each epoch's batches (:class:`ShardedBatches`)."""
+        batches = ShardedBatches(EpochShuffle(len(self.rows), self.cfg.seed, self.cfg.examples_per_epoch),
+                                 self.cfg.batch_size, *process_rank(self))
+        return DataLoader(self.rows, batch_sampler=batches,
                           collate_fn=lambda rows: collate(rows, self.bb.tokenizer.pad_token_id))
 
     def val_dataloader(self):
-        rows = [{**r, "history": self.history(r)} for r in self.valid.iter_rows(named=True)]
+        """Each process's validation rows: every ``world_size``-th (all of them in one process)."""
+        rank, world = process_rank(self)
+        rows = [{**r, "history": self.history(r)} for r in self.valid.iter_rows(named=True)][rank::world]
         return DataLoader(rows, batch_size=self.cfg.batch_size, collate_fn=lambda rows: rows)
 
 
@@ -344,8 +352,9 @@ class RerankerSFTModule(L.LightningModule):
                 self._ranks.append(target_rank(ranked, r["target"]))
 
     def on_validation_epoch_end(self):
-        # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target.
-        ranks = np.array(self._ranks)[:, None]
+        # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target; the
+        # ranks of every process's rows (data parallelism), so the metric is one process's evaluation
+        ranks = gather_rows(self, np.array(self._ranks, dtype=np.float64).reshape(-1, 1))
         self._ranks.clear()
         m = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10", "hr@1"]) if len(ranks) else {"ndcg@10": 0.0,
                                                                                                   "hr@1": 0.0}
@@ -423,9 +432,12 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     best, latest = checkpoint_callbacks(out / "checkpoints", "val/cand_ndcg@10")
     timer = budget_timer(config.max_minutes)
     callbacks = [best, latest, RNGState(), timer]
+    # use_distributed_sampler off: the datamodule shards its own batches and validation rows by rank
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=config.max_epochs, precision=config.precision,
-                           callbacks=callbacks, log_every_n_steps=5)
+                           callbacks=callbacks, log_every_n_steps=5, use_distributed_sampler=False)
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    if not trainer.is_global_zero:                    # data parallel: the first process writes the model
+        return out / "model"
     best_path, best_score = best_checkpoint(best)
     module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
     prior, prior_table = config.retriever_prior or 0.0, None

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from pipelines.callbacks import gather_rows, process_rank, shard_batches
 from pipelines.optim import lr_scheduler
 from recsys.data import PreparedDataset
 from recsys.evaluation import full_ranking_ranks, tie_order
@@ -36,8 +37,14 @@ class LengthBucketSampler(Sampler[list[int]]):
         self.lengths, self.batch_size, self.seed, self.epoch = np.asarray(lengths), batch_size, seed, 0
         self.rank, self.world_size = rank, world_size
 
-    def set_epoch(self, epoch: int) -> None:  # called by Lightning at the start of every epoch
+    def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> LengthBucketSampler:
+        """Itself: Lightning sets the epoch at the start of every epoch on ``dataloader.sampler`` and on
+        ``dataloader.batch_sampler.sampler``, and this batch sampler is its own."""
+        return self
 
     def _batches(self) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -52,27 +59,13 @@ class LengthBucketSampler(Sampler[list[int]]):
         return shard_batches(batches, self.rank, self.world_size)
 
     def __iter__(self):
-        return iter(self._batches())
+        # a generator: the batches are drawn at the first one, after Lightning has set the epoch (it may create
+        # the iterator before, e.g. when it resumes a run)
+        yield from self._batches()
 
     def __len__(self) -> int:
         n = -(-len(self.lengths) // self.batch_size) if len(self.lengths) else 0
         return n // self.world_size + (n % self.world_size > 0)
-
-
-def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
-    """Process ``rank``'s share of ``batches``: every ``world_size``-th batch, then its part of the leftover
-    batches' items pooled and split ``world_size`` ways (as evenly as possible). Disjoint across ranks, their
-    union every item; each rank gets the same number of batches while the leftover items are at least
-    ``world_size`` (a rank would otherwise get an empty last batch, which is dropped)."""
-    if world_size == 1:
-        return batches
-    whole = len(batches) - len(batches) % world_size
-    mine = batches[rank:whole:world_size]
-    rest = [i for b in batches[whole:] for i in b]
-    if rest:
-        part = np.array_split(np.asarray(rest, dtype=np.int64), world_size)[rank].tolist()
-        mine += [part] if part else []
-    return mine
 
 
 def left_pad(rows: list[np.ndarray]) -> torch.Tensor:
@@ -108,35 +101,16 @@ class SequenceDataModule(L.LightningDataModule):
         targets = torch.as_tensor(np.stack([self.valid.targets[i][:1] for i in idx]))
         return {"input_ids": left_pad([h[-self.max_len:] for h in hist]), "targets": targets, "exclude": exclude}
 
-    def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
     def train_dataloader(self) -> DataLoader:
         sampler = LengthBucketSampler(np.array([len(s) for s in self.train_seqs]), self.batch_size, self.seed,
-                                      *self._rank())
+                                      *process_rank(self))
         return DataLoader(range(len(self.train_seqs)), batch_sampler=sampler, collate_fn=self._collate_train)
 
     def val_dataloader(self) -> DataLoader:
         """Each process's validation users: every ``world_size``-th (all of them in one process)."""
-        rank, world = self._rank()
+        rank, world = process_rank(self)
         return DataLoader(range(rank, len(self.valid.users), world), batch_size=self.eval_batch_size,
                           collate_fn=self._collate_eval)
-
-
-def gather_rows(module: L.LightningModule, rows: np.ndarray) -> np.ndarray:
-    """(N, ...) float rows of every process, concatenated (this process's alone without data parallelism),
-    so that a validation metric is computed on all users, equal to one process's evaluation of the same
-    weights. Processes may hold different row counts: padded with NaN rows for the gather, then dropped."""
-    trainer = module._trainer
-    if trainer is None or trainer.world_size == 1:
-        return rows
-    counts = module.all_gather(torch.tensor(len(rows)))
-    width = int(counts.max())
-    padded = np.full((width, *rows.shape[1:]), np.nan)
-    padded[:len(rows)] = rows
-    everything = module.all_gather(torch.from_numpy(padded))                  # (world_size, width, ...)
-    return np.concatenate([everything[r, :int(n)].cpu().numpy() for r, n in enumerate(counts)])
 
 
 class SASRecModule(L.LightningModule):

@@ -152,14 +152,43 @@ def test_sasrec_training_loss_is_the_same_with_and_without_chunks():
 
 
 def test_data_parallel_shards_are_disjoint_complete_and_equally_long():
-    from pipelines.sasrec import LengthBucketSampler, shard_batches
+    from pipelines.callbacks import EpochShuffle, ShardedBatches, shard_batches
+    from pipelines.sasrec import LengthBucketSampler
 
     batches = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]                   # 5 batches over 2 processes
     assert shard_batches(batches, 0, 2) == [[0, 1], [4, 5], [8]]           # the 5th batch is split between them
     assert shard_batches(batches, 1, 2) == [[2, 3], [6, 7], [9]]
     assert shard_batches(batches, 0, 1) == batches
+    # fewer leftover items than processes: one each onto the last batch of the first ranks, equal counts
+    three = [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
+    assert [shard_batches(three, r, 4) for r in range(4)] == [[[0, 1, 8]], [[2, 3]], [[4, 5]], [[6, 7]]]
+    # the reranker's epochs of shuffled examples, cut into batches and shared the same way
+    sampler = EpochShuffle(11, seed=0, per_epoch=11)
+    parts = [ShardedBatches(sampler, 3, r, 2) for r in range(2)]
+    assert sorted(i for p in parts for b in p for i in b) == list(range(11))          # disjoint and complete
+    assert [len(p) for p in parts] == [len(list(p)) for p in parts] == [2, 2]
     lengths = np.random.default_rng(0).integers(2, 50, size=103)
     shards = [list(LengthBucketSampler(lengths, 8, seed=3, rank=r, world_size=3)) for r in range(3)]
     seen = [i for shard in shards for b in shard for i in b]
     assert sorted(seen) == list(range(103))                                # every sequence once
     assert {len(s) for s in shards} == {len(LengthBucketSampler(lengths, 8, 3, 0, 3))} == {5}   # 13 batches / 3
+
+
+def test_lightning_sets_the_epoch_of_both_batch_samplers_and_the_batches_follow_it():
+    """Lightning calls ``set_epoch`` on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler`` before
+    each epoch, possibly after it created the iterator (on resume): both batch samplers must be reached that way
+    and draw their batches at the first one."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+    from torch.utils.data import DataLoader
+
+    from pipelines.callbacks import EpochShuffle, ShardedBatches
+    from pipelines.sasrec import LengthBucketSampler
+
+    for batches in (LengthBucketSampler(np.arange(2, 50), 4, seed=0), ShardedBatches(EpochShuffle(48, seed=0), 4)):
+        loader = DataLoader(range(48), batch_sampler=batches)
+        early = iter(loader)                                  # created before the epoch is set, as on resume
+        _set_sampler_epoch(loader, 3)
+        third = [b.tolist() for b in early]
+        _set_sampler_epoch(loader, 0)
+        first = [b.tolist() for b in loader]
+        assert third != first and third == [b.tolist() for b in (_set_sampler_epoch(loader, 3) or loader)]

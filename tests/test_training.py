@@ -277,3 +277,48 @@ def test_two_process_sasrec_validates_on_all_users_writes_once_and_resumes_exact
     assert a["epoch"] == b["epoch"] == 2
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
+
+
+def test_two_process_reranker_sft_validates_on_all_rows_and_writes_once(tmp_path):
+    """``recsys train reranker --devices 2 --strategy ddp`` (gloo): each process trains on its share of every
+    epoch's batches and validates its share of the rows; the gathered candidate-set NDCG@10 equals one
+    process's scoring of the saved (best) weights on all validation rows; one model is written."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from pipelines.reranker import load_candidates, make_scorer, user_sequences
+    from recsys.data import PreparedDataset
+    from recsys.llm.backbone import load_backbone
+    from recsys.metrics import compute_metrics, target_rank
+    from recsys.retrieval.candidates import PopularityRetriever, generate_candidates
+    from tests.conftest import FIXTURES
+
+    def recsys(*args):
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, check=False,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    recsys("data", "prepare", str(FIXTURES / "tiny"), "--out", "data")
+    ds = PreparedDataset.load(tmp_path / "data")
+    generate_candidates(ds, PopularityRetriever(ds.item_popularity("train")), "popularity", tmp_path / "c", n=12,
+                        progress=False)
+    out = recsys("train", "reranker", "--data", "data", "--candidates", "c", "--out", "rr", "--backbone", "tiny",
+                 "--max-epochs", "2", "--set", "window=12", "--set", "tiny_hidden_size=32", "--set", "val_users=25",
+                 "--set", "precision=32-true", "--set", "retriever_prior=0", "--accelerator", "cpu", "--devices", "2",
+                 "--strategy", "ddp")
+    assert out.count("saved the listwise reranker") == 1                     # the second process says nothing
+    best = json.loads((tmp_path / "rr" / "train.json").read_text())["best_val_cand_ndcg@10"]
+    assert sorted(p.name for p in (tmp_path / "rr" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    backbone = load_backbone(tmp_path / "rr" / "model")
+    scorer = make_scorer(backbone, "listwise", None, 12, max_history=20, bf16=False, identifiers="letters")
+    sequences = user_sequences(ds)
+    rows = [r for r in load_candidates(tmp_path / "c", "valid").tail(25).iter_rows(named=True)
+            if r["target"] in list(r["candidates"][:12])]
+    ranked = scorer.rank_windows([sequences[r["uidx"]][:r["history_length"]] for r in rows],
+                                 [[int(c) for c in r["candidates"][:12]] for r in rows])
+    ranks = np.array([target_rank(o, r["target"]) for o, r in zip(ranked, rows)], dtype=np.float64)[:, None]
+    alone = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
+    assert len(rows) > 4 and abs(alone - best) < 1e-6
