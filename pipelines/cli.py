@@ -130,7 +130,8 @@ def cmd_index_build(a):
     from pipelines.retrieval import build_index
     from recsys.data import PreparedDataset
 
-    index = build_index(PreparedDataset.load(a.data), a.source, a.out, a.factory, a.sasrec)
+    mips = {"auto": "auto", "on": True, "off": False}[a.mips]
+    index = build_index(PreparedDataset.load(a.data), a.source, a.out, a.factory, a.sasrec, mips)
     print(json.dumps({"out": str(a.out), **index.meta.__dict__}, indent=2))
 
 
@@ -634,6 +635,9 @@ def _model_commands(sub) -> None:
     ib.add_argument("--source", choices=["sasrec", "text-minilm"], default="sasrec")
     ib.add_argument("--sasrec", help="SASRec run directory (for --source sasrec)")
     ib.add_argument("--factory", default="Flat", help="FAISS factory string: Flat, HNSW32,Flat, IVF256,Flat, ...")
+    ib.add_argument("--mips", choices=["auto", "on", "off"], default="auto",
+                    help="sasrec: search inner product through L2 (auto: for HNSW when item norms differ; on: for "
+                         "any factory, e.g. IVF over uneven norms)")
     ib.add_argument("--out", required=True)
     ib.set_defaults(func=cmd_index_build)
     si = index.add_parser("semantic-ids", help="residual k-means semantic IDs and their trie",

@@ -61,10 +61,11 @@ def make_retriever(name: str, dataset: PreparedDataset, sasrec: str | Path | Non
 
 
 def build_index(dataset: PreparedDataset, source: str, out: str | Path, factory: str = "Flat",
-                sasrec: str | Path | None = None) -> ItemIndex:
-    """Index the items' SASRec embeddings (``source='sasrec'``) or text embeddings (``'text-minilm'``)."""
+                sasrec: str | Path | None = None, mips: bool | str = "auto") -> ItemIndex:
+    """Index the items' SASRec embeddings (``source='sasrec'``, inner product; ``mips``: through L2, see
+    :class:`recsys.retrieval.index.ItemIndex`) or text embeddings (``'text-minilm'``, cosine)."""
     if source == "sasrec":
-        index = SASRecRetriever(load_sasrec(dataset, sasrec), factory).index
+        index = SASRecRetriever(load_sasrec(dataset, sasrec), factory, mips=mips).index
     elif source == "text-minilm":
         vectors, version = text_vectors(dataset)
         index = ItemIndex.build(np.arange(1, dataset.n_items + 1), vectors, factory, "cosine", version)

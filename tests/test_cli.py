@@ -78,6 +78,9 @@ def test_index_candidates_semantic_ids(tmp_path, capsys):
     code, out, err = run(capsys, "index", "build", "--data", data, "--sasrec", run_dir, "--factory", "HNSW8,Flat",
                          "--out", tmp_path / "idx")
     assert code == 0 and json.loads(out)["count"] == 40, err
+    code, out, err = run(capsys, "index", "build", "--data", data, "--sasrec", run_dir, "--factory", "IVF4,Flat",
+                         "--mips", "on", "--out", tmp_path / "ivf")
+    assert code == 0 and json.loads(out)["mips_norm"] > 0 and json.loads(out)["factory"] == "IVF4,Flat", err
     code, _, err = run(capsys, "candidates", "--data", data, "--sasrec", run_dir, "--n", "20", "--out", tmp_path / "c")
     assert code == 1 and "n=20 candidates, but user" in err and "leaving 19; lower n" in err
     code, out, err = run(capsys, "candidates", "--data", data, "--sasrec", run_dir, "--index", tmp_path / "idx",

@@ -54,11 +54,14 @@ def _batches(n: int, size: int, progress: bool, desc: str):
 class SASRecRetriever:
     """SASRec user vectors searched against its item embeddings (inner product)."""
 
-    def __init__(self, model, factory: str = "Flat", index: ItemIndex | None = None):
+    def __init__(self, model, factory: str = "Flat", index: ItemIndex | None = None, mips: bool | str = "auto"):
+        """``index``: a saved index of these embeddings; else one is built with ``factory`` (``mips``: inner
+        product through L2, :class:`recsys.retrieval.index.ItemIndex`)."""
         self.model = model.eval()
         items = model.item_emb.weight[1:].detach().float().numpy()
         self.version = f"sasrec:{hashlib.sha256(items.tobytes()).hexdigest()[:12]}"
-        self.index = index or ItemIndex.build(np.arange(1, len(items) + 1), items, factory, "ip", self.version)
+        self.index = index or ItemIndex.build(np.arange(1, len(items) + 1), items, factory, "ip", self.version,
+                                              mips=mips)
         if self.index.meta.embedding_model != self.version:
             raise RecsysError(f"index built from {self.index.meta.embedding_model!r}, not this model ({self.version!r})")
 

@@ -16,10 +16,10 @@
   mapped back to inner products. ``mips="auto"`` does it for a graph index (HNSW) when item norms differ
   (largest / median norm > 1.5): recall@100 of HNSW32 (efSearch 128) on ML-1M SASRec items (norm ratio
   3.4) 0.49 without, 0.998 with; on a 1M Gaussian mixture with even norms (ratio about 1.2) 0.92 without,
-  0.75 with. ``mips=True`` forces it for any factory: for IVF it depends on the data (IVF1024,Flat at
-  nprobe 64 on 200k vectors drawn around SASRec's items with Zipf popularity: 0.47 without, 0.999 with;
-  on the 4,000 clustered vectors of ``tests/test_index.py``: 1.0 without, 0.88 with), so measure it on
-  yours (``pipelines/benchmarks/scale.py`` does for a 10M catalogue). ``mips=False`` never.
+  0.75 with. ``mips=True`` forces it for any factory. For IVF it depends on the data: 200k vectors drawn
+  around SASRec's ML-1M items with Zipf popularity, IVF4096,Flat at nprobe 32: 0.35 without, 0.98 with
+  (``python -m pipelines.benchmarks.scale --parts index --index-vectors 200000``, results/scale.json); on
+  catalogues with even norms it can lose, as HNSW does, so measure it on yours. ``mips=False`` never.
 - GPU: with a CUDA build of FAISS and a visible GPU the index is copied to the GPU for search
   (``device="auto"``); results agree with the CPU index up to float error.
 """
