@@ -1,9 +1,9 @@
-"""Beyond one process: batch re-scoring on a real Ray cluster (and the local engine beside it), data-parallel
-SASRec training with one and two processes.
+"""Beyond one process: batch re-scoring on a real Ray cluster (and the local engine beside it), a 10M-item
+index, data-parallel SASRec training with one and two processes, and what 1M items / 100M users would cost.
 
     recsys quickstart                                          # the README's main job: writes artifacts/
-    python -m pipelines.benchmarks.scale --parts ray --quickstart artifacts
-    python -m pipelines.benchmarks.scale --parts ddp --quickstart artifacts
+    python -m pipelines.benchmarks.scale --parts ray ddp plan --quickstart artifacts
+    python -m pipelines.benchmarks.scale --parts index --quickstart artifacts      # 10M vectors: ~12 GB of RAM
 
 Each part replaces its own rows of ``results/scale.json`` and keeps the others'.
 
