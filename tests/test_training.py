@@ -244,22 +244,29 @@ def test_a_recipe_names_its_prompt_domain_and_an_unknown_one_is_refused_before_t
             config(domain="podcasts")
 
 
+def cli_in(directory):
+    """``recsys ARGS`` in a subprocess with ``directory`` as its working directory; its stdout, once it exited 0
+    (each process of a data-parallel run is a process of its own, as on a cluster)."""
+    import subprocess
+    import sys
+
+    def recsys(*args) -> str:
+        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True,
+                              check=False, cwd=directory, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    return recsys
+
+
 def test_two_process_sasrec_validates_on_all_users_writes_once_and_resumes_exactly(tmp_path):
     """Data parallelism for real: ``recsys train retriever --devices 2 --strategy ddp`` on CPU (gloo). Each
     process trains on its own batches and validates its own users; the gathered validation NDCG@10 equals
     one process's evaluation of the saved weights; one model and one set of checkpoints are written; a run
     stopped after 2 epochs and resumed to 3 ends with the weights of 3 epochs straight."""
-    import subprocess
-    import sys
-
     from tests.conftest import FIXTURES
 
-    def recsys(*args):
-        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, check=False,
-                              cwd=tmp_path, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
+    recsys = cli_in(tmp_path)
     recsys("data", "prepare", str(FIXTURES / "tiny"), "--out", "data")
     ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--set", "model.hidden_size=16",
            "--set", "model.max_len=20", "--set", "batch_size=8", "--set", "patience=10"]
@@ -283,9 +290,6 @@ def test_two_process_reranker_sft_validates_on_all_rows_and_writes_once(tmp_path
     """``recsys train reranker --devices 2 --strategy ddp`` (gloo): each process trains on its share of every
     epoch's batches and validates its share of the rows; the gathered candidate-set NDCG@10 equals one
     process's scoring of the saved (best) weights on all validation rows; one model is written."""
-    import subprocess
-    import sys
-
     import numpy as np
 
     from pipelines.reranker import load_candidates, make_scorer, user_sequences
@@ -295,12 +299,7 @@ def test_two_process_reranker_sft_validates_on_all_rows_and_writes_once(tmp_path
     from recsys.retrieval.candidates import PopularityRetriever, generate_candidates
     from tests.conftest import FIXTURES
 
-    def recsys(*args):
-        done = subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True, check=False,
-                              cwd=tmp_path, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
-
+    recsys = cli_in(tmp_path)
     recsys("data", "prepare", str(FIXTURES / "tiny"), "--out", "data")
     ds = PreparedDataset.load(tmp_path / "data")
     generate_candidates(ds, PopularityRetriever(ds.item_popularity("train")), "popularity", tmp_path / "c", n=12,
