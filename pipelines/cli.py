@@ -186,6 +186,7 @@ def add_runtime_args(parser) -> None:
 def cmd_train_reranker(a):
     from pipelines.config import load_config
     from pipelines.reranker import RerankerSFTConfig, train_reranker
+    from pipelines.trainer import main_process
     from recsys.data import PreparedDataset
 
     if a.algo != "sft":
@@ -194,14 +195,13 @@ def cmd_train_reranker(a):
         config = load_config(RLConfig, a.config, {"algo": a.algo, "init": a.init, "seed": a.seed,
                                                   "max_steps": a.max_steps, **_overrides(a.set)})
         path = train_rl(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
-        print(f"saved the {config.algo} reranker to {path}")
+        if main_process():
+            print(f"saved the {config.algo} reranker to {path}")
         return
 
     config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
                                                        "max_epochs": a.max_epochs, **_overrides(a.set)})
     path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
-    from pipelines.trainer import main_process
-
     if main_process():
         print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
 

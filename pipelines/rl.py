@@ -46,9 +46,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipelines.callbacks import (
     RNGState,
+    ShardedBatches,
     best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
+    gather_rows,
+    process_rank,
     resume_checkpoint,
 )
 from pipelines.reranker import (
@@ -289,12 +292,18 @@ class PromptData(L.LightningDataModule):
                               f"candidates of {candidates_dir}: nothing to learn from")
 
     def train_dataloader(self):
+        """Batches of ``prompts_per_step`` prompts; under data parallelism each process takes its share of an
+        epoch's batches (:class:`pipelines.callbacks.ShardedBatches`), so one step of the run is one batch per
+        process, their gradients averaged."""
         size = self.cfg.val_every * self.cfg.prompts_per_step
-        return DataLoader(self.train_rows, batch_size=self.cfg.prompts_per_step, collate_fn=list,
-                          sampler=StreamSampler(len(self.train_rows), size, self.cfg.seed))
+        batches = ShardedBatches(StreamSampler(len(self.train_rows), size, self.cfg.seed), self.cfg.prompts_per_step,
+                                 *process_rank(self))
+        return DataLoader(self.train_rows, batch_sampler=batches, collate_fn=list)
 
     def val_dataloader(self):
-        return DataLoader(self.valid_rows, batch_size=64, collate_fn=list)
+        """Each process's validation prompts: every ``world_size``-th (all of them in one process)."""
+        rank, world = process_rank(self)
+        return DataLoader(self.valid_rows[rank::world], batch_size=64, collate_fn=list)
 
 
 def prompt_forward(model, prompt: dict, answer: torch.Tensor) -> torch.Tensor:
@@ -469,7 +478,7 @@ class RerankerRLModule(L.LightningModule):
                 self._val.append(target_rank(o, r["target"]))
 
     def on_validation_epoch_end(self):
-        ranks = np.array(self._val)[:, None]
+        ranks = gather_rows(self, np.array(self._val, dtype=np.float64).reshape(-1, 1))   # every process's
         self._val.clear()
         k = int(self.cfg.val_metric.rsplit("@", 1)[1])
         m = compute_metrics(ranks, np.ones_like(ranks), [f"ndcg@{k}"]) if len(ranks) else {f"ndcg@{k}": 0.0}
@@ -507,16 +516,20 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     timer = budget_timer(config.max_minutes)
     callbacks = [best, latest, RNGState(), timer]
     epochs = -(-config.max_steps // config.val_every)
+    # use_distributed_sampler off: the datamodule shards its own batches and validation prompts by rank
     trainer = make_trainer(out, runtime, progress=progress, max_epochs=epochs, precision=config.precision,
-                           callbacks=callbacks, log_every_n_steps=1)
+                           callbacks=callbacks, log_every_n_steps=1, use_distributed_sampler=False)
     if not last:                                          # the starting point is scored too: step 0
-        trainer.validate(module, data.val_dataloader(), verbose=False)
+        trainer.validate(module, datamodule=data, verbose=False)
         start_score = float(trainer.callback_metrics[metric])
     else:
         start_score = json.loads((out / "start.json").read_text())[metric]
-    (out / "start.json").write_text(json.dumps({metric: start_score}))
+    if trainer.is_global_zero:
+        (out / "start.json").write_text(json.dumps({metric: start_score}))
     start_state = {k: v.detach().clone() for k, v in module.state_dict().items()}     # the SFT model, step 0
     trainer.fit(module, data, ckpt_path=str(last) if last else None)
+    if not trainer.is_global_zero:                    # data parallel: the first process writes the model
+        return out / "model"
     best_path, best_score = best_checkpoint(best)
     kept_start = start_score >= best_score            # RL never beat its starting point on validation: keep it
     init_meta = json.loads((Path(config.init) / "reranker.json").read_text())

@@ -286,10 +286,11 @@ def test_two_process_sasrec_validates_on_all_users_writes_once_and_resumes_exact
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
 
 
-def test_two_process_reranker_sft_validates_on_all_rows_and_writes_once(tmp_path):
+def test_two_process_reranker_sft_and_rl_validate_on_all_rows_and_write_once(tmp_path):
     """``recsys train reranker --devices 2 --strategy ddp`` (gloo): each process trains on its share of every
     epoch's batches and validates its share of the rows; the gathered candidate-set NDCG@10 equals one
-    process's scoring of the saved (best) weights on all validation rows; one model is written."""
+    process's scoring of the saved (best) weights on all validation rows; one model is written. The same for
+    RL from that model (``--algo rank-grpo``)."""
     import numpy as np
 
     from pipelines.reranker import load_candidates, make_scorer, user_sequences
@@ -321,3 +322,14 @@ def test_two_process_reranker_sft_validates_on_all_rows_and_writes_once(tmp_path
     ranks = np.array([target_rank(o, r["target"]) for o, r in zip(ranked, rows)], dtype=np.float64)[:, None]
     alone = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
     assert len(rows) > 4 and abs(alone - best) < 1e-6
+    # RL from it, in 2 processes and in 1: the step-0 validation of the same weights agrees, one model is written
+    rl = ["train", "reranker", "--algo", "rank-grpo", "--init", "rr/model", "--data", "data", "--candidates", "c",
+          "--max-steps", "2", "--set", "window=12", "--set", "val_every=1", "--set", "group_size=2", "--set",
+          "prompts_per_step=2", "--set", "val_users=25", "--set", "precision=32-true"]
+    two = recsys(*rl, "--out", "rl2", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
+    recsys(*rl, "--out", "rl1")
+    assert two.count("saved the rank-grpo reranker") == 1
+    start = [json.loads((tmp_path / run / "start.json").read_text())["val/cand_ndcg@10"] for run in ("rl2", "rl1")]
+    assert abs(start[0] - start[1]) < 1e-6
+    # an epoch (val_every 1) is one batch of 2 prompts: split, one prompt per process, 2 epochs = 2 steps
+    assert json.loads((tmp_path / "rl2" / "train.json").read_text())["steps"] == 2
