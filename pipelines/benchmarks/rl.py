@@ -1,5 +1,6 @@
 """RL for rerankers on ML-1M: GRPO vs Rank-GRPO (two rewards) vs the SFT start; F-GRPO vs GRPO on the
-slate-then-rank task; GroupRank on the groupwise model.
+slate-then-rank task; GroupRank on the groupwise model; LiPO-lambda and DPO on the same rollouts
+(``--runs lipo dpo``: preferences among each prompt's G scored rollouts, :mod:`recsys.rl.lipo`).
 
     python -m pipelines.benchmarks.rl --seeds 0 1 2 --workers 2
 
@@ -48,7 +49,8 @@ SLATE_METRICS = ["recall@3", "recall@5", "ndcg@3", "ndcg@5", "slate_recall"]
 RUNS = {"grpo": {"algo": "grpo"}, "rank-grpo-exp_inf": {"algo": "rank-grpo", "reward": "exp_inf"},
         "rank-grpo-log_decay": {"algo": "rank-grpo", "reward": "log_decay"}, "groupwise-grouprank": {"algo": "grouprank"},
         "slate-rank-grpo": {"algo": "slate-grpo", "slate_size": 10, "rank_size": 5},
-        "slate-rank-f-grpo": {"algo": "f-grpo", "slate_size": 10, "rank_size": 5}}
+        "slate-rank-f-grpo": {"algo": "f-grpo", "slate_size": 10, "rank_size": 5},
+        "lipo": {"algo": "lipo"}, "dpo": {"algo": "dpo"}}
 
 
 def _metrics(result: dict) -> dict:
