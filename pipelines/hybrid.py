@@ -85,6 +85,10 @@ class HybridTrainConfig:
     """Most recent history items in the prompt."""
     random_negatives: float = 0.5
     """Share of training windows whose other candidates are random catalogue items."""
+    target_missing: str = "insert"
+    """A retriever window without the held-out item (training and validation): ``insert`` it in place of the
+    window's last candidate, or ``skip`` the window. Inserted, it is the one item the retriever did not put
+    there, which a model can learn to spot; evaluation windows never hold such an intruder."""
     history_lm_weight: float = 0.0
     """Weight of a next-item cross-entropy at every history ``<item>`` of the prompt against the whole
     catalogue (:meth:`recsys.rerank.hybrid.HybridFirst.history_loss`, SASRec's objective on the same forward
@@ -120,6 +124,8 @@ class HybridTrainConfig:
         if self.prompt not in ("listwise", "compact") or (self.prompt == "compact" and self.identifiers != "items"):
             raise RecsysError(f"prompt must be 'listwise' or 'compact' (which needs identifiers 'items'), got "
                               f"{self.prompt!r} with identifiers {self.identifiers!r}")
+        if self.target_missing not in ("insert", "skip"):
+            raise RecsysError(f"target_missing must be 'insert' or 'skip', got {self.target_missing!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
         if self.history_lm_weight < 0 or (self.history_lm_weight and self.identifiers != "items"):
@@ -172,7 +178,8 @@ class Window:
 def windows(rows, sequences: dict[int, np.ndarray], config: HybridTrainConfig, n_items: int, seed: int,
             random_share: float) -> list[Window]:
     """A shuffled :class:`Window` per candidate row (history from ``sequences``); a ``random_share`` of them
-    with uniformly drawn negatives instead of the retriever's list."""
+    with uniformly drawn negatives instead of the retriever's list; a retriever list without the held-out item
+    as ``config.target_missing`` says."""
     from pipelines.reranker import random_candidates
 
     rng = np.random.default_rng([seed, 29])
@@ -183,6 +190,8 @@ def windows(rows, sequences: dict[int, np.ndarray], config: HybridTrainConfig, n
         if rng.random() < random_share:
             cands = random_candidates(rng, n_items, history, r["target"], config.window)
         elif r["target"] not in cands:
+            if config.target_missing == "skip":
+                continue
             cands[-1] = int(r["target"])
         rng.shuffle(cands)
         out.append(Window([int(h) for h in history[-config.max_history:]], cands, cands.index(int(r["target"]))))

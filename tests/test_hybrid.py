@@ -299,3 +299,20 @@ def test_hybrid_job_names_a_retriever_of_another_catalogue(hybrid_setup, tmp_pat
         build_model(HybridTrainConfig(retriever=str(tmp_path / "other"), backbone=str(root / "lm")), ds)
     with pytest.raises(RecsysError, match="needs retriever"):
         build_model(HybridTrainConfig(backbone=str(root / "lm")), ds)
+
+
+def test_a_window_without_its_held_out_item_gets_it_inserted_or_is_skipped():
+    import polars as pl
+
+    from pipelines.hybrid import HybridTrainConfig, windows
+
+    rows = pl.DataFrame({"uidx": [0, 1], "history_length": [3, 2], "candidates": [[5, 6, 7, 8], [9, 10, 11, 12]],
+                         "target": [6, 4]})
+    sequences = {0: np.array([1, 2, 3, 6]), 1: np.array([2, 3, 4])}
+    inserted = windows(rows, sequences, HybridTrainConfig(window=4), 20, seed=0, random_share=0.0)
+    assert [sorted(w.candidates) for w in inserted] == [[5, 6, 7, 8], [4, 9, 10, 11]]      # 4 replaces the last
+    assert [w.candidates[w.target] for w in inserted] == [6, 4] and inserted[1].history == [2, 3]
+    skipped = windows(rows, sequences, HybridTrainConfig(window=4, target_missing="skip"), 20, seed=0, random_share=0.0)
+    assert [sorted(w.candidates) for w in skipped] == [[5, 6, 7, 8]]
+    with pytest.raises(RecsysError, match="target_missing"):
+        HybridTrainConfig(target_missing="drop")
