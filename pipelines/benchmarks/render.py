@@ -531,6 +531,9 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                               "(`hybrid_throughput`)", "SFT steps of 8 windows (20 history items, 20 "
                                               "candidates), LoRA r 16 + projector, by kept layers, title words and "
                                               "prompt (`-compact`: soft tokens and a few words, no chat frame)"),
+             "intruder_probe": render_rows("## Ranking, or spotting the intruder? (`intruder_probe`)",
+                                           "candidate-set NDCG@10 of the held-out item on validation windows of the "
+                                           "retriever's top 20 that held it (natural) and that had it inserted"),
              "scale": render_rows("## Beyond one process: a Ray cluster, data-parallel training, a 10M-item index "
                                   "(`scale`)", "each part recorded on its own (the commit and date of each row); "
                                   "the rescore rows re-score the quickstart deployment's users, the cluster row on "
