@@ -534,6 +534,10 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "intruder_probe": render_rows("## Ranking, or spotting the intruder? (`intruder_probe`)",
                                            "candidate-set NDCG@10 of the held-out item on validation windows of the "
                                            "retriever's top 20 that held it (natural) and that had it inserted"),
+             "hybrid_throughput_prompts": render_rows(
+                 "## Hybrid-token FIRST reranker: the compact prompt's throughput (`hybrid_throughput_prompts`)",
+                 "the same SFT steps with SmolLM2's first 4 layers, the chat prompt with identifiers against the "
+                 "compact one, in one run"),
              "scale": render_rows("## Beyond one process: a Ray cluster, data-parallel training, a 10M-item index "
                                   "(`scale`)", "each part recorded on its own (the commit and date of each row); "
                                   "the rescore rows re-score the quickstart deployment's users, the cluster row on "
