@@ -184,6 +184,10 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     assert ("fusion-mlp-without-ease-seed0", "fusion-mlp-seed0") in compared
     assert ("fusion-mlp+lm-seed0", "fusion-mlp-seed0") in compared
     assert ("fusion-retriever+smollm2-seed0", "fusion-retriever+smollm2-scratch-seed0") in compared
+    assert ("hybrid-smollm2-seed1", "hybrid-smollm2-scratch-seed1") in compared
+    averaged = [c for c in result["comparisons"] if c.get("seeds") == [0, 1]]
+    assert {c["row"] for c in averaged} == {"hybrid-smollm2", "fusion-retriever+smollm2"}
+    assert sum(1 for r in result["rows"] if r["name"] == "hybrid-smollm2-scratch") == 2
     lines.clear()
     run(tmp_path / "art", log=lines.append, **kwargs)
     ran = [line for line in lines if line.endswith("running ...")]

@@ -16,12 +16,14 @@ so the run may span several sittings: rerun the same command to continue):
     candidates-t30      the retriever's top-20 at each user's last 30 training items (LM training windows)
     listwise-tiny-items the item-token listwise LM (``listwise_items_tiny.yaml``, tiny backbone built in
                         code, item tokens from the retriever), then its FIRST logits over every list as
-                        one more feature (rows ``...+lm``); seed 0, then the hybrid rows, then seed 1
+                        one more feature (rows ``...+lm``); two seeds
     hybrid-smollm2      SmolLM2-135M (its first 4 layers) reading each item as a soft token, the retriever's
                         item vector projected into the LM (``hybrid_smollm2.yaml``, :mod:`pipelines.hybrid`,
                         LLaRA), FIRST over the top-20 with a retriever prior chosen on validation, and its
                         logit as a fusion feature (rows ``fusion-...+smollm2``); ``-scratch``: the same
-                        architecture and training from random weights
+                        architecture and training from random weights; two seeds, every row of
+                        seed 0 before any of seed 1, and the pretrained-minus-scratch interval of each
+                        seed and of their per-user mean
 
 Every row is evaluated on all 6,040 test users with the full-ranking protocol: the held-out item ranked
 over the whole catalogue, a target outside the retriever's top-50 is a miss. ``paired`` is the 95%
@@ -108,7 +110,8 @@ def choose_prior(first: np.ndarray, targets: np.ndarray, window: int, depth: int
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
         lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
         groups: tuple[str, ...] | None = None, hybrid: tuple[str, ...] = ("pretrained", "scratch"),
-        hybrid_overrides: dict | None = None, columns=None, log=print) -> dict:
+        hybrid_seeds: tuple[int, ...] = SEEDS, hybrid_overrides: dict | None = None, columns=None,
+        log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
     (``ml-1m``), a directory, or a file read with ``columns`` (:class:`recsys.data.ColumnMap`); the overrides
     update the retriever's and the LM's recipes; ``groups``: the side-feature groups (default all,
@@ -293,12 +296,14 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                            lm_trained=trained)]
 
 
-    def hybrid_rows(pretrained: bool) -> list[dict]:
-        """The hybrid-token SmolLM2 reranker (soft tokens from the retriever), pretrained or ``-scratch``."""
+    def hybrid_rows(pretrained: bool, s: int) -> list[dict]:
+        """The hybrid-token SmolLM2 reranker of seed ``s`` (soft tokens from the retriever), pretrained or
+        ``-scratch``; the seed draws the training windows, their order and every new weight."""
         name = "hybrid-smollm2" + ("" if pretrained else "-scratch")
-        run_dir = runs / f"{name}-seed0"
+        run_dir = runs / f"{name}-seed{s}"
         config = load_config(HybridTrainConfig, CONFIGS / "hybrid_smollm2.yaml",
-                             {**(hybrid_overrides or {}), "pretrained": pretrained, "retriever": str(sas_dir / "model")})
+                             {**(hybrid_overrides or {}), "pretrained": pretrained, "seed": s,
+                              "retriever": str(sas_dir / "model")})
 
         def train():
             start = time.time()
@@ -306,8 +311,8 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             return {"seconds": round(time.time() - start, 1),
                     **{k: v for k, v in json.loads((run_dir / "train.json").read_text()).items() if k != "config"}}
 
-        trained = stages.run(f"{name}-seed0", base | {"config": config.__dict__}, train)
-        logit_file = runs / f"{name}-logits-seed0.npz"
+        trained = stages.run(f"{name}-seed{s}", base | {"config": config.__dict__}, train)
+        logit_file = runs / f"{name}-logits-seed{s}.npz"
 
         def top_window(requests) -> np.ndarray:
             """(R, window) the LM's logits of each list's top ``window`` (presented in the retriever's order)."""
@@ -318,15 +323,15 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             np.savez(logit_file, test=top_window(test_requests))
             return str(logit_file)
 
-        stages.run(f"{name}-logits-seed0", base | {"trained": trained}, logits)
+        stages.run(f"{name}-logits-seed{s}", base | {"trained": trained}, logits)
         got = {"test": np.load(logit_file)["test"]}
-        valid_file = runs / f"{name}-valid-logits-seed0.npy"
+        valid_file = runs / f"{name}-valid-logits-seed{s}.npy"
 
         def valid_logits():               # every validation list: the fusion rows train on them
             np.save(valid_file, top_window(requests_from_candidates(ds, load_candidates(cands, "valid"), depth)))
             return str(valid_file)
 
-        stages.run(f"{name}-valid-logits-seed0", base | {"trained": trained}, valid_logits)
+        stages.run(f"{name}-valid-logits-seed{s}", base | {"trained": trained}, valid_logits)
         got["valid"] = np.load(valid_file)
         as_feature = {split: fill_unscored(got[split], depth) for split in ("valid", "test")}
 
@@ -334,42 +339,54 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
             w = config.window
             beta, by_beta = choose_prior(got["valid"][:PRIOR_USERS], split_data["valid"]["targets"][:PRIOR_USERS], w,
                                          depth)
-            return {"name": name, "seed": 0, "features": ["lm"], "retriever_prior": beta, "prior_on_validation": by_beta,
+            return {"name": name, "seed": s, "features": ["lm"], "retriever_prior": beta, "prior_on_validation": by_beta,
                     "scorer": f"FIRST over the top-{w} minus the retriever prior chosen on {PRIOR_USERS} validation "
                               "users (the rest in the retriever's order)", "backbone": "SmolLM2-135M, first "
                     f"{config.keep_layers} layers, {'pretrained' if pretrained else 'random init'}",
                     "best_val_cand_ndcg@10": trained["best_val_cand_ndcg@10"], "epochs": trained.get("epochs"),
-                    **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later),
+                    **evaluate_scores(first_then_retriever(got["test"], beta, depth), targets, retriever_users, later,
+                                    per_user / f"{name}-seed{s}.npy"),
                     "seconds": trained["seconds"]}
 
         lm = {"lm": str(run_dir / "model"), "lm_depth": config.window, "lm_cols": as_feature, "lm_trained": trained}
         short = name.removeprefix("hybrid-")
-        return [stages.run(f"{name}-eval-seed0", base | {"trained": trained}, evaluate),
-                fusion_row(f"fusion-retriever+{short}", ["retriever"], **lm),
-                fusion_row(f"fusion-mlp+{short}", everything, **lm)]
+        return [stages.run(f"{name}-eval-seed{s}", base | {"trained": trained}, evaluate),
+                fusion_row(f"fusion-retriever+{short}", ["retriever"], row_seed=s, **lm),
+                fusion_row(f"fusion-mlp+{short}", everything, row_seed=s, **lm)]
 
-    for s in lm_seeds[:1]:
-        rows += lm_rows(s)
-    for variant in hybrid:
-        rows += hybrid_rows(variant == "pretrained")
-    for s in lm_seeds[1:]:
-        rows += lm_rows(s)
+    for s in sorted(set(lm_seeds) | set(hybrid_seeds if hybrid else ())):   # every row of seed 0 first
+        if s in lm_seeds:
+            rows += lm_rows(s)
+        if s in hybrid_seeds:
+            for variant in hybrid:
+                rows += hybrid_rows(variant == "pretrained", s)
 
-    def compare(row: str, against: str) -> dict | None:
-        """Paired interval of one row's per-user NDCG@10 minus another's (both seeds' stages named)."""
-        a, b = per_user / f"{row}.npy", per_user / f"{against}.npy"
-        if not (a.exists() and b.exists()):
+    def compare(row: str, against: str, seeds: tuple[int, ...] | None = None) -> dict | None:
+        """Paired interval of one row's per-user NDCG@10 minus another's: stage names with their seed, or, with
+        ``seeds``, row names whose per-user NDCG@10 is averaged over those seeds first (the seed-averaged models
+        compared; None unless every seed of both rows was run)."""
+        names = [(row, against)] if seeds is None else [(f"{row}-seed{s}", f"{against}-seed{s}") for s in seeds]
+        files = [(per_user / f"{a}.npy", per_user / f"{b}.npy") for a, b in names]
+        if not all(a.exists() and b.exists() for a, b in files):
             return None
-        return {"row": row, "against": against, **_paired(np.load(b), np.load(a))}
+        after = np.mean([np.load(a) for a, _ in files], 0)
+        before = np.mean([np.load(b) for _, b in files], 0)
+        label = {} if seeds is None else {"seeds": list(seeds), "per_user": "mean over the seeds"}
+        return {"row": row, "against": against, **label, **_paired(before, after)}
 
     pairs = [(f"fusion-mlp-without-{g}-seed0", "fusion-mlp-seed0") for g in everything[1:]]
     pairs += [p for s in lm_seeds for p in ((f"fusion-mlp+lm-seed{s}", f"fusion-mlp-seed{s}"),
                                               (f"fusion-retriever+lm-seed{s}", "fusion-retriever-only-seed0"))]
-    for short in ("smollm2", "smollm2-scratch"):
-        pairs += [(f"fusion-retriever+{short}-seed0", "fusion-retriever-only-seed0"),
-                  (f"fusion-mlp+{short}-seed0", "fusion-mlp-seed0")]
-    pairs += [(f"fusion-{kind}+smollm2-seed0", f"fusion-{kind}+smollm2-scratch-seed0") for kind in ("retriever", "mlp")]
+    for s in hybrid_seeds:
+        for short in ("smollm2", "smollm2-scratch"):
+            pairs += [(f"fusion-retriever+{short}-seed{s}", "fusion-retriever-only-seed0"),
+                      (f"fusion-mlp+{short}-seed{s}", f"fusion-mlp-seed{s}")]
+        pairs += [(f"{first}smollm2-seed{s}", f"{first}smollm2-scratch-seed{s}")
+                  for first in ("hybrid-", "fusion-retriever+", "fusion-mlp+")]
     comparisons = [c for c in (compare(a, b) for a, b in pairs) if c]
+    if len(hybrid_seeds) > 1:
+        comparisons += [c for c in (compare(f"{first}smollm2", f"{first}smollm2-scratch", tuple(hybrid_seeds))
+                                    for first in ("hybrid-", "fusion-retriever+")) if c]
 
     learned = [r for r in rows if "holdout_ndcg@10" in r]
     best = max(learned, key=lambda r: r["holdout_ndcg@10"])
@@ -389,11 +406,12 @@ def main() -> None:
                    help="cap on each hybrid SmolLM2 reranker's training (default: hybrid_smollm2.yaml's)")
     p.add_argument("--hybrid", nargs="*", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
                    help="which hybrid SmolLM2 rows to train (none: leave them out)")
+    p.add_argument("--hybrid-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the hybrid rows")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rerankers_strong")
     result = run(Path(a.out), seed=a.seed, sasrec_overrides={"max_minutes": a.sasrec_minutes},
                  lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds), hybrid=tuple(a.hybrid),
-                 hybrid_overrides={"max_minutes": a.hybrid_minutes})
+                 hybrid_seeds=tuple(a.hybrid_seeds), hybrid_overrides={"max_minutes": a.hybrid_minutes})
     throughput = RESULTS / "sasrec_throughput.json"
     if throughput.exists():
         t = json.loads(throughput.read_text())
