@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.data import PreparedDataset
+from recsys.data.candidates import read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
 from recsys.rerank.features import GROUPS, SideFeatures, requests_from_candidates
@@ -137,10 +138,8 @@ def feature_lists(dataset: PreparedDataset, candidates_dir, split: str, side: Si
                   lm: str | None = None, lm_depth: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(R, depth, F) features of every list of ``candidates_<split>.parquet``, (R,) the target's position
     (-1 if the retriever missed it) and the column names."""
-    from pipelines.reranker import load_candidates
-
-    rows = load_candidates(candidates_dir, split)
-    width = min(len(c) for c in rows["candidates"].to_list()) if rows.height else 0
+    rows = read_candidate_lists(dataset, candidates_dir, split)
+    width = min(len(r.candidates) for r in rows) if rows else 0
     if width < depth:
         raise RecsysError(f"{candidates_dir}: lists of {width} candidates, fewer than depth {depth}")
     requests = requests_from_candidates(dataset, rows, depth)
@@ -149,8 +148,8 @@ def feature_lists(dataset: PreparedDataset, candidates_dir, split: str, side: Si
     if lm:
         features = np.concatenate([features, lm_logits(dataset, lm, requests, depth=lm_depth)[..., None]], -1)
         names.append(LM_COLUMN)
-    targets = np.asarray([int(np.flatnonzero(r.candidates == t)[0]) if t in r.candidates else -1
-                          for r, t in zip(requests, rows["target"].to_list())])
+    targets = np.asarray([r.top(depth).target_rank() for r in rows])
+    targets = np.where(np.isfinite(targets), targets, -1).astype(np.int64)
     return features, targets, names
 
 

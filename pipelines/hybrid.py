@@ -44,8 +44,10 @@ from pipelines.callbacks import (
 )
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
+from recsys.data.candidates import read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.rerank.first import first_order
+from recsys.types import CandidateList
 
 
 @dataclass(frozen=True)
@@ -175,42 +177,38 @@ class Window:
     """Position of the held-out item in ``candidates`` (-1 if the window lacks it)."""
 
 
-def windows(rows, sequences: dict[int, np.ndarray], config: HybridTrainConfig, n_items: int, seed: int,
+def windows(rows: list[CandidateList], config: HybridTrainConfig, n_items: int, seed: int,
             random_share: float) -> list[Window]:
-    """A shuffled :class:`Window` per candidate row (history from ``sequences``); a ``random_share`` of them
-    with uniformly drawn negatives instead of the retriever's list; a retriever list without the held-out item
-    as ``config.target_missing`` says."""
+    """A shuffled :class:`Window` per candidate list; a ``random_share`` of them with uniformly drawn negatives
+    instead of the retriever's list; a retriever list without the held-out item as ``config.target_missing``
+    says."""
     from pipelines.reranker import random_candidates
 
     rng = np.random.default_rng([seed, 29])
     out = []
-    for r in rows.iter_rows(named=True):
-        history = sequences[r["uidx"]][:r["history_length"]]
-        cands = [int(c) for c in r["candidates"][:config.window]]
+    for r in rows:
+        cands = r.top(config.window).window
         if rng.random() < random_share:
-            cands = random_candidates(rng, n_items, history, r["target"], config.window)
-        elif r["target"] not in cands:
+            cands = random_candidates(rng, n_items, r.history, r.target, config.window)
+        elif r.target not in cands:
             if config.target_missing == "skip":
                 continue
-            cands[-1] = int(r["target"])
+            cands[-1] = r.target
         rng.shuffle(cands)
-        out.append(Window([int(h) for h in history[-config.max_history:]], cands, cands.index(int(r["target"]))))
+        out.append(Window([int(h) for h in r.history[-config.max_history:]], cands, cands.index(r.target)))
     return out
 
 
 class HybridDataModule(L.LightningDataModule):
     def __init__(self, dataset: PreparedDataset, candidates_dir, config: HybridTrainConfig):
         super().__init__()
-        from pipelines.reranker import load_candidates, user_sequences
-
         self.cfg = config
-        sequences = user_sequences(dataset)
-        train = load_candidates(candidates_dir, "train")
-        train = train.head(config.train_users) if config.train_users else train
-        self.train = windows(train, sequences, config, dataset.n_items, config.seed, config.random_negatives)
-        valid = load_candidates(candidates_dir, "valid").tail(config.val_users)
-        self.valid = [w for w in windows(valid, sequences, config, dataset.n_items, config.seed + 1, 0.0)
-                      if w.target >= 0]
+        train = read_candidate_lists(dataset, candidates_dir, "train")
+        train = train[:config.train_users] if config.train_users else train
+        self.train = windows(train, config, dataset.n_items, config.seed, config.random_negatives)
+        valid = read_candidate_lists(dataset, candidates_dir, "valid")
+        valid = valid[len(valid) - min(config.val_users, len(valid)):]
+        self.valid = [w for w in windows(valid, config, dataset.n_items, config.seed + 1, 0.0) if w.target >= 0]
 
     def train_dataloader(self):
         sampler = EpochShuffle(len(self.train), self.cfg.seed, self.cfg.examples_per_epoch)

@@ -35,6 +35,12 @@ from pipelines.callbacks import (
 )
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
+from recsys.data.candidates import (
+    candidate_lists,
+    candidates_path,
+    read_candidate_lists,
+    read_candidates,
+)
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
 from recsys.metrics import compute_metrics, target_rank
@@ -50,6 +56,7 @@ from recsys.rerank.sft import (
     teacher_example,
 )
 from recsys.rerank.window import retriever_prior
+from recsys.types import CandidateList
 
 
 @dataclass(frozen=True)
@@ -168,20 +175,6 @@ class RerankerSFTConfig:
             raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
 
 
-def load_candidates(directory: str | Path, split: str) -> pl.DataFrame:
-    path = Path(directory) / f"candidates_{split}.parquet"
-    if not path.exists():
-        raise RecsysError(f"{path}: no candidates for split {split!r}; run `recsys candidates` first")
-    return pl.read_parquet(path)
-
-
-def user_sequences(dataset: PreparedDataset) -> dict[int, np.ndarray]:
-    """Each user's whole chronological sequence (train, valid, test); a candidate row's history is
-    its first ``history_length`` items, whatever the split."""
-    test = dataset.eval_examples("test")
-    return {int(u): np.concatenate([h, t]) for u, h, t in zip(test.users, test.histories, test.targets)}
-
-
 def random_candidates(rng: np.random.Generator, n_items: int, history, target: int, n: int) -> list[int]:
     """``target`` and ``n - 1`` distinct items drawn uniformly from 1..n_items outside ``history``."""
     seen = {int(h) for h in history} | {int(target)}
@@ -209,20 +202,18 @@ def teacher_orders(teacher: ListwiseReranker, examples: list, batch_size: int = 
     return out
 
 
-def build_examples(rows: pl.DataFrame, sequences: dict[int, np.ndarray], backbone: Backbone,
-                   config: RerankerSFTConfig, titles, seed: int, n_items: int = 0,
-                   teacher: ListwiseReranker | None = None) -> list[dict]:
-    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate rows;
+def build_examples(rows: list[CandidateList], backbone: Backbone, config: RerankerSFTConfig, titles, seed: int,
+                   n_items: int = 0, teacher: ListwiseReranker | None = None) -> list[dict]:
+    """Encoded training examples (one per window, or per group for ``groupwise``) from candidate lists;
     a ``config.random_negatives`` share of them with random catalogue items as the other candidates;
     with a ``teacher`` reranker, its ranking orders each teacher list after the held-out item."""
     examples = []
     rng = np.random.default_rng([seed, 17])
-    for i, r in enumerate(rows.iter_rows(named=True)):
-        hist = sequences[r["uidx"]][:r["history_length"]]
-        cands = r["candidates"]
+    for i, r in enumerate(rows):
+        cands = r.candidates
         if config.random_negatives and rng.random() < config.random_negatives:
-            cands = random_candidates(rng, n_items, hist, r["target"], config.window)
-        ex = teacher_example(hist, cands, r["target"], config.window, config.shuffle_candidates,
+            cands = random_candidates(rng, n_items, r.history, r.target, config.window)
+        ex = teacher_example(r.history, cands, r.target, config.window, config.shuffle_candidates,
                              seed=seed * 1_000_003 + i, target_missing=config.target_missing)
         if ex is not None and (config.supervise != "target" or ex.target is not None):
             examples.append(ex)
@@ -245,26 +236,22 @@ class RerankerDataModule(L.LightningDataModule):
                  titles: dict[int, str] | None):
         super().__init__()
         self.bb, self.cfg, self.titles = backbone, config, titles
-        valid = load_candidates(candidates_dir, "valid")
-        self.valid = valid.tail(config.val_users)
-        # Validation rows no training example came from: all of them unless validation targets teach.
-        self.unseen_valid = valid if config.train_split == "train" else self.valid
-        parts = []
+        valid = read_candidate_lists(dataset, candidates_dir, "valid")
+        held_out = valid[len(valid) - min(config.val_users, len(valid)):]
+        self.valid = held_out
+        # Validation lists no training example came from: all of them unless validation targets teach.
+        self.unseen_valid = valid if config.train_split == "train" else held_out
+        train = []
         if config.train_split in ("train", "train+valid"):
-            parts.append(load_candidates(candidates_dir, "train"))
+            train += read_candidate_lists(dataset, candidates_dir, "train")
         if config.train_split in ("valid", "train+valid"):
-            parts.append(valid.head(max(valid.height - config.val_users, 0)))
-        train = pl.concat(parts)
+            train += valid[:len(valid) - len(held_out)]
         if config.train_users:
-            train = train.head(config.train_users)
-        self.sequences = user_sequences(dataset)
+            train = train[:config.train_users]
         teacher = load_reranker(config.teacher_reranker, dataset, config.window) if config.teacher_reranker else None
-        self.rows = build_examples(train, self.sequences, backbone, config, titles, config.seed, dataset.n_items, teacher)
+        self.rows = build_examples(train, backbone, config, titles, config.seed, dataset.n_items, teacher)
         if not self.rows:
             raise RecsysError(f"{candidates_dir}: no training examples for split {config.train_split!r}")
-
-    def history(self, row: dict) -> np.ndarray:
-        return self.sequences[row["uidx"]][:row["history_length"]]
 
     def train_dataloader(self):
         """Under data parallelism each process takes its share of each epoch's batches (:class:`ShardedBatches`)."""
@@ -276,8 +263,7 @@ class RerankerDataModule(L.LightningDataModule):
     def val_dataloader(self):
         """Each process's validation rows: every ``world_size``-th (all of them in one process)."""
         rank, world = process_rank(self)
-        rows = [{**r, "history": self.history(r)} for r in self.valid.iter_rows(named=True)][rank::world]
-        return DataLoader(rows, batch_size=self.cfg.batch_size, collate_fn=lambda rows: rows)
+        return DataLoader(self.valid[rank::world], batch_size=self.cfg.batch_size, collate_fn=lambda rows: rows)
 
 
 def make_scorer(backbone: Backbone, kind: str, titles, window: int = 20, stride: int | None = None,
@@ -344,12 +330,12 @@ class RerankerSFTModule(L.LightningModule):
             loss = loss + self.cfg.history_lm_weight * hist
         return loss
 
-    def validation_step(self, rows, batch_idx):
-        rows = [r for r in rows if r["target"] in list(r["candidates"][:self.cfg.window])]
-        windows = [[int(c) for c in r["candidates"][:self.cfg.window]] for r in rows]
+    def validation_step(self, rows: list[CandidateList], batch_idx):
+        rows = [r.top(self.cfg.window) for r in rows]
+        rows = [r for r in rows if r.has_target]
         if rows:
-            for r, ranked in zip(rows, self.scorer.rank_windows([r["history"] for r in rows], windows)):
-                self._ranks.append(target_rank(ranked, r["target"]))
+            for r, ranked in zip(rows, self.scorer.rank_windows([r.history for r in rows], [r.window for r in rows])):
+                self._ranks.append(target_rank(ranked, r.target))
 
     def on_validation_epoch_end(self):
         # Candidate-set metrics, as `recsys rerank` defines them: only windows that hold the target; the
@@ -370,24 +356,23 @@ PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 1000.
 
 
 @torch.no_grad()
-def tune_retriever_prior(scorer: ListwiseReranker, rows: list[dict], window: int,
+def tune_retriever_prior(scorer: ListwiseReranker, rows: list[CandidateList], window: int,
                          grid=PRIOR_GRID) -> tuple[float, dict[float, float]]:
-    """The beta of ``grid`` with the best candidate-set NDCG@10 of FIRST on ``rows`` (dicts with
-    ``history``, ``candidates``, ``target``; windows without the target are skipped; ties go to the
-    smaller beta) and the NDCG@10 of every beta. One forward pass per window: the prior is added to
-    the stored scores, not re-run."""
-    rows = [r for r in rows if r["target"] in list(r["candidates"][:window])]
+    """The beta of ``grid`` with the best candidate-set NDCG@10 of FIRST on the top ``window`` of each
+    list of ``rows`` (lists without the target there are skipped; ties go to the smaller beta) and the
+    NDCG@10 of every beta. One forward pass per window: the prior is added to the stored scores, not re-run."""
+    rows = [r.top(window) for r in rows]
+    rows = [r for r in rows if r.has_target]
     if not rows:
         raise RecsysError("no validation window holds its target: cannot choose the retriever prior")
-    windows = [[int(c) for c in r["candidates"][:window]] for r in rows]
     saved, scorer.retriever_prior = scorer.retriever_prior, 0.0
     scores = [s for i in range(0, len(rows), 64)
-              for s in scorer.first_scores([r["history"] for r in rows[i:i + 64]], windows[i:i + 64])]
+              for s in scorer.first_scores([r.history for r in rows[i:i + 64]], [r.window for r in rows[i:i + 64]])]
     scorer.retriever_prior = saved
     table = {}
     for beta in grid:
         blended = [s.numpy() + retriever_prior(len(s), beta) for s in scores]
-        ranks = [float((b > b[w.index(r["target"])]).sum()) for b, w, r in zip(blended, windows, rows)]
+        ranks = [float((b > b[int(r.target_rank())]).sum()) for b, r in zip(blended, rows)]
         ranks = np.array(ranks)[:, None]
         table[beta] = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
     best = max(grid, key=lambda b: (table[b], -b))
@@ -442,9 +427,8 @@ def train_reranker(dataset: PreparedDataset, candidates_dir, out, config: Rerank
     module.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
     prior, prior_table = config.retriever_prior or 0.0, None
     if config.kind == "listwise" and config.retriever_prior is None:
-        unseen = data.unseen_valid if config.prior_users is None else data.unseen_valid.head(config.prior_users)
-        val_rows = [{**r, "history": data.history(r)} for r in unseen.iter_rows(named=True)]
-        prior, prior_table = tune_retriever_prior(module.scorer, val_rows, config.window)
+        unseen = data.unseen_valid if config.prior_users is None else data.unseen_valid[:config.prior_users]
+        prior, prior_table = tune_retriever_prior(module.scorer, unseen, config.window)
     backbone.model.save_pretrained(out / "model")
     backbone.tokenizer.save_pretrained(out / "model")
     (out / "model" / "reranker.json").write_text(json.dumps({
@@ -479,10 +463,8 @@ def zero_shot_reranker(dataset: PreparedDataset, out, source=None, candidates_di
             "note": f"{source.name} as converted, not fine-tuned"}
     (model / "reranker.json").write_text(json.dumps(meta, indent=2))
     if candidates_dir is not None:
-        valid = load_candidates(candidates_dir, "valid").head(prior_users)
-        sequences = user_sequences(dataset)
-        rows = [{**r, "history": sequences[r["uidx"]][:r["history_length"]]} for r in valid.iter_rows(named=True)]
-        prior, table = tune_retriever_prior(load_reranker(model, dataset, window), rows, window)
+        valid = read_candidate_lists(dataset, candidates_dir, "valid")[:prior_users]
+        prior, table = tune_retriever_prior(load_reranker(model, dataset, window), valid, window)
         meta |= {"retriever_prior": prior, "val_cand_ndcg@10_by_retriever_prior": table}
         (model / "reranker.json").write_text(json.dumps(meta, indent=2))
     return model
@@ -537,12 +519,12 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     scorer = load_reranker(model_dir, dataset, window, stride, reshuffles)
     if mode not in ("first", "generate") or (mode == "generate" and not isinstance(scorer, ListwiseReranker)):
         raise RecsysError(f"mode {mode!r} is not available for this reranker (listwise: first|generate; groupwise: first)")
-    df = load_candidates(candidates_dir, split)
+    df = read_candidates(candidates_dir, split)
     df = df.head(limit) if limit else df
-    sequences = user_sequences(dataset)
-    rows = list(df.iter_rows(named=True))
-    lists = [[int(c) for c in r["candidates"][:depth]] for r in rows]
-    histories = [sequences[r["uidx"]][:r["history_length"]] for r in rows]
+    rows = [r.top(depth) for r in candidate_lists(dataset.user_sequences(), df, str(candidates_path(candidates_dir,
+                                                                                                       split)))]
+    lists = [r.window for r in rows]
+    histories = [r.history for r in rows]
     size = scorer.window if isinstance(scorer, ListwiseReranker) else scorer.c
     one_window = len({len(c) for c in lists}) == 1 and len(lists[0]) <= size
     t = time.perf_counter()
@@ -557,8 +539,8 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
         reranked = [rerank(h, c) for h, c in tqdm(list(zip(histories, lists)), desc=f"rerank {split} ({mode})",
                                                     disable=not progress)]
     seconds = time.perf_counter() - t
-    before = [target_rank(c, r["target"]) for c, r in zip(lists, rows)]
-    after = [target_rank(n, r["target"]) for n, r in zip(reranked, rows)]
+    before = [r.target_rank() for r in rows]
+    after = [target_rank(n, r.target) for n, r in zip(reranked, rows)]
     result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(lists[0]),
                                                       "batched": one_window}
     Path(out).mkdir(parents=True, exist_ok=True)

@@ -54,14 +54,10 @@ from pipelines.callbacks import (
     process_rank,
     resume_checkpoint,
 )
-from pipelines.reranker import (
-    load_candidates,
-    load_reranker,
-    tune_retriever_prior,
-    user_sequences,
-)
+from pipelines.reranker import load_reranker, tune_retriever_prior
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
+from recsys.data.candidates import read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics, target_rank
 from recsys.rerank.first import replay_log_probs
@@ -87,6 +83,7 @@ from recsys.rl.rank_grpo import (
     token_advantages,
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
+from recsys.types import CandidateList
 
 COMPLETED_SHAPING = {"early_stop_penalty": 0.0, "end_of_list_reward": 0.0, "end_takes_next_rank": True}
 """Rank-GRPO on completed lists: a short list is no failure, its end token chooses the ranks after it."""
@@ -219,11 +216,9 @@ def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, spl
     from tqdm.auto import tqdm
 
     scorer = load_reranker(model_dir, dataset, window=window)
-    df = load_candidates(candidates_dir, split)
-    df = df.head(limit) if limit else df
-    seqs = user_sequences(dataset)
-    rows = [(seqs[r["uidx"]][:r["history_length"]], [int(c) for c in r["candidates"][:window]], int(r["target"]))
-            for r in df.iter_rows(named=True)]
+    lists = read_candidate_lists(dataset, candidates_dir, split)
+    lists = [r.top(window) for r in (lists[:limit] if limit else lists)]
+    rows = [(r.history, r.window, r.target) for r in lists]
     ranks, in_slate, answers_out = [], [], []
     for i in tqdm(range(0, len(rows), batch_size), desc=f"slate-rank {split}", disable=not progress):
         hists, windows, targets = zip(*rows[i:i + batch_size])
@@ -236,7 +231,7 @@ def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, spl
             answers_out.append((slate, ranking))
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
-        pl.DataFrame({"user_id": df["user_id"], "target": df["target"], "slate": [a[0] for a in answers_out],
+        pl.DataFrame({"user_id": [r.user_id for r in lists], "target": [r.target for r in lists], "slate": [a[0] for a in answers_out],
                       "ranking": [a[1] for a in answers_out]}).write_parquet(Path(out) / f"slate_rank_{split}.parquet")
     ranks_a, found = np.array(ranks)[:, None], np.array([r[2] in r[1] for r in rows])
     names = sorted({3, rank_size})
@@ -274,19 +269,13 @@ class PromptData(L.LightningDataModule):
     def __init__(self, dataset: PreparedDataset, candidates_dir, config: RLConfig):
         super().__init__()
         self.cfg = config
-        seqs = user_sequences(dataset)
-        valid = load_candidates(candidates_dir, "valid")
-        train = (valid.head(max(valid.height - config.val_users, 0)) if config.train_split == "valid"
-                 else load_candidates(candidates_dir, "train"))
-
-        def rows(df: pl.DataFrame) -> list[dict]:
-            return [{"history": seqs[r["uidx"]][:r["history_length"]], "window": [int(c) for c in r["candidates"]
-                                                                                  [:config.window]],
-                     "target": int(r["target"])} for r in df.iter_rows(named=True)]
-
-        self.train_rows, self.valid_rows = rows(train), rows(valid.tail(config.val_users))
+        valid = [r.top(config.window) for r in read_candidate_lists(dataset, candidates_dir, "valid")]
+        held_out = len(valid) - min(config.val_users, len(valid))
+        self.train_rows = (valid[:held_out] if config.train_split == "valid" else
+                           [r.top(config.window) for r in read_candidate_lists(dataset, candidates_dir, "train")])
+        self.valid_rows = valid[held_out:]
         if config.reachable_only:
-            self.train_rows = [r for r in self.train_rows if r["target"] in r["window"]]
+            self.train_rows = [r for r in self.train_rows if r.has_target]
         if not self.train_rows:
             raise RecsysError(f"no {config.train_split} prompt holds its held-out item in the top-{config.window} "
                               f"candidates of {candidates_dir}: nothing to learn from")
@@ -341,13 +330,13 @@ class RerankerRLModule(L.LightningModule):
             return slate_constraint(self.scorer, windows, self.cfg.slate_size, self.cfg.rank_size)
         return self.scorer.list_constraint(windows)
 
-    def _rollouts(self, rows: list[dict], generator: torch.Generator) -> dict:
+    def _rollouts(self, rows: list[CandidateList], generator: torch.Generator) -> dict:
         """G rollouts per prompt: ``prompt`` batch, ``answer`` (B*G, T), token ``mask``, sequence
         ``reward`` (B*G,), and per algorithm ``rel`` (per-rank relevance) or the two phase rewards."""
         G = self.cfg.group_size
-        hists = [r["history"] for r in rows for _ in range(G)]
-        windows = [r["window"] for r in rows for _ in range(G)]
-        targets = [r["target"] for r in rows for _ in range(G)]
+        hists = [r.history for r in rows for _ in range(G)]
+        windows = [r.window for r in rows for _ in range(G)]
+        targets = [r.target for r in rows for _ in range(G)]
         if self.listwise:
             _, answer = self.scorer.generate(hists, windows, True, self.cfg.temperature, generator, return_tokens=True,
                                              constraint=self._constraint(windows))
@@ -461,9 +450,9 @@ class RerankerRLModule(L.LightningModule):
         self.log("reward", reward.mean(), prog_bar=True, batch_size=B)
 
     # ---------------------------------------------------------------- validation
-    def validation_step(self, rows, batch_idx):
-        hists = [r["history"] for r in rows]
-        windows = [r["window"] for r in rows]
+    def validation_step(self, rows: list[CandidateList], batch_idx):
+        hists = [r.history for r in rows]
+        windows = [r.window for r in rows]
         if self.slate:                                 # the final ranking of rank_size items; the rest is a miss
             answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True,
                                            constraint=self._constraint(windows))[1]
@@ -474,8 +463,8 @@ class RerankerRLModule(L.LightningModule):
         else:
             orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):
-            if r["target"] in r["window"]:
-                self._val.append(target_rank(o, r["target"]))
+            if r.has_target:
+                self._val.append(target_rank(o, r.target))
 
     def on_validation_epoch_end(self):
         ranks = gather_rows(self, np.array(self._val, dtype=np.float64).reshape(-1, 1))   # every process's
@@ -539,8 +528,7 @@ def train_rl(dataset: PreparedDataset, candidates_dir, out, config: RLConfig, pr
     prior_table = None
     if module.listwise and not module.slate and "retriever_prior" in init_meta and not kept_start:
         # re-chosen for the RL'd weights; a kept start keeps its own (chosen on its own validation users)
-        rows = [{"history": r["history"], "candidates": r["window"], "target": r["target"]} for r in data.valid_rows]
-        init_meta["retriever_prior"], prior_table = tune_retriever_prior(scorer, rows, config.window)
+        init_meta["retriever_prior"], prior_table = tune_retriever_prior(scorer, data.valid_rows, config.window)
     save_model(module, out / "model", init_meta)
     (out / "train.json").write_text(json.dumps({
         "kind": init_meta["kind"], "algo": config.algo, "seconds": timer.time_elapsed("train"),

@@ -574,7 +574,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
     @app.get("/v1/models", dependencies=[Depends(authorised)], responses=auth_errors)
     async def models():
         rec = ready(state)
-        return {"model_version": rec.version, "dataset": rec.manifest["dataset"], "models": rec.manifest["models"],
+        return {"model_version": rec.version, "dataset": rec.manifest.dataset, "models": rec.manifest.to_dict()["models"],
                 "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None,
                 "items": rec.n_items, "warmup": state["warmup"], "rerank_timeout_ms": settings.rerank_timeout_ms}
 

@@ -50,6 +50,7 @@ import torch
 from recsys.assets import sha256
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
+from recsys.types import ExportManifest
 
 OPSET = 18
 TOLERANCE = 1e-4
@@ -348,12 +349,12 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
                 models[name]["domain"] = text.domain
         dataset.catalog.select("idx", "item_id", "title").write_parquet(tmp / "catalog.parquet")
         _write_histories(dataset, tmp / "histories.parquet")
-        manifest = {"format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,
-                    "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                    "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative")
-                                        if m in models),
-                    "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"),
-                    "parity_tolerance": TOLERANCE,
-                    "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        manifest = ExportManifest.from_dict({
+            "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,
+            "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+            "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative")
+                                if m in models),
+            "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"), "parity_tolerance": TOLERANCE,
+            "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}})
+        (tmp / "manifest.json").write_text(json.dumps(manifest.to_dict(), indent=2))
     return out

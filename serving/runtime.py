@@ -19,6 +19,7 @@ import numpy as np
 
 from recsys.errors import RecsysError
 from recsys.rerank.window import retriever_prior
+from recsys.types import ExportManifest
 
 
 def providers() -> list[str]:
@@ -48,33 +49,27 @@ def run_options():
     return ort.RunOptions()
 
 
-def read_manifest(directory) -> dict:
+def read_manifest(directory) -> ExportManifest:
+    """The export directory's ``manifest.json``, validated (:class:`recsys.types.ExportManifest`)."""
     path = Path(directory) / "manifest.json"
     if not path.exists():
         raise RecsysError(f"{directory}: no manifest.json; create the directory with `recsys export`")
     try:
-        return json.loads(path.read_text())
+        return ExportManifest.from_dict(json.loads(path.read_text()), str(path))
     except json.JSONDecodeError as e:
         raise RecsysError(f"{path}: not valid JSON ({e}); re-create the directory with `recsys export`") from None
+    except (ValueError, TypeError) as e:
+        raise RecsysError(f"{e}; re-create the directory with `recsys export`") from None
 
 
-def verify_files(directory, manifest: dict) -> int:
+def verify_files(directory, manifest: ExportManifest) -> int:
     """Check every file the manifest lists (``files``: relative path -> SHA-256, written by ``recsys export``)
     against its hash; returns how many were checked. A missing or changed file is a RecsysError naming it:
-    a deployment whose weights changed after export must not serve under the old ``model_version``.
-    Manifests written before the list existed have their graph, embedding and table hashes checked."""
+    a deployment whose weights changed after export must not serve under the old ``model_version``."""
     from recsys.assets import sha256
 
     directory = Path(directory)
-    files = manifest.get("files")
-    if files is None:                                           # older manifests: the hashes they recorded
-        files = {"catalog.parquet": manifest.get("catalog_sha256")}
-        for entry in manifest.get("models", {}).values():
-            for name_key, hash_key in (("file", "sha256"), ("items", "items_sha256"), ("tables", "tables_sha256")):
-                if entry.get(name_key) and entry.get(hash_key):
-                    files[entry[name_key]] = entry[hash_key]
-        files = {k: v for k, v in files.items() if v}
-    for name, want in files.items():
+    for name, want in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise RecsysError(f"{path}: listed in manifest.json but missing; re-create the directory with `recsys export`")
@@ -82,7 +77,7 @@ def verify_files(directory, manifest: dict) -> int:
         if got != want:
             raise RecsysError(f"{path}: SHA-256 {got[:16]}... differs from manifest.json's {want[:16]}...: the file "
                               "changed after `recsys export`; restore it or export again")
-    return len(files)
+    return len(manifest.files)
 
 
 class SASRecRuntime:
@@ -90,10 +85,13 @@ class SASRecRuntime:
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
         directory = Path(directory)
-        self.meta = read_manifest(directory)["models"]["sasrec"]
-        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
-        self.items = np.load(directory / self.meta["items"])                              # (n_items + 1, d)
-        self.max_len = self.meta["max_len"]
+        self.meta = read_manifest(directory).models.get("sasrec")
+        if self.meta is None:
+            raise RecsysError(f"{directory}: manifest.json lists no sasrec model; create the directory with "
+                              "`recsys export`")
+        self.session = session(directory / self.meta.graph(int8), threads)
+        self.items = np.load(directory / self.meta.items)                                 # (n_items + 1, d)
+        self.max_len = self.meta.max_len
 
     def pad(self, histories) -> np.ndarray:
         """(B, T) int64: the last ``max_len`` items of each history, left-padded with 0 to the batch's
@@ -183,25 +181,25 @@ class _PromptScorer:
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        self.meta = read_manifest(directory)["models"].get(self.name)
+        self.meta = read_manifest(directory).models.get(self.name)
         if self.meta is None:
             raise RecsysError(f"{directory}: no {self.name} reranker was exported (recsys export --{self.flag})")
-        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
-        side = directory / self.meta.get("files", "")
+        self.session = session(directory / self.meta.graph(int8), threads)
+        side = directory / self.meta.files
         self.tokenizer = Tokenizer.from_file(str(side / "tokenizer" / "tokenizer.json"))
         self.pad_id = self.tokenizer.token_to_id("<pad>") or 0
-        self.window, self.max_history = self.meta["window"], self.meta["max_history"]
-        self.spec = _PromptSpec("tiny") if self.meta["prompt"] == "tiny" else self._text_spec(side)
+        self.window, self.max_history = self.meta.window, self.meta.max_history
+        self.spec = _PromptSpec("tiny") if self.meta.prompt == "tiny" else self._text_spec(side)
         self.titles = None
-        if self.meta["prompt"] == "text":                  # item idx -> the text the model was trained on
+        if self.meta.prompt == "text":                  # item idx -> the text the model was trained on
             titles = side / "titles.json"
             if not titles.exists():
                 raise RecsysError(f"{titles}: a text-prompt reranker needs its item titles; re-export it")
             from recsys.rerank.prompts import Titles
 
-            if "domain" not in self.meta:
+            if self.meta.domain is None:
                 raise RecsysError(f"{directory}: the {self.name} reranker's prompt domain is not recorded; re-export it")
-            self.titles = Titles({int(k): v for k, v in json.loads(titles.read_text()).items()}, self.meta["domain"])
+            self.titles = Titles({int(k): v for k, v in json.loads(titles.read_text()).items()}, self.meta.domain)
 
     @staticmethod
     def _text_spec(directory: Path) -> _PromptSpec:
@@ -224,8 +222,8 @@ class FirstRuntime(_PromptScorer):
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
         super().__init__(directory, threads, int8)
-        self.identifiers = self.meta.get("identifiers", "letters")
-        self.retriever_prior = float(self.meta.get("retriever_prior", 0.0))
+        self.identifiers = self.meta.identifiers
+        self.retriever_prior = float(self.meta.retriever_prior)
 
     def encode(self, histories, windows) -> dict[str, np.ndarray]:
         from recsys.rerank.prompts import listwise_prompt
@@ -261,7 +259,7 @@ class GroupwiseRuntime(_PromptScorer):
         from recsys.llm.vocab import DIGITS, LETTERS
 
         super().__init__(directory, threads, int8)
-        self.window = self.meta["group_size"]
+        self.window = self.meta.group_size
         self.letters = [self.token(c) for c in LETTERS[:self.window]]
         self.colon, self.separator = self.token(":"), self.token("\n")
         self.digits = np.array([self.token(d) for d in DIGITS])
@@ -309,18 +307,18 @@ class GenerativeRuntime:
         from recsys.generative.trie_tables import TrieTables
 
         directory = Path(directory)
-        self.meta = read_manifest(directory)["models"].get("generative")
+        self.meta = read_manifest(directory).models.get("generative")
         if self.meta is None:
             raise RecsysError(f"{directory}: no generative model was exported (recsys export --generative)")
-        self.session = session(directory / (self.meta["int8"]["file"] if int8 else self.meta["file"]), threads)
-        z = np.load(directory / self.meta["tables"])
+        self.session = session(directory / self.meta.graph(int8), threads)
+        z = np.load(directory / self.meta.tables)
         self.trie = TrieTables.build(z["codes"])
         self.item_idx, self.code_token = z["item_idx"], z["code_token"]                  # (N,), (D, K)
         self.bos, self.pad = (int(v) for v in z["special"])
         self.max_items = int(z["max_items"])
-        self.layout = self.meta.get("layout", "token")
+        self.layout = self.meta.layout
         if self.layout == "item":
-            head = self.meta["head"]
+            head = self.meta.head
             self.head = session(directory / (head["int8"]["file"] if int8 else head["file"]), threads)
         self.row_of = np.full(int(self.item_idx.max()) + 1, -1, dtype=np.int64)           # item idx -> trie row
         self.row_of[self.item_idx] = np.arange(len(self.item_idx))
@@ -437,13 +435,13 @@ class Recommender:
         directory = Path(directory)
         self.manifest = read_manifest(directory)
         verify_files(directory, self.manifest)
-        self.version = self.manifest["version"]
+        self.version = self.manifest.version
         self.sasrec = SASRecRuntime(directory, threads, int8)
-        self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest["models"] else None
-        self.groupwise = GroupwiseRuntime(directory, threads, int8) if "groupwise" in self.manifest["models"] else None
+        self.first = FirstRuntime(directory, threads, int8) if "first" in self.manifest.models else None
+        self.groupwise = GroupwiseRuntime(directory, threads, int8) if "groupwise" in self.manifest.models else None
         self.reranker = self.first or self.groupwise
         """What reranks retrieval windows: FIRST when exported, else the groupwise scorer, else None."""
-        self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest["models"] \
+        self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest.models \
             else None
         catalog = pl.read_parquet(directory / "catalog.parquet")
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))

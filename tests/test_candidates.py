@@ -112,3 +112,58 @@ def test_recall_at_by_hand():
     """Hit ranks [0, 25, -1, 60]: recall@20 = 1/4, @50 = 2/4, @100 = 3/4."""
     r = recall_at(np.array([0, 25, -1, 60]), (20, 50, 100))
     assert r == {"recall@20": 0.25, "recall@50": 0.5, "recall@100": 0.75}
+
+
+def test_candidate_lists_read_back_what_was_written_with_each_history(tiny_dataset, tmp_path):
+    """Every split's lists come back with the history the retriever saw (a prefix of the user's sequence
+    followed by the target), the candidates and scores as written, and the target's position."""
+    from recsys.data.candidates import read_candidate_lists
+
+    generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
+                        tmp_path / "c", n=6, train_targets_per_user=2, progress=False)
+    sequences = tiny_dataset.user_sequences()
+    for split in ("train", "valid", "test"):
+        frame = pl.read_parquet(tmp_path / "c" / f"candidates_{split}.parquet")
+        lists = read_candidate_lists(tiny_dataset, tmp_path / "c", split)
+        assert len(lists) == frame.height > 0
+        for r, row in zip(lists, frame.iter_rows(named=True)):
+            seq = sequences[r.uidx]
+            np.testing.assert_array_equal(r.history, seq[:row["history_length"]])
+            assert r.target == seq[len(r.history)] == row["target"] and r.user_id == row["user_id"]
+            assert r.window == list(row["candidates"]) and np.allclose(r.scores, row["scores"])
+            assert r.target_rank() == (row["hit_rank"] if row["hit_rank"] >= 0 else np.inf)
+    test = tiny_dataset.eval_examples("test")        # the test history is everything before the test item
+    np.testing.assert_array_equal(read_candidate_lists(tiny_dataset, tmp_path / "c", "test")[0].history,
+                                  test.histories[0])
+
+
+def test_candidate_list_cut_and_target_rank_by_hand():
+    from recsys.types import CandidateList
+
+    r = CandidateList("u", 0, np.array([1, 2]), np.array([7, 5, 9, 4]), np.array([4.0, 3.0, 2.0, 1.0], np.float32), 9)
+    assert r.target_rank() == 2.0 and r.has_target and r.window == [7, 5, 9, 4]
+    top = r.top(2)
+    assert top.window == [7, 5] and top.scores.tolist() == [4.0, 3.0] and top.target_rank() == np.inf
+    assert not top.has_target and r.top(None) is r
+
+
+def test_a_bad_candidates_file_is_named_with_what_is_wrong(tiny_dataset, tmp_path):
+    from recsys.data.candidates import read_candidate_lists, read_candidates
+    from recsys.errors import DataError
+
+    with pytest.raises(DataError, match=r"candidates_valid\.parquet: no candidates for split 'valid'; run `recsys"):
+        read_candidates(tmp_path, "valid")
+    with pytest.raises(DataError, match="split must be one of train, valid, test, got 'dev'"):
+        read_candidates(tmp_path, "dev")
+    (tmp_path / "candidates_valid.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(DataError, match=r"candidates_valid\.parquet: not a readable parquet file"):
+        read_candidates(tmp_path, "valid")
+    pl.DataFrame({"uidx": [0], "candidates": [[1, 2]]}).write_parquet(tmp_path / "candidates_valid.parquet")
+    with pytest.raises(DataError, match=r"candidates_valid\.parquet: missing column\(s\) user_id, target, "):
+        read_candidates(tmp_path, "valid")
+    longest = max(len(s) for s in tiny_dataset.user_sequences())
+    pl.DataFrame({"user_id": ["x"], "uidx": [0], "target": [1], "target_item_id": ["1"], "history_length": [longest + 1],
+                  "candidates": [[1, 2]], "scores": [[0.5, 0.4]], "hit_rank": [0]}).write_parquet(
+        tmp_path / "candidates_valid.parquet")
+    with pytest.raises(DataError, match=r"candidates_valid\.parquet, row 0 \(user 'x'\): history_length .* another dataset"):
+        read_candidate_lists(tiny_dataset, tmp_path, "valid")

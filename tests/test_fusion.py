@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from recsys.data.candidates import candidate_lists
 from recsys.errors import DataError, RecsysError
 from recsys.rerank.features import (
     GROUPS,
@@ -107,10 +108,11 @@ def test_demographic_features_need_user_features_and_name_the_file(tmp_path):
 def test_requests_from_candidates_read_the_history_and_the_request_time(prepared):
     ds = prepared
     seq = ds.interactions.filter(pl.col("uidx") == 2).sort("pos")
-    rows = pl.DataFrame({"uidx": [2], "history_length": [5], "candidates": [[1, 2, 3]], "scores": [[0.3, 0.2, 0.1]]})
-    (r,) = requests_from_candidates(ds, rows, depth=2)
+    rows = pl.DataFrame({"user_id": ["u"], "uidx": [2], "history_length": [5], "candidates": [[1, 2, 3]],
+                         "scores": [[0.3, 0.2, 0.1]], "target": [3]})
+    (r,) = requests_from_candidates(ds, candidate_lists(ds.user_sequences(), rows), depth=2)
     assert r.history.tolist() == seq["idx"].to_list()[:5] and r.time == seq["timestamp"][5]
-    assert r.candidates.tolist() == [1, 2] and r.scores.tolist() == [0.3, 0.2]
+    assert r.candidates.tolist() == [1, 2] and r.scores.tolist() == pytest.approx([0.3, 0.2])
 
 
 def test_ndcg10_matches_the_hand_worked_example_and_breaks_ties_by_position():

@@ -232,7 +232,7 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
         train_hybrid,
         window_scores,
     )
-    from pipelines.reranker import load_candidates
+    from recsys.data.candidates import read_candidate_lists
     from recsys.rerank.features import requests_from_candidates
 
     ds, sasrec, root = hybrid_setup
@@ -246,7 +246,7 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
     assert summary["epochs"] == 2 and 0.0 <= summary["best_val_cand_ndcg@10"] <= 1.0
     model, loaded_config = load_hybrid(model_dir, ds)
     assert loaded_config == config and len(model._decoder().layers) == 1
-    requests = requests_from_candidates(ds, load_candidates(root / "cands", "test").head(3))
+    requests = requests_from_candidates(ds, read_candidate_lists(ds, root / "cands", "test")[:3])
     with torch.no_grad():
         direct = window_scores(model, [Window(list(r.history[-10:]), [int(c) for c in r.candidates], -1)
                                        for r in requests], None, config).numpy()
@@ -302,17 +302,15 @@ def test_hybrid_job_names_a_retriever_of_another_catalogue(hybrid_setup, tmp_pat
 
 
 def test_a_window_without_its_held_out_item_gets_it_inserted_or_is_skipped():
-    import polars as pl
-
     from pipelines.hybrid import HybridTrainConfig, windows
+    from recsys.types import CandidateList
 
-    rows = pl.DataFrame({"uidx": [0, 1], "history_length": [3, 2], "candidates": [[5, 6, 7, 8], [9, 10, 11, 12]],
-                         "target": [6, 4]})
-    sequences = {0: np.array([1, 2, 3, 6]), 1: np.array([2, 3, 4])}
-    inserted = windows(rows, sequences, HybridTrainConfig(window=4), 20, seed=0, random_share=0.0)
+    rows = [CandidateList("a", 0, np.array([1, 2, 3]), np.array([5, 6, 7, 8]), np.zeros(4, np.float32), 6),
+            CandidateList("b", 1, np.array([2, 3]), np.array([9, 10, 11, 12]), np.zeros(4, np.float32), 4)]
+    inserted = windows(rows, HybridTrainConfig(window=4), 20, seed=0, random_share=0.0)
     assert [sorted(w.candidates) for w in inserted] == [[5, 6, 7, 8], [4, 9, 10, 11]]      # 4 replaces the last
     assert [w.candidates[w.target] for w in inserted] == [6, 4] and inserted[1].history == [2, 3]
-    skipped = windows(rows, sequences, HybridTrainConfig(window=4, target_missing="skip"), 20, seed=0, random_share=0.0)
+    skipped = windows(rows, HybridTrainConfig(window=4, target_missing="skip"), 20, seed=0, random_share=0.0)
     assert [sorted(w.candidates) for w in skipped] == [[5, 6, 7, 8]]
     with pytest.raises(RecsysError, match="target_missing"):
         HybridTrainConfig(target_missing="drop")

@@ -105,10 +105,10 @@ def test_training_on_validation_targets_holds_out_the_selection_users(tiny_datas
     bb = load_backbone("tiny", n_items=tiny_dataset.n_items, hidden_size=16, num_layers=1)
     dm = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, cfg, None)
     valid = pl.read_parquet(tmp_path / "c" / "candidates_valid.parquet")
-    assert len(dm.rows) == valid.height - 10 and dm.valid["uidx"].to_list() == valid["uidx"].tail(10).to_list()
-    assert dm.unseen_valid["uidx"].to_list() == valid["uidx"].tail(10).to_list()   # the retriever prior's users
+    assert len(dm.rows) == valid.height - 10 and [r.uidx for r in dm.valid] == valid["uidx"].tail(10).to_list()
+    assert [r.uidx for r in dm.unseen_valid] == valid["uidx"].tail(10).to_list()   # the retriever prior's users
     dm = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, RerankerSFTConfig(window=8, val_users=10), None)
-    assert dm.unseen_valid.height == valid.height and dm.valid.height == 10          # train_split=train: all of them
+    assert len(dm.unseen_valid) == valid.height and len(dm.valid) == 10              # train_split=train: all of them
 
 
 def test_epochs_cut_shuffled_passes_without_dropping_or_repeating():
@@ -157,12 +157,8 @@ def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset
 
     import pytest
 
-    from pipelines.reranker import (
-        RerankerDataModule,
-        load_candidates,
-        load_reranker,
-        user_sequences,
-    )
+    from pipelines.reranker import RerankerDataModule, load_reranker
+    from recsys.data.candidates import read_candidate_lists
 
     generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
                         tmp_path / "c", n=8, train_targets_per_user=2, progress=False)
@@ -174,17 +170,15 @@ def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset
     bb = load_backbone(teacher_dir)
     data = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, cfg, None)
     teacher = load_reranker(teacher_dir, tiny_dataset, window=8)
-    rows = [r for r in load_candidates(tmp_path / "c", "train").iter_rows(named=True)
-            if r["target"] in r["candidates"][:8]]
-    seq = user_sequences(tiny_dataset)
-    expected = teacher.rank_windows([seq[r["uidx"]][:r["history_length"]] for r in rows],
-                                    [list(r["candidates"][:8]) for r in rows])
+    rows = [r.top(8) for r in read_candidate_lists(tiny_dataset, tmp_path / "c", "train")]
+    rows = [r for r in rows if r.has_target]
+    expected = teacher.rank_windows([r.history for r in rows], [r.window for r in rows])
     first_item = bb.token_id("<i1>")
     answers = [[t - first_item + 1 for t, label in zip(r["input_ids"], r["labels"]) if label != -100 and t >= first_item]
                for r in data.rows]
     assert len(answers) == len(rows) > 20
-    assert answers == [[r["target"]] + [c for c in e if c != r["target"]] for r, e in zip(rows, expected)]
-    assert any(a[1:] != [c for c in r["candidates"][:8] if c != r["target"]] for a, r in zip(answers, rows))
+    assert answers == [[r.target] + [c for c in e if c != r.target] for r, e in zip(rows, expected)]
+    assert any(a[1:] != [c for c in r.window if c != r.target] for a, r in zip(answers, rows))
     pure = RerankerDataModule(tiny_dataset, tmp_path / "c", bb, dataclasses.replace(cfg, teacher_target="teacher"), None)
     assert [[t - first_item + 1 for t, label in zip(r["input_ids"], r["labels"]) if label != -100 and t >= first_item]
             for r in pure.rows] == [list(e) for e in expected]
@@ -255,8 +249,10 @@ def test_retriever_prior_is_tuned_by_hand():
             table = {(1, 2, 3): [0.0, 0.0, 2.0], (4, 5, 6): [1.0, 2.0, 0.0]}
             return [torch.tensor(table[tuple(w)]) for w in windows]
 
-    rows = [{"history": [9], "candidates": [1, 2, 3], "target": 3}, {"history": [9], "candidates": [4, 5, 6], "target": 4},
-            {"history": [9], "candidates": [7, 8, 9], "target": 10}]      # the last window misses: skipped
+    from recsys.types import CandidateList
+
+    rows = [CandidateList("u", 0, np.array([9]), np.array(c), np.zeros(3, np.float32), t)
+            for c, t in (([1, 2, 3], 3), ([4, 5, 6], 4), ([7, 8, 9], 10))]   # the last window misses: skipped
     scorer = Fixed()
     best, table = tune_retriever_prior(scorer, rows, window=3, grid=(0.0, 1.0, 2.0, 3.0))
     assert table[0.0] == pytest.approx((1 + 1 / np.log2(3)) / 2) and best == 0.0 and scorer.retriever_prior == 0.5

@@ -130,9 +130,9 @@ def test_rl_prompts_hold_their_item_unless_asked_otherwise(tiny_dataset, tmp_pat
     every = PromptData(tiny_dataset, cands, RLConfig(init=str(lw), reachable_only=False, **RL))
     kept = PromptData(tiny_dataset, cands, RLConfig(init=str(lw), **RL))
     def key(rows):
-        return [(list(r["history"]), r["window"], r["target"]) for r in rows]
+        return [(list(r.history), r.window, r.target) for r in rows]
 
-    assert key(kept.train_rows) == key(r for r in every.train_rows if r["target"] in r["window"])
+    assert key(kept.train_rows) == key(r for r in every.train_rows if r.has_target)
     assert 0 < len(kept.train_rows) < len(every.train_rows) and key(kept.valid_rows) == key(every.valid_rows)
 
 
@@ -156,9 +156,9 @@ def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, com
                                            roll["reward"]):
         parsed = module._parse(answer, window)
         ranked = [window[i] for i in (parsed.order if complete else parsed.generated)][:depth or len(window)]
-        want = 1 / math.log2(ranked.index(row["target"]) + 2) if row["target"] in ranked else 0.0
+        want = 1 / math.log2(ranked.index(row.target) + 2) if row.target in ranked else 0.0
         assert reward.item() == pytest.approx(want, abs=1e-6)
-        deep.append(row["target"] in ranked and ranked.index(row["target"]) >= 3)
+        deep.append(row.target in ranked and ranked.index(row.target) >= 3)
     if complete and depth is None:                 # the whole-list reward reached past rank 3 at least once
         assert any(deep)
 

@@ -165,7 +165,8 @@ def test_generative_export_beam_search_in_numpy_matches_torch(tmp_path, layout):
     model.save_pretrained(tmp_path / "gen")
     out = tmp_path / "serve"
     out.mkdir()
-    (out / "manifest.json").write_text(json.dumps({"models": {"generative": export_generative(tmp_path / "gen", out)}}))
+    (out / "manifest.json").write_text(json.dumps({"version": "test", "files": {},
+                                                   "models": {"generative": export_generative(tmp_path / "gen", out)}}))
     entry = json.loads((out / "manifest.json").read_text())["models"]["generative"]
     assert entry["parity_max_abs"] <= TOLERANCE
     if layout != "token":                          # item layout: encoder once per history + code-head graph
@@ -333,7 +334,7 @@ def test_a_changed_or_missing_artifact_stops_loading_and_names_the_file(exported
     from serving.runtime import Recommender, read_manifest, verify_files
 
     out, _, _ = exported
-    files = read_manifest(out)["files"]
+    files = read_manifest(out).files
     assert {"sasrec.onnx", "sasrec.onnx.data", "items.npy", "first.onnx", "catalog.parquet",
             "histories.parquet", "tokenizer/tokenizer.json"} <= set(files)
     assert verify_files(out, read_manifest(out)) == len(files)
@@ -349,6 +350,29 @@ def test_a_changed_or_missing_artifact_stops_loading_and_names_the_file(exported
     (out / "manifest.json").write_text('{"truncated": ')
     with pytest.raises(RecsysError, match=r"manifest\.json: not valid JSON"):
         Recommender(out)
+
+
+def test_a_manifest_with_a_missing_or_unknown_field_is_refused_naming_it(exported):
+    """The runtime reads manifest.json as typed records: a field it needs, missing, or one it does not know,
+    is an error naming the file and the field, before any graph is loaded; the JSON form round-trips."""
+    from recsys.errors import RecsysError
+    from recsys.types import ExportManifest
+    from serving.runtime import Recommender
+
+    out, _, _ = exported
+    raw = json.loads((out / "manifest.json").read_text())
+    manifest = ExportManifest.from_dict(raw)
+    assert manifest.to_dict() == raw and manifest.models["first"].identifiers == raw["models"]["first"]["identifiers"]
+    cases = [(lambda m: m["models"]["first"].pop("window"), r"models\.first lacks window"),
+             (lambda m: m["models"]["sasrec"].update(colour="red"), r"models\.sasrec has unknown field\(s\) colour"),
+             (lambda m: m.pop("files"), r"the manifest lacks files"),
+             (lambda m: m.update(models=[]), r"models must be an object")]
+    for damage, message in cases:
+        broken = json.loads(json.dumps(raw))
+        damage(broken)
+        (out / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(RecsysError, match=rf"manifest\.json: {message}.*recsys export"):
+            Recommender(out)
 
 
 def test_the_serve_image_requirements_cover_every_library_the_runtime_imports(exported):

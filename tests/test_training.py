@@ -293,8 +293,9 @@ def test_two_process_reranker_sft_and_rl_validate_on_all_rows_and_write_once(tmp
     RL from that model (``--algo rank-grpo``)."""
     import numpy as np
 
-    from pipelines.reranker import load_candidates, make_scorer, user_sequences
+    from pipelines.reranker import make_scorer
     from recsys.data import PreparedDataset
+    from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone
     from recsys.metrics import compute_metrics, target_rank
     from recsys.retrieval.candidates import PopularityRetriever, generate_candidates
@@ -314,12 +315,10 @@ def test_two_process_reranker_sft_and_rl_validate_on_all_rows_and_write_once(tmp
     assert sorted(p.name for p in (tmp_path / "rr" / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     backbone = load_backbone(tmp_path / "rr" / "model")
     scorer = make_scorer(backbone, "listwise", None, 12, max_history=20, bf16=False, identifiers="letters")
-    sequences = user_sequences(ds)
-    rows = [r for r in load_candidates(tmp_path / "c", "valid").tail(25).iter_rows(named=True)
-            if r["target"] in list(r["candidates"][:12])]
-    ranked = scorer.rank_windows([sequences[r["uidx"]][:r["history_length"]] for r in rows],
-                                 [[int(c) for c in r["candidates"][:12]] for r in rows])
-    ranks = np.array([target_rank(o, r["target"]) for o, r in zip(ranked, rows)], dtype=np.float64)[:, None]
+    rows = [r.top(12) for r in read_candidate_lists(ds, tmp_path / "c", "valid")[-25:]]
+    rows = [r for r in rows if r.has_target]
+    ranked = scorer.rank_windows([r.history for r in rows], [r.window for r in rows])
+    ranks = np.array([target_rank(o, r.target) for o, r in zip(ranked, rows)], dtype=np.float64)[:, None]
     alone = compute_metrics(ranks, np.ones_like(ranks), ["ndcg@10"])["ndcg@10"]
     assert len(rows) > 4 and abs(alone - best) < 1e-6
     # RL from it, in 2 processes and in 1: the step-0 validation of the same weights agrees, one model is written

@@ -28,7 +28,7 @@ def ndcg10(rank: int) -> float:
     return 1.0 / np.log2(rank + 2) if rank < 10 else 0.0
 
 
-def probe(model_dir: Path, dataset, valid, sequences) -> dict:
+def probe(model_dir: Path, dataset, valid) -> dict:
     import torch
 
     from pipelines.hybrid import load_hybrid, window_scores, windows
@@ -37,8 +37,8 @@ def probe(model_dir: Path, dataset, valid, sequences) -> dict:
 
     model, config = load_hybrid(model_dir, dataset)
     inserting = dataclasses.replace(config, target_missing="insert")
-    natural = [r["target"] in list(r["candidates"][:config.window]) for r in valid.iter_rows(named=True)]
-    ws = windows(valid, sequences, inserting, dataset.n_items, config.seed + 1, 0.0)
+    natural = [r.top(config.window).has_target for r in valid]
+    ws = windows(valid, inserting, dataset.n_items, config.seed + 1, 0.0)
     titles = item_titles(dataset, config.domain)
     scores = {True: [], False: []}
     with torch.no_grad():
@@ -60,20 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=1000, help="last validation lists probed")
     a = p.parse_args(argv)
     provenance = Provenance("pipelines.benchmarks.intruder_probe")
-    from pipelines.reranker import load_candidates, user_sequences
     from recsys.data import PreparedDataset
+    from recsys.data.candidates import read_candidate_lists
 
     out = Path(a.out)
     dataset = PreparedDataset.load(out / "data" / "ml-1m")
-    valid = load_candidates(out / "runs" / "candidates-t30-seed0", "valid").tail(a.users)
-    sequences = user_sequences(dataset)
-    retriever = [ndcg10(list(r["candidates"][:20]).index(r["target"])) for r in valid.iter_rows(named=True)
-                 if r["target"] in list(r["candidates"][:20])]
+    valid = read_candidate_lists(dataset, out / "runs" / "candidates-t30-seed0", "valid")[-a.users:]
+    retriever = [ndcg10(int(r.top(20).target_rank())) for r in valid if r.top(20).has_target]
     rows = [{"name": "retriever-order", "metrics": {"natural_cand_ndcg@10": round(float(np.mean(retriever)), 4),
                                                     "natural_windows": len(retriever)}}]
     for spec in a.models:
         name, _, model_dir = spec.partition("=")
-        rows.append({"name": name, "model": model_dir, "metrics": probe(Path(model_dir), dataset, valid, sequences)})
+        rows.append({"name": name, "model": model_dir, "metrics": probe(Path(model_dir), dataset, valid)})
         print(rows[-1], flush=True)
     path = write_result("intruder_probe", provenance, {"users": a.users, "rows": rows})
     print(f"intruder_probe: wrote {path}")

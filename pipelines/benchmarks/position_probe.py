@@ -41,20 +41,20 @@ def ndcg_of_ranks(ranks: list[float]) -> float:
     return compute_metrics(r, np.ones_like(r), ["ndcg@10"])["ndcg@10"]
 
 
-def probe(scorer, rows: list[dict], window: int, seed: int = 0, batch: int = 16) -> dict:
+def probe(scorer, rows: list, window: int, seed: int = 0, batch: int = 16) -> dict:
     """``{order: {"model_cand_ndcg@10", "position_only_cand_ndcg@10", "letter_bias", "seconds"}}`` over
-    ``rows`` (dicts with ``history``, ``candidates``, ``target``; each window holds its target)."""
+    ``rows`` (:class:`recsys.types.CandidateList`; each window holds its target)."""
     rng = np.random.default_rng(seed)
     out = {}
     for order in ORDERS:
         shown = []
         for r in rows:
-            w = [int(c) for c in r["candidates"][:window]]
+            w = r.top(window).window
             shown.append([w[i] for i in permutation(order, len(w), rng)])
         t = time.perf_counter()
         scores = np.stack([s.float().numpy() for i in range(0, len(rows), batch)
-                           for s in scorer.first_scores([r["history"] for r in rows[i:i + batch]], shown[i:i + batch])])
-        pos = [w.index(r["target"]) for w, r in zip(shown, rows)]
+                           for s in scorer.first_scores([r.history for r in rows[i:i + batch]], shown[i:i + batch])])
+        pos = [w.index(r.target) for w, r in zip(shown, rows)]
         model = [float((s > s[p]).sum()) for s, p in zip(scores, pos)]
         out[order] = {"model_cand_ndcg@10": ndcg_of_ranks(model), "position_only_cand_ndcg@10": ndcg_of_ranks(pos),
                       "letter_bias": np.round(scores.mean(0) - scores.mean(), 3).tolist(),
@@ -78,8 +78,9 @@ def main() -> None:
 
     import torch
 
-    from pipelines.reranker import load_candidates, load_reranker, user_sequences
+    from pipelines.reranker import load_reranker
     from recsys.data import PreparedDataset
+    from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone, smollm2_dir
     from recsys.rerank.listwise import ListwiseReranker
     from recsys.rerank.prompts import item_titles
@@ -92,10 +93,8 @@ def main() -> None:
     else:
         scorer = ListwiseReranker(load_backbone(smollm2_dir()), item_titles(ds), a.window, a.window // 2,
                                   max_history=a.max_history, bf16=False)
-    sequences = user_sequences(ds)
-    valid = load_candidates(a.candidates, "valid").head(a.users)
-    rows = [{**r, "history": sequences[r["uidx"]][:r["history_length"]]} for r in valid.iter_rows(named=True)
-            if r["target"] in list(r["candidates"][:a.window])]
+    rows = [r.top(a.window) for r in read_candidate_lists(ds, a.candidates, "valid")[:a.users]]
+    rows = [r for r in rows if r.has_target]
     with torch.no_grad():
         result = probe(scorer, rows, a.window)
     path = write_result(f"position_probe_{a.name}", prov, {

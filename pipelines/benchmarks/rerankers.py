@@ -53,22 +53,20 @@ def ndcg_vs_retriever(eval_dir: Path, depth: int = 20, split: str = "test") -> d
 def validity(dataset, model_dir_or_backbone, candidates_dir, users: int, max_history: int = 10) -> dict:
     """Unconstrained greedy generation on the first ``users`` test windows: how often the answer is a
     valid ranking (every line one identifier of the window, no duplicates, the end token)."""
-    from pipelines.reranker import item_titles, load_candidates, user_sequences
+    from pipelines.reranker import item_titles
+    from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone
     from recsys.rerank.listwise import ListwiseReranker
     from recsys.rerank.parse import parse_ranking
 
     bb = load_backbone(model_dir_or_backbone)
-    df = load_candidates(candidates_dir, "test").head(users)
-    seqs = user_sequences(dataset)
     rr = ListwiseReranker(bb, item_titles(dataset), 20, max_history=max_history)
     end = bb.tokenizer.decode([bb.end_id])
     counts = {"valid": 0, "complete": 0, "malformed_lines": 0, "duplicates": 0, "out_of_window": 0}
-    rows = list(df.iter_rows(named=True))
+    rows = [r.top(20) for r in read_candidate_lists(dataset, candidates_dir, "test")[:users]]
     for i in range(0, len(rows), 8):
         chunk = rows[i:i + 8]
-        texts = rr.generate([seqs[r["uidx"]][:r["history_length"]] for r in chunk],
-                            [[int(c) for c in r["candidates"][:20]] for r in chunk], constrained=False)
+        texts = rr.generate([r.history for r in chunk], [r.window for r in chunk], constrained=False)
         for t in texts:
             p = parse_ranking(t, 20, end)
             counts["valid"] += p.valid

@@ -129,10 +129,11 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     )
     from pipelines.hybrid import HybridTrainConfig, train_hybrid
     from pipelines.quickstart import Stages
-    from pipelines.reranker import RerankerSFTConfig, load_candidates, train_reranker
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
     from pipelines.retrieval import candidates
     from pipelines.train import SASRecTrainConfig, train_sasrec
     from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
+    from recsys.data.candidates import read_candidate_lists
     from recsys.rerank.features import GROUPS, requests_from_candidates
     from recsys.rerank.fusion import FusionConfig, FusionRanker
 
@@ -181,7 +182,10 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
     names = stages.run("features", base | {"groups": everything}, features)["names"]
     split_data = {s: dict(np.load(feat_dir / f"{s}.npz")) for s in ("valid", "test")}
-    test_requests = requests_from_candidates(ds, load_candidates(cands, "test"), depth)
+    def requests(split: str):
+        return requests_from_candidates(ds, read_candidate_lists(ds, cands, split), depth)
+
+    test_requests = requests("test")
     later = np.asarray([r.time > r.history_times[-1] for r in test_requests])
     targets = split_data["test"]["targets"]
     from pipelines.fusion import ranking_metrics
@@ -202,7 +206,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         examples = ds.eval_examples("test")
         ranks = evaluate_full_ranking(Popularity.fit(ds), examples, ["hr@10"], progress=False, return_ranks=True)[1]
         order = {int(u): i for i, u in enumerate(examples.users)}
-        at = [order[int(u)] for u in load_candidates(cands, "test")["uidx"].to_list()]   # the candidates' order
+        at = [order[r.uidx] for r in test_requests]                      # the candidates' order
         metrics, users = ranking_metrics(ranks[at, 0], METRICS)
         return {"name": "popularity", "seed": 0, "features": ["popularity"], "scorer": "full ranking by training count",
                 "metrics": {m: round(metrics[m], 5) for m in METRICS}, "num_users": metrics["num_queries"],
@@ -275,7 +279,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         logit_file = runs / f"lm-logits-seed{s}.npz"
 
         def logits():
-            reqs = {split: requests_from_candidates(ds, load_candidates(cands, split), depth) for split in ("valid", "test")}
+            reqs = {split: requests(split) for split in ("valid", "test")}
             np.savez(logit_file, **{split: lm_logits(ds, lm_dir / "model", reqs[split], window) for split in reqs})
             return str(logit_file)
 
@@ -328,7 +332,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         valid_file = runs / f"{name}-valid-logits-seed{s}.npy"
 
         def valid_logits():               # every validation list: the fusion rows train on them
-            np.save(valid_file, top_window(requests_from_candidates(ds, load_candidates(cands, "valid"), depth)))
+            np.save(valid_file, top_window(requests("valid")))
             return str(valid_file)
 
         stages.run(f"{name}-valid-logits-seed{s}", base | {"trained": trained}, valid_logits)

@@ -87,16 +87,15 @@ def main() -> None:
 
     import trl
 
-    from pipelines.reranker import load_candidates, load_reranker, user_sequences
+    from pipelines.reranker import load_reranker
     from recsys.data import PreparedDataset
+    from recsys.data.candidates import read_candidate_lists
 
     ds = PreparedDataset.load(a.data)
     scorer = load_reranker(a.init, ds)
-    sequences = user_sequences(ds)
-    rows = list(load_candidates(a.candidates, "valid").head(a.steps * a.prompts_per_step).iter_rows(named=True))
-    windows = [[int(c) for c in r["candidates"][:20]] for r in rows]
-    prompts = scorer.prompts([sequences[r["uidx"]][:r["history_length"]] for r in rows], windows)
-    targets = [w.index(r["target"]) if r["target"] in w else -1 for r, w in zip(rows, windows)]
+    rows = [r.top(20) for r in read_candidate_lists(ds, a.candidates, "valid")[:a.steps * a.prompts_per_step]]
+    prompts = scorer.prompts([r.history for r in rows], [r.window for r in rows])
+    targets = [int(r.target_rank()) if r.has_target else -1 for r in rows]
     answer_tokens = 2 * 20 + 1                                   # 20 identifiers, each with its newline, then <eor>
     ours = ours_grpo(ds, Path(a.candidates), Path(a.init), Path(a.out) / "ours", a.steps, a.prompts_per_step,
                      a.group_size, a.seed)

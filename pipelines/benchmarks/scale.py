@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         r |= {"commit": provenance.commit, "date": provenance.date}        # parts are recorded at different times
     path = write_result("scale", provenance, {"rows": kept + rows})
     for r in rows:
-        print(r["name"], r["metrics"], r["seconds"], "s")
+        print(r["name"], r["metrics"], *([r["seconds"], "s"] if "seconds" in r else [r["inputs"]]))
     print(f"scale: wrote {path}")
     return 0
 

@@ -95,6 +95,7 @@ class PreparedDataset:
         self.directory, self.catalog, self.users = directory, catalog, users
         self.interactions, self.manifest = interactions, manifest
         self._groups: dict[str, list[np.ndarray]] | None = None
+        self._sequences: tuple[list[np.ndarray], list[np.ndarray]] | None = None
 
     @classmethod
     def load(cls, directory: str | Path) -> PreparedDataset:
@@ -176,6 +177,23 @@ class PreparedDataset:
                 counts = np.bincount(uidx[mask], minlength=self.n_users)
                 self._groups[name] = np.split(idx[mask], np.cumsum(counts)[:-1])
         return self._groups
+
+    def user_sequences(self) -> list[np.ndarray]:
+        """(n_users,) list of each user's whole sequence of item idx (train, valid, test) in time order: a
+        candidate list's history is its first ``history_length`` items, whatever the split."""
+        return self._chronological()[0]
+
+    def user_timestamps(self) -> list[np.ndarray]:
+        """(n_users,) list of the Unix seconds of each item of :meth:`user_sequences`."""
+        return self._chronological()[1]
+
+    def _chronological(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        if self._sequences is None:
+            df = self.interactions.sort(["uidx", "pos"])
+            cuts = np.cumsum(np.bincount(df["uidx"].to_numpy(), minlength=self.n_users))[:-1]
+            self._sequences = (np.split(df["idx"].to_numpy().astype(np.int64), cuts),
+                               np.split(df["timestamp"].to_numpy(), cuts))
+        return self._sequences
 
     def train_sequences(self) -> list[np.ndarray]:
         """(n_users,) list of each user's training items in time order."""

@@ -44,6 +44,7 @@ import numpy as np
 import polars as pl
 
 from recsys.errors import DataError, RecsysError
+from recsys.types import CandidateList
 
 GROUPS = {
     "retriever": ["retriever_gap", "retriever_log_position", "retriever_log_softmax"],
@@ -256,18 +257,14 @@ def supported_groups(dataset) -> list[str]:
     return [g for g in GROUPS if has.get(g, True)]
 
 
-def requests_from_candidates(dataset, rows: pl.DataFrame, depth: int | None = None) -> list[Request]:
-    """A :class:`Request` per row of a candidates parquet (``uidx``, ``history_length``, ``candidates``,
-    ``scores``): the history is the user's first ``history_length`` items, the request time that of the
-    next one (the held-out item's: the moment the recommendation was asked for); the top ``depth``
-    candidates (default all)."""
-    df = dataset.interactions.sort(["uidx", "pos"])
-    counts = np.bincount(df["uidx"].to_numpy(), minlength=dataset.n_users)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    idx, times = df["idx"].to_numpy().astype(np.int64), df["timestamp"].to_numpy()
+def requests_from_candidates(dataset, lists: list[CandidateList], depth: int | None = None) -> list[Request]:
+    """A :class:`Request` per candidate list of ``dataset`` (:func:`recsys.data.candidates.read_candidate_lists`):
+    its history, the request time that of the user's next item (the held-out one: the moment the
+    recommendation was asked for), the top ``depth`` candidates (default all) and their scores."""
+    times = dataset.user_timestamps()
     out = []
-    for u, n, cands, scores in rows.select("uidx", "history_length", "candidates", "scores").iter_rows():
-        s = starts[u]
-        out.append(Request(int(u), idx[s:s + n], times[s:s + n], int(times[s + n]), np.asarray(cands)[:depth],
-                           np.asarray(scores, dtype=np.float64)[:depth]))
+    for r in lists:
+        n, t = len(r.history), times[r.uidx]
+        out.append(Request(r.uidx, r.history, t[:n], int(t[n]), r.candidates[:depth],
+                           r.scores[:depth].astype(np.float64)))
     return out

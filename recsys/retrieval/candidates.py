@@ -24,10 +24,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from recsys.data.candidates import write_candidates
 from recsys.data.prepared import EvalExamples, PreparedDataset
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
@@ -159,15 +159,10 @@ def _write_split(directory: Path, split: str, dataset: PreparedDataset, ex: Eval
     """Write ``candidates_<split>.parquet`` (candidates (Q, n), best first) and return the target's recall."""
     ids = dataset.catalog.sort("idx")["item_id"].to_numpy()
     users = dataset.users.sort("uidx")["user_id"].to_numpy()
-    hits = hit_ranks(idx, ex)
-    n = idx.shape[1]
     target = np.array([t[0] for t in ex.targets])
-    pl.DataFrame({
-        "user_id": users[ex.users], "uidx": ex.users.astype(np.int32), "target": target.astype(np.int32),
-        "target_item_id": ids[target - 1], "history_length": [len(h) for h in ex.histories],
-        "candidates": idx.astype(np.int32), "scores": scores.astype(np.float32), "hit_rank": hits.astype(np.int32),
-    }).write_parquet(directory / f"candidates_{split}.parquet")
-    return recall_at(hits, tuple(k for k in (20, 50, 100, 200) if k <= n) or (n,))
+    hits = write_candidates(directory, split, users[ex.users], ex.users, target, ids[target - 1],
+                            [len(h) for h in ex.histories], idx, scores)
+    return recall_at(hits, tuple(k for k in (20, 50, 100, 200) if k <= idx.shape[1]) or (idx.shape[1],))
 
 
 def generate_candidates(dataset: PreparedDataset, retriever, name: str, out: str | Path, n: int = 200,
