@@ -60,16 +60,9 @@ from recsys.generative.model import GenerativeConfig, GenerativeRecommender
 from recsys.generative.ved import VEDConfig, ved
 from recsys.metrics import compute_metrics
 from recsys.retrieval.semantic_ids import SemanticIDs
-from recsys.rl.advantages import group_advantages
-from recsys.rl.grpo import policy_loss
-from recsys.rl.rank_grpo import rank_advantages, rank_grpo_loss, rank_rewards
-from recsys.rl.vstar import (
-    level_rewards,
-    prefix_reward,
-    sibling_advantages,
-    sibling_loss,
-    td_targets,
-)
+from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
+from recsys.rl.rank_grpo import PAD
+from recsys.rl.vstar import level_rewards, prefix_reward
 
 ALGOS = ("sft", "grpo", "rank-grpo", "vstar")
 METRICS = ["hr@5", "hr@10", "ndcg@5", "ndcg@10", "hr@20", "ndcg@20", "mrr"]
@@ -176,6 +169,13 @@ class GenerativeTrainConfig:
                                      ("dense_reward", self.dense_reward, ("embeddings", "codes"))):
             if value not in allowed:
                 raise RecsysError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def objective_settings(self) -> Settings:
+        """The hyper-parameters :data:`recsys.rl.objectives.OBJECTIVES` reads from this run (one clip range
+        ``eps`` on both sides, std-scaled group advantages)."""
+        return Settings(beta=self.beta, eps_low=self.eps, eps_high=self.eps, scale_rewards="std",
+                        rank_reward=self.rank_reward, sibling_credit=self.sibling_credit,
+                        sibling_weight=self.sibling_weight, value_weight=self.value_weight, gamma=self.gamma)
 
     def ved(self) -> VEDConfig:
         return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
@@ -366,7 +366,6 @@ class GenerativeRLModule(_Validated):
         target_codes = self.model.idx_codes[targets.to(self.device)]                                   # (B, D)
         reward = prefix_reward(out.codes, target_codes[:, None].cpu(), cfg.shaping)                     # (B, G)
         ok = (out.items > 0).view(-1)
-        adv = group_advantages(reward.view(-1), G, "std")
         codes = out.codes.view(-1, D)
         rep = [h for h in hists for _ in range(G)]
         exclude = self._exclude(hists, G)
@@ -377,24 +376,20 @@ class GenerativeRLModule(_Validated):
         on = ok[:, None].to(ref_logp.device)
         ref_logp = torch.where(on, ref_logp, torch.zeros_like(ref_logp))
         mask = ok[:, None].expand(-1, D).to(ref_logp.device)
+        batch = Rollouts(G, mask, reward.view(-1), None, ref_logp)
         if vstar:
-            sib = [sibling_advantages(c, r, credit=cfg.sibling_credit) for c, r in zip(out.codes, reward)]
-            A, carry = torch.cat([a for a, _ in sib]), torch.cat([c for _, c in sib]) & mask.cpu()
-            dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
-                               for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
-        opt, old_logp = self.optimizers(), None
+            batch.codes = out.codes
+            batch.dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
+                                     for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
+        objective, settings = OBJECTIVES[cfg.algo], cfg.objective_settings()
+        adv = objective.advantages(batch, settings)
+        opt = self.optimizers()
         for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
             res = code_log_probs(self.model, rep, codes, exclude, values=vstar)
             logp, values = res if vstar else (res, None)
             logp = torch.where(on, logp, torch.zeros_like(logp))
-            old_logp = logp.detach() if old_logp is None else old_logp
-            loss, stats = policy_loss(logp, old_logp, adv[:, None].to(logp.device), mask, ref_logp, cfg.beta,
-                                      cfg.eps, cfg.eps)
-            if vstar:
-                loss = loss + cfg.sibling_weight * sibling_loss(logp, A, carry, ref_logp, cfg.beta)
-                target_v = td_targets(values.float(), dense.to(values.device), cfg.gamma)
-                value_loss = ((values.float() - target_v) ** 2)[ok.to(values.device)].mean()
-                loss = loss + cfg.value_weight * value_loss
+            batch.old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
+            loss, stats = objective.loss(logp, batch, adv, settings, values)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
@@ -404,7 +399,7 @@ class GenerativeRLModule(_Validated):
                 "train/calls": torch.tensor(calls), "train/kl": stats.get("kl", torch.tensor(0.0)),
                 "train/clip_fraction": stats["clip_fraction"]}
         if vstar:
-            logs["train/value_loss"] = value_loss.detach()
+            logs["train/value_loss"] = stats["value_loss"]
         self.log_dict({k: torch.as_tensor(v).float() for k, v in logs.items()}, batch_size=len(rows))
         self.log("reward", reward.mean(), prog_bar=True, batch_size=len(rows))
 
@@ -433,18 +428,20 @@ class GenerativeRLModule(_Validated):
             lists = generate_list(self.model, rep, N, sample=True, temperature=cfg.temperature, generator=gen,
                                   end_token=None)
         rel = torch.tensor([[float(j < len(lst) and lst[j] == t) for j in range(N)] for lst, t in zip(lists, targets)])
-        adv = rank_advantages(rank_rewards(rel, cfg.rank_reward), G, "std").to(self.device)           # (R, N)
         lengths = torch.tensor([len(lst) for lst in lists], device=self.device)
         token = torch.arange(N * D, device=self.device)
         bins = torch.where(token[None, :] < lengths[:, None] * D, token[None, :] // D, torch.full_like(token, -2))
         self.model.train()
         with torch.no_grad():
             ref_logp = self.list_log_probs(self.ref, rep, lists)
-        opt, old_logp = self.optimizers(), None
+        batch = Rollouts(G, bins != PAD, rel.amax(1), None, ref_logp, rel=rel.to(self.device), bins=bins)
+        objective, settings = OBJECTIVES["rank-grpo"], cfg.objective_settings()
+        adv = objective.advantages(batch, settings)
+        opt = self.optimizers()
         for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
             logp = self.list_log_probs(self.model, rep, lists)
-            old_logp = logp.detach() if old_logp is None else old_logp
-            loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, cfg.beta, cfg.eps, cfg.eps)
+            batch.old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
+            loss, stats = objective.loss(logp, batch, adv, settings)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()

@@ -64,23 +64,15 @@ from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.sft import SFTExample, teacher_scores
 from recsys.rerank.slate import SlateRankConstraint, slate_rank_positions
-from recsys.rl.advantages import group_advantages
 from recsys.rl.f_grpo import (
     coverage_reward,
-    f_grpo_loss,
     joint_reward,
-    phase_advantages,
     phase_masks,
 )
-from recsys.rl.grpo import kl_k3, policy_loss
-from recsys.rl.lipo import PREFERENCE_ALGOS, group_preference_loss
+from recsys.rl.lipo import PREFERENCE_ALGOS
+from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
 from recsys.rl.rank_grpo import (
-    PAD,
-    rank_advantages,
-    rank_grpo_loss,
-    rank_rewards,
     segment_ranks,
-    token_advantages,
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
 from recsys.types import CandidateList
@@ -169,6 +161,13 @@ class RLConfig:
     """Seeds the prompt order and the rollouts."""
     precision: str = "auto"
     """``auto``, ``32-true`` or ``bf16-mixed``; not part of a run's identity."""
+
+    def objective_settings(self) -> Settings:
+        """The hyper-parameters :data:`recsys.rl.objectives.OBJECTIVES` reads from this run."""
+        shaping = COMPLETED_SHAPING | {"end_sums_handed_ranks": self.reward == "exp_inf"} if self.complete_lists else {}
+        return Settings(beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
+                        scale_rewards=self.scale_rewards, rank_reward=self.reward, shaping=shaping,
+                        preference_beta=self.preference_beta)
 
     @property
     def val_metric(self) -> str:
@@ -330,7 +329,7 @@ class RerankerRLModule(L.LightningModule):
             return slate_constraint(self.scorer, windows, self.cfg.slate_size, self.cfg.rank_size)
         return self.scorer.list_constraint(windows)
 
-    def _rollouts(self, rows: list[CandidateList], generator: torch.Generator) -> dict:
+    def rollouts(self, rows: list[CandidateList], generator: torch.Generator) -> dict:
         """G rollouts per prompt: ``prompt`` batch, ``answer`` (B*G, T), token ``mask``, sequence
         ``reward`` (B*G,), and per algorithm ``rel`` (per-rank relevance) or the two phase rewards."""
         G = self.cfg.group_size
@@ -350,7 +349,7 @@ class RerankerRLModule(L.LightningModule):
                 rank_r = ndcg_at_k(rel, torch.ones(len(rel)), R)
                 return roll | {"slate_reward": slate_r, "rank_reward": rank_r, "reward": joint_reward(slate_r, rank_r)}
             N = len(windows[0])
-            parsed = [self._parse(a, w) for a, w in zip(answer, windows)]
+            parsed = [self.parse(a, w) for a, w in zip(answer, windows)]
             served = [p.order if self.cfg.complete_lists else p.generated for p in parsed]
             rel = torch.tensor([relevance([w[i] for i in s], {t}, N) for s, w, t in zip(served, windows, targets)])
             depth = self.cfg.grpo_reward_depth or N
@@ -371,13 +370,13 @@ class RerankerRLModule(L.LightningModule):
     def _slate_rank(self, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
         return slate_items(self.scorer, answer, window)
 
-    def _parse(self, answer: torch.Tensor, window: list[int]):
+    def parse(self, answer: torch.Tensor, window: list[int]):
         """The parse of a generated answer (T,) (-1 = padding): the positions it names, in order, and its
         validity flags (constrained decoding always gives a valid list; logged as a check)."""
         text = self.bb.tokenizer.decode([t for t in answer.tolist() if t >= 0], skip_special_tokens=False)
         return self.scorer.parse(text, window)
 
-    def _log_probs(self, model, roll: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs(self, model, roll: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log-probs, entropies) (B*G, T) of the rollouts' tokens under ``model``'s sampling distribution
         (constrained, at the rollout temperature)."""
         answer, mask, temp = roll["answer"], roll["mask"], self.cfg.temperature
@@ -396,40 +395,26 @@ class RerankerRLModule(L.LightningModule):
         cfg, G = self.cfg, self.cfg.group_size
         step = self.global_step // cfg.mu
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        roll = self._rollouts(rows, gen)
+        roll = self.rollouts(rows, gen)
         answer, mask, reward = roll["answer"], roll["mask"], roll["reward"]
         self.model.train()
         with torch.no_grad():
-            old_logp, entropy = self._log_probs(self.model, roll)
-            ref_logp, _ = self._log_probs(self.ref, roll)
-        shaping = COMPLETED_SHAPING | {"end_sums_handed_ranks": cfg.reward == "exp_inf"} if cfg.complete_lists else {}
+            old_logp, entropy = self.log_probs(self.model, roll)
+            ref_logp, _ = self.log_probs(self.ref, roll)
+        batch = Rollouts(G, mask, reward, old_logp, ref_logp)
         if cfg.algo == "rank-grpo":
-            bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
-            adv = rank_advantages(rank_rewards(roll["rel"], cfg.reward), G, cfg.scale_rewards)
-            scored, token_adv = bins != PAD, token_advantages(adv, bins, **shaping)
+            batch.rel = roll["rel"]
+            batch.bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
         elif cfg.algo == "f-grpo":
-            slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], G, cfg.scale_rewards)
-            slate_mask, rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
-            scored, token_adv = slate_mask | rank_mask, slate_adv[:, None] * slate_mask + rank_adv[:, None] * rank_mask
-        else:                                # grpo, grouprank; lipo / dpo log the advantages they would have
-            adv = group_advantages(reward, G, cfg.scale_rewards)[:, None]
-            scored, token_adv = mask.bool(), adv.expand_as(mask)
+            batch.slate_reward, batch.rank_reward = roll["slate_reward"], roll["rank_reward"]
+            batch.slate_mask, batch.rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
+        objective, settings = OBJECTIVES[cfg.algo], cfg.objective_settings()
+        adv = objective.advantages(batch, settings)
         opt = self.optimizers()
         B = len(rows)
         for _ in range(cfg.mu):
-            logp, _ = self._log_probs(self.model, roll)
-            clip = (cfg.beta, cfg.eps_low, cfg.eps_high, cfg.aggregation)
-            if cfg.algo == "rank-grpo":
-                loss, stats = rank_grpo_loss(logp, old_logp, adv, bins, ref_logp, *clip, **shaping)
-            elif cfg.algo == "f-grpo":
-                loss, stats = f_grpo_loss(logp, old_logp, slate_adv, rank_adv, slate_mask, rank_mask, ref_logp, *clip)
-            elif cfg.algo in PREFERENCE_ALGOS:
-                sequence = (logp * mask).sum(1).reshape(B, G)
-                loss, stats = group_preference_loss(sequence, (ref_logp * mask).sum(1).reshape(B, G),
-                                                    reward.reshape(B, G).to(sequence), cfg.preference_beta, cfg.algo)
-                stats["kl"] = (kl_k3(logp, ref_logp) * mask).sum() / mask.sum().clamp(min=1)     # logged only
-            else:
-                loss, stats = policy_loss(logp, old_logp, adv, mask, ref_logp, *clip)
+            logp, _ = self.log_probs(self.model, roll)
+            loss, stats = objective.loss(logp, batch, adv, settings)
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
@@ -439,7 +424,7 @@ class RerankerRLModule(L.LightningModule):
                 "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
                 "train/length": lengths.mean(), "train/loss": loss.detach(),
                 # mean |advantage| over the tokens the loss scores: the size of a step at a given lr
-                "train/adv_abs": token_adv.abs()[scored].mean() if scored.any() else torch.tensor(0.0)}
+                "train/adv_abs": adv.token.abs()[adv.scored].mean() if adv.scored.any() else torch.tensor(0.0)}
         if self.slate:
             logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean(),
                      # prompts whose G slates earned different rewards: the only ones the slate phase learns from
@@ -459,7 +444,7 @@ class RerankerRLModule(L.LightningModule):
             orders = [self._slate_rank(a, w)[1] for a, w in zip(answers, windows)]
         elif self.listwise:
             answers = self.scorer.generate(hists, windows, True, 0.0, return_tokens=True)[1]
-            orders = [[w[i] for i in self._parse(a, w).order] for a, w in zip(answers, windows)]
+            orders = [[w[i] for i in self.parse(a, w).order] for a, w in zip(answers, windows)]
         else:
             orders = self.scorer.rank_windows(hists, windows, batch_size=len(windows))
         for r, o in zip(rows, orders):

@@ -406,3 +406,57 @@ def test_group_preference_loss_hand_examples():
     assert lipo.item() == pytest.approx(lipo_lambda_loss(pol[:1], ref[:1], rewards[:1], beta=1.0).item() / 2)
     with pytest.raises(ValueError, match="lipo"):
         group_preference_loss(pol, ref, rewards, algo="ipo")
+
+
+def test_every_trainer_algorithm_has_one_complete_objective_equal_to_its_parts():
+    """The registry covers both trainers' algorithms; GRPO's entry is the clipped surrogate on group-relative
+    advantages (the same numbers as calling the parts), Rank-GRPO's spreads per-rank advantages over tokens."""
+    from pipelines.generative import ALGOS as GENERATIVE
+    from pipelines.rl import ALGOS as RERANKER
+    from recsys.rl.grpo import policy_loss
+    from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
+    from recsys.rl.rank_grpo import rank_grpo_loss
+
+    assert (set(RERANKER) | set(GENERATIVE)) - {"sft"} <= set(OBJECTIVES)
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(4, 3, generator=g).requires_grad_()
+    old, ref = logp.detach() + 0.1 * torch.randn(4, 3, generator=g), logp.detach() - 0.05
+    batch = Rollouts(2, torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]).bool(),
+                     torch.tensor([1.0, 0.0, 0.3, 0.9]), old, ref)
+    settings = Settings(beta=0.1, eps_low=0.05, eps_high=0.08)
+    adv = OBJECTIVES["grpo"].advantages(batch, settings)
+    assert adv.sequence[:, 0].tolist() == pytest.approx(group_advantages(batch.reward, 2).tolist())
+    loss, _ = OBJECTIVES["grpo"].loss(logp, batch, adv, settings)
+    want, _ = policy_loss(logp, old, adv.sequence, batch.mask, ref, 0.1, 0.05, 0.08)
+    assert loss.item() == pytest.approx(want.item())
+    batch.rel, batch.bins = torch.tensor([[1.0, 0], [0, 0], [0, 1], [0, 0]]), torch.tensor(
+        [[0, 1, -1], [0, 1, -1], [0, 0, 1], [0, 1, -1]])
+    adv = OBJECTIVES["rank-grpo"].advantages(batch, settings)
+    assert adv.rank.shape == (4, 2) and adv.token[0, 0] == adv.rank[0, 0] and adv.token[2, 2] == adv.rank[2, 1]
+    loss, _ = OBJECTIVES["rank-grpo"].loss(logp, batch, adv, settings)
+    assert loss.item() == pytest.approx(rank_grpo_loss(logp, old, adv.rank, batch.bins, ref, 0.1, 0.05, 0.08)[0].item())
+
+
+def test_vstar_objective_adds_the_td_value_loss_by_hand():
+    """One prompt, G = 2 one-level codes, rewards (1, 0); values V(s0), V(s1) = (0.5, 0.2) and (0.1, 0.0), dense
+    level rewards 1 and 0, gamma 0.5: TD targets (0 + 0.5 * 0.2, 1) = (0.1, 1.0) and (0, 0); squared errors
+    0.16, 0.64, 0.01, 0 -> value loss 0.2025, added with value_weight 1 to GRPO's loss (Sibling-GRPO off)."""
+    from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
+
+    logp = torch.tensor([[-0.5], [-1.2]], requires_grad=True)
+    batch = Rollouts(2, torch.ones(2, 1, dtype=torch.bool), torch.tensor([1.0, 0.0]), logp.detach(),
+                     logp.detach(), codes=torch.tensor([[[0], [1]]]), dense=torch.tensor([[1.0], [0.0]]))
+    values = torch.tensor([[0.5, 0.2], [0.1, 0.0]])
+    vstar = OBJECTIVES["vstar"]
+    alone = Settings(sibling_weight=0.0, value_weight=0.0, gamma=0.5)
+    adv = vstar.advantages(batch, alone)
+    grpo, _ = OBJECTIVES["grpo"].loss(logp, batch, adv, alone)
+    assert vstar.loss(logp, batch, adv, alone, values)[0].item() == pytest.approx(grpo.item())
+    with_value, stats = vstar.loss(logp, batch, adv, Settings(sibling_weight=0.0, value_weight=1.0, gamma=0.5), values)
+    assert stats["value_loss"].item() == pytest.approx(0.2025)
+    assert (with_value - grpo).item() == pytest.approx(0.2025)
+    # on-policy both losses are 0 here (advantages sum to 0 over equal lengths); Sibling-GRPO adds its gradient
+    with_sibling, _ = vstar.loss(logp, batch, adv, Settings(sibling_weight=1.0, value_weight=0.0, gamma=0.5), values)
+    (g_grpo,) = torch.autograd.grad(grpo, logp)
+    (g_both,) = torch.autograd.grad(with_sibling, logp)
+    assert g_grpo[0, 0] < 0 < g_grpo[1, 0] and not torch.allclose(g_both, g_grpo)

@@ -111,13 +111,13 @@ def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, 
     cfg = RLConfig(algo="f-grpo", init=str(lw), slate_size=4, rank_size=2, **RL)
     module = RerankerRLModule(load_reranker(lw, tiny_dataset, window=8), cfg)
     rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
-    roll = module._rollouts(rows, torch.Generator().manual_seed(0))
+    roll = module.rollouts(rows, torch.Generator().manual_seed(0))
     slate_mask, rank_mask = phase_masks(roll["answer"], roll["mask"], module.bb.rank_marker_id)
     assert slate_mask.sum(1).tolist() == [9] * 16 and rank_mask.sum(1).tolist() == [5] * 16
     slate_adv, rank_adv = phase_advantages(roll["slate_reward"], roll["rank_reward"], 4)
     assert torch.allclose(slate_adv.reshape(4, 4).sum(1), torch.zeros(4), atol=1e-5)
     assert torch.allclose(rank_adv.reshape(4, 4).sum(1), torch.zeros(4), atol=1e-5)
-    logp, _ = module._log_probs(module.model, roll)
+    logp, _ = module.log_probs(module.model, roll)
     assert torch.all(logp[~roll["mask"]] == 0) and torch.all(logp <= 0)
 
 
@@ -150,11 +150,11 @@ def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, com
     cfg = RLConfig(algo="grpo", init=str(lw), complete_lists=complete, grpo_reward_depth=depth, **RL)
     module = RerankerRLModule(load_reranker(lw, tiny_dataset, window=8), cfg)
     rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
-    roll = module._rollouts(rows, torch.Generator().manual_seed(0))
+    roll = module.rollouts(rows, torch.Generator().manual_seed(0))
     deep = []
     for answer, window, row, reward in zip(roll["answer"], roll["windows"], [r for r in rows for _ in range(4)],
                                            roll["reward"]):
-        parsed = module._parse(answer, window)
+        parsed = module.parse(answer, window)
         ranked = [window[i] for i in (parsed.order if complete else parsed.generated)][:depth or len(window)]
         want = 1 / math.log2(ranked.index(row.target) + 2) if row.target in ranked else 0.0
         assert reward.item() == pytest.approx(want, abs=1e-6)
