@@ -265,3 +265,25 @@ def resume_checkpoint(out, record: dict, resume: bool | str = True, defaults: di
             resume = False
     path.write_text(json.dumps(record, indent=2))
     return last if resume and last.exists() else None
+
+
+class StreamSampler(Sampler[int]):
+    """Epoch e yields items [e*size, (e+1)*size) of an endless stream of seeded permutations of 0..n-1,
+    so short "epochs" walk through the data without repeats and a resumed run replays nothing."""
+
+    def __init__(self, n: int, size: int, seed: int):
+        self.n, self.size, self.seed, self.epoch = n, size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        start = self.epoch * self.size
+        cycle, offset, out = start // self.n, start % self.n, []
+        while len(out) < self.size:
+            out += np.random.default_rng([self.seed, cycle]).permutation(self.n)[offset:].tolist()
+            cycle, offset = cycle + 1, 0
+        return iter(out[:self.size])
+
+    def __len__(self) -> int:
+        return self.size

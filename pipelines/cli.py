@@ -302,7 +302,7 @@ def cmd_recommend(a):
 
 def cmd_rerank(a):
     from pipelines.jobs import format_table
-    from pipelines.reranker import rerank_candidates
+    from pipelines.rerank import rerank_candidates
     from recsys.data import PreparedDataset
 
     result = rerank_candidates(PreparedDataset.load(a.data), a.model, a.candidates, a.out, a.split, a.window,

@@ -91,7 +91,7 @@ def window_scorer(dataset: PreparedDataset, lm_dir: str | Path, window: int):
                 w = [Window([int(x) for x in h[-config.max_history:]], c, -1) for h, c in zip(histories, cands)]
                 return list(window_scores(model, w, titles, config).float().numpy())
         return hybrid
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
 
     scorer = load_reranker(lm_dir, dataset, window=window)
     if scorer.identifiers != "items":

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from pipelines.callbacks import (
     RNGState,
+    StreamSampler,
     best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
@@ -50,7 +51,6 @@ from pipelines.callbacks import (
     resume_checkpoint,
 )
 from pipelines.optim import plateau
-from pipelines.rl import StreamSampler
 from pipelines.sasrec import LengthBucketSampler
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset

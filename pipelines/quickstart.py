@@ -119,7 +119,7 @@ def evaluate_stages(ds, runs: Path, cands: Path, p: dict, window: int) -> dict:
     from pipelines.fusion import evaluate_fusion
     from pipelines.generative import evaluate_generative, load_for
     from pipelines.jobs import evaluate_model
-    from pipelines.reranker import candidate_set_metrics, rerank_candidates
+    from pipelines.rerank import candidate_set_metrics, rerank_candidates
 
     metrics = [f"{m}@{k}" for k in (1, 5, 10, 20) for m in ("hr", "ndcg")]
     results = {"popularity": evaluate_model(ds, runs / "popularity", "test", metrics),

@@ -40,13 +40,13 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import polars as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from pipelines.callbacks import (
     RNGState,
     ShardedBatches,
+    StreamSampler,
     best_checkpoint,
     budget_timer,
     checkpoint_callbacks,
@@ -54,7 +54,12 @@ from pipelines.callbacks import (
     process_rank,
     resume_checkpoint,
 )
-from pipelines.reranker import load_reranker, tune_retriever_prior
+from pipelines.rerank import (
+    load_reranker,
+    slate_constraint,
+    slate_items,
+    tune_retriever_prior,
+)
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.data.candidates import read_candidate_lists
@@ -63,7 +68,6 @@ from recsys.metrics import compute_metrics, target_rank
 from recsys.rerank.first import replay_log_probs
 from recsys.rerank.listwise import ListwiseReranker
 from recsys.rerank.sft import SFTExample, teacher_scores
-from recsys.rerank.slate import SlateRankConstraint, slate_rank_positions
 from recsys.rl.f_grpo import (
     coverage_reward,
     joint_reward,
@@ -184,84 +188,6 @@ class RLConfig:
             raise ValueError(f"grouprank_teacher must be 'sft' or 'binary', got {self.grouprank_teacher!r}")
         if self.grouprank_ties not in ("random", "stable"):
             raise ValueError(f"grouprank_ties must be 'random' or 'stable', got {self.grouprank_ties!r}")
-
-
-def slate_constraint(scorer: ListwiseReranker, windows: list[list[int]], slate_size: int,
-                     rank_size: int) -> SlateRankConstraint:
-    """The slate-then-rank decoding constraint for a batch of candidate windows, over the reranker's own
-    identifiers (letters or item tokens). The retriever prior is not applied: the slate is the model's own
-    choice, and on sampled pools (``recsys candidates --retriever pool-popularity``) the order is random."""
-    bb = scorer.bb
-    return SlateRankConstraint(torch.tensor([len(w) for w in windows]), slate_size, rank_size,
-                               scorer.identifier_ids(windows), bb.separator_id, bb.rank_marker_id, bb.end_id)
-
-
-def slate_items(scorer: ListwiseReranker, answer: torch.Tensor, window: list[int]) -> tuple[list[int], list[int]]:
-    """The items (slate, ranking) a generated slate-then-rank answer (T,) names (-1 = padding)."""
-    slate, ranking = slate_rank_positions(answer, scorer.identifier_ids([window])[0], scorer.bb.rank_marker_id)
-    return [window[i] for i in slate], [window[i] for i in ranking]
-
-
-def evaluate_slate_rank(dataset: PreparedDataset, model_dir, candidates_dir, split: str = "test", window: int = 20,
-                        slate_size: int = 10, rank_size: int = 5, limit: int | None = None, batch_size: int = 32,
-                        progress: bool = False, out=None) -> dict:
-    """Greedy slate-then-rank answers of a listwise reranker on each user's top-``window`` candidates.
-
-    Metrics over every user of ``split`` (the held-out item outside the final ranking of ``rank_size``
-    items is a miss): ``recall@k`` / ``ndcg@k`` for k in 3 and ``rank_size``, ``slate_recall`` (the
-    held-out item in the slate), and the same over the users whose item is among the candidates
-    (``cand_`` prefix). With ``out``, each user's answer goes to ``out/slate_rank_<split>.parquet``
-    (``user_id``, ``target``, ``slate``, ``ranking``: item idx), for paired comparisons."""
-    from tqdm.auto import tqdm
-
-    scorer = load_reranker(model_dir, dataset, window=window)
-    lists = read_candidate_lists(dataset, candidates_dir, split)
-    lists = [r.top(window) for r in (lists[:limit] if limit else lists)]
-    rows = [(r.history, r.window, r.target) for r in lists]
-    ranks, in_slate, answers_out = [], [], []
-    for i in tqdm(range(0, len(rows), batch_size), desc=f"slate-rank {split}", disable=not progress):
-        hists, windows, targets = zip(*rows[i:i + batch_size])
-        answers = scorer.generate(list(hists), list(windows), True, 0.0, return_tokens=True,
-                                  constraint=slate_constraint(scorer, list(windows), slate_size, rank_size))[1]
-        for a, w, t in zip(answers, windows, targets):
-            slate, ranking = slate_items(scorer, a, w)
-            ranks.append(target_rank(ranking, t))
-            in_slate.append(t in slate)
-            answers_out.append((slate, ranking))
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        pl.DataFrame({"user_id": [r.user_id for r in lists], "target": [r.target for r in lists], "slate": [a[0] for a in answers_out],
-                      "ranking": [a[1] for a in answers_out]}).write_parquet(Path(out) / f"slate_rank_{split}.parquet")
-    ranks_a, found = np.array(ranks)[:, None], np.array([r[2] in r[1] for r in rows])
-    names = sorted({3, rank_size})
-    out = {}
-    for prefix, sel in (("", np.ones(len(rows), dtype=bool)), ("cand_", found)):
-        m = compute_metrics(ranks_a[sel], np.ones((int(sel.sum()), 1)), [f"{k}@{n}" for k in ("hr", "ndcg") for n in names])
-        out |= {f"{prefix}recall@{n}": m[f"hr@{n}"] for n in names} | {f"{prefix}ndcg@{n}": m[f"ndcg@{n}"] for n in names}
-        out[f"{prefix}slate_recall"] = float(np.mean(np.array(in_slate)[sel])) if sel.any() else 0.0
-    return out | {"num_users": len(rows), "target_in_candidates": float(found.mean())}
-
-
-class StreamSampler(Sampler[int]):
-    """Epoch e yields items [e*size, (e+1)*size) of an endless stream of seeded permutations of 0..n-1,
-    so short "epochs" walk through the data without repeats and a resumed run replays nothing."""
-
-    def __init__(self, n: int, size: int, seed: int):
-        self.n, self.size, self.seed, self.epoch = n, size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        start = self.epoch * self.size
-        cycle, offset, out = start // self.n, start % self.n, []
-        while len(out) < self.size:
-            out += np.random.default_rng([self.seed, cycle]).permutation(self.n)[offset:].tolist()
-            cycle, offset = cycle + 1, 0
-        return iter(out[:self.size])
-
-    def __len__(self) -> int:
-        return self.size
 
 
 class PromptData(L.LightningDataModule):

@@ -132,7 +132,7 @@ def test_epochs_cut_shuffled_passes_without_dropping_or_repeating():
 def test_second_stage_continues_from_a_trained_tiny_reranker(tiny_dataset, tmp_path):
     """Stage 2 takes stage 1's model/ directory as its backbone: it keeps the tiny prompt format (no
     titles) and its weights, and writes a reranker that loads like any other."""
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
 
     generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
                         tmp_path / "c", n=8, train_targets_per_user=4, progress=False)
@@ -157,7 +157,8 @@ def test_teacher_reranker_orders_each_teacher_list_after_the_target(tiny_dataset
 
     import pytest
 
-    from pipelines.reranker import RerankerDataModule, load_reranker
+    from pipelines.rerank import load_reranker
+    from pipelines.reranker import RerankerDataModule
     from recsys.data.candidates import read_candidate_lists
 
     generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
@@ -209,7 +210,7 @@ def test_random_negative_windows_hold_the_target_and_unseen_items(tiny_dataset, 
 def test_item_identifier_sft_learns_and_tunes_its_retriever_prior(tiny_dataset, tmp_path):
     """The tiny reranker with item-token identifiers beats its retriever on the ring data; the retriever
     prior is chosen on validation and written, with the table it was chosen from, next to the model."""
-    from pipelines.reranker import PRIOR_GRID, load_reranker
+    from pipelines.rerank import PRIOR_GRID, load_reranker
 
     generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",
                         tmp_path / "cands", n=10, train_targets_per_user=8, progress=False)
@@ -239,7 +240,7 @@ def test_retriever_prior_is_tuned_by_hand():
     import pytest
     import torch
 
-    from pipelines.reranker import tune_retriever_prior
+    from pipelines.rerank import tune_retriever_prior
 
     class Fixed:
         retriever_prior = 0.5
@@ -324,7 +325,7 @@ def test_history_lm_loss_is_next_item_cross_entropy_over_the_history():
 def test_zero_shot_reranker_gets_its_retriever_prior_from_validation(tiny_dataset, tmp_path):
     """A pretrained checkpoint (a tiny stand-in: tests download nothing) becomes a text-prompt FIRST
     reranker directory whose prior is the best of the validation table, as after SFT."""
-    from pipelines.reranker import PRIOR_GRID, load_reranker, zero_shot_reranker
+    from pipelines.rerank import PRIOR_GRID, load_reranker, zero_shot_reranker
     from recsys.llm.backbone import build_tiny
 
     generate_candidates(tiny_dataset, PopularityRetriever(tiny_dataset.item_popularity("train")), "popularity",

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+from pipelines.callbacks import StreamSampler
 from pipelines.reranker import RerankerSFTConfig, train_reranker
-from pipelines.rl import RLConfig, StreamSampler, train_rl
+from pipelines.rl import RLConfig, train_rl
 from recsys.retrieval.candidates import PopularityRetriever, generate_candidates
 
 SFT = {"window": 8, "batch_size": 16, "val_users": 10, "tiny_hidden_size": 32, "precision": "32-true",
@@ -103,7 +104,7 @@ def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, 
     """A rollout batch through the module: slate tokens (4 identifiers, 4 separators, the marker) end at
     the marker, the rank phase has 2 identifiers, 2 separators and the end; each phase's advantages are
     centred within every group of G rollouts; log-probs are 0 on padding and never positive."""
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
     from pipelines.rl import PromptData, RerankerRLModule
     from recsys.rl.f_grpo import phase_advantages, phase_masks
 
@@ -143,7 +144,7 @@ def test_listwise_rewards_score_the_served_ranking(tiny_dataset, sft_models, com
     or the first ``depth``; otherwise of the generated items only."""
     import math
 
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
     from pipelines.rl import PromptData, RerankerRLModule
 
     cands, lw, _ = sft_models

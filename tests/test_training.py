@@ -293,7 +293,7 @@ def test_two_process_reranker_sft_and_rl_validate_on_all_rows_and_write_once(tmp
     RL from that model (``--algo rank-grpo``)."""
     import numpy as np
 
-    from pipelines.reranker import make_scorer
+    from pipelines.rerank import make_scorer
     from recsys.data import PreparedDataset
     from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone

@@ -122,7 +122,7 @@ def write_result(name: str, provenance: Provenance, payload: dict) -> Path:
 
 def per_user_slate_hits(eval_dir, k: int = 5, split: str = "test"):
     """(Q,) 1.0 where a user's held-out item is in the first ``k`` of the final ranking of a slate-then-rank
-    answer (``slate_rank_<split>.parquet`` of :func:`pipelines.rl.evaluate_slate_rank`), i.e. recall@k."""
+    answer (``slate_rank_<split>.parquet`` of :func:`pipelines.rerank.evaluate_slate_rank`), i.e. recall@k."""
     import numpy as np
     import polars as pl
 

@@ -78,7 +78,7 @@ def main() -> None:
 
     import torch
 
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
     from recsys.data import PreparedDataset
     from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone, smollm2_dir

@@ -103,7 +103,8 @@ def main() -> None:
     provenance = Provenance("pipelines.benchmarks.rerankers")
 
     from pipelines.config import load_config
-    from pipelines.reranker import RerankerSFTConfig, rerank_candidates, train_reranker
+    from pipelines.rerank import rerank_candidates
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
     from pipelines.retrieval import candidates
     from recsys.data import PreparedDataset
     from recsys.precision import lightning_precision
@@ -211,7 +212,8 @@ def smollm2(a, ds, out: Path, cands: Path, rows: list, extra: dict, timed, reran
     """The ``smollm2-135m`` rows (user subsets on CPU): zero-shot FIRST, listwise and groupwise SFT,
     each with the retriever order on the same users, and unconstrained validity before and after SFT."""
     from pipelines.config import load_config
-    from pipelines.reranker import RerankerSFTConfig, train_reranker, zero_shot_reranker
+    from pipelines.rerank import zero_shot_reranker
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
 
     def add(name, res, **extra_fields):
         rows.append(row(name, res, backbone="smollm2-135m", depth=20, **extra_fields)

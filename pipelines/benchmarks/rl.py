@@ -59,11 +59,11 @@ def _metrics(result: dict) -> dict:
 
 
 def _evaluate(data: str, model: str, cands: str, out: str, mode: str, limit: int | None = None) -> dict:
-    from pipelines.reranker import rerank_candidates
+    from pipelines.rerank import rerank_candidates
     from recsys.data import PreparedDataset
 
     if mode == "slate":
-        from pipelines.rl import evaluate_slate_rank
+        from pipelines.rerank import evaluate_slate_rank
 
         m = evaluate_slate_rank(PreparedDataset.load(data), model, cands, limit=limit, out=out or None)
         return {k: m[k] for k in SLATE_METRICS} | {f"cand_{k}": m[f"cand_{k}"] for k in ("recall@5", "ndcg@5")}

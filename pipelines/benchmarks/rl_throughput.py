@@ -87,7 +87,7 @@ def main() -> None:
 
     import trl
 
-    from pipelines.reranker import load_reranker
+    from pipelines.rerank import load_reranker
     from recsys.data import PreparedDataset
     from recsys.data.candidates import read_candidate_lists
 

@@ -258,7 +258,7 @@ def rescore_vs_loop(serve_dir, users: list[str], rows: int, tmp: Path) -> dict:
 def zero_shot_smollm2(ds, out: Path) -> Path:
     """SmolLM2-135M-Instruct as :func:`recsys.llm.backbone.smollm2_dir` converts it, not fine-tuned, as a listwise reranker directory:
     enough to measure serving latency with a real 135M backbone."""
-    from pipelines.reranker import zero_shot_reranker
+    from pipelines.rerank import zero_shot_reranker
 
     return zero_shot_reranker(ds, out / "smollm2-zero-shot")
 

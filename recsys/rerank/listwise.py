@@ -10,7 +10,7 @@ logits as the prompt alone (tested).
 ``retriever_prior`` beta blends in the order the candidates arrive in (the retriever's): FIRST's score
 of the candidate at 0-based position j is ``logit_j - beta * ln(1 + j)``, the interpolation of a
 reranker's scores with the first-stage rank common in IR reranking. beta = 0 is the model alone and a
-large beta the retriever's order; :func:`pipelines.reranker.tune_retriever_prior` picks it on
+large beta the retriever's order; :func:`pipelines.rerank.tune_retriever_prior` picks it on
 validation windows. Generation adds the same prior to the identifiers' logits at every step
 (:meth:`ListwiseReranker.list_constraint`), so FIRST and generation rank with one set of scores and an
 RL policy is the reranker as it serves.
