@@ -81,8 +81,11 @@ class Tree:
 @dataclass(frozen=True)
 class VEDConfig:
     n_candidates: int = 16
+    """Complete semantic IDs returned per history (V-STAR's rollouts per prompt)."""
     init_beam: int = 8
+    """Width of the initial beam the tree starts from."""
     budget_multiplier: float = 2.0
+    """Forward calls allowed, as a multiple of the initial beam's calls (:meth:`budget`)."""
     lam: float = 0.1
     """Entropy weight in the priority G = V + lam * H."""
     beta: float = 1.0
