@@ -159,6 +159,8 @@ class GenerativeTrainConfig:
     """``vstar``: entropy weight in decoding's node priority V + lam * H."""
     ucb_beta: float = 1.0
     """``vstar``: UCB exploration weight when decoding picks a node to expand."""
+    widen: str = "gated"
+    """``vstar``: how decoding widens its tree (:attr:`recsys.generative.ved.VEDConfig.widen`)."""
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -166,7 +168,8 @@ class GenerativeTrainConfig:
         if self.mu < 1:
             raise RecsysError(f"mu (optimiser steps per rollout batch) must be >= 1, got {self.mu}")
         for name, value, allowed in (("sibling_credit", self.sibling_credit, ("visits", "first")),
-                                     ("dense_reward", self.dense_reward, ("embeddings", "codes"))):
+                                     ("dense_reward", self.dense_reward, ("embeddings", "codes")),
+                                     ("widen", self.widen, ("gated", "complete"))):
             if value not in allowed:
                 raise RecsysError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -179,7 +182,7 @@ class GenerativeTrainConfig:
 
     def ved(self) -> VEDConfig:
         return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
-                         self.temperature)
+                         self.temperature, self.widen)
 
 
 def sequence_windows(seq, n: int) -> list:

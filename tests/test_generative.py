@@ -292,6 +292,35 @@ def test_ved_spends_exactly_its_budget_and_returns_valid_candidates(model):
     assert init_only.tolist() == [7]
 
 
+def test_ved_completion_turns_the_calls_of_an_expansion_into_full_candidates(model):
+    """widen="complete": a gated expansion is extended by the likeliest valid code until it is a full semantic ID,
+    so at a budget past the initial beam VED returns more distinct items than the paper's gated widening, within
+    the same calls, every one a valid item outside the history; at the initial beam's budget both are the beam."""
+    cfg = VEDConfig(n_candidates=30, init_beam=3, budget_multiplier=2.0)
+    histories = [[1, 2, 3], [4], [5, 9]]
+    exclude = torch.zeros(3, 31, dtype=torch.bool)
+    for i, h in enumerate(histories):
+        exclude[i, h] = True
+    distinct = {}
+    for widen in ("gated", "complete"):
+        out, calls = ved(model, histories, dataclasses.replace(cfg, widen=widen), exclude=exclude, seed=1)
+        assert (calls <= cfg.budget(model.depth)).all()
+        for i, h in enumerate(histories):
+            got = set(out.items[i].tolist())
+            assert 0 not in got and not got & set(h)
+        for item, code in zip(out.items.view(-1).tolist(), out.codes.view(-1, model.depth).tolist()):
+            assert model.codes_np[item - 1].tolist() == code
+        distinct[widen] = [len(set(r.tolist())) for r in out.items]
+    assert all(c >= g for c, g in zip(distinct["complete"], distinct["gated"]))
+    assert sum(distinct["complete"]) > sum(distinct["gated"]), distinct
+    init = 1 + (model.depth - 1) * 3
+    beam_only = [ved(model, histories, dataclasses.replace(cfg, widen=w), exclude=exclude, budget=init)[0].items
+                 for w in ("gated", "complete")]
+    assert torch.equal(*beam_only)
+    with pytest.raises(ValueError, match="widen"):
+        VEDConfig(widen="wide")
+
+
 def ved_tree(c0_visits: int):
     """A hand-built VED tree of depth 2 over 4 codes: the root (V 0, next codes 0.5 / 0.3 / 0.2 / 0, visited 4
     times) with two evaluated children, c0 (V 0.2, H 1.0) and c1 (V 0.5, H 0.0, next codes 0 / 0.6 / 0.4 / 0)."""

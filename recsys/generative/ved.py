@@ -23,7 +23,9 @@ Departures / UNVERIFIED choices (documented options): the "new child" option abo
 "expand a leaf with one child sampled from unexpanded valid tokens" (with a completed initial beam
 every leaf is at full depth, so widening must happen at internal nodes); a selection that ends on an
 already evaluated full-depth leaf spends no call, and a user stops after ``4 * budget`` selections.
-Without a value head V = 0 and VED is guided by entropy and visit counts only.
+Without a value head V = 0 and VED is guided by entropy and visit counts only. ``widen="complete"`` (an
+option, not the paper's): an expansion is completed greedily to a full semantic ID in the rounds after it, so
+the calls it costs end in a candidate.
 
 With the ``item`` layout a call is one code-head (and value-head) MLP on the prefix's query, not a backbone
 pass: the accounting is the same, the cost per call far lower.
@@ -68,6 +70,7 @@ class Tree:
     exclude: np.ndarray | None
     calls: int = 0
     rounds: int = 0
+    pending: Node | None = None                       # widen="complete": the expansion being completed
     depth_sum: dict = field(default_factory=dict)     # depth -> [sum of G, count] over evaluated nodes
 
     def nodes(self):
@@ -92,6 +95,15 @@ class VEDConfig:
     """UCB exploration weight."""
     temperature: float = 1.0
     """Temperature of the policy that proposes new children."""
+    widen: str = "gated"
+    """``gated``: a new child is one node (V-STAR's expansion); completing it to a full semantic ID takes later
+    selections that pass the gate at every level, so calls spent on it may yield no candidate. ``complete``: a
+    gated expansion below full depth is then extended by the policy's likeliest valid code, one call per level
+    in the following rounds, until it is a full semantic ID (an MCTS-style completion; a departure)."""
+
+    def __post_init__(self):
+        if self.widen not in ("gated", "complete"):
+            raise ValueError(f"widen must be 'gated' or 'complete', got {self.widen!r}")
 
     def budget(self, depth: int) -> int:
         return round((1 + (depth - 1) * self.init_beam) * self.budget_multiplier)
@@ -180,6 +192,21 @@ def _select(tree: Tree, cfg: VEDConfig, D: int, rng: np.random.Generator) -> tup
         path.append(s)
 
 
+def _complete(node: Node) -> tuple[Node | None, list[Node]]:
+    """``widen="complete"``: the next node of an expansion's completion, the evaluated ``node``'s likeliest
+    valid unexpanded child (None when it has none left), and the path from the root."""
+    path = [node]
+    while path[-1].parent is not None:
+        path.append(path[-1].parent)
+    path.reverse()
+    free = node.probs.copy()
+    free[list(node.children)] = 0.0
+    if not (free > 0).any():
+        return None, path
+    child = _add_child(node, int(np.argmax(free)))
+    return child, path + [child]
+
+
 def _init_beam(scorer: PrefixScorer, trees: list[Tree], cfg: VEDConfig) -> None:
     D = scorer.model.depth
     _evaluate(scorer, trees, [(t, t.root) for t in trees], cfg.lam)
@@ -210,7 +237,9 @@ def ved(model: GenerativeRecommender, histories, cfg: VEDConfig = VEDConfig(), *
     while active:
         work = []
         for tree in active:
-            node, path = _select(tree, cfg, D, rng)
+            node, path = _complete(tree.pending) if tree.pending is not None else _select(tree, cfg, D, rng)
+            tree.pending = node if cfg.widen == "complete" and node is not None and 0 < node.depth < D \
+                and not node.evaluated else None
             tree.rounds += 1
             for n in path:
                 n.visits += 1
