@@ -317,3 +317,18 @@ def test_scale_index_part_builds_every_kind_and_finds_the_exact_answer_when_it_p
     assert all(got[name]["recall@100"] == 1.0 for name in list(got)[:4])
     assert 0 < got["IVF16,PQ8-mips-4k"]["recall@100"] < 1
     assert got["Flat-4k"]["memory_mb"] == round(4000 * 16 * 4 / 2**20, 1) > got["IVF16,PQ8-mips-4k"]["memory_mb"]
+
+
+def test_ved_budget_compares_each_multiplier_with_beam_search_at_the_same_calls():
+    """Every multiplier gets both VED widenings and a beam as wide as its calls allow, at least the 16 candidates
+    asked for, each width once; D = 4, init beam 8 (25 calls): x1 and x1.5 (38 calls) -> width 16 (49 calls), x2
+    (50) -> 16 again, x3 (75) -> 24 (73 calls)."""
+    from pipelines.benchmarks.ved_budget import MULTIPLIERS, decoders
+
+    rows = decoders(depth=4, n=16)
+    assert [name for name, _ in rows if name.startswith("beam")] == ["beam-49", "beam-73"]
+    assert len(rows) == 2 * len(MULTIPLIERS) + 2
+    rows = dict(rows)
+    assert rows["beam-49"] == {"kind": "beam", "width": 16, "multiplier": 1.0}
+    assert rows["beam-73"] == {"kind": "beam", "width": 24, "multiplier": 3.0}
+    assert rows["ved-complete-x2"] == {"kind": "ved", "widen": "complete", "multiplier": 2.0}

@@ -552,6 +552,10 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                         "candidates, tiny FIRST over 20) under `recsys serve` defaults; the baseline "
                                         "row serves the same directory with an earlier revision's code, in turns "
                                         "with the current one at every level"),
+             "ved_budget": render_rows("## Value-guided decoding: budget and widening against beam search "
+                                       "(`ved_budget`)", "a tiny generative model after V-STAR, validation users; "
+                                       "the held-out item among each decoder's 16 candidates, at the forward calls "
+                                       "each spends (beam as wide as the same calls allow)"),
              "abuse": render_rows("## What a hostile client costs the API (`abuse`)", "a real uvicorn process over "
                                   "the tiny test deployment; RSS read from /proc; status 0 = the connection was "
                                   "closed before the client read the answer"),

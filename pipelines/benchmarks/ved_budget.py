@@ -6,8 +6,9 @@ V-STAR (``generative_vstar_tiny.yaml``, ``--rl-steps`` steps) is trained from th
 model, so that VED reads a trained value head; then, on the first ``--users`` validation users (validation:
 the default is chosen here, not on test), every decoder returns ``--candidates`` items per user:
 
-- ``beam-<calls>``: trie-constrained beam search as wide as ``calls`` allows (``1 + (D - 1) * width`` calls),
-  its ``--candidates`` likeliest items;
+- ``beam-<calls>``: trie-constrained beam search as wide as a multiplier's calls allow (``1 + (D - 1) * width``
+  calls) but at least ``--candidates`` wide, its ``--candidates`` likeliest items (at small multipliers the
+  narrowest such beam spends more calls than VED: ``mean_calls`` says so);
 - ``ved-<widen>-x<m>``: VED with ``init_beam`` 8 and budget multiplier m (``round((1 + (D - 1) * 8) * m)``
   calls), widening ``gated`` (V-STAR) or ``complete`` (:class:`recsys.generative.ved.VEDConfig`).
 
@@ -48,11 +49,16 @@ def train_vstar(quickstart: Path, out: Path, steps: int, seed: int = 0) -> Path:
 
 
 def decoders(depth: int, n: int) -> list[tuple[str, dict]]:
-    rows = []
+    """(name, settings) of every decoder compared: per multiplier, the beam as wide as its calls allow but at
+    least ``n`` (a narrower beam returns fewer candidates; its calls are then more than VED's), once per width,
+    and VED with each widening."""
+    rows, widths = [], set()
     for m in MULTIPLIERS:
         calls = round((1 + (depth - 1) * INIT_BEAM) * m)
         width = max(n, (calls - 1) // (depth - 1))
-        rows.append((f"beam-{1 + (depth - 1) * width}", {"kind": "beam", "width": width, "multiplier": m}))
+        if width not in widths:
+            widths.add(width)
+            rows.append((f"beam-{1 + (depth - 1) * width}", {"kind": "beam", "width": width, "multiplier": m}))
         for widen in ("gated", "complete"):
             rows.append((f"ved-{widen}-x{m:g}", {"kind": "ved", "widen": widen, "multiplier": m}))
     return rows
