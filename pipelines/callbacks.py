@@ -48,12 +48,16 @@ def shard_batches(batches: list[list[int]], rank: int, world_size: int) -> list[
     batches' items pooled and split ``world_size`` ways (as evenly as possible). Disjoint across ranks, their
     union every item; each rank gets the same number of batches while the leftover items are at least
     ``world_size``; fewer go one each onto the last batch of the first ranks, so that every rank still takes the
-    same number of steps (data-parallel steps wait for each other)."""
+    same number of steps (data-parallel steps wait for each other). An epoch with fewer items than processes
+    cannot give each one a step: an error, not a run whose processes wait for each other forever."""
     if world_size == 1:
         return batches
     whole = len(batches) - len(batches) % world_size
     mine = [list(b) for b in batches[rank:whole:world_size]]
     rest = [i for b in batches[whole:] for i in b]
+    if not whole and len(rest) < world_size:
+        raise RecsysError(f"an epoch of {len(rest)} example(s) cannot give each of {world_size} processes a step; "
+                          "use fewer processes or more examples per epoch")
     if len(rest) >= world_size:
         mine.append(np.array_split(np.asarray(rest, dtype=np.int64), world_size)[rank].tolist())
     elif rank < len(rest):

@@ -162,6 +162,10 @@ def test_data_parallel_shards_are_disjoint_complete_and_equally_long():
     # fewer leftover items than processes: one each onto the last batch of the first ranks, equal counts
     three = [[0, 1], [2, 3], [4, 5], [6, 7], [8]]
     assert [shard_batches(three, r, 4) for r in range(4)] == [[[0, 1, 8]], [[2, 3]], [[4, 5]], [[6, 7]]]
+    # fewer items than processes in all: some process would have no step while the others wait for it
+    assert [shard_batches([[0, 1]], r, 2) for r in range(2)] == [[[0]], [[1]]]
+    with pytest.raises(RecsysError, match="an epoch of 1 example.* cannot give each of 2 processes a step"):
+        shard_batches([[0]], 1, 2)
     # the reranker's epochs of shuffled examples, cut into batches and shared the same way
     sampler = EpochShuffle(11, seed=0, per_epoch=11)
     parts = [ShardedBatches(sampler, 3, r, 2) for r in range(2)]
