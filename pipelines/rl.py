@@ -5,7 +5,8 @@
 Each training step takes ``prompts_per_step`` prompts (a user's history and candidate window), samples
 ``group_size`` rollouts per prompt with the reranker's constrained decoding at ``temperature``, scores
 them against the held-out item, turns rewards into advantages and takes ``mu`` optimiser steps on the
-clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`:
+clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`; the trainer
+fills a :class:`recsys.rl.objectives.Rollouts` batch and calls ``OBJECTIVES[algo]``'s advantages and loss:
 
 - ``grpo``: one sequence reward for every token (Shao et al. 2024): the DCG of the whole served ranking
   (``complete_lists``), DCG@1:N, the full-list reward Rank-GRPO's suffix DCG@k:N departs from
