@@ -153,8 +153,9 @@ class GenerativeTrainConfig:
     """``vstar``: discount of the value head's TD targets (:func:`recsys.rl.vstar.td_targets`)."""
     init_beam: int = 8
     """``vstar``: width of value-guided decoding's initial beam (:class:`recsys.generative.ved.VEDConfig`)."""
-    budget_multiplier: float = 2.0
-    """``vstar``: decoding's forward-call budget as a multiple of the initial beam's calls."""
+    budget_multiplier: float = 1.0
+    """``vstar``: decoding's forward-call budget as a multiple of the initial beam's calls
+    (:attr:`recsys.generative.ved.VEDConfig.budget_multiplier` says why 1)."""
     lam: float = 0.1
     """``vstar``: entropy weight in decoding's node priority V + lam * H."""
     ucb_beta: float = 1.0
