@@ -95,7 +95,7 @@ def cmd_train_retriever(a):
         overrides = dict(PRESETS[a.preset])
         overrides.update({"seed": a.seed, "max_epochs": a.max_epochs, "lr": a.lr, "batch_size": a.batch_size,
                           "max_minutes": a.max_minutes, "num_threads": a.threads})
-        overrides.update(_overrides(a.set))
+        overrides.update(_overrides(a))
         config = load_config(SASRecTrainConfig, a.config, overrides)
         path = train_sasrec(ds, a.out, config, resume=not a.no_resume, runtime=_runtime(a))
     if main_process():
@@ -156,9 +156,12 @@ def cmd_candidates(a):
     print(f"candidates written to {a.out}")
 
 
-def _overrides(pairs) -> dict:
-    out = {}
-    for item in pairs or []:
+def _overrides(a) -> dict:
+    """The config fields given as options (``--window 10``), then ``--set key=value`` pairs (nested keys too)."""
+    from pipelines.config import given_fields
+
+    out = given_fields(a, getattr(a, "config_fields", []))
+    for item in a.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise RecsysError(f"--set {item!r}: expected key=value")
@@ -171,6 +174,15 @@ def _runtime(a):
 
     devices = int(a.devices) if a.devices.isdigit() else a.devices
     return Runtime(loggers=tuple(a.logger), accelerator=a.accelerator, devices=devices, strategy=a.strategy)
+
+
+def add_config_args(parser, *specs: tuple[str, str]) -> None:
+    """``--<field>`` for every field of the run's config classes ((module, class) pairs) not already an option."""
+    from pipelines.config import add_config_arguments
+
+    names = " / ".join(cls for _, cls in specs)
+    parser.set_defaults(config_fields=add_config_arguments(
+        parser, list(specs), f"config fields ({names}): override the recipe's value; nested ones with --set"))
 
 
 def add_runtime_args(parser) -> None:
@@ -193,14 +205,14 @@ def cmd_train_reranker(a):
         from pipelines.rl import RLConfig, train_rl
 
         config = load_config(RLConfig, a.config, {"algo": a.algo, "init": a.init, "seed": a.seed,
-                                                  "max_steps": a.max_steps, **_overrides(a.set)})
+                                                  "max_steps": a.max_steps, **_overrides(a)})
         path = train_rl(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
         if main_process():
             print(f"saved the {config.algo} reranker to {path}")
         return
 
     config = load_config(RerankerSFTConfig, a.config, {"kind": a.kind, "backbone": a.backbone, "seed": a.seed,
-                                                       "max_epochs": a.max_epochs, **_overrides(a.set)})
+                                                       "max_epochs": a.max_epochs, **_overrides(a)})
     path = train_reranker(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
     if main_process():
         print(f"saved the {config.kind} reranker ({a.algo}, backbone {config.backbone}) to {path}")
@@ -217,7 +229,7 @@ def cmd_train_fusion(a):
     from recsys.metrics import paired_bootstrap
 
     config = load_config(FusionTrainConfig, a.config, {"features": a.features, "scorer.seed": a.seed,
-                                                       **_overrides(a.set)})
+                                                       **_overrides(a)})
     ds = PreparedDataset.load(a.data)
     train_fusion_reranker(ds, a.candidates, a.out, config)
     if a.evaluate:
@@ -235,7 +247,7 @@ def cmd_train_hybrid(a):
     from recsys.data import PreparedDataset
 
     config = load_config(HybridTrainConfig, a.config, {"retriever": a.retriever, "backbone": a.backbone,
-                                                       "seed": a.seed, **_overrides(a.set)})
+                                                       "seed": a.seed, **_overrides(a)})
     path = train_hybrid(PreparedDataset.load(a.data), a.candidates, a.out, config, runtime=_runtime(a))
     print(f"saved the hybrid-token reranker ({config.backbone}, "
           f"{'pretrained' if config.pretrained else 'random init'}) to {path}")
@@ -248,7 +260,7 @@ def cmd_train_generative(a):
 
     config = load_config(GenerativeTrainConfig, a.config, {
         "algo": a.algo, "init": a.init, "semantic_ids": a.semantic_ids, "seed": a.seed, "max_epochs": a.max_epochs,
-        "max_steps": a.max_steps, **_overrides(a.set)})
+        "max_steps": a.max_steps, **_overrides(a)})
     path = train_generative(PreparedDataset.load(a.data), a.out, config, resume=not a.no_resume,
                             runtime=_runtime(a))
     print(f"saved the generative recommender ({config.algo}) to {path}")
@@ -497,6 +509,7 @@ def _train_commands(sub) -> argparse._SubParsersAction:
     tr.add_argument("--threads", type=int, help="torch CPU threads")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     tr.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    add_config_args(tr, ("pipelines.train", "SASRecTrainConfig"))
     add_runtime_args(tr)
     tr.set_defaults(func=cmd_train_retriever)
 
@@ -521,6 +534,7 @@ def _train_commands(sub) -> argparse._SubParsersAction:
     rk.add_argument("--seed", type=int)
     rk.add_argument("--max-epochs", type=int)
     rk.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    add_config_args(rk, ("pipelines.reranker", "RerankerSFTConfig"), ("pipelines.rl", "RLConfig"))
     add_runtime_args(rk)
     rk.set_defaults(func=cmd_train_reranker)
 
@@ -540,6 +554,7 @@ def _train_commands(sub) -> argparse._SubParsersAction:
     fu.add_argument("--evaluate", choices=["valid", "test"], help="then rerank this split and print the paired "
                                                                   "interval against the retriever's order")
     fu.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    add_config_args(fu, ("pipelines.fusion", "FusionTrainConfig"))
     fu.set_defaults(func=cmd_train_fusion)
 
     return train
@@ -563,6 +578,7 @@ def _lm_train_commands(train) -> None:
     hy.add_argument("--config", help="YAML recipe, e.g. pipelines/configs/hybrid_smollm2.yaml")
     hy.add_argument("--seed", type=int)
     hy.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
+    add_config_args(hy, ("pipelines.hybrid", "HybridTrainConfig"))
     add_runtime_args(hy)
     hy.set_defaults(func=cmd_train_hybrid)
 
@@ -583,6 +599,7 @@ def _lm_train_commands(train) -> None:
     gn.add_argument("--max-steps", type=int, help="RL steps")
     gn.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other config field, repeatable")
     gn.add_argument("--no-resume", action="store_true", help="ignore checkpoints in --out and start over")
+    add_config_args(gn, ("pipelines.generative", "GenerativeTrainConfig"))
     add_runtime_args(gn)
     gn.set_defaults(func=cmd_train_generative)
 

@@ -7,6 +7,7 @@ wrong types are rejected with the offending key named.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -113,3 +114,56 @@ def load_config(cls, path: str | Path | None = None, overrides: dict | None = No
             node = node.setdefault(p, {})
         node[leaf] = value
     return build_config(cls, values, source)
+
+
+def config_fields(module: str, cls: str) -> list[tuple[str, str, object, str]]:
+    """(name, type annotation, default, docstring) of each field of dataclass ``cls`` in ``module`` (dotted), read
+    from its source without importing it (the command line is built this way, so ``recsys serve`` never imports
+    the training stack). Fields that are dataclasses themselves (``model:``) are left out: ``--set model.x=...``."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(Path(spec.origin).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    out = []
+    body = node.body
+    for st, nxt in zip(body, body[1:] + [None]):
+        if not (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)):
+            continue
+        if isinstance(st.value, ast.Call):                # field(default_factory=...): a nested dataclass
+            continue
+        try:
+            default = ast.literal_eval(st.value) if st.value is not None else dataclasses.MISSING
+        except ValueError:
+            continue
+        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+            and isinstance(nxt.value.value, str) else ""
+        out.append((st.target.id, ast.unparse(st.annotation), default, " ".join(doc.split())))
+    return out
+
+
+def add_config_arguments(parser, specs: list[tuple[str, str]], title: str) -> list[str]:
+    """A ``--field-name`` option for every field of the config classes ``specs`` ((module, class) pairs) that
+    ``parser`` does not define already, its help the field's docstring; returns their destinations. An option
+    not given overrides nothing (the recipe's value, else the default, stands); a given one is checked against the
+    field's type by :func:`load_config`, as a recipe's value is."""
+    group = parser.add_argument_group(title)
+    taken = set(parser._option_string_actions)
+    dests: list[str] = []
+    for module, cls in specs:
+        for name, annotation, default, doc in config_fields(module, cls):
+            flag = "--" + name.replace("_", "-")
+            if flag in taken:
+                continue
+            shown = "" if default is dataclasses.MISSING or default is None else f" (default: {default!r})"
+            group.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=annotation.upper().replace(" ", ""),
+                               help=(doc + shown).replace("%", "%%"))
+            taken.add(flag)
+            dests.append(name)
+    return dests
+
+
+def given_fields(args, dests: list[str]) -> dict:
+    """The config fields given on the command line (their options' destinations in ``args``)."""
+    return {d: getattr(args, d) for d in dests if hasattr(args, d)}

@@ -104,8 +104,8 @@ def test_train_reranker_and_rerank(tmp_path, capsys):
     generate_candidates(ds, PopularityRetriever(ds.item_popularity("train")), "popularity", tmp_path / "c", n=12,
                         progress=False)
     code, out, err = run(capsys, "train", "reranker", "--data", data, "--candidates", tmp_path / "c", "--out",
-                         tmp_path / "rr", "--backbone", "tiny", "--max-epochs", "1", "--set", "window=12",
-                         "--set", "tiny_hidden_size=32", "--set", "precision=32-true")
+                         tmp_path / "rr", "--backbone", "tiny", "--max-epochs", "1", "--window", "12",
+                         "--tiny-hidden-size", "32", "--set", "precision=32-true")
     assert code == 0 and "saved the listwise reranker" in out, err
     code, out, err = run(capsys, "rerank", "--data", data, "--model", tmp_path / "rr" / "model", "--candidates",
                          tmp_path / "c", "--out", tmp_path / "rr", "--window", "12", "--limit", "10")
@@ -114,9 +114,11 @@ def test_train_reranker_and_rerank(tmp_path, capsys):
     assert metrics["retriever"]["num_queries"] == 10 and {"retriever", "reranked", "seconds"} <= set(metrics)
     code, out, err = run(capsys, "train", "reranker", "--algo", "rank-grpo", "--init", tmp_path / "rr" / "model",
                          "--data", data, "--candidates", tmp_path / "c", "--out", tmp_path / "rl", "--max-steps", "2",
-                         "--set", "window=12", "--set", "val_every=1", "--set", "group_size=2",
-                         "--set", "prompts_per_step=2", "--set", "val_users=8", "--set", "precision=32-true")
+                         "--window", "12", "--val-every", "1", "--group-size", "2", "--prompts-per-step", "2",
+                         "--set", "val_users=8", "--precision", "32-true")
     assert code == 0 and "saved the rank-grpo reranker" in out, err
+    config = json.loads((tmp_path / "rl" / "train.json").read_text())["config"]
+    assert (config["window"], config["group_size"], config["val_users"], config["val_every"]) == (12, 2, 8, 1)
     code, out, err = run(capsys, "rerank", "--data", data, "--model", tmp_path / "rl" / "model", "--candidates",
                          tmp_path / "c", "--out", tmp_path / "rl", "--window", "12", "--limit", "4", "--mode", "generate")
     assert code == 0 and "(generate)" in out, err
@@ -160,6 +162,22 @@ def test_bundled_recipes_are_found_by_name_and_a_wrong_name_lists_them():
                                                                        "pipelines/configs/sasrec_ml1m.yaml")
     with pytest.raises(RecsysError, match="sasrec_ml: recipe not found .*sasrec_ml1m"):
         find_recipe("sasrec_ml")
+
+
+def test_training_commands_take_every_config_field_as_an_option_checked_like_a_recipe(tmp_path, capsys):
+    """The options come from the config classes' fields and docstrings (read from source: the parser imports no
+    training code); a wrong value names the field, a field of no config the command trains is refused."""
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", "hybrid", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    text = " ".join(out.split())
+    assert "--keep-layers INT|NONE Keep the first N decoder layers (None = all). (default: 4)" in text
+    assert "--target-missing STR A retriever window without the held-out item" in text
+    code, _, err = run(capsys, "train", "reranker", "--data", tmp_path, "--candidates", tmp_path, "--out", tmp_path,
+                       "--window", "ten")
+    assert code == 1 and "'window' = 'ten' is not a valid int" in err
+    code, _, err = run(capsys, "train", "reranker", "--data", tmp_path, "--candidates", tmp_path, "--out", tmp_path,
+                       "--group-size", "4", "--mu", "2")
+    assert code == 1 and "unknown key(s) ['mu']" in err                   # an RL field, given to SFT
 
 
 def test_every_option_default_is_shown_in_help():
