@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from recsys.metrics import target_rank
+
 
 @dataclass(frozen=True)
 class ScoredItem:
@@ -64,8 +66,7 @@ class CandidateList:
     def target_rank(self) -> float:
         """0-based position of the target among the candidates, ``inf`` when absent
         (:func:`recsys.metrics.target_rank`)."""
-        hit = np.flatnonzero(self.candidates == self.target)
-        return float(hit[0]) if len(hit) else float("inf")
+        return target_rank(self.window, self.target)
 
     @property
     def has_target(self) -> bool:
