@@ -534,6 +534,10 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "intruder_probe": render_rows("## Ranking, or spotting the intruder? (`intruder_probe`)",
                                            "candidate-set NDCG@10 of the held-out item on validation windows of the "
                                            "retriever's top 20 that held it (natural) and that had it inserted"),
+             "intruder_probe_listwise": render_rows(
+                 "## The same probe for the item-token listwise reranker (`intruder_probe_listwise`)",
+                 "the tiny listwise LM of the strong pipeline (SFT with `target_missing: insert`), its FIRST logits "
+                 "alone, on windows made as its SFT makes them"),
              "hybrid_throughput_prompts": render_rows(
                  "## Hybrid-token FIRST reranker: the compact prompt's throughput (`hybrid_throughput_prompts`)",
                  "the same SFT steps with SmolLM2's first 4 layers, the chat prompt with identifiers against the "
