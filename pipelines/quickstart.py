@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipelines.train import PRESETS as SASREC_PRESETS
 from recsys.errors import RecsysError
 from recsys.metrics import ndcg, paired_bootstrap, target_rank
 from recsys.precision import autocast
@@ -48,7 +49,7 @@ PRESETS = {
         "beam": 10,
     },
     "default": {
-        "sasrec": {"max_epochs": 10, "max_minutes": 7.0},
+        "sasrec": SASREC_PRESETS["short"],
         "candidates": 50, "depth": 20,
         "reranker": {"max_minutes": 3.0, "max_epochs": 2},
         "rl": {"max_steps": 20, "val_every": 10, "val_users": 200},
