@@ -4,6 +4,10 @@
 - :class:`CandidateList`: a retriever's list for one user at one moment, with the history it was retrieved
   for and the held-out item; what rerankers train and are evaluated on, RL prompts are drawn from and the
   fusion scorer reads (files: :mod:`recsys.data.candidates`).
+- :class:`ExportManifest`, :class:`ExportedModel`: ``manifest.json`` of an export directory, written by
+  ``serving/export.py`` and read by the torch-free runtime.
+
+The rollout batch of the RL objectives holds tensors, so it lives beside them: :class:`recsys.rl.objectives.Rollouts`.
 """
 
 from __future__ import annotations
