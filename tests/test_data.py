@@ -198,8 +198,8 @@ def test_a_prepared_dataset_changed_after_prepare_is_refused_naming_the_file(tin
     import polars as pl
     import pytest
 
+    from recsys.assets import sha256
     from recsys.data import PreparedDataset
-    from recsys.data.prepared import _sha256
     from recsys.errors import DataError
 
     d = tiny_dataset.directory
@@ -208,7 +208,7 @@ def test_a_prepared_dataset_changed_after_prepare_is_refused_naming_the_file(tin
     with pytest.raises(DataError, match=r"catalog\.parquet: SHA-256 differs from manifest\.json"):
         PreparedDataset.load(d)
     manifest = json.loads((d / "manifest.json").read_text())
-    manifest["files"]["catalog.parquet"] = _sha256(d / "catalog.parquet")
+    manifest["files"]["catalog.parquet"] = sha256(d / "catalog.parquet")
     (d / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"catalog\.parquet: column 'idx' is String, expected Int32"):
         PreparedDataset.load(d)

@@ -340,7 +340,7 @@ def ved_tree(c0_visits: int):
 def test_ved_selection_by_hand_worked_ucb_scores_and_gates():
     """eq. 13: U(c) = G(c) + beta * sqrt(ln(N_root + 1) / (N(c) + 1)), the new-child option at G(s) with 0 visits,
     offered only when G(s) >= the mean G of the evaluated nodes at s's depth (eq. 14); lam 0.1, beta 1."""
-    from recsys.generative.ved import _select
+    from recsys.generative.ved import select_node
 
     cfg = VEDConfig(lam=0.1, beta=1.0)
     ln5 = math.log(5)                                                    # N_root = 4
@@ -349,20 +349,20 @@ def test_ved_selection_by_hand_worked_ucb_scores_and_gates():
     # children, its G 0.5 >= the depth-1 mean 0.4 -> the gate holds: a new child, code 1 or 2 from the policy
     tree, c0, c1 = ved_tree(c0_visits=3)
     assert 0.3 + math.sqrt(ln5 / 4) < 0.1 * tree.root.entropy + math.sqrt(ln5) < 0.5 + math.sqrt(ln5 / 2)
-    node, path = _select(tree, cfg, 2, np.random.default_rng(0))
+    node, path = select_node(tree, cfg, 2, np.random.default_rng(0))
     assert path[:2] == [tree.root, c1] and node is path[2] and node.parent is c1 and not node.evaluated
     assert node.prefix in ((1, 1), (1, 2)) and node.logp == pytest.approx(math.log(0.3) + math.log(c1.probs[node.prefix[1]]))
     assert node.value == c1.value and node.entropy == c1.entropy               # inherited until evaluated
-    picks = [_select(ved_tree(3)[0], cfg, 2, np.random.default_rng(s))[0].prefix[1] for s in range(400)]
+    picks = [select_node(ved_tree(3)[0], cfg, 2, np.random.default_rng(s))[0].prefix[1] for s in range(400)]
     assert abs(np.mean(np.array(picks) == 1) - 0.6) < 0.08                     # sampled from the policy (0.6 / 0.4)
     # c0 never visited: U(c0) = 0.3 + sqrt(ln5) = 1.569 wins; at c0, G 0.3 < the depth-1 mean 0.4: the gate
     # refuses a new child and c0 has none to descend to -> nothing to evaluate this round
     tree, c0, _ = ved_tree(c0_visits=0)
-    node, path = _select(tree, cfg, 2, np.random.default_rng(0))
+    node, path = select_node(tree, cfg, 2, np.random.default_rng(0))
     assert node is None and path == [tree.root, c0] and not c0.children
     # an unevaluated node on the way is the one evaluated
     c0.evaluated = False
-    assert _select(tree, cfg, 2, np.random.default_rng(0))[0] is c0
+    assert select_node(tree, cfg, 2, np.random.default_rng(0))[0] is c0
 
 
 def test_sibling_advantages_docstring_tree():

@@ -103,9 +103,9 @@ def test_mips_to_l2_reduction_by_hand():
     """Items (3, 4) and (1, 0), M = 5: augmented (3, 4, 0) and (1, 0, sqrt 24). Query (1, 0, 0):
     squared L2 = |q|^2 + M^2 - 2 q.x = 26 - 6 = 20 and 26 - 2 = 24, so the nearest item (0) is the one
     with the largest inner product (3 > 1)."""
-    from recsys.retrieval.index import _augment_items
+    from recsys.retrieval.index import augment_items
 
-    xa = _augment_items(np.array([[3, 4], [1, 0]], np.float32), 5.0)
+    xa = augment_items(np.array([[3, 4], [1, 0]], np.float32), 5.0)
     np.testing.assert_allclose(xa, [[3, 4, 0], [1, 0, np.sqrt(24)]], rtol=1e-6)
     qa = np.array([1, 0, 0], np.float32)
     np.testing.assert_allclose(((xa - qa) ** 2).sum(1), [20, 24], rtol=1e-6)

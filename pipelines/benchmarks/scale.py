@@ -26,7 +26,7 @@ gives the true top-100; each row: recall@100 against it, queries per second (one
 build seconds and ``memory_mb`` (the serialised index). Rows ``<factory>[-mips]-10m``: HNSW, IVF-Flat, IVF-PQ
 with exact re-ranking of 4x the candidates (``RFlat``), IVF-PQ alone (codes only: the small one), and the
 IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over machines looks like);
-``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index._augment_items` (what
+``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index.augment_items` (what
 ``ItemIndex.build(..., mips=True)`` does), the others in inner product.
 
 ``plan``: what 1M items and 100M users would cost, per stage, computed from per-unit costs measured on this
@@ -227,7 +227,7 @@ def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: i
     import faiss
     from safetensors.numpy import load_file
 
-    from recsys.retrieval.index import _augment_items, _pad_queries, mips_width
+    from recsys.retrieval.index import augment_items, mips_width, pad_queries
 
     rng = np.random.default_rng(0)
     anchors = load_file(str(sasrec_dir / "model.safetensors"))["item_emb.weight"][1:].astype(np.float32)  # no padding
@@ -249,13 +249,13 @@ def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: i
     max_norm = float(np.linalg.norm(vectors, axis=1).max())
     for factory, params, mips in indexes:
         width = mips_width(vectors.shape[1], factory)
-        data = _augment_items(vectors, max_norm, width) if mips else vectors
+        data = augment_items(vectors, max_norm, width) if mips else vectors
         start = time.perf_counter()
         index = build_index(factory, data, faiss.METRIC_L2 if mips else faiss.METRIC_INNER_PRODUCT, rng)
         build = time.perf_counter() - start
         del data
         set_search(index, params)
-        query = _pad_queries(q, width) if mips else q
+        query = pad_queries(q, width) if mips else q
         index.search(query[:10], k)                                            # warm-up
         start = time.perf_counter()
         _, found = index.search(query, k)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.assets import sha256
 from recsys.data.readers import RawDataset
 from recsys.data.split import kcore, leave_one_out, order_interactions, temporal_split
 from recsys.errors import DataError
@@ -83,10 +84,6 @@ class EvalExamples:
     targets: list[np.ndarray]
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class PreparedDataset:
     """A prepared dataset in memory. Load with :meth:`load`, create with :func:`prepare`."""
 
@@ -112,7 +109,7 @@ class PreparedDataset:
             path = directory / f
             if not path.exists():
                 raise DataError(f"{path}: missing; prepare the dataset again")
-            if _sha256(path) != manifest.get("files", {}).get(f):
+            if sha256(path) != manifest.get("files", {}).get(f):
                 raise DataError(f"{path}: SHA-256 differs from {manifest_path.name}: the file changed after "
                                 "`recsys data prepare`; prepare the dataset again")
             try:
@@ -137,7 +134,7 @@ class PreparedDataset:
                             f"{missing or ''} in this dataset (it has {available or 'none'}); the source needs a "
                             "user file (<name>.user, users.dat or u.user) with those columns")
         path = self.directory / entry["file"]
-        if not path.exists() or _sha256(path) != entry["sha256"]:
+        if not path.exists() or sha256(path) != entry["sha256"]:
             raise DataError(f"{path}: missing or changed after `recsys data prepare`; prepare the dataset again")
         return pl.read_parquet(path).select("uidx", *(columns or available))
 
@@ -266,7 +263,7 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
         catalog.write_parquet(staging / "catalog.parquet")
         users.write_parquet(staging / "users.parquet")
         df.write_parquet(staging / "interactions.parquet")
-        hashes = {f: _sha256(staging / f) for f in FILES}
+        hashes = {f: sha256(staging / f) for f in FILES}
         split_counts = dict(df.group_by("split").len().iter_rows())
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -286,7 +283,7 @@ def prepare(raw: RawDataset, out: str | Path, config: PrepareConfig = PrepareCon
         if raw.user_features is not None:            # side information: beside the fingerprinted files
             features = users.join(raw.user_features, on="user_id", how="left").sort("uidx")
             features.write_parquet(staging / USER_FEATURES)
-            manifest["user_features"] = {"file": USER_FEATURES, "sha256": _sha256(staging / USER_FEATURES),
+            manifest["user_features"] = {"file": USER_FEATURES, "sha256": sha256(staging / USER_FEATURES),
                                          "columns": [c for c in features.columns if c not in ("user_id", "uidx")],
                                          "users_without": int(features.select(pl.exclude("user_id", "uidx"))
                                                               .null_count().max_horizontal().item())}

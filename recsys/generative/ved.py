@@ -167,7 +167,7 @@ def _add_child(parent: Node, code: int) -> Node:
     return child
 
 
-def _select(tree: Tree, cfg: VEDConfig, D: int, rng: np.random.Generator) -> tuple[Node | None, list[Node]]:
+def select_node(tree: Tree, cfg: VEDConfig, D: int, rng: np.random.Generator) -> tuple[Node | None, list[Node]]:
     """Descend by UCB; return the node to evaluate (or None) and the path."""
     s, path = tree.root, [tree.root]
     log_n = math.log(tree.root.visits + 1)
@@ -240,7 +240,7 @@ def ved(model: GenerativeRecommender, histories, cfg: VEDConfig = VEDConfig(), *
     while active:
         work = []
         for tree in active:
-            node, path = _complete(tree.pending) if tree.pending is not None else _select(tree, cfg, D, rng)
+            node, path = _complete(tree.pending) if tree.pending is not None else select_node(tree, cfg, D, rng)
             tree.pending = node if cfg.widen == "complete" and node is not None and 0 < node.depth < D \
                 and not node.evaluated else None
             tree.rounds += 1

@@ -57,7 +57,7 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
 
 
-def _augment_items(x: np.ndarray, max_norm: float, width: int | None = None) -> np.ndarray:
+def augment_items(x: np.ndarray, max_norm: float, width: int | None = None) -> np.ndarray:
     """(N, d) -> (N, d + 1): append sqrt(M^2 - |x|^2) so that L2 nearest = maximum inner product
     (Bachrach et al. 2014, "Speeding up the Xbox recommender system using a Euclidean transformation for
     inner-product spaces", §3); ``width`` > d + 1 pads with zeros (a product quantizer needs a multiple of its
@@ -68,7 +68,7 @@ def _augment_items(x: np.ndarray, max_norm: float, width: int | None = None) -> 
 
 
 def mips_width(dim: int, factory: str) -> int:
-    """Width of :func:`_augment_items` vectors for a factory: d + 1, rounded up to a multiple of the product
+    """Width of :func:`augment_items` vectors for a factory: d + 1, rounded up to a multiple of the product
     quantizer's sub-quantizer count M when the factory has one (``PQ{M}``)."""
     import re
 
@@ -77,8 +77,8 @@ def mips_width(dim: int, factory: str) -> int:
     return dim + 1 + (-(dim + 1) % m)
 
 
-def _pad_queries(q: np.ndarray, width: int) -> np.ndarray:
-    """(Q, d) -> (Q, width) with zeros: a query against :func:`_augment_items` vectors."""
+def pad_queries(q: np.ndarray, width: int) -> np.ndarray:
+    """(Q, d) -> (Q, width) with zeros: a query against :func:`augment_items` vectors."""
     return np.hstack([q, np.zeros((len(q), width - q.shape[1]), np.float32)])
 
 
@@ -147,7 +147,7 @@ class ItemIndex:
         uneven = norms.max() > 1.5 * max(float(np.median(norms)), 1e-12)
         use_mips = metric == "ip" and ("HNSW" in factory and uneven if mips == "auto" else bool(mips))
         mips_norm = float(norms.max()) if use_mips else None
-        x_index = _augment_items(x, mips_norm, mips_width(x.shape[1], factory)) if mips_norm is not None else x
+        x_index = augment_items(x, mips_norm, mips_width(x.shape[1], factory)) if mips_norm is not None else x
         faiss_metric = faiss.METRIC_L2 if metric == "l2" or mips_norm is not None else faiss.METRIC_INNER_PRODUCT
         try:
             index = faiss.index_factory(x_index.shape[1], factory, faiss_metric)
@@ -234,7 +234,7 @@ class ItemIndex:
         fetch = min(self.meta.count, k + max((len(e) for e in excl), default=0))
         M = self.meta.mips_norm
         if M is not None:   # L2 on augmented vectors: |q|^2 + M^2 - 2 q.x = dist  ->  q.x
-            dist, found = self._search_index.search(_pad_queries(q, self._search_index.d), fetch)
+            dist, found = self._search_index.search(pad_queries(q, self._search_index.d), fetch)
             score = ((q * q).sum(1, keepdims=True) + M * M - dist) / 2
         else:
             dist, found = self._search_index.search(q, fetch)
