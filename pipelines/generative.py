@@ -162,6 +162,8 @@ class GenerativeTrainConfig:
     """``vstar``: UCB exploration weight when decoding picks a node to expand."""
     widen: str = "gated"
     """``vstar``: how decoding widens its tree (:attr:`recsys.generative.ved.VEDConfig.widen`)."""
+    rank_by: str = "value"
+    """``vstar``: which leaves decoding returns as rollouts (:attr:`recsys.generative.ved.VEDConfig.rank_by`)."""
 
     def __post_init__(self):
         if self.algo not in ALGOS:
@@ -170,7 +172,8 @@ class GenerativeTrainConfig:
             raise RecsysError(f"mu (optimiser steps per rollout batch) must be >= 1, got {self.mu}")
         for name, value, allowed in (("sibling_credit", self.sibling_credit, ("visits", "first")),
                                      ("dense_reward", self.dense_reward, ("embeddings", "codes")),
-                                     ("widen", self.widen, ("gated", "complete"))):
+                                     ("widen", self.widen, ("gated", "complete")),
+                                     ("rank_by", self.rank_by, ("value", "logp"))):
             if value not in allowed:
                 raise RecsysError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -183,7 +186,7 @@ class GenerativeTrainConfig:
 
     def ved(self) -> VEDConfig:
         return VEDConfig(self.group_size, self.init_beam, self.budget_multiplier, self.lam, self.ucb_beta,
-                         self.temperature, self.widen)
+                         self.temperature, self.widen, self.rank_by)
 
 
 def sequence_windows(seq, n: int) -> list:

@@ -327,8 +327,9 @@ def test_ved_budget_compares_each_multiplier_with_beam_search_at_the_same_calls(
 
     rows = decoders(depth=4, n=16)
     assert [name for name, _ in rows if name.startswith("beam")] == ["beam-49", "beam-73"]
-    assert len(rows) == 2 * len(MULTIPLIERS) + 2
+    assert len(rows) == 3 * len(MULTIPLIERS) + 2
     rows = dict(rows)
     assert rows["beam-49"] == {"kind": "beam", "width": 16, "multiplier": 1.0}
     assert rows["beam-73"] == {"kind": "beam", "width": 24, "multiplier": 3.0}
-    assert rows["ved-complete-x2"] == {"kind": "ved", "widen": "complete", "multiplier": 2.0}
+    assert rows["ved-complete-x2"] == {"kind": "ved", "widen": "complete", "rank_by": "value", "multiplier": 2.0}
+    assert rows["ved-complete-by-logp-x3"]["rank_by"] == "logp"

@@ -319,6 +319,10 @@ def test_ved_completion_turns_the_calls_of_an_expansion_into_full_candidates(mod
     assert torch.equal(*beam_only)
     with pytest.raises(ValueError, match="widen"):
         VEDConfig(widen="wide")
+    # rank_by="logp": the same tree, its leaves returned likeliest first
+    out, _ = ved(model, histories, dataclasses.replace(cfg, widen="complete", rank_by="logp"), exclude=exclude, seed=1)
+    assert set(out.items[0].tolist()) == set(ved(model, histories, dataclasses.replace(cfg, widen="complete"),
+                                                 exclude=exclude, seed=1)[0].items[0].tolist())
 
 
 def ved_tree(c0_visits: int):

@@ -9,8 +9,9 @@ the default is chosen here, not on test), every decoder returns ``--candidates``
 - ``beam-<calls>``: trie-constrained beam search as wide as a multiplier's calls allow (``1 + (D - 1) * width``
   calls) but at least ``--candidates`` wide, its ``--candidates`` likeliest items (at small multipliers the
   narrowest such beam spends more calls than VED: ``mean_calls`` says so);
-- ``ved-<widen>-x<m>``: VED with ``init_beam`` 8 and budget multiplier m (``round((1 + (D - 1) * 8) * m)``
-  calls), widening ``gated`` (V-STAR) or ``complete`` (:class:`recsys.generative.ved.VEDConfig`).
+- ``ved-<widen>[-by-logp]-x<m>``: VED with ``init_beam`` 8 and budget multiplier m (``round((1 + (D - 1) * 8) *
+  m)`` calls), widening ``gated`` (V-STAR) or ``complete``, returning the highest-valued leaves (V-STAR) or, with
+  ``-by-logp``, the likeliest (:class:`recsys.generative.ved.VEDConfig`).
 
 Each row: ``candidate_hit_rate`` (the held-out item among the candidates: what an RL rollout group can
 reward), ``distinct_items``, ``mean_calls``, ``users_per_s``. The multipliers run 1 (the official code's), 1.5,
@@ -59,8 +60,9 @@ def decoders(depth: int, n: int) -> list[tuple[str, dict]]:
         if width not in widths:
             widths.add(width)
             rows.append((f"beam-{1 + (depth - 1) * width}", {"kind": "beam", "width": width, "multiplier": m}))
-        for widen in ("gated", "complete"):
-            rows.append((f"ved-{widen}-x{m:g}", {"kind": "ved", "widen": widen, "multiplier": m}))
+        for widen, rank_by in (("gated", "value"), ("complete", "value"), ("complete", "logp")):
+            name = f"ved-{widen}" + ("-by-logp" if rank_by == "logp" else "") + f"-x{m:g}"
+            rows.append((name, {"kind": "ved", "widen": widen, "rank_by": rank_by, "multiplier": m}))
     return rows
 
 
@@ -90,7 +92,7 @@ def sweep(model_dir: Path, data: Path, users: int, n: int) -> list[dict]:
                     items = decode(model, h, spec["width"], exclude=exclude).items[:, :n]
                     spent = np.full(len(h), 1 + (model.depth - 1) * spec["width"])
                 else:
-                    cfg = VEDConfig(n, INIT_BEAM, spec["multiplier"], widen=spec["widen"])
+                    cfg = VEDConfig(n, INIT_BEAM, spec["multiplier"], widen=spec["widen"], rank_by=spec["rank_by"])
                     out, spent = ved(model, h, cfg, exclude=exclude, seed=start)
                     items = out.items
             secs += time.perf_counter() - began

@@ -17,7 +17,8 @@ value model says it pays. Per user a tree of code prefixes is grown:
    ``budget = round((1 + (D - 1) * init_beam) * budget_multiplier)``. Every user spends exactly its
    budget unless its tree is exhausted; ``calls`` reports what was spent.
 6. **Return** the ``n_candidates`` full-depth leaves with the highest value (ties: higher log-prob),
-   padded by repeating the best one (V-STAR pads by duplication).
+   padded by repeating the best one (V-STAR pads by duplication); ``rank_by="logp"`` (an option) returns the
+   likeliest leaves instead.
 
 Departures / UNVERIFIED choices (documented options): the "new child" option above is our reading of
 "expand a leaf with one child sampled from unexpanded valid tokens" (with a completed initial beam
@@ -104,9 +105,15 @@ class VEDConfig:
     gated expansion below full depth is then extended by the policy's likeliest valid code, one call per level
     in the following rounds, until it is a full semantic ID (an MCTS-style completion; a departure)."""
 
+    rank_by: str = "value"
+    """Which full-depth leaves are returned: the highest ``value`` (V-STAR) or the likeliest under the policy
+    (``logp``: the value head then only steers the search)."""
+
     def __post_init__(self):
         if self.widen not in ("gated", "complete"):
             raise ValueError(f"widen must be 'gated' or 'complete', got {self.widen!r}")
+        if self.rank_by not in ("value", "logp"):
+            raise ValueError(f"rank_by must be 'value' or 'logp', got {self.rank_by!r}")
 
     def budget(self, depth: int) -> int:
         return round((1 + (depth - 1) * self.init_beam) * self.budget_multiplier)
@@ -255,7 +262,8 @@ def ved(model: GenerativeRecommender, histories, cfg: VEDConfig = VEDConfig(), *
     codes = torch.zeros(len(trees), n, D, dtype=torch.long)
     scores = torch.full((len(trees), n), -torch.inf)
     for i, tree in enumerate(trees):
-        leaves = sorted((x for x in tree.nodes() if x.depth == D), key=lambda x: (-x.value, -x.logp))[:n]
+        order = (lambda x: (-x.value, -x.logp)) if cfg.rank_by == "value" else (lambda x: (-x.logp, -x.value))
+        leaves = sorted((x for x in tree.nodes() if x.depth == D), key=order)[:n]
         if not leaves:
             continue
         leaves += [leaves[0]] * (n - len(leaves))
