@@ -516,7 +516,8 @@ def train_generative(dataset: PreparedDataset, out, config: GenerativeTrainConfi
     defining = {k: v for k, v in dataclasses.asdict(config).items()
                 if k not in ("max_epochs", "max_minutes", "max_steps", "patience", "num_threads", "limit_train_batches",
                              "precision")}
-    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume,
+                             dataclasses.asdict(GenerativeTrainConfig()))
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     L.seed_everything(config.seed, verbose=False)

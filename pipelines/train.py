@@ -117,7 +117,8 @@ def train_sasrec(dataset: PreparedDataset, out: str | Path, config: SASRecTrainC
     resumable = RESUMABLE_CHANGES if config.lr_schedule == "constant" else tuple(
         k for k in RESUMABLE_CHANGES if k != "max_epochs")
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in resumable}
-    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume)
+    last = resume_checkpoint(out, {"config": defining, "dataset_fingerprint": dataset.fingerprint}, resume,
+                             dataclasses.asdict(SASRecTrainConfig()))
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     L.seed_everything(config.seed, verbose=False)
