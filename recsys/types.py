@@ -5,9 +5,9 @@
   for and the held-out item; what rerankers train and are evaluated on, RL prompts are drawn from and the
   fusion scorer reads (files: :mod:`recsys.data.candidates`).
 - :class:`ExportManifest`, :class:`ExportedModel`: ``manifest.json`` of an export directory, written by
-  ``serving/export.py`` and read by the torch-free runtime.
+  ``recsys export`` and read by the serving runtime.
 
-The rollout batch of the RL objectives holds tensors, so it lives beside them: :class:`recsys.rl.objectives.Rollouts`.
+The RL rollout batch holds tensors, so it lives beside the RL objectives, not here.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class ExportedModel:
     """The ONNX graph (its weights may sit beside it as ``<file>.data``)."""
     sha256: str
     parity_max_abs: float | None = None
-    """Largest |ONNX Runtime - eager torch| output difference on the export's reference inputs."""
+    """Largest |ONNX Runtime - eager model| output difference on the export's reference inputs."""
     ort_fusions: dict | None = None
     """ONNX Runtime graph fusions found in the optimised graph (op type -> count)."""
     int8: dict | None = None
