@@ -28,6 +28,7 @@ import numpy as np
 import polars as pl
 
 from recsys.errors import DataError
+from recsys.metrics import relevant_ranks
 from recsys.types import CandidateList
 
 SPLITS = ("train", "valid", "test")
@@ -41,13 +42,19 @@ def candidates_path(directory: str | Path, split: str) -> Path:
     return Path(directory) / f"candidates_{split}.parquet"
 
 
+def hit_positions(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(Q,) 0-based position of each list's target among its (Q, n) candidates, -1 when absent (the file's
+    ``hit_rank``; :func:`recsys.metrics.relevant_ranks` with one relevant item)."""
+    position = relevant_ranks(np.asarray(candidates), np.asarray(target)[:, None])[:, 0]
+    return np.where(np.isfinite(position), position, -1).astype(np.int64)
+
+
 def write_candidates(directory: str | Path, split: str, user_id, uidx, target, target_item_id, history_length,
                      candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Write ``candidates_<split>.parquet``: Q lists of (Q, n) ``candidates`` (item idx, best first) and their
     ``scores``, the other arguments (Q,) each. Returns (Q,) ``hit_rank`` (-1 when the target is absent)."""
     candidates, target = np.asarray(candidates), np.asarray(target)
-    match = candidates == target[:, None]
-    hits = np.where(match.any(1), match.argmax(1), -1)
+    hits = hit_positions(candidates, target)
     pl.DataFrame({"user_id": user_id, "uidx": np.asarray(uidx, dtype=np.int32), "target": target.astype(np.int32),
                   "target_item_id": target_item_id, "history_length": np.asarray(history_length, dtype=np.int64),
                   "candidates": candidates.astype(np.int32), "scores": np.asarray(scores, dtype=np.float32),

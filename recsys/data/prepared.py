@@ -91,6 +91,7 @@ class PreparedDataset:
                  interactions: pl.DataFrame, manifest: dict):
         self.directory, self.catalog, self.users = directory, catalog, users
         self.interactions, self.manifest = interactions, manifest
+        self._sorted: pl.DataFrame | None = None
         self._groups: dict[str, list[np.ndarray]] | None = None
         self._sequences: tuple[list[np.ndarray], list[np.ndarray]] | None = None
 
@@ -162,10 +163,16 @@ class PreparedDataset:
     def n_users(self) -> int:
         return self.users.height
 
+    def _by_user(self) -> pl.DataFrame:
+        """The interactions sorted by user, then position in time (sorted once)."""
+        if self._sorted is None:
+            self._sorted = self.interactions.sort(["uidx", "pos"])
+        return self._sorted
+
     def _split_groups(self) -> dict[str, list[np.ndarray]]:
         """Per user (uidx order), the item idx of each split in time order."""
         if self._groups is None:
-            df = self.interactions.sort(["uidx", "pos"])
+            df = self._by_user()
             uidx, idx = df["uidx"].to_numpy(), df["idx"].to_numpy().astype(np.int64)
             split = df["split"].to_numpy()
             self._groups = {}
@@ -186,7 +193,7 @@ class PreparedDataset:
 
     def _chronological(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if self._sequences is None:
-            df = self.interactions.sort(["uidx", "pos"])
+            df = self._by_user()
             cuts = np.cumsum(np.bincount(df["uidx"].to_numpy(), minlength=self.n_users))[:-1]
             self._sequences = (np.split(df["idx"].to_numpy().astype(np.int64), cuts),
                                np.split(df["timestamp"].to_numpy(), cuts))

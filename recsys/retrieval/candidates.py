@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from recsys.data.candidates import write_candidates
+from recsys.data.candidates import hit_positions, write_candidates
 from recsys.data.prepared import EvalExamples, PreparedDataset
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
@@ -134,9 +134,7 @@ def retrieve_examples(retriever, examples: EvalExamples, n: int, batch_size: int
 
 def hit_ranks(candidates: np.ndarray, examples: EvalExamples) -> np.ndarray:
     """(Q,) 0-based position of each example's (first) target among its candidates, -1 if absent."""
-    target = np.array([t[0] for t in examples.targets])
-    match = candidates == target[:, None]
-    return np.where(match.any(1), match.argmax(1), -1)
+    return hit_positions(candidates, np.array([t[0] for t in examples.targets]))
 
 
 def recall_at(hits: np.ndarray, cutoffs=(20, 50, 100, 200)) -> dict[str, float]:
