@@ -37,6 +37,7 @@ puts it into BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -182,7 +183,9 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
 
     names = stages.run("features", base | {"groups": everything}, features)["names"]
     split_data = {s: dict(np.load(feat_dir / f"{s}.npz")) for s in ("valid", "test")}
+    @functools.cache
     def requests(split: str):
+        """The split's lists as feature requests, read once and shared by every row (read-only)."""
         return requests_from_candidates(ds, read_candidate_lists(ds, cands, split), depth)
 
     test_requests = requests("test")
