@@ -44,7 +44,7 @@ from pipelines.callbacks import (
 )
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
-from recsys.data.candidates import read_candidate_lists
+from recsys.data.candidates import hold_out, read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.rerank.first import first_order
 from recsys.types import CandidateList
@@ -206,8 +206,7 @@ class HybridDataModule(L.LightningDataModule):
         train = read_candidate_lists(dataset, candidates_dir, "train")
         train = train[:config.train_users] if config.train_users else train
         self.train = windows(train, config, dataset.n_items, config.seed, config.random_negatives)
-        valid = read_candidate_lists(dataset, candidates_dir, "valid")
-        valid = valid[len(valid) - min(config.val_users, len(valid)):]
+        _, valid = hold_out(read_candidate_lists(dataset, candidates_dir, "valid"), config.val_users)
         self.valid = [w for w in windows(valid, config, dataset.n_items, config.seed + 1, 0.0) if w.target >= 0]
 
     def train_dataloader(self):

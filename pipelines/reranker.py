@@ -36,6 +36,7 @@ from pipelines.rerank import load_reranker, make_scorer, tune_retriever_prior
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.data.candidates import (
+    hold_out,
     read_candidate_lists,
 )
 from recsys.errors import RecsysError
@@ -232,7 +233,7 @@ class RerankerDataModule(L.LightningDataModule):
         super().__init__()
         self.bb, self.cfg, self.titles = backbone, config, titles
         valid = read_candidate_lists(dataset, candidates_dir, "valid")
-        held_out = valid[len(valid) - min(config.val_users, len(valid)):]
+        rest, held_out = hold_out(valid, config.val_users)
         self.valid = held_out
         # Validation lists no training example came from: all of them unless validation targets teach.
         self.unseen_valid = valid if config.train_split == "train" else held_out
@@ -240,7 +241,7 @@ class RerankerDataModule(L.LightningDataModule):
         if config.train_split in ("train", "train+valid"):
             train += read_candidate_lists(dataset, candidates_dir, "train")
         if config.train_split in ("valid", "train+valid"):
-            train += valid[:len(valid) - len(held_out)]
+            train += rest
         if config.train_users:
             train = train[:config.train_users]
         teacher = load_reranker(config.teacher_reranker, dataset, config.window) if config.teacher_reranker else None

@@ -63,7 +63,7 @@ from pipelines.rerank import (
 )
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
-from recsys.data.candidates import read_candidate_lists
+from recsys.data.candidates import hold_out, read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics, target_rank
 from recsys.rerank.first import replay_log_probs
@@ -196,10 +196,9 @@ class PromptData(L.LightningDataModule):
         super().__init__()
         self.cfg = config
         valid = [r.top(config.window) for r in read_candidate_lists(dataset, candidates_dir, "valid")]
-        held_out = len(valid) - min(config.val_users, len(valid))
-        self.train_rows = (valid[:held_out] if config.train_split == "valid" else
+        rest, self.valid_rows = hold_out(valid, config.val_users)
+        self.train_rows = (rest if config.train_split == "valid" else
                            [r.top(config.window) for r in read_candidate_lists(dataset, candidates_dir, "train")])
-        self.valid_rows = valid[held_out:]
         if config.reachable_only:
             self.train_rows = [r for r in self.train_rows if r.has_target]
         if not self.train_rows:

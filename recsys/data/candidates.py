@@ -95,6 +95,13 @@ def candidate_lists(sequences: list[np.ndarray], rows: pl.DataFrame, source: str
     return out
 
 
+def hold_out(lists: list[CandidateList], n: int) -> tuple[list[CandidateList], list[CandidateList]]:
+    """(the rest, the last ``n``) of ``lists``: the trainers keep the last ``val_users`` validation lists to
+    select checkpoints, and may learn from the others."""
+    cut = len(lists) - min(n, len(lists))
+    return lists[:cut], lists[cut:]
+
+
 def read_candidate_lists(dataset, directory: str | Path, split: str) -> list[CandidateList]:
     """Every list of ``candidates_<split>.parquet`` with its history from ``dataset`` (a
     :class:`recsys.data.PreparedDataset`)."""
