@@ -12,7 +12,7 @@ The RL rollout batch holds tensors, so it lives beside the RL objectives, not he
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -153,17 +153,15 @@ class ExportManifest:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "manifest.json") -> ExportManifest:
         """Validate and type a parsed manifest; an error names ``source`` and the field that is wrong."""
-        import dataclasses
-
         def check(obj, typ, where):
             if not isinstance(obj, dict):
                 raise TypeError(f"{source}: {where} must be an object, got {type(obj).__name__}")
-            names = {f.name for f in dataclasses.fields(typ)}
+            names = {f.name for f in fields(typ)}
             unknown = sorted(set(obj) - names)
             if unknown:
                 raise ValueError(f"{source}: {where} has unknown field(s) {', '.join(unknown)}")
-            missing = [f.name for f in dataclasses.fields(typ) if f.name not in obj
-                       and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            missing = [f.name for f in fields(typ) if f.name not in obj
+                       and f.default is MISSING and f.default_factory is MISSING]
             if missing:
                 raise ValueError(f"{source}: {where} lacks {', '.join(missing)}")
 
@@ -181,9 +179,7 @@ class ExportManifest:
 
     def to_dict(self) -> dict:
         """The JSON form (a model's unset fields left out)."""
-        import dataclasses
-
-        top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "models"}
-        models = {name: {k: v for k, v in dataclasses.asdict(m).items() if v is not None}
+        top = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "models"}
+        models = {name: {k: v for k, v in asdict(m).items() if v is not None}
                   for name, m in self.models.items()}
         return {**top, "models": models}
