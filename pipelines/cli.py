@@ -353,11 +353,17 @@ def cmd_serve(a):
 
     import uvicorn
 
+    from serving.app import ServeSettings
+
     settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms,
                 "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
                 "rerank_timeout_ms": a.rerank_timeout_ms, "threads": a.threads, "max_in_flight": a.max_in_flight,
-                "access_log": a.access_log,
+                "model_threads": a.model_threads, "access_log": a.access_log,
                 "api_key": (read_api_key(a.api_key_file) if a.api_key_file else os.environ.get("RECSYS_API_KEY"))}
+    try:
+        ServeSettings(**settings)                          # a bad value is refused here, not in every worker
+    except ValueError as e:
+        raise SystemExit(f"recsys serve: {e}") from None
     os.environ["RECSYS_SERVE_DIR"] = str(a.directory)
     os.environ["RECSYS_SERVE_SETTINGS"] = json.dumps(settings)
     if a.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):    # /metrics sums every worker
@@ -743,6 +749,9 @@ def _serving_commands(sub) -> None:
     sv.add_argument("--workers", type=int, default=1)
     sv.add_argument("--threads", type=int,
                     help="ONNX Runtime intra-op threads per session (default: 1 on CPU without micro-batching)")
+    sv.add_argument("--model-threads", type=int, default=1,
+                    help="threads per worker that run model work off the event loop (default 1; for more cores, "
+                         "more --workers)")
     sv.add_argument("--micro-batching", choices=["auto", "on", "off"], default="auto",
                     help="group concurrent requests into one ONNX call (auto: on with CUDA, off on CPU)")
     sv.add_argument("--max-batch", type=int, default=32)

@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,13 +93,31 @@ class ServeSettings:
     api_key: str | None = None
     """Required as ``x-api-key`` on ``/v1/*``; checked before the body is read."""
     threads: int | None = None
-    """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching
-    (concurrent requests already fill the cores; more threads per call only contend), else ORT's default."""
+    """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU without micro-batching, else ORT's
+    default."""
+    model_threads: int = 1
+    """Threads that run the model work of requests (retrieval, reranking, generation), off the event loop so
+    that it keeps reading requests and the reranker's deadline can stop a late run. One by default: each
+    further thread contends with the event loop for Python's interpreter lock, which costs more CPU per
+    request than the overlap returns (BENCHMARKS.md, "Serving"); a machine with more cores runs more
+    ``workers`` (processes), each with its own model thread."""
     int8: bool = False
     """Serve the int8 graphs ``recsys export --quantize`` wrote beside the fp32 ones (faster on CPU, a measured quality cost)."""
     access_log: bool = False
     """One JSON line per request (method, route template, status, ms) on stderr through the
     ``recsys.serving`` logger at INFO; off by default (its cost is then one level check per request)."""
+
+    def __post_init__(self):
+        counts = ("max_batch", "max_body_bytes", "max_in_flight", "model_threads")
+        for name in counts + ("threads",) * (self.threads is not None):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"serve settings: {name} must be a whole number >= 1, got {value!r}")
+        for name in ("max_wait_ms", "rerank_timeout_ms", "body_timeout_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"serve settings: {name} must be a positive number of {name.rsplit('_', 1)[1]}, "
+                                 f"got {value!r}")
 
     def resolved(self, cuda: bool) -> ServeSettings:
         """The settings with every ``None`` (auto) decided for this machine."""
@@ -232,8 +251,8 @@ class Batcher:
     """Fallbacks are logged once per this many seconds with the count since the last line (every one is in
     ``recsys_rerank_fallbacks_total``): a reranker late on every request must not write a line per request."""
 
-    def __init__(self, recommender: Recommender, settings: ServeSettings, metrics: Metrics):
-        self.rec, self.settings, self.metrics = recommender, settings, metrics
+    def __init__(self, recommender: Recommender, settings: ServeSettings, metrics: Metrics, executor: Executor):
+        self.rec, self.settings, self.metrics, self.executor = recommender, settings, metrics, executor
         self.queue: asyncio.Queue = asyncio.Queue()
         self.task: asyncio.Task | None = None
         self.unlogged, self.logged_at = 0, -float("inf")
@@ -283,15 +302,15 @@ class Batcher:
                         f.set_exception(e)
 
     async def _run(self, queries: list[RecommendQuery]) -> list[dict]:
-        """:meth:`_serve` in one worker thread, under the reranker's deadline: ``rerank_timeout_ms`` after the
+        """:meth:`_serve` in a model thread, under the reranker's deadline: ``rerank_timeout_ms`` after the
         work began, the reranker's run options are terminated, so its ONNX Runtime run stops at its next
         graph node and its queries keep the retrieval order (one thread hop per batch, not one per stage)."""
         self.metrics.observe_batch(len(queries))
         options = run_options()
-        timer = asyncio.get_running_loop().call_later(self.settings.rerank_timeout_ms / 1000, setattr, options,
-                                                      "terminate", True)
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.settings.rerank_timeout_ms / 1000, setattr, options, "terminate", True)
         try:
-            results, failure = await asyncio.to_thread(self._serve, queries, options)
+            results, failure = await loop.run_in_executor(self.executor, self._serve, queries, options)
         finally:
             timer.cancel()
         if failure:
@@ -494,7 +513,7 @@ async def load_models(directory: Path, settings: ServeSettings, state: dict, met
                                 "rerank_timeout_ms": settings.rerank_timeout_ms,
                                 "hint": "answers will come back in retrieval order; raise rerank_timeout_ms "
                                         "(recsys serve --rerank-timeout-ms) or serve a faster reranker"}))
-    state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics)
+    state["rec"], state["batcher"] = rec, Batcher(rec, settings, metrics, state["executor"])
     state["batcher"].start()
     state["ready"] = True
     log.info(json.dumps({"event": "loaded", "directory": str(directory), "version": rec.version,
@@ -515,6 +534,11 @@ def add_error_handlers(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, list) else error_body(str(exc.detail), ("path",),
                                                                              "http_error")["detail"]
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def in_model_thread(state: dict, fn, *args):
+    """``fn(*args)`` in one of the app's model threads (``ServeSettings.model_threads``)."""
+    return await asyncio.get_running_loop().run_in_executor(state["executor"], fn, *args)
 
 
 def ready(state: dict) -> Recommender:
@@ -605,8 +629,8 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
                             ("path",), "not_deployed")
         history, unknown = user_history(rec, body, state.get("users", {}))
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
-        items, scores = await asyncio.to_thread(rec.generative.recommend, [history], body.k, body.beam,
-                                                [history + exclude])
+        items, scores = await in_model_thread(state, rec.generative.recommend, [history], body.k, body.beam,
+                                              [history + exclude])
         keep = [(int(i), float(s)) for i, s in zip(items[0], scores[0]) if i > 0]
         return GenerateResponse(items=items_out(rec, [i for i, _ in keep], [s for _, s in keep]),
                                 unknown_items=unknown + unknown_ex, model_version=rec.version,
@@ -626,7 +650,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         if not history:
             raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
                             ("body", "history"))
-        out = (await asyncio.to_thread(rec.rerank_batch, [history], [cands], body.k))[0]
+        out = (await in_model_thread(state, rec.rerank_batch, [history], [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
@@ -647,11 +671,13 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background: the server answers /healthz at once and /readyz turns 200 when ready.
+        state["executor"] = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="recsys-model")
         task = asyncio.create_task(load_models(directory, settings, state, metrics))
         yield
         task.cancel()
         if state.get("batcher"):
             await state["batcher"].stop()
+        state["executor"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
                   description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")

@@ -195,6 +195,58 @@ def test_auto_settings_batch_on_cuda_only():
     assert ServeSettings(threads=2).resolved(cuda=False).threads == 2
 
 
+@pytest.mark.parametrize("field, value", [("model_threads", 0), ("max_in_flight", 0), ("threads", 0),
+                                          ("max_body_bytes", 1.5), ("rerank_timeout_ms", float("nan")),
+                                          ("body_timeout_s", -1.0), ("max_wait_ms", float("inf"))])
+def test_settings_that_cannot_serve_are_refused_naming_the_field(field, value):
+    from serving.app import ServeSettings
+
+    with pytest.raises(ValueError, match=field):
+        ServeSettings(**{field: value})
+
+
+def test_model_work_runs_in_the_model_threads_only(exported, monkeypatch):
+    """Retrieval, reranking and generation of every endpoint run in the ``model_threads`` pool (named
+    ``recsys-model``), never on the event loop nor in asyncio's default pool: with one model thread, no two
+    requests' model work overlaps."""
+    from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender
+
+    seen, running, overlaps = [], [0], []
+    original = Recommender.rerank_windows
+
+    def recorded(self, *args, **kw):
+        seen.append(threading.current_thread().name)
+        running[0] += 1
+        overlaps.append(running[0])
+        time.sleep(0.01)
+        try:
+            return original(self, *args, **kw)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(Recommender, "rerank_windows", recorded)
+    with Server(create_app(exported[0], ServeSettings(model_threads=1))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        known = ["m1", "m2", "m3", "m4"]
+        seen.clear()                                                       # the start-up warm-up query
+
+        def one(i):
+            path, body = (("/v1/rerank", {"history": known[:2], "candidates": known[2:]}) if i % 2 else
+                          ("/v1/recommend", {"history": known[:2], "k": 3}))
+            with httpx.Client(base_url=server.url, timeout=30) as c:
+                assert c.post(path, json=body).status_code == 200
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(seen) == 8 and all(name.startswith("recsys-model") for name in seen), seen
+    assert max(overlaps) == 1
+
+
 def test_api_key_and_reranker_fallback(exported, monkeypatch):
     from serving.app import ServeSettings, create_app
     from serving.runtime import Recommender

@@ -127,6 +127,30 @@ print(json.dumps(rec.recommend_batch([RecommendQuery([3, 4, 5], k=5, candidates=
     assert got["reranked"] and len(got["items"]) == 5
 
 
+def test_the_word_level_lookup_encodes_as_the_tokenizer_does_and_hands_it_what_it_cannot(exported, tmp_path):
+    """The tiny reranker's prompts are encoded by dict lookup (:class:`serving.runtime.WordSplitVocab`) to
+    the ids ``tokenizers`` gives; texts with newlines, tabs or added tokens inside words go to the
+    tokenizer; a tokenizer of another shape (BPE) gets no lookup at all."""
+    from tokenizers import Tokenizer, models
+
+    from recsys.rerank.prompts import listwise_prompt
+    from serving.runtime import FirstRuntime, WordSplitVocab, _PromptSpec
+
+    runtime = FirstRuntime(exported[0])
+    assert runtime.words is not None
+    rng = np.random.default_rng(0)
+    prompts = [listwise_prompt(_PromptSpec("tiny"), rng.integers(1, 30, n).tolist(), rng.permutation(30)[:8] + 1,
+                               max_history=10) for n in (1, 5, 40)]
+    odd = ["A\n<i3>", "tab\tsep", "  two  spaces ", "x<eor>", "<eor> <pad>", "never-seen-word", "", "\u00a0<i3>"]
+    want = [e.ids for e in runtime.tokenizer.encode_batch(prompts + odd, add_special_tokens=False)]
+    assert runtime.token_ids(prompts + odd) == want
+    assert all(runtime.words.encode(t) is not None for t in prompts + ["  two  spaces ", "never-seen-word"])
+    assert [runtime.words.encode(t) for t in ("A\n<i3>", "tab\tsep", "x<eor>", "\u00a0<i3>")] == [None] * 4
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "bpe.json"))
+    assert WordSplitVocab.from_file(tmp_path / "bpe.json") is None
+
+
 def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
     """recommend_batch / rerank_batch in sub-batches sorted by history length return, in input order,
     what one batch returns (scores to float tolerance: padding differs between the two)."""

@@ -554,8 +554,9 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
              "serving_cpu": render_rows("## The request path: server CPU and latency per `/v1/recommend` "
                                         "(`serving_cpu`)", "the quickstart's deployment (SASRec + FAISS, 50 "
                                         "candidates, tiny FIRST over 20) under `recsys serve` defaults; the baseline "
-                                        "row serves the same directory with an earlier revision's code, in turns "
-                                        "with the current one at every level"),
+                                        "rows serve the same directory with an earlier revision's code, the other "
+                                        "variants this revision with other server options, all in turns at every "
+                                        "level"),
              "ved_budget": render_rows("## Value-guided decoding: budget and widening against beam search "
                                        "(`ved_budget`)", "a tiny generative model after V-STAR, validation users; "
                                        "the held-out item among each decoder's 16 candidates, at the forward calls "

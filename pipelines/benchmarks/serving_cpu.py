@@ -2,13 +2,15 @@
 revision's serving code on the same deployment in the same run.
 
     recsys quickstart                                   # the README's main job: writes artifacts/
-    python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20
+    python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20 \
+        --variant model-threads-2='--model-threads 2'
 
 The deployment is the quickstart's ``runs/default-seed0/serve`` (SASRec + FAISS retrieval of 50 candidates,
 the tiny FIRST reranker over the first 20). ``--baseline REV`` checks that revision out into a git worktree
-under ``--out`` and serves the same directory with its code. Both servers run at once with the server's CPU
-defaults (1 worker, micro-batching off, 1 ONNX Runtime thread per call); for every connection level the two
-take turns, ``--repeats`` load-generator runs each (``pipelines.benchmarks.loadgen``: random known users,
+under ``--out`` and serves the same directory with its code; ``--variant NAME=OPTIONS`` serves this revision
+once more with other ``recsys serve`` options (``model-threads-2='--model-threads 2'``). All servers run at
+once, with the server's CPU defaults unless a variant says otherwise (1 worker, 1 model thread, micro-batching
+off, 1 ONNX Runtime thread per call); for every connection level they take turns, ``--repeats`` load-generator runs each (``pipelines.benchmarks.loadgen``: random known users,
 ``k`` 10), so that the drift of a shared machine falls on both alike. Per row: requests per second, p50 / p99
 latency and ``server_cpu_ms_per_request`` (the server process's user + system CPU over the timed requests);
 ``ratios``: baseline / current CPU per request at each level. The ``model-path-in-process`` row is the model
@@ -91,6 +93,9 @@ def main() -> None:
     p.add_argument("--quickstart", default="artifacts", help="a `recsys quickstart` --out directory")
     p.add_argument("--serve-dir", help="a deployment to serve instead of the quickstart's")
     p.add_argument("--baseline", help="a git revision whose serving code is measured beside this one's")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="also serve this revision with these `recsys serve` options, e.g. "
+                        "model-threads-2='--model-threads 2' (repeatable)")
     p.add_argument("--levels", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--requests", type=int, default=3000, help="timed requests per load-generator run")
     p.add_argument("--repeats", type=int, default=3, help="load-generator runs per variant and level")
@@ -105,10 +110,14 @@ def main() -> None:
     if not (serve_dir / "manifest.json").exists():
         raise SystemExit(f"{serve_dir}: no deployment; run `recsys quickstart --out {a.quickstart}` first")
     users = pl.read_parquet(serve_dir / "histories.parquet")["user_id"].to_list()
-    variants = {"current": None} | ({f"baseline-{a.baseline}": worktree(a.baseline, out)} if a.baseline else {})
+    variants = {"current": (None, [])} | {name: (None, options.split()) for name, options in
+                                          (v.split("=", 1) for v in a.variant)}
+    if a.baseline:
+        variants[f"baseline-{a.baseline}"] = (worktree(a.baseline, out), [])
     runs = {(name, c): [] for name in variants for c in a.levels}
     with ExitStack() as stack:
-        servers = {name: stack.enter_context(serve_process(serve_dir, code=code)) for name, code in variants.items()}
+        servers = {name: stack.enter_context(serve_process(serve_dir, *options, code=code))
+                   for name, (code, options) in variants.items()}
         for c in a.levels:
             for _ in range(a.repeats):
                 for name, (url, process) in servers.items():
@@ -123,7 +132,8 @@ def main() -> None:
         "deployment": str(serve_dir), "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
         "server": "recsys serve defaults: 1 uvicorn worker (uvloop, httptools), micro-batching off, 1 ONNX Runtime "
                   "thread per call; POST /v1/recommend, k 10, 50 candidates, FIRST over the first 20",
-        "baseline": a.baseline, "rows": rows, "ratios": ratios})
+        "baseline": a.baseline, "variants": {name: " ".join(options) for name, (_, options) in variants.items()},
+        "rows": rows, "ratios": ratios})
     for r in rows:
         m = r["metrics"]
         print(f"{r['name']:>26} " + ("in process" if "rps" not in m else f"{m['rps']:7.1f} req/s  p50 {m['p50_ms']:6.1f} "
