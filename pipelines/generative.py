@@ -29,7 +29,6 @@ list the model would serve).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from pipelines.callbacks import (
     resume_checkpoint,
 )
 from pipelines.optim import plateau
+from pipelines.rl_loop import RLLoop, RolloutStep
 from pipelines.sasrec import LengthBucketSampler
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
@@ -60,7 +60,7 @@ from recsys.generative.model import GenerativeConfig, GenerativeRecommender
 from recsys.generative.ved import VEDConfig, ved
 from recsys.metrics import compute_metrics
 from recsys.retrieval.semantic_ids import SemanticIDs
-from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
+from recsys.rl.objectives import Rollouts, Settings
 from recsys.rl.rank_grpo import PAD
 from recsys.rl.vstar import level_rewards, prefix_reward
 
@@ -334,15 +334,15 @@ def code_log_probs(model: GenerativeRecommender, histories, codes: torch.Tensor,
     return (logp, v) if values else logp
 
 
-class GenerativeRLModule(_Validated):
-    """GRPO or V-STAR on a generative recommender (manual optimisation, one on-policy update per batch)."""
+class GenerativeRLModule(RLLoop, _Validated):
+    """A generative recommender's rollouts and rewards (GRPO, Rank-GRPO, V-STAR) for
+    :class:`pipelines.rl_loop.RLLoop`; validation by beam search."""
 
     def __init__(self, model: GenerativeRecommender, config: GenerativeTrainConfig):
         super().__init__(model, config)
         if hasattr(model, "set_dropout"):          # item layout: RL compares deterministic policies
             model.set_dropout(0.0)
-        self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        self.automatic_optimization = False
+        self.start_rl(self.model)
         self.register_buffer("vectors", reward_vectors(model, config), persistent=False)
 
     def _exclude(self, histories, repeat: int = 1) -> torch.Tensor:
@@ -351,64 +351,48 @@ class GenerativeRLModule(_Validated):
             ex[row, torch.as_tensor(h, dtype=torch.long)] = True
         return ex.repeat_interleave(repeat, 0).to(self.device)
 
-    def rollouts(self, histories, step: int) -> tuple[Decoded, float]:
+    def rollouts(self, histories, batch: int) -> tuple[Decoded, float]:
+        """G semantic IDs per history (sampled, or VED's for V-STAR) and the forward calls they took."""
         cfg = self.cfg
         exclude = self._exclude(histories)
         self.model.eval()
         if cfg.algo == "vstar":
-            out, calls = ved(self.model, histories, cfg.ved(), seed=cfg.seed * 1_000_003 + step, exclude=exclude)
+            out, calls = ved(self.model, histories, cfg.ved(), seed=self.rollout_seed(batch), exclude=exclude)
             return out, float(calls.mean())
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = torch.Generator().manual_seed(self.rollout_seed(batch))
         out = decode(self.model, histories, cfg.group_size, sample=True, temperature=cfg.temperature, generator=gen,
                      exclude=exclude)
         return out, float(1 + (self.model.depth - 1) * cfg.group_size)
 
-    def training_step(self, rows, batch_idx):
+    def rollout(self, rows, batch: int) -> RolloutStep:
         if self.cfg.algo == "rank-grpo":
-            return self._rank_grpo_step(rows)
+            return self._rank_grpo_rollout(rows, batch)
         cfg, G, D = self.cfg, self.cfg.group_size, self.model.depth
         hists = [r["history"] for r in rows]
         targets = torch.tensor([r["target"] for r in rows])
-        out, calls = self.rollouts(hists, self.global_step)
+        out, calls = self.rollouts(hists, batch)
         target_codes = self.model.idx_codes[targets.to(self.device)]                                   # (B, D)
         reward = prefix_reward(out.codes, target_codes[:, None].cpu(), cfg.shaping)                     # (B, G)
         ok = (out.items > 0).view(-1)
         codes = out.codes.view(-1, D)
         rep = [h for h in hists for _ in range(G)]
         exclude = self._exclude(hists, G)
-        self.model.train()
-        vstar = cfg.algo == "vstar"
-        with torch.no_grad():
-            ref_logp = code_log_probs(self.ref, rep, codes, exclude)
-        on = ok[:, None].to(ref_logp.device)
-        ref_logp = torch.where(on, ref_logp, torch.zeros_like(ref_logp))
-        mask = ok[:, None].expand(-1, D).to(ref_logp.device)
-        batch = Rollouts(G, mask, reward.view(-1), None, ref_logp)
-        if vstar:
-            batch.codes = out.codes
-            batch.dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
-                                     for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
-        objective, settings = OBJECTIVES[cfg.algo], cfg.objective_settings()
-        adv = objective.advantages(batch, settings)
-        opt = self.optimizers()
-        for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
-            res = code_log_probs(self.model, rep, codes, exclude, values=vstar)
-            logp, values = res if vstar else (res, None)
-            logp = torch.where(on, logp, torch.zeros_like(logp))
-            batch.old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
-            loss, stats = objective.loss(logp, batch, adv, settings, values)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
+        on = ok[:, None].to(self.device)
+
+        def log_probs(model, values: bool):
+            res = code_log_probs(model, rep, codes, exclude, values=values)
+            logp, estimates = res if values else (res, None)
+            return torch.where(on, logp, torch.zeros_like(logp)), estimates
+
+        rollouts = Rollouts(G, ok[:, None].expand(-1, D).to(self.device), reward.view(-1), None)
+        if cfg.algo == "vstar":
+            rollouts.codes = out.codes
+            rollouts.dense = torch.cat([level_rewards(c, t, self.vectors[i], self.vectors[int(tt)])
+                                        for c, t, i, tt in zip(out.codes, target_codes.cpu(), out.items, targets)])
         logs = {"train/reward": reward.mean(), "train/hit": (reward == 1).float().mean(),
                 "train/reward_std": reward.std(1).mean(), "train/distinct": torch.tensor(
-                    np.mean([len(set(r.tolist())) for r in out.items])).float(),
-                "train/calls": torch.tensor(calls), "train/kl": stats.get("kl", torch.tensor(0.0)),
-                "train/clip_fraction": stats["clip_fraction"]}
-        if vstar:
-            logs["train/value_loss"] = stats["value_loss"]
-        self.log_dict({k: torch.as_tensor(v).float() for k, v in logs.items()}, batch_size=len(rows))
-        self.log("reward", reward.mean(), prog_bar=True, batch_size=len(rows))
+                    np.mean([len(set(r.tolist())) for r in out.items])).float(), "train/calls": torch.tensor(calls)}
+        return RolloutStep(rollouts, log_probs, logs)
 
     def list_log_probs(self, model, histories, lists: list[list[int]]) -> torch.Tensor:
         """(R, N * D) constrained log-probs of each list's code tokens, item j after the history and
@@ -425,11 +409,12 @@ class GenerativeRLModule(_Validated):
             out[rows, j * D:(j + 1) * D] = code_log_probs(model, prefixes, codes, exclude).float()
         return out
 
-    def _rank_grpo_step(self, rows):
+    def _rank_grpo_rollout(self, rows, batch: int) -> RolloutStep:
+        """Rank-GRPO's rollouts: G lists of ``list_length`` items per history, one advantage per rank."""
         cfg, G, N, D = self.cfg, self.cfg.group_size, self.cfg.list_length, self.model.depth
         rep = [r["history"] for r in rows for _ in range(G)]
         targets = [r["target"] for r in rows for _ in range(G)]
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.global_step)
+        gen = torch.Generator().manual_seed(self.rollout_seed(batch))
         self.model.eval()
         with torch.no_grad():
             lists = generate_list(self.model, rep, N, sample=True, temperature=cfg.temperature, generator=gen,
@@ -438,29 +423,12 @@ class GenerativeRLModule(_Validated):
         lengths = torch.tensor([len(lst) for lst in lists], device=self.device)
         token = torch.arange(N * D, device=self.device)
         bins = torch.where(token[None, :] < lengths[:, None] * D, token[None, :] // D, torch.full_like(token, -2))
-        self.model.train()
-        with torch.no_grad():
-            ref_logp = self.list_log_probs(self.ref, rep, lists)
-        batch = Rollouts(G, bins != PAD, rel.amax(1), None, ref_logp, rel=rel.to(self.device), bins=bins)
-        objective, settings = OBJECTIVES["rank-grpo"], cfg.objective_settings()
-        adv = objective.advantages(batch, settings)
-        opt = self.optimizers()
-        for _ in range(cfg.mu):                   # the first step's log-probs are the rollout policy's
-            logp = self.list_log_probs(self.model, rep, lists)
-            batch.old_logp = logp.detach() if batch.old_logp is None else batch.old_logp
-            loss, stats = objective.loss(logp, batch, adv, settings)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
         hit = rel.amax(1)
-        self.log_dict({"train/reward": hit.mean(), "train/hit_rank_mean": rel.argmax(1).float()[hit > 0].mean()
-                       if hit.any() else torch.tensor(-1.0), "train/list_length": lengths.float().mean(),
-                       "train/kl": stats.get("kl", torch.tensor(0.0)).float(),
-                       "train/clip_fraction": stats["clip_fraction"].float()}, batch_size=len(rows))
-        self.log("reward", hit.mean(), prog_bar=True, batch_size=len(rows))
+        rollouts = Rollouts(G, bins != PAD, hit, None, rel=rel.to(self.device), bins=bins)
+        logs = {"train/reward": hit.mean(), "train/hit_rank_mean": rel.argmax(1).float()[hit > 0].mean()
+                if hit.any() else torch.tensor(-1.0), "train/list_length": lengths.float().mean()}
+        return RolloutStep(rollouts, lambda model, values: (self.list_log_probs(model, rep, lists), None), logs)
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
 
 def reward_vectors(model: GenerativeRecommender, config: GenerativeTrainConfig) -> torch.Tensor:

@@ -33,7 +33,6 @@ candidate-set NDCG@10) and checkpoints happen at their end, so a killed run resu
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -61,6 +60,7 @@ from pipelines.rerank import (
     slate_items,
     tune_retriever_prior,
 )
+from pipelines.rl_loop import RLLoop, RolloutStep
 from pipelines.trainer import Runtime, make_trainer
 from recsys.data import PreparedDataset
 from recsys.data.candidates import hold_out, read_candidate_lists
@@ -75,7 +75,7 @@ from recsys.rl.f_grpo import (
     phase_masks,
 )
 from recsys.rl.lipo import PREFERENCE_ALGOS
-from recsys.rl.objectives import OBJECTIVES, Rollouts, Settings
+from recsys.rl.objectives import Rollouts, Settings
 from recsys.rl.rank_grpo import (
     segment_ranks,
 )
@@ -232,20 +232,18 @@ def prompt_forward(model, prompt: dict, answer: torch.Tensor) -> torch.Tensor:
     return logits[:, P - 1:-1]
 
 
-class RerankerRLModule(L.LightningModule):
-    """Rollouts, rewards, advantages and ``mu`` clipped updates per batch of prompts (manual optimisation)."""
+class RerankerRLModule(RLLoop):
+    """A reranker's rollouts and rewards for :class:`pipelines.rl_loop.RLLoop`, and its validation."""
 
     def __init__(self, scorer, config: RLConfig):
         super().__init__()
         self.cfg, self.scorer = config, scorer
         self.bb = scorer.bb
-        self.model = self.bb.model
-        self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.start_rl(self.bb.model)
         self.listwise = isinstance(scorer, ListwiseReranker)
         self.slate = config.algo in SLATE_ALGOS
         if config.algo not in PREFERENCE_ALGOS and self.listwise == (config.algo == "grouprank"):
             raise RecsysError(f"algo {config.algo!r} does not fit a {'listwise' if self.listwise else 'groupwise'} model")
-        self.automatic_optimization = False
         self._val: list[float] = []
 
     # ---------------------------------------------------------------- rollouts and rewards
@@ -317,48 +315,30 @@ class RerankerRLModule(L.LightningModule):
         return lp, ent
 
     # ---------------------------------------------------------------- training
-    def training_step(self, rows, batch_idx):
-        cfg, G = self.cfg, self.cfg.group_size
-        step = self.global_step // cfg.mu
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        roll = self.rollouts(rows, gen)
+    def rollout(self, rows: list[CandidateList], batch: int) -> RolloutStep:
+        cfg, G, B = self.cfg, self.cfg.group_size, len(rows)
+        roll = self.rollouts(rows, torch.Generator().manual_seed(self.rollout_seed(batch)))
         answer, mask, reward = roll["answer"], roll["mask"], roll["reward"]
         self.model.train()
         with torch.no_grad():
             old_logp, entropy = self.log_probs(self.model, roll)
-            ref_logp, _ = self.log_probs(self.ref, roll)
-        batch = Rollouts(G, mask, reward, old_logp, ref_logp)
+        rollouts = Rollouts(G, mask, reward, old_logp)
         if cfg.algo == "rank-grpo":
-            batch.rel = roll["rel"]
-            batch.bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
+            rollouts.rel = roll["rel"]
+            rollouts.bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
         elif cfg.algo == "f-grpo":
-            batch.slate_reward, batch.rank_reward = roll["slate_reward"], roll["rank_reward"]
-            batch.slate_mask, batch.rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
-        objective, settings = OBJECTIVES[cfg.algo], cfg.objective_settings()
-        adv = objective.advantages(batch, settings)
-        opt = self.optimizers()
-        B = len(rows)
-        for _ in range(cfg.mu):
-            logp, _ = self.log_probs(self.model, roll)
-            loss, stats = objective.loss(logp, batch, adv, settings)
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-        lengths = mask.float().sum(1)
+            rollouts.slate_reward, rollouts.rank_reward = roll["slate_reward"], roll["rank_reward"]
+            rollouts.slate_mask, rollouts.rank_mask = phase_masks(answer, mask, self.bb.rank_marker_id)
         logs = {"train/reward": reward.mean(), "train/reward_std": reward.reshape(B, G).std(1).mean(),
-                "train/kl": stats.get("kl", torch.tensor(0.0)), "train/clip_fraction": stats["clip_fraction"],
                 "train/entropy": (entropy.sum() / mask.float().sum().clamp(min=1)),
-                "train/length": lengths.mean(), "train/loss": loss.detach(),
-                # mean |advantage| over the tokens the loss scores: the size of a step at a given lr
-                "train/adv_abs": adv.token.abs()[adv.scored].mean() if adv.scored.any() else torch.tensor(0.0)}
+                "train/length": mask.float().sum(1).mean()}
         if self.slate:
             logs |= {"train/slate_reward": roll["slate_reward"].mean(), "train/rank_reward": roll["rank_reward"].mean(),
                      # prompts whose G slates earned different rewards: the only ones the slate phase learns from
                      "train/slate_signal": (roll["slate_reward"].reshape(B, G).std(1) > 0).float().mean()}
         if "validity" in roll:
             logs["train/validity"] = roll["validity"]
-        self.log_dict(logs, batch_size=B, prog_bar=False)
-        self.log("reward", reward.mean(), prog_bar=True, batch_size=B)
+        return RolloutStep(rollouts, lambda model, values: (self.log_probs(model, roll)[0], None), logs)
 
     # ---------------------------------------------------------------- validation
     def validation_step(self, rows: list[CandidateList], batch_idx):
@@ -383,9 +363,6 @@ class RerankerRLModule(L.LightningModule):
         k = int(self.cfg.val_metric.rsplit("@", 1)[1])
         m = compute_metrics(ranks, np.ones_like(ranks), [f"ndcg@{k}"]) if len(ranks) else {f"ndcg@{k}": 0.0}
         self.log(self.cfg.val_metric, m[f"ndcg@{k}"], prog_bar=True)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=0.0)
 
 
 def save_model(module: RerankerRLModule, path: Path, meta: dict) -> None:

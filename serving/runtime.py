@@ -162,16 +162,18 @@ class _PromptSpec:
     tokenizer: object = None
 
 
+WORD_SPLIT = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "[ \\t]+"}, "behavior": "Removed", "invert": False},
+    {"type": "Split", "pattern": {"Regex": "\\n"}, "behavior": "Isolated", "invert": False}]}
+"""The tiny backbone's pre-tokenizer in ``tokenizer.json``: words split at spaces and tabs, newlines kept."""
+
+
 class WordSplitVocab:
     """The tiny backbone's word-level tokenizer (``tokenizers`` WordLevel over words split at spaces and
     tabs, newlines kept as tokens, no normaliser) as a dict lookup: a prompt of space-separated words is its
-    words' ids, without building a ``tokenizers`` encoding (a tenth of a millisecond per request). Built only
+    words' ids, without building a ``tokenizers`` encoding per request. Built only
     for a ``tokenizer.json`` of exactly that shape (:meth:`from_file` returns None otherwise); texts with
     other whitespace go through the tokenizer (tested equal on both paths)."""
-
-    PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": "[ \\t]+"}, "behavior": "Removed", "invert": False},
-        {"type": "Split", "pattern": {"Regex": "\\n"}, "behavior": "Isolated", "invert": False}]}
 
     def __init__(self, vocab: dict[str, int], unk_id: int, added: list[str] = ()):
         self.vocab, self.unk_id, self.added = vocab, unk_id, tuple(added)
@@ -180,7 +182,7 @@ class WordSplitVocab:
     def from_file(cls, path: Path) -> WordSplitVocab | None:
         spec = json.loads(Path(path).read_text())
         model = spec.get("model") or {}
-        if model.get("type") != "WordLevel" or spec.get("normalizer") or spec.get("pre_tokenizer") != cls.PRE_TOKENIZER:
+        if model.get("type") != "WordLevel" or spec.get("normalizer") or spec.get("pre_tokenizer") != WORD_SPLIT:
             return None
         vocab = dict(model["vocab"])
         added = [a["content"] for a in spec.get("added_tokens", [])]

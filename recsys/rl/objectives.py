@@ -3,8 +3,8 @@
 A trainer samples G answers to each of B prompts, scores them, and fills a :class:`Rollouts`; then, for an
 algorithm name, :data:`OBJECTIVES` gives its :class:`Objective`: ``advantages`` once per batch (they depend on
 the rewards only) and ``loss`` at each of the ``mu`` updates on that batch (the ratio against the rollout
-policy's ``old_logp`` leaves 1 after the first update: off-policy steps, clipped). Both trainers use it: the
-rerankers' (``pipelines/rl.py``) and the generative recommender's (``pipelines/generative.py``).
+policy's ``old_logp`` leaves 1 after the first update: off-policy steps, clipped). One loop calls it for both
+trainers, the rerankers' and the generative recommender's (``pipelines/rl_loop.py``).
 
     >>> objective = OBJECTIVES["rank-grpo"]                                   # doctest: +SKIP
     >>> adv = objective.advantages(rollouts, settings)
@@ -110,6 +110,8 @@ class Objective:
     loss: Callable[..., tuple[torch.Tensor, dict]]
     """``loss(logp (N, T) with gradient, rollouts, advantages, settings, values=None)`` -> (scalar, stats);
     ``values`` (N, D): the value head's estimates (``vstar`` only)."""
+    values: bool = False
+    """Whether ``loss`` reads the value head's estimates (the trainer then computes them with the log-probs)."""
 
 
 def _clip(s: Settings) -> tuple:
@@ -192,6 +194,6 @@ OBJECTIVES: dict[str, Objective] = {
     "f-grpo": Objective(f_grpo_advantages, f_grpo_objective_loss),
     "lipo": Objective(grpo_advantages, preference_loss("lipo")),
     "dpo": Objective(grpo_advantages, preference_loss("dpo")),
-    "vstar": Objective(vstar_advantages, vstar_loss),
+    "vstar": Objective(vstar_advantages, vstar_loss, values=True),
 }
 """Algorithm name -> its objective (lipo / dpo log GRPO's advantages, which they do not use)."""
