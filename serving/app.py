@@ -49,10 +49,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import APIKeyHeader
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -582,20 +581,32 @@ def add_probe_routes(app: FastAPI, state: dict, metrics: Metrics) -> None:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+API_KEY_SCHEME = {"api_key": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                              "description": "required on /v1/* when the server has an API key; checked before "
+                                             "the body is read"}}
+KEYED = {"security": [{"api_key": []}]}
+"""What a ``/v1`` route adds to its OpenAPI operation: the API key scheme (:data:`API_KEY_SCHEME`)."""
+
+
+def declare_api_key(app: FastAPI) -> None:
+    """Put :data:`API_KEY_SCHEME` into the app's OpenAPI components, where :data:`KEYED` routes refer to it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            build().setdefault("components", {}).setdefault("securitySchemes", {}).update(API_KEY_SCHEME)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
-    """The ranking endpoints under ``/v1``, behind the API key when the server has one."""
-    key_header = APIKeyHeader(name="x-api-key", auto_error=False,
-                              description="required on /v1/* when the server has an API key")
-
-    async def authorised(key: str | None = Depends(key_header)) -> None:    # async: no thread hop per request
-        # Guard has already refused a wrong key before the body was read; this declares the scheme in the
-        # OpenAPI spec and holds if the app is mounted without Guard.
-        if settings.api_key and not hmac.compare_digest((key or "").encode(), settings.api_key.encode()):
-            raise api_error(401, "missing or wrong x-api-key", ("header", "x-api-key"), "unauthorised")
-
+    """The ranking endpoints under ``/v1``, behind the API key when the server has one: :class:`Guard` checks
+    it before the body is read; each route declares it (:data:`KEYED`) for the OpenAPI spec. A per-route
+    dependency would check it a second time, at a measured cost per request (BENCHMARKS.md, "Serving")."""
     auth_errors = {s: ERRORS[s] for s in (401, 408, 413, 503)}
 
-    @app.get("/v1/models", dependencies=[Depends(authorised)], responses=auth_errors)
+    @app.get("/v1/models", openapi_extra=KEYED, responses=auth_errors)
     async def models():
         rec = ready(state)
         return {"model_version": rec.version, "dataset": rec.manifest.dataset, "models": rec.manifest.to_dict()["models"],
@@ -604,7 +615,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
 
     user_errors = {s: ERRORS[s] for s in (400, 401, 404, 408, 413, 422, 503)}
 
-    @app.post("/v1/recommend", response_model=RecommendResponse, dependencies=[Depends(authorised)],
+    @app.post("/v1/recommend", response_model=RecommendResponse, openapi_extra=KEYED,
               responses=user_errors)
     async def recommend(body: RecommendRequest):
         t = time.perf_counter()
@@ -617,7 +628,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
                                  fallback=result["fallback"], unknown_items=unknown + unknown_ex,
                                  model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
-    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(authorised)],
+    @app.post("/v1/generate", response_model=GenerateResponse, openapi_extra=KEYED,
               responses=user_errors | {501: ERRORS[501]})
     async def generate(body: GenerateRequest):
         """The generative recommender writes the top k items itself (trie-constrained beam search);
@@ -636,7 +647,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
                                 unknown_items=unknown + unknown_ex, model_version=rec.version,
                                 latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
-    @app.post("/v1/rerank", response_model=RerankResponse, dependencies=[Depends(authorised)],
+    @app.post("/v1/rerank", response_model=RerankResponse, openapi_extra=KEYED,
               responses={s: ERRORS[s] for s in (400, 401, 408, 413, 422, 501, 503)})
     async def rerank(body: RerankRequest):
         t = time.perf_counter()
@@ -687,6 +698,7 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     add_error_handlers(app)
     add_probe_routes(app, state, metrics)
     add_v1_routes(app, settings, state)
+    declare_api_key(app)
     metrics.routes = frozenset(route.path for route in app.routes)
     return app
 
