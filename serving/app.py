@@ -96,9 +96,9 @@ class ServeSettings:
     default."""
     model_threads: int = 1
     """Threads that run the model work of requests (retrieval, reranking, generation), off the event loop so
-    that it keeps reading requests and the reranker's deadline can stop a late run. One by default: each
-    further thread contends with the event loop for Python's interpreter lock, which costs more CPU per
-    request than the overlap returns (BENCHMARKS.md, "Serving"); a machine with more cores runs more
+    that it keeps reading requests and the reranker's deadline can stop a late run. More threads contend with
+    the event loop for Python's interpreter lock: on a 2-core CPU two served 8 connections faster but cost as
+    much CPU per request or more at 32 and 64 (BENCHMARKS.md, "The request path"). For more cores, run more
     ``workers`` (processes), each with its own model thread."""
     int8: bool = False
     """Serve the int8 graphs ``recsys export --quantize`` wrote beside the fp32 ones (faster on CPU, a measured quality cost)."""
@@ -603,7 +603,7 @@ def declare_api_key(app: FastAPI) -> None:
 def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
     """The ranking endpoints under ``/v1``, behind the API key when the server has one: :class:`Guard` checks
     it before the body is read; each route declares it (:data:`KEYED`) for the OpenAPI spec. A per-route
-    dependency would check it a second time, at a measured cost per request (BENCHMARKS.md, "Serving")."""
+    dependency would check it a second time, at a measured cost per request (BENCHMARKS.md, "The request path")."""
     auth_errors = {s: ERRORS[s] for s in (401, 408, 413, 503)}
 
     @app.get("/v1/models", openapi_extra=KEYED, responses=auth_errors)
