@@ -1,4 +1,5 @@
-"""Training and evaluation of the generative recommender (semantic IDs), one Lightning module per phase.
+"""Training and evaluation of the generative recommender (semantic IDs): SFT, and the rollouts and rewards of
+its RL algorithms for the shared RL loop (:class:`pipelines.rl_loop.RLLoop`).
 
     recsys train generative --algo sft   --data D --semantic-ids S --out runs/gen-sft
     recsys train generative --algo vstar --data D --init runs/gen-sft/model --out runs/gen-vstar

@@ -1,12 +1,12 @@
-"""RL for rerankers: one Lightning module, the algorithm chosen by config.
+"""RL for rerankers: their rollouts and rewards for the shared RL loop, the algorithm chosen by config.
 
     recsys train reranker --algo rank-grpo --init runs/listwise-sft/model --data D --candidates C --out O
 
 Each training step takes ``prompts_per_step`` prompts (a user's history and candidate window), samples
-``group_size`` rollouts per prompt with the reranker's constrained decoding at ``temperature``, scores
-them against the held-out item, turns rewards into advantages and takes ``mu`` optimiser steps on the
-clipped objective (old log-probs stored once per batch). The maths lives in :mod:`recsys.rl`; the trainer
-fills a :class:`recsys.rl.objectives.Rollouts` batch and calls ``OBJECTIVES[algo]``'s advantages and loss:
+``group_size`` rollouts per prompt with the reranker's constrained decoding at ``temperature`` and scores
+them against the held-out item into a :class:`recsys.rl.objectives.Rollouts` batch (old log-probs stored
+once per batch); :class:`pipelines.rl_loop.RLLoop` then takes ``OBJECTIVES[algo]``'s advantages and ``mu``
+optimiser steps on its clipped loss. The maths lives in :mod:`recsys.rl`. The algorithms:
 
 - ``grpo``: one sequence reward for every token (Shao et al. 2024): the DCG of the whole served ranking
   (``complete_lists``), DCG@1:N, the full-list reward Rank-GRPO's suffix DCG@k:N departs from
