@@ -24,8 +24,8 @@ times their mean norm, the items drawn with Zipf(1.1) popularity (heavy-tailed c
 the separated clusters IVF partitions exactly); 1,000 queries drawn the same way. Flat (exact inner product)
 gives the true top-100; each row: recall@100 against it, queries per second (one batched call, all cores),
 build seconds and ``memory_mb`` (the serialised index). Rows ``<factory>[-mips]-10m``: HNSW, IVF-Flat, IVF-PQ
-with exact re-ranking of 4x the candidates (``RFlat``), IVF-PQ alone (codes only: the small one), and the
-IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over machines looks like);
+with exact re-ranking of 4x the candidates (``RFlat``), IVF-PQ alone (codes only: the smallest), IVF-PQ
+re-ranked by 8-bit scalar-quantised vectors (``Refine(SQ8)``: small, and re-ranked), and the IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over machines looks like);
 ``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index.augment_items` (what
 ``ItemIndex.build(..., mips=True)`` does), the others in inner product.
 
@@ -164,9 +164,11 @@ def ddp_rows(data_dir: Path, out: Path, epochs: int) -> list[dict]:
 
 INDEXES = [("HNSW32,Flat", {"efSearch": 256}, True), ("IVF4096,Flat", {"nprobe": 32}, False),
            ("IVF4096,Flat", {"nprobe": 32}, True), ("IVF4096,PQ16,RFlat", {"nprobe": 32, "k_factor": 4}, True),
-           ("IVF4096,PQ32", {"nprobe": 32}, True), ("IVF4096,Flat[2 shards]", {"nprobe": 32}, True)]
+           ("IVF4096,PQ32", {"nprobe": 32}, True), ("IVF4096,PQ13,Refine(SQ8)", {"nprobe": 32, "k_factor": 8}, True),
+           ("IVF4096,Flat[2 shards]", {"nprobe": 32}, True)]
 """(factory, search parameters, through the L2 reduction of inner product) of the ``index`` part;
-``[2 shards]``: the factory built twice, over the two halves of the catalogue."""
+``[2 shards]``: the factory built twice, over the two halves of the catalogue; ``Refine(SQ8)``: PQ codes
+shortlist 8x the candidates, 8-bit scalar-quantised vectors re-rank them (under 100 bytes a vector)."""
 
 
 def zipf_catalogue(anchors: np.ndarray, n: int, noise: float, rng) -> np.ndarray:
