@@ -25,7 +25,9 @@ the separated clusters IVF partitions exactly); 1,000 queries drawn the same way
 gives the true top-100; each row: recall@100 against it, queries per second (one batched call, all cores),
 build seconds and ``memory_mb`` (the serialised index). Rows ``<factory>[-mips]-10m``: HNSW, IVF-Flat, IVF-PQ
 with exact re-ranking of 4x the candidates (``RFlat``), IVF-PQ alone (codes only: the smallest), IVF-PQ
-re-ranked by 8-bit scalar-quantised vectors (``Refine(SQ8)``: small, and re-ranked), and the IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over machines looks like);
+re-ranked by 8-bit scalar-quantised vectors (``Refine(SQ8)``), IVF over 8-bit scalar-quantised vectors
+(``SQ8``), and the IVF-Flat index split into 2 shards (``IndexShards``: what spreading a catalogue over
+machines looks like); ``--index-factories`` measures some of them beside Flat and keeps the others' rows;
 ``-mips``: built in L2 on the vectors augmented by :func:`recsys.retrieval.index.augment_items` (what
 ``ItemIndex.build(..., mips=True)`` does), the others in inner product.
 
@@ -165,10 +167,16 @@ def ddp_rows(data_dir: Path, out: Path, epochs: int) -> list[dict]:
 INDEXES = [("HNSW32,Flat", {"efSearch": 256}, True), ("IVF4096,Flat", {"nprobe": 32}, False),
            ("IVF4096,Flat", {"nprobe": 32}, True), ("IVF4096,PQ16,RFlat", {"nprobe": 32, "k_factor": 4}, True),
            ("IVF4096,PQ32", {"nprobe": 32}, True), ("IVF4096,PQ13,Refine(SQ8)", {"nprobe": 32, "k_factor": 8}, True),
-           ("IVF4096,Flat[2 shards]", {"nprobe": 32}, True)]
+           ("IVF4096,SQ8", {"nprobe": 32}, True), ("IVF4096,Flat[2 shards]", {"nprobe": 32}, True)]
 """(factory, search parameters, through the L2 reduction of inner product) of the ``index`` part;
 ``[2 shards]``: the factory built twice, over the two halves of the catalogue; ``Refine(SQ8)``: PQ codes
-shortlist 8x the candidates, 8-bit scalar-quantised vectors re-rank them (under 100 bytes a vector)."""
+shortlist 8x the candidates, 8-bit scalar-quantised vectors re-rank them (under 100 bytes a vector);
+``SQ8``: the inverted lists hold 8-bit scalar-quantised vectors (a quarter of Flat's bytes)."""
+
+
+def row_key(factory: str, mips: bool) -> str:
+    """A row of :data:`INDEXES` as ``--index-factories`` names it: ``IVF4096,SQ8-mips``."""
+    return f"{factory}{'-mips' if mips else ''}"
 
 
 def zipf_catalogue(anchors: np.ndarray, n: int, noise: float, rng) -> np.ndarray:
@@ -263,7 +271,7 @@ def index_rows(sasrec_dir: Path, n: int, noise: float, queries: int = 1000, k: i
         _, found = index.search(query, k)
         seconds = time.perf_counter() - start
         recall = float(np.mean([len(set(f) & set(e)) / k for f, e in zip(found, exact)]))
-        rows.append({"name": f"{factory}{'-mips' if mips else ''}-{scale}", "search": params, "mips": mips,
+        rows.append({"name": f"{row_key(factory, mips)}-{scale}", "search": params, "mips": mips,
                      "metrics": {"recall@100": round(recall, 4), "qps": round(queries / seconds, 1),
                                  "memory_mb": round(index_bytes(index) / 2**20, 1), "build_seconds": round(build, 1),
                                  "qps_vs_flat": round(flat_s / seconds, 2)}, "seconds": round(build + seconds, 1)})
@@ -339,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ddp-epochs", type=int, default=3, help="ddp: epochs of each run")
     p.add_argument("--index-vectors", type=int, default=10_000_000, help="index: catalogue size")
     p.add_argument("--index-noise", type=float, default=0.5, help="index: noise norm / mean item vector norm")
+    p.add_argument("--index-factories", nargs="+", metavar="ROW",
+                   help="index: measure only these rows beside Flat (e.g. 'IVF4096,SQ8-mips'); the part's other "
+                        "rows in the result file are kept")
     p.add_argument("--out", default="artifacts/scale")
     a = p.parse_args(argv)
+    known = {row_key(f, mips) for f, _, mips in INDEXES}
+    if a.index_factories and not set(a.index_factories) <= known:
+        raise SystemExit(f"--index-factories: unknown {sorted(set(a.index_factories) - known)}; known: {sorted(known)}")
     provenance = Provenance("pipelines.benchmarks.scale")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -356,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     if "ddp" in a.parts:
         rows += ddp_rows(Path(a.quickstart) / "data" / "ml-1m", out, a.ddp_epochs)
     if "index" in a.parts:
+        chosen = [i for i in INDEXES if not a.index_factories or row_key(i[0], i[2]) in a.index_factories]
         rows += index_rows(Path(a.quickstart) / "runs" / "default-seed0" / "sasrec" / "model", a.index_vectors,
-                           a.index_noise)
+                           a.index_noise, indexes=chosen)
     previous = RESULTS / "scale.json"
     kept = [r for r in json.loads(previous.read_text())["rows"] if r["name"] not in {r["name"] for r in rows}] \
         if previous.exists() else []
