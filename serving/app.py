@@ -112,11 +112,12 @@ class ServeSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"serve settings: {name} must be a whole number >= 1, got {value!r}")
-        for name in ("max_wait_ms", "rerank_timeout_ms", "body_timeout_s"):
+        for name, zero_ok in (("max_wait_ms", True), ("rerank_timeout_ms", False), ("body_timeout_s", False)):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"serve settings: {name} must be a positive number of {name.rsplit('_', 1)[1]}, "
-                                 f"got {value!r}")
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and (0 <= value if zero_ok else 0 < value) and value < float("inf")):
+                kind = "a number >= 0" if zero_ok else "a positive number"
+                raise ValueError(f"serve settings: {name} must be {kind} of {name.rsplit('_', 1)[1]}, got {value!r}")
 
     def resolved(self, cuda: bool) -> ServeSettings:
         """The settings with every ``None`` (auto) decided for this machine."""

@@ -203,6 +203,7 @@ def test_settings_that_cannot_serve_are_refused_naming_the_field(field, value):
 
     with pytest.raises(ValueError, match=field):
         ServeSettings(**{field: value})
+    assert ServeSettings(max_wait_ms=0.0).max_wait_ms == 0.0                 # no wait for more queries: allowed
 
 
 def test_model_work_runs_in_the_model_threads_only(exported, monkeypatch):
