@@ -110,9 +110,9 @@ class SASRecRuntime:
 
 
 class ChatTemplate:
-    """A saved tokenizer's chat template, rendered with jinja2 as ``transformers`` renders it (sandboxed,
+    """A saved tokenizer's chat template, rendered with jinja2 as Hugging Face's ``apply_chat_template`` does (sandboxed,
     ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception`` and ``strftime_now`` available, the special
-    tokens as variables), so the runtime builds the training prompts without transformers (tested equal).
+    tokens as variables), so the runtime builds the training prompts without that library (tested equal).
     ``chat_template`` is None when the tokenizer has none: prompts are then plain text."""
 
     def __init__(self, template: str | None, special_tokens: dict[str, str]):
@@ -278,7 +278,7 @@ class FirstRuntime(_PromptScorer):
 
     def scores(self, histories, windows, run_options=None) -> np.ndarray:
         """(B, n) FIRST scores of windows of equal length n <= window: identifier logits minus the
-        retriever prior (:mod:`recsys.rerank.listwise`). ``run_options``: see :func:`run_options`."""
+        retriever prior (:func:`recsys.rerank.window.retriever_prior`, as in training). ``run_options``: see :func:`run_options`."""
         n = len(windows[0])
         logits = self.session.run(None, self.encode(histories, windows), run_options)[0]
         if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
@@ -291,8 +291,8 @@ class GroupwiseRuntime(_PromptScorer):
     """GroupRank scores of candidate groups with the exported groupwise reranker.
 
     For candidate j of a group the answer so far gets ``X :`` and the score is the expected digit
-    under the model there; the greedy digit and a newline are written before the next candidate, as
-    :meth:`recsys.rerank.groupwise.GroupwiseReranker.sample` does at temperature 0 (tested equal).
+    under the model there; the greedy digit and a newline are written before the next candidate, as the
+    training library's groupwise sampler does at temperature 0 (tested equal in ``tests/test_serving_export.py``).
     Without a KV cache in the graph, each candidate is one forward pass over the prompt and the
     answer so far: c passes per group.
     """
@@ -340,7 +340,8 @@ def _log_softmax(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
 class GenerativeRuntime:
     """Trie-constrained beam search in numpy over the exported generative recommender's next-token step.
 
-    The same search as :func:`recsys.generative.decoding.decode` (tested equal): per level, every beam's
+    The same search as the training library's beam search (tested equal in
+    ``tests/test_serving_export.py``): per level, every beam's
     open codes (bans propagated up the trie, :class:`recsys.generative.trie_tables.TrieTables`) are
     renormalised, and the ``width`` best (beam score + code log-prob) continuations survive. Token layout:
     level 0 runs one row per user (all beams share the history), each later level B * width full rows.
@@ -435,8 +436,8 @@ class GenerativeRuntime:
             else:
                 hists = [histories[r // W] for r in range(B * W)]
                 logits = self.code_logits(hists, codes[:, :level].tolist())[:, level]
-            # the model's likelihood over the trie's children, then banned (dead) prefixes closed: torch's
-            # beam search (GenerativeRecommender.level_log_probs with renormalise_bans=False)
+            # the model's likelihood over the trie's children, then banned (dead) prefixes closed, as the
+            # training library's beam search does without renormalising over the bans
             children = self.trie.child[np.maximum(nodes, 0)] >= 0
             children &= (nodes >= 0)[:, None]
             logp = np.where(self.trie.open_children(nodes, banned), _log_softmax(logits.astype(np.float64), children),
