@@ -431,7 +431,6 @@ class GenerativeRLModule(RLLoop, _Validated):
         return RolloutStep(rollouts, lambda model, values: (self.list_log_probs(model, rep, lists), None), logs)
 
 
-
 def reward_vectors(model: GenerativeRecommender, config: GenerativeTrainConfig) -> torch.Tensor:
     """(n_items + 1, d) the item vectors V-STAR's dense level reward compares (row 0: padding).
 

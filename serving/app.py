@@ -243,6 +243,11 @@ class Metrics:
 
 
 # ---------------------------------------------------------------- micro-batching
+async def in_model_thread(executor: Executor, fn, *args):
+    """``fn(*args)`` in one of the app's model threads (``executor``: ``ServeSettings.model_threads`` of them)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
 class Batcher:
     """Collects concurrent queries into batches of at most ``max_batch``, waiting at most ``max_wait_ms``
     after the first, and runs each batch in a worker thread (ONNX Runtime releases the GIL)."""
@@ -307,10 +312,10 @@ class Batcher:
         graph node and its queries keep the retrieval order (one thread hop per batch, not one per stage)."""
         self.metrics.observe_batch(len(queries))
         options = run_options()
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.settings.rerank_timeout_ms / 1000, setattr, options, "terminate", True)
+        timer = asyncio.get_running_loop().call_later(self.settings.rerank_timeout_ms / 1000, setattr, options,
+                                                      "terminate", True)
         try:
-            results, failure = await loop.run_in_executor(self.executor, self._serve, queries, options)
+            results, failure = await in_model_thread(self.executor, self._serve, queries, options)
         finally:
             timer.cancel()
         if failure:
@@ -536,11 +541,6 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
 
-async def in_model_thread(state: dict, fn, *args):
-    """``fn(*args)`` in one of the app's model threads (``ServeSettings.model_threads``)."""
-    return await asyncio.get_running_loop().run_in_executor(state["executor"], fn, *args)
-
-
 def ready(state: dict) -> Recommender:
     """The loaded recommender, or 503 while loading."""
     if not state["ready"]:
@@ -641,8 +641,8 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
                             ("path",), "not_deployed")
         history, unknown = user_history(rec, body, state.get("users", {}))
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
-        items, scores = await in_model_thread(state, rec.generative.recommend, [history], body.k, body.beam,
-                                              [history + exclude])
+        items, scores = await in_model_thread(state["executor"], rec.generative.recommend, [history], body.k,
+                                              body.beam, [history + exclude])
         keep = [(int(i), float(s)) for i, s in zip(items[0], scores[0]) if i > 0]
         return GenerateResponse(items=items_out(rec, [i for i, _ in keep], [s for _, s in keep]),
                                 unknown_items=unknown + unknown_ex, model_version=rec.version,
@@ -662,7 +662,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         if not history:
             raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
                             ("body", "history"))
-        out = (await in_model_thread(state, rec.rerank_batch, [history], [cands], body.k))[0]
+        out = (await in_model_thread(state["executor"], rec.rerank_batch, [history], [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
