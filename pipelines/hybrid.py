@@ -70,6 +70,11 @@ class HybridTrainConfig:
     """Give the projector each item's catalogue text as the LM reads it: hidden states after its first N layers,
     mean-pooled (:func:`recsys.rerank.hybrid.text_states`; the pretrained knowledge's way in when
     ``title_words`` is 0). None = the retriever vector alone."""
+    soft_token_input: str | None = None
+    """What the projector maps into each soft token: None = the retriever's item vector (and the text state with
+    ``text_layers``); ``text`` = the text state alone (needs ``text_layers``): a content reranker whose only
+    knowledge of an item is the LM's reading of its text, so its pretraining is the only source of what it knows
+    about items beyond the training windows."""
     domain: str | None = None
     """The prompt's words for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``); None = the
     dataset's own."""
@@ -130,6 +135,9 @@ class HybridTrainConfig:
             raise RecsysError(f"target_missing must be 'insert' or 'skip', got {self.target_missing!r}")
         if not 0.0 <= self.random_negatives <= 1.0:
             raise RecsysError(f"random_negatives must be in [0, 1], got {self.random_negatives}")
+        if self.soft_token_input not in (None, "text") or (self.soft_token_input and not self.text_layers):
+            raise RecsysError(f"soft_token_input must be None (the retriever's vector) or 'text' (which needs "
+                              f"text_layers), got {self.soft_token_input!r} with text_layers {self.text_layers}")
         if self.history_lm_weight < 0 or (self.history_lm_weight and self.identifiers != "items"):
             raise RecsysError(f"history_lm_weight must be >= 0 and needs identifiers 'items' (got "
                               f"{self.history_lm_weight}, {self.identifiers!r})")
@@ -163,7 +171,8 @@ def build_model(config: HybridTrainConfig, dataset: PreparedDataset):
         bb = Backbone(lm, bb.tokenizer, f"{bb.name}-scratch")
     texts = dataset.catalog.sort("idx")["text"].to_list() if config.text_layers else None
     model = HybridFirst(bb, item_vectors(dataset, config.retriever), keep_layers=config.keep_layers,
-                        n_items=dataset.n_items, item_texts=texts, text_layers=config.text_layers)
+                        n_items=dataset.n_items, item_texts=texts, text_layers=config.text_layers,
+                        retriever_input=config.soft_token_input is None)
     if config.lora_r:
         model.lora(r=config.lora_r, alpha=2 * config.lora_r)
     return model

@@ -81,6 +81,33 @@ def test_text_states_join_the_retriever_vectors_at_the_projectors_input():
         HybridFirst(text_backbone(), vectors, item_texts=texts[:2], text_layers=1)
 
 
+def test_content_soft_tokens_read_the_text_states_and_not_the_retriever():
+    torch.manual_seed(0)
+    vectors = torch.randn(N_ITEMS + 1, D_RETRIEVER)
+    texts = [" ".join(f"I T E M {i:02d}") for i in range(1, N_ITEMS + 1)]
+    both = HybridFirst(text_backbone(layers=2), vectors, keep_layers=1, item_texts=texts, text_layers=2)
+    text = HybridFirst(text_backbone(layers=2), vectors, keep_layers=1, item_texts=texts, text_layers=2,
+                       retriever_input=False)
+    assert text.projector.items.shape == (N_ITEMS + 1, 32)
+    assert torch.equal(text.projector.items, both.projector.items[:, D_RETRIEVER:])    # the same states, alone
+    other = HybridFirst(text_backbone(layers=2), torch.randn(N_ITEMS + 1, D_RETRIEVER) * vectors.norm(dim=-1,
+                        keepdim=True) / 1e3, keep_layers=1, item_texts=texts, text_layers=2, retriever_input=False)
+    assert not torch.equal(other.projector.items[1:], text.projector.items[1:])  # only their scale is read
+    assert torch.allclose(F.normalize(other.projector.items[1:], dim=-1), F.normalize(text.projector.items[1:], dim=-1))
+    with pytest.raises(RecsysError, match="needs the items' text states"):
+        HybridFirst(text_backbone(), vectors, retriever_input=False)
+
+
+def test_content_recipe_needs_text_states():
+    from pipelines.hybrid import HybridTrainConfig
+
+    with pytest.raises(RecsysError, match="'text' .*needs text_layers.*got 'text' with text_layers None"):
+        HybridTrainConfig(soft_token_input="text")
+    with pytest.raises(RecsysError, match="soft_token_input must be"):
+        HybridTrainConfig(soft_token_input="title", text_layers=2)
+    assert HybridTrainConfig(soft_token_input="text", text_layers=2).soft_token_input == "text"
+
+
 def test_first_scores_equal_the_full_models_last_logits_and_ignore_padding():
     torch.manual_seed(0)
     model = HybridFirst(text_backbone(), torch.randn(N_ITEMS + 1, D_RETRIEVER)).eval()

@@ -24,6 +24,9 @@ so the run may span several sittings: rerun the same command to continue):
                         architecture and training from random weights; two seeds, every row of
                         seed 0 before any of seed 1, and the pretrained-minus-scratch interval of each
                         seed and of their per-user mean
+    hybrid-smollm2-text the same with content soft tokens (``hybrid_smollm2_text.yaml``): each item's
+                        soft token is projected from the LM's reading of its text alone, not from the
+                        retriever's vector (rows ``...smollm2-text`` and ``...smollm2-text-scratch``)
 
 Every row is evaluated on all 6,040 test users with the full-ranking protocol: the held-out item ranked
 over the whole catalogue, a target outside the retriever's top-50 is a miss. ``paired`` is the 95%
@@ -52,6 +55,8 @@ DEPTH = 50
 METRICS = ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "ndcg@20", "hr@20", "mrr"]
 SEEDS = (0, 1)
 """Seeds of the rows that may be the best (the others run seed 0)."""
+HYBRID_RECIPES = {"smollm2": "hybrid_smollm2.yaml", "smollm2-text": "hybrid_smollm2_text.yaml"}
+"""The hybrid SmolLM2 rerankers: row name after ``hybrid-`` -> recipe in ``pipelines/configs``."""
 
 
 def _paired(before: np.ndarray, after: np.ndarray) -> dict:
@@ -111,8 +116,8 @@ def choose_prior(first: np.ndarray, targets: np.ndarray, window: int, depth: int
 def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict | None = None,
         lm_overrides: dict | None = None, lm_seeds: tuple[int, ...] = SEEDS, depth: int = DEPTH,
         groups: tuple[str, ...] | None = None, hybrid: tuple[str, ...] = ("pretrained", "scratch"),
-        hybrid_seeds: tuple[int, ...] = SEEDS, hybrid_overrides: dict | None = None, columns=None,
-        log=print) -> dict:
+        hybrid_seeds: tuple[int, ...] = SEEDS, hybrid_overrides: dict | None = None,
+        hybrid_recipes: tuple[str, ...] = tuple(HYBRID_RECIPES), columns=None, log=print) -> dict:
     """Run (or resume) every stage; returns the rows and the seconds per stage. ``dataset``: a name
     (``ml-1m``), a directory, or a file read with ``columns`` (:class:`recsys.data.ColumnMap`); the overrides
     update the retriever's and the LM's recipes; ``groups``: the side-feature groups (default all,
@@ -303,12 +308,12 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
                            lm_trained=trained)]
 
 
-    def hybrid_rows(pretrained: bool, s: int) -> list[dict]:
-        """The hybrid-token SmolLM2 reranker of seed ``s`` (soft tokens from the retriever), pretrained or
-        ``-scratch``; the seed draws the training windows, their order and every new weight."""
-        name = "hybrid-smollm2" + ("" if pretrained else "-scratch")
+    def hybrid_rows(recipe: str, pretrained: bool, s: int) -> list[dict]:
+        """The hybrid-token SmolLM2 reranker of ``recipe`` (:data:`HYBRID_RECIPES`) and seed ``s``, pretrained
+        or ``-scratch``; the seed draws the training windows, their order and every new weight."""
+        name = f"hybrid-{recipe}" + ("" if pretrained else "-scratch")
         run_dir = runs / f"{name}-seed{s}"
-        config = load_config(HybridTrainConfig, CONFIGS / "hybrid_smollm2.yaml",
+        config = load_config(HybridTrainConfig, CONFIGS / HYBRID_RECIPES[recipe],
                              {**(hybrid_overrides or {}), "pretrained": pretrained, "seed": s,
                               "retriever": str(sas_dir / "model")})
 
@@ -365,8 +370,9 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
         if s in lm_seeds:
             rows += lm_rows(s)
         if s in hybrid_seeds:
-            for variant in hybrid:
-                rows += hybrid_rows(variant == "pretrained", s)
+            for recipe in hybrid_recipes:
+                for variant in hybrid:
+                    rows += hybrid_rows(recipe, variant == "pretrained", s)
 
     def compare(row: str, against: str, seeds: tuple[int, ...] | None = None) -> dict | None:
         """Paired interval of one row's per-user NDCG@10 minus another's: stage names with their seed, or, with
@@ -385,15 +391,17 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     pairs += [p for s in lm_seeds for p in ((f"fusion-mlp+lm-seed{s}", f"fusion-mlp-seed{s}"),
                                               (f"fusion-retriever+lm-seed{s}", "fusion-retriever-only-seed0"))]
     for s in hybrid_seeds:
-        for short in ("smollm2", "smollm2-scratch"):
-            pairs += [(f"fusion-retriever+{short}-seed{s}", "fusion-retriever-only-seed0"),
-                      (f"fusion-mlp+{short}-seed{s}", f"fusion-mlp-seed{s}")]
-        pairs += [(f"{first}smollm2-seed{s}", f"{first}smollm2-scratch-seed{s}")
-                  for first in ("hybrid-", "fusion-retriever+", "fusion-mlp+")]
+        for recipe in hybrid_recipes:
+            for short in (recipe, f"{recipe}-scratch"):
+                pairs += [(f"fusion-retriever+{short}-seed{s}", "fusion-retriever-only-seed0"),
+                          (f"fusion-mlp+{short}-seed{s}", f"fusion-mlp-seed{s}")]
+            pairs += [(f"{first}{recipe}-seed{s}", f"{first}{recipe}-scratch-seed{s}")
+                      for first in ("hybrid-", "fusion-retriever+", "fusion-mlp+")]
     comparisons = [c for c in (compare(a, b) for a, b in pairs) if c]
     if len(hybrid_seeds) > 1:
-        comparisons += [c for c in (compare(f"{first}smollm2", f"{first}smollm2-scratch", tuple(hybrid_seeds))
-                                    for first in ("hybrid-", "fusion-retriever+")) if c]
+        comparisons += [c for c in (compare(f"{first}{recipe}", f"{first}{recipe}-scratch", tuple(hybrid_seeds))
+                                    for recipe in hybrid_recipes for first in ("hybrid-", "fusion-retriever+",
+                                                                                "fusion-mlp+")) if c]
 
     learned = [r for r in rows if "holdout_ndcg@10" in r]
     best = max(learned, key=lambda r: r["holdout_ndcg@10"])
@@ -410,15 +418,18 @@ def main() -> None:
     p.add_argument("--lm-minutes", type=float, default=20.0, help="each listwise LM's training budget")
     p.add_argument("--lm-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the listwise LM")
     p.add_argument("--hybrid-minutes", type=float, default=None,
-                   help="cap on each hybrid SmolLM2 reranker's training (default: hybrid_smollm2.yaml's)")
+                   help="cap on each hybrid SmolLM2 reranker's training (default: its recipe's)")
     p.add_argument("--hybrid", nargs="*", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
                    help="which hybrid SmolLM2 rows to train (none: leave them out)")
     p.add_argument("--hybrid-seeds", type=int, nargs="*", default=list(SEEDS), help="seeds of the hybrid rows")
+    p.add_argument("--hybrid-recipes", nargs="*", choices=list(HYBRID_RECIPES), default=list(HYBRID_RECIPES),
+                   help="which hybrid SmolLM2 recipes to train (rows hybrid-RECIPE)")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rerankers_strong")
     result = run(Path(a.out), seed=a.seed, sasrec_overrides={"max_minutes": a.sasrec_minutes},
                  lm_overrides={"max_minutes": a.lm_minutes}, lm_seeds=tuple(a.lm_seeds), hybrid=tuple(a.hybrid),
-                 hybrid_seeds=tuple(a.hybrid_seeds), hybrid_overrides={"max_minutes": a.hybrid_minutes})
+                 hybrid_seeds=tuple(a.hybrid_seeds), hybrid_overrides={"max_minutes": a.hybrid_minutes},
+                 hybrid_recipes=tuple(a.hybrid_recipes))
     throughput = RESULTS / "sasrec_throughput.json"
     if throughput.exists():
         t = json.loads(throughput.read_text())

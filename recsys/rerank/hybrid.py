@@ -206,20 +206,27 @@ class HybridFirst(nn.Module):
     """A causal LM whose ``<item>`` inputs are projected retriever vectors, scoring windows FIRST-style."""
 
     def __init__(self, backbone: Backbone, item_vectors: torch.Tensor, keep_layers: int | None = None,
-                 n_items: int | None = None, item_texts: list[str] | None = None, text_layers: int | None = None):
+                 n_items: int | None = None, item_texts: list[str] | None = None, text_layers: int | None = None,
+                 retriever_input: bool = True):
         """``item_vectors`` (N + 1, d_r); ``item_texts`` (N, in item order) with ``text_layers``: the projector
-        also reads each item's :func:`text_states`, scaled to the retriever vectors' mean row norm."""
+        also reads each item's :func:`text_states`, scaled to the retriever vectors' mean row norm.
+        ``retriever_input=False`` (needs the text states): the projector reads the text states alone, so an
+        item's soft token holds only what the LM makes of its text, none of the retriever's behaviour signal
+        (a content reranker over the retriever's candidates)."""
         super().__init__()
         if n_items is not None and item_vectors.shape[0] != n_items + 1:
             raise RecsysError(f"retriever item vectors have {item_vectors.shape[0]} rows; the catalog needs "
                               f"{n_items + 1} ({n_items} items + padding row 0)")
+        if not (retriever_input or text_layers):
+            raise RecsysError("a soft token without the retriever's vector needs the items' text states "
+                              "(text_layers)")
         if text_layers:
             if item_texts is None or len(item_texts) != item_vectors.shape[0] - 1:
                 raise RecsysError(f"text states need one text per item: {item_vectors.shape[0] - 1} items, "
                                   f"{0 if item_texts is None else len(item_texts)} texts")
             states = text_states(backbone, item_texts, text_layers) * item_vectors[1:].norm(dim=-1).mean()
-            item_vectors = torch.cat([item_vectors.float(),
-                                      torch.cat([torch.zeros(1, states.shape[1]), states])], dim=1)
+            text = torch.cat([torch.zeros(1, states.shape[1]), states])
+            item_vectors = torch.cat([item_vectors.float(), text], dim=1) if retriever_input else text
         self.backbone = backbone
         self.item_token_id = add_item_token(backbone)
         self.lm = backbone.model
