@@ -751,7 +751,8 @@ def _serving_commands(sub) -> None:
                     help="ONNX Runtime intra-op threads per session (default: 1 on CPU without micro-batching)")
     sv.add_argument("--model-threads", type=int, default=1,
                     help="threads per worker that run model work off the event loop (default 1; for more cores, "
-                         "more --workers)")
+                         "more --workers; 0: on the event loop, no thread hand-over, the reranker deadline checked "
+                         "only before it starts)")
     sv.add_argument("--micro-batching", choices=["auto", "on", "off"], default="auto",
                     help="group concurrent requests into one ONNX call (auto: on with CUDA, off on CPU)")
     sv.add_argument("--max-batch", type=int, default=32)

@@ -82,7 +82,8 @@ class ServeSettings:
     rerank_timeout_ms: float = 1000.0
     """Counted from the start of a request's model work (retrieval, well under a millisecond, then reranking):
     past it the reranker's ONNX Runtime run is stopped at its next graph node and the retrieval order comes
-    back with ``reranked: false`` and ``fallback: "timeout"``."""
+    back with ``reranked: false`` and ``fallback: "timeout"``. With ``model_threads`` 0 it is checked before
+    the reranker starts, and a run already going finishes."""
     max_body_bytes: int = 64_000
     """Largest request body read, counted on the bytes received (any transfer encoding); beyond it 413."""
     max_in_flight: int = 64
@@ -99,7 +100,10 @@ class ServeSettings:
     that it keeps reading requests and the reranker's deadline can stop a late run. More threads contend with
     the event loop for Python's interpreter lock: on a 2-core CPU two served 8 connections faster but cost as
     much CPU per request or more at 32 and 64 (BENCHMARKS.md, "The request path"). For more cores, run more
-    ``workers`` (processes), each with its own model thread."""
+    ``workers`` (processes), each with its own model thread. 0 = the model work runs on the event loop
+    itself: no hand-over between threads per request (the least CPU per request for models that answer in
+    a millisecond or two), but the loop reads nothing else meanwhile and a reranker run, once started, is
+    not stopped at the deadline."""
     int8: bool = False
     """Serve the int8 graphs ``recsys export --quantize`` wrote beside the fp32 ones (faster on CPU, a measured quality cost)."""
     access_log: bool = False
@@ -107,11 +111,13 @@ class ServeSettings:
     ``recsys.serving`` logger at INFO; off by default (its cost is then one level check per request)."""
 
     def __post_init__(self):
-        counts = ("max_batch", "max_body_bytes", "max_in_flight", "model_threads")
-        for name in counts + ("threads",) * (self.threads is not None):
+        least_of = {"max_batch": 1, "max_body_bytes": 1, "max_in_flight": 1, "model_threads": 0}
+        if self.threads is not None:
+            least_of["threads"] = 1
+        for name, least in least_of.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"serve settings: {name} must be a whole number >= 1, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"serve settings: {name} must be a whole number >= {least}, got {value!r}")
         for name, zero_ok in (("max_wait_ms", True), ("rerank_timeout_ms", False), ("body_timeout_s", False)):
             value = getattr(self, name)
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -243,8 +249,11 @@ class Metrics:
 
 
 # ---------------------------------------------------------------- micro-batching
-async def in_model_thread(executor: Executor, fn, *args):
-    """``fn(*args)`` in one of the app's model threads (``executor``: ``ServeSettings.model_threads`` of them)."""
+async def in_model_thread(executor: Executor | None, fn, *args):
+    """``fn(*args)`` in one of the app's model threads (``executor``: ``ServeSettings.model_threads`` of them),
+    or right here on the event loop when there are none (``model_threads`` 0)."""
+    if executor is None:
+        return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
@@ -312,10 +321,11 @@ class Batcher:
         graph node and its queries keep the retrieval order (one thread hop per batch, not one per stage)."""
         self.metrics.observe_batch(len(queries))
         options = run_options()
-        timer = asyncio.get_running_loop().call_later(self.settings.rerank_timeout_ms / 1000, setattr, options,
-                                                      "terminate", True)
+        seconds = self.settings.rerank_timeout_ms / 1000
+        timer = asyncio.get_running_loop().call_later(seconds, setattr, options, "terminate", True)
         try:
-            results, failure = await in_model_thread(self.executor, self._serve, queries, options)
+            results, failure = await in_model_thread(self.executor, self._serve, queries, options,
+                                                     time.perf_counter() + seconds)
         finally:
             timer.cancel()
         if failure:
@@ -323,9 +333,10 @@ class Batcher:
             self._log_fallback(failure, sum(r["fallback"] == failure for r in results))
         return results
 
-    def _serve(self, queries: list[RecommendQuery], options) -> tuple[list[dict], str | None]:
-        """Retrieval, then reranking with ``options``; a failed or terminated reranker leaves the retrieval
-        order. Returns the results and the reranker's failure (``timeout`` or ``error: <type>``), if any."""
+    def _serve(self, queries: list[RecommendQuery], options, deadline: float) -> tuple[list[dict], str | None]:
+        """Retrieval, then reranking with ``options`` unless the ``deadline`` (``time.perf_counter``) has
+        passed; a failed or terminated reranker leaves the retrieval order. Returns the results and the
+        reranker's failure (``timeout`` or ``error: <type>``), if any."""
         retrieved = self.rec.retrieve(queries)
         results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False, "fallback": None}
                    for q, (items, scores) in zip(queries, retrieved)]
@@ -337,7 +348,8 @@ class Batcher:
                 results[i]["fallback"] = "no reranker loaded"
             return results, None
         try:
-            if options.terminate:                          # past the deadline before the reranker started
+            if options.terminate or time.perf_counter() > deadline:    # past it before the reranker started
+                options.terminate = True
                 raise TimeoutError
             reranked = self.rec.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo],
                                                options)
@@ -386,20 +398,20 @@ class Guard:
         """The whole body, or (status, reason, message) when it is too large or too slow, or None when the
         client went away."""
         limit, chunks, size = self.settings.max_body_bytes, [], 0
-        deadline = time.monotonic() + self.settings.body_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
-                return 408, "body_timeout", f"request body not received within {self.settings.body_timeout_s} s"
-            if message["type"] == "http.disconnect":
-                return None
-            size += len(message.get("body", b""))
-            if size > limit:
-                return 413, "too_large", f"request body exceeds {limit} bytes"
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):     # no task per message, unlike wait_for
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    size += len(message.get("body", b""))
+                    if size > limit:
+                        return 413, "too_large", f"request body exceeds {limit} bytes"
+                    chunks.append(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            return 408, "body_timeout", f"request body not received within {self.settings.body_timeout_s} s"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -683,13 +695,15 @@ def create_app(directory, settings: ServeSettings = ServeSettings()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background: the server answers /healthz at once and /readyz turns 200 when ready.
-        state["executor"] = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="recsys-model")
+        state["executor"] = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="recsys-model") \
+            if settings.model_threads else None
         task = asyncio.create_task(load_models(directory, settings, state, metrics))
         yield
         task.cancel()
         if state.get("batcher"):
             await state["batcher"].stop()
-        state["executor"].shutdown(wait=False, cancel_futures=True)
+        if state["executor"]:
+            state["executor"].shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="recsys ranking API", version="1", lifespan=lifespan,
                   description="SASRec + FAISS retrieval and an LLM reranker served with ONNX Runtime.")

@@ -195,7 +195,7 @@ def test_auto_settings_batch_on_cuda_only():
     assert ServeSettings(threads=2).resolved(cuda=False).threads == 2
 
 
-@pytest.mark.parametrize("field, value", [("model_threads", 0), ("max_in_flight", 0), ("threads", 0),
+@pytest.mark.parametrize("field, value", [("model_threads", -1), ("max_in_flight", 0), ("threads", 0),
                                           ("max_body_bytes", 1.5), ("rerank_timeout_ms", float("nan")),
                                           ("body_timeout_s", -1.0), ("max_wait_ms", float("inf"))])
 def test_settings_that_cannot_serve_are_refused_naming_the_field(field, value):
@@ -246,6 +246,49 @@ def test_model_work_runs_in_the_model_threads_only(exported, monkeypatch):
             t.join()
     assert len(seen) == 8 and all(name.startswith("recsys-model") for name in seen), seen
     assert max(overlaps) == 1
+
+
+def test_model_threads_0_runs_model_work_on_the_event_loop_and_checks_the_deadline_first(exported, monkeypatch):
+    """``model_threads=0``: every endpoint's model work runs on the event loop's own thread (no pool); the
+    reranker deadline is checked before the reranker starts: past it, the retrieval order comes back."""
+    from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender
+
+    seen, loop_threads = [], []
+    original_windows, original_batch = Recommender.rerank_windows, Recommender.rerank_batch
+
+    def on(original):
+        def recorded(self, *args, **kw):
+            seen.append(threading.current_thread().name)
+            return original(self, *args, **kw)
+        return recorded
+
+    monkeypatch.setattr(Recommender, "rerank_windows", on(original_windows))
+    monkeypatch.setattr(Recommender, "rerank_batch", on(original_batch))
+    app = create_app(exported[0], ServeSettings(model_threads=0))
+
+    @app.get("/loop-thread")
+    async def loop_thread():
+        loop_threads.append(threading.current_thread().name)
+        return {}
+
+    with Server(app) as server, httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        client.get("/loop-thread")
+        seen.clear()
+        r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3})
+        assert r.status_code == 200 and r.json()["reranked"] and len(r.json()["items"]) == 3
+        assert client.post("/v1/rerank", json={"history": ["m1", "m2"], "candidates": ["m3", "m4"]}).status_code == 200
+    assert len(seen) >= 2 and set(seen) == set(loop_threads) and not any(n.startswith("recsys-model") for n in seen)
+
+    with Server(create_app(exported[0], ServeSettings(model_threads=0, rerank_timeout_ms=1e-6))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        seen.clear()
+        r = client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3})
+        assert r.status_code == 200 and r.json()["fallback"] == "timeout" and not r.json()["reranked"]
+        assert seen == []                                       # the reranker never started
+        assert 'recsys_rerank_fallbacks_total{reason="timeout"} 1.0' in client.get("/metrics").text
 
 
 def test_api_key_and_reranker_fallback(exported, monkeypatch):
