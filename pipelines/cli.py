@@ -528,9 +528,11 @@ def _train_commands(sub) -> argparse._SubParsersAction:
     rk.add_argument("--candidates", required=True, help="directory written by `recsys candidates`")
     rk.add_argument("--out", required=True, help="run directory")
     rk.add_argument("--kind", choices=["listwise", "groupwise"], help="default: the recipe's, else listwise")
-    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "f-grpo", "slate-grpo", "grouprank", "lipo", "dpo"],
+    rk.add_argument("--algo", choices=["sft", "grpo", "rank-grpo", "scasrec", "f-grpo", "slate-grpo", "grouprank", "lipo",
+                                       "dpo"],
                     default="sft",
-                    help="sft, or RL from --init: grpo / rank-grpo (listwise), f-grpo / slate-grpo (listwise model, "
+                    help="sft, or RL from --init: grpo / rank-grpo / scasrec (listwise; scasrec from an SFT with "
+                         "--set supervise=auto_stop), f-grpo / slate-grpo (listwise model, "
                          "slate-then-rank task: --set slate_size=10 --set rank_size=5), grouprank (groupwise), "
                          "lipo / dpo (preferences among each prompt's scored rollouts, either kind)")
     rk.add_argument("--init", type=model_dir, help="RL only: the SFT run (or its model/) to start from")

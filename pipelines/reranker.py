@@ -78,7 +78,9 @@ class RerankerSFTConfig:
     """``list``: learn the whole teacher list (LM loss on every answer token, FIRST pairs from the teacher
     order); ``target``: learn only where the held-out item goes (LM loss on the first answer token, FIRST
     pairs target-vs-others). ``target`` is the pretraining objective: next-item prediction against the
-    retriever's hard negatives, with no pressure to reproduce the retriever's order."""
+    retriever's hard negatives, with no pressure to reproduce the retriever's order. ``auto_stop``: the
+    teacher list up to where the next item would not improve the served ranking, then the end token
+    (SCASRec's learnt EOR: the list stops when the model says so; start ``--algo scasrec`` from it)."""
     random_negatives: float = 0.0
     """Share of training windows whose other candidates are drawn uniformly from the catalogue (items
     outside the history) instead of the retriever's list: easy negatives make the relevance signal
@@ -149,7 +151,7 @@ class RerankerSFTConfig:
         for name, value, allowed in (("kind", self.kind, ("listwise", "groupwise")),
                                      ("train_split", self.train_split, ("train", "valid", "train+valid")),
                                      ("target_missing", self.target_missing, ("insert", "skip", "keep")),
-                                     ("supervise", self.supervise, ("list", "target")),
+                                     ("supervise", self.supervise, ("list", "target", "auto_stop")),
                                      ("teacher_target", self.teacher_target, ("first", "teacher")),
                                      ("identifiers", self.identifiers, IDENTIFIERS)):
             if value not in allowed:
@@ -167,8 +169,9 @@ class RerankerSFTConfig:
                              "its retriever prior reads the window's order, which a random window does not have")
         if self.history_lm_weight and (self.kind != "listwise" or self.backbone == "smollm2-135m"):
             raise ValueError("history_lm_weight is for the listwise reranker on the tiny backbone (item-token history)")
-        if self.supervise == "target" and self.kind != "listwise":
-            raise ValueError("supervise='target' is a listwise objective; groupwise examples score every candidate")
+        if self.supervise != "list" and self.kind != "listwise":
+            raise ValueError(f"supervise={self.supervise!r} is a listwise objective; groupwise examples score "
+                             "every candidate")
 
 
 def random_candidates(rng: np.random.Generator, n_items: int, history, target: int, n: int) -> list[int]:

@@ -14,6 +14,10 @@ optimiser steps on its clipped loss. The maths lives in :mod:`recsys.rl`. The al
 - ``rank-grpo``: per-rank rewards (``reward: exp_inf | log_decay``) and per-rank advantages, the
   rank-level ratio of Rank-GRPO (Zhu et al. 2025); with ``complete_lists`` (default) the end token takes
   the advantage of the first rank it hands to the retriever's order, else the paper's length shaping.
+- ``scasrec``: SCASRec's stepwise corrective reward (Chen et al. 2026, :mod:`recsys.rl.scasrec`): each
+  rank's return is what the completed list gained over stopping before it, group-normalised per rank with
+  Rank-GRPO's rank-level ratio; the end token is taught to stop when continuing does not pay. Start it from an
+  SFT with ``supervise: auto_stop`` (the end token learnt), so lists stop when the model says so.
 - ``grouprank``: the groupwise scorer samples a 0-9 score per candidate; reward = NDCG@10 + 0.2
   Recall@10 + 0.1 (1 - JS(predicted || teacher scores)) (GroupRank, Sun et al. 2025), ties between
   sampled digits broken at random in expectation (``grouprank_ties``), the teacher scores those of the
@@ -80,11 +84,14 @@ from recsys.rl.rank_grpo import (
     segment_ranks,
 )
 from recsys.rl.rewards import grouprank_reward, ndcg_at_k, relevance
+from recsys.rl.scasrec import step_returns
 from recsys.types import CandidateList
 
 COMPLETED_SHAPING = {"early_stop_penalty": 0.0, "end_of_list_reward": 0.0, "end_takes_next_rank": True}
 """Rank-GRPO on completed lists: a short list is no failure, its end token chooses the ranks after it."""
-ALGOS = ("grpo", "rank-grpo", "grouprank", "slate-grpo", "f-grpo", *PREFERENCE_ALGOS)
+ALGOS = ("grpo", "rank-grpo", "scasrec", "grouprank", "slate-grpo", "f-grpo", *PREFERENCE_ALGOS)
+RANKED_ALGOS = ("rank-grpo", "scasrec")
+"""Objectives that read the list's tokens rank by rank (:func:`recsys.rl.rank_grpo.segment_ranks`)."""
 SLATE_ALGOS = ("slate-grpo", "f-grpo")
 
 
@@ -93,7 +100,7 @@ class RLConfig:
     """An RL run on a reranker started from an SFT checkpoint."""
 
     algo: str = "rank-grpo"
-    """``grpo``, ``rank-grpo``, ``slate-grpo``, ``f-grpo`` (listwise models), ``grouprank`` (groupwise), or the
+    """``grpo``, ``rank-grpo``, ``scasrec``, ``slate-grpo``, ``f-grpo`` (listwise models), ``grouprank`` (groupwise), or the
     preference objectives over the G scored rollouts of a prompt, ``lipo`` (LiPO-lambda) and ``dpo`` (its best
     against its worst; :func:`recsys.rl.lipo.group_preference_loss`), for either kind."""
     init: str = ""
@@ -169,7 +176,8 @@ class RLConfig:
 
     def objective_settings(self) -> Settings:
         """The hyper-parameters :data:`recsys.rl.objectives.OBJECTIVES` reads from this run."""
-        shaping = COMPLETED_SHAPING | {"end_sums_handed_ranks": self.reward == "exp_inf"} if self.complete_lists else {}
+        sums = self.reward == "exp_inf" and self.algo != "scasrec"     # SCASRec's returns are rewards-to-go
+        shaping = COMPLETED_SHAPING | {"end_sums_handed_ranks": sums} if self.complete_lists else {}
         return Settings(beta=self.beta, eps_low=self.eps_low, eps_high=self.eps_high, aggregation=self.aggregation,
                         scale_rewards=self.scale_rewards, rank_reward=self.reward, shaping=shaping,
                         preference_beta=self.preference_beta)
@@ -185,6 +193,8 @@ class RLConfig:
             raise ValueError(f"algo must be one of {ALGOS}, got {self.algo!r}")
         if self.group_size < 2:
             raise ValueError("group_size must be >= 2: advantages compare rollouts of the same prompt")
+        if self.algo == "scasrec" and not self.complete_lists:
+            raise ValueError("scasrec scores the list the retriever's order completes: it needs complete_lists")
         if self.grouprank_teacher not in ("sft", "binary"):
             raise ValueError(f"grouprank_teacher must be 'sft' or 'binary', got {self.grouprank_teacher!r}")
         if self.grouprank_ties not in ("random", "stable"):
@@ -277,8 +287,13 @@ class RerankerRLModule(RLLoop):
             served = [p.order if self.cfg.complete_lists else p.generated for p in parsed]
             rel = torch.tensor([relevance([w[i] for i in s], {t}, N) for s, w, t in zip(served, windows, targets)])
             depth = self.cfg.grpo_reward_depth or N
-            return roll | {"reward": ndcg_at_k(rel, torch.ones(len(rel)), depth), "rel": rel,
-                           "validity": torch.tensor([float(p.valid) for p in parsed]).mean()}
+            roll |= {"reward": ndcg_at_k(rel, torch.ones(len(rel)), depth), "rel": rel,
+                     "validity": torch.tensor([float(p.valid) for p in parsed]).mean(),
+                     "items": torch.tensor([float(len(p.generated)) for p in parsed])}
+            if self.cfg.algo == "scasrec":
+                roll["returns"] = step_returns([list(p.generated) for p in parsed],
+                                               [w.index(t) if t in w else None for w, t in zip(windows, targets)], N)
+            return roll
         prompt, answer, digits, _ = self.scorer.sample(hists, windows, self.cfg.temperature, generator)
         relevant = torch.tensor([[c == t for c in w] for w, t in zip(windows, targets)])
         if self.cfg.grouprank_teacher == "sft":                       # windows arrive in the retriever's order
@@ -323,8 +338,8 @@ class RerankerRLModule(RLLoop):
         with torch.no_grad():
             old_logp, entropy = self.log_probs(self.model, roll)
         rollouts = Rollouts(G, mask, reward, old_logp)
-        if cfg.algo == "rank-grpo":
-            rollouts.rel = roll["rel"]
+        if cfg.algo in RANKED_ALGOS:
+            rollouts.rel, rollouts.returns = roll["rel"], roll.get("returns")
             rollouts.bins = segment_ranks(answer, mask, self.bb.separator_id, self.bb.end_id, roll["rel"].shape[1])
         elif cfg.algo == "f-grpo":
             rollouts.slate_reward, rollouts.rank_reward = roll["slate_reward"], roll["rank_reward"]
@@ -338,6 +353,7 @@ class RerankerRLModule(RLLoop):
                      "train/slate_signal": (roll["slate_reward"].reshape(B, G).std(1) > 0).float().mean()}
         if "validity" in roll:
             logs["train/validity"] = roll["validity"]
+            logs["train/list_items"] = roll["items"].mean()           # items written before the end token
         return RolloutStep(rollouts, lambda model, values: (self.log_probs(model, roll)[0], None), logs)
 
     # ---------------------------------------------------------------- validation

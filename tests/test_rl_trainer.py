@@ -100,6 +100,37 @@ def test_off_policy_rank_grpo_updates_twice_per_rollout_batch_and_its_per_rank_c
     assert fractions[1].max() == 0.0 and fractions[2].max() > 0.0
 
 
+def test_scasrec_learns_from_an_auto_stop_sft_and_logs_its_list_lengths(tiny_dataset, tmp_path, sft_models):
+    """SCASRec end to end: an SFT taught to stop (``supervise: auto_stop``) writes short lists (at most one
+    item before the end token, greedy), the RL run logs the lists' length, and its rollouts' per-rank returns
+    are SCASRec's: the trainer's rollouts give the same returns as :func:`recsys.rl.scasrec.step_returns` of
+    their parsed lists."""
+    import polars as pl
+
+    from pipelines.rerank import load_reranker
+    from pipelines.rl import PromptData, RerankerRLModule
+    from recsys.rl.scasrec import step_returns
+
+    cands, _, _ = sft_models
+    sft = train_reranker(tiny_dataset, cands, tmp_path / "stop", RerankerSFTConfig(supervise="auto_stop", **SFT),
+                         progress=False)
+    cfg = RLConfig(algo="scasrec", init=str(sft), **RL)
+    train_rl(tiny_dataset, cands, tmp_path / "scasrec", cfg, progress=False)
+    logs = pl.read_csv(next((tmp_path / "scasrec" / "logs").glob("version_*/metrics.csv")))
+    assert logs["train/list_items"].drop_nulls().len() == 4 and logs["train/list_items"].drop_nulls().max() <= 8
+    scorer = load_reranker(sft, tiny_dataset, window=8)
+    rows = PromptData(tiny_dataset, cands, cfg).train_rows[:4]
+    greedy = scorer.generate([r.history for r in rows], [r.window for r in rows], True, 0.0, return_tokens=True)[1]
+    module = RerankerRLModule(scorer, cfg)
+    assert max(len(module.parse(a, r.window).generated) for a, r in zip(greedy, rows)) <= 1
+    roll = module.rollouts(rows, torch.Generator().manual_seed(0))
+    parsed = [module.parse(a, w) for a, w in zip(roll["answer"], roll["windows"])]
+    targets = [r.window.index(r.target) for r in rows for _ in range(cfg.group_size)]
+    assert torch.equal(roll["returns"], step_returns([list(p.generated) for p in parsed], targets, 8))
+    with pytest.raises(ValueError, match="needs complete_lists"):
+        RLConfig(algo="scasrec", complete_lists=False)
+
+
 def test_f_grpo_rollouts_credit_each_phase_with_its_own_advantage(tiny_dataset, tmp_path, sft_models):
     """A rollout batch through the module: slate tokens (4 identifiers, 4 separators, the marker) end at
     the marker, the rank phase has 2 identifiers, 2 separators and the end; each phase's advantages are

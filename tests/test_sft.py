@@ -63,6 +63,23 @@ def test_labels_cover_exactly_the_answer():
     assert batch["attention_mask"][1, :pad].sum() == 0 and batch["attention_mask"][1, pad:].all()
 
 
+def test_auto_stop_answers_end_where_the_completed_list_stops_improving():
+    """SCASRec's EOR supervision: presented [7, 3, 9, 5] (the given order), target 9 at position 2 -> answer
+    "C\n<eor>"; target 7, already first -> "<eor>" alone; no target in the window -> "<eor>". FIRST's ranks
+    stay the whole teacher order; every answer token is labelled."""
+    bb = build_tiny(n_items=30)
+
+    def answer(ex):
+        enc = encode_example(bb, ex, supervise="auto_stop")
+        return bb.tokenizer.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != -100]), enc
+
+    text, enc = answer(teacher_example([1, 2], [7, 3, 9, 5], target=9, shuffle=False))
+    assert text.split() == ["C", "<eor>"] and enc["ranks"] == [2, 3, 1, 4]
+    assert answer(teacher_example([1, 2], [7, 3, 9, 5], target=7, shuffle=False))[0].split() == ["<eor>"]
+    kept = teacher_example([1], [7, 3, 5], target=9, window=3, shuffle=False, target_missing="keep")
+    assert answer(kept)[0].split() == ["<eor>"]
+
+
 def test_target_supervision_labels_only_the_held_out_item():
     """Candidates [7, 3, 9, 5], target 9, no shuffle: the only label is the identifier of 9 (C, the
     third), and FIRST's ranks are [2, 2, 1, 2] (target vs the rest, the rest tied)."""

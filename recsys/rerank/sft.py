@@ -121,10 +121,21 @@ def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_his
     ``supervise="list"``: the whole teacher answer is labelled and FIRST's ranks are the teacher order.
     ``"target"``: only the held-out item is taught: the first answer token alone is labelled (a softmax
     over the window's identifiers, i.e. next-item prediction against the window's hard negatives) and
-    the ranks put the target at 1 and tie the rest at 2, so FIRST's pairs are target-vs-others only."""
+    the ranks put the target at 1 and tie the rest at 2, so FIRST's pairs are target-vs-others only.
+    ``"auto_stop"``: the teacher list ends, with the end token, at the first step whose next item would not
+    improve the list the presented order completes (SCASRec's learnable EOR, arXiv 2602.03324;
+    :func:`recsys.rl.scasrec.auto_stop_length`): ``C\n<eor>`` when the held-out item C is not already first,
+    ``<eor>`` alone when it is first or absent; every answer token is labelled, FIRST's ranks stay the teacher
+    order."""
     prompt = listwise_prompt(backbone, example.history, example.presented, titles, max_history, identifiers)
     p_ids = backbone.tokenizer.encode(prompt, add_special_tokens=False)
-    answer = answer_text(example.teacher_order, example.presented if identifiers == "items" else None)
+    order = example.teacher_order
+    if supervise == "auto_stop":
+        from recsys.rl.scasrec import auto_stop_length
+
+        target = example.presented.index(example.target) if example.target is not None else None
+        order = order[:auto_stop_length(list(order), target)]
+    answer = answer_text(order, example.presented if identifiers == "items" else None)
     a_ids = backbone.tokenizer.encode(answer, add_special_tokens=False)
     labels, ranks = list(a_ids), first_ranks(example)
     if supervise == "target":

@@ -45,6 +45,7 @@ class Rollouts:
 
     - ``rank-grpo``: rel (N, R) per-rank relevance, bins (N, T) each token's rank
       (:func:`recsys.rl.rank_grpo.segment_ranks`).
+    - ``scasrec``: returns (N, R) per-rank stepwise returns (:func:`recsys.rl.scasrec.step_returns`), bins.
     - ``f-grpo``: slate_reward, rank_reward (N,) and slate_mask, rank_mask (N, T) (the two phases' tokens).
     - ``vstar``: codes (B, G, D) the sampled semantic IDs, dense (N, D) the value head's per-level rewards.
     """
@@ -56,6 +57,7 @@ class Rollouts:
     ref_logp: torch.Tensor | None = None
     rel: torch.Tensor | None = None
     bins: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
     slate_reward: torch.Tensor | None = None
     rank_reward: torch.Tensor | None = None
     slate_mask: torch.Tensor | None = None
@@ -138,6 +140,14 @@ def rank_grpo_objective_loss(logp, r: Rollouts, a: Advantages, s: Settings, valu
     return rank_grpo_loss(logp, r.old_logp, a.rank, r.bins, r.ref_logp, *_clip(s), **s.shaping)
 
 
+def scasrec_advantages(r: Rollouts, s: Settings) -> Advantages:
+    """SCASRec (arXiv 2602.03324): each rank's stepwise corrective return, group-normalised per rank as in
+    Rank-GRPO; the end token takes the advantage of the rank it stops at (``s.shaping``, completed lists), so
+    it is learnt against continuing (:mod:`recsys.rl.scasrec`)."""
+    adv = rank_advantages(r.returns, r.group_size, s.scale_rewards).to(r.mask.device)
+    return Advantages(token_advantages(adv, r.bins, **s.shaping), r.bins != PAD, rank=adv)
+
+
 def f_grpo_advantages(r: Rollouts, s: Settings) -> Advantages:
     """F-GRPO: the slate phase's and the rank phase's group-relative advantages, each on its own tokens."""
     slate, rank = phase_advantages(r.slate_reward, r.rank_reward, r.group_size, s.scale_rewards)
@@ -191,6 +201,7 @@ OBJECTIVES: dict[str, Objective] = {
     "grouprank": GRPO,             # GroupRank's reward (recsys.rl.rewards.grouprank_reward), GRPO's objective
     "slate-grpo": GRPO,            # F-GRPO's single-reward baseline: slate + rank reward, one advantage
     "rank-grpo": Objective(rank_grpo_advantages, rank_grpo_objective_loss),
+    "scasrec": Objective(scasrec_advantages, rank_grpo_objective_loss),
     "f-grpo": Objective(f_grpo_advantages, f_grpo_objective_loss),
     "lipo": Objective(grpo_advantages, preference_loss("lipo")),
     "dpo": Objective(grpo_advantages, preference_loss("dpo")),
