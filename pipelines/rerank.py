@@ -160,11 +160,12 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     size = scorer.window if isinstance(scorer, ListwiseReranker) else scorer.c
     one_window = len({len(c) for c in lists}) == 1 and len(lists[0]) <= size
     t = time.perf_counter()
+    written: list[int] = []                          # generation: items each answer named before its end token
     if one_window:                                   # every list is one window: batched, 32 lists per call
         reranked = []
         for i in tqdm(range(0, len(lists), 32), desc=f"rerank {split} ({mode})", disable=not progress):
             args = (histories[i:i + 32], lists[i:i + 32])
-            reranked += (scorer.rank_windows(*args, mode=mode) if isinstance(scorer, ListwiseReranker)
+            reranked += (scorer.rank_windows(*args, mode=mode, written=written) if isinstance(scorer, ListwiseReranker)
                          else scorer.rank_windows(*args))
     else:                                            # sliding windows / several groups: one list at a time
         rerank = scorer.rerank if mode == "first" else scorer.rerank_generate_window
@@ -175,6 +176,8 @@ def rerank_candidates(dataset: PreparedDataset, model_dir, candidates_dir, out, 
     after = [target_rank(n, r.target) for n, r in zip(reranked, rows)]
     result = candidate_set_metrics(before, after) | {"seconds": seconds, "mode": mode, "depth": len(lists[0]),
                                                       "batched": one_window}
+    if written:
+        result["list_items"] = float(np.mean(written))      # the mean length of the generated lists
     Path(out).mkdir(parents=True, exist_ok=True)
     df.with_columns(pl.Series("reranked", reranked, dtype=pl.List(pl.Int32))).write_parquet(
         Path(out) / f"reranked_{split}.parquet")

@@ -101,7 +101,9 @@ def test_generation_follows_the_retriever_prior_like_first():
     with beta 0.7 the first written item is FIRST's top item (the same scores at the first position)."""
     rr = reranker(identifiers="items", retriever_prior=1e6)
     hist, cands = [[1, 2, 3], [4, 5]], [[40, 41, 42, 43], [50, 51, 52]]
-    assert rr.rank_windows(hist, cands, mode="generate") == cands
+    written = []
+    assert rr.rank_windows(hist, cands, mode="generate", written=written) == cands
+    assert written == [4, 3]                          # every item named before the end token (the only one allowed)
     rr.retriever_prior = 0.7
     firsts = [c[int(s.argmax())] for s, c in zip(rr.first_scores(hist, cands), cands)]
     assert [o[0] for o in rr.rank_windows(hist, cands, mode="generate")] == firsts

@@ -1,8 +1,16 @@
-"""RL for rerankers on ML-1M: GRPO vs Rank-GRPO (two rewards) vs the SFT start; F-GRPO vs GRPO on the
-slate-then-rank task; GroupRank on the groupwise model; LiPO-lambda and DPO on the same rollouts
-(``--runs lipo dpo``: preferences among each prompt's G scored rollouts, :mod:`recsys.rl.lipo`).
+"""RL for rerankers on ML-1M: GRPO vs Rank-GRPO (two rewards, and off-policy with the paper's per-rank
+clip) vs the SFT start; SCASRec from an SFT taught to stop; F-GRPO vs GRPO on the slate-then-rank task;
+GroupRank on the groupwise model; LiPO-lambda and DPO on the same rollouts (``--runs lipo dpo``:
+preferences among each prompt's G scored rollouts, :mod:`recsys.rl.lipo`).
 
     python -m pipelines.benchmarks.rl --seeds 0 1 2 --workers 2
+    python -m pipelines.benchmarks.rl --quickstart artifacts      # start from the main job's SFT and candidates
+
+``rank-grpo-offpolicy-exp_inf``: two optimiser steps per rollout batch (``mu`` 2) with Rank-GRPO's clip
+range (0.06 / 0.08, per rank). ``scasrec``: a listwise SFT of the same recipe with ``supervise: auto_stop``
+(the end token taught where the served ranking stops improving, row ``sft-auto-stop``), then RL with
+SCASRec's stepwise corrective returns (:mod:`recsys.rl.scasrec`); its rows report ``list_items``, the mean
+number of items the greedy answers write before the end token (the rest come in the retriever's order).
 
 Every algorithm starts from the same SFT checkpoint (the ``tiny`` listwise / groupwise models of the
 rerankers benchmark, ``artifacts/rerankers/*-sft-tiny``, or ``--init``), uses the same prompts
@@ -50,12 +58,34 @@ RUNS = {"grpo": {"algo": "grpo"}, "rank-grpo-exp_inf": {"algo": "rank-grpo", "re
         "rank-grpo-log_decay": {"algo": "rank-grpo", "reward": "log_decay"}, "groupwise-grouprank": {"algo": "grouprank"},
         "slate-rank-grpo": {"algo": "slate-grpo", "slate_size": 10, "rank_size": 5},
         "slate-rank-f-grpo": {"algo": "f-grpo", "slate_size": 10, "rank_size": 5},
-        "lipo": {"algo": "lipo"}, "dpo": {"algo": "dpo"}}
+        "lipo": {"algo": "lipo"}, "dpo": {"algo": "dpo"},
+        "rank-grpo-offpolicy-exp_inf": {"algo": "rank-grpo", "reward": "exp_inf", "mu": 2, "eps_low": 0.06,
+                                        "eps_high": 0.08},
+        "scasrec": {"algo": "scasrec"}}
+LISTWISE_RL = ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay", "rank-grpo-offpolicy-exp_inf", "lipo", "dpo",
+               "scasrec")
+"""Rows paired against the listwise SFT start (per-user NDCG@10)."""
 
 
 def _metrics(result: dict) -> dict:
     m = result["reranked"]
-    return {k: m[k] for k in METRICS} | {"cand_ndcg@10": m["cand_ndcg@10"]}
+    return {k: m[k] for k in METRICS} | {"cand_ndcg@10": m["cand_ndcg@10"]} | (
+        {"list_items": round(result["list_items"], 3)} if "list_items" in result else {})
+
+
+def auto_stop_sft(data: str, cands: str, init: str, out: Path) -> str:
+    """The listwise SFT of ``init``'s own recipe (its run's ``train.json``) with ``supervise: auto_stop``:
+    SCASRec's start, whose end token is learnt; resumes or is reused when already trained."""
+    import json
+
+    from pipelines.reranker import RerankerSFTConfig, train_reranker
+    from recsys.data import PreparedDataset
+
+    if (out / "model" / "reranker.json").exists():
+        return str(out / "model")
+    recipe = json.loads((Path(init).parent / "train.json").read_text())["config"]
+    config = RerankerSFTConfig(**{**recipe, "supervise": "auto_stop"})
+    return str(train_reranker(PreparedDataset.load(data), cands, out, config, progress=False, resume="auto"))
 
 
 def _evaluate(data: str, model: str, cands: str, out: str, mode: str, limit: int | None = None) -> dict:
@@ -138,12 +168,19 @@ def main() -> None:
     p.add_argument("--test-users", type=int, help="evaluate on the first N test users (CPU budgets; default all)")
     p.add_argument("--result", default="rl", help="results/<name>.json (run listwise and groupwise apart)")
     p.add_argument("--init", help="listwise SFT model to start from (default: the rerankers benchmark's)")
+    p.add_argument("--quickstart", help="a `recsys quickstart` --out directory: its data, SASRec top-50 "
+                                        "candidates and listwise SFT (runs/default-seed0) instead of the "
+                                        "rerankers benchmark's")
     a = p.parse_args()
     provenance = Provenance("pipelines.benchmarks.rl")
 
     src, out = Path(a.rerankers), Path(a.out)
     cands = a.candidates or str(src / "cands-sasrec50")
     inits = {"listwise": str(src / "listwise-sft-tiny" / "model"), "groupwise": str(src / "groupwise-sft-tiny" / "model")}
+    if a.quickstart:
+        run = Path(a.quickstart) / "runs" / "default-seed0"
+        a.data, cands = str(Path(a.quickstart) / "data" / "ml-1m"), a.candidates or str(run / "candidates")
+        inits["listwise"] = str(run / "reranker-sft" / "model")
     inits = {**inits, **({"listwise": a.init} if a.init else {})}
     needed = {"groupwise" if n == "groupwise-grouprank" else "listwise" for n in a.runs}
     for path in (inits[k] for k in needed):
@@ -154,9 +191,13 @@ def main() -> None:
                  "temperature": a.temperature}
     threads = max(1, (os.cpu_count() or 1) // a.workers)
     rows = []
-    if any(n in a.runs for n in ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay")):
+    if any(n in a.runs for n in LISTWISE_RL):
         rows.append({"name": "sft", "seed": None, "metrics": _metrics(_evaluate(
             a.data, inits["listwise"], cands, str(out / "sft-eval"), "generate", a.test_users))})
+    if "scasrec" in a.runs:
+        inits["auto_stop"] = auto_stop_sft(a.data, cands, inits["listwise"], out / "sft-auto-stop")
+        rows.append({"name": "sft-auto-stop", "seed": None, "metrics": _metrics(_evaluate(
+            a.data, inits["auto_stop"], cands, str(out / "sft-auto-stop-eval"), "generate", a.test_users))})
     if any(n.startswith("slate-rank") for n in a.runs):
         rows.append({"name": "slate-rank-sft", "seed": None, "metrics": _evaluate(
             a.data, inits["listwise"], cands, str(out / "slate-sft-eval"), "slate", a.test_users)})
@@ -164,13 +205,13 @@ def main() -> None:
         rows.append({"name": "groupwise-sft", "seed": None, "metrics": _metrics(_evaluate(
             a.data, inits["groupwise"], cands, str(out / "gw-sft-eval"), "first", a.test_users))})
     with ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        start = {"groupwise-grouprank": "groupwise", "scasrec": "auto_stop"}
         jobs = [pool.submit(_run, a.data, cands, str(out / f"{name}-seed{s}"), name,
-                            inits["groupwise" if name == "groupwise-grouprank" else "listwise"], s, threads, overrides,
-                            a.test_users)
+                            inits[start.get(name, "listwise")], s, threads, overrides, a.test_users)
                 for s in a.seeds for name in a.runs]
         rows += [j.result() for j in jobs]
 
-    listwise_rl = ("grpo", "rank-grpo-exp_inf", "rank-grpo-log_decay")
+    listwise_rl = LISTWISE_RL
     if any(r["name"] == "sft" for r in rows):           # per-user NDCG@10 of each RL run against the SFT start
         from recsys.metrics import paired_bootstrap
 
@@ -180,6 +221,11 @@ def main() -> None:
                 run = out / f"{r['name']}-seed{r['seed']}"
                 r["ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval"))
                 r["last_ndcg10_vs_sft"] = paired_bootstrap(sft, per_user_ndcg10(run / "eval-last"))
+            if r["name"] in ("scasrec", "sft-auto-stop"):  # and against the SFT it started from
+                run = out / (f"scasrec-seed{r['seed']}/eval" if r["name"] == "scasrec" else "sft-auto-stop-eval")
+                r["ndcg10_vs_sft_auto_stop"] = paired_bootstrap(per_user_ndcg10(out / "sft-auto-stop-eval"),
+                                                                per_user_ndcg10(run))
+                r.setdefault("ndcg10_vs_sft", paired_bootstrap(sft, per_user_ndcg10(run)))
 
     if any(r["name"] == "slate-rank-sft" for r in rows):   # per-user recall@5: each run vs the start, F-GRPO vs GRPO
         from recsys.metrics import paired_bootstrap
@@ -222,7 +268,7 @@ def main() -> None:
                                                 "(N: the window, 20)",
                                  "grouprank_ties": RLConfig.grouprank_ties,
                                  "grouprank_teacher": RLConfig.grouprank_teacher, "seeds": a.seeds},
-        "candidates_dir": cands, "init": inits["listwise"],
+        "candidates_dir": cands, "init": inits["listwise"], "init_auto_stop": inits.get("auto_stop"),
         "rows": rows, "means": means, "means_last": means_last, "ratios": ratios,
     })
 

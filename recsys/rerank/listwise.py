@@ -144,9 +144,10 @@ class ListwiseReranker:
         return sliding_window_rerank(candidates, rank_window, self.window, self.stride)
 
     def rank_windows(self, histories, windows: list[list[int]], mode: str = "first",
-                     batch_size: int = 32) -> list[list[int]]:
+                     batch_size: int = 32, written: list | None = None) -> list[list[int]]:
         """Batched reranking of single windows (len <= window): FIRST scores or constrained greedy
-        generation (unnamed candidates appended in their given order). Returns the reordered windows."""
+        generation (unnamed candidates appended in their given order). Returns the reordered windows;
+        ``written`` (generation), if given, receives how many items each answer named before its end token."""
         orders = []
         for i in range(0, len(windows), batch_size):
             h, w = histories[i:i + batch_size], windows[i:i + batch_size]
@@ -154,6 +155,8 @@ class ListwiseReranker:
                 orders += [[c[j] for j in torch.sort(s, descending=True, stable=True).indices.tolist()]
                            for s, c in zip(self.first_scores(h, w), w)]
             else:
-                orders += [[c[j] for j in self.parse(text, c).order]
-                           for text, c in zip(self.generate(h, w, constrained=True), w)]
+                parsed = [self.parse(text, c) for text, c in zip(self.generate(h, w, constrained=True), w)]
+                orders += [[c[j] for j in p.order] for p, c in zip(parsed, w)]
+                if written is not None:
+                    written += [len(p.generated) for p in parsed]
         return orders
