@@ -418,8 +418,7 @@ class GenerativeRLModule(RLLoop, _Validated):
         gen = torch.Generator().manual_seed(self.rollout_seed(batch))
         self.model.eval()
         with torch.no_grad():
-            lists = generate_list(self.model, rep, N, sample=True, temperature=cfg.temperature, generator=gen,
-                                  end_token=None)
+            lists = generate_list(self.model, rep, N, sample=True, temperature=cfg.temperature, generator=gen)
         rel = torch.tensor([[float(j < len(lst) and lst[j] == t) for j in range(N)] for lst, t in zip(lists, targets)])
         lengths = torch.tensor([len(lst) for lst in lists], device=self.device)
         token = torch.arange(N * D, device=self.device)

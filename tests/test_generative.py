@@ -263,7 +263,7 @@ def test_recommend_excludes_history_and_lists_are_distinct(model):
     history = list(range(1, 11))
     out = recommend_batch(model, [history], 5, 10)
     assert not set(out.items[0].tolist()) & set(history)
-    lists = generate_list(model, [history, [2]], 6, beam=3, end_token=None)
+    lists = generate_list(model, [history, [2]], 6, beam=3)
     for lst, h in zip(lists, [history, [2]]):
         assert len(lst) == 6 and len(set(lst)) == 6 and not set(lst) & set(h)
     with torch.no_grad():                           # make <eor> the likeliest token: lists stop at once
@@ -273,7 +273,8 @@ def test_recommend_excludes_history_and_lists_are_distinct(model):
         else:
             h = model.code_head(model.user_state([history])[0], 0)       # the level-0 code head's output
         model.lm.get_input_embeddings().weight[eor] = 100 * h / h.norm()  # tied: logit 100 |h|, above any other
-    assert generate_list(model, [history], 6, beam=3) == [[]]
+    assert generate_list(model, [history], 6, beam=3, end_token="<eor>") == [[]]
+    assert len(generate_list(model, [history], 6, beam=3)[0]) == 6          # without end_token: never read
 
 
 def test_ved_spends_exactly_its_budget_and_returns_valid_candidates(model):

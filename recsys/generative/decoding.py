@@ -200,10 +200,12 @@ def recommend_batch(model: GenerativeRecommender, histories, k: int, beam: int, 
 @torch.no_grad()
 def generate_list(model: GenerativeRecommender, histories, n: int, *, beam: int = 4, sample: bool = False,
                   temperature: float = 1.0, generator: torch.Generator | None = None,
-                  end_token: str | None = "<eor>", exclude_seen: bool = True) -> list[list[int]]:
+                  end_token: str | None = None, exclude_seen: bool = True) -> list[list[int]]:
     """Lists of up to ``n`` distinct items per user, written one item at a time after the history and
-    the items already written; before each item the model may emit the end-of-recommendation token
-    (greedy: when it is likelier than every allowed first code; sampled: drawn with them).
+    the items already written. With ``end_token`` (``"<eor>"``, for a model trained to write it: the
+    generative SFT's targets are item codes only, so its end-token logit means nothing) the model may end
+    the list before each item (greedy: when the token is likelier than every allowed first code; sampled:
+    drawn with them); None: always ``n`` items.
 
     Each item is decoded with ``beam`` beams (greedy) or one sample, items already written (and the
     history, with ``exclude_seen``) banned through the whole trie (a prefix is open only while an
