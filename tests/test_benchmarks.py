@@ -194,6 +194,26 @@ def test_cpu_seconds_of_a_process_grow_with_its_work():
     assert cpu_seconds(None) is None
 
 
+def test_cpu_seconds_count_the_live_worker_processes_below_a_server():
+    """A parent that only waits on a busy child: the child's CPU is counted in the parent's (a server's
+    workers are its children)."""
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.benchmarks.loadgen import cpu_seconds
+
+    busy = "import time\nt = time.process_time()\nwhile time.process_time() - t < 5: pass"
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {busy!r}])"])
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline and (cpu_seconds(parent.pid) or 0) < 0.5:
+            time.sleep(0.1)
+        assert cpu_seconds(parent.pid) >= 0.5           # the parent itself sleeps in wait()
+    finally:
+        parent.kill()
+
+
 def test_per_user_ms_times_the_engines_in_turns_on_the_same_inputs():
     """Two engines, 4 users in batches of 2, 1 repeat: on the first slice a then b, on the second b then a
     (a warm-up call and a timed call each), every call on the same rows for both engines."""

@@ -24,16 +24,32 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 
 
 def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU seconds of a process so far (Linux ``/proc``; None elsewhere or without a pid)."""
+    """User + system CPU seconds so far of a process and of every live process below it (a server's worker
+    processes; Linux ``/proc``; None elsewhere or without a pid)."""
     try:
         with open(f"/proc/{int(pid)}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, TypeError):
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    for child in _children(int(pid)):
+        total += cpu_seconds(child) or 0.0
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (``/proc/PID/task/*/children``)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 def body(config: dict, rng: random.Random) -> dict:
