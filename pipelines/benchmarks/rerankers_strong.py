@@ -28,6 +28,8 @@ so the run may span several sittings: rerun the same command to continue):
                         soft token is projected from the LM's reading of its text alone, not from the
                         retriever's vector (rows ``...smollm2-text`` and ``...smollm2-text-scratch``;
                         seed 0, :data:`HYBRID_RECIPES`)
+    hybrid-smollm2-titles the first recipe with the first 8 title words before each soft token
+                        (``hybrid_smollm2_titles.yaml``, LLaRA's item form; seed 0, hours a row)
 
 Every row is evaluated on all 6,040 test users with the full-ranking protocol: the held-out item ranked
 over the whole catalogue, a target outside the retriever's top-50 is a miss. ``paired`` is the 95%
@@ -56,9 +58,10 @@ DEPTH = 50
 METRICS = ["ndcg@10", "hr@10", "ndcg@5", "hr@5", "ndcg@20", "hr@20", "mrr"]
 SEEDS = (0, 1)
 """Seeds of the rows that may be the best (the others run seed 0)."""
-HYBRID_RECIPES = {"smollm2": ("hybrid_smollm2.yaml", SEEDS), "smollm2-text": ("hybrid_smollm2_text.yaml", (0,))}
+HYBRID_RECIPES = {"smollm2": ("hybrid_smollm2.yaml", SEEDS), "smollm2-text": ("hybrid_smollm2_text.yaml", (0,)),
+                  "smollm2-titles": ("hybrid_smollm2_titles.yaml", (0,))}
 """The hybrid SmolLM2 rerankers: row name after ``hybrid-`` -> (recipe in ``pipelines/configs``, its seeds). The
-content recipe is a probe: one seed, a second only once a row of it beats the retriever."""
+content and title recipes are probes: one seed, a second only once a row of theirs beats the retriever."""
 
 
 def _paired(before: np.ndarray, after: np.ndarray) -> dict:
