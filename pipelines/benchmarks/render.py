@@ -247,13 +247,18 @@ def render_rl(result: dict) -> list[str]:
     slate = [r for r in result["rows"] if r["name"].startswith("slate-rank")]
     ranking = [r for r in result["rows"] if not r["name"].startswith("slate-rank")]
     if ranking:
-        out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"], ["seconds", "steps"])
+        lengths = ["list_items"] if all("list_items" in r["metrics"] for r in ranking) else []
+        out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"] + lengths, ["seconds", "steps"])
+        if lengths:
+            out += ["", "list_items: the items a greedy answer writes before its end token (the window's other "
+                        "candidates follow in the retriever's order)."]
         out += ["", "Means over seeds (NDCG@10): " + ", ".join(
             f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v.get("ndcg@10") is not None) + ".", ""]
         last = _final_weights(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"])
         out += last
         paired = _paired(ranking, "ndcg10_vs_sft", "Selected model's per-user NDCG@10 minus the SFT start's")
         paired += _paired(ranking, "last_ndcg10_vs_sft", "Final weights' per-user NDCG@10 minus the SFT start's")
+        paired += _paired(ranking, "ndcg10_vs_sft_auto_stop", "Per-user NDCG@10 minus the auto-stop SFT's (SCASRec's start)")
         out += paired + ([""] if last or paired else [])
     if slate:
         out += [("Slate of 10 then rank 5 (recall@k = hit rate of the one held-out item in the final ranking; "
