@@ -3,7 +3,7 @@ revision's serving code on the same deployment in the same run.
 
     recsys quickstart                                   # the README's main job: writes artifacts/
     python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20 \
-        --variant inline='--model-threads 0' --variant model-threads-2='--model-threads 2'
+        --variant inline='--model-threads 0' --variant workers-2='--workers 2'
 
 The deployment is the quickstart's ``runs/default-seed0/serve`` (SASRec + FAISS retrieval of 50 candidates,
 the tiny FIRST reranker over the first 20). ``--baseline REV`` checks that revision out into a git worktree
