@@ -188,8 +188,11 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     assert ("fusion-retriever+smollm2-seed0", "fusion-retriever+smollm2-scratch-seed0") in compared
     assert ("hybrid-smollm2-seed1", "hybrid-smollm2-scratch-seed1") in compared
     averaged = [c for c in result["comparisons"] if c.get("seeds") == [0, 1]]
-    assert {c["row"] for c in averaged} == {"hybrid-smollm2", "fusion-retriever+smollm2"}
+    assert {c["row"] for c in averaged} == {"hybrid-smollm2", "fusion-retriever+smollm2", "fusion-mlp+smollm2"}
     assert sum(1 for r in result["rows"] if r["name"] == "hybrid-smollm2-scratch") == 2
+    for probe in ("smollm2-text", "smollm2-titles"):            # the one-seed probes: seed 0 only, with controls
+        assert [r["seed"] for r in result["rows"] if r["name"] == f"hybrid-{probe}-scratch"] == [0]
+        assert (f"fusion-retriever+{probe}-seed0", f"fusion-retriever+{probe}-scratch-seed0") in compared
     lines.clear()
     run(tmp_path / "art", log=lines.append, **kwargs)
     ran = [line for line in lines if line.endswith("running ...")]
