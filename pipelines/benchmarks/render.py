@@ -250,8 +250,8 @@ def render_rl(result: dict) -> list[str]:
         lengths = ["list_items"] if all("list_items" in r["metrics"] for r in ranking) else []
         out += _table(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"] + lengths, ["seconds", "steps"])
         if lengths:
-            out += ["", "list_items: the items a greedy answer writes before its end token (the window's other "
-                        "candidates follow in the retriever's order)."]
+            out += ["", ("list_items: the items a greedy answer writes before its end token (the window's other "
+                         "candidates follow in the retriever's order).")]
         out += ["", "Means over seeds (NDCG@10): " + ", ".join(
             f"{k} {v['ndcg@10']:.4f}" for k, v in result["means"].items() if v.get("ndcg@10") is not None) + ".", ""]
         last = _final_weights(ranking, ["ndcg@5", "ndcg@10", "hr@5", "hr@10", "cand_ndcg@10"])
