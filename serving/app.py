@@ -100,10 +100,10 @@ class ServeSettings:
     that it keeps reading requests and the reranker's deadline can stop a late run. More threads contend with
     the event loop for Python's interpreter lock (on a 2-core CPU two cost as much CPU per request or more). For
     more cores run more ``workers`` (processes), each with its own model thread: two on 2 cores served 1.3-1.4x
-    the requests at the same CPU per request (BENCHMARKS.md, "The request path"). 0 = the model work runs on the event loop
-    itself: no hand-over between threads per request (the least CPU per request for models that answer in
-    a millisecond or two), but the loop reads nothing else meanwhile and a reranker run, once started, is
-    not stopped at the deadline."""
+    the requests at the same CPU per request (BENCHMARKS.md, "The request path"). 0 = the model work runs on
+    the event loop itself: no hand-over between threads per request (the least CPU per request for models that
+    answer in a millisecond or two), but the loop reads nothing else meanwhile and a reranker run, once
+    started, is not stopped at the deadline."""
     int8: bool = False
     """Serve the int8 graphs ``recsys export --quantize`` wrote beside the fp32 ones (faster on CPU, a measured quality cost)."""
     access_log: bool = False
