@@ -79,7 +79,7 @@ class RerankerSFTConfig:
     order); ``target``: learn only where the held-out item goes (LM loss on the first answer token, FIRST
     pairs target-vs-others). ``target`` is the pretraining objective: next-item prediction against the
     retriever's hard negatives, with no pressure to reproduce the retriever's order. ``auto_stop``: the
-    teacher list up to where the next item would not improve the served ranking, then the end token
+    teacher list up to where no next item could improve the served ranking, then the end token
     (SCASRec's learnt EOR: the list stops when the model says so; start ``--algo scasrec`` from it)."""
     random_negatives: float = 0.0
     """Share of training windows whose other candidates are drawn uniformly from the catalogue (items

@@ -122,9 +122,9 @@ def encode_example(backbone: Backbone, example: SFTExample, titles=None, max_his
     ``"target"``: only the held-out item is taught: the first answer token alone is labelled (a softmax
     over the window's identifiers, i.e. next-item prediction against the window's hard negatives) and
     the ranks put the target at 1 and tie the rest at 2, so FIRST's pairs are target-vs-others only.
-    ``"auto_stop"``: the teacher list ends, with the end token, at the first step whose next item would not
-    improve the list the presented order completes (SCASRec's learnable EOR, arXiv 2602.03324;
-    :func:`recsys.rl.scasrec.auto_stop_length`): ``C\n<eor>`` when the held-out item C is not already first,
+    ``"auto_stop"``: the teacher list ends, with the end token, at the first step after which no next item
+    could improve the list the presented order completes (SCASRec's learnable EOR, arXiv 2602.03324;
+    :func:`recsys.rl.scasrec.auto_stop_length`): ``C\\n<eor>`` when the held-out item C is not already first,
     ``<eor>`` alone when it is first or absent; every answer token is labelled, FIRST's ranks stay the teacher
     order."""
     prompt = listwise_prompt(backbone, example.history, example.presented, titles, max_history, identifiers)
