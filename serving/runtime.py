@@ -1,4 +1,4 @@
-"""Torch-free scorers over an exported serving directory (see :mod:`serving.export`).
+"""Torch-free scorers over a serving directory written by ``recsys export``.
 
     >>> rec = Recommender.load("artifacts/serve")                         # doctest: +SKIP
     >>> rec.recommend_batch([RecommendQuery(history=[12, 40], k=10)])     # doctest: +SKIP
