@@ -130,10 +130,16 @@ def grpo_loss(logp, r: Rollouts, a: Advantages, s: Settings, values=None):
     return policy_loss(logp, r.old_logp, a.sequence.to(logp.device), r.mask, r.ref_logp, *_clip(s))
 
 
+def per_rank_advantages(rewards: torch.Tensor, r: Rollouts, s: Settings) -> Advantages:
+    """Per-rank rewards (N, R) normalised across each prompt's G answers rank by rank, spread over each rank's
+    tokens (``r.bins``) with the end token's shaping ``s.shaping``."""
+    adv = rank_advantages(rewards, r.group_size, s.scale_rewards).to(r.mask.device)
+    return Advantages(token_advantages(adv, r.bins, **s.shaping), r.bins != PAD, rank=adv)
+
+
 def rank_grpo_advantages(r: Rollouts, s: Settings) -> Advantages:
     """Rank-GRPO (arXiv 2510.20150 §3.2): one advantage per rank of the list, spread over that rank's tokens."""
-    adv = rank_advantages(rank_rewards(r.rel, s.rank_reward), r.group_size, s.scale_rewards).to(r.mask.device)
-    return Advantages(token_advantages(adv, r.bins, **s.shaping), r.bins != PAD, rank=adv)
+    return per_rank_advantages(rank_rewards(r.rel, s.rank_reward), r, s)
 
 
 def rank_grpo_objective_loss(logp, r: Rollouts, a: Advantages, s: Settings, values=None):
@@ -144,8 +150,7 @@ def scasrec_advantages(r: Rollouts, s: Settings) -> Advantages:
     """SCASRec (arXiv 2602.03324): each rank's stepwise corrective return, group-normalised per rank as in
     Rank-GRPO; the end token takes the advantage of the rank it stops at (``s.shaping``, completed lists), so
     it is learnt against continuing (:mod:`recsys.rl.scasrec`)."""
-    adv = rank_advantages(r.returns, r.group_size, s.scale_rewards).to(r.mask.device)
-    return Advantages(token_advantages(adv, r.bins, **s.shaping), r.bins != PAD, rank=adv)
+    return per_rank_advantages(r.returns, r, s)
 
 
 def f_grpo_advantages(r: Rollouts, s: Settings) -> Advantages:
