@@ -31,6 +31,10 @@ ONNX Runtime fusions: the exported graphs are rewritten with onnxscript's ``opti
 ``SkipLayerNormalization``, ...), contrib operators that the CPU and CUDA providers run as fused
 kernels; the parity check below runs on the rewritten graph. ``fuse=False`` keeps the plain graph.
 
+The prompt scorers and the token-layout generative step read the last position only, so their final
+decoder layer is exported for that position alone (:func:`recsys.llm.last_query.last_query_only`: one
+query over all keys, the MLP on one row); their parity reference is the unchanged full model.
+
 Parity: each graph is run by ONNX Runtime on a fixed batch and compared with eager torch in fp32;
 the tolerance is 1e-4 absolute, because both compute the same fp32 maths and differ only by the
 order of floating-point reductions in fused kernels (observed differences ~1e-6). Optional int8
@@ -50,6 +54,7 @@ import torch
 from recsys.assets import sha256
 from recsys.errors import RecsysError
 from recsys.io import atomic_directory
+from recsys.llm.last_query import last_query_only
 from recsys.types import ExportManifest
 
 OPSET = 18
@@ -65,27 +70,14 @@ class _UserEncoder(torch.nn.Module):
         return self.model.user_embeddings(input_ids)
 
 
-class _FirstScorer(torch.nn.Module):
-    """Identifier logits at the last position of a left-padded prompt batch."""
+class _LastTokenScorer(torch.nn.Module):
+    """Logits of the tokens ``ids`` at the last position of a left-padded prompt batch: (B, T) -> (B, len(ids)).
+    FIRST reads the identifier tokens', the groupwise (GroupRank) score step the ten digits'."""
 
-    def __init__(self, model, identifier_ids: torch.Tensor):
+    def __init__(self, model, ids: torch.Tensor):
         super().__init__()
         self.model = model
-        self.register_buffer("ids", identifier_ids)
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            use_cache=False, logits_to_keep=1).logits
-        return logits[:, -1].index_select(-1, self.ids)
-
-
-class _DigitScorer(torch.nn.Module):
-    """Logits of the ten digit tokens at the last position: the groupwise (GroupRank) score step."""
-
-    def __init__(self, model, digit_ids: torch.Tensor):
-        super().__init__()
-        self.model = model
-        self.register_buffer("ids", digit_ids)
+        self.register_buffer("ids", ids)
 
     def forward(self, input_ids, attention_mask, position_ids):
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -214,14 +206,15 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
         ids_out = torch.arange(bb.model.get_output_embeddings().weight.shape[0])
     else:
         ids_out = bb.identifier_ids(meta["window"])
-    scorer = (_FirstScorer if kind == "listwise" else _DigitScorer)(bb.model, ids_out)
+    scorer = _LastTokenScorer(bb.model, ids_out)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(50, len(bb.tokenizer), (3, 40), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :15] = 0                                                      # left padding
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        reference = scorer(ids, mask, pos).numpy()
+        reference = scorer(ids, mask, pos).numpy()              # the full model: what the graph must reproduce
+    last_query_only(bb.model)
     path = out / filename
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=4096)
     dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}, "position_ids": {0: batch, 1: seq}}
@@ -282,6 +275,8 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
         output = "code_logits"
     with torch.no_grad():
         reference = step(*args).numpy()
+    if head is None:
+        last_query_only(model.lm)
     fusions = _export(step, args, path, names, output, dyn, fuse)
     tok = model.tokenizer
     np.savez(out / "generative.npz", codes=model.codes_np.astype(np.int64), item_idx=model.item_idx.numpy(),

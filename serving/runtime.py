@@ -268,6 +268,8 @@ class FirstRuntime(_PromptScorer):
         super().__init__(directory, threads, int8)
         self.identifiers = self.meta.identifiers
         self.retriever_prior = float(self.meta.retriever_prior)
+        self.priors = {n: retriever_prior(n, self.retriever_prior) for n in range(1, self.window + 1)}
+        """Window length -> the (n,) prior added to its scores, computed once."""
 
     def encode(self, histories, windows) -> dict[str, np.ndarray]:
         from recsys.rerank.prompts import listwise_prompt
@@ -284,7 +286,7 @@ class FirstRuntime(_PromptScorer):
         if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
             cols = np.array([self.token_ids([" ".join(f"<i{int(c)}>" for c in w)])[0] for w in windows])
             logits = np.take_along_axis(logits, cols, 1)
-        return logits[:, :n] + retriever_prior(n, self.retriever_prior).astype(logits.dtype)
+        return logits[:, :n] + self.priors[n] if self.retriever_prior else logits[:, :n]
 
 
 class GroupwiseRuntime(_PromptScorer):

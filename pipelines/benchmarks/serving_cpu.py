@@ -2,12 +2,13 @@
 revision's serving code on the same deployment in the same run.
 
     recsys quickstart                                   # the README's main job: writes artifacts/
-    python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20 \
+    python -m pipelines.benchmarks.serving_cpu --quickstart artifacts --baseline a2dbd20 --export \
         --variant inline='--model-threads 0' --variant workers-2='--workers 2'
 
 The deployment is the quickstart's ``runs/default-seed0/serve`` (SASRec + FAISS retrieval of 50 candidates,
 the tiny FIRST reranker over the first 20). ``--baseline REV`` checks that revision out into a git worktree
-under ``--out`` and serves the same directory with its code; ``--variant NAME=OPTIONS`` serves this revision
+under ``--out`` and serves the same directory with its code (with ``--export``, each revision serves the
+quickstart's models as its own ``recsys export`` writes them, so the exporter's share counts too); ``--variant NAME=OPTIONS`` serves this revision
 once more with other ``recsys serve`` options (``model-threads-2='--model-threads 2'``). All servers run at
 once, with the server's CPU defaults unless a variant says otherwise (1 worker, 1 model thread, micro-batching
 off, 1 ONNX Runtime thread per call); for every connection level they take turns, ``--repeats`` load-generator runs each (``pipelines.benchmarks.loadgen``: random known users,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,6 +90,20 @@ def worktree(rev: str, out: Path) -> Path:
     return path
 
 
+def export_with(code: Path | None, quickstart: Path, out: Path) -> Path:
+    """The quickstart's trained models exported by ``code``'s own ``recsys export`` (None: this checkout) into
+    ``out`` (once), so that a revision's row includes what its exporter does to the graphs, not only its server."""
+    if (out / "manifest.json").exists():
+        return out
+    runs = quickstart / "runs" / "default-seed0"
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "export", "--data", str((quickstart / "data" / "ml-1m").resolve()),
+                    "--sasrec", str((runs / "sasrec").resolve()), "--reranker", str((runs / "reranker-rank-grpo").resolve()),
+                    "--generative", str((runs / "generative-sft").resolve()), "--out", str(out.resolve())],
+                   cwd=code, env={**os.environ, **({"PYTHONPATH": str(code)} if code else {})}, check=True,
+                   capture_output=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quickstart", default="artifacts", help="a `recsys quickstart` --out directory")
@@ -96,6 +112,9 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=OPTIONS",
                    help="also serve this revision with these `recsys serve` options, e.g. "
                         "model-threads-2='--model-threads 2' (repeatable)")
+    p.add_argument("--export", action="store_true",
+                   help="export the quickstart's models with each revision's own code and serve each revision its "
+                        "own export (default: every server serves the quickstart's deployment)")
     p.add_argument("--levels", type=int, nargs="+", default=[8, 32, 64])
     p.add_argument("--requests", type=int, default=3000, help="timed requests per load-generator run")
     p.add_argument("--repeats", type=int, default=3, help="load-generator runs per variant and level")
@@ -114,9 +133,16 @@ def main() -> None:
                                           (v.split("=", 1) for v in a.variant)}
     if a.baseline:
         variants[f"baseline-{a.baseline}"] = (worktree(a.baseline, out), [])
+    dirs = {name: serve_dir for name in variants}
+    if a.export:
+        exported = {"current": export_with(None, Path(a.quickstart), out / "serve-current")}
+        if a.baseline:
+            code = variants[f"baseline-{a.baseline}"][0]
+            exported[f"baseline-{a.baseline}"] = export_with(code, Path(a.quickstart), out / f"serve-baseline-{a.baseline}")
+        dirs = {name: exported.get(name, exported["current"]) for name in variants}
     runs = {(name, c): [] for name in variants for c in a.levels}
     with ExitStack() as stack:
-        servers = {name: stack.enter_context(serve_process(serve_dir, *options, code=code))
+        servers = {name: stack.enter_context(serve_process(dirs[name], *options, code=code))
                    for name, (code, options) in variants.items()}
         for c in a.levels:
             for _ in range(a.repeats):
@@ -124,12 +150,13 @@ def main() -> None:
                     runs[name, c].append(load(url, process.pid, users, c, a.requests))
                     print(f"{name} c{c}: {len(runs[name, c])} runs", flush=True)
     rows = [row(name, c, runs[name, c]) for name in variants for c in a.levels]
-    rows.append(model_path(serve_dir, users, a.requests))
+    rows.append(model_path(dirs["current"], users, a.requests))
     cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows if "variant" in r}
     ratios = {f"cpu_baseline_over_current_c{c}": round(cpu[f"baseline-{a.baseline}", c] / cpu["current", c], 3)
               for c in a.levels} if a.baseline else {}
     write_result("serving_cpu", provenance, {
-        "deployment": str(serve_dir), "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
+        "deployment": str(serve_dir), "exported_per_revision": {name: str(d) for name, d in dirs.items()} if a.export
+        else None, "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
         "server": "recsys serve defaults: 1 uvicorn worker (uvloop, httptools), micro-batching off, 1 ONNX Runtime "
                   "thread per call; POST /v1/recommend, k 10, 50 candidates, FIRST over the first 20",
         "baseline": a.baseline, "variants": {name: " ".join(options) for name, (_, options) in variants.items()},
