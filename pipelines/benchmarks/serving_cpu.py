@@ -15,7 +15,8 @@ off, 1 ONNX Runtime thread per call); for every connection level they take turns
 ``k`` 10), so that the drift of a shared machine falls on both alike. Per row: requests per second, p50 / p99
 latency and ``server_cpu_ms_per_request`` (the server process's user + system CPU over the timed requests);
 ``ratios``: baseline / current CPU per request at each level. The ``model-path-in-process`` row is the model
-work alone (:func:`model_path`): what the HTTP rows spend beyond it is the web stack's.
+work alone (:func:`model_path`): what the HTTP rows spend beyond it is the web stack's; with ``--export`` and a
+baseline, ``model-path-baseline-export`` is the same on the baseline's graphs (the exporter's share alone).
 Run it on an otherwise idle machine: latency is what it measures.
 """
 
@@ -151,6 +152,8 @@ def main() -> None:
                     print(f"{name} c{c}: {len(runs[name, c])} runs", flush=True)
     rows = [row(name, c, runs[name, c]) for name in variants for c in a.levels]
     rows.append(model_path(dirs["current"], users, a.requests))
+    if a.export and a.baseline:             # this runtime on the baseline's graphs: the exporter's share alone
+        rows.append(model_path(dirs[f"baseline-{a.baseline}"], users, a.requests) | {"name": "model-path-baseline-export"})
     cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows if "variant" in r}
     ratios = {f"cpu_baseline_over_current_c{c}": round(cpu[f"baseline-{a.baseline}", c] / cpu["current", c], 3)
               for c in a.levels} if a.baseline else {}
