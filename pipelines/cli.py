@@ -330,9 +330,22 @@ def cmd_export(a):
     from recsys.data import PreparedDataset
     from serving.export import export
 
-    out = export(PreparedDataset.load(a.data), a.sasrec, a.out, a.reranker, a.quantize, fuse=not a.no_fuse,
-                 generative_dir=a.generative, groupwise_dir=a.groupwise)
+    dataset = PreparedDataset.load(a.data)
+    out = export(dataset, a.sasrec, a.out, a.reranker, a.quantize, fuse=not a.no_fuse, generative_dir=a.generative,
+                 groupwise_dir=a.groupwise, fusion_dir=a.fusion, text_vectors=fusion_text_vectors(dataset, a.fusion))
     print(f"exported to {out}; serve it with: recsys serve {out}")
+
+
+def fusion_text_vectors(dataset, fusion_dir):
+    """The item text embeddings a fusion reranker's ``text`` feature group reads (None when it has none)."""
+    if not fusion_dir:
+        return None
+    meta = Path(fusion_dir) / "features.json"
+    if not meta.exists() or "text" not in json.loads(meta.read_text()).get("groups", []):
+        return None
+    from pipelines.retrieval import text_vectors
+
+    return text_vectors(dataset)[0]
 
 
 def read_api_key(path) -> str:
@@ -736,6 +749,8 @@ def _serving_commands(sub) -> None:
                     "--reranker is given")
     ex.add_argument("--generative", type=model_dir, help="a generative recommender run (or its model/): served at "
                     "POST /v1/generate")
+    ex.add_argument("--fusion", type=model_dir, help="a fusion reranker run (or its model/): reranks "
+                    "POST /v1/recommend's retrieved candidates instead of --reranker")
     ex.add_argument("--out", required=True)
     ex.add_argument("--quantize", action="store_true", help="also write int8 dynamic-quantised graphs")
     ex.add_argument("--no-fuse", action="store_true",

@@ -247,8 +247,9 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
                            lambda: evaluate_stages(ds, runs, cands, p, rr_cfg.window))
     results = evaluated["results"]
     serve_dir = runs / "serve"
-    stages.run("export", settings, lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model",
-                                                      generative_dir=runs / "generative-sft" / "model")))
+    stages.run("export", settings | {"fusion": True},
+               lambda: str(export(ds, sas_model, serve_dir, runs / "reranker-rank-grpo" / "model",
+                                  generative_dir=runs / "generative-sft" / "model", fusion_dir=runs / "fusion" / "model")))
 
     summary = {"dataset": str(dataset), "preset": preset, "seed": seed, "split": "test",
                "protocol": PROTOCOL,

@@ -118,6 +118,9 @@ class ExportedModel:
     backbone: str | None = None
     head: dict | None = None
     """``layout: item``: the code-head graph ``{"file", "sha256", "parity_max_abs", "int8"?}``."""
+    # fusion: the side-feature tables (``tables``), the list length it reranks (``depth``) and its columns
+    features: list | None = None
+    """The feature columns the scorer reads, in order (:data:`recsys.rerank.features.GROUPS`)."""
 
     def graph(self, int8: bool = False) -> str:
         """The graph file to load: the int8 copy when asked for (an error when it was not exported)."""
@@ -129,7 +132,8 @@ class ExportedModel:
 
 
 EXPORT_REQUIRED = {"sasrec": ("items", "max_len"), "first": ("window", "prompt", "max_history"),
-                   "groupwise": ("window", "prompt", "max_history", "group_size"), "generative": ("tables", "depth")}
+                   "groupwise": ("window", "prompt", "max_history", "group_size"), "generative": ("tables", "depth"),
+                   "fusion": ("tables", "depth", "features")}
 """The fields each kind of :class:`ExportedModel` must carry beyond its graph."""
 
 

@@ -343,7 +343,7 @@ class Batcher:
         todo = [i for i, q in enumerate(queries) if q.rerank and retrieved[i][0]]
         if not todo:
             return results, None
-        if self.rec.reranker is None:
+        if not self.rec.reranks:
             for i in todo:
                 results[i]["fallback"] = "no reranker loaded"
             return results, None
@@ -351,8 +351,7 @@ class Batcher:
             if options.terminate or time.perf_counter() > deadline:    # past it before the reranker started
                 options.terminate = True
                 raise TimeoutError
-            reranked = self.rec.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo],
-                                               options)
+            reranked = self.rec.rerank_retrieved([queries[i] for i in todo], [retrieved[i] for i in todo], options)
         except Exception as e:                                       # noqa: BLE001 - degrade, never fail
             reason = "timeout" if options.terminate else f"error: {type(e).__name__}"
             for i in todo:
@@ -492,15 +491,15 @@ def warm_up(rec: Recommender, histories: dict | None) -> dict:
     reranker fits its deadline. Returns ``retrieve_ms`` and ``rerank_ms`` (or ``rerank_error``); a
     retrieval failure raises (nothing can be served), a reranker failure is recorded (answers will fall
     back to retrieval order, as they would per request)."""
-    history = list(next(iter(histories.values()))) if histories else [1]
-    query = RecommendQuery(history, k=10)
+    user = next(iter(histories), None) if histories else None
+    query = RecommendQuery(list(histories[user]) if user is not None else [1], k=10, user_id=user)
     t = time.perf_counter()
-    candidates = rec.retrieve([query])[0][0]
+    retrieved = rec.retrieve([query])
     out = {"retrieve_ms": round(1000 * (time.perf_counter() - t), 2)}
-    if rec.reranker is not None and candidates:
+    if rec.reranks and retrieved[0][0]:
         t = time.perf_counter()
         try:
-            rec.rerank_windows([history], [candidates], run_options())
+            rec.rerank_retrieved([query], retrieved, run_options())
             out["rerank_ms"] = round(1000 * (time.perf_counter() - t), 2)
         except Exception as e:                                       # noqa: BLE001 - the API degrades
             out["rerank_error"] = f"{type(e).__name__}: {e}"
@@ -623,7 +622,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
     async def models():
         rec = ready(state)
         return {"model_version": rec.version, "dataset": rec.manifest.dataset, "models": rec.manifest.to_dict()["models"],
-                "reranker": rec.reranker.name if rec.reranker else None, "generative": rec.generative is not None,
+                "reranker": rec.reranks, "generative": rec.generative is not None,
                 "items": rec.n_items, "warmup": state["warmup"], "rerank_timeout_ms": settings.rerank_timeout_ms}
 
     user_errors = {s: ERRORS[s] for s in (400, 401, 404, 408, 413, 422, 503)}
@@ -635,7 +634,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         rec = ready(state)
         history, unknown = user_history(rec, body, state.get("users", {}))
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
-        query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank)
+        query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank, body.user_id, body.time)
         result = await state["batcher"].submit(query)
         return RecommendResponse(items=items_out(rec, result["items"], result["scores"]), reranked=result["reranked"],
                                  fallback=result["fallback"], unknown_items=unknown + unknown_ex,

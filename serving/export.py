@@ -23,7 +23,11 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   ``generative_head.onnx``, ``state`` (B, H) + ``prefix`` (B, D) int64 (the codes written so far,
   zero-padded) -> the same ``code_logits`` (level l reads ``prefix[:, :l]`` only), run per level on the
   beams; the manifest's ``layout`` tells the runtime which to use.
-- ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence.
+- ``fusion.onnx`` (optional): a fusion reranker's scorer, ``features`` (B, L, F) float32 -> ``scores`` (B, L),
+  and ``fusion_tables.npz``, the side-feature tables the runtime computes its features from in numpy
+  (:class:`recsys.rerank.features.SideFeatures`, fitted on the training interactions as in training).
+- ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence, its
+  interaction times and the user's ``uidx``.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
 
 ONNX Runtime fusions: the exported graphs are rewritten with onnxscript's ``optimize_for_ort``
@@ -306,22 +310,75 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
     return entry
 
 
+class _FusionScorer(torch.nn.Module):
+    """(B, L, F) standardised-in-graph features -> (B, L) scores of a :class:`recsys.rerank.fusion.FusionRanker`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features):
+        return self.model(features)
+
+
+def export_fusion(model_dir, dataset, out: Path, text_vectors=None) -> dict:
+    """Export a fusion reranker run (``RUN/model``): its scorer as ``fusion.onnx`` and its side-feature tables,
+    fitted on ``dataset``'s training interactions as in training, as ``fusion_tables.npz``
+    (:meth:`recsys.rerank.features.SideFeatures.save`). ``text_vectors``: the item text embeddings of the ``text``
+    group (refused without them). A scorer that also reads an LM's logits is refused: the runtime computes
+    side features only."""
+    from recsys.rerank.features import SideFeatures
+    from recsys.rerank.fusion import FusionRanker
+
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "features.json"
+    if not meta_path.exists():
+        raise RecsysError(f"{model_dir}: not a fusion reranker run's model (no features.json)")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("dataset_fingerprint") not in (None, dataset.fingerprint):
+        raise RecsysError(f"{model_dir} was trained on another dataset than {dataset.directory}")
+    if meta.get("lm"):
+        raise RecsysError(f"{model_dir}: this fusion scorer reads an LM's logits ({meta['lm']}); only side-feature "
+                          "fusion scorers can be served")
+    model = FusionRanker.from_pretrained(model_dir).eval()
+    side = SideFeatures.fit(dataset, meta["groups"], meta["ease_lambda"], text_vectors)
+    if side.names != model.names:
+        raise RecsysError(f"{model_dir}: the scorer reads {model.names}, its groups give {side.names}")
+    side.save(out / "fusion_tables.npz")
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(3, meta["depth"], len(model.names), generator=g)
+    scorer = _FusionScorer(model)
+    with torch.no_grad():
+        reference = scorer(features).numpy()
+    path = out / "fusion.onnx"
+    dyn = {"features": {0: torch.export.Dim("batch"), 1: torch.export.Dim("candidates", min=2, max=4096)}}
+    _export(scorer, (features,), path, ["features"], "scores", dyn, fuse=False)
+    return {"file": path.name, "sha256": sha256(path), "tables": "fusion_tables.npz",
+            "tables_sha256": sha256(out / "fusion_tables.npz"), "depth": meta["depth"], "features": list(model.names),
+            "dataset_fingerprint": meta.get("dataset_fingerprint"),
+            "parity_max_abs": _parity(path, {"features": features.numpy()}, reference)}
+
+
 def _write_histories(dataset, path: Path) -> None:
-    """Every user's whole sequence (item idx, oldest first): what ``user_id`` requests rank from."""
+    """Every user's whole sequence (item idx, oldest first) and its times (Unix seconds): what ``user_id``
+    requests rank from; ``uidx`` for the side features that know the user."""
     import polars as pl
 
     test = dataset.eval_examples("test")
     ids = dataset.users.sort("uidx")["user_id"].to_list()
-    pl.DataFrame({"user_id": [ids[u] for u in test.users],
-                  "history": [np.concatenate([h, t]).astype(np.int32).tolist()
-                              for h, t in zip(test.histories, test.targets)]},
-                 schema={"user_id": pl.String, "history": pl.List(pl.Int32)}).write_parquet(path)
+    times = dataset.user_timestamps()
+    histories = [np.concatenate([h, t]).astype(np.int32) for h, t in zip(test.histories, test.targets)]
+    pl.DataFrame({"user_id": [ids[u] for u in test.users], "uidx": [int(u) for u in test.users],
+                  "history": [h.tolist() for h in histories],
+                  "times": [np.asarray(times[u][:len(h)], dtype=np.int64).tolist() for u, h in zip(test.users, histories)]},
+                 schema={"user_id": pl.String, "uidx": pl.Int32, "history": pl.List(pl.Int32),
+                         "times": pl.List(pl.Int64)}).write_parquet(path)
 
 
 def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, fuse: bool = True,
-           generative_dir=None, groupwise_dir=None) -> Path:
-    """Export SASRec (and a listwise reranker, a groupwise reranker, a generative recommender) for
-    ``dataset`` into the serving directory ``out``."""
+           generative_dir=None, groupwise_dir=None, fusion_dir=None, text_vectors=None) -> Path:
+    """Export SASRec (and a listwise reranker, a groupwise reranker, a generative recommender, a fusion
+    reranker over SASRec's candidates) for ``dataset`` into the serving directory ``out``."""
     out = Path(out)
     with atomic_directory(out) as tmp:
         models = {"sasrec": export_sasrec(sasrec_dir, tmp, quantize, fuse)}
@@ -333,6 +390,8 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
             models["groupwise"] = export_groupwise(groupwise_dir, tmp, quantize, fuse)
         if generative_dir:
             models["generative"] = export_generative(generative_dir, tmp, quantize, fuse)
+        if fusion_dir:
+            models["fusion"] = export_fusion(fusion_dir, dataset, tmp, text_vectors)
         for name in ("first", "groupwise"):
             if name in models and models[name]["prompt"] == "text":        # the exact item texts it was trained on
                 from recsys.rerank.prompts import item_titles
@@ -347,7 +406,7 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
         manifest = ExportManifest.from_dict({
             "format": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "opset": OPSET,
             "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-            "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative")
+            "version": "+".join(models[m]["sha256"][:12] for m in ("sasrec", "first", "groupwise", "generative", "fusion")
                                 if m in models),
             "models": models, "catalog_sha256": sha256(tmp / "catalog.parquet"), "parity_tolerance": TOLERANCE,
             "files": {p.relative_to(tmp).as_posix(): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}})

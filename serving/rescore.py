@@ -49,9 +49,9 @@ OUT_SCHEMA = {"request_id": pl.String, "items": pl.List(pl.String), "scores": pl
 REJECT_SCHEMA = {"request_id": pl.String, "row": pl.Int64, "reason": pl.String}
 
 
-def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int], list[int] | None, int]:
-    """(request_id, history idx, candidate idx or None, k) of one input row, validated by the API's own
-    request model (:class:`serving.schemas.RescoreRow`); a ValueError says what is wrong."""
+def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int], list[int] | None, int, RescoreRow]:
+    """(request_id, history idx, candidate idx or None, k, the validated row) of one input row, validated by the
+    API's own request model (:class:`serving.schemas.RescoreRow`); a ValueError says what is wrong."""
     raw = {k: v for k, v in raw.items() if v is not None}
     if isinstance(raw.get("k"), str) and raw["k"].strip().isdigit():       # text inputs carry k as text
         raw["k"] = int(raw["k"])
@@ -65,7 +65,7 @@ def parse_row(rec: Recommender, users: dict, raw: dict) -> tuple[str, list[int],
         candidates, unknown = known_items(row.candidates, rec.item_idx)
         if unknown:
             raise ValueError(f"unknown candidate item ids {unknown[:5]}")
-    return row.request_id, history, candidates, row.k or 10
+    return row.request_id, history, candidates, row.k or 10, row
 
 
 def _score_each(fn, jobs: list, rejects: list) -> list:
@@ -98,13 +98,14 @@ def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int =
         try:
             if row in duplicates:
                 raise ValueError(f"duplicate request_id (first at row {duplicates[row]})")
-            rid, history, candidates, k = parse_row(rec, users, raw)
+            rid, history, candidates, k, parsed = parse_row(rec, users, raw)
         except Exception as e:                                     # noqa: BLE001 - every bad row is a reject
             reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             rejects.append({"request_id": rid if isinstance(rid, str) else None, "row": row, "reason": reason})
             continue
         if candidates is None:
-            queries.append((rid, row, RecommendQuery(history, k, candidates=max(50, k))))
+            queries.append((rid, row, RecommendQuery(history, k, candidates=max(50, k), user_id=parsed.user_id,
+                                                     time=parsed.time)))
         else:
             reranks.append((rid, row, history, candidates, k))
     ok = [{"request_id": rid, "items": [rec.item_ids[i] for i in res["items"]], "scores": res["scores"]}

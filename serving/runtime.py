@@ -12,6 +12,7 @@ The online API and the batch re-scoring job both call :meth:`Recommender.recomme
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -460,13 +461,67 @@ class GenerativeRuntime:
 
 @dataclass
 class RecommendQuery:
-    """One request, in item idx space (the API maps ids to idx)."""
+    """One request, in item idx space (the API maps ids to idx). ``user_id``: the known user the history is
+    (a prefix of), for the side features that know the user and their interaction times; ``time``: the
+    request's Unix seconds (None: now), for those that read time."""
 
     history: list[int]
     k: int = 10
     exclude: list[int] = field(default_factory=list)
     candidates: int = 50
     rerank: bool = True
+    user_id: str | None = None
+    time: int | None = None
+
+
+class FusionRuntime:
+    """The fusion reranker: side features of each list's top ``depth`` candidates computed in numpy from the
+    exported tables (:class:`recsys.rerank.features.SideFeatures`, the code training used), scored by the
+    exported scorer graph. ``users``: user id -> (uidx, interaction times) from ``histories.parquet``."""
+
+    def __init__(self, directory, threads: int | None = None):
+        import polars as pl
+
+        from recsys.rerank.features import SideFeatures
+
+        directory = Path(directory)
+        self.meta = read_manifest(directory).models["fusion"]
+        self.session = session(directory / self.meta.file, threads)
+        self.side = SideFeatures.load(directory / self.meta.tables)
+        if self.side.names != list(self.meta.features):
+            raise RecsysError(f"{directory}: fusion tables give columns {self.side.names}, the scorer reads "
+                              f"{self.meta.features}; re-export it")
+        self.depth = self.meta.depth
+        df = pl.read_parquet(directory / "histories.parquet")
+        if not {"uidx", "times"} <= set(df.columns):
+            raise RecsysError(f"{directory / 'histories.parquet'}: no uidx / times columns, which the fusion "
+                              "reranker reads; re-export the directory")
+        self.users = dict(zip(df["user_id"].to_list(), zip(df["uidx"].to_list(), df["times"].to_list())))
+
+    def requests(self, queries: list[RecommendQuery], retrieved: list[tuple[list[int], list[float]]]) -> list:
+        """A :class:`recsys.rerank.features.Request` per query: its top ``depth`` retrieved candidates; a
+        query without a known user reads no user features and no interaction times."""
+        from recsys.rerank.features import Request
+
+        now, out = int(time.time()), []
+        for q, (items, scores) in zip(queries, retrieved):
+            uidx, times = self.users.get(q.user_id, (-1, [])) if q.user_id is not None else (-1, [])
+            n = min(self.depth, len(items))
+            out.append(Request(int(uidx), np.asarray(q.history, dtype=np.int64),
+                               np.asarray(times[:len(q.history)], dtype=np.int64), now if q.time is None else int(q.time),
+                               np.asarray(items[:n], dtype=np.int64), np.asarray(scores[:n], dtype=np.float64)))
+        return out
+
+    def scores(self, requests: list, run_options=None) -> np.ndarray:
+        """(B, L) scores of requests with L candidates each."""
+        features = self.side.transform_many(requests)                                      # (B, L, F)
+        return self.session.run(None, {"features": features}, run_options)[0]
+
+    def rerank(self, queries: list[RecommendQuery], retrieved, run_options=None) -> list[tuple[list[int], list[float]]]:
+        """Each retrieved list with its top ``depth`` in the scorer's order, the rest after them as retrieved."""
+        requests = self.requests(queries, retrieved)
+        return _rerank_heads([r.candidates.tolist() for r in requests], [items for items, _ in retrieved],
+                             lambda members: self.scores([requests[i] for i in members], run_options))
 
 
 class Recommender:
@@ -490,6 +545,8 @@ class Recommender:
         """What reranks retrieval windows: FIRST when exported, else the groupwise scorer, else None."""
         self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest.models \
             else None
+        self.fusion = FusionRuntime(directory, threads) if "fusion" in self.manifest.models else None
+        """Reranks ``/v1/recommend``'s retrieved lists when exported, instead of :attr:`reranker`."""
         catalog = pl.read_parquet(directory / "catalog.parquet")
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
         self.item_idx = {v: k for k, v in self.item_ids.items()}
@@ -523,6 +580,17 @@ class Recommender:
             out.append((items.tolist(), s.astype(np.float64).tolist()))
         return out
 
+    @property
+    def reranks(self) -> str | None:
+        """What reranks ``/v1/recommend``'s retrieved lists: ``fusion``, the window reranker's name, or None."""
+        return "fusion" if self.fusion is not None else self.reranker.name if self.reranker else None
+
+    def rerank_retrieved(self, queries: list[RecommendQuery], retrieved, run_options=None) -> list[tuple[list[int], list[float]]]:
+        """The served order of retrieved lists: the fusion reranker's when exported, else the window reranker's."""
+        if self.fusion is not None:
+            return self.fusion.rerank(queries, retrieved, run_options)
+        return self.rerank_windows([q.history for q in queries], [items for items, _ in retrieved], run_options)
+
     def rerank_windows(self, histories, candidate_lists, run_options=None) -> list[tuple[list[int], list[float]]]:
         """Rerank the first ``window`` candidates of each list; the rest keep their order. Scores:
         reranked items get the reranker's scores (FIRST logits or expected digits), the tail items
@@ -531,23 +599,8 @@ class Recommender:
             raise RecsysError("this serving directory has no reranker")
         w = self.reranker.window
         heads = [c[:w] for c in candidate_lists]
-        out = [None] * len(heads)
-        by_len: dict[int, list[int]] = {}
-        for i, h in enumerate(heads):
-            by_len.setdefault(len(h), []).append(i)
-        for n, members in by_len.items():
-            if n == 0:
-                for i in members:
-                    out[i] = ([], [])
-                continue
-            s = self.reranker.scores([histories[i] for i in members], [heads[i] for i in members], run_options)
-            for i, row in zip(members, s):
-                order = np.argsort(-row, kind="stable")
-                items = [heads[i][j] for j in order] + list(candidate_lists[i][w:])
-                top = [float(row[j]) for j in order]
-                floor = (min(top) if top else 0.0) - 1.0
-                out[i] = (items, top + [floor - t for t in range(len(candidate_lists[i]) - n)])
-        return out
+        return _rerank_heads(heads, candidate_lists, lambda members: self.reranker.scores(
+            [histories[i] for i in members], [heads[i] for i in members], run_options))
 
     def recommend_batch(self, queries: list[RecommendQuery], batch_size: int = 64) -> list[dict]:
         """Per query: ``items`` (idx), ``scores``, ``reranked`` (whether the reranker ordered them).
@@ -561,9 +614,9 @@ class Recommender:
         retrieved = self.retrieve(queries)
         results = [{"items": items[:q.k], "scores": scores[:q.k], "reranked": False}
                    for q, (items, scores) in zip(queries, retrieved)]
-        todo = [i for i, q in enumerate(queries) if q.rerank and self.reranker is not None and retrieved[i][0]]
+        todo = [i for i, q in enumerate(queries) if q.rerank and self.reranks and retrieved[i][0]]
         if todo:
-            reranked = self.rerank_windows([queries[i].history for i in todo], [retrieved[i][0] for i in todo])
+            reranked = self.rerank_retrieved([queries[i] for i in todo], [retrieved[i] for i in todo])
             for i, (items, scores) in zip(todo, reranked):
                 results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True}
         return results
@@ -577,6 +630,28 @@ class Recommender:
             return [{"items": items[:k], "scores": scores[:k]} for items, scores in out]
 
         return _length_bucketed(pairs, [len(h) for h in histories], batch_size, run)
+
+
+def _rerank_heads(heads: list[list[int]], lists: list[list[int]], score) -> list[tuple[list[int], list[float]]]:
+    """Each list with its head (its first ``len(head)`` items) in the order of ``score(members) -> (B, n)``,
+    called once per head length n on the indices of the heads that long; the tail keeps its order, each
+    tail item scored 1 below the one before, starting 1 below the head's lowest score."""
+    out: list = [None] * len(heads)
+    by_len: dict[int, list[int]] = {}
+    for i, h in enumerate(heads):
+        by_len.setdefault(len(h), []).append(i)
+    for n, members in by_len.items():
+        if n == 0:
+            for i in members:
+                out[i] = ([], [])
+            continue
+        for i, row in zip(members, score(members)):
+            order = np.argsort(-row, kind="stable")
+            top = [float(row[j]) for j in order]
+            floor = min(top) - 1.0
+            out[i] = ([heads[i][j] for j in order] + list(lists[i][n:]),
+                      top + [floor - t for t in range(len(lists[i]) - n)])
+    return out
 
 
 def _length_bucketed(rows: list, lengths: list[int], batch_size: int, fn) -> list:

@@ -16,6 +16,8 @@ MAX_K = 100
 """Most items one answer may hold, on every endpoint and in batch re-scoring."""
 MAX_HISTORY = 1000
 MAX_CANDIDATES = 100
+MAX_TIME = 2 ** 40
+"""Latest request time accepted, in Unix seconds (about the year 36,800): rejects a millisecond timestamp."""
 
 
 class Strict(BaseModel):
@@ -41,6 +43,9 @@ class RecommendRequest(Strict):
     exclude: list[ItemId] = Field(default_factory=list, max_length=MAX_HISTORY)
     candidates: int = Field(50, ge=1, le=500, description="retrieved before reranking")
     rerank: bool = True
+    time: int | None = Field(None, ge=0, le=MAX_TIME, description="the request's time, Unix seconds (default: "
+                             "now), for a reranker's features that read time (recent popularity, time since the "
+                             "user's last interaction); give it when replaying past requests")
 
 
 class GenerateRequest(Strict):
@@ -73,6 +78,7 @@ class RescoreRow(Strict):
     history: list[ItemId] | None = Field(None, max_length=MAX_HISTORY)
     candidates: list[ItemId] | None = Field(None, min_length=1, max_length=MAX_CANDIDATES)
     k: int | None = Field(None, ge=1, le=MAX_K)
+    time: int | None = Field(None, ge=0, le=MAX_TIME, description="as in /v1/recommend")
 
     @field_validator("candidates")
     @classmethod

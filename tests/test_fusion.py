@@ -204,3 +204,120 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     ran = {line.split("]")[0][1:] for line in lines if line.endswith("running ...")}
     assert {"hybrid-smollm2-seed0", "fusion-retriever+smollm2-seed0", "fusion-mlp+smollm2-seed0"} <= ran
     assert not {"fusion-mlp-seed0", "fusion-retriever+lm-seed0", "listwise-tiny-items-seed0"} & ran, ran
+
+
+def test_side_feature_tables_round_trip_and_name_what_is_missing(prepared, tmp_path):
+    """Saved and loaded tables give the fitted features; an anonymous request (uidx -1) reads no demographic
+    lift; a file without a table its groups need is refused naming the table."""
+    vectors = np.random.default_rng(0).standard_normal((prepared.n_items, 4))
+    side = SideFeatures.fit(prepared, list(GROUPS), text_vectors=vectors)
+    side.save(tmp_path / "tables.npz")
+    loaded = SideFeatures.load(tmp_path / "tables.npz")
+    assert loaded.names == side.names
+    for uidx in range(3):
+        r = _request(prepared, uidx)
+        assert np.array_equal(loaded.transform(r), side.transform(r))
+    r = _request(prepared, 0)
+    anonymous = loaded.transform(Request(-1, r.history, r.history_times, r.time, r.candidates, r.scores))
+    lift = side.names.index("demographic_lift")
+    assert np.all(anonymous[:, lift] == 0) and np.any(side.transform(r)[:, lift] != 0)
+    with np.load(tmp_path / "tables.npz") as z:
+        np.savez(tmp_path / "partial.npz", **{k: z[k] for k in z.files if k != "ease"})
+    with pytest.raises(RecsysError, match=r"partial\.npz: side-feature tables lack \['ease'\]"):
+        SideFeatures.load(tmp_path / "partial.npz")
+
+
+def _fusion_run(ds, out, depth: int = 8, **meta):
+    """A random fusion scorer over every side-feature group the fixture has (its ``model`` directory)."""
+    import json
+
+    import torch
+
+    from recsys.rerank.features import supported_groups
+
+    groups = supported_groups(ds)
+    names = SideFeatures(groups, ds.n_items).names
+    torch.manual_seed(0)
+    model = FusionRanker(names, np.zeros(len(names)), np.ones(len(names)), hidden=8)
+    model.save_pretrained(out)
+    (out / "features.json").write_text(json.dumps({"groups": groups, "ease_lambda": 300.0, "lm": None,
+                                                   "depth": depth, "dataset_fingerprint": ds.fingerprint} | meta))
+    return model, groups
+
+
+def test_a_fusion_reranker_is_exported_and_served_as_the_library_scores_it(prepared, tmp_path):
+    """``recsys export --fusion``: /v1/recommend's retrieved lists are reranked by the exported scorer over
+    features the runtime computes from the exported tables, in the order the library's scorer gives on the
+    library's features (the user's demographic group, interaction times and the request's time included);
+    the tail past ``depth`` keeps the retrieval order; it serves where torch cannot be imported."""
+    import torch
+
+    from recsys.models.sasrec import SASRec, SASRecConfig
+    from serving.export import export
+    from serving.runtime import Recommender, RecommendQuery
+    from tests.test_serving_export import torch_free
+
+    torch.manual_seed(0)
+    SASRec(SASRecConfig(n_items=prepared.n_items, max_len=12, hidden_size=16, num_layers=1),
+           prepared.fingerprint).save_pretrained(tmp_path / "sas")
+    model, groups = _fusion_run(prepared, tmp_path / "fusion", depth=8)
+    out = export(prepared, tmp_path / "sas", tmp_path / "serve", fusion_dir=tmp_path / "fusion")
+    rec = Recommender(out)
+    assert rec.reranks == "fusion" and rec.reranker is None
+    side = SideFeatures.fit(prepared, groups)
+    ids, times = prepared.users.sort("uidx")["user_id"].to_list(), prepared.user_timestamps()
+    ex = prepared.eval_examples("test")
+    for uidx, history in list(zip(ex.users, ex.histories))[:5]:
+        h = [int(x) for x in history]
+        query = RecommendQuery(h, k=12, candidates=12, user_id=ids[uidx], time=int(times[uidx][len(h)]))
+        items, scores = rec.retrieve([query])[0]
+        want_request = Request(int(uidx), np.asarray(h), times[uidx][:len(h)], int(times[uidx][len(h)]),
+                               np.asarray(items[:8]), np.asarray(scores[:8]))
+        want = model.score(side.transform(want_request)[None])[0]
+        got = rec.recommend_batch([query])[0]
+        assert got["reranked"] and got["items"] == [items[j] for j in np.argsort(-want, kind="stable")] + items[8:]
+        assert np.allclose(got["scores"][:8], np.sort(want)[::-1], atol=1e-5)
+    anonymous = rec.recommend_batch([RecommendQuery([1, 2, 3], k=5, candidates=10)])[0]
+    assert anonymous["reranked"] and len(anonymous["items"]) == 5
+    _check_the_api_reranks_with_fusion(out, ids[ex.users[0]], int(times[ex.users[0]][len(ex.histories[0])]))
+    served = torch_free(f"""
+import json
+from serving.runtime import Recommender, RecommendQuery
+rec = Recommender({str(out)!r})
+print(json.dumps(rec.recommend_batch([RecommendQuery([1, 2, 3], k=5, candidates=10)])[0]))""")
+    assert served["items"] == anonymous["items"]
+
+
+def _check_the_api_reranks_with_fusion(out, user_id: str, when: int) -> None:
+    """Over HTTP: the models route names the fusion reranker; /v1/recommend takes the request's ``time`` (a
+    different time may change the order, never the retrieved set) and refuses a millisecond timestamp."""
+    import httpx
+
+    from serving.app import ServeSettings, create_app
+    from tests.test_serving_api import Server
+
+    with Server(create_app(out, ServeSettings(api_key=None))) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as client:
+        server.wait_ready(client)
+        assert client.get("/v1/models").json()["reranker"] == "fusion"
+        body = {"user_id": user_id, "k": 12, "candidates": 12}
+        then = client.post("/v1/recommend", json=body | {"time": when}).json()
+        later = client.post("/v1/recommend", json=body | {"time": when + 400 * 86400}).json()
+        assert then["reranked"] and later["reranked"] and {i["item_id"] for i in then["items"]} == \
+            {i["item_id"] for i in later["items"]}
+        r = client.post("/v1/recommend", json=body | {"time": 1_733_000_000_000})       # milliseconds
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time"]
+
+
+def test_a_fusion_scorer_that_reads_lm_logits_is_not_exported(prepared, tmp_path):
+    import torch
+
+    from recsys.models.sasrec import SASRec, SASRecConfig
+    from serving.export import export
+
+    SASRec(SASRecConfig(n_items=prepared.n_items, max_len=12, hidden_size=16, num_layers=1),
+           prepared.fingerprint).save_pretrained(tmp_path / "sas")
+    torch.manual_seed(0)
+    _fusion_run(prepared, tmp_path / "fusion", lm="runs/listwise/model")
+    with pytest.raises(RecsysError, match=r"reads an LM's logits \(runs/listwise/model\)"):
+        export(prepared, tmp_path / "sas", tmp_path / "serve", fusion_dir=tmp_path / "fusion")

@@ -21,7 +21,7 @@ recency        ``ln(1 + training interactions in the 30 days before the request)
                now, which needs the request's time (1)
 demographics   ``ln P(item | gender, age) - ln P(item)``, add-one smoothed, from the training
                interactions of users of the same gender and age group (a missing value is a group of
-               its own); needs those user features (1)
+               its own; 0 for a request without a known user); needs those user features (1)
 genres         the share of the genre mass of the last 50 history items that the candidate's genres
                carry; needs the catalogue's ``genres`` (1)
 year           ``|year - median year of the last 50 history items| / 10``; needs ``year`` (1)
@@ -69,8 +69,9 @@ EASE_MAX_ITEMS = 20000
 
 @dataclass(frozen=True)
 class Request:
-    """One candidate list to describe: the user's history (item idx, oldest first), the time of the
-    request and of each history item (Unix seconds), the candidates and the retriever's scores, best first."""
+    """One candidate list to describe: the user (``uidx``, -1 for an anonymous history), their history (item
+    idx, oldest first), the time of the request and of each history item (Unix seconds; the history's may be
+    empty when unknown), the candidates and the retriever's scores, best first."""
 
     uidx: int
     history: np.ndarray
@@ -199,6 +200,32 @@ class SideFeatures:
                 self.year[catalog["idx"].to_numpy()] = years.fill_null(float(years.median() or 0.0)).to_numpy()
         return self
 
+    TABLES = ("popularity", "ease", "succ_keys", "succ_weights", "item_time_keys", "time0", "time_span",
+              "user_group", "lift", "genre", "year", "text")
+    """The fitted arrays :meth:`save` writes (those the groups need; ``popularity`` always)."""
+
+    def save(self, path) -> None:
+        """The fitted tables as one ``.npz`` (what a torch-free server loads with :meth:`load`)."""
+        arrays = {name: np.asarray(getattr(self, name)) for name in self.TABLES if hasattr(self, name)}
+        np.savez(path, groups=np.asarray(self.groups), n_items=np.asarray(self.n_items), **arrays)
+
+    @classmethod
+    def load(cls, path) -> SideFeatures:
+        """Tables written by :meth:`save`; a file without a table its groups need is an error naming both."""
+        with np.load(path) as z:
+            self = cls([str(g) for g in z["groups"]], int(z["n_items"]))
+            for name in cls.TABLES:
+                if name in z.files:
+                    value = z[name]
+                    setattr(self, name, int(value) if value.ndim == 0 else value)
+        need = {"ease": ["ease"], "transitions": ["succ_keys", "succ_weights"],
+                "recency": ["item_time_keys", "time0", "time_span"], "demographics": ["user_group", "lift"],
+                "genres": ["genre"], "year": ["year"], "text": ["text"]}
+        missing = [t for g in self.groups for t in need.get(g, []) if not hasattr(self, t)]
+        if missing or not hasattr(self, "popularity"):
+            raise RecsysError(f"{path}: side-feature tables lack {missing or ['popularity']} for groups {self.groups}")
+        return self
+
     def transform(self, r: Request) -> np.ndarray:
         """(L, F) float32 features of ``r``'s candidates, columns as in :attr:`names`."""
         c, h = np.asarray(r.candidates, dtype=np.int64), np.asarray(r.history, dtype=np.int64)
@@ -226,8 +253,8 @@ class SideFeatures:
                 recent = np.searchsorted(self.item_time_keys, key(r.time)) - np.searchsorted(
                     self.item_time_keys, key(r.time - RECENT_SECONDS))
                 cols.append(np.log1p(recent.astype(np.float64)))
-            elif g == "demographics":
-                cols.append(self.lift[self.user_group[r.uidx], c])
+            elif g == "demographics":                       # an anonymous request (uidx -1): no lift
+                cols.append(self.lift[self.user_group[r.uidx], c] if r.uidx >= 0 else np.zeros(len(c)))
             elif g == "genres":
                 mass = self.genre[h[-50:]].sum(0)
                 cols.append(self.genre[c] @ mass / max(mass.sum(), 1.0))
