@@ -563,6 +563,12 @@ RENDERERS = {"generative": render_generative, "quickstart": render_quickstart, "
                                         "serves them, the other "
                                         "variants this revision with other server options, all in turns at every "
                                         "level"),
+             "served_quality": render_rows("## What the deployed stack recommends (`served_quality`)",
+                                           "the main job's deployment answering every ML-1M test user through the "
+                                           "code behind /v1/recommend and rescore, replayed at the time of the "
+                                           "held-out interaction, with and without reranking; paired: 95% "
+                                           "bootstrap interval of the per-user NDCG@10 difference; CPU per user in "
+                                           "batches of 64, one ONNX Runtime thread"),
              "ved_budget": render_rows("## Value-guided decoding: budget and widening against beam search "
                                        "(`ved_budget`)", "a tiny generative model after V-STAR, validation users; "
                                        "the held-out item among each decoder's 16 candidates, at the forward calls "

@@ -74,20 +74,20 @@ def main() -> None:
         ranks, cpu = served_ranks(rec, queries, targets, a.batch)
         gains = np.ones((n, 1))
         per_user[name] = ndcg(ranks[:, None], gains, 10)
-        rows.append({"name": name if rerank else "retrieval-order", "reranker": rec.reranks if rerank else None,
-                     "metrics": {k: round(v, 4) for k, v in compute_metrics(ranks[:, None], gains, METRICS).items()
-                                 if k in METRICS},
-                     "cpu_ms_per_request": round(1000 * cpu / n, 3), "users": n})
+        metrics = {k: round(v, 4) for k, v in compute_metrics(ranks[:, None], gains, METRICS).items() if k in METRICS}
+        rows.append({"name": f"served-{rec.reranks}" if rerank else "retrieval-order", "metrics": metrics | {
+            "cpu_ms_per_request": round(1000 * cpu / n, 3), "users": n}})
     paired = paired_bootstrap(per_user["retrieval"], per_user["served"])
-    rows[1]["paired"] = {"ndcg@10": [round(paired["ci_low"], 4), round(paired["ci_high"], 4)],
-                         "mean_diff": round(paired["mean_diff"], 4), "better": paired["better"], "worse": paired["worse"]}
+    rows[1]["paired"] = {"ndcg@10": [round(paired["ci_low"], 4), round(paired["ci_high"], 4)]}
+    rows[1]["metrics"] |= {"paired_ndcg@10": rows[1]["paired"]["ndcg@10"], "better": paired["better"],
+                           "worse": paired["worse"]}
     path = write_result("served_quality", provenance, {
         "deployment": str(serve_dir), "models": sorted(rec.manifest.models), "reranker": rec.reranks,
         "dataset": "ml-1m", "split": "test", "protocol": "replay: history before the held-out item, the user's "
         "id, the held-out interaction's time; the held-out item's rank among the 10 served items", "rows": rows})
     for r in rows:
         m = r["metrics"]
-        print(f"{r['name']:>16}  NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}  {r['cpu_ms_per_request']:.2f} ms CPU "
+        print(f"{r['name']:>16}  NDCG@10 {m['ndcg@10']:.4f}  HR@10 {m['hr@10']:.4f}  {m['cpu_ms_per_request']:.2f} ms CPU "
               f"per user" + (f"  paired {r['paired']['ndcg@10']}" if "paired" in r else ""))
     print(f"wrote {path}")
 
