@@ -6,7 +6,8 @@ revision's serving code on the same deployment in the same run.
         --variant inline='--model-threads 0' --variant workers-2='--workers 2'
 
 The deployment is the quickstart's ``runs/default-seed0/serve`` (SASRec + FAISS retrieval of 50 candidates,
-the tiny FIRST reranker over the first 20). ``--baseline REV`` checks that revision out into a git worktree
+reranked by what the quickstart exported: the fusion reranker); with ``--export``, the quickstart's SASRec and
+tiny FIRST reranker (over the first 20), exported without the fusion reranker, as recorded. ``--baseline REV`` checks that revision out into a git worktree
 under ``--out`` and serves the same directory with its code (with ``--export``, each revision serves the
 quickstart's models as its own ``recsys export`` writes them, so the exporter's share counts too); ``--variant NAME=OPTIONS`` serves this revision
 once more with other ``recsys serve`` options (``model-threads-2='--model-threads 2'``). All servers run at
