@@ -3,8 +3,9 @@
     recsys serve artifacts/serve --host 127.0.0.1 --port 8000
     curl -s localhost:8000/v1/recommend -d '{"user_id": "1m_1", "k": 5}' -H 'content-type: application/json'
 
-Endpoints: ``POST /v1/recommend`` (a user id or a raw history of item ids), ``POST /v1/rerank``
-(history + candidate ids), ``POST /v1/generate`` (the generative recommender writes k items by
+Endpoints: ``POST /v1/recommend`` (a user id or a raw history of item ids: retrieval, then the fusion
+reranker when the deployment has one, else the window reranker; an optional ``time`` for the features that
+read it), ``POST /v1/rerank`` (history + candidate ids, ordered by the window reranker: FIRST or GroupRank), ``POST /v1/generate`` (the generative recommender writes k items by
 trie-constrained beam search; 501 when the deployment has none), ``GET /healthz`` (alive), ``GET /readyz`` (200 once the models are
 loaded), ``GET /metrics`` (Prometheus text), ``GET /v1/models``; OpenAPI docs at ``/docs``.
 

@@ -10,7 +10,8 @@ The input is Parquet, JSON Lines, CSV or TSV (by extension). A text input is con
 row's reject).
 
 Input columns: ``request_id`` (string, unique), and either ``user_id`` or ``history`` (list of item
-ids); optional ``candidates`` (list of distinct item ids: rerank them) and ``k`` (default 10). Without
+ids); optional ``candidates`` (list of distinct item ids: rerank them), ``k`` (default 10) and ``time``
+(the request's Unix seconds, default now: the time the fusion reranker's features read). Without
 candidates the request is a recommendation (retrieval + reranker), as ``POST /v1/recommend``. Each row is
 validated by the API's request model with the API's limits (:class:`serving.schemas.RescoreRow`); a row
 that fails, repeats an earlier ``request_id``, or that the scorer cannot take goes to the rejects with its

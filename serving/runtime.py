@@ -525,7 +525,8 @@ class FusionRuntime:
 
 
 class Recommender:
-    """SASRec + FAISS retrieval, then reranking of the top window (FIRST, or the groupwise scorer).
+    """SASRec + FAISS retrieval, then reranking: the fusion reranker over the top ``depth`` when exported, else
+    the top window by FIRST (or the groupwise scorer).
 
     ``threads``: ONNX Runtime intra-op threads of every session, and FAISS's OpenMP threads (a process-wide
     setting); None leaves both libraries' defaults."""
