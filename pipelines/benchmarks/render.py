@@ -590,6 +590,8 @@ def renderer_for(name: str):
         return render_baselines
     if name.startswith("quickstart_"):
         return render_quickstart
+    if name.startswith("serving_cpu_"):
+        return RENDERERS["serving_cpu"]
     return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 

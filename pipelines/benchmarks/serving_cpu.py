@@ -121,7 +121,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3000, help="timed requests per load-generator run")
     p.add_argument("--repeats", type=int, default=3, help="load-generator runs per variant and level")
     p.add_argument("--out", default="artifacts/serving-cpu")
+    p.add_argument("--result", default="serving_cpu", help="results/<name>.json (serving_cpu or serving_cpu_<name>)")
     a = p.parse_args()
+    if a.result != "serving_cpu" and not a.result.startswith("serving_cpu_"):
+        raise SystemExit(f"--result {a.result!r}: expected serving_cpu or serving_cpu_<name>")
     provenance = Provenance("pipelines.benchmarks.serving_cpu")
     import polars as pl
 
@@ -158,7 +161,7 @@ def main() -> None:
     cpu = {(r["variant"], r["connections"]): r["metrics"]["server_cpu_ms_per_request"] for r in rows if "variant" in r}
     ratios = {f"cpu_baseline_over_current_c{c}": round(cpu[f"baseline-{a.baseline}", c] / cpu["current", c], 3)
               for c in a.levels} if a.baseline else {}
-    write_result("serving_cpu", provenance, {
+    write_result(a.result, provenance, {
         "deployment": str(serve_dir), "exported_per_revision": {name: str(d) for name, d in dirs.items()} if a.export
         else None, "models": sorted(json.loads((serve_dir / "manifest.json").read_text())["models"]),
         "server": "recsys serve defaults: 1 uvicorn worker (uvloop, httptools), micro-batching off, 1 ONNX Runtime "
