@@ -5,7 +5,8 @@
 
 Endpoints: ``POST /v1/recommend`` (a user id or a raw history of item ids: retrieval, then the fusion
 reranker when the deployment has one, else the window reranker; an optional ``time`` for the features that
-read it), ``POST /v1/rerank`` (history + candidate ids, ordered by the window reranker: FIRST or GroupRank), ``POST /v1/generate`` (the generative recommender writes k items by
+read it), ``POST /v1/rerank`` (history + candidate ids, ordered by the same reranker; the fusion reranker
+reads them in SASRec's order), ``POST /v1/generate`` (the generative recommender writes k items by
 trie-constrained beam search; 501 when the deployment has none), ``GET /healthz`` (alive), ``GET /readyz`` (200 once the models are
 loaded), ``GET /metrics`` (Prometheus text), ``GET /v1/models``; OpenAPI docs at ``/docs``.
 
@@ -665,7 +666,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
     async def rerank(body: RerankRequest):
         t = time.perf_counter()
         rec = ready(state)
-        if rec.reranker is None:
+        if rec.reranks is None:
             raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
         history, unknown = known_items(body.history, rec.item_idx)
         cands, unknown_c = known_items(body.candidates, rec.item_idx)

@@ -279,6 +279,12 @@ def test_a_fusion_reranker_is_exported_and_served_as_the_library_scores_it(prepa
         assert np.allclose(got["scores"][:8], np.sort(want)[::-1], atol=1e-5)
     anonymous = rec.recommend_batch([RecommendQuery([1, 2, 3], k=5, candidates=10)])[0]
     assert anonymous["reranked"] and len(anonymous["items"]) == 5
+    # given candidates: put in SASRec's order with its scores, then reranked as retrieval's would be
+    items, scores = rec.retrieve([RecommendQuery([1, 2, 3], candidates=10)])[0]
+    shuffled = [items[j] for j in np.random.default_rng(0).permutation(10)]
+    assert rec.retrieval_order([[1, 2, 3]], [shuffled])[0][0] == items
+    want = rec.fusion.rerank([RecommendQuery([1, 2, 3])], [(items, scores)])[0]
+    assert rec.rerank_batch([[1, 2, 3]], [shuffled], k=10)[0]["items"] == want[0]
     _check_the_api_reranks_with_fusion(out, ids[ex.users[0]], int(times[ex.users[0]][len(ex.histories[0])]))
     served = torch_free(f"""
 import json
@@ -307,6 +313,9 @@ def _check_the_api_reranks_with_fusion(out, user_id: str, when: int) -> None:
             {i["item_id"] for i in later["items"]}
         r = client.post("/v1/recommend", json=body | {"time": 1_733_000_000_000})       # milliseconds
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time"]
+        given = [i["item_id"] for i in then["items"]][::-1]
+        r = client.post("/v1/rerank", json={"history": given[:2], "candidates": given[2:]})
+        assert r.status_code == 200 and sorted(i["item_id"] for i in r.json()["items"]) == sorted(given[2:])
 
 
 def test_a_fusion_scorer_that_reads_lm_logits_is_not_exported(prepared, tmp_path):
