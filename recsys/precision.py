@@ -13,13 +13,21 @@ machine, not of the job: recipes say ``precision: auto`` and this module decides
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 PRECISIONS = ("auto", "bf16-mixed", "32-true", "16-mixed", "bf16-true")
 
 
+BF16_ENV = "RECSYS_BF16"
+"""Set to ``0`` to keep fp32 wherever ``auto`` would pick bf16 (bit-for-bit comparisons, the test suite)."""
+
+
 def bf16_is_fast(device_type: str = "cpu") -> bool:
-    """True on CUDA devices that support bf16 and on CPUs with AMX tiles."""
+    """True on CUDA devices that support bf16 and on CPUs with AMX tiles, unless ``$RECSYS_BF16`` is ``0``."""
+    if os.environ.get(BF16_ENV) == "0":
+        return False
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return device_type == "cpu" and bool(torch.cpu._is_amx_tile_supported())

@@ -6,6 +6,9 @@ import torch
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# fp32 on every CPU kind, so that exact comparisons hold where AMX would make `precision: auto` pick bf16
+# (subprocesses inherit it; tests/test_precision.py lifts it to test the choice itself)
+os.environ["RECSYS_BF16"] = "0"
 
 
 @pytest.fixture(autouse=True)

@@ -205,7 +205,7 @@ def test_lora_trains_adapters_and_projector_only_and_the_soft_tokens_carry_the_a
     model = HybridFirst(text_backbone(), vectors).lora(r=4, alpha=8, dropout=0.0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("projector.mlp") for n in trainable)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     ids = model.backbone.identifier_ids(4)
     g = torch.Generator().manual_seed(1)
     windows = [torch.randperm(N_ITEMS, generator=g)[:4].add(1).tolist() for _ in range(8)]
@@ -214,7 +214,7 @@ def test_lora_trains_adapters_and_projector_only_and_the_soft_tokens_carry_the_a
     text = batch.input_ids.clone()
     assert (text == text[0]).all()                                              # the same tokens in every row
     losses = []
-    for _ in range(100):
+    for _ in range(200):       # at lr 1e-2 the loss spikes on some CPU kinds and a row stays unfitted
         loss = F.cross_entropy(model.first_scores(batch, ids), targets)
         optimizer.zero_grad()
         loss.backward()

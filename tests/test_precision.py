@@ -5,6 +5,11 @@ from recsys import precision
 from recsys.precision import autocast, lightning_precision
 
 
+@pytest.fixture(autouse=True)
+def _hardware_decides(monkeypatch):
+    monkeypatch.delenv(precision.BF16_ENV, raising=False)          # the suite's fp32 pin (conftest) lifted
+
+
 def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert lightning_precision("auto", "cpu") == "bf16-mixed"
@@ -31,3 +36,11 @@ def test_autocast_is_bf16_only_where_fast(monkeypatch):
         assert y.dtype == (torch.bfloat16 if fast else torch.float32)
     with autocast("cpu", enabled=True):
         assert (x @ x.T).dtype == torch.bfloat16
+
+
+def test_recsys_bf16_0_keeps_fp32_where_auto_would_pick_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv(precision.BF16_ENV, "0")
+    assert lightning_precision("auto", "cpu") == "32-true" and lightning_precision("bf16-mixed") == "bf16-mixed"
+    with autocast("cpu"):
+        assert (torch.randn(2, 2) @ torch.randn(2, 2)).dtype == torch.float32

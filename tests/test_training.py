@@ -137,7 +137,7 @@ def test_quickstart_small_preset_end_to_end_on_the_fixture(tmp_path):
         assert 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1.0
     serve = tmp_path / "art" / "runs" / "small-seed0" / "serve"
     manifest = json.loads((serve / "manifest.json").read_text())
-    assert set(manifest["models"]) == {"sasrec", "first", "generative"} and summary["serve"] == f"recsys serve {serve}"
+    assert set(manifest["models"]) == {"sasrec", "first", "generative", "fusion"} and summary["serve"] == f"recsys serve {serve}"
     assert any(line.startswith("serve it:") for line in "\n".join(lines).splitlines())
     lines.clear()
     quickstart(tmp_path / "art", FIXTURES / "tiny", "small", log=lines.append)

@@ -180,6 +180,7 @@ def onnx_serving(model_dir: str, data: str, users: int, out: str, beam: int = 20
     import torch
 
     from pipelines.generative import load_for
+    from recsys.assets import sha256
     from recsys.data import PreparedDataset
     from recsys.generative.decoding import recommend_batch
     from serving.export import export_generative
@@ -192,7 +193,10 @@ def onnx_serving(model_dir: str, data: str, users: int, out: str, beam: int = 20
     serve = Path(out)
     serve.mkdir(parents=True, exist_ok=True)
     entry = export_generative(model_dir, serve)
-    (serve / "manifest.json").write_text(json.dumps({"models": {"generative": entry}}))
+    files = {f.relative_to(serve).as_posix(): sha256(f) for f in sorted(serve.rglob("*"))
+             if f.is_file() and f.name != "manifest.json"}
+    (serve / "manifest.json").write_text(json.dumps({"version": entry["sha256"][:12], "files": files,
+                                                     "models": {"generative": entry}}))
     runtime = GenerativeRuntime(serve, threads=1)
     hist, _ = _test(ds, users)
     torch_s = onnx_s = 0.0
