@@ -591,7 +591,8 @@ def renderer_for(name: str):
     if name.startswith("quickstart_"):
         return render_quickstart
     if name.startswith("serving_cpu_"):
-        return RENDERERS["serving_cpu"]
+        return lambda result: render_rows(f"## The request path of another deployment (`{name}`)", "`recsys serve` "
+                                          f"defaults over {result['deployment']}: {', '.join(result['models'])}")(result)
     return render_rl if name.startswith("rl_") else render_quant_probe if name.startswith("quant_probe_") else None
 
 
