@@ -59,7 +59,7 @@ from recsys.errors import RecsysError
 from recsys.generative.decoding import Decoded, decode, generate_list, recommend_batch
 from recsys.generative.model import GenerativeConfig, GenerativeRecommender
 from recsys.generative.ved import VEDConfig, ved
-from recsys.metrics import compute_metrics
+from recsys.metrics import compute_metrics, ndcg
 from recsys.retrieval.semantic_ids import SemanticIDs
 from recsys.rl.objectives import Rollouts, Settings
 from recsys.rl.rank_grpo import PAD
@@ -214,8 +214,9 @@ def target_ranks(items: torch.Tensor, targets: np.ndarray) -> np.ndarray:
 
 
 def evaluate_generative(model: GenerativeRecommender, histories, targets, beam: int = 50,
-                        metrics=METRICS, batch_rows: int = 2048, progress: bool = True) -> dict:
-    """Metrics of beam-search recommendations (history excluded) against one target per history."""
+                        metrics=METRICS, batch_rows: int = 2048, progress: bool = True, per_user: bool = False):
+    """Metrics of beam-search recommendations (history excluded) against one target per history; with
+    ``per_user``, also each user's (Q,) NDCG@10, for paired comparisons."""
     model.eval()
     chunk = max(1, batch_rows // beam) * 8
     ranks = []
@@ -223,7 +224,8 @@ def evaluate_generative(model: GenerativeRecommender, histories, targets, beam: 
         out = recommend_batch(model, histories[start:start + chunk], beam, beam, batch_rows=batch_rows)
         ranks.append(target_ranks(out.items, np.asarray(targets[start:start + chunk])))
     r = np.concatenate(ranks)[:, None]
-    return compute_metrics(r, np.ones_like(r), list(metrics))
+    scores = compute_metrics(r, np.ones_like(r), list(metrics))
+    return (scores, ndcg(r, np.ones_like(r), 10)) if per_user else scores
 
 
 # ---------------------------------------------------------------------------------------------- data

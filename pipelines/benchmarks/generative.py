@@ -74,11 +74,15 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
     hist, targets = _test(ds, limit)
     rows, out = [], Path(out)
 
-    def evaluate(model_dir: Path) -> dict:
+    per_user = {}
+
+    def evaluate(model_dir: Path, name: str | None = None) -> dict:
         if not (model_dir / "generative.json").exists():
             raise SystemExit(f"--eval-only: {model_dir} holds no trained model")
         with autocast("cpu"):
-            m = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False)
+            m, users = evaluate_generative(load_for(ds, model_dir), hist, targets, beam=50, progress=False, per_user=True)
+        if name:
+            per_user[name] = users
         return {k: m[k] for k in METRICS}
 
     model_cfg = GenerativeConfig(**sft.pop("model"))
@@ -99,13 +103,17 @@ def _seed(data: str, sid: str, out: str, seed: int, threads: int, sft: dict, rl:
             sft_trained |= cfg.algo == "sft"
         model_dir = run_dir / "model"
         summary = json.loads((run_dir / "train.json").read_text())
-        row = {"name": name, "seed": seed, "metrics": evaluate(model_dir),
+        row = {"name": name, "seed": seed, "metrics": evaluate(model_dir, name),
                "seconds": round(summary["seconds"], 1), "epochs": summary["epochs"], "steps": summary["steps"],
                "start_val_ndcg@10": summary["start_val_ndcg@10"], "best_val_ndcg@10": summary["best_val_ndcg@10"],
                "curve": reward_curve(run_dir) if cfg.algo != "sft" else None}
         if cfg.algo != "sft":           # the validation-selected model may be the start: the final weights too
             row |= {"kept_start": summary["kept_start"], "last_metrics": evaluate(run_dir / "last-model")}
         rows.append(row)
+    from recsys.metrics import paired_bootstrap
+
+    for row in rows[1:]:                         # the RL rows against their own SFT start, the same test users
+        row["ndcg10_vs_sft"] = paired_bootstrap(per_user["generative-sft"], per_user[row["name"]])
     return rows
 
 
