@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _data_commands(sub) -> None:
     """``recsys data fetch`` and ``recsys data prepare``."""
-    from recsys.rerank.prompts import templates
+    from recsys.portable.prompts import templates
 
     data = sub.add_parser("data", help="fetch and prepare datasets").add_subparsers(dest="data_command", required=True,
                                                                                      metavar="ACTION")

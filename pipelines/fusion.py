@@ -26,7 +26,7 @@ from recsys.data import PreparedDataset
 from recsys.data.candidates import read_candidate_lists
 from recsys.errors import RecsysError
 from recsys.metrics import compute_metrics
-from recsys.rerank.features import GROUPS, SideFeatures, requests_from_candidates
+from recsys.portable.features import GROUPS, SideFeatures, requests_from_candidates
 from recsys.rerank.fusion import FusionConfig, FusionRanker, list_ranks, train_fusion
 
 ALL_GROUPS = tuple(GROUPS)
@@ -38,7 +38,7 @@ class FusionTrainConfig:
     """A fusion reranker: which features, which scorer, how it is trained."""
 
     features: tuple[str, ...] = ALL_GROUPS
-    """Feature groups (:data:`recsys.rerank.features.GROUPS`)."""
+    """Feature groups (:data:`recsys.portable.features.GROUPS`)."""
     lm: str | None = None
     """A trained item-token FIRST model (``RUN/model`` of a listwise reranker with ``identifiers: items``, or
     of a hybrid-token reranker): its logit of each candidate (the model alone, no retriever prior) joins the
@@ -81,7 +81,7 @@ def window_scorer(dataset: PreparedDataset, lm_dir: str | Path, window: int):
         import torch
 
         from pipelines.hybrid import Window, load_hybrid, window_scores
-        from recsys.rerank.prompts import item_titles
+        from recsys.portable.prompts import item_titles
 
         model, config = load_hybrid(lm_dir, dataset)
         titles = item_titles(dataset, config.domain)   # the words are dropped with title_words 0; the domain stays

@@ -76,7 +76,7 @@ class HybridTrainConfig:
     knowledge of an item is the LM's reading of its text, so its pretraining is the only source of what it knows
     about items beyond the training windows."""
     domain: str | None = None
-    """The prompt's words for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``); None = the
+    """The prompt's words for the items (a ``domains`` key of ``recsys/portable/templates.yaml``); None = the
     dataset's own."""
     prompt: str = "listwise"
     """``listwise``: the chat prompt with the candidates' identifiers; ``compact``: the items' soft tokens with a
@@ -123,7 +123,7 @@ class HybridTrainConfig:
 
     def __post_init__(self):
         if self.domain is not None:
-            from recsys.rerank.prompts import domain_words
+            from recsys.portable.prompts import domain_words
 
             domain_words(self.domain)
         if self.identifiers not in ("items", "letters"):
@@ -295,7 +295,7 @@ def trained_state(model) -> dict[str, torch.Tensor]:
 def train_hybrid(dataset: PreparedDataset, candidates_dir, out, config: HybridTrainConfig, progress: bool = True,
                  resume: bool | str = True, runtime: Runtime | None = None) -> Path:
     """Train; save the best model to ``out/model``; return that directory."""
-    from recsys.rerank.prompts import item_titles
+    from recsys.portable.prompts import item_titles
 
     out = Path(out)
     defining = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("max_epochs", "max_minutes")}

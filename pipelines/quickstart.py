@@ -188,7 +188,7 @@ def quickstart(out="artifacts", dataset="ml-1m", preset: str = "default", seed: 
     from pipelines.rl import RLConfig, train_rl
     from pipelines.train import SASRecTrainConfig, train_popularity, train_sasrec
     from recsys.data import PreparedDataset
-    from recsys.rerank.features import supported_groups
+    from recsys.portable.features import supported_groups
     from recsys.retrieval.semantic_ids import SemanticIDConfig
     from serving.export import export
 

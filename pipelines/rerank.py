@@ -28,11 +28,11 @@ from recsys.data.candidates import (
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
 from recsys.metrics import compute_metrics, target_rank
+from recsys.portable.prompts import item_titles
+from recsys.portable.window import retriever_prior
 from recsys.rerank.groupwise import GroupwiseReranker
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.prompts import item_titles
 from recsys.rerank.slate import SlateRankConstraint, slate_rank_positions
-from recsys.rerank.window import retriever_prior
 from recsys.types import CandidateList
 
 

@@ -42,9 +42,9 @@ from recsys.data.candidates import (
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone, load_backbone
 from recsys.metrics import compute_metrics, target_rank
+from recsys.portable.prompts import IDENTIFIERS, domain_words, item_titles
 from recsys.rerank.first import first_scores, weighted_ranknet_loss
 from recsys.rerank.listwise import ListwiseReranker
-from recsys.rerank.prompts import IDENTIFIERS, domain_words, item_titles
 from recsys.rerank.sft import (
     collate,
     encode_example,
@@ -70,7 +70,7 @@ class RerankerSFTConfig:
     max_history: int = 20
     """Most recent history items in the prompt."""
     domain: str | None = None
-    """The words text prompts use for the items (a ``domains`` key of ``recsys/rerank/templates.yaml``:
+    """The words text prompts use for the items (a ``domains`` key of ``recsys/portable/templates.yaml``:
     ``items``, ``movies``, ``products``, ``music``, ``books``, ``news``); None = the dataset's own."""
     first_weight: float = 0.0
     """Weight of FIRST's weighted RankNet loss on first-token logits (paper: 10; 0 = off)."""

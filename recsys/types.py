@@ -120,7 +120,7 @@ class ExportedModel:
     """``layout: item``: the code-head graph ``{"file", "sha256", "parity_max_abs", "int8"?}``."""
     # fusion: the side-feature tables (``tables``), the list length it reranks (``depth``) and its columns
     features: list | None = None
-    """The feature columns the scorer reads, in order (:data:`recsys.rerank.features.GROUPS`)."""
+    """The feature columns the scorer reads, in order (:data:`recsys.portable.features.GROUPS`)."""
 
     def graph(self, int8: bool = False) -> str:
         """The graph file to load: the int8 copy when asked for (an error when it was not exported)."""

@@ -25,7 +25,7 @@ Writes a serving directory that :mod:`serving.runtime` loads without torch:
   beams; the manifest's ``layout`` tells the runtime which to use.
 - ``fusion.onnx`` (optional): a fusion reranker's scorer, ``features`` (B, L, F) float32 -> ``scores`` (B, L),
   and ``fusion_tables.npz``, the side-feature tables the runtime computes its features from in numpy
-  (:class:`recsys.rerank.features.SideFeatures`, fitted on the training interactions as in training).
+  (:class:`recsys.portable.features.SideFeatures`, fitted on the training interactions as in training).
 - ``catalog.parquet``: item idx, id and title; ``histories.parquet``: each user's whole sequence, its
   interaction times and the user's ``uidx``.
 - ``manifest.json``: every file's SHA-256, the opset, the model versions and the parity checks.
@@ -197,7 +197,7 @@ def _export_prompt_scorer(model_dir, out: Path, kind: str, filename: str, quanti
     """Export a reranker's last-position scorer (FIRST identifier logits or GroupRank digit logits)
     with dynamic batch and sequence axes; the tokenizer and reranker.json go beside it."""
     from recsys.llm.backbone import load_backbone
-    from recsys.llm.vocab import DIGITS
+    from recsys.portable.vocab import DIGITS
 
     meta = json.loads((Path(model_dir) / "reranker.json").read_text())
     if meta.get("kind", "listwise") != kind:
@@ -324,10 +324,10 @@ class _FusionScorer(torch.nn.Module):
 def export_fusion(model_dir, dataset, out: Path, text_vectors=None) -> dict:
     """Export a fusion reranker run (``RUN/model``): its scorer as ``fusion.onnx`` and its side-feature tables,
     fitted on ``dataset``'s training interactions as in training, as ``fusion_tables.npz``
-    (:meth:`recsys.rerank.features.SideFeatures.save`). ``text_vectors``: the item text embeddings of the ``text``
+    (:meth:`recsys.portable.features.SideFeatures.save`). ``text_vectors``: the item text embeddings of the ``text``
     group (refused without them). A scorer that also reads an LM's logits is refused: the runtime computes
     side features only."""
-    from recsys.rerank.features import SideFeatures
+    from recsys.portable.features import SideFeatures
     from recsys.rerank.fusion import FusionRanker
 
     model_dir = Path(model_dir)
@@ -394,7 +394,7 @@ def export(dataset, sasrec_dir, out, reranker_dir=None, quantize: bool = False, 
             models["fusion"] = export_fusion(fusion_dir, dataset, tmp, text_vectors)
         for name in ("first", "groupwise"):
             if name in models and models[name]["prompt"] == "text":        # the exact item texts it was trained on
-                from recsys.rerank.prompts import item_titles
+                from recsys.portable.prompts import item_titles
 
                 titles = tmp / models[name].get("files", "") / "titles.json"
                 text = item_titles(dataset, models[name].get("domain"))

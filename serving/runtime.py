@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.errors import RecsysError
-from recsys.rerank.window import retriever_prior
+from recsys.portable.window import retriever_prior
 from recsys.types import ExportManifest
 
 
@@ -157,7 +157,7 @@ class ChatTemplate:
 
 @dataclass
 class _PromptSpec:
-    """What :func:`recsys.rerank.prompts.listwise_prompt` needs from a backbone."""
+    """What :func:`recsys.portable.prompts.listwise_prompt` needs from a backbone."""
 
     name: str
     tokenizer: object = None
@@ -234,7 +234,7 @@ class _PromptScorer:
             titles = side / "titles.json"
             if not titles.exists():
                 raise RecsysError(f"{titles}: a text-prompt reranker needs its item titles; re-export it")
-            from recsys.rerank.prompts import Titles
+            from recsys.portable.prompts import Titles
 
             if self.meta.domain is None:
                 raise RecsysError(f"{directory}: the {self.name} reranker's prompt domain is not recorded; re-export it")
@@ -273,7 +273,7 @@ class FirstRuntime(_PromptScorer):
         """Window length -> the (n,) prior added to its scores, computed once."""
 
     def encode(self, histories, windows) -> dict[str, np.ndarray]:
-        from recsys.rerank.prompts import listwise_prompt
+        from recsys.portable.prompts import listwise_prompt
 
         texts = [listwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history,
                                  self.identifiers) for h, w in zip(histories, windows)]
@@ -281,7 +281,7 @@ class FirstRuntime(_PromptScorer):
 
     def scores(self, histories, windows, run_options=None) -> np.ndarray:
         """(B, n) FIRST scores of windows of equal length n <= window: identifier logits minus the
-        retriever prior (:func:`recsys.rerank.window.retriever_prior`, as in training). ``run_options``: see :func:`run_options`."""
+        retriever prior (:func:`recsys.portable.window.retriever_prior`, as in training). ``run_options``: see :func:`run_options`."""
         n = len(windows[0])
         logits = self.session.run(None, self.encode(histories, windows), run_options)[0]
         if self.identifiers == "items":                    # (B, V) -> each window's own item tokens
@@ -303,7 +303,7 @@ class GroupwiseRuntime(_PromptScorer):
     name, flag = "groupwise", "groupwise"
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
-        from recsys.llm.vocab import DIGITS, LETTERS
+        from recsys.portable.vocab import DIGITS, LETTERS
 
         super().__init__(directory, threads, int8)
         self.window = self.meta.group_size
@@ -314,7 +314,7 @@ class GroupwiseRuntime(_PromptScorer):
     def scores(self, histories, windows, run_options=None) -> np.ndarray:
         """(B, n) expected 0-9 scores of groups of equal length n <= group size. ``run_options``: see
         :func:`run_options` (one terminate stops all n passes)."""
-        from recsys.rerank.prompts import groupwise_prompt
+        from recsys.portable.prompts import groupwise_prompt
 
         texts = [groupwise_prompt(self.spec, list(map(int, h)), list(map(int, w)), self.titles, self.max_history)
                  for h, w in zip(histories, windows)]
@@ -345,14 +345,14 @@ class GenerativeRuntime:
 
     The same search as the training library's beam search (tested equal in
     ``tests/test_serving_export.py``): per level, every beam's
-    open codes (bans propagated up the trie, :class:`recsys.generative.trie_tables.TrieTables`) are
+    open codes (bans propagated up the trie, :class:`recsys.portable.trie_tables.TrieTables`) are
     renormalised, and the ``width`` best (beam score + code log-prob) continuations survive. Token layout:
     level 0 runs one row per user (all beams share the history), each later level B * width full rows.
     Item layout: the encoder runs once per user, then each level only the code heads on B * width states.
     """
 
     def __init__(self, directory, threads: int | None = None, int8: bool = False):
-        from recsys.generative.trie_tables import TrieTables
+        from recsys.portable.trie_tables import TrieTables
 
         directory = Path(directory)
         self.meta = read_manifest(directory).models.get("generative")
@@ -476,13 +476,13 @@ class RecommendQuery:
 
 class FusionRuntime:
     """The fusion reranker: side features of each list's top ``depth`` candidates computed in numpy from the
-    exported tables (:class:`recsys.rerank.features.SideFeatures`, the code training used), scored by the
+    exported tables (:class:`recsys.portable.features.SideFeatures`, the code training used), scored by the
     exported scorer graph. ``users``: user id -> (uidx, interaction times) from ``histories.parquet``."""
 
     def __init__(self, directory, threads: int | None = None):
         import polars as pl
 
-        from recsys.rerank.features import SideFeatures
+        from recsys.portable.features import SideFeatures
 
         directory = Path(directory)
         self.meta = read_manifest(directory).models["fusion"]
@@ -499,9 +499,9 @@ class FusionRuntime:
         self.users = dict(zip(df["user_id"].to_list(), zip(df["uidx"].to_list(), df["times"].to_list())))
 
     def requests(self, queries: list[RecommendQuery], retrieved: list[tuple[list[int], list[float]]]) -> list:
-        """A :class:`recsys.rerank.features.Request` per query: its top ``depth`` retrieved candidates; a
+        """A :class:`recsys.portable.features.Request` per query: its top ``depth`` retrieved candidates; a
         query without a known user reads no user features and no interaction times."""
-        from recsys.rerank.features import Request
+        from recsys.portable.features import Request
 
         now, out = int(time.time()), []
         for q, (items, scores) in zip(queries, retrieved):

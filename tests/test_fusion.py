@@ -9,7 +9,7 @@ import pytest
 
 from recsys.data.candidates import candidate_lists
 from recsys.errors import DataError, RecsysError
-from recsys.rerank.features import (
+from recsys.portable.features import (
     GROUPS,
     RECENT_SECONDS,
     Request,
@@ -233,7 +233,7 @@ def _fusion_run(ds, out, depth: int = 8, **meta):
 
     import torch
 
-    from recsys.rerank.features import supported_groups
+    from recsys.portable.features import supported_groups
 
     groups = supported_groups(ds)
     names = SideFeatures(groups, ds.n_items).names

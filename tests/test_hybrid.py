@@ -163,7 +163,7 @@ def test_history_positions_predict_the_next_history_item_over_the_catalogue():
 
 
 def test_compact_prompt_holds_the_same_items_in_a_fraction_of_the_tokens():
-    from recsys.rerank.prompts import Titles
+    from recsys.portable.prompts import Titles
 
     torch.manual_seed(0)
     model = HybridFirst(text_backbone(), torch.randn(N_ITEMS + 1, D_RETRIEVER)).eval()
@@ -260,7 +260,7 @@ def test_hybrid_job_trains_saves_and_reloads_the_same_scorer(hybrid_setup, tmp_p
         window_scores,
     )
     from recsys.data.candidates import read_candidate_lists
-    from recsys.rerank.features import requests_from_candidates
+    from recsys.portable.features import requests_from_candidates
 
     ds, sasrec, root = hybrid_setup
     config = HybridTrainConfig(retriever=str(sasrec), backbone=str(root / "lm"), keep_layers=1, window=10,

@@ -55,7 +55,7 @@ def test_item_identifiers_name_candidates_by_their_own_tokens():
     import pytest
 
     from recsys.errors import RecsysError
-    from recsys.rerank.prompts import answer_text, items_as_letters, listwise_prompt
+    from recsys.portable.prompts import answer_text, items_as_letters, listwise_prompt
 
     rr = reranker(identifiers="items")
     prompt = rr.prompts([[1, 2]], [[7, 3, 9]])[0]
@@ -116,7 +116,7 @@ def test_text_prompts_speak_the_catalogues_domain_and_movielens_keeps_its_words(
     import pytest
 
     from recsys.errors import RecsysError
-    from recsys.rerank.prompts import (
+    from recsys.portable.prompts import (
         Titles,
         groupwise_prompt,
         item_titles,
@@ -139,7 +139,7 @@ def test_text_prompts_speak_the_catalogues_domain_and_movielens_keeps_its_words(
 def test_the_retriever_prior_by_hand():
     import numpy as np
 
-    from recsys.rerank.window import retriever_prior
+    from recsys.portable.window import retriever_prior
 
     assert np.allclose(retriever_prior(3, 1.0), [0.0, -0.6931472, -1.0986123])
     assert retriever_prior(4, 0.0).tolist() == [0.0] * 4 and retriever_prior(2, 2.0).dtype == np.float32

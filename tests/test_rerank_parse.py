@@ -1,7 +1,7 @@
 import pytest
 
+from recsys.portable.window import sliding_window_rerank, window_starts
 from recsys.rerank.parse import identifiers, parse_ranking
-from recsys.rerank.window import sliding_window_rerank, window_starts
 
 
 def test_clean_answer():

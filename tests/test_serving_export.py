@@ -133,7 +133,7 @@ def test_the_word_level_lookup_encodes_as_the_tokenizer_does_and_hands_it_what_i
     tokenizer; a tokenizer of another shape (BPE) gets no lookup at all."""
     from tokenizers import Tokenizer, models
 
-    from recsys.rerank.prompts import listwise_prompt
+    from recsys.portable.prompts import listwise_prompt
     from serving.runtime import FirstRuntime, WordSplitVocab, _PromptSpec
 
     runtime = FirstRuntime(exported[0])
@@ -274,8 +274,8 @@ def test_text_prompt_reranker_is_served_with_the_titles_it_was_trained_on(export
     import json
 
     from recsys.llm.backbone import load_backbone
+    from recsys.portable.prompts import item_titles
     from recsys.rerank.listwise import ListwiseReranker
-    from recsys.rerank.prompts import item_titles
     from serving.export import export
     from serving.runtime import FirstRuntime
 

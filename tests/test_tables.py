@@ -194,7 +194,7 @@ def test_the_cli_prepares_a_mapped_csv_and_a_failed_prepare_writes_nothing(tmp_p
 
 
 def test_own_data_is_neutral_unless_its_domain_is_given(tmp_path):
-    from recsys.rerank.prompts import item_titles
+    from recsys.portable.prompts import item_titles
 
     orders = _write(ORDERS, tmp_path / "orders.csv", "csv")
     neutral = prepare(read_columns(orders, _map(tmp_path), log=quiet), tmp_path / "neutral")

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     titles, n_items = None, 3706
     if args.data:
         from recsys.data import PreparedDataset
-        from recsys.rerank.prompts import item_titles
+        from recsys.portable.prompts import item_titles
 
         dataset = PreparedDataset.load(args.data)
         titles, n_items = item_titles(dataset), dataset.n_items

@@ -37,8 +37,8 @@ def probe(model_dir: Path, dataset, valid) -> dict:
     import torch
 
     from pipelines.hybrid import load_hybrid, window_scores, windows
+    from recsys.portable.prompts import item_titles
     from recsys.rerank.first import first_order
-    from recsys.rerank.prompts import item_titles
 
     model, config = load_hybrid(model_dir, dataset)
     inserting = dataclasses.replace(config, target_missing="insert")

@@ -82,8 +82,8 @@ def main() -> None:
     from recsys.data import PreparedDataset
     from recsys.data.candidates import read_candidate_lists
     from recsys.llm.backbone import load_backbone, smollm2_dir
+    from recsys.portable.prompts import item_titles
     from recsys.rerank.listwise import ListwiseReranker
-    from recsys.rerank.prompts import item_titles
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = PreparedDataset.load(a.data)

@@ -8,7 +8,7 @@ so the run may span several sittings: rerun the same command to continue):
     data                fetch + prepare ML-1M (leave-one-out)
     sasrec-seedS        the strong retriever: ``sasrec_ml1m.yaml`` (its hour recipe) on one thread
     candidates-seedS    its top-50 for every user's validation and test target (FAISS, exact inner product)
-    features            side features of every list (:mod:`recsys.rerank.features`; fitted on training
+    features            side features of every list (:mod:`recsys.portable.features`; fitted on training
                         interactions only), cached for all rows
     fusion rows         a scorer over those features trained on the validation lists
                         (:mod:`pipelines.fusion`): all groups (2 seeds, MLP; and linear), the retriever's
@@ -100,7 +100,7 @@ PRIOR_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 1000.
 def first_then_retriever(first: np.ndarray, beta: float, depth: int) -> np.ndarray:
     """(R, depth) list scores: the (R, w) FIRST logits of the top-w minus ``beta * ln(1 + position)`` order the
     top-w, the other candidates follow in the retriever's order."""
-    from recsys.rerank.window import retriever_prior
+    from recsys.portable.window import retriever_prior
 
     w = first.shape[1]
     pos = np.arange(depth, dtype=np.float64)
@@ -145,7 +145,7 @@ def run(out: Path, dataset: str = "ml-1m", seed: int = 0, sasrec_overrides: dict
     from pipelines.train import SASRecTrainConfig, train_sasrec
     from recsys.data import PrepareConfig, PreparedDataset, load_dataset, prepare
     from recsys.data.candidates import read_candidate_lists
-    from recsys.rerank.features import GROUPS, requests_from_candidates
+    from recsys.portable.features import GROUPS, requests_from_candidates
     from recsys.rerank.fusion import FusionConfig, FusionRanker
 
     stages = Stages(out, log)

@@ -80,8 +80,8 @@ def per_user_ms(fns: dict, inputs: tuple[list, ...], repeats: int, batches=(1, 3
 def first_engines(ds, reranker_dir, serve_dir) -> dict:
     """The listwise reranker's FIRST scores three ways: eager torch (fp32), ONNX Runtime, ONNX int8."""
     from recsys.llm.backbone import load_backbone
+    from recsys.portable.prompts import item_titles
     from recsys.rerank.listwise import ListwiseReranker
-    from recsys.rerank.prompts import item_titles
     from serving.runtime import FirstRuntime
 
     first = FirstRuntime(serve_dir)

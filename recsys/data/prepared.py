@@ -146,7 +146,7 @@ class PreparedDataset:
     @property
     def domain(self) -> str:
         """What the items are, for the words of text prompts (``movies``, ``products``, ``items``, ...: the
-        ``domains`` of ``recsys/rerank/templates.yaml``): as prepared, else ``movies`` for MovieLens sources."""
+        ``domains`` of ``recsys/portable/templates.yaml``): as prepared, else ``movies`` for MovieLens sources."""
         source = self.manifest.get("source", "")
         return self.manifest.get("domain") or ("movies" if source.startswith(("recbole:", "grouplens:")) else "items")
 

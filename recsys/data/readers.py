@@ -37,7 +37,7 @@ class RawDataset:
     """``user_id`` and one text column per feature (ML-1M: age, gender, occupation, zip_code), or None when
     the source has no user file."""
     domain: str = "items"
-    """What the items are, for the words of text prompts (``recsys/rerank/templates.yaml``, ``domains``)."""
+    """What the items are, for the words of text prompts (``recsys/portable/templates.yaml``, ``domains``)."""
 
 
 def user_features_table(df: pl.DataFrame, path: Path) -> pl.DataFrame:

@@ -76,7 +76,7 @@ class ColumnMap:
     """``csv``, ``tsv``, ``parquet`` or ``jsonl`` for every file; None: from each file's extension."""
     domain: str = "items"
     """What the items are, for the words of text prompts: ``items``, ``products``, ``movies``, ``music``,
-    ``books``, ``news`` (``domains`` in ``recsys/rerank/templates.yaml``)."""
+    ``books``, ``news`` (``domains`` in ``recsys/portable/templates.yaml``)."""
 
     def __post_init__(self):
         if self.format is not None and self.format not in set(FORMATS.values()):

@@ -9,7 +9,7 @@ one prefix at a time in Python; here every prefix is a node id and the transitio
     path[row, depth]  -> node id of item row's prefix of length ``depth`` (0 = the root)
     leaves[node]      -> number of items below the node
 
-(built in numpy by :class:`recsys.generative.trie_tables.TrieTables`, which serving uses without torch).
+(built in numpy by :class:`recsys.portable.trie_tables.TrieTables`, which serving uses without torch).
 
 Banned items (the user's history, items already in a list) are propagated up the trie by
 :meth:`CodeTrie.open_children`: a prefix stays open only while some unbanned item lies below it, so
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.generative.trie_tables import TrieTables
+from recsys.portable.trie_tables import TrieTables
 
 
 class CodeTrie:

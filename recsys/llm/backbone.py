@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from recsys.errors import RecsysError
-from recsys.llm.vocab import DIGITS, END, LETTERS, RANK, STRUCTURE
+from recsys.portable.vocab import DIGITS, END, LETTERS, RANK, STRUCTURE
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from recsys.rerank.prompts import check_identifiers
+from recsys.portable.prompts import check_identifiers
 
 
 def identifier_ids(backbone, candidates: list[int], identifiers: str = "letters") -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from recsys.llm.backbone import LETTERS, Backbone
-from recsys.rerank.prompts import groupwise_prompt
+from recsys.portable.prompts import groupwise_prompt
 
 
 def make_groups(n: int, c: int, rng: np.random.Generator | None = None) -> list[np.ndarray]:

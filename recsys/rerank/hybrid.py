@@ -6,7 +6,7 @@ embedding from a sequential recommender into the LM's input embedding space. The
 the soft token as what the retriever learned from behaviour, which the title does not carry.
 
 Here: the placeholder token ``<item>`` is added to the tokenizer; :func:`encode` renders the listwise prompt of
-:mod:`recsys.rerank.prompts` with each item as ``{title} <item>`` (the title capped at ``title_words`` words,
+:mod:`recsys.portable.prompts` with each item as ``{title} <item>`` (the title capped at ``title_words`` words,
 or dropped with 0: the soft token then carries the item alone) and records, per position, which item each
 placeholder stands for. :class:`HybridFirst` replaces the placeholders' input embeddings by
 ``ItemProjector(retriever vectors)`` and scores the window FIRST-style (arXiv 2406.15657) from the last prompt
@@ -39,7 +39,7 @@ from torch import nn
 
 from recsys.errors import RecsysError
 from recsys.llm.backbone import Backbone
-from recsys.rerank.prompts import Titles, domain_words, listwise_prompt, templates
+from recsys.portable.prompts import Titles, domain_words, listwise_prompt, templates
 
 ITEM_TOKEN = "<item>"
 PROMPTS = ("listwise", "compact")
@@ -59,7 +59,7 @@ def add_item_token(backbone: Backbone) -> int:
 
 def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: int | None) -> Titles:
     """idx -> ``"{title} <item>"`` for ``items``: the title cut to its first ``title_words`` words (None: whole;
-    0 or no titles: the soft token alone), in the titles' domain (:class:`recsys.rerank.prompts.Titles`)."""
+    0 or no titles: the soft token alone), in the titles' domain (:class:`recsys.portable.prompts.Titles`)."""
     out = {}
     for i in items:
         words = (titles or {}).get(i, "").split()
@@ -70,7 +70,7 @@ def hybrid_titles(titles: dict[int, str] | None, items: list[int], title_words: 
 
 
 def compact_prompt(history: list[int], window: list[int], titles: Titles, max_history: int = 20) -> str:
-    """The ``hybrid_compact`` prompt of ``recsys/rerank/templates.yaml``: the history's last ``max_history``
+    """The ``hybrid_compact`` prompt of ``recsys/portable/templates.yaml``: the history's last ``max_history``
     items then the window, each as its ``titles`` entry (``"{title words} <item>"``), in one line each and
     without the chat frame or identifiers (the window is scored against its own soft tokens). Items are joined
     without a separator: ``<item>`` is a token of its own, so a soft token alone costs one position."""
@@ -96,7 +96,7 @@ class HybridBatch:
 def encode(backbone: Backbone, histories: list[list[int]], windows: list[list[int]], titles: dict[int, str] | None,
            max_history: int = 20, title_words: int | None = 8, prompt: str = "listwise") -> HybridBatch:
     """Hybrid prompts of (history, window) pairs, tokenized and aligned with their items: ``listwise`` (the
-    chat prompt of :func:`recsys.rerank.prompts.listwise_prompt`, candidates with identifiers) or ``compact``
+    chat prompt of :func:`recsys.portable.prompts.listwise_prompt`, candidates with identifiers) or ``compact``
     (:func:`compact_prompt`). The prompt lists ``history[-max_history:]`` then the window, so the k-th
     ``<item>`` of a row stands for the k-th item of that sequence; a title that itself tokenizes into
     ``<item>`` breaks the alignment and is an error."""

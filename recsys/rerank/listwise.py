@@ -21,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from recsys.llm.backbone import Backbone
+from recsys.portable.prompts import items_as_letters, listwise_prompt
+from recsys.portable.window import retriever_prior, sliding_window_rerank
 from recsys.precision import autocast
 from recsys.rerank.first import ListConstraint, first_scores, identifier_ids
 from recsys.rerank.parse import ParsedList, parse_ranking
-from recsys.rerank.prompts import items_as_letters, listwise_prompt
-from recsys.rerank.window import retriever_prior, sliding_window_rerank
 
 
 class ListwiseReranker:

@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from recsys.llm.backbone import Backbone
+from recsys.portable.prompts import answer_text, listwise_prompt
 from recsys.rerank.first import identifier_ids
-from recsys.rerank.prompts import answer_text, listwise_prompt
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import yaml
 
 from recsys.errors import RecsysError
-from recsys.llm.vocab import END, LETTERS
+from recsys.portable.vocab import END, LETTERS
 
 IDENTIFIERS = ("letters", "items")
 
