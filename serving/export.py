@@ -310,17 +310,6 @@ def export_generative(model_dir, out: Path, quantize: bool = False, fuse: bool =
     return entry
 
 
-class _FusionScorer(torch.nn.Module):
-    """(B, L, F) standardised-in-graph features -> (B, L) scores of a :class:`recsys.rerank.fusion.FusionRanker`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, features):
-        return self.model(features)
-
-
 def export_fusion(model_dir, dataset, out: Path, text_vectors=None) -> dict:
     """Export a fusion reranker run (``RUN/model``): its scorer as ``fusion.onnx`` and its side-feature tables,
     fitted on ``dataset``'s training interactions as in training, as ``fusion_tables.npz``
@@ -347,12 +336,11 @@ def export_fusion(model_dir, dataset, out: Path, text_vectors=None) -> dict:
     side.save(out / "fusion_tables.npz")
     g = torch.Generator().manual_seed(0)
     features = torch.randn(3, meta["depth"], len(model.names), generator=g)
-    scorer = _FusionScorer(model)
     with torch.no_grad():
-        reference = scorer(features).numpy()
+        reference = model(features).numpy()                 # (B, L): the scorer standardises inside the graph
     path = out / "fusion.onnx"
     dyn = {"features": {0: torch.export.Dim("batch"), 1: torch.export.Dim("candidates", min=2, max=4096)}}
-    _export(scorer, (features,), path, ["features"], "scores", dyn, fuse=False)
+    _export(model, (features,), path, ["features"], "scores", dyn, fuse=False)
     return {"file": path.name, "sha256": sha256(path), "tables": "fusion_tables.npz",
             "tables_sha256": sha256(out / "fusion_tables.npz"), "depth": meta["depth"], "features": list(model.names),
             "dataset_fingerprint": meta.get("dataset_fingerprint"),

@@ -110,6 +110,14 @@ class Provenance:
         self.commit, self.date = git_commit(), dt.date.today().isoformat()
 
 
+def process_cpu_seconds() -> float:
+    """User + system CPU seconds this process has spent so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def write_result(name: str, provenance: Provenance, payload: dict) -> Path:
     """Write ``results/<name>.json`` with the provenance fields first."""
     result = {"benchmark": name, "command": provenance.command, "commit": provenance.commit,

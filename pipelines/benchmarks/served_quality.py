@@ -19,28 +19,22 @@ offline number lacks is a training/serving skew.
 from __future__ import annotations
 
 import argparse
-import resource
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, write_result
+from pipelines.benchmarks.common import Provenance, process_cpu_seconds, write_result
 
 METRICS = ["ndcg@10", "hr@10", "ndcg@5", "hr@5"]
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def served_ranks(rec, queries, targets: list[int], batch: int) -> tuple[np.ndarray, float]:
     """(Q,) 0-based rank of each target among the served items (``inf`` when absent) and CPU seconds spent."""
-    ranks, start = [], cpu_seconds()
+    ranks, start = [], process_cpu_seconds()
     for i in range(0, len(queries), batch):
         for answer, target in zip(rec.recommend_batch(queries[i:i + batch]), targets[i:i + batch]):
             ranks.append(answer["items"].index(target) if target in answer["items"] else np.inf)
-    return np.asarray(ranks, dtype=np.float64), cpu_seconds() - start
+    return np.asarray(ranks, dtype=np.float64), process_cpu_seconds() - start
 
 
 def main() -> None:

@@ -34,7 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.benchmarks.common import Provenance, serve_process, write_result
+from pipelines.benchmarks.common import (
+    Provenance,
+    process_cpu_seconds,
+    serve_process,
+    write_result,
+)
 
 
 def load(url: str, pid: int, users: list[str], connections: int, requests: int) -> dict:
@@ -59,8 +64,6 @@ def model_path(serve_dir: Path, users: list[str], requests: int) -> dict:
     """The model work alone, in this process, the way the server runs it per request (1 ONNX Runtime thread,
     one query per call): CPU and wall milliseconds per request of ``Recommender.recommend_batch`` (SASRec,
     FAISS, FIRST over the first 20 of 50 candidates), without HTTP, JSON or threads."""
-    import resource
-
     import polars as pl
 
     from serving.runtime import Recommender, RecommendQuery
@@ -72,15 +75,11 @@ def model_path(serve_dir: Path, users: list[str], requests: int) -> dict:
     for q in queries[:50]:                                                  # warm-up
         rec.recommend_batch([q])
 
-    def cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
-
-    wall, start = time.perf_counter(), cpu()
+    wall, start = time.perf_counter(), process_cpu_seconds()
     for q in queries:
         rec.recommend_batch([q])
     return {"name": "model-path-in-process", "metrics": {
-        "server_cpu_ms_per_request": round(1000 * (cpu() - start) / requests, 3),
+        "server_cpu_ms_per_request": round(1000 * (process_cpu_seconds() - start) / requests, 3),
         "wall_ms_per_request": round(1000 * (time.perf_counter() - wall) / requests, 3), "requests": requests}}
 
 
