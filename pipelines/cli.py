@@ -369,7 +369,7 @@ def cmd_serve(a):
     from serving.app import ServeSettings
 
     settings = {"max_batch": a.max_batch, "max_wait_ms": a.max_wait_ms,
-                "micro_batching": {"auto": None, "on": True, "off": False}[a.micro_batching],
+                "micro_batching": a.micro_batching == "on",
                 "rerank_timeout_ms": a.rerank_timeout_ms, "threads": a.threads, "max_in_flight": a.max_in_flight,
                 "model_threads": a.model_threads, "access_log": a.access_log,
                 "api_key": (read_api_key(a.api_key_file) if a.api_key_file else os.environ.get("RECSYS_API_KEY"))}
@@ -765,13 +765,13 @@ def _serving_commands(sub) -> None:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1)
     sv.add_argument("--threads", type=int,
-                    help="ONNX Runtime intra-op threads per session (default: 1 on CPU without micro-batching)")
+                    help="ONNX Runtime intra-op threads per session (default: 1 on CPU, ONNX Runtime's own with CUDA)")
     sv.add_argument("--model-threads", type=int, default=1,
                     help="threads per worker that run model work off the event loop (default 1; for more cores, "
                          "more --workers; 0: on the event loop, no thread hand-over, the reranker deadline checked "
                          "only before it starts)")
-    sv.add_argument("--micro-batching", choices=["auto", "on", "off"], default="auto",
-                    help="group concurrent requests into one ONNX call (auto: on with CUDA, off on CPU)")
+    sv.add_argument("--micro-batching", choices=["on", "off"], default="on",
+                    help="group concurrent /v1/recommend requests into one ONNX call per graph (default on)")
     sv.add_argument("--max-batch", type=int, default=32)
     sv.add_argument("--max-wait-ms", type=float, default=2.0)
     sv.add_argument("--rerank-timeout-ms", type=float, default=1000.0,

@@ -253,7 +253,7 @@ class ChunkScorer:
     def __init__(self, serve_dir: str, input_path: str, output: str, chunk_size: int, batch_size: int,
                  duplicates: dict[int, int]):
         self.rec = Recommender(serve_dir)
-        self.users = load_users(serve_dir)
+        self.users = self.rec.users.histories
         self.input_path, self.output, self.chunk_size, self.batch_size = Path(input_path), Path(output), chunk_size, batch_size
         self.duplicates = duplicates
 
@@ -275,15 +275,6 @@ def duplicate_rows(input_path) -> dict[int, int]:
         else:
             first[rid] = row
     return out
-
-
-def load_users(serve_dir) -> dict:
-    """user_id -> whole history (item idx), from the serving directory."""
-    path = Path(serve_dir) / "histories.parquet"
-    if not path.exists():
-        return {}
-    h = pl.read_parquet(path)
-    return dict(zip(h["user_id"].to_list(), h["history"].to_list()))
 
 
 def _local_chunks(todo: list[int], args: tuple):

@@ -474,14 +474,73 @@ class RecommendQuery:
     time: int | None = None
 
 
+class KnownUsers:
+    """The deployment's known users, from ``histories.parquet`` (written by ``recsys export``; read once per
+    process, by :class:`Recommender`): what ``user_id`` requests rank from.
+
+    ``histories``: user id -> whole history (item idx, oldest first); ``times``: user id -> (uidx, interaction
+    times in Unix seconds), None for a directory exported without them (the fusion reranker needs them);
+    ``vectors``: user id -> row of ``table``, the (n_users, d) SASRec user vectors of the stored histories,
+    filled by :meth:`compute_vectors`."""
+
+    FILE = "histories.parquet"
+
+    def __init__(self, histories: dict[str, list[int]], times: dict[str, tuple[int, list[int]]] | None = None):
+        self.histories, self.times = histories, times
+        self.vectors: dict[str, int] = {}
+        self.table = np.zeros((0, 0), dtype=np.float32)
+
+    @classmethod
+    def read(cls, directory) -> KnownUsers:
+        """The users of ``directory``; none when it has no ``histories.parquet`` (history requests only)."""
+        import polars as pl
+
+        path = Path(directory) / cls.FILE
+        if not path.exists():
+            return cls({})
+        try:
+            df = pl.read_parquet(path)
+        except Exception as e:                              # noqa: BLE001 - polars raises several kinds
+            raise RecsysError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}); re-create the "
+                              "directory with `recsys export`") from None
+        ids = df["user_id"].to_list()
+        times = dict(zip(ids, zip(df["uidx"].to_list(), df["times"].to_list()))) \
+            if {"uidx", "times"} <= set(df.columns) else None
+        return cls(dict(zip(ids, df["history"].to_list())), times)
+
+    def compute_vectors(self, sasrec: SASRecRuntime, batch_size: int = 256) -> None:
+        """The user vector of every stored history, so that a request for a known user looks its vector up
+        instead of running SASRec: (n_users, d) float32, n_users x d x 4 bytes (1.5 MB for MovieLens-1M's
+        6,040 users at d = 64). Histories run in batches of one input length (the last ``max_len`` items),
+        so no row is padded and each vector is the one a single-user call computes."""
+        ids = list(self.histories)
+        lengths = [min(len(self.histories[u]), sasrec.max_len) for u in ids]
+        table = np.zeros((len(ids), sasrec.items.shape[1]), dtype=np.float32)
+        by_len: dict[int, list[int]] = {}
+        for row, n in enumerate(lengths):
+            by_len.setdefault(n, []).append(row)
+        for rows in by_len.values():
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                table[chunk] = sasrec.user_vectors([self.histories[ids[r]] for r in chunk])
+        self.table, self.vectors = table, {u: row for row, u in enumerate(ids)}
+
+    def stored_vector(self, user_id: str | None, history: list[int]) -> np.ndarray | None:
+        """The precomputed vector when ``history`` is ``user_id``'s stored history (what a ``user_id``
+        request ranks from), else None (a replayed prefix, an explicit history, an unknown user)."""
+        row = self.vectors.get(user_id) if user_id is not None else None
+        if row is None or history != self.histories[user_id]:
+            return None
+        return self.table[row]
+
+
 class FusionRuntime:
     """The fusion reranker: side features of each list's top ``depth`` candidates computed in numpy from the
     exported tables (:class:`recsys.portable.features.SideFeatures`, the code training used), scored by the
-    exported scorer graph. ``users``: user id -> (uidx, interaction times) from ``histories.parquet``."""
+    exported scorer graph. ``users``: the deployment's known users, whose ``uidx`` and interaction times the
+    user features read."""
 
-    def __init__(self, directory, threads: int | None = None):
-        import polars as pl
-
+    def __init__(self, directory, users: KnownUsers, threads: int | None = None):
         from recsys.portable.features import SideFeatures
 
         directory = Path(directory)
@@ -492,11 +551,10 @@ class FusionRuntime:
             raise RecsysError(f"{directory}: fusion tables give columns {self.side.names}, the scorer reads "
                               f"{self.meta.features}; re-export it")
         self.depth = self.meta.depth
-        df = pl.read_parquet(directory / "histories.parquet")
-        if not {"uidx", "times"} <= set(df.columns):
-            raise RecsysError(f"{directory / 'histories.parquet'}: no uidx / times columns, which the fusion "
+        if users.times is None:
+            raise RecsysError(f"{directory / KnownUsers.FILE}: no uidx / times columns, which the fusion "
                               "reranker reads; re-export the directory")
-        self.users = dict(zip(df["user_id"].to_list(), zip(df["uidx"].to_list(), df["times"].to_list())))
+        self.users = users.times
 
     def requests(self, queries: list[RecommendQuery], retrieved: list[tuple[list[int], list[float]]]) -> list:
         """A :class:`recsys.portable.features.Request` per query: its top ``depth`` retrieved candidates; a
@@ -546,7 +604,10 @@ class Recommender:
         """What reranks retrieval windows: FIRST when exported, else the groupwise scorer, else None."""
         self.generative = GenerativeRuntime(directory, threads, int8) if "generative" in self.manifest.models \
             else None
-        self.fusion = FusionRuntime(directory, threads) if "fusion" in self.manifest.models else None
+        self.users = KnownUsers.read(directory)
+        """The known users: their stored histories, times and precomputed user vectors."""
+        self.users.compute_vectors(self.sasrec)
+        self.fusion = FusionRuntime(directory, self.users, threads) if "fusion" in self.manifest.models else None
         """Reranks ``/v1/recommend``'s retrieved lists when exported, instead of :attr:`reranker`."""
         catalog = pl.read_parquet(directory / "catalog.parquet")
         self.item_ids = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
@@ -565,9 +626,23 @@ class Recommender:
     def load(cls, directory, **kw) -> Recommender:
         return cls(directory, **kw)
 
+    def user_vectors(self, queries: list[RecommendQuery]) -> np.ndarray:
+        """(B, d) SASRec user vectors: a known user's stored history reads its precomputed vector
+        (:meth:`KnownUsers.compute_vectors`), any other history runs the SASRec graph."""
+        stored = [self.users.stored_vector(q.user_id, q.history) for q in queries]
+        todo = [i for i, v in enumerate(stored) if v is None]
+        if not todo:
+            return np.stack(stored)
+        computed = self.sasrec.user_vectors([queries[i].history for i in todo])
+        if len(todo) == len(queries):
+            return computed
+        for i, v in zip(todo, computed):
+            stored[i] = v
+        return np.stack(stored)
+
     def retrieve(self, queries: list[RecommendQuery]) -> list[tuple[list[int], list[float]]]:
         """Top ``candidates`` items (idx) per query with SASRec scores, history and exclusions removed."""
-        users = self.sasrec.user_vectors([q.history for q in queries])
+        users = self.user_vectors(queries)
         depth = min(self.n_items, max(q.candidates + len(q.history) + len(q.exclude) for q in queries))
         scores, rows = self.index.search(np.ascontiguousarray(users, dtype=np.float32), depth)
         out = []

@@ -206,6 +206,29 @@ def test_strong_pipeline_end_to_end_on_the_fixture_then_every_stage_is_up_to_dat
     assert not {"fusion-mlp-seed0", "fusion-retriever+lm-seed0", "listwise-tiny-items-seed0"} & ran, ran
 
 
+def test_batched_features_equal_each_request_computed_alone(prepared):
+    """``transform_many`` (one numpy call per feature for the whole batch) gives :meth:`transform` of each
+    request (the reference): histories of 1, 2, 3 and many items (shorter than the 10 and 50 the text, genre
+    and year features read), an anonymous user, request times before, inside and after the data, no
+    interaction times."""
+    rng = np.random.default_rng(1)
+    side = SideFeatures.fit(prepared, list(GROUPS), text_vectors=rng.standard_normal((prepared.n_items, 4)))
+    base = [_request(prepared, u) for u in range(prepared.n_users)]
+    requests = list(base)
+    for cut, uidx, shift in ((1, 0, 0), (2, -1, 10 ** 9), (3, 1, -10 ** 9)):
+        r = base[uidx if uidx >= 0 else 1]
+        requests.append(Request(uidx, r.history[:cut], r.history_times[:cut], r.time + shift, r.candidates, r.scores))
+    r = base[2]
+    requests.append(Request(2, r.history, r.history_times[:0], r.time, r.candidates[::-1], r.scores[::-1] * 3))
+    want = np.stack([side.transform(r) for r in requests])
+    got = side.transform_many(requests)
+    assert got.shape == want.shape == (len(requests), 8, len(side.names)) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert side.transform_many([]).shape == (0, 0, len(side.names))
+    with pytest.raises(RecsysError, match="user 0: side features need a non-empty history"):
+        side.transform_many([Request(0, r.history[:0], r.history_times[:0], r.time, r.candidates, r.scores)])
+
+
 def test_side_feature_tables_round_trip_and_name_what_is_missing(prepared, tmp_path):
     """Saved and loaded tables give the fitted features; an anonymous request (uidx -1) reads no demographic
     lift; a file without a table its groups need is refused naming the table."""

@@ -183,16 +183,47 @@ def test_concurrent_requests_are_micro_batched(exported):
     assert count < 64                                                           # some requests shared a batch
 
 
-def test_auto_settings_batch_on_cuda_only():
-    """Micro-batching and ONNX threads default by machine: off / 1 thread per call on CPU, on / ORT's
+def test_settings_batch_by_default_with_one_onnx_thread_per_call_on_cpu():
+    """Micro-batching is on unless turned off; ONNX threads default by machine: 1 per call on CPU, ORT's
     default with CUDA; explicit values are kept."""
     from serving.app import ServeSettings
 
     cpu, cuda = ServeSettings().resolved(cuda=False), ServeSettings().resolved(cuda=True)
-    assert (cpu.micro_batching, cpu.threads) == (False, 1) and (cuda.micro_batching, cuda.threads) == (True, None)
-    forced = ServeSettings(micro_batching=True).resolved(cuda=False)
-    assert (forced.micro_batching, forced.threads) == (True, None)
+    assert (cpu.micro_batching, cpu.threads) == (True, 1) and (cuda.micro_batching, cuda.threads) == (True, None)
+    assert ServeSettings(micro_batching=False).resolved(cuda=False).micro_batching is False
     assert ServeSettings(threads=2).resolved(cuda=False).threads == 2
+
+
+def test_a_batch_takes_every_query_waiting_when_the_model_thread_frees_up():
+    """With ``max_wait_ms`` 0 a batch waits for nobody, yet the queries that queued while the model thread
+    was busy go together: first batch 1 (the model thread was free), then the 5 that came meanwhile."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.app import Batcher, Metrics, ServeSettings
+    from serving.runtime import RecommendQuery
+
+    class SlowRetriever:
+        reranks, sizes = None, []
+
+        def retrieve(self, queries):
+            self.sizes.append(len(queries))
+            time.sleep(0.2)
+            return [([1, 2], [1.0, 0.5]) for _ in queries]
+
+    async def main():
+        rec = SlowRetriever()
+        batcher = Batcher(rec, ServeSettings(max_wait_ms=0.0), Metrics(), ThreadPoolExecutor(1))
+        batcher.start()
+        first = asyncio.create_task(batcher.submit(RecommendQuery([1], k=1, rerank=False)))
+        await asyncio.sleep(0.05)                                    # the first batch is running
+        rest = [asyncio.create_task(batcher.submit(RecommendQuery([1], k=1, rerank=False))) for _ in range(5)]
+        results = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return rec.sizes, results
+
+    sizes, results = asyncio.run(main())
+    assert sizes == [1, 5] and all(r["items"] == [1] for r in results)
 
 
 @pytest.mark.parametrize("field, value", [("model_threads", -1), ("max_in_flight", 0), ("threads", 0),
@@ -209,7 +240,7 @@ def test_settings_that_cannot_serve_are_refused_naming_the_field(field, value):
 def test_model_work_runs_in_the_model_threads_only(exported, monkeypatch):
     """Retrieval, reranking and generation of every endpoint run in the ``model_threads`` pool (named
     ``recsys-model``), never on the event loop nor in asyncio's default pool: with one model thread, no two
-    requests' model work overlaps."""
+    requests' model work overlaps (one request per call: micro-batching is off here)."""
     from serving.app import ServeSettings, create_app
     from serving.runtime import Recommender
 
@@ -227,7 +258,7 @@ def test_model_work_runs_in_the_model_threads_only(exported, monkeypatch):
             running[0] -= 1
 
     monkeypatch.setattr(Recommender, "rerank_windows", recorded)
-    with Server(create_app(exported[0], ServeSettings(model_threads=1))) as server, \
+    with Server(create_app(exported[0], ServeSettings(model_threads=1, micro_batching=False))) as server, \
             httpx.Client(base_url=server.url, timeout=30) as client:
         server.wait_ready(client)
         known = ["m1", "m2", "m3", "m4"]
@@ -594,3 +625,22 @@ def test_recsys_serve_with_two_workers_counts_every_request_once_in_metrics(expo
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_server_process_freezes_its_loaded_deployment_out_of_the_garbage_collector(exported):
+    """``recsys serve``'s app (``freeze_gc``) moves what loading left alive to the permanent generation, so
+    that no full collection walks the known users' histories while requests wait; a test's app does not."""
+    import gc
+
+    from serving.app import create_app
+
+    gc.unfreeze()
+    try:
+        for freeze, frozen in ((False, False), (True, True)):
+            with Server(create_app(exported[0], freeze_gc=freeze)) as server, \
+                    httpx.Client(base_url=server.url, timeout=30) as client:
+                server.wait_ready(client)
+                assert (gc.get_freeze_count() > 0) is frozen
+                assert client.post("/v1/recommend", json={"history": ["m1", "m2"], "k": 3}).status_code == 200
+    finally:
+        gc.unfreeze()

@@ -65,6 +65,34 @@ def test_runtime_user_vectors_and_first_scores_match_torch(exported, tiny_datase
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_known_users_read_their_precomputed_vector_and_any_other_history_runs_sasrec(exported):
+    """Every stored history's table vector is the one the SASRec graph gives that history alone; a request
+    for a known user ranks as the same history sent explicitly; a prefix of it (a replay) or a history
+    under another user's id is not looked up."""
+    from serving.runtime import Recommender, RecommendQuery
+
+    out, _, _ = exported
+    rec = Recommender(out)
+    users = list(rec.users.histories)
+    assert rec.users.table.shape == (len(users), rec.sasrec.items.shape[1]) and len(users) > 5
+    for u in users:
+        np.testing.assert_array_equal(rec.users.table[rec.users.vectors[u]],
+                                      rec.sasrec.user_vectors([rec.users.histories[u]])[0])
+    calls = []
+    run = rec.sasrec.user_vectors
+    rec.sasrec.user_vectors = lambda hs: calls.append(len(hs)) or run(hs)
+    u, v = users[0], users[1]
+    known = RecommendQuery(list(rec.users.histories[u]), k=5, user_id=u)
+    assert rec.retrieve([known]) == rec.retrieve([RecommendQuery(list(rec.users.histories[u]), k=5)])
+    assert calls == [1]                                         # only the explicit history ran the graph
+    prefix = RecommendQuery(list(rec.users.histories[u][:-1]), k=5, user_id=u)
+    other = RecommendQuery(list(rec.users.histories[v]), k=5, user_id=u)
+    mixed = rec.user_vectors([known, prefix, other])
+    assert calls == [1, 2]                                      # the prefix and the mismatched id, together
+    np.testing.assert_array_equal(mixed[0], rec.users.table[rec.users.vectors[u]])
+    np.testing.assert_array_equal(mixed[1:], run([prefix.history, other.history]))
+
+
 def test_int8_quality_rows_score_both_graphs_like_the_library(exported, tiny_dataset):
     """The serving benchmark's int8 rows: fp32 SASRec matches the library's full-ranking evaluation."""
     from pipelines.benchmarks.serving import int8_quality

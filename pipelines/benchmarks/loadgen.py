@@ -3,7 +3,9 @@
     python -m pipelines.benchmarks.loadgen '{"url": "http://127.0.0.1:8000", "users": ["1", "2"],
         "connections": 8, "requests": 5000, "endpoint": "recommend", "candidates": 50}'
 
-CONFIG (JSON): ``url``, ``users`` (ids drawn at random per request), ``connections`` (kept busy at once),
+CONFIG (JSON): ``url``, ``users`` (ids drawn at random per request), or ``histories_file`` (a JSON file of
+item-id lists: each request sends one, drawn at random, as its ``history`` instead of a ``user_id``),
+``connections`` (kept busy at once),
 ``requests`` (timed, split over the connections: 10 over 3 is 4 + 3 + 3), ``endpoint`` (``recommend``:
 ``POST /v1/recommend`` with ``k`` 10 and ``candidates``; ``generate``: ``POST /v1/generate`` with ``k`` 10
 and ``beam`` 20), and optionally ``warmup`` (untimed requests per connection first, default 20),
@@ -53,14 +55,19 @@ def _children(pid: int) -> list[int]:
 
 
 def body(config: dict, rng: random.Random) -> dict:
-    """One request body for ``config["endpoint"]``."""
+    """One request body for ``config["endpoint"]``: a known user's, or with ``histories`` (loaded from
+    ``histories_file``) an explicit history's."""
     extra = {"candidates": config["candidates"]} if config["endpoint"] == "recommend" else {"beam": 20}
-    return {"user_id": rng.choice(config["users"]), "k": 10} | extra
+    who = {"history": rng.choice(config["histories"])} if config.get("histories") else \
+        {"user_id": rng.choice(config["users"])}
+    return who | {"k": 10} | extra
 
 
 async def run(config: dict) -> dict:
     import aiohttp
 
+    if config.get("histories_file"):
+        config = config | {"histories": json.loads(Path(config["histories_file"]).read_text())}
     url = f"{config['url']}/v1/{config['endpoint']}"
     conc, total, rng = config["connections"], config["requests"], random.Random(0)
     tally = {"lat": [], "errors": 0, "fallbacks": 0}

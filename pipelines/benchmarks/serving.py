@@ -14,15 +14,15 @@
 3. ``recsys serve`` in a subprocess on 127.0.0.1; a separate load-generating process (aiohttp) keeps C
    connections busy with ``POST /v1/recommend`` (random ML-1M users, k 10, ``--candidates`` retrieved,
    the reranker ordering the first 20) for ``--requests`` requests per level; rows
-   ``recommend-tiny-c8`` / ``-c32`` with the server's defaults (on CPU: micro-batching off, 1 ONNX
-   Runtime thread per call) and ``...-batched`` with micro-batching forced on.
+   ``recommend-tiny-c8`` / ``-c32`` with the server's defaults (micro-batching on; on CPU 1 ONNX
+   Runtime thread per call) and ``...-nobatch`` with micro-batching off.
 4. ``recsys rescore`` on ``--rescore-rows`` requests vs a loop that scores one row per call.
 5. With ``--smollm2 RUN/model``: its FIRST scorer ONNX vs torch on 8 users, one per call, and the fp32
    roofline of that comparison (``fp32_roofline_first_smollm2``: the prompts' FLOPs at the best large-GEMM
    rate measured in the same run, so ``ratios["onnx_speedup_bound_first_smollm2"]`` is the most any fp32
    runtime could gain over torch here); then the same server with the ``smollm2-135m`` listwise reranker,
    ``--smollm2-requests`` requests per level (``--smollm2-levels``, 8 and 32 connections; micro-batching
-   off and on), under a reranker deadline long enough that every answer is reranked (each row counts its
+   on and off), under a reranker deadline long enough that every answer is reranked (each row counts its
    ``fallbacks``: answers in retrieval order, which would time the fallback, not the reranker).
 6. With ``--generative RUN/model``: the generative recommender exported beside SASRec and served by its
    numpy beam search (width 20, top 10), ``--generative-requests`` ``POST /v1/generate`` requests at 8
@@ -96,7 +96,7 @@ def first_engines(ds, reranker_dir, serve_dir) -> dict:
 
 def onnx_vs_torch(ds, sasrec_dir, reranker_dir, serve_dir, repeats: int, users: int = 64) -> dict:
     """Milliseconds per user of the same scorer over the first ``users`` test users, fed one at a time
-    (batch 1: what the CPU server runs, micro-batching off) and in batches of 32 (a batch job)."""
+    (batch 1: one request at a time) and in batches of 32 (a batch job)."""
     import torch
 
     from recsys.models.sasrec import SASRec
@@ -193,11 +193,11 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
     single run's p99 follows it. ``fallbacks``: answers that came back in retrieval order because the
     reranker missed ``rerank_timeout_ms`` (or failed): a row with fallbacks measured the fallback, not the
     reranker. ``server_cpu_ms_per_request``: the server process's CPU time over the timed requests (one
-    worker only; Linux). ``micro_batching`` None = the server's default (auto: off on CPU); row names say
-    when it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's
+    worker only; Linux). ``micro_batching`` None = the server's default; row names say when it is forced. ``endpoint="generate"`` sends ``POST /v1/generate`` (the generative recommender's
     beam search, width 20, k 10) instead."""
-    options = ["--workers", str(workers), "--micro-batching", {None: "auto", True: "on", False: "off"}[micro_batching],
-               "--rerank-timeout-ms", str(rerank_timeout_ms)] + (["--threads", str(threads)] if threads else [])
+    options = ["--workers", str(workers), "--rerank-timeout-ms", str(rerank_timeout_ms)] + \
+        (["--micro-batching", "on" if micro_batching else "off"] if micro_batching is not None else []) + \
+        (["--threads", str(threads)] if threads else [])
     rows = []
     with serve_process(serve_dir, *options) as (url, server):
         for c in levels:
@@ -210,7 +210,7 @@ def load_test(serve_dir, users: list[str], levels: list[int], requests: int, mic
             cpu = [r["server_cpu_s"] for r in runs]
             suffix = {None: "", True: "-batched", False: "-nobatch"}[micro_batching]
             rows.append({"name": f"{endpoint}-{model}-c{c}{suffix}", "connections": c,
-                         "micro_batching": {None: "auto", True: "on", False: "off"}[micro_batching],
+                         "micro_batching": {None: "default", True: "on", False: "off"}[micro_batching],
                          "candidates": candidates if endpoint == "recommend" else None,
                          "ort_threads": threads or "auto", "workers": workers,
                          "rerank_timeout_ms": rerank_timeout_ms if endpoint == "recommend" else None,
@@ -279,7 +279,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--smollm2", help="a listwise smollm2-135m reranker directory (RUN/model), or `zero-shot` "
                                      "for the converted model as is: also export and load-test it (--smollm2-levels "
-                                     "connections, micro-batching off and on, --smollm2-requests requests each)")
+                                     "connections, micro-batching on and off, --smollm2-requests requests each)")
     p.add_argument("--smollm2-requests", type=int, default=128, help="per level and micro-batching setting")
     p.add_argument("--smollm2-levels", type=int, nargs="+", default=[8, 32])
     p.add_argument("--smollm2-rerank-timeout-ms", type=float, default=600_000.0,
@@ -303,7 +303,7 @@ def main() -> None:
     users = ds.users["user_id"].to_list()
     rows = load_test(serve_dir, users, a.levels, a.requests, None, a.candidates, workers=a.workers,  # server defaults
                      repeats=a.load_repeats)
-    rows += load_test(serve_dir, users, a.levels, a.requests, True, a.candidates, workers=a.workers,  # micro-batching
+    rows += load_test(serve_dir, users, a.levels, a.requests, False, a.candidates, workers=a.workers,  # one per call
                       repeats=a.load_repeats)
     job = rescore_vs_loop(serve_dir, users, a.rescore_rows, out)
     int8, roofline = {"tiny": int8_quality(ds, serve_dir, a.int8_users)}, None
@@ -318,7 +318,7 @@ def main() -> None:
         roofline = fp32_roofline(a.smollm2, smol_dir, hists, windows, speed["first_smollm2_b1"], speed["threads"])
         slow = {"model": "smollm2", "warmup": 1, "rerank_timeout_ms": a.smollm2_rerank_timeout_ms,
                 "client_timeout_s": 900.0}           # the reranker measured, not the retrieval-order fallback
-        for batching in (None, True):
+        for batching in (None, False):
             rows += load_test(smol_dir, users, a.smollm2_levels, a.smollm2_requests, batching, a.candidates, **slow)
         int8["smollm2"] = {"first": int8_quality(ds, smol_dir, a.smollm2_int8_users, first_batch=4)["first"],
                            "users": a.smollm2_int8_users}
@@ -330,8 +330,8 @@ def main() -> None:
     write_result("serving", provenance, {
         "dataset": "ml-1m", "device": "cpu", "server": f"{a.workers} uvicorn worker(s) (uvloop, httptools) for tiny, 1 for "
                                                       "smollm2, ONNX Runtime CPU provider; "
-                                                      "defaults (micro-batching off, 1 ORT thread per call) unless "
-                                                      "-batched (max 32 / 2 ms); aiohttp load generator in its own process",
+                                                      "defaults (micro-batching on, max 32 / 2 ms; 1 ORT thread per "
+                                                      "call) unless -nobatch; aiohttp load generator in its own process",
         "parity_max_abs": {k: v["parity_max_abs"] for k, v in manifest["models"].items()},
         "int8_max_abs_change": {k: v["int8"]["max_abs_change"] for k, v in manifest["models"].items() if "int8" in v},
         "ort_fusions": {k: v.get("ort_fusions", {}) for k, v in manifest["models"].items()},

@@ -269,8 +269,82 @@ class SideFeatures:
         return np.stack(cols, 1).astype(np.float32)
 
     def transform_many(self, requests) -> np.ndarray:
-        """(R, L, F) features of requests whose lists all have L candidates."""
-        return np.stack([self.transform(r) for r in requests])
+        """(R, L, F) features of requests whose lists all have L candidates: :meth:`transform` of each (the
+        reference, tested equal), computed for the whole batch at once, one numpy call per feature rather
+        than one per feature and request; only EASE's history x candidates block is gathered per request."""
+        R = len(requests)
+        if R == 0:
+            return np.zeros((0, 0, len(self.names)), dtype=np.float32)
+        if R == 1:                                      # the batch's set-up costs more than it saves
+            return self.transform(requests[0])[None]
+        C = np.stack([np.asarray(r.candidates, dtype=np.int64) for r in requests])             # (R, L)
+        hs = [np.asarray(r.history, dtype=np.int64) for r in requests]
+        for r, h in zip(requests, hs):
+            if not len(h):
+                raise RecsysError(f"user {r.uidx}: side features need a non-empty history")
+        L, n_hist = C.shape[1], np.array([len(h) for h in hs])
+        now = np.array([int(r.time) for r in requests], dtype=np.int64)[:, None]              # (R, 1)
+
+        def tails(n: int) -> np.ndarray:
+            """(R, n) the last n history items of each request, left-padded with item 0."""
+            out = np.zeros((R, n), dtype=np.int64)
+            for row, h in zip(out, hs):
+                t = h[-n:]
+                row[n - len(t):] = t
+            return out
+
+        def zscore_rows(x: np.ndarray) -> np.ndarray:
+            return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
+
+        cols = []
+        for g in self.groups:
+            if g == "retriever":
+                s = np.stack([np.asarray(r.scores, dtype=np.float64) for r in requests])
+                top = s.max(1, keepdims=True)
+                cols += [s - top, np.broadcast_to(np.log1p(np.arange(L)), (R, L)),
+                         s - top - np.log(np.exp(s - top).sum(1, keepdims=True))]
+            elif g == "ease":
+                blocks = [self.ease[np.ix_(h, c)] for h, c in zip(hs, C)]                    # (history, L) each
+                cols += [zscore_rows(np.stack([b.sum(0) for b in blocks])),
+                         zscore_rows(np.stack([b[-10:].sum(0) for b in blocks]))]
+            elif g == "transitions":
+                stride = self.n_items + 1
+                last = np.array([h[-1] for h in hs])[:, None]
+                w = 1.0 * lookup(self.succ_keys, self.succ_weights, last * stride + C)
+                if (n_hist > 1).any():
+                    before = np.array([h[-2] if len(h) > 1 else 0 for h in hs])[:, None]
+                    w = w + np.where(n_hist[:, None] > 1, 0.5 * lookup(self.succ_keys, self.succ_weights,
+                                                                       before * stride + C), 0.0)
+                cols.append(np.log1p(w))
+            elif g == "popularity":
+                cols.append(np.log1p(self.popularity[C]))
+            elif g == "recency":
+                def key(t: np.ndarray) -> np.ndarray:
+                    return C * self.time_span + np.clip(t - self.time0, 0, self.time_span)
+
+                recent = np.searchsorted(self.item_time_keys, key(now)) - np.searchsorted(
+                    self.item_time_keys, key(now - RECENT_SECONDS))
+                cols.append(np.log1p(recent.astype(np.float64)))
+            elif g == "demographics":                       # an anonymous request (uidx -1): no lift
+                u = np.array([r.uidx for r in requests])[:, None]
+                cols.append(np.where(u >= 0, self.lift[self.user_group[np.maximum(u, 0)], C], 0.0))
+            elif g == "genres":                             # row 0 (padding) of the genre table is all zero
+                mass = self.genre[tails(50)].sum(1)                                               # (R, G)
+                cols.append(np.einsum("rlg,rg->rl", self.genre[C], mass) / np.maximum(mass.sum(1), 1.0)[:, None])
+            elif g == "year":
+                n = np.minimum(n_hist, 50)
+                years = np.sort(np.where(tails(50) > 0, self.year[tails(50)], np.inf), 1)           # padding last
+                rows = np.arange(R)
+                median = (years[rows, (n - 1) // 2] + years[rows, n // 2]) / 2
+                cols.append(np.abs(self.year[C] - median[:, None]) / 10.0)
+            elif g == "text":                               # row 0 (padding) of the text table is all zero
+                query = self.text[tails(10)].sum(1) / np.minimum(n_hist, 10)[:, None].astype(np.float32)
+                query = query / np.maximum(np.linalg.norm(query, axis=1, keepdims=True), 1e-12)
+                cols.append(np.einsum("rld,rd->rl", self.text[C], query))
+            elif g == "time_gap":
+                last = np.array([r.history_times[-1] if len(r.history_times) else r.time for r in requests])[:, None]
+                cols.append(np.broadcast_to(np.log1p(np.maximum(now - last, 0) / 3600.0), (R, L)))
+        return np.stack(cols, -1).astype(np.float32)
 
 
 def supported_groups(dataset) -> list[str]:
