@@ -79,10 +79,10 @@ class ServeSettings:
     micro_batching: bool = True
     """Group concurrent ``/v1/recommend`` queries into one model-thread hand-over and one ONNX call per
     graph: a batch takes every query waiting when the model thread frees up, then waits up to
-    ``max_wait_ms`` for more. On a 2-core CPU it cost about 0.2-0.4 ms less CPU per request than one query
-    per call, with a lower p99 at 8 and 32 connections, for known users (whose SASRec vectors are looked
-    up, so nothing is padded); for explicit histories, padded to the batch's longest, about the same
-    (BENCHMARKS.md, "The request path")."""
+    ``max_wait_ms`` for more. On a 2-core CPU, for known users (whose SASRec vectors are looked up, so
+    nothing is padded), it cost 0.2-0.5 ms less CPU per request than one query per call and served 1.3-1.6x
+    the requests with a lower p99; explicit histories, padded to the batch's longest, cost 0.2 ms more at 8
+    connections and 0.2-0.3 ms less at 32 and 64 (BENCHMARKS.md, "The request path")."""
     rerank_timeout_ms: float = 1000.0
     """Counted from the start of a request's model work (retrieval, well under a millisecond, then reranking):
     past it the reranker's ONNX Runtime run is stopped at its next graph node and the retrieval order comes
@@ -97,9 +97,9 @@ class ServeSettings:
     api_key: str | None = None
     """Required as ``x-api-key`` on ``/v1/*``; checked before the body is read."""
     threads: int | None = None
-    """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU (the model thread and the event
-    loop share the cores; ORT's own pool spinning beside them cost 1.7x the CPU per request, batched, on 2
-    cores), ORT's default with CUDA."""
+    """ONNX Runtime intra-op threads per session. None = auto: 1 on CPU, where the model thread and the
+    event loop already share the cores and an ONNX Runtime pool spinning beside them costs CPU for nothing;
+    ORT's default with CUDA."""
     model_threads: int = 1
     """Threads that run the model work of requests (retrieval, reranking, generation), off the event loop so
     that it keeps reading requests and the reranker's deadline can stop a late run. More threads contend with
@@ -519,8 +519,8 @@ async def load_models(directory: Path, settings: ServeSettings, state: dict, met
 
     ``freeze``: then move every object alive to Python's permanent GC generation (``gc.freeze``), for a
     process that serves this app alone. The loaded deployment lives as long as the process, and the known
-    users' histories are one Python list each: a full collection would traverse them all (about 25 ms for
-    MovieLens-1M, on every thread, since it holds the interpreter lock), a stall the tail latency shows."""
+    users' histories are one Python list each: a full collection would traverse them all while holding the
+    interpreter lock, a stall every request in flight waits out."""
     t = time.perf_counter()
     try:
         rec = await asyncio.to_thread(Recommender, directory, threads=settings.threads, int8=settings.int8)
