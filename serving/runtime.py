@@ -106,8 +106,21 @@ class SASRecRuntime:
         return out
 
     def user_vectors(self, histories) -> np.ndarray:
-        """(B, d) float32."""
-        return self.session.run(None, {"input_ids": self.pad(histories)})[0]
+        """(B, d) float32. A batch runs in groups of similar length, each history at least 2/3 as long as its
+        group's longest (of the last ``max_len`` items): SASRec's cost grows with the padded length, so a short
+        history is not padded to a long one's."""
+        lengths = [min(len(h), self.max_len) for h in histories]
+        order = sorted(range(len(histories)), key=lambda i: -lengths[i])
+        out = np.empty((len(histories), self.items.shape[1]), dtype=np.float32)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and 3 * lengths[order[end]] >= 2 * lengths[order[start]]:
+                end += 1
+            group = order[start:end]
+            out[group] = self.session.run(None, {"input_ids": self.pad([histories[i] for i in group])})[0]
+            start = end
+        return out
 
 
 class ChatTemplate:

@@ -65,6 +65,30 @@ def test_runtime_user_vectors_and_first_scores_match_torch(exported, tiny_datase
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def test_a_batch_of_histories_runs_in_groups_of_similar_length_with_the_same_vectors(exported):
+    """With m = max_len (12 here): histories of 3, m + 5 (its last m read), m / 2, 2, m - 1 and m items run as
+    three graph calls padded to m, m / 2 and 3 (each history at least 2/3 of its group's longest), equal to
+    each history run alone."""
+    from serving.runtime import SASRecRuntime
+
+    sas = SASRecRuntime(exported[0])
+    m = sas.max_len
+    assert m >= 10
+    histories = [list(range(1, n + 1)) for n in (3, m + 5, m // 2, 2, m - 1, m)]
+    widths, run = [], sas.session.run
+
+    class Recording:
+        def run(self, names, feeds):
+            widths.append(feeds["input_ids"].shape[1])
+            return run(names, feeds)
+
+    alone = np.stack([sas.user_vectors([h])[0] for h in histories])
+    sas.session = Recording()
+    got = sas.user_vectors(histories)
+    assert sorted(widths) == [3, m // 2, m]
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
 def test_known_users_read_their_precomputed_vector_and_any_other_history_runs_sasrec(exported):
     """Every stored history's table vector is the one the SASRec graph gives that history alone; a request
     for a known user ranks as the same history sent explicitly; a prefix of it (a replay) or a history
