@@ -80,9 +80,10 @@ class ServeSettings:
     """Group concurrent ``/v1/recommend`` queries into one model-thread hand-over and one ONNX call per
     graph: a batch takes every query waiting when the model thread frees up, then waits up to
     ``max_wait_ms`` for more. On a 2-core CPU, for known users (whose SASRec vectors are looked up, so
-    nothing is padded), it cost 0.2-0.5 ms less CPU per request than one query per call and served 1.3-1.6x
-    the requests with a lower p99; explicit histories, padded to the batch's longest, cost 0.2 ms more at 8
-    connections and 0.2-0.3 ms less at 32 and 64 (BENCHMARKS.md, "The request path")."""
+    nothing is padded), it cost up to 0.5 ms less CPU per request than one query per call and served 1.2-1.5x
+    the requests, with a lower p99 at 32 and 64 connections; explicit histories (SASRec run in groups of
+    similar length) cost 0.25 ms more at 8 connections and 0.4-0.65 ms less at 32 and 64 (BENCHMARKS.md, "The
+    request path")."""
     rerank_timeout_ms: float = 1000.0
     """Counted from the start of a request's model work (retrieval, well under a millisecond, then reranking):
     past it the reranker's ONNX Runtime run is stopped at its next graph node and the retrieval order comes
