@@ -108,7 +108,8 @@ def process_batch(rec: Recommender, users: dict, df: pl.DataFrame, offset: int =
             queries.append((rid, row, RecommendQuery(history, k, candidates=max(50, k), user_id=parsed.user_id,
                                                      time=parsed.time)))
         else:
-            reranks.append((rid, row, history, candidates, k))
+            reranks.append((rid, row, RecommendQuery(history, k, user_id=parsed.user_id, time=parsed.time),
+                            candidates, k))
     ok = [{"request_id": rid, "items": [rec.item_ids[i] for i in res["items"]], "scores": res["scores"]}
           for (rid, _, _), res in _score_each(lambda jobs: rec.recommend_batch([q for *_, q in jobs], batch_size),
                                               queries, rejects)]

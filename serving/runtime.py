@@ -710,9 +710,10 @@ class Recommender:
                 results[i] = {"items": items[:queries[i].k], "scores": scores[:queries[i].k], "reranked": True}
         return results
 
-    def retrieval_order(self, histories, candidate_lists) -> list[tuple[list[int], list[float]]]:
-        """Given candidate lists (idx) in SASRec's order, with its scores: what retrieval would have made of them."""
-        users = self.sasrec.user_vectors(histories)                                          # (B, d)
+    def retrieval_order(self, queries: list[RecommendQuery], candidate_lists) -> list[tuple[list[int], list[float]]]:
+        """Given candidate lists (idx) in SASRec's order, with its scores: what retrieval would have made of
+        them for each query's user vector (:meth:`user_vectors`)."""
+        users = self.user_vectors(queries)                                                 # (B, d)
         out = []
         for user, cands in zip(users, candidate_lists):
             scores = self.sasrec.items[np.asarray(cands, dtype=np.int64)] @ user
@@ -720,21 +721,22 @@ class Recommender:
             out.append(([cands[j] for j in order], scores[order].astype(np.float64).tolist()))
         return out
 
-    def rerank_batch(self, histories, candidate_lists, k: int | None = None, batch_size: int = 64) -> list[dict]:
+    def rerank_batch(self, queries: list[RecommendQuery], candidate_lists, k: int | None = None,
+                     batch_size: int = 64) -> list[dict]:
         """Rerank given candidate lists (idx) with the reranker ``/v1/recommend`` uses: the fusion reranker over
-        them in SASRec's order (its features read the retriever's scores), or the window reranker on the first
-        window, the rest in the given order."""
-        pairs = list(zip(histories, candidate_lists))
+        them in SASRec's order (its features read the retriever's scores, and the query's user and time), or
+        the window reranker on the first window, the rest in the given order."""
+        pairs = list(zip(queries, candidate_lists))
 
         def run(chunk):
-            histories, lists = [h for h, _ in chunk], [c for _, c in chunk]
+            queries, lists = [q for q, _ in chunk], [c for _, c in chunk]
             if self.fusion is not None:
-                out = self.fusion.rerank([RecommendQuery(list(h)) for h in histories], self.retrieval_order(histories, lists))
+                out = self.fusion.rerank(queries, self.retrieval_order(queries, lists))
             else:
-                out = self.rerank_windows(histories, lists)
+                out = self.rerank_windows([q.history for q in queries], lists)
             return [{"items": items[:k], "scores": scores[:k]} for items, scores in out]
 
-        return _length_bucketed(pairs, [len(h) for h in histories], batch_size, run)
+        return _length_bucketed(pairs, [len(q.history) for q in queries], batch_size, run)
 
 
 def _rerank_heads(heads: list[list[int]], lists: list[list[int]], score) -> list[tuple[list[int], list[float]]]:

@@ -271,12 +271,14 @@ def _fusion_run(ds, out, depth: int = 8, **meta):
 def test_a_fusion_reranker_is_exported_and_served_as_the_library_scores_it(prepared, tmp_path):
     """``recsys export --fusion``: /v1/recommend's retrieved lists are reranked by the exported scorer over
     features the runtime computes from the exported tables, in the order the library's scorer gives on the
-    library's features (the user's demographic group, interaction times and the request's time included);
-    the tail past ``depth`` keeps the retrieval order; it serves where torch cannot be imported."""
+    library's features (the user's demographic group, interaction times and the request's time included),
+    and so are the same candidates given in another order with the user and time (``rerank_batch``, a
+    rescore row); the tail past ``depth`` keeps the retrieval order; it serves where torch cannot be imported."""
     import torch
 
     from recsys.models.sasrec import SASRec, SASRecConfig
     from serving.export import export
+    from serving.rescore import process_batch
     from serving.runtime import Recommender, RecommendQuery
     from tests.test_serving_export import torch_free
 
@@ -300,14 +302,21 @@ def test_a_fusion_reranker_is_exported_and_served_as_the_library_scores_it(prepa
         got = rec.recommend_batch([query])[0]
         assert got["reranked"] and got["items"] == [items[j] for j in np.argsort(-want, kind="stable")] + items[8:]
         assert np.allclose(got["scores"][:8], np.sort(want)[::-1], atol=1e-5)
+        # the same candidates given (a rescore row with user_id, candidates and time): the same order
+        shuffled = [items[j] for j in np.random.default_rng(int(uidx)).permutation(len(items))]
+        assert rec.rerank_batch([query], [shuffled], k=12)[0]["items"] == got["items"]
+        row = {"request_id": f"r{uidx}", "user_id": ids[uidx], "candidates": [rec.item_ids[i] for i in shuffled],
+               "k": 12, "time": query.time}
+        results, rejects = process_batch(rec, {ids[uidx]: h}, pl.DataFrame([row]))
+        assert rejects.is_empty() and results["items"][0].to_list() == [rec.item_ids[i] for i in got["items"]]
     anonymous = rec.recommend_batch([RecommendQuery([1, 2, 3], k=5, candidates=10)])[0]
     assert anonymous["reranked"] and len(anonymous["items"]) == 5
     # given candidates: put in SASRec's order with its scores, then reranked as retrieval's would be
     items, scores = rec.retrieve([RecommendQuery([1, 2, 3], candidates=10)])[0]
     shuffled = [items[j] for j in np.random.default_rng(0).permutation(10)]
-    assert rec.retrieval_order([[1, 2, 3]], [shuffled])[0][0] == items
+    assert rec.retrieval_order([RecommendQuery([1, 2, 3])], [shuffled])[0][0] == items
     want = rec.fusion.rerank([RecommendQuery([1, 2, 3])], [(items, scores)])[0]
-    assert rec.rerank_batch([[1, 2, 3]], [shuffled], k=10)[0]["items"] == want[0]
+    assert rec.rerank_batch([RecommendQuery([1, 2, 3])], [shuffled], k=10)[0]["items"] == want[0]
     _check_the_api_reranks_with_fusion(out, ids[ex.users[0]], int(times[ex.users[0]][len(ex.histories[0])]))
     served = torch_free(f"""
 import json

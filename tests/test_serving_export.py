@@ -218,7 +218,7 @@ def test_length_bucketed_sub_batches_rank_like_one_batch(exported):
         assert a["items"] == b["items"] and a["reranked"] == b["reranked"]
         np.testing.assert_allclose(a["scores"], b["scores"], atol=1e-4)
     cands = [[c for c in range(1, 9)]] * len(histories)
-    whole, parts = rec.rerank_batch(histories, cands, 5, batch_size=100), rec.rerank_batch(histories, cands, 5, 3)
+    whole, parts = rec.rerank_batch(queries, cands, 5, batch_size=100), rec.rerank_batch(queries, cands, 5, 3)
     assert [a["items"] for a in whole] == [b["items"] for b in parts]
 
 
