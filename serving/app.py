@@ -684,8 +684,8 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         if not history:
             raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
                             ("body", "history"))
-        out = (await in_model_thread(state["executor"], rec.rerank_batch, [RecommendQuery(history)], [cands],
-                                     body.k))[0]
+        out = (await in_model_thread(state["executor"], rec.rerank_batch, [RecommendQuery(history, time=body.time)],
+                                     [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 

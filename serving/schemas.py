@@ -62,6 +62,7 @@ class RerankRequest(Strict):
     candidates: list[ItemId] = Field(..., min_length=1, max_length=MAX_CANDIDATES,
                                      description="distinct item ids (a repeated id is a 422)")
     k: int | None = Field(None, ge=1, le=MAX_K)
+    time: int | None = Field(None, ge=0, le=MAX_TIME, description="as in /v1/recommend")
 
     @field_validator("candidates")
     @classmethod

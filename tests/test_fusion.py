@@ -328,10 +328,12 @@ print(json.dumps(rec.recommend_batch([RecommendQuery([1, 2, 3], k=5, candidates=
 
 def _check_the_api_reranks_with_fusion(out, user_id: str, when: int) -> None:
     """Over HTTP: the models route names the fusion reranker; /v1/recommend takes the request's ``time`` (a
-    different time may change the order, never the retrieved set) and refuses a millisecond timestamp."""
+    different time may change the order, never the retrieved set) and refuses a millisecond timestamp;
+    /v1/rerank takes ``time`` too, answering as the library's ``rerank_batch`` at that time."""
     import httpx
 
     from serving.app import ServeSettings, create_app
+    from serving.runtime import Recommender, RecommendQuery
     from tests.test_serving_api import Server
 
     with Server(create_app(out, ServeSettings(api_key=None))) as server, \
@@ -348,6 +350,13 @@ def _check_the_api_reranks_with_fusion(out, user_id: str, when: int) -> None:
         given = [i["item_id"] for i in then["items"]][::-1]
         r = client.post("/v1/rerank", json={"history": given[:2], "candidates": given[2:]})
         assert r.status_code == 200 and sorted(i["item_id"] for i in r.json()["items"]) == sorted(given[2:])
+        r = client.post("/v1/rerank", json={"history": given[:2], "candidates": given[2:], "time": when})
+        rec = Recommender(out)
+        want = rec.rerank_batch([RecommendQuery([rec.item_idx[i] for i in given[:2]], time=when)],
+                                [[rec.item_idx[i] for i in given[2:]]])[0]["items"]
+        assert [i["item_id"] for i in r.json()["items"]] == [rec.item_ids[i] for i in want]
+        r = client.post("/v1/rerank", json={"history": given[:2], "candidates": given[2:], "time": 1_733_000_000_000})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "time"]
 
 
 def test_a_fusion_scorer_that_reads_lm_logits_is_not_exported(prepared, tmp_path):
