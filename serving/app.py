@@ -671,21 +671,20 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
                                 latency_ms=round((time.perf_counter() - t) * 1000, 3))
 
     @app.post("/v1/rerank", response_model=RerankResponse, openapi_extra=KEYED,
-              responses={s: ERRORS[s] for s in (400, 401, 408, 413, 422, 501, 503)})
+              responses=user_errors | {501: ERRORS[501]})
     async def rerank(body: RerankRequest):
+        """The given candidates in the order ``/v1/recommend`` would serve them: for a ``user_id``, with that
+        user's features (the fusion reranker's demographics and interaction times)."""
         t = time.perf_counter()
         rec = ready(state)
         if rec.reranks is None:
             raise api_error(501, "this deployment has no reranker", ("path",), "not_deployed")
-        history, unknown = known_items(body.history, rec.item_idx)
         cands, unknown_c = known_items(body.candidates, rec.item_idx)
         if unknown_c:
             raise api_error(422, f"unknown candidate item ids {unknown_c}", ("body", "candidates"), "unknown_item")
-        if not history:
-            raise api_error(422, "empty history" + (f" (unknown item ids {unknown[:20]})" if unknown else ""),
-                            ("body", "history"))
-        out = (await in_model_thread(state["executor"], rec.rerank_batch, [RecommendQuery(history, time=body.time)],
-                                     [cands], body.k))[0]
+        history, unknown = user_history(rec, body, state.get("users", {}))
+        query = RecommendQuery(history, user_id=body.user_id, time=body.time)
+        out = (await in_model_thread(state["executor"], rec.rerank_batch, [query], [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,
                               model_version=rec.version, latency_ms=round((time.perf_counter() - t) * 1000, 3))
 

@@ -58,7 +58,8 @@ class GenerateRequest(Strict):
 
 
 class RerankRequest(Strict):
-    history: list[ItemId] = Field(..., max_length=MAX_HISTORY)
+    user_id: str | None = Field(None, max_length=256, description="a known user: their whole history is used")
+    history: list[ItemId] | None = Field(None, max_length=MAX_HISTORY, description="item ids, oldest first")
     candidates: list[ItemId] = Field(..., min_length=1, max_length=MAX_CANDIDATES,
                                      description="distinct item ids (a repeated id is a 422)")
     k: int | None = Field(None, ge=1, le=MAX_K)

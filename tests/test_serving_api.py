@@ -96,6 +96,8 @@ def test_recommend_happy_paths(served):
 
 
 def test_rerank_endpoint_orders_the_given_candidates(served):
+    """/v1/rerank returns the given candidates, reordered; for a known user's id, as for their stored history
+    sent explicitly; neither or both of user_id and history is a 422, an unknown user a 404."""
     import polars as pl
 
     client, out = served
@@ -103,6 +105,17 @@ def test_rerank_endpoint_orders_the_given_candidates(served):
     r = client.post("/v1/rerank", json={"history": known[:4], "candidates": known[10:16], "k": 6})
     assert r.status_code == 200, r.text
     assert sorted(i["item_id"] for i in r.json()["items"]) == sorted(known[10:16])
+    catalog, user = pl.read_parquet(out / "catalog.parquet"), pl.read_parquet(out / "histories.parquet")
+    item_id = dict(zip(catalog["idx"].to_list(), catalog["item_id"].to_list()))
+    uid, stored = user["user_id"][0], [item_id[i] for i in user["history"][0]]
+    by_id = client.post("/v1/rerank", json={"user_id": uid, "candidates": known[10:16]}).json()
+    by_history = client.post("/v1/rerank", json={"history": stored, "candidates": known[10:16]}).json()
+    assert by_id["items"] == by_history["items"] and by_id["unknown_items"] == []
+    for body, status, fragment in (({"user_id": "nobody", "candidates": known[:2]}, 404, "unknown user_id"),
+                                   ({"candidates": known[:2]}, 422, "exactly one of user_id or history"),
+                                   ({"user_id": uid, "history": known[:2], "candidates": known[:2]}, 422, "exactly one")):
+        r = client.post("/v1/rerank", json=body)
+        assert r.status_code == status and fragment in r.text, r.text
 
 
 @pytest.mark.parametrize("payload, status, fragment", [
