@@ -492,13 +492,14 @@ def _replay(body: bytes, receive):
     return replay
 
 
-def warm_up(rec: Recommender, histories: dict | None) -> dict:
+def warm_up(rec: Recommender) -> dict:
     """One query through retrieval and the reranker before the server reports ready: an ONNX Runtime
     session's first run allocates its buffers (no user pays for that), and the timings say whether the
     reranker fits its deadline. Returns ``retrieve_ms`` and ``rerank_ms`` (or ``rerank_error``); a
     retrieval failure raises (nothing can be served), a reranker failure is recorded (answers will fall
     back to retrieval order, as they would per request)."""
-    user = next(iter(histories), None) if histories else None
+    histories = rec.users.histories
+    user = next(iter(histories), None)
     query = RecommendQuery(list(histories[user]) if user is not None else [1], k=10, user_id=user)
     t = time.perf_counter()
     retrieved = rec.retrieve([query])
@@ -515,7 +516,7 @@ def warm_up(rec: Recommender, histories: dict | None) -> dict:
 
 async def load_models(directory: Path, settings: ServeSettings, state: dict, metrics: Metrics,
                       freeze: bool = False) -> None:
-    """Load the deployment into ``state`` (``rec``, ``users``, ``warmup``, ``batcher``, then ``ready``), or
+    """Load the deployment into ``state`` (``rec``, ``warmup``, ``batcher``, then ``ready``), or
     record why it failed (``error``, for /readyz; the details go to the log).
 
     ``freeze``: then move every object alive to Python's permanent GC generation (``gc.freeze``), for a
@@ -525,8 +526,7 @@ async def load_models(directory: Path, settings: ServeSettings, state: dict, met
     t = time.perf_counter()
     try:
         rec = await asyncio.to_thread(Recommender, directory, threads=settings.threads, int8=settings.int8)
-        state["users"] = rec.users.histories
-        state["warmup"] = await asyncio.to_thread(warm_up, rec, state["users"])
+        state["warmup"] = await asyncio.to_thread(warm_up, rec)
     except Exception as e:                                       # noqa: BLE001 - reported by /readyz
         state["error"] = type(e).__name__             # the message (paths, ...) goes to the log only
         log.error(json.dumps({"event": "load_failed", "directory": str(directory), "error": f"{type(e).__name__}: {e}"}))
@@ -575,10 +575,11 @@ def items_out(rec: Recommender, idx: list[int], scores: list[float]) -> list[Sco
     return [ScoredItemOut(item_id=rec.item_ids[i], score=s, title=rec.titles.get(i)) for i, s in zip(idx, scores)]
 
 
-def user_history(rec: Recommender, body, users: dict) -> tuple[list[int], list[str]]:
-    """The request's history in item idx and its unknown item ids; 4xx when unusable."""
+def user_history(rec: Recommender, body) -> tuple[list[int], list[str]]:
+    """The request's history in item idx (a ``user_id``'s stored one) and its unknown item ids; 4xx when
+    unusable."""
     try:
-        return resolve_history(body.user_id, body.history, users, rec.item_idx)
+        return resolve_history(body.user_id, body.history, rec.users.histories, rec.item_idx)
     except RequestError as e:
         raise api_error(e.status, str(e), e.loc, e.kind) from None
 
@@ -643,7 +644,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
     async def recommend(body: RecommendRequest):
         t = time.perf_counter()
         rec = ready(state)
-        history, unknown = user_history(rec, body, state.get("users", {}))
+        history, unknown = user_history(rec, body)
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         query = RecommendQuery(history, body.k, exclude, max(body.candidates, body.k), body.rerank, body.user_id, body.time)
         result = await state["batcher"].submit(query)
@@ -661,7 +662,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         if rec.generative is None:
             raise api_error(501, "this deployment has no generative model (recsys export --generative)",
                             ("path",), "not_deployed")
-        history, unknown = user_history(rec, body, state.get("users", {}))
+        history, unknown = user_history(rec, body)
         exclude, unknown_ex = known_items(body.exclude, rec.item_idx)
         items, scores = await in_model_thread(state["executor"], rec.generative.recommend, [history], body.k,
                                               body.beam, [history + exclude])
@@ -682,7 +683,7 @@ def add_v1_routes(app: FastAPI, settings: ServeSettings, state: dict) -> None:
         cands, unknown_c = known_items(body.candidates, rec.item_idx)
         if unknown_c:
             raise api_error(422, f"unknown candidate item ids {unknown_c}", ("body", "candidates"), "unknown_item")
-        history, unknown = user_history(rec, body, state.get("users", {}))
+        history, unknown = user_history(rec, body)
         query = RecommendQuery(history, user_id=body.user_id, time=body.time)
         out = (await in_model_thread(state["executor"], rec.rerank_batch, [query], [cands], body.k))[0]
         return RerankResponse(items=items_out(rec, out["items"], out["scores"]), unknown_items=unknown,

@@ -69,13 +69,10 @@ def model_path(serve_dir: Path, users: list[str], requests: int, known: bool = T
     milliseconds per request of ``Recommender.recommend_batch`` (user vector, FAISS, the reranker), without
     HTTP, JSON or threads. ``known``: queries for known users, whose vectors are looked up (what a ``user_id``
     request is); else the same histories without their user (SASRec runs, as for an explicit history)."""
-    import polars as pl
-
     from serving.runtime import Recommender, RecommendQuery
 
     rec = Recommender(serve_dir, threads=1)
-    table = pl.read_parquet(serve_dir / "histories.parquet")
-    histories = dict(zip(table["user_id"].to_list(), table["history"].to_list()))
+    histories = rec.users.histories
     who = [users[i % len(users)] for i in range(requests)]
     queries = [RecommendQuery(list(histories[u]), 10, candidates=50, user_id=u if known else None) for u in who]
     for q in queries[:50]:                                                  # warm-up

@@ -38,6 +38,7 @@ Shapes: L candidates per list, F features (``len(names)``); a request is a :clas
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -285,8 +286,9 @@ class SideFeatures:
         L, n_hist = C.shape[1], np.array([len(h) for h in hs])
         now = np.array([int(r.time) for r in requests], dtype=np.int64)[:, None]              # (R, 1)
 
+        @functools.cache
         def tails(n: int) -> np.ndarray:
-            """(R, n) the last n history items of each request, left-padded with item 0."""
+            """(R, n) the last n history items of each request, left-padded with item 0 (once per n)."""
             out = np.zeros((R, n), dtype=np.int64)
             for row, h in zip(out, hs):
                 t = h[-n:]
